@@ -1,0 +1,207 @@
+//! HTTP JSON bodies: one definition for the server that writes them and the
+//! client that reads them.
+//!
+//! Values are carried as raw JSON text ([`RawValue`]) so a node can store and
+//! return exactly the bytes the user sent without decoding and re-encoding
+//! them. Errors are always `{"error": {"code", "message", …}}` with an
+//! honest HTTP status; [`ErrorCode::status`] is the single mapping.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::directory::NodeState;
+use crate::range::{RangeDescriptor, Replica};
+use crate::{NodeId, ShardId};
+
+/// `PUT /v1/kv/{key}` body.
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct PutBody {
+    pub value: Box<RawValue>,
+    /// Compare-and-set: the write applies only if the key's current version
+    /// equals this (0 = the key must not exist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_version: Option<u64>,
+}
+
+/// Answer to a successful write or delete.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WriteResult {
+    pub key: String,
+    pub version: u64,
+}
+
+/// Answer to a successful read; also one item of a scan.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Item {
+    pub key: String,
+    pub value: Box<RawValue>,
+    pub version: u64,
+}
+
+/// Answer to `GET /v1/kv?start=&end=&limit=`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ScanResult {
+    pub items: Vec<Item>,
+    /// Pass as `start` to get the next page; absent when the scan is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// Read consistency requested with `?consistency=`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    /// Confirmed with a quorum (read index): sees every acknowledged write.
+    #[default]
+    Linearizable,
+    /// Served from the local replica: may lag.
+    Stale,
+}
+
+/// Machine-readable error codes. Each maps to one HTTP status.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    NotFound,
+    VersionConflict,
+    TooLarge,
+    /// The request reached a shard that does not own the key at that epoch.
+    StaleRoute,
+    /// No leader or no quorum right now; retry later.
+    Unavailable,
+    /// The key's range is being cut over by a split; retry shortly.
+    RangeMoving,
+    Timeout,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status for this code.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::NotFound => 404,
+            ErrorCode::VersionConflict => 409,
+            ErrorCode::TooLarge => 413,
+            ErrorCode::StaleRoute => 421,
+            ErrorCode::Unavailable | ErrorCode::RangeMoving => 503,
+            ErrorCode::Timeout => 504,
+            ErrorCode::Internal => 500,
+        }
+    }
+
+    /// Whether a client may retry the same request unchanged.
+    pub fn retryable(self) -> bool {
+        matches!(self, ErrorCode::Unavailable | ErrorCode::RangeMoving | ErrorCode::StaleRoute)
+    }
+}
+
+/// The body of every error answer.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// Details of an error; optional fields depend on the code.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+    /// 409 and 404: the key's current version (0 = absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// 421: the current descriptors of the ranges the key now belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranges: Option<Vec<RangeDescriptor>>,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody { error: ErrorDetail { code, message: message.into(), version: None, ranges: None } }
+    }
+}
+
+/// Liveness of a node as seen by the metadata leader's heartbeat tracker.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Liveness {
+    Up,
+    Suspect,
+    Down,
+    Unknown,
+}
+
+/// One row of `GET /admin/nodes`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub raft_addr: String,
+    pub api_addr: Option<String>,
+    pub state: NodeState,
+    pub liveness: Liveness,
+    /// Milliseconds since the last heartbeat reached the metadata leader.
+    pub last_heartbeat_ms: Option<u64>,
+    pub replicas: usize,
+    pub leaders: usize,
+}
+
+/// One row of `GET /admin/shards`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ShardStatus {
+    pub shard_id: ShardId,
+    /// Node id of the current leader, if known.
+    pub leader: Option<NodeId>,
+    pub replicas: Vec<Replica>,
+    pub conf_version: u64,
+    /// Approximate size of the shard's data in bytes, from the leader's report.
+    pub size_bytes: Option<u64>,
+    pub keys: Option<u64>,
+    pub applied_index: Option<u64>,
+}
+
+/// `POST /admin/nodes/join` body, sent by a node started with `--join`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct JoinRequest {
+    pub node_id: Option<NodeId>,
+    pub raft_addr: String,
+    pub api_addr: String,
+}
+
+/// Answer to a join: the node's id and the cluster's directory.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct JoinResponse {
+    pub node_id: NodeId,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_body_keeps_value_bytes_and_rejects_unknown_fields() {
+        let b: PutBody = serde_json::from_str(r#"{"value": {"a": [1, 2]}, "if_version": 3}"#).unwrap();
+        assert_eq!(b.value.get(), r#"{"a": [1, 2]}"#);
+        assert_eq!(b.if_version, Some(3));
+        assert!(serde_json::from_str::<PutBody>(r#"{"value": 1, "iff_version": 3}"#).is_err());
+        assert!(serde_json::from_str::<PutBody>(r#"{"if_version": 3}"#).is_err());
+    }
+
+    #[test]
+    fn every_code_has_a_4xx_or_5xx_status() {
+        for c in [
+            ErrorCode::BadRequest,
+            ErrorCode::NotFound,
+            ErrorCode::VersionConflict,
+            ErrorCode::TooLarge,
+            ErrorCode::StaleRoute,
+            ErrorCode::Unavailable,
+            ErrorCode::RangeMoving,
+            ErrorCode::Timeout,
+        ] {
+            assert!((400..600).contains(&c.status()), "{c:?}");
+        }
+        assert_eq!(serde_json::to_string(&ErrorCode::StaleRoute).unwrap(), "\"stale_route\"");
+    }
+}
