@@ -13,7 +13,7 @@ use crate::{NodeId, RangeId, ReplicaId, ShardId};
 
 /// Whether a range is free or held by a running operation.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case", tag = "kind")]
+#[serde(rename_all = "snake_case")]
 pub enum RangeState {
     #[default]
     Active,

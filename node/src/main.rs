@@ -1,1 +1,79 @@
-fn main() {}
+//! The `cleave-node` binary: parse configuration, open storage, start the
+//! RPC and HTTP servers, and run until SIGINT/SIGTERM.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use cleave_node::config::Args;
+use cleave_node::node::Node;
+use cleave_node::raft::RaftContext;
+use cleave_node::rpc::{transport, Transport};
+use cleave_node::{api, meta, storage};
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,cleave_node=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = Args::parse().merged()?.resolve()?;
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cfg))
+}
+
+async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.node.data_dir).with_context(|| format!("creating {}", cfg.node.data_dir.display()))?;
+    let metrics = cleave_node::metrics::install()?;
+    let db = storage::open(&cfg.node.data_dir.join("db")).context("opening RocksDB")?;
+    let syncer = storage::Syncer::start(db.clone());
+    let transport = Transport::new();
+    let ctx = RaftContext {
+        db,
+        syncer,
+        transport,
+        snapshot_root: cfg.node.data_dir.join("snapshots"),
+        settings: cfg.raft.clone(),
+    };
+    // Bind both ports before anything else so a taken port fails fast.
+    let raft_listener = tokio::net::TcpListener::bind(&cfg.listen_raft)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen_raft))?;
+    let api_listener =
+        tokio::net::TcpListener::bind(&cfg.listen_api).await.with_context(|| format!("binding {}", cfg.listen_api))?;
+
+    // The RPC server must run while groups start: peers' Raft traffic and
+    // our own groups' elections need it. Requests for groups not open yet
+    // are answered with an error and retried by the sender.
+    let node_slot: Arc<tokio::sync::OnceCell<Arc<Node>>> = Arc::default();
+    let slot = node_slot.clone();
+    let handler: transport::Handler = Arc::new(move |req| {
+        let slot = slot.clone();
+        Box::pin(async move {
+            match slot.get() {
+                Some(node) => node.clone().handle_rpc(req).await,
+                None => cleave_node::rpc::Response::Raft(Err("node is starting".into())),
+            }
+        })
+    });
+    tokio::spawn(transport::serve(raft_listener, handler));
+
+    let node = Node::start(cfg.node.clone(), ctx).await?;
+    let _ = node_slot.set(node.clone());
+    tokio::spawn(meta::heartbeat_loop(node.clone()));
+    tracing::info!(node = node.id, api = %cfg.listen_api, raft = %cfg.listen_raft, "serving");
+
+    let app = api::router(api::AppState { node: node.clone(), metrics });
+    axum::serve(api_listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,73 @@
+//! `/admin/…`, `/health` and `/metrics` handlers.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use axum::Json;
+use cleave_metadata::api::{ErrorCode, JoinRequest, JoinResponse, NodeStatus, ShardStatus};
+use cleave_metadata::{Directory, MetaCommand, MetaResponse, RangeDescriptor};
+use serde_json::json;
+
+use super::{ApiError, AppState};
+use crate::rpc::ClusterView;
+
+async fn view(s: &AppState) -> Result<ClusterView, ApiError> {
+    Ok(s.node.cluster_view(0).await?)
+}
+
+pub async fn nodes(State(s): State<AppState>) -> Result<Json<Vec<NodeStatus>>, ApiError> {
+    Ok(Json(view(&s).await?.nodes))
+}
+
+pub async fn shards(State(s): State<AppState>) -> Result<Json<Vec<ShardStatus>>, ApiError> {
+    Ok(Json(view(&s).await?.shards))
+}
+
+/// The directory, fresh from the metadata leader, or this node's copy when
+/// the leader cannot be reached.
+async fn fresh_directory(s: &AppState) -> Result<Directory, ApiError> {
+    match view(s).await {
+        Ok(v) => Ok(v.directory),
+        Err(e) => {
+            let local = s.node.directory();
+            if local.version > 0 {
+                Ok((*local).clone())
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+pub async fn ranges(State(s): State<AppState>) -> Result<Json<Vec<RangeDescriptor>>, ApiError> {
+    Ok(Json(fresh_directory(&s).await?.ranges.into_values().collect()))
+}
+
+pub async fn directory(State(s): State<AppState>) -> Result<Json<Directory>, ApiError> {
+    Ok(Json(fresh_directory(&s).await?))
+}
+
+pub async fn join(
+    State(s): State<AppState>,
+    body: Result<Json<JoinRequest>, JsonRejection>,
+) -> Result<Json<JoinResponse>, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::bad_request(format!("invalid join request: {e}")))?;
+    let cmd =
+        MetaCommand::RegisterNode { node_id: req.node_id, raft_addr: req.raft_addr, api_addr: Some(req.api_addr) };
+    match s.node.propose_meta(cmd, 0).await? {
+        MetaResponse::Node(node_id) => Ok(Json(JoinResponse { node_id })),
+    }
+}
+
+pub async fn health(State(s): State<AppState>) -> impl IntoResponse {
+    Json(json!({"status": "ok", "node_id": s.node.id, "uptime_ms": s.node.started.elapsed().as_millis() as u64}))
+}
+
+pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    crate::metrics::update_gauges(&s.node);
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such endpoint")
+}

@@ -1,0 +1,63 @@
+//! API errors and their JSON form.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cleave_metadata::api::{ErrorBody, ErrorCode};
+
+use crate::command::KvError;
+use crate::rpc::ExecError;
+
+/// An error answer: status from the code, JSON body.
+#[derive(Debug)]
+pub struct ApiError(pub ErrorBody);
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError(ErrorBody::new(code, message))
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::BadRequest, message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::TooLarge, message)
+    }
+}
+
+impl From<ExecError> for ApiError {
+    fn from(e: ExecError) -> ApiError {
+        let msg = e.to_string();
+        match e {
+            ExecError::Kv(KvError::VersionConflict { current }) => {
+                let mut err = ApiError::new(ErrorCode::VersionConflict, msg);
+                err.0.error.version = Some(current);
+                err
+            }
+            ExecError::Kv(KvError::NotFound) => ApiError::new(ErrorCode::NotFound, msg),
+            ExecError::Kv(KvError::WrongRange { ranges }) => {
+                let mut err = ApiError::new(ErrorCode::StaleRoute, msg);
+                err.0.error.ranges = Some(ranges);
+                err
+            }
+            ExecError::Kv(KvError::RangeMoving) => ApiError::new(ErrorCode::RangeMoving, msg),
+            ExecError::Meta(_) => ApiError::new(ErrorCode::BadRequest, msg),
+            ExecError::NoLeader { .. } | ExecError::Unavailable(_) => ApiError::new(ErrorCode::Unavailable, msg),
+            ExecError::Timeout(_) | ExecError::Indeterminate(_) => ApiError::new(ErrorCode::Timeout, msg),
+            ExecError::Internal(_) => ApiError::new(ErrorCode::Internal, msg),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = self.0.error.code;
+        let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, Json(self.0)).into_response();
+        if code == ErrorCode::Unavailable || code == ErrorCode::RangeMoving {
+            resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

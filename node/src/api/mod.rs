@@ -1,0 +1,51 @@
+//! The HTTP JSON API (axum): `/v1/kv…` for data, `/admin/…` for the
+//! cluster, `/metrics` and `/health`.
+//!
+//! Every failure becomes an [`ApiError`]: a JSON `{"error": {…}}` body with an
+//! honest status (see `ErrorCode::status`). Extractor rejections (bad path
+//! encoding, oversized bodies) are mapped too, so a client never sees a
+//! plain-text error or a 500 for bad input.
+
+mod admin;
+mod error;
+mod kv;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+pub use error::ApiError;
+
+use crate::node::Node;
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub node: Arc<Node>,
+    pub metrics: PrometheusHandle,
+}
+
+/// Slack above the value limit for the rest of a PUT body.
+const BODY_OVERHEAD: usize = 64 * 1024;
+
+/// Builds the API router.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.node.settings.max_value_bytes + BODY_OVERHEAD;
+    Router::new()
+        .route("/v1/kv", get(kv::scan))
+        .route("/v1/kv/", get(kv::empty_key).put(kv::empty_key).delete(kv::empty_key))
+        .route("/v1/kv/{*key}", get(kv::get).put(kv::put).delete(kv::delete))
+        .route("/admin/nodes", get(admin::nodes))
+        .route("/admin/nodes/join", post(admin::join))
+        .route("/admin/shards", get(admin::shards))
+        .route("/admin/ranges", get(admin::ranges))
+        .route("/admin/directory", get(admin::directory))
+        .route("/health", get(admin::health))
+        .route("/metrics", get(admin::metrics))
+        .fallback(admin::not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}

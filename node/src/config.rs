@@ -1,0 +1,201 @@
+//! Configuration: command-line flags, `CLEAVE_*` environment variables and
+//! an optional TOML file, in that order of precedence.
+//!
+//! One struct, [`Args`], is both the clap parser and the shape of the TOML
+//! file (same names, with `_` for `-`). Every field is optional so the three
+//! sources can be merged; defaults are applied last in [`Args::resolve`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use cleave_metadata::NodeId;
+use serde::{Deserialize, Serialize};
+
+use crate::node::NodeSettings;
+use crate::raft::RaftSettings;
+
+/// A CleaveDB node: range-sharded, Raft-replicated key-value storage.
+///
+/// Start node N of a new cluster with `--id N --initial-cluster ...`; run the
+/// same command again to restart it from its data directory. Add a node to a
+/// running cluster with `--join` instead of `--initial-cluster`.
+#[derive(Parser, Serialize, Deserialize, Debug, Default)]
+#[command(name = "cleave-node", version, about, long_about)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// TOML file with any of these settings (flags and env vars override it).
+    #[arg(long, env = "CLEAVE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// This node's id (a positive integer, unique in the cluster). Optional with --join.
+    #[arg(long, env = "CLEAVE_ID")]
+    pub id: Option<NodeId>,
+    /// Directory for this node's data (created if missing).
+    #[arg(long, env = "CLEAVE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address the HTTP API listens on [default: 127.0.0.1:7001].
+    #[arg(long, env = "CLEAVE_LISTEN_API")]
+    pub listen_api: Option<String>,
+    /// Address the internal RPC (Raft) port listens on [default: 127.0.0.1:7101].
+    #[arg(long, env = "CLEAVE_LISTEN_RAFT")]
+    pub listen_raft: Option<String>,
+    /// API address announced to clients [default: --listen-api].
+    #[arg(long, env = "CLEAVE_ADVERTISE_API")]
+    pub advertise_api: Option<String>,
+    /// RPC address announced to other nodes [default: --listen-raft].
+    #[arg(long, env = "CLEAVE_ADVERTISE_RAFT")]
+    pub advertise_raft: Option<String>,
+    /// Founding nodes of a new cluster: `1=HOST:PORT,2=HOST:PORT,...` (their RPC addresses).
+    #[arg(long, env = "CLEAVE_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// API address (HOST:PORT) of any node of a running cluster to join.
+    #[arg(long, env = "CLEAVE_JOIN", conflicts_with = "initial_cluster")]
+    pub join: Option<String>,
+    /// Replicas per shard and of the metadata group [default: 3].
+    #[arg(long, env = "CLEAVE_REPLICATION")]
+    pub replication: Option<usize>,
+    /// Raft heartbeat interval in milliseconds [default: 200].
+    #[arg(long, env = "CLEAVE_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Minimum Raft election timeout in milliseconds (the maximum is twice it) [default: 1000].
+    #[arg(long, env = "CLEAVE_ELECTION_TIMEOUT_MS")]
+    pub election_timeout_ms: Option<u64>,
+    /// Build a Raft snapshot after this many log entries [default: 10000].
+    #[arg(long, env = "CLEAVE_SNAPSHOT_LOGS")]
+    pub snapshot_logs: Option<u64>,
+    /// Log entries kept behind a snapshot for lagging followers [default: 1000].
+    #[arg(long, env = "CLEAVE_KEEP_LOGS")]
+    pub keep_logs: Option<u64>,
+    /// Largest value accepted, in bytes of JSON text [default: 1048576].
+    #[arg(long, env = "CLEAVE_MAX_VALUE_BYTES")]
+    pub max_value_bytes: Option<usize>,
+    /// How long a request may wait for its write or read, in milliseconds [default: 10000].
+    #[arg(long, env = "CLEAVE_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+}
+
+/// Everything the node needs, resolved.
+pub struct Resolved {
+    pub node: NodeSettings,
+    pub raft: RaftSettings,
+    pub listen_api: String,
+    pub listen_raft: String,
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_initial_cluster(s: &str) -> anyhow::Result<Vec<(NodeId, String)>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').with_context(|| format!("{part:?} is not ID=HOST:PORT"))?;
+        let id: NodeId = id.trim().parse().with_context(|| format!("node id {id:?} is not a positive integer"))?;
+        if id == 0 {
+            bail!("node ids start at 1");
+        }
+        if out.iter().any(|(n, _)| *n == id) {
+            bail!("node {id} appears twice in --initial-cluster");
+        }
+        out.push((id, addr.trim().to_string()));
+    }
+    if out.is_empty() {
+        bail!("--initial-cluster is empty");
+    }
+    Ok(out)
+}
+
+impl Args {
+    /// Merges the TOML file (if any) under the flags and environment.
+    pub fn merged(self) -> anyhow::Result<Args> {
+        let Some(path) = self.config.clone() else { return Ok(self) };
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let file: Args = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let mut base = serde_json::to_value(file)?;
+        let over = serde_json::to_value(&self)?;
+        if let (Some(b), Some(o)) = (base.as_object_mut(), over.as_object()) {
+            for (k, v) in o {
+                if !v.is_null() {
+                    b.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        Ok(serde_json::from_value(base)?)
+    }
+
+    /// Applies defaults and checks the combination.
+    pub fn resolve(self) -> anyhow::Result<Resolved> {
+        let Some(data_dir) = self.data_dir else { bail!("--data-dir is required") };
+        if self.id == Some(0) {
+            bail!("node ids start at 1");
+        }
+        let listen_api = self.listen_api.unwrap_or_else(|| "127.0.0.1:7001".into());
+        let listen_raft = self.listen_raft.unwrap_or_else(|| "127.0.0.1:7101".into());
+        let advertise = |adv: Option<String>, listen: &str, flag: &str| -> anyhow::Result<String> {
+            let a = adv.unwrap_or_else(|| listen.to_string());
+            if a.starts_with("0.0.0.0:") || a.starts_with("[::]:") {
+                bail!("listening on {a}: set --advertise-{flag} to an address other nodes can reach");
+            }
+            Ok(a)
+        };
+        let api_addr = advertise(self.advertise_api, &listen_api, "api")?;
+        let raft_addr = advertise(self.advertise_raft, &listen_raft, "raft")?;
+        let initial_cluster = match &self.initial_cluster {
+            Some(s) => parse_initial_cluster(s)?,
+            None => Vec::new(),
+        };
+        let election_timeout_ms = self.election_timeout_ms.unwrap_or(1000);
+        let heartbeat_ms = self.heartbeat_ms.unwrap_or(200);
+        if heartbeat_ms == 0 || heartbeat_ms >= election_timeout_ms {
+            bail!("--heartbeat-ms must be positive and below --election-timeout-ms");
+        }
+        Ok(Resolved {
+            node: NodeSettings {
+                id: self.id,
+                data_dir,
+                api_addr,
+                raft_addr,
+                initial_cluster,
+                join: self.join,
+                replication: self.replication.unwrap_or(3).max(1),
+                max_value_bytes: self.max_value_bytes.unwrap_or(cleave_metadata::DEFAULT_MAX_VALUE_BYTES),
+                write_timeout: Duration::from_millis(self.request_timeout_ms.unwrap_or(10_000)),
+            },
+            raft: RaftSettings {
+                heartbeat_ms,
+                election_timeout_ms,
+                snapshot_logs: self.snapshot_logs.unwrap_or(10_000).max(1),
+                keep_logs: self.keep_logs.unwrap_or(1000),
+            },
+            listen_api,
+            listen_raft,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_cluster_parsing() {
+        assert_eq!(parse_initial_cluster("1=a:1, 2=b:2").unwrap(), vec![(1, "a:1".into()), (2, "b:2".into())]);
+        assert!(parse_initial_cluster("1=a:1,1=b:2").is_err());
+        assert!(parse_initial_cluster("0=a:1").is_err());
+        assert!(parse_initial_cluster("x=a:1").is_err());
+        assert!(parse_initial_cluster("").is_err());
+    }
+
+    #[test]
+    fn file_settings_sit_under_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "id = 2\ndata_dir = \"/d\"\nheartbeat_ms = 100\n").unwrap();
+        let args = Args { config: Some(path), id: Some(3), ..Default::default() }.merged().unwrap();
+        assert_eq!(args.id, Some(3));
+        assert_eq!(args.heartbeat_ms, Some(100));
+        assert_eq!(args.data_dir, Some(PathBuf::from("/d")));
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "idd = 2\n").unwrap();
+        assert!(Args { config: Some(bad), ..Default::default() }.merged().is_err());
+    }
+}

@@ -1,0 +1,30 @@
+//! `cleave-node`: one CleaveDB server process.
+//!
+//! A node hosts replicas of many Raft groups over one RocksDB: the metadata
+//! group (group 0, the directory) on some nodes, and shard groups holding
+//! user data. It serves the HTTP JSON API on one port and internal RPC
+//! (Raft traffic, forwarding, heartbeats) on another.
+//!
+//! Module map, from the disk up:
+//! - [`storage`]: the shared RocksDB, key layout, group commit of WAL syncs.
+//! - [`raft`]: the openraft wrapper — log store, state machine, snapshots,
+//!   Raft network — the only module that uses openraft directly.
+//! - [`kv`], [`command`]: what a shard applies and how it fences stale routes.
+//! - [`rpc`]: the multiplexed node-to-node transport and its messages.
+//! - [`node`], [`router`], [`meta`], [`join`]: the running node, request
+//!   routing and forwarding, heartbeats and the metadata leader's duties.
+//! - [`api`], [`metrics`]: HTTP handlers and Prometheus metrics.
+//! - [`config`]: flags, environment and the TOML config file.
+
+pub mod api;
+pub mod command;
+pub mod config;
+pub mod join;
+pub mod kv;
+pub mod meta;
+pub mod metrics;
+pub mod node;
+pub mod raft;
+pub mod router;
+pub mod rpc;
+pub mod storage;

@@ -1,0 +1,259 @@
+//! The metadata leader's duties that are not Raft entries: tracking node
+//! liveness and shard leadership from heartbeats, and answering for the
+//! cluster as a whole.
+//!
+//! Every node sends a [`Heartbeat`] about once a second. Whichever node
+//! receives it forwards it to the metadata leader, which records it in its
+//! [`Tracker`] (memory only: liveness changes every second and must not be
+//! written through Raft), registers new addresses in the directory, and
+//! answers with the directory (when the sender's copy is older) and the
+//! current shard leaders. A new metadata leader starts with an empty tracker
+//! and fills it within one heartbeat interval.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cleave_metadata::api::{Liveness, NodeStatus, ShardStatus};
+use cleave_metadata::{MetaCommand, NodeId, META_GROUP};
+
+use crate::node::Node;
+use crate::rpc::{ClusterView, ExecError, GroupReport, Heartbeat, HeartbeatAck, NodeReply, NodeRequest};
+
+/// How often nodes report.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Silence after which a node is suspect, and after which it is down.
+const SUSPECT_AFTER: Duration = Duration::from_secs(3);
+const DOWN_AFTER: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct TrackerInner {
+    seen: HashMap<NodeId, (Instant, Vec<GroupReport>)>,
+    /// group → (term, node) of the newest leader claim.
+    leaders: HashMap<u64, (u64, NodeId)>,
+    since: Option<Instant>,
+}
+
+/// Heartbeat bookkeeping of the metadata leader.
+#[derive(Default)]
+pub struct Tracker {
+    inner: Mutex<TrackerInner>,
+}
+
+impl Tracker {
+    fn record(&self, hb: &Heartbeat) {
+        let mut t = self.inner.lock().unwrap();
+        t.since.get_or_insert_with(Instant::now);
+        for g in &hb.groups {
+            if g.is_leader {
+                let e = t.leaders.entry(g.group).or_insert((g.term, hb.node_id));
+                if g.term >= e.0 {
+                    *e = (g.term, hb.node_id);
+                }
+            } else if t.leaders.get(&g.group).is_some_and(|(_, n)| *n == hb.node_id) {
+                t.leaders.remove(&g.group);
+            }
+        }
+        t.seen.insert(hb.node_id, (Instant::now(), hb.groups.clone()));
+    }
+
+    fn leaders(&self) -> Vec<(u64, NodeId)> {
+        let t = self.inner.lock().unwrap();
+        let mut v: Vec<_> = t.leaders.iter().map(|(g, (_, n))| (*g, *n)).collect();
+        v.sort();
+        v
+    }
+
+    fn liveness(&self, node: NodeId) -> (Liveness, Option<u64>) {
+        let t = self.inner.lock().unwrap();
+        match t.seen.get(&node) {
+            Some((at, _)) => {
+                let age = at.elapsed();
+                let l = if age < SUSPECT_AFTER {
+                    Liveness::Up
+                } else if age < DOWN_AFTER {
+                    Liveness::Suspect
+                } else {
+                    Liveness::Down
+                };
+                (l, Some(age.as_millis() as u64))
+            }
+            None if t.since.is_some_and(|s| s.elapsed() > DOWN_AFTER) => (Liveness::Down, None),
+            None => (Liveness::Unknown, None),
+        }
+    }
+
+    fn report(&self, node: NodeId, group: u64) -> Option<GroupReport> {
+        let t = self.inner.lock().unwrap();
+        t.seen.get(&node).and_then(|(_, gs)| gs.iter().find(|g| g.group == group).cloned())
+    }
+}
+
+impl Node {
+    /// Whether this node currently leads the metadata group.
+    pub fn is_meta_leader(&self) -> bool {
+        self.group(META_GROUP).is_some_and(|g| g.status().is_leader)
+    }
+
+    /// This node's heartbeat.
+    pub fn heartbeat(&self) -> Heartbeat {
+        let groups = self
+            .groups()
+            .iter()
+            .map(|g| {
+                let s = g.status();
+                GroupReport {
+                    group: g.group,
+                    is_leader: s.is_leader,
+                    term: s.term,
+                    applied: s.applied,
+                    size_bytes: None,
+                }
+            })
+            .collect();
+        Heartbeat {
+            node_id: self.id,
+            raft_addr: self.settings.raft_addr.clone(),
+            api_addr: self.settings.api_addr.clone(),
+            directory_version: self.directory().version,
+            groups,
+        }
+    }
+
+    /// Records a heartbeat (as metadata leader) or passes it on to the leader.
+    pub async fn handle_heartbeat(&self, hb: Heartbeat, hops: u8) -> Result<HeartbeatAck, ExecError> {
+        if !self.is_meta_leader() {
+            let leader = self.group(META_GROUP).and_then(|g| g.status().leader).map(|l| l.node_id);
+            let reply = self.forward_meta(hops, leader, |hops| NodeRequest::Heartbeat { hb: hb.clone(), hops }).await?;
+            return match reply {
+                NodeReply::Heartbeat(ack) => Ok(ack),
+                other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
+            };
+        }
+        self.tracker.record(&hb);
+        let dir = self.directory();
+        let known = dir.nodes.get(&hb.node_id);
+        if known.is_none_or(|n| n.raft_addr != hb.raft_addr || n.api_addr.as_deref() != Some(hb.api_addr.as_str())) {
+            let cmd = MetaCommand::RegisterNode {
+                node_id: Some(hb.node_id),
+                raft_addr: hb.raft_addr.clone(),
+                api_addr: Some(hb.api_addr.clone()),
+            };
+            if let Err(e) = self.propose_meta(cmd, 0).await {
+                tracing::warn!(node = hb.node_id, "registering node addresses: {e}");
+            }
+        }
+        let dir = self.directory();
+        Ok(HeartbeatAck {
+            directory: (dir.version > hb.directory_version).then(|| (*dir).clone()),
+            leaders: self.tracker.leaders(),
+        })
+    }
+
+    /// Sends `req` towards the metadata leader.
+    async fn forward_meta(
+        &self,
+        hops: u8,
+        leader: Option<NodeId>,
+        req: impl Fn(u8) -> NodeRequest,
+    ) -> Result<NodeReply, ExecError> {
+        if hops >= 3 {
+            return Err(ExecError::NoLeader { group: META_GROUP });
+        }
+        let targets = match leader.filter(|n| *n != self.id).and_then(|n| self.raft_addr_of(n)) {
+            Some(a) => vec![a],
+            None => self.candidates(META_GROUP),
+        };
+        let mut last = ExecError::NoLeader { group: META_GROUP };
+        for addr in targets {
+            match self.call(&addr, req(hops + 1), Duration::from_secs(5)).await {
+                Ok(r) => return Ok(r),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Sends a heartbeat now and adopts what the answer carries.
+    pub async fn beat(&self) -> Result<(), ExecError> {
+        let ack = self.handle_heartbeat(self.heartbeat(), 0).await?;
+        if let Some(d) = ack.directory {
+            self.install_directory(d);
+        }
+        self.set_leader_hints(&ack.leaders);
+        Ok(())
+    }
+
+    /// Fetches the newest directory from the metadata leader.
+    pub async fn refresh_directory(&self) {
+        if let Err(e) = self.beat().await {
+            tracing::debug!("directory refresh: {e}");
+        }
+    }
+
+    /// The cluster as the metadata leader sees it.
+    pub async fn cluster_view(&self, hops: u8) -> Result<ClusterView, ExecError> {
+        if !self.is_meta_leader() {
+            let leader = self.group(META_GROUP).and_then(|g| g.status().leader).map(|l| l.node_id);
+            return match self.forward_meta(hops, leader, |hops| NodeRequest::ClusterView { hops }).await? {
+                NodeReply::ClusterView(v) => Ok(v),
+                other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
+            };
+        }
+        // Our own report is always current.
+        self.tracker.record(&self.heartbeat());
+        let directory = (*self.directory()).clone();
+        let leaders = self.tracker.leaders();
+        let leader_of: HashMap<u64, NodeId> = leaders.iter().copied().collect();
+        let mut liveness = Vec::new();
+        let nodes = directory
+            .nodes
+            .values()
+            .map(|n| {
+                let (l, ms) = self.tracker.liveness(n.id);
+                liveness.push((n.id, l));
+                NodeStatus {
+                    id: n.id,
+                    raft_addr: n.raft_addr.clone(),
+                    api_addr: n.api_addr.clone(),
+                    state: n.state,
+                    liveness: l,
+                    last_heartbeat_ms: ms,
+                    replicas: directory.groups_on(n.id).count(),
+                    leaders: leader_of.values().filter(|x| **x == n.id).count(),
+                }
+            })
+            .collect();
+        let shards = directory
+            .shards
+            .values()
+            .map(|s| {
+                let leader = leader_of.get(&s.shard_id).copied();
+                let report = leader.and_then(|n| self.tracker.report(n, s.shard_id));
+                ShardStatus {
+                    shard_id: s.shard_id,
+                    leader,
+                    replicas: s.replicas.clone(),
+                    conf_version: s.conf_version,
+                    size_bytes: report.as_ref().and_then(|r| r.size_bytes),
+                    keys: None,
+                    applied_index: report.and_then(|r| r.applied),
+                }
+            })
+            .collect();
+        Ok(ClusterView { directory, nodes, shards, leaders, liveness })
+    }
+}
+
+/// Sends this node's heartbeat every [`HEARTBEAT_INTERVAL`], forever.
+pub async fn heartbeat_loop(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = node.beat().await {
+            tracing::debug!("heartbeat: {e}");
+        }
+        crate::metrics::update_gauges(&node);
+    }
+}

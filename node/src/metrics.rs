@@ -1,0 +1,44 @@
+//! Prometheus metrics: per-shard request counts and latencies, Raft state of
+//! every local replica, and the size of the node's RocksDB.
+//!
+//! Counters and histograms are recorded where things happen through the
+//! `metrics` macros; gauges are refreshed from Raft metrics on every
+//! heartbeat tick and just before `/metrics` renders.
+
+use std::time::Instant;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::node::Node;
+
+/// Installs the global recorder; returns the handle `/metrics` renders.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let buckets = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0];
+    Ok(PrometheusBuilder::new().set_buckets(&buckets)?.install_recorder()?)
+}
+
+/// Records one client request against `shard`.
+pub fn record_request(shard: u64, op: &'static str, started: Instant, ok: bool) {
+    let shard = shard.to_string();
+    let outcome = if ok { "ok" } else { "error" };
+    metrics::counter!("cleave_requests_total", "shard" => shard.clone(), "op" => op, "outcome" => outcome).increment(1);
+    metrics::histogram!("cleave_request_duration_seconds", "shard" => shard, "op" => op)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// Refreshes the Raft and storage gauges.
+pub fn update_gauges(node: &Node) {
+    for g in node.groups() {
+        let s = g.status();
+        let group = g.group.to_string();
+        metrics::gauge!("cleave_raft_term", "group" => group.clone()).set(s.term as f64);
+        metrics::gauge!("cleave_raft_is_leader", "group" => group.clone()).set(if s.is_leader { 1.0 } else { 0.0 });
+        metrics::gauge!("cleave_raft_leader_node", "group" => group.clone())
+            .set(s.leader.map_or(0.0, |l| l.node_id as f64));
+        metrics::gauge!("cleave_raft_commit_index", "group" => group.clone()).set(s.committed.unwrap_or(0) as f64);
+        metrics::gauge!("cleave_raft_applied_index", "group" => group.clone()).set(s.applied.unwrap_or(0) as f64);
+        metrics::gauge!("cleave_raft_last_log_index", "group" => group).set(s.last_log_index.unwrap_or(0) as f64);
+    }
+    metrics::gauge!("cleave_rocksdb_size_bytes").set(crate::storage::approximate_size(&node.ctx.db) as f64);
+    metrics::gauge!("cleave_groups").set(node.groups().len() as f64);
+}

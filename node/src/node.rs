@@ -1,0 +1,269 @@
+//! A running node: the groups it hosts, its view of the directory, and how
+//! it starts — bootstrapping a new cluster, rejoining from its data
+//! directory, or joining an existing cluster.
+//!
+//! A node's identity (its id and how it was founded) is kept in
+//! `node.json` in the data directory, so the same command line restarts it
+//! and a restart needs nothing but the directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cleave_metadata::{Directory, NodeId, META_GROUP};
+use serde::{Deserialize, Serialize};
+
+use crate::kv::ShardState;
+use crate::meta::Tracker;
+use crate::raft::{GroupRaft, RaftContext, ReplicaNode, SmState};
+use crate::rpc::{self, ExecError, NodeRequest, Request, Response};
+
+/// What a node needs to know about itself to run.
+#[derive(Clone, Debug)]
+pub struct NodeSettings {
+    pub id: Option<NodeId>,
+    pub data_dir: PathBuf,
+    /// Addresses other nodes and clients use to reach this one.
+    pub api_addr: String,
+    pub raft_addr: String,
+    /// `(id, raft address)` of every founding node, for a new cluster.
+    pub initial_cluster: Vec<(NodeId, String)>,
+    /// API address of a node of an existing cluster to join.
+    pub join: Option<String>,
+    pub replication: usize,
+    pub max_value_bytes: usize,
+    pub write_timeout: Duration,
+}
+
+/// The persisted identity in `node.json`.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Identity {
+    pub node_id: NodeId,
+    /// Raft addresses to ask for the metadata leader when the directory is unknown.
+    pub seeds: Vec<String>,
+}
+
+/// A running node, shared by the API server, the RPC server and background tasks.
+pub struct Node {
+    pub id: NodeId,
+    pub settings: NodeSettings,
+    pub ctx: RaftContext,
+    pub seeds: Vec<String>,
+    groups: RwLock<HashMap<u64, Arc<GroupRaft>>>,
+    directory: RwLock<Arc<Directory>>,
+    /// Shard leaders as last reported by the metadata leader: group → node.
+    leader_hints: RwLock<HashMap<u64, NodeId>>,
+    /// Liveness and group reports; meaningful while this node leads group 0.
+    pub tracker: Tracker,
+    pub started: Instant,
+}
+
+impl Node {
+    /// Opens the node's data directory and starts (or creates) its groups.
+    pub async fn start(settings: NodeSettings, ctx: RaftContext) -> anyhow::Result<Arc<Node>> {
+        let id_path = settings.data_dir.join("node.json");
+        let existing: Option<Identity> = match std::fs::read(&id_path) {
+            Ok(b) => Some(serde_json::from_slice(&b).context("reading node.json")?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).context("reading node.json"),
+        };
+        let (identity, fresh) = match existing {
+            Some(identity) => {
+                if settings.id.is_some_and(|id| id != identity.node_id) {
+                    bail!("data directory belongs to node {}, not {}", identity.node_id, settings.id.unwrap_or(0));
+                }
+                (identity, false)
+            }
+            None if !settings.initial_cluster.is_empty() => {
+                let Some(id) = settings.id else { bail!("--id is required with --initial-cluster") };
+                if !settings.initial_cluster.iter().any(|(n, _)| *n == id) {
+                    bail!("node {id} is not in --initial-cluster");
+                }
+                let seeds = settings.initial_cluster.iter().map(|(_, a)| a.clone()).collect();
+                (Identity { node_id: id, seeds }, true)
+            }
+            None => match &settings.join {
+                Some(addr) => (crate::join::join(&settings, addr).await?, false),
+                None => bail!("a new node needs --initial-cluster or --join"),
+            },
+        };
+        let node = Arc::new(Node {
+            id: identity.node_id,
+            seeds: identity.seeds.clone(),
+            settings: settings.clone(),
+            ctx,
+            groups: RwLock::default(),
+            directory: RwLock::new(Arc::new(Directory::default())),
+            leader_hints: RwLock::default(),
+            tracker: Tracker::default(),
+            started: Instant::now(),
+        });
+        for desc in GroupRaft::list(&node.ctx.db)? {
+            let g = GroupRaft::open(&node.ctx, desc.clone())
+                .await
+                .with_context(|| format!("opening group {}", desc.group))?;
+            node.groups.write().unwrap().insert(desc.group, Arc::new(g));
+        }
+        if fresh && node.groups.read().unwrap().is_empty() {
+            node.bootstrap().await?;
+        }
+        std::fs::write(&id_path, serde_json::to_vec_pretty(&identity)?).context("writing node.json")?;
+        Ok(node)
+    }
+
+    /// Creates this node's replicas of a brand-new cluster's groups.
+    async fn bootstrap(&self) -> anyhow::Result<()> {
+        let dir = Directory::bootstrap(&self.settings.initial_cluster, self.settings.replication);
+        for g in dir.groups_on(self.id).cloned().collect::<Vec<_>>() {
+            let replica = g.replica_on(self.id).expect("groups_on").replica_id;
+            let state = if g.shard_id == META_GROUP {
+                SmState::Meta(dir.clone())
+            } else {
+                SmState::Shard(ShardState { ranges: dir.ranges_of(g.shard_id) })
+            };
+            let raft = GroupRaft::create(&self.ctx, g.shard_id, replica, state).await?;
+            let members: BTreeMap<_, _> = g
+                .replicas
+                .iter()
+                .map(|r| {
+                    (
+                        r.replica_id,
+                        ReplicaNode { node_id: r.node_id, raft_addr: dir.nodes[&r.node_id].raft_addr.clone() },
+                    )
+                })
+                .collect();
+            raft.initialize(members).await?;
+            self.groups.write().unwrap().insert(g.shard_id, Arc::new(raft));
+        }
+        tracing::info!(node = self.id, "bootstrapped a new cluster");
+        Ok(())
+    }
+
+    pub fn group(&self, id: u64) -> Option<Arc<GroupRaft>> {
+        self.groups.read().unwrap().get(&id).cloned()
+    }
+
+    pub fn groups(&self) -> Vec<Arc<GroupRaft>> {
+        let mut v: Vec<_> = self.groups.read().unwrap().values().cloned().collect();
+        v.sort_by_key(|g| g.group);
+        v
+    }
+
+    /// The newest directory this node knows: its own metadata replica's, or
+    /// the last one the metadata leader sent.
+    pub fn directory(&self) -> Arc<Directory> {
+        if let Some(meta) = self.group(META_GROUP) {
+            let local_version = match &*meta.state.read().unwrap() {
+                SmState::Meta(d) => d.version,
+                SmState::Shard(_) => 0,
+            };
+            if local_version > self.directory.read().unwrap().version {
+                if let SmState::Meta(d) = &*meta.state.read().unwrap() {
+                    self.install_directory(d.clone());
+                }
+            }
+        }
+        self.directory.read().unwrap().clone()
+    }
+
+    /// Adopts `d` if it is newer than what this node has.
+    pub fn install_directory(&self, d: Directory) {
+        let mut cur = self.directory.write().unwrap();
+        if d.version > cur.version {
+            *cur = Arc::new(d);
+        }
+    }
+
+    pub fn set_leader_hints(&self, leaders: &[(u64, NodeId)]) {
+        let mut h = self.leader_hints.write().unwrap();
+        h.clear();
+        h.extend(leaders.iter().copied());
+    }
+
+    pub fn leader_hint(&self, group: u64) -> Option<NodeId> {
+        self.leader_hints.read().unwrap().get(&group).copied()
+    }
+
+    /// The RPC address of `node`, from the directory.
+    pub fn raft_addr_of(&self, node: NodeId) -> Option<String> {
+        if node == self.id {
+            return Some(self.settings.raft_addr.clone());
+        }
+        self.directory().nodes.get(&node).map(|n| n.raft_addr.clone())
+    }
+
+    /// Where to send a request for `group` that this node cannot serve:
+    /// the hinted leader first, then every replica, then the seeds (for the
+    /// metadata group before any directory is known).
+    pub fn candidates(&self, group: u64) -> Vec<String> {
+        let dir = self.directory();
+        let mut out = Vec::new();
+        if let Some(addr) = self.leader_hint(group).filter(|n| *n != self.id).and_then(|n| self.raft_addr_of(n)) {
+            out.push(addr);
+        }
+        if let Some(g) = dir.group(group) {
+            for r in &g.replicas {
+                if r.node_id != self.id {
+                    if let Some(a) = dir.nodes.get(&r.node_id) {
+                        out.push(a.raft_addr.clone());
+                    }
+                }
+            }
+        }
+        if group == META_GROUP {
+            out.extend(self.seeds.iter().filter(|s| **s != self.settings.raft_addr).cloned());
+        }
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|a| seen.insert(a.clone()));
+        out
+    }
+
+    /// Sends a node-level request to another node.
+    pub async fn call(&self, addr: &str, req: NodeRequest, timeout: Duration) -> Result<rpc::NodeReply, ExecError> {
+        match self.ctx.transport.call(addr, Request::Node(req), timeout).await {
+            Ok(Response::Node(r)) => r,
+            Ok(other) => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
+            Err(rpc::RpcError::Connect { addr, msg }) => Err(ExecError::Unavailable(format!("{addr}: {msg}"))),
+            Err(e @ rpc::RpcError::Timeout(_)) => Err(ExecError::Timeout(e.to_string())),
+            Err(e) => Err(ExecError::Indeterminate(e.to_string())),
+        }
+    }
+
+    /// Answers an RPC from another node.
+    pub async fn handle_rpc(self: Arc<Self>, req: Request) -> Response {
+        match req {
+            Request::Raft { group, msg } => match self.group(group) {
+                Some(g) => Response::Raft(g.handle_rpc(&self.ctx.snapshot_root, msg).await),
+                None => Response::Raft(Err(format!("node {} has no replica of group {group}", self.id))),
+            },
+            Request::Node(r) => Response::Node(self.handle_node_request(r).await),
+        }
+    }
+
+    async fn handle_node_request(&self, r: NodeRequest) -> Result<rpc::NodeReply, ExecError> {
+        use rpc::NodeReply;
+        match r {
+            NodeRequest::KvWrite { shard, cmd, hops } => {
+                self.exec_write(shard, cmd, hops).await.map(NodeReply::Written)
+            }
+            NodeRequest::KvRead { shard, key, linearizable, hops } => {
+                self.exec_read(shard, &key, linearizable, hops).await.map(NodeReply::Read)
+            }
+            NodeRequest::KvScan { shard, start, end, limit, hops } => {
+                self.exec_scan(shard, &start, end.as_deref(), limit, hops).await.map(NodeReply::Scanned)
+            }
+            NodeRequest::MetaPropose { cmd, hops } => self.propose_meta(cmd, hops).await.map(NodeReply::Meta),
+            NodeRequest::Heartbeat { hb, hops } => self.handle_heartbeat(hb, hops).await.map(NodeReply::Heartbeat),
+            NodeRequest::ClusterView { hops } => self.cluster_view(hops).await.map(NodeReply::ClusterView),
+        }
+    }
+
+    /// Stops every group cleanly.
+    pub async fn shutdown(&self) {
+        for g in self.groups() {
+            g.shutdown().await;
+        }
+    }
+}

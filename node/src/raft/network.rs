@@ -1,0 +1,225 @@
+//! Raft messages between replicas of a group, carried by the node's RPC
+//! transport (one connection per peer node, shared by every group).
+//!
+//! The sending half implements openraft's network traits for one group and
+//! one target; the receiving half ([`handle`]) hands a message to the local
+//! replica of the group it names. Snapshots travel as a sequence of chunks
+//! of the snapshot file, so neither side holds a whole shard in memory.
+
+use std::future::Future;
+use std::io::{Seek, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use openraft::alias::{SnapshotOf, VoteOf};
+use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{AnyError, RaftNetworkV2};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use super::snapshot::{self, SnapshotFile};
+use super::{GroupRaft, ReplicaNode, TypeConfig};
+use crate::rpc::{self, Transport};
+
+/// Size of one snapshot chunk on the wire.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+/// A Raft message for one group.
+#[derive(Serialize, Deserialize, Debug)]
+pub enum RaftRpc {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<TypeConfig>),
+    PreVote(VoteRequest<TypeConfig>),
+    /// Part of a snapshot file; `done` carries the leader's vote with the last part.
+    SnapshotChunk {
+        transfer: u64,
+        offset: u64,
+        data: Vec<u8>,
+        done: Option<VoteOf<TypeConfig>>,
+    },
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
+}
+
+/// The answer to a [`RaftRpc`].
+#[derive(Serialize, Deserialize, Debug)]
+pub enum RaftReply {
+    Append(AppendEntriesResponse<TypeConfig>),
+    Vote(VoteResponse<TypeConfig>),
+    ChunkStored,
+    Snapshot(SnapshotResponse<TypeConfig>),
+    TransferLeader(TransferLeaderResponse<TypeConfig>),
+}
+
+/// Creates per-target clients for one group.
+pub struct NetworkFactory {
+    pub(super) group: u64,
+    pub(super) transport: Transport,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = GroupNetwork;
+
+    async fn new_client(&mut self, _target: u64, node: &ReplicaNode) -> GroupNetwork {
+        GroupNetwork { group: self.group, addr: node.raft_addr.clone(), transport: self.transport.clone() }
+    }
+}
+
+/// The client side of one group's link to one target replica.
+pub struct GroupNetwork {
+    group: u64,
+    addr: String,
+    transport: Transport,
+}
+
+fn unreachable(msg: impl std::fmt::Display) -> Unreachable<TypeConfig> {
+    Unreachable::new(&AnyError::error(msg.to_string()))
+}
+
+impl GroupNetwork {
+    async fn call(&self, msg: RaftRpc, ttl: Duration) -> Result<RaftReply, Unreachable<TypeConfig>> {
+        let req = rpc::Request::Raft { group: self.group, msg };
+        match self.transport.call(&self.addr, req, ttl).await {
+            Ok(rpc::Response::Raft(Ok(reply))) => Ok(reply),
+            Ok(rpc::Response::Raft(Err(e))) => Err(unreachable(e)),
+            Ok(other) => Err(unreachable(format!("unexpected reply {other:?}"))),
+            Err(e) => Err(unreachable(e)),
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for GroupNetwork {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::Append(rpc), option.hard_ttl()).await? {
+            RaftReply::Append(r) => Ok(r),
+            other => Err(unreachable(format!("unexpected reply {other:?}")).into()),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::Vote(rpc), option.hard_ttl()).await? {
+            RaftReply::Vote(r) => Ok(r),
+            other => Err(unreachable(format!("unexpected reply {other:?}")).into()),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::PreVote(rpc), option.hard_ttl()).await? {
+            RaftReply::Vote(r) => Ok(r),
+            other => Err(unreachable(format!("unexpected reply {other:?}")).into()),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::TransferLeader(req), option.hard_ttl()).await? {
+            RaftReply::TransferLeader(r) => Ok(r),
+            other => Err(unreachable(format!("unexpected reply {other:?}")).into()),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotFile>,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let send = async {
+            let mut file = tokio::fs::File::open(&snapshot.snapshot.path).await.map_err(unreachable)?;
+            let transfer: u64 = rand::random();
+            let mut offset = 0u64;
+            let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+            loop {
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = file.read(&mut buf[filled..]).await.map_err(unreachable)?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                let last = filled < buf.len();
+                let msg = RaftRpc::SnapshotChunk {
+                    transfer,
+                    offset,
+                    data: buf[..filled].to_vec(),
+                    done: last.then_some(vote),
+                };
+                let ttl = if last { option.hard_ttl().max(Duration::from_secs(60)) } else { option.hard_ttl() };
+                match self.call(msg, ttl).await? {
+                    RaftReply::ChunkStored if !last => offset += filled as u64,
+                    RaftReply::Snapshot(r) if last => return Ok(r),
+                    other => return Err(unreachable(format!("unexpected reply {other:?}"))),
+                }
+            }
+        };
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            r = send => r.map_err(StreamingError::Unreachable),
+        }
+    }
+}
+
+/// Handles a Raft message addressed to `group`'s local replica.
+pub async fn handle(g: &GroupRaft, snapshot_root: &Path, msg: RaftRpc) -> Result<RaftReply, String> {
+    let raft = &g.raft;
+    match msg {
+        RaftRpc::Append(req) => raft.append_entries(req).await.map(RaftReply::Append).map_err(|e| e.to_string()),
+        RaftRpc::Vote(req) => raft.vote(req).await.map(RaftReply::Vote).map_err(|e| e.to_string()),
+        RaftRpc::PreVote(req) => raft.pre_vote(req).await.map(RaftReply::Vote).map_err(|e| e.to_string()),
+        RaftRpc::TransferLeader(req) => {
+            raft.handle_transfer_leader(req).await.map(RaftReply::TransferLeader).map_err(|e| e.to_string())
+        }
+        RaftRpc::SnapshotChunk { transfer, offset, data, done } => {
+            let part = snapshot::receive_path(snapshot_root, g.group, transfer).map_err(|e| e.to_string())?;
+            let part2 = part.clone();
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let mut f = if offset == 0 {
+                    std::fs::File::create(&part2)?
+                } else {
+                    std::fs::OpenOptions::new().write(true).open(&part2)?
+                };
+                let len = f.seek(std::io::SeekFrom::End(0))?;
+                if len != offset {
+                    return Err(std::io::Error::other(format!("snapshot chunk at {offset}, file has {len}")));
+                }
+                f.write_all(&data)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            let Some(vote) = done else { return Ok(RaftReply::ChunkStored) };
+            let root = snapshot_root.to_path_buf();
+            let group = g.group;
+            let file = tokio::task::spawn_blocking(move || snapshot::finish_receive(&root, group, &part))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let meta = snapshot::read_meta(&file.path).map_err(|e| e.to_string())?;
+            let snap = SnapshotOf::<TypeConfig, SnapshotFile> { meta, snapshot: file };
+            raft.install_full_snapshot(vote, snap).await.map(RaftReply::Snapshot).map_err(|e| e.to_string())
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Internal RPC between nodes: Raft traffic for every group, plus the few
+//! node-to-node requests (forwarded reads and writes, metadata proposals,
+//! heartbeats).
+//!
+//! Everything travels over one persistent TCP connection per peer node as
+//! length-prefixed bincode frames tagged with a request id, so many groups
+//! and many concurrent requests share one connection ([`transport`]).
+
+pub mod transport;
+
+use cleave_metadata::api::{Liveness, NodeStatus, ShardStatus};
+use cleave_metadata::{Directory, MetaCommand, MetaError, MetaResponse, NodeId, ShardId};
+use serde::{Deserialize, Serialize};
+
+pub use transport::{RpcError, Transport};
+
+use crate::command::{KvCommand, KvError};
+use crate::raft::network::{RaftReply, RaftRpc};
+
+/// A request from one node to another.
+#[derive(Serialize, Deserialize, Debug)]
+pub enum Request {
+    /// A Raft message for the local replica of `group`.
+    Raft {
+        group: u64,
+        msg: RaftRpc,
+    },
+    Node(NodeRequest),
+}
+
+/// The answer to a [`Request`].
+#[derive(Serialize, Deserialize, Debug)]
+pub enum Response {
+    Raft(Result<RaftReply, String>),
+    Node(Result<NodeReply, ExecError>),
+}
+
+/// Node-level requests.
+#[derive(Serialize, Deserialize, Debug)]
+pub enum NodeRequest {
+    /// Apply a KV write through the shard's leader.
+    KvWrite { shard: ShardId, cmd: KvCommand, hops: u8 },
+    /// Read one key from the shard (`linearizable`: through the leader).
+    KvRead { shard: ShardId, key: String, linearizable: bool, hops: u8 },
+    /// Read live items in `[start, end)` from the shard's leader.
+    KvScan { shard: ShardId, start: String, end: Option<String>, limit: usize, hops: u8 },
+    /// Propose a directory change through the metadata leader.
+    MetaPropose { cmd: MetaCommand, hops: u8 },
+    /// A node's periodic report to the metadata leader.
+    Heartbeat { hb: Heartbeat, hops: u8 },
+    /// The metadata leader's view of the cluster.
+    ClusterView { hops: u8 },
+}
+
+/// Node-level answers.
+#[derive(Serialize, Deserialize, Debug)]
+pub enum NodeReply {
+    Written(u64),
+    /// `(version, json)` of a live key, or nothing.
+    Read(Option<(u64, String)>),
+    Scanned(Vec<(String, u64, String)>),
+    Meta(MetaResponse),
+    Heartbeat(HeartbeatAck),
+    ClusterView(ClusterView),
+}
+
+/// What a node reports every second.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Heartbeat {
+    pub node_id: NodeId,
+    pub raft_addr: String,
+    pub api_addr: String,
+    /// The directory version the node already has.
+    pub directory_version: u64,
+    pub groups: Vec<GroupReport>,
+}
+
+/// Per-replica figures in a heartbeat.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct GroupReport {
+    pub group: u64,
+    pub is_leader: bool,
+    pub term: u64,
+    pub applied: Option<u64>,
+    /// Approximate bytes of user data (shards only).
+    pub size_bytes: Option<u64>,
+}
+
+/// The metadata leader's answer to a heartbeat.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct HeartbeatAck {
+    /// Present when newer than the version the node reported.
+    pub directory: Option<Directory>,
+    /// Known shard leaders: group → node.
+    pub leaders: Vec<(u64, NodeId)>,
+}
+
+/// The cluster as the metadata leader sees it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ClusterView {
+    pub directory: Directory,
+    pub nodes: Vec<NodeStatus>,
+    pub shards: Vec<ShardStatus>,
+    pub leaders: Vec<(u64, NodeId)>,
+    pub liveness: Vec<(NodeId, Liveness)>,
+}
+
+/// Why a node-level request failed, in a form that crosses the wire.
+#[derive(Serialize, Deserialize, Debug, Clone, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("no leader for group {group} right now")]
+    NoLeader { group: u64 },
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("outcome unknown: {0}")]
+    Indeterminate(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}

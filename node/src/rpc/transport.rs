@@ -1,0 +1,201 @@
+//! A multiplexed RPC transport: one TCP connection per peer, many requests
+//! in flight on it at once.
+//!
+//! Frames are `u32 length | u64 request id | bincode body`. A writer task per
+//! connection coalesces queued frames into one socket write; a reader task
+//! routes each answer to the caller waiting on its id. A broken connection
+//! fails every call in flight on it and is re-dialled by the next call.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Request, Response};
+
+/// Largest frame accepted (snapshot chunks are 1 MiB; log batches are bounded).
+const MAX_FRAME: usize = 256 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("cannot connect to {addr}: {msg}")]
+    Connect { addr: String, msg: String },
+    #[error("connection to {0} closed")]
+    Closed(String),
+    #[error("request to {0} timed out")]
+    Timeout(String),
+    #[error("codec: {0}")]
+    Codec(String),
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, RpcError> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(|e| RpcError::Codec(e.to_string()))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, RpcError> {
+    bincode::serde::decode_from_slice(b, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| RpcError::Codec(e.to_string()))
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+
+struct Conn {
+    tx: mpsc::UnboundedSender<(u64, Vec<u8>)>,
+    pending: Pending,
+    closed: Arc<AtomicBool>,
+}
+
+/// Client side: cheap to clone, shared by every group on the node.
+#[derive(Clone, Default)]
+pub struct Transport {
+    conns: Arc<tokio::sync::Mutex<HashMap<String, Arc<Conn>>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+async fn write_loop(stream: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<(u64, Vec<u8>)>) {
+    let mut w = BufWriter::with_capacity(256 << 10, stream);
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        for (id, body) in batch.drain(..) {
+            let len = (body.len() + 8) as u32;
+            if w.write_all(&len.to_be_bytes()).await.is_err()
+                || w.write_all(&id.to_be_bytes()).await.is_err()
+                || w.write_all(&body).await.is_err()
+            {
+                return;
+            }
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_frame(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::io::Result<(u64, Vec<u8>)> {
+    let len = r.read_u32().await? as usize;
+    if !(8..=MAX_FRAME).contains(&len) {
+        return Err(std::io::Error::other(format!("bad frame length {len}")));
+    }
+    let id = r.read_u64().await?;
+    let mut body = vec![0u8; len - 8];
+    r.read_exact(&mut body).await?;
+    Ok((id, body))
+}
+
+impl Transport {
+    pub fn new() -> Transport {
+        Transport::default()
+    }
+
+    async fn conn(&self, addr: &str) -> Result<Arc<Conn>, RpcError> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(addr) {
+            if !c.closed.load(Ordering::Acquire) {
+                return Ok(c.clone());
+            }
+        }
+        let connect_err = |msg: String| RpcError::Connect { addr: addr.to_string(), msg };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| connect_err("timed out".into()))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        stream.set_nodelay(true).ok();
+        let (r, w) = stream.into_split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pending: Pending = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        tokio::spawn(write_loop(w, rx));
+        {
+            let (pending, closed) = (pending.clone(), closed.clone());
+            tokio::spawn(async move {
+                let mut r = BufReader::with_capacity(256 << 10, r);
+                while let Ok((id, body)) = read_frame(&mut r).await {
+                    let Ok(resp) = decode::<Response>(&body) else { break };
+                    if let Some(tx) = pending.lock().unwrap().remove(&id) {
+                        let _ = tx.send(resp);
+                    }
+                }
+                closed.store(true, Ordering::Release);
+                pending.lock().unwrap().clear();
+            });
+        }
+        let conn = Arc::new(Conn { tx, pending, closed });
+        conns.insert(addr.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Sends `req` to the node at `addr` and waits up to `timeout` for its answer.
+    pub async fn call(&self, addr: &str, req: Request, timeout: Duration) -> Result<Response, RpcError> {
+        let body = encode(&req)?;
+        let conn = self.conn(addr).await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        conn.pending.lock().unwrap().insert(id, tx);
+        if conn.closed.load(Ordering::Acquire) || conn.tx.send((id, body)).is_err() {
+            conn.pending.lock().unwrap().remove(&id);
+            return Err(RpcError::Closed(addr.to_string()));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(_)) => Err(RpcError::Closed(addr.to_string())),
+            Err(_) => {
+                conn.pending.lock().unwrap().remove(&id);
+                Err(RpcError::Timeout(addr.to_string()))
+            }
+        }
+    }
+}
+
+/// Handles one request on the server side.
+pub type Handler = Arc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync>;
+
+/// Accepts connections on `listener` forever, answering each request with
+/// `handler`. Requests on one connection are handled concurrently.
+pub async fn serve(listener: TcpListener, handler: Handler) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("rpc accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        stream.set_nodelay(true).ok();
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let (r, w) = stream.into_split();
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(write_loop(w, rx));
+            let mut r = BufReader::with_capacity(256 << 10, r);
+            loop {
+                let (id, body) = match read_frame(&mut r).await {
+                    Ok(f) => f,
+                    Err(_) => break,
+                };
+                let req = match decode::<Request>(&body) {
+                    Ok(req) => req,
+                    Err(e) => {
+                        tracing::warn!(%peer, "undecodable rpc: {e}");
+                        break;
+                    }
+                };
+                let (handler, tx) = (handler.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let resp = handler(req).await;
+                    if let Ok(body) = encode(&resp) {
+                        let _ = tx.send((id, body));
+                    }
+                });
+            }
+        });
+    }
+}
