@@ -158,6 +158,8 @@ pub struct ShardStatus {
     /// Approximate size of the shard's data in bytes, from the leader's report.
     pub size_bytes: Option<u64>,
     pub keys: Option<u64>,
+    /// Client requests per second at the leader, from its last heartbeat.
+    pub qps: Option<f64>,
     pub applied_index: Option<u64>,
 }
 

@@ -44,7 +44,8 @@ pub fn read(db: &Db, group: u64, key: &str) -> Result<Option<ValueRecord>, rocks
 /// see yet; consulted before the database.
 pub type Overlay = HashMap<String, ValueRecord>;
 
-/// Applies one KV command into `batch`. Returns the key's new version.
+/// Applies one KV command into `batch`. Returns the key's new version and
+/// the change in the shard's number of live keys (-1, 0 or +1).
 pub fn apply(
     db: &Db,
     group: u64,
@@ -52,7 +53,7 @@ pub fn apply(
     overlay: &mut Overlay,
     batch: &mut rocksdb::WriteBatch,
     cmd: &KvCommand,
-) -> Result<u64, KvError> {
+) -> Result<(u64, i64), KvError> {
     let key = cmd.key();
     state.check_route(key, cmd.range_id, cmd.epoch)?;
     let current = match overlay.get(key) {
@@ -83,8 +84,14 @@ pub fn apply(
     }
     batch.put_cf(storage::cf(db, storage::CF_DATA), data_key(group, key.as_bytes()), record.encode());
     let version = record.version;
+    let delta = match (live, record.tombstone) {
+        (0, false) => 1,
+        (0, true) => 0,
+        (_, true) => -1,
+        (_, false) => 0,
+    };
     overlay.insert(key.to_string(), record);
-    Ok(version)
+    Ok((version, delta))
 }
 
 /// One live item returned by a scan.

@@ -8,7 +8,7 @@ use clap::Parser;
 use cleave_node::config::Args;
 use cleave_node::node::Node;
 use cleave_node::raft::RaftContext;
-use cleave_node::rpc::{transport, Transport};
+use cleave_node::rpc::{transport, ExecError, Request, Response, Transport};
 use cleave_node::{api, meta, storage};
 
 fn main() -> anyhow::Result<()> {
@@ -53,7 +53,10 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
         Box::pin(async move {
             match slot.get() {
                 Some(node) => node.clone().handle_rpc(req).await,
-                None => cleave_node::rpc::Response::Raft(Err("node is starting".into())),
+                None => match req {
+                    Request::Raft { .. } => Response::Raft(Err("node is starting".into())),
+                    Request::Node(_) => Response::Node(Err(ExecError::Unavailable("node is starting".into()))),
+                },
             }
         })
     });

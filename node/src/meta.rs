@@ -11,6 +11,7 @@
 //! and fills it within one heartbeat interval.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -97,6 +98,12 @@ impl Node {
 
     /// This node's heartbeat.
     pub fn heartbeat(&self) -> Heartbeat {
+        let elapsed = {
+            let mut last = self.last_report.lock().unwrap();
+            let e = last.elapsed().as_secs_f64().max(0.001);
+            *last = Instant::now();
+            e
+        };
         let groups = self
             .groups()
             .iter()
@@ -107,7 +114,9 @@ impl Node {
                     is_leader: s.is_leader,
                     term: s.term,
                     applied: s.applied,
-                    size_bytes: None,
+                    size_bytes: (g.group != META_GROUP).then(|| g.size_bytes()),
+                    keys: (g.group != META_GROUP).then(|| g.keys()),
+                    qps: g.served.swap(0, Ordering::Relaxed) as f64 / elapsed,
                 }
             })
             .collect();
@@ -236,7 +245,8 @@ impl Node {
                     replicas: s.replicas.clone(),
                     conf_version: s.conf_version,
                     size_bytes: report.as_ref().and_then(|r| r.size_bytes),
-                    keys: None,
+                    keys: report.as_ref().and_then(|r| r.keys),
+                    qps: report.as_ref().map(|r| r.qps),
                     applied_index: report.and_then(|r| r.applied),
                 }
             })

@@ -58,6 +58,8 @@ pub struct Node {
     /// Liveness and group reports; meaningful while this node leads group 0.
     pub tracker: Tracker,
     pub started: Instant,
+    /// When this node last built a heartbeat (for request rates).
+    pub last_report: std::sync::Mutex<Instant>,
 }
 
 impl Node {
@@ -99,6 +101,7 @@ impl Node {
             leader_hints: RwLock::default(),
             tracker: Tracker::default(),
             started: Instant::now(),
+            last_report: std::sync::Mutex::new(Instant::now()),
         });
         for desc in GroupRaft::list(&node.ctx.db)? {
             let g = GroupRaft::open(&node.ctx, desc.clone())

@@ -8,6 +8,7 @@
 //! (421), no leader yet, a frozen range — is retried with backoff until the
 //! write deadline; an answer whose outcome is unknown is never retried.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cleave_metadata::{ShardId, META_GROUP};
@@ -186,7 +187,10 @@ impl Node {
             Some(g) => match tokio::time::timeout(self.settings.write_timeout, g.write(Command::Kv(cmd.clone()))).await
             {
                 Err(_) => return Err(ExecError::Timeout("write not applied in time".into())),
-                Ok(Ok(CommandResponse::Kv(r))) => return r.map_err(ExecError::Kv),
+                Ok(Ok(CommandResponse::Kv(r))) => {
+                    g.served.fetch_add(1, Ordering::Relaxed);
+                    return r.map_err(ExecError::Kv);
+                }
                 Ok(Ok(other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
                 Ok(Err(WriteError::NotLeader { leader: Some(l) })) if l.node_id != self.id => Some(l.node_id),
                 Ok(Err(WriteError::NotLeader { .. })) => return Err(ExecError::NoLeader { group: shard }),
@@ -231,6 +235,7 @@ impl Node {
                 let barrier = if linearizable { self.barrier(&g, shard).await } else { Ok(()) };
                 match barrier {
                     Ok(()) => {
+                        g.served.fetch_add(1, Ordering::Relaxed);
                         self.check_owned(shard, key, Some(key))?;
                         let rec = kv::read(&self.ctx.db, shard, key).map_err(|e| ExecError::Internal(e.to_string()))?;
                         return Ok(rec
@@ -279,6 +284,7 @@ impl Node {
         let leader = match self.group(shard) {
             Some(g) => match self.barrier(&g, shard).await {
                 Ok(()) => {
+                    g.served.fetch_add(1, Ordering::Relaxed);
                     self.check_owned(shard, start, end)?;
                     let items = kv::scan(&self.ctx.db, shard, start, end, limit)
                         .map_err(|e| ExecError::Internal(e.to_string()))?;

@@ -15,6 +15,7 @@ pub mod state_machine;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use cleave_metadata::{Directory, NodeId, ReplicaId};
@@ -137,6 +138,10 @@ pub struct GroupRaft {
     pub replica_id: ReplicaId,
     raft: Raft<TypeConfig, GroupSm>,
     pub state: Arc<RwLock<SmState>>,
+    keys: Arc<AtomicU64>,
+    /// Client requests served by this replica (as leader, or stale reads).
+    pub served: AtomicU64,
+    db: Arc<Db>,
 }
 
 impl GroupRaft {
@@ -173,8 +178,15 @@ impl GroupRaft {
     /// Opens a group recorded on this node.
     pub async fn open(ctx: &RaftContext, desc: GroupDescriptor) -> anyhow::Result<GroupRaft> {
         let group = desc.group;
-        snapshot::recover_install(&ctx.db, group)?;
+        snapshot::recover_install(&ctx.db, &ctx.snapshot_root, group)?;
+        snapshot::remove_partial(&ctx.snapshot_root, group);
         let cf = storage::cf(&ctx.db, CF_GROUP_META);
+        let keys = ctx
+            .db
+            .get_cf(cf, state_key(group, tag::KEYS))?
+            .and_then(|b| b.as_slice().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        let keys = Arc::new(AtomicU64::new(keys));
         let raw = ctx
             .db
             .get_cf(cf, state_key(group, tag::SM_STATE))?
@@ -193,10 +205,24 @@ impl GroupRaft {
         }
         .validate()?;
         let log = log_store::LogStore::new(ctx.db.clone(), group, ctx.syncer.clone());
-        let sm = GroupSm { db: ctx.db.clone(), group, state: state.clone(), snapshot_root: ctx.snapshot_root.clone() };
+        let sm = GroupSm {
+            db: ctx.db.clone(),
+            group,
+            state: state.clone(),
+            snapshot_root: ctx.snapshot_root.clone(),
+            keys: keys.clone(),
+        };
         let net = network::NetworkFactory { group, transport: ctx.transport.clone() };
         let raft = Raft::new(desc.replica_id, Arc::new(config), net, log, sm).await?;
-        Ok(GroupRaft { group, replica_id: desc.replica_id, raft, state })
+        Ok(GroupRaft {
+            group,
+            replica_id: desc.replica_id,
+            raft,
+            state,
+            keys,
+            served: AtomicU64::new(0),
+            db: ctx.db.clone(),
+        })
     }
 
     /// Makes `members` the group's first membership. Harmless (and ignored)
@@ -257,6 +283,20 @@ impl GroupRaft {
             applied: m.last_applied.map(|l| l.index),
             members: membership.nodes().map(|(r, n)| (*r, n.node_id)).collect(),
         }
+    }
+
+    /// Live keys in this replica's state machine.
+    pub fn keys(&self) -> u64 {
+        self.keys.load(Ordering::Relaxed)
+    }
+
+    /// Approximate bytes of user data held by this replica.
+    pub fn size_bytes(&self) -> u64 {
+        let cf = storage::cf(&self.db, storage::CF_DATA);
+        let start = storage::group_prefix(self.group);
+        let end = storage::group_range_end(self.group);
+        let sizes = self.db.get_approximate_sizes_cf(cf, &[rocksdb::Range::new(&start, &end)]);
+        sizes.first().copied().unwrap_or(0)
     }
 
     /// Handles a Raft message from a peer replica.

@@ -211,9 +211,7 @@ pub async fn handle(g: &GroupRaft, snapshot_root: &Path, msg: RaftRpc) -> Result
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
             let Some(vote) = done else { return Ok(RaftReply::ChunkStored) };
-            let root = snapshot_root.to_path_buf();
-            let group = g.group;
-            let file = tokio::task::spawn_blocking(move || snapshot::finish_receive(&root, group, &part))
+            let file = tokio::task::spawn_blocking(move || snapshot::finish_receive(&part))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;

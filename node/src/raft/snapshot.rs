@@ -176,18 +176,41 @@ pub fn receive_path(root: &Path, group: u64, transfer: u64) -> io::Result<PathBu
     Ok(dir.join(format!("recv-{transfer:016x}.part")))
 }
 
-/// Turns a fully received file into a snapshot file of the group.
-pub fn finish_receive(root: &Path, group: u64, part: &Path) -> io::Result<SnapshotFile> {
+/// Makes a fully received file durable. It becomes the group's current
+/// snapshot only once installed ([`adopt`]).
+pub fn finish_receive(part: &Path) -> io::Result<SnapshotFile> {
     File::open(part)?.sync_all()?;
-    let meta = read_meta(part)?;
+    Ok(SnapshotFile { path: part.to_path_buf() })
+}
+
+/// After a received snapshot is installed: keep it as the group's current
+/// snapshot (so it can be sent on) and drop older ones.
+pub fn adopt(root: &Path, group: u64, file: &SnapshotFile) -> io::Result<()> {
+    if file.path.extension().is_some_and(|x| x == "snap") {
+        return Ok(());
+    }
+    let meta = read_meta(&file.path)?;
     let path = group_dir(root, group).join(file_name(&meta, rand::random()));
-    fs::rename(part, &path)?;
-    Ok(SnapshotFile { path })
+    fs::rename(&file.path, &path)?;
+    prune(&group_dir(root, group), &path);
+    Ok(())
+}
+
+/// Removes partial transfers left by a crash or a broken connection.
+pub fn remove_partial(root: &Path, group: u64) {
+    if let Ok(entries) = fs::read_dir(group_dir(root, group)) {
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "part") {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// Replaces `group`'s state machine with the snapshot in `file`. Returns the
-/// state-machine state it carried. Crash-safe: see the module doc.
-pub fn install(db: &Db, group: u64, file: &SnapshotFile) -> io::Result<Vec<u8>> {
+/// state-machine state it carried and the number of live keys. Crash-safe:
+/// see the module doc.
+pub fn install(db: &Db, group: u64, file: &SnapshotFile) -> io::Result<(Vec<u8>, u64)> {
     let meta_cf = storage::cf(db, CF_GROUP_META);
     let data_cf = storage::cf(db, CF_DATA);
     let marker = file.path.to_string_lossy().as_bytes().to_vec();
@@ -199,10 +222,14 @@ pub fn install(db: &Db, group: u64, file: &SnapshotFile) -> io::Result<Vec<u8>> 
     let mut batch = rocksdb::WriteBatch::default();
     batch.delete_range_cf(data_cf, storage::group_prefix(group).to_vec(), storage::group_range_end(group));
     let mut pending = 0usize;
+    let mut keys = 0u64;
     while let Some(key) = read_frame(&mut r)? {
         let value =
             read_frame(&mut r)?.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "truncated snapshot"))?;
         pending += key.len() + value.len();
+        if crate::storage::ValueRecord::decode(&value).is_some_and(|v| !v.tombstone) {
+            keys += 1;
+        }
         batch.put_cf(data_cf, data_key(group, &key), value);
         if pending >= INSTALL_BATCH_BYTES {
             db.write(std::mem::take(&mut batch)).map_err(io_err)?;
@@ -215,20 +242,23 @@ pub fn install(db: &Db, group: u64, file: &SnapshotFile) -> io::Result<Vec<u8>> 
     }
     batch.put_cf(meta_cf, state_key(group, tag::MEMBERSHIP), bincode_encode(&header.meta.last_membership)?);
     batch.put_cf(meta_cf, state_key(group, tag::SM_STATE), &header.sm_state);
+    batch.put_cf(meta_cf, state_key(group, tag::KEYS), keys.to_be_bytes());
     batch.delete_cf(meta_cf, state_key(group, tag::INSTALLING));
     db.write(batch).map_err(io_err)?;
     db.flush_wal(true).map_err(io_err)?;
     metrics::counter!("cleave_snapshots_installed_total").increment(1);
-    Ok(header.sm_state)
+    Ok((header.sm_state, keys))
 }
 
 /// Finishes an install that a crash interrupted, if one was under way.
-pub fn recover_install(db: &Db, group: u64) -> io::Result<()> {
+pub fn recover_install(db: &Db, root: &Path, group: u64) -> io::Result<()> {
     let meta_cf = storage::cf(db, CF_GROUP_META);
     if let Some(path) = db.get_cf(meta_cf, state_key(group, tag::INSTALLING)).map_err(io_err)? {
         let path = PathBuf::from(String::from_utf8_lossy(&path).into_owned());
         tracing::warn!(group, path = %path.display(), "redoing an interrupted snapshot install");
-        install(db, group, &SnapshotFile { path })?;
+        let file = SnapshotFile { path };
+        install(db, group, &file)?;
+        adopt(root, group, &file)?;
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use futures::{Stream, TryStreamExt};
@@ -39,6 +40,8 @@ pub struct GroupSm {
     pub(super) group: u64,
     pub(super) state: Arc<RwLock<SmState>>,
     pub(super) snapshot_root: PathBuf,
+    /// Live keys in the group (shards), kept in step with applied entries.
+    pub(super) keys: Arc<AtomicU64>,
 }
 
 impl GroupSm {
@@ -53,6 +56,7 @@ impl GroupSm {
         overlay: &mut kv::Overlay,
         batch: &mut rocksdb::WriteBatch,
         changed: &mut bool,
+        key_delta: &mut i64,
         cmd: &Command,
     ) -> CommandResponse {
         match (cmd, state) {
@@ -61,7 +65,10 @@ impl GroupSm {
                 let op = if matches!(c.op, crate::command::KvOp::Put { .. }) { "put" } else { "delete" };
                 metrics::counter!("cleave_applied_writes_total", "shard" => self.group.to_string(), "op" => op)
                     .increment(1);
-                CommandResponse::Kv(r)
+                CommandResponse::Kv(r.map(|(version, delta)| {
+                    *key_delta += delta;
+                    version
+                }))
             }
             (Command::Meta(c), SmState::Meta(d)) => {
                 let r = d.apply(c);
@@ -112,6 +119,7 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
         let mut last_applied = None;
         let mut membership = None;
         let mut changed = false;
+        let mut key_delta = 0i64;
         // Entries arrive as a stream; collect what is ready, then apply under
         // one lock and write one batch.
         let mut items = Vec::new();
@@ -125,7 +133,7 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
                 let resp = match &entry.payload {
                     EntryPayload::Blank => CommandResponse::None,
                     EntryPayload::Normal(cmd) => {
-                        self.apply_command(&mut state, &mut overlay, &mut batch, &mut changed, cmd)
+                        self.apply_command(&mut state, &mut overlay, &mut batch, &mut changed, &mut key_delta, cmd)
                     }
                     EntryPayload::Membership(m) => {
                         membership = Some(StoredMembershipOf::<TypeConfig>::new(Some(log_id), m.clone()));
@@ -146,7 +154,12 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
             if changed {
                 batch.put_cf(meta_cf, state_key(self.group, tag::SM_STATE), state.to_json()?);
             }
+            let keys = (self.keys.load(Ordering::Relaxed) as i64 + key_delta).max(0) as u64;
+            if key_delta != 0 {
+                batch.put_cf(meta_cf, state_key(self.group, tag::KEYS), keys.to_be_bytes());
+            }
             self.db.write(batch).map_err(io_err)?;
+            self.keys.store(keys, Ordering::Relaxed);
         }
         for (responder, resp) in responses {
             responder.send(resp);
@@ -165,9 +178,16 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
     ) -> Result<(), io::Error> {
         tracing::info!(group = self.group, last = ?meta.last_log_id, "installing snapshot");
         let (db, group) = (self.db.clone(), self.group);
-        let sm_state =
-            tokio::task::spawn_blocking(move || snapshot::install(&db, group, &file)).await.map_err(io_err)??;
+        let root = self.snapshot_root.clone();
+        let (sm_state, keys) = tokio::task::spawn_blocking(move || {
+            let r = snapshot::install(&db, group, &file)?;
+            snapshot::adopt(&root, group, &file)?;
+            Ok::<_, io::Error>(r)
+        })
+        .await
+        .map_err(io_err)??;
         let new_state = SmState::from_json(&sm_state)?;
+        self.keys.store(keys, Ordering::Relaxed);
         *self.state.write().map_err(|_| io::Error::other("state lock poisoned"))? = new_state;
         Ok(())
     }

@@ -84,6 +84,10 @@ pub struct GroupReport {
     pub applied: Option<u64>,
     /// Approximate bytes of user data (shards only).
     pub size_bytes: Option<u64>,
+    /// Live keys (shards only).
+    pub keys: Option<u64>,
+    /// Client requests per second served by this replica since the last report.
+    pub qps: f64,
 }
 
 /// The metadata leader's answer to a heartbeat.

@@ -46,6 +46,8 @@ pub mod tag {
     pub const SM_STATE: u8 = 3;
     pub const DESCRIPTOR: u8 = 4;
     pub const INSTALLING: u8 = 5;
+    /// Number of live keys of a shard.
+    pub const KEYS: u8 = 6;
 }
 
 /// Opens (or creates) the node's database under `dir`.
