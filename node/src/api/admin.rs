@@ -71,3 +71,8 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
 pub async fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such endpoint")
 }
+
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> impl IntoResponse {
+    let err = ApiError::bad_request(format!("{method} is not supported on {}", uri.path()));
+    (axum::http::StatusCode::METHOD_NOT_ALLOWED, axum::Json(err.0))
+}

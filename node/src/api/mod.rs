@@ -46,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))
         .fallback(admin::not_found)
+        .method_not_allowed_fallback(admin::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
