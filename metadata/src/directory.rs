@@ -14,8 +14,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::operation::{OpId, OpKind, Operation, Phase, Progress};
 use crate::range::{check_tiling, RangeDescriptor, RangeState, Replica, ShardDescriptor};
 use crate::{NodeId, RangeId, ShardId, META_GROUP};
+
+/// Finished operations kept for `GET /admin/operations`.
+const KEEP_FINISHED_OPS: usize = 200;
 
 /// Lifecycle state of a node, as recorded in the directory.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -44,12 +48,29 @@ pub enum MetaCommand {
     /// Add a node (allocating an id when `node_id` is `None`) or update the
     /// addresses of a known one.
     RegisterNode { node_id: Option<NodeId>, raft_addr: String, api_addr: Option<String> },
+    /// Start splitting `range_id` at `split_key`, placing the new shard's
+    /// replicas on `target_nodes`. Marks the range busy.
+    PlanSplit { range_id: RangeId, split_key: String, target_nodes: Vec<NodeId>, reason: String, now_ms: u64 },
+    /// Move an operation from phase `from` to `to` (compare-and-set).
+    AdvanceOp { op_id: OpId, from: Phase, to: Phase, now_ms: u64 },
+    /// Record copy progress.
+    ReportProgress { op_id: OpId, progress: Progress },
+    /// The commit point of a split: the moving range now belongs to the new shard.
+    CommitSplit { op_id: OpId, now_ms: u64 },
+    /// Abandon an operation that has not committed.
+    AbortOp { op_id: OpId, reason: String, now_ms: u64 },
+    /// A committed operation finished; `write_pause_ms` as measured by the driver.
+    FinishOp { op_id: OpId, write_pause_ms: Option<u64>, now_ms: u64 },
+    /// An aborted operation's leftovers are gone.
+    MarkCleaned { op_id: OpId },
 }
 
 /// What applying a [`MetaCommand`] produced.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum MetaResponse {
     Node(NodeId),
+    Op(OpId),
+    Done,
 }
 
 /// Why a [`MetaCommand`] was refused. Refusals are deterministic, so every
@@ -60,6 +81,20 @@ pub enum MetaError {
     NodeRemoved(NodeId),
     #[error("raft address {addr} already belongs to node {node}")]
     AddressInUse { addr: String, node: NodeId },
+    #[error("no range {0}")]
+    UnknownRange(RangeId),
+    #[error("range {range_id} is busy with operation {op_id}")]
+    RangeBusy { range_id: RangeId, op_id: OpId },
+    #[error("split key {key:?} is not strictly inside range {range_id}")]
+    BadSplitKey { range_id: RangeId, key: String },
+    #[error("cannot place replicas: {0}")]
+    BadPlacement(String),
+    #[error("no operation {0}")]
+    UnknownOp(OpId),
+    #[error("operation {op_id} is {current:?}, not {expected:?}")]
+    WrongPhase { op_id: OpId, current: Phase, expected: Phase },
+    #[error("operation {0} has committed and can no longer be aborted")]
+    AlreadyCommitted(OpId),
 }
 
 /// The replicated directory.
@@ -78,6 +113,11 @@ pub struct Directory {
     pub next_shard_id: ShardId,
     pub next_range_id: RangeId,
     pub next_replica_id: u64,
+    /// Running and recently finished operations.
+    #[serde(default)]
+    pub ops: BTreeMap<OpId, Operation>,
+    #[serde(default)]
+    pub next_op_id: OpId,
 }
 
 impl Directory {
@@ -179,6 +219,178 @@ impl Directory {
         }
     }
 
+    /// The replicas of a group, including a shard still being created by a
+    /// running split (not yet in `shards`).
+    pub fn group_replicas(&self, id: ShardId) -> Option<Vec<Replica>> {
+        if let Some(g) = self.group(id) {
+            return Some(g.replicas.clone());
+        }
+        self.ops.values().find_map(|op| match &op.kind {
+            OpKind::Split { target, target_replicas, .. } if *target == id && !op.phase.is_terminal() => {
+                Some(target_replicas.clone())
+            }
+            _ => None,
+        })
+    }
+
+    /// The range with id `id`, by its start key.
+    fn range_start(&self, id: RangeId) -> Option<String> {
+        self.ranges.values().find(|r| r.range_id == id).map(|r| r.start.clone())
+    }
+
+    fn op_mut(&mut self, op_id: OpId) -> Result<&mut Operation, MetaError> {
+        self.ops.get_mut(&op_id).ok_or(MetaError::UnknownOp(op_id))
+    }
+
+    /// Operations that still need a driver: not terminal, or aborted with
+    /// leftovers to clean.
+    pub fn active_ops(&self) -> impl Iterator<Item = &Operation> {
+        self.ops.values().filter(|op| !op.phase.is_terminal() || (op.phase == Phase::Aborted && !op.cleaned))
+    }
+
+    fn prune_ops(&mut self) {
+        let finished: Vec<OpId> = self
+            .ops
+            .values()
+            .filter(|o| o.phase.is_terminal() && (o.phase == Phase::Done || o.cleaned))
+            .map(|o| o.op_id)
+            .collect();
+        if finished.len() > KEEP_FINISHED_OPS {
+            for id in &finished[..finished.len() - KEEP_FINISHED_OPS] {
+                self.ops.remove(id);
+            }
+        }
+    }
+
+    fn plan_split(
+        &mut self,
+        range_id: RangeId,
+        split_key: &str,
+        target_nodes: &[NodeId],
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<OpId, MetaError> {
+        let start = self.range_start(range_id).ok_or(MetaError::UnknownRange(range_id))?;
+        let range = &self.ranges[&start];
+        if let RangeState::Busy { op_id } = range.state {
+            return Err(MetaError::RangeBusy { range_id, op_id });
+        }
+        let inside = split_key > range.start.as_str() && range.end.as_deref().is_none_or(|e| split_key < e);
+        if !inside {
+            return Err(MetaError::BadSplitKey { range_id, key: split_key.to_string() });
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if target_nodes.is_empty() || !target_nodes.iter().all(|n| seen.insert(*n)) {
+            return Err(MetaError::BadPlacement("need distinct target nodes".into()));
+        }
+        for n in target_nodes {
+            match self.nodes.get(n) {
+                Some(d) if d.state == NodeState::Active => {}
+                _ => return Err(MetaError::BadPlacement(format!("node {n} is not an active node"))),
+            }
+        }
+        let source = range.shard_id;
+        let op_id = self.next_op_id.max(1);
+        self.next_op_id = op_id + 1;
+        let target = self.alloc_shard_id();
+        let new_range_id = self.alloc_range_id();
+        let target_replicas =
+            target_nodes.iter().map(|&node_id| Replica { replica_id: self.alloc_replica_id(), node_id }).collect();
+        self.ranges.get_mut(&start).expect("range").state = RangeState::Busy { op_id };
+        let kind = OpKind::Split {
+            range_id,
+            split_key: split_key.to_string(),
+            source,
+            target,
+            new_range_id,
+            target_replicas,
+            reason: reason.to_string(),
+        };
+        self.ops.insert(
+            op_id,
+            Operation {
+                op_id,
+                kind,
+                phase: Phase::Planned,
+                history: vec![(Phase::Planned, now_ms)],
+                progress: Progress::default(),
+                write_pause_ms: None,
+                error: None,
+                cleaned: false,
+            },
+        );
+        Ok(op_id)
+    }
+
+    fn advance(&mut self, op_id: OpId, from: Phase, to: Phase, now_ms: u64) -> Result<(), MetaError> {
+        let allowed = matches!(
+            (from, to),
+            (Phase::Planned, Phase::Created)
+                | (Phase::Created, Phase::Capturing)
+                | (Phase::Capturing, Phase::Frozen)
+                | (Phase::Committed, Phase::Done)
+        );
+        let op = self.op_mut(op_id)?;
+        if op.phase == to {
+            return Ok(());
+        }
+        if !allowed || op.phase != from {
+            return Err(MetaError::WrongPhase { op_id, current: op.phase, expected: from });
+        }
+        op.phase = to;
+        op.history.push((to, now_ms));
+        Ok(())
+    }
+
+    fn commit_split(&mut self, op_id: OpId, now_ms: u64) -> Result<(), MetaError> {
+        let op = self.op_mut(op_id)?;
+        match op.phase {
+            Phase::Committed | Phase::Done => return Ok(()),
+            Phase::Frozen => {}
+            current => return Err(MetaError::WrongPhase { op_id, current, expected: Phase::Frozen }),
+        }
+        let OpKind::Split { range_id, split_key, target, new_range_id, target_replicas, .. } = op.kind.clone();
+        op.phase = Phase::Committed;
+        op.history.push((Phase::Committed, now_ms));
+        let start = self.range_start(range_id).ok_or(MetaError::UnknownRange(range_id))?;
+        let old = self.ranges.remove(&start).expect("range");
+        let epoch = old.epoch + 1;
+        let left = RangeDescriptor { end: Some(split_key.clone()), epoch, state: RangeState::Active, ..old.clone() };
+        let right = RangeDescriptor {
+            range_id: new_range_id,
+            start: split_key.clone(),
+            end: old.end,
+            shard_id: target,
+            epoch,
+            state: RangeState::Active,
+        };
+        self.ranges.insert(left.start.clone(), left);
+        self.ranges.insert(split_key, right);
+        self.shards.insert(target, ShardDescriptor { shard_id: target, replicas: target_replicas, conf_version: 1 });
+        Ok(())
+    }
+
+    fn abort(&mut self, op_id: OpId, reason: &str, now_ms: u64) -> Result<(), MetaError> {
+        let op = self.op_mut(op_id)?;
+        match op.phase {
+            Phase::Aborted => return Ok(()),
+            Phase::Committed | Phase::Done => return Err(MetaError::AlreadyCommitted(op_id)),
+            _ => {}
+        }
+        op.phase = Phase::Aborted;
+        op.error = Some(reason.to_string());
+        op.history.push((Phase::Aborted, now_ms));
+        let OpKind::Split { range_id, .. } = &op.kind;
+        let range_id = *range_id;
+        if let Some(start) = self.range_start(range_id) {
+            let r = self.ranges.get_mut(&start).expect("range");
+            if r.state == (RangeState::Busy { op_id }) {
+                r.state = RangeState::Active;
+            }
+        }
+        Ok(())
+    }
+
     /// Every group (metadata group first) with a replica on `node`.
     pub fn groups_on(&self, node: NodeId) -> impl Iterator<Item = &ShardDescriptor> {
         self.meta.iter().chain(self.shards.values()).filter(move |g| g.replica_on(node).is_some())
@@ -235,6 +447,39 @@ impl Directory {
                     }
                 }
                 MetaResponse::Node(id)
+            }
+            MetaCommand::PlanSplit { range_id, split_key, target_nodes, reason, now_ms } => {
+                MetaResponse::Op(self.plan_split(*range_id, split_key, target_nodes, reason, *now_ms)?)
+            }
+            MetaCommand::AdvanceOp { op_id, from, to, now_ms } => {
+                self.advance(*op_id, *from, *to, *now_ms)?;
+                MetaResponse::Done
+            }
+            MetaCommand::ReportProgress { op_id, progress } => {
+                self.op_mut(*op_id)?.progress = progress.clone();
+                MetaResponse::Done
+            }
+            MetaCommand::CommitSplit { op_id, now_ms } => {
+                self.commit_split(*op_id, *now_ms)?;
+                MetaResponse::Done
+            }
+            MetaCommand::AbortOp { op_id, reason, now_ms } => {
+                self.abort(*op_id, reason, *now_ms)?;
+                MetaResponse::Done
+            }
+            MetaCommand::FinishOp { op_id, write_pause_ms, now_ms } => {
+                self.advance(*op_id, Phase::Committed, Phase::Done, *now_ms)?;
+                let op = self.op_mut(*op_id)?;
+                if write_pause_ms.is_some() {
+                    op.write_pause_ms = *write_pause_ms;
+                }
+                self.prune_ops();
+                MetaResponse::Done
+            }
+            MetaCommand::MarkCleaned { op_id } => {
+                self.op_mut(*op_id)?.cleaned = true;
+                self.prune_ops();
+                MetaResponse::Done
             }
         };
         self.version += 1;
@@ -355,5 +600,141 @@ mod tests {
             let want_all: Vec<_> = d.ranges.values().filter(|r| r.overlaps(&s, None)).map(|r| r.range_id).collect();
             prop_assert_eq!(all, want_all);
         }
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    fn dir() -> Directory {
+        Directory::bootstrap(&[(1, "a:1".into()), (2, "a:2".into()), (3, "a:3".into())], 3)
+    }
+
+    fn plan(d: &mut Directory, key: &str) -> Result<OpId, MetaError> {
+        let range_id = d.lookup(key).unwrap().range_id;
+        match d.apply(&MetaCommand::PlanSplit {
+            range_id,
+            split_key: key.into(),
+            target_nodes: vec![1, 2, 3],
+            reason: "admin".into(),
+            now_ms: 1,
+        })? {
+            MetaResponse::Op(id) => Ok(id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn drive_to_frozen(d: &mut Directory, op: OpId) {
+        for (from, to) in
+            [(Phase::Planned, Phase::Created), (Phase::Created, Phase::Capturing), (Phase::Capturing, Phase::Frozen)]
+        {
+            d.apply(&MetaCommand::AdvanceOp { op_id: op, from, to, now_ms: 2 }).unwrap();
+        }
+    }
+
+    #[test]
+    fn split_commit_rewrites_ranges_and_bumps_epochs() {
+        let mut d = dir();
+        let op = plan(&mut d, "m").unwrap();
+        assert!(matches!(d.lookup("a").unwrap().state, RangeState::Busy { op_id } if op_id == op));
+        assert!(matches!(plan(&mut d, "q"), Err(MetaError::RangeBusy { .. })), "one operation per range");
+        // commit before freeze is refused
+        assert!(matches!(
+            d.apply(&MetaCommand::CommitSplit { op_id: op, now_ms: 3 }),
+            Err(MetaError::WrongPhase { .. })
+        ));
+        drive_to_frozen(&mut d, op);
+        d.apply(&MetaCommand::CommitSplit { op_id: op, now_ms: 3 }).unwrap();
+        d.check().unwrap();
+        let (l, r) = (d.lookup("a").unwrap().clone(), d.lookup("m").unwrap().clone());
+        assert_eq!((l.end.as_deref(), l.epoch, l.shard_id), (Some("m"), 2, 1));
+        assert_eq!((r.start.as_str(), r.end.as_deref(), r.epoch), ("m", None, 2));
+        assert_ne!(r.shard_id, 1);
+        assert_eq!(d.shards[&r.shard_id].replicas.len(), 3);
+        // committing again is harmless; aborting now is refused
+        d.apply(&MetaCommand::CommitSplit { op_id: op, now_ms: 4 }).unwrap();
+        assert_eq!(d.ranges.len(), 2);
+        assert_eq!(
+            d.apply(&MetaCommand::AbortOp { op_id: op, reason: "x".into(), now_ms: 5 }),
+            Err(MetaError::AlreadyCommitted(op))
+        );
+        d.apply(&MetaCommand::FinishOp { op_id: op, write_pause_ms: Some(7), now_ms: 6 }).unwrap();
+        assert_eq!(d.ops[&op].phase, Phase::Done);
+        assert_eq!(d.ops[&op].write_pause_ms, Some(7));
+        assert!(d.active_ops().next().is_none());
+    }
+
+    #[test]
+    fn abort_frees_the_range_and_commit_can_no_longer_win() {
+        let mut d = dir();
+        let op = plan(&mut d, "m").unwrap();
+        drive_to_frozen(&mut d, op);
+        d.apply(&MetaCommand::AbortOp { op_id: op, reason: "cancelled".into(), now_ms: 3 }).unwrap();
+        assert_eq!(d.lookup("z").unwrap().state, RangeState::Active);
+        assert!(d.apply(&MetaCommand::CommitSplit { op_id: op, now_ms: 4 }).is_err());
+        assert_eq!(d.ranges.len(), 1);
+        assert_eq!(d.active_ops().count(), 1, "leftovers still to clean");
+        d.apply(&MetaCommand::MarkCleaned { op_id: op }).unwrap();
+        assert_eq!(d.active_ops().count(), 0);
+        // the range can be split again
+        plan(&mut d, "n").unwrap();
+    }
+
+    #[test]
+    fn split_keys_must_be_strictly_inside() {
+        let mut d = dir();
+        assert!(matches!(plan(&mut d, ""), Err(MetaError::BadSplitKey { .. })), "at the range start");
+        let op = plan(&mut d, "m").unwrap();
+        drive_to_frozen(&mut d, op);
+        d.apply(&MetaCommand::CommitSplit { op_id: op, now_ms: 3 }).unwrap();
+        let left = d.lookup("a").unwrap().range_id;
+        let r = d.apply(&MetaCommand::PlanSplit {
+            range_id: left,
+            split_key: "m".into(),
+            target_nodes: vec![1],
+            reason: "admin".into(),
+            now_ms: 1,
+        });
+        assert!(matches!(r, Err(MetaError::BadSplitKey { .. })), "at the range end");
+        let r = d.apply(&MetaCommand::PlanSplit {
+            range_id: left,
+            split_key: "z".into(),
+            target_nodes: vec![1],
+            reason: "admin".into(),
+            now_ms: 1,
+        });
+        assert!(matches!(r, Err(MetaError::BadSplitKey { .. })), "outside");
+        let r = d.apply(&MetaCommand::PlanSplit {
+            range_id: left,
+            split_key: "c".into(),
+            target_nodes: vec![9],
+            reason: "admin".into(),
+            now_ms: 1,
+        });
+        assert!(matches!(r, Err(MetaError::BadPlacement(_))));
+        let r = d.apply(&MetaCommand::PlanSplit {
+            range_id: 99,
+            split_key: "c".into(),
+            target_nodes: vec![1],
+            reason: "admin".into(),
+            now_ms: 1,
+        });
+        assert_eq!(r, Err(MetaError::UnknownRange(99)));
+    }
+
+    #[test]
+    fn phases_only_move_forward_in_order() {
+        let mut d = dir();
+        let op = plan(&mut d, "m").unwrap();
+        let skip =
+            d.apply(&MetaCommand::AdvanceOp { op_id: op, from: Phase::Created, to: Phase::Capturing, now_ms: 1 });
+        assert!(matches!(skip, Err(MetaError::WrongPhase { .. })));
+        d.apply(&MetaCommand::AdvanceOp { op_id: op, from: Phase::Planned, to: Phase::Created, now_ms: 1 }).unwrap();
+        // repeating a transition that already happened is a no-op
+        d.apply(&MetaCommand::AdvanceOp { op_id: op, from: Phase::Planned, to: Phase::Created, now_ms: 1 }).unwrap();
+        assert_eq!(d.ops[&op].history.len(), 2);
+        let back = d.apply(&MetaCommand::AdvanceOp { op_id: op, from: Phase::Created, to: Phase::Planned, now_ms: 1 });
+        assert!(back.is_err());
     }
 }

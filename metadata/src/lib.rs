@@ -10,13 +10,16 @@
 //! - [`range`]: range descriptors and the key-space tiling invariant.
 //! - [`directory`]: nodes, shards, ranges, id allocation and the commands that
 //!   change them (applied deterministically by every metadata replica).
+//! - [`operation`]: long-running operations (splits) and their phases.
 //! - [`api`]: the HTTP JSON request, response and error bodies.
 
 pub mod api;
 pub mod directory;
+pub mod operation;
 pub mod range;
 
 pub use directory::{Directory, MetaCommand, MetaError, MetaResponse, NodeDescriptor, NodeState};
+pub use operation::{OpId, OpKind, Operation, Phase, Progress};
 pub use range::{RangeDescriptor, RangeState, Replica, ShardDescriptor};
 
 /// A node (one `cleave-node` process) in the cluster.

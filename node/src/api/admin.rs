@@ -56,6 +56,7 @@ pub async fn join(
         MetaCommand::RegisterNode { node_id: req.node_id, raft_addr: req.raft_addr, api_addr: Some(req.api_addr) };
     match s.node.propose_meta(cmd, 0).await? {
         MetaResponse::Node(node_id) => Ok(Json(JoinResponse { node_id })),
+        other => Err(ApiError::new(ErrorCode::Internal, format!("unexpected answer {other:?}"))),
     }
 }
 
