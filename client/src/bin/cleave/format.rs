@@ -1,0 +1,184 @@
+//! Text rendering for the `cleave` CLI: item lines and the status tables.
+//!
+//! Text output is for people; `--output json` is for programs. Items print
+//! as one tab-separated line `key  version  value` so they can still be cut
+//! apart with standard tools. Pure functions, so the layout is tested
+//! without a cluster.
+
+use cleave_client::cleave_metadata::range::RangeState;
+use cleave_client::{Item, NodeStatus, RangeDescriptor, ShardStatus};
+use serde::Serialize;
+
+/// `key<TAB>version<TAB>value` for one item.
+pub fn item_line(item: &Item) -> String {
+    format!("{}\t{}\t{}", item.key, item.version, item.value.get())
+}
+
+/// The nodes, shards and ranges tables of `cleave status`.
+pub fn status(nodes: &[NodeStatus], shards: &[ShardStatus], ranges: &[RangeDescriptor]) -> String {
+    let node_rows = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.to_string(),
+                n.api_addr.clone().unwrap_or_else(|| "-".into()),
+                n.raft_addr.clone(),
+                wire_name(&n.state),
+                wire_name(&n.liveness),
+                n.last_heartbeat_ms.map_or("-".into(), |ms| format!("{ms}ms")),
+                n.replicas.to_string(),
+                n.leaders.to_string(),
+            ]
+        })
+        .collect();
+    let shard_rows = shards
+        .iter()
+        .map(|s| {
+            let replicas: Vec<String> = s
+                .replicas
+                .iter()
+                .map(|r| if Some(r.node_id) == s.leader { format!("{}*", r.node_id) } else { r.node_id.to_string() })
+                .collect();
+            vec![
+                s.shard_id.to_string(),
+                s.leader.map_or("none".into(), |l| l.to_string()),
+                replicas.join(","),
+                s.conf_version.to_string(),
+                opt(s.keys),
+                s.size_bytes.map_or("-".into(), human_bytes),
+                s.qps.map_or("-".into(), |q| format!("{q:.1}")),
+                opt(s.applied_index),
+            ]
+        })
+        .collect();
+    let range_rows = ranges
+        .iter()
+        .map(|r| {
+            vec![
+                r.range_id.to_string(),
+                quoted(&r.start),
+                r.end.as_deref().map_or("+inf".into(), quoted),
+                r.shard_id.to_string(),
+                r.epoch.to_string(),
+                match &r.state {
+                    RangeState::Active => "active".into(),
+                    RangeState::Busy { op_id } => format!("busy (op {op_id})"),
+                },
+            ]
+        })
+        .collect();
+    [
+        format!("NODES ({})", nodes.len()),
+        table(&["ID", "API", "RAFT", "STATE", "LIVENESS", "HEARTBEAT", "REPLICAS", "LEADERS"], node_rows),
+        String::new(),
+        format!("SHARDS ({}; * = leader)", shards.len()),
+        table(&["ID", "LEADER", "REPLICAS", "CONF", "KEYS", "SIZE", "QPS", "APPLIED"], shard_rows),
+        String::new(),
+        format!("RANGES ({})", ranges.len()),
+        table(&["ID", "START", "END", "SHARD", "EPOCH", "STATE"], range_rows),
+    ]
+    .join("\n")
+}
+
+/// Left-aligned columns separated by two spaces, no trailing blanks.
+pub fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                s.push_str("  ");
+            }
+            s.push_str(cell);
+            s.extend(std::iter::repeat_n(' ', w - cell.chars().count()));
+        }
+        s.trim_end().to_owned()
+    };
+    let mut out = vec![line(headers.iter().map(|h| h.to_string()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n")
+}
+
+/// The snake_case name an enum has on the wire.
+fn wire_name<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
+}
+
+/// A key as a JSON string literal, so empty and odd keys stay visible.
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"))
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or("-".into(), |v| v.to_string())
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(&["ID", "NAME"], vec![vec!["10".into(), "a".into()], vec!["2".into(), "long name".into()]]);
+        assert_eq!(t, "ID  NAME\n10  a\n2   long name");
+    }
+
+    #[test]
+    fn status_marks_leaders_and_unbounded_ends() {
+        // Built from JSON so optional fields added later default to None.
+        let nodes: Vec<NodeStatus> = serde_json::from_value(serde_json::json!([{
+            "id": 1, "raft_addr": "127.0.0.1:8001", "api_addr": "127.0.0.1:7001", "state": "active",
+            "liveness": "up", "last_heartbeat_ms": 120, "replicas": 2, "leaders": 1
+        }]))
+        .unwrap();
+        let shards: Vec<ShardStatus> = serde_json::from_value(serde_json::json!([{
+            "shard_id": 1, "leader": 2, "conf_version": 1, "size_bytes": 2048, "keys": 3, "qps": 12.25,
+            "replicas": [{"replica_id": 4, "node_id": 1}, {"replica_id": 5, "node_id": 2}]
+        }]))
+        .unwrap();
+        let ranges = vec![RangeDescriptor {
+            range_id: 1,
+            start: String::new(),
+            end: None,
+            shard_id: 1,
+            epoch: 1,
+            state: RangeState::Busy { op_id: 9 },
+        }];
+        let s = status(&nodes, &shards, &ranges);
+        assert!(s.contains("1   127.0.0.1:7001  127.0.0.1:8001  active  up"), "{s}");
+        assert!(s.contains("1   2       1,2*"), "{s}");
+        assert!(s.contains("2.0KiB  12.2"), "{s}");
+        assert!(s.contains("1   \"\"     +inf  1      1      busy (op 9)"), "{s}");
+    }
+
+    #[test]
+    fn items_print_as_tab_separated_lines() {
+        let item: Item = serde_json::from_str(r#"{"key":"a/b","value":{"x": 1},"version":3}"#).unwrap();
+        assert_eq!(item_line(&item), "a/b\t3\t{\"x\": 1}");
+        assert_eq!(human_bytes(10), "10B");
+    }
+}

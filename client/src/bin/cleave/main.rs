@@ -1,0 +1,269 @@
+//! `cleave`: the CleaveDB command-line client.
+//!
+//! A thin shell over [`cleave_client::Client`]: parse the command line,
+//! make one client from `--endpoints`, run one operation, print the answer
+//! as text or JSON. Errors end the process with a one-line message on
+//! stderr and an exit code a script can test:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | any other error |
+//! | 2 | bad command line |
+//! | 3 | key not found |
+//! | 4 | version conflict (`--if-version` did not match) |
+//! | 5 | outcome unknown (a write may or may not have been applied) |
+//! | 6 | cluster unavailable (retries exhausted) |
+//!
+//! Logs go to stderr; set `RUST_LOG=debug` to watch routing and retries.
+
+mod format;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use cleave_client::{Client, ClientOptions, Consistency, Error, ScanResult, MAX_SCAN_LIMIT};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+#[derive(Parser, Debug)]
+#[command(name = "cleave", version, about = "Command-line client for CleaveDB", after_help = EXIT_CODES)]
+struct Cli {
+    /// API addresses of one or more nodes (host:port), comma-separated.
+    #[arg(long, global = true, env = "CLEAVE_ENDPOINTS", value_delimiter = ',', default_value = "127.0.0.1:7001")]
+    endpoints: Vec<String>,
+
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+
+    /// Give up on a request after this long, retries included (e.g. 15s, 500ms).
+    #[arg(long, global = true, default_value = "15s", value_parser = parse_duration)]
+    timeout: Duration,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 ok, 1 error, 2 usage, 3 key not found, 4 version conflict, \
+                          5 outcome unknown, 6 cluster unavailable.";
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+/// The subcommands. Operations commands (`split`, `ops`, `move`,
+/// `transfer-leader`, `decommission`) will join this enum as the server
+/// grows the matching admin endpoints.
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Read a key.
+    Get {
+        key: String,
+        /// Read from the local replica of the receiving node (may lag).
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Write a key. The value is JSON; text that is not valid JSON is stored as a JSON string.
+    Put {
+        key: String,
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+        /// Write only if the key's current version is N (0: only if absent).
+        #[arg(long, value_name = "N")]
+        if_version: Option<u64>,
+    },
+    /// Delete a key.
+    #[command(visible_alias = "delete")]
+    Del {
+        key: String,
+        /// Delete only if the key's current version is N.
+        #[arg(long, value_name = "N")]
+        if_version: Option<u64>,
+    },
+    /// List keys in [start, end) in key order.
+    Scan {
+        /// First key (inclusive); default: the beginning of the key space.
+        #[arg(long, default_value = "")]
+        start: String,
+        /// End key (exclusive); default: the end of the key space.
+        #[arg(long)]
+        end: Option<String>,
+        /// Items per page (server default 100, max 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Follow the pages to the end instead of printing one page.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show nodes, shards (with leaders) and ranges.
+    Status,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// The exit code for an error (see the module docs).
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.chain().find_map(|c| c.downcast_ref::<Error>()) {
+        Some(Error::NotFound) => 3,
+        Some(Error::VersionConflict { .. }) => 4,
+        Some(Error::Indeterminate(_)) => 5,
+        Some(Error::Unavailable { .. }) => 6,
+        _ => 1,
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    // One request per run: sending it to a seed (which forwards it) is
+    // cheaper than first loading the routing cache.
+    let options = ClientOptions::default().with_deadline(cli.timeout).with_smart_routing(false);
+    let client = Client::with_options(&cli.endpoints, options).context("invalid --endpoints")?;
+    let out = cli.output;
+    match cli.command {
+        Command::Get { key, stale } => {
+            let consistency = if stale { Consistency::Stale } else { Consistency::Linearizable };
+            let item = client.get(&key, consistency).await?.ok_or(Error::NotFound)?;
+            print(out, &item, || format::item_line(&item))
+        }
+        Command::Put { key, value, if_version } => {
+            let w = match serde_json::from_str::<Box<RawValue>>(&value) {
+                Ok(raw) => client.put(&key, &*raw, if_version).await?,
+                Err(_) => client.put(&key, &value, if_version).await?,
+            };
+            print(out, &w, || format!("ok: {} is at version {}", w.key, w.version))
+        }
+        Command::Del { key, if_version } => {
+            let w = client.delete(&key, if_version).await?;
+            print(out, &w, || format!("deleted: {} (version {})", w.key, w.version))
+        }
+        Command::Scan { start, end, limit, all } => {
+            if all {
+                let items = client.scan_all(&start, end.as_deref()).await?;
+                let result = ScanResult { items, next: None };
+                print(out, &result, || lines(&result))
+            } else {
+                let limit = limit.map(|l| l.min(MAX_SCAN_LIMIT));
+                let page = client.scan(&start, end.as_deref(), limit).await?;
+                if let (Output::Text, Some(next)) = (out, &page.next) {
+                    eprintln!("(more: continue with --start {})", serde_json::to_string(next)?);
+                }
+                print(out, &page, || lines(&page))
+            }
+        }
+        Command::Status => {
+            let (nodes, shards, ranges) = tokio::try_join!(client.nodes(), client.shards(), client.ranges())
+                .context("cannot read the cluster status")?;
+            #[derive(Serialize)]
+            struct Status<'a> {
+                nodes: &'a [cleave_client::NodeStatus],
+                shards: &'a [cleave_client::ShardStatus],
+                ranges: &'a [cleave_client::RangeDescriptor],
+            }
+            let status = Status { nodes: &nodes, shards: &shards, ranges: &ranges };
+            print(out, &status, || format::status(&nodes, &shards, &ranges))
+        }
+    }
+}
+
+/// Prints `value` as JSON, or the text `render` makes.
+fn print<T: Serialize>(out: Output, value: &T, render: impl FnOnce() -> String) -> Result<()> {
+    let text = match out {
+        Output::Json => serde_json::to_string_pretty(value).context("cannot encode the output")?,
+        Output::Text => render(),
+    };
+    if !text.is_empty() {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+fn lines(page: &ScanResult) -> String {
+    page.items.iter().map(format::item_line).collect::<Vec<_>>().join("\n")
+}
+
+/// Parses `1500ms`, `15s`, `2m` or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(Duration::from_secs_f64(v * scale)),
+        _ => Err(format!("{s:?} is not a positive duration like 15s or 500ms")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn command_line_parses() {
+        let cli =
+            Cli::try_parse_from(["cleave", "--endpoints", "a:1,b:2", "put", "k", "-5", "--if-version", "0"]).unwrap();
+        assert_eq!(cli.endpoints, vec!["a:1", "b:2"]);
+        match cli.command {
+            Command::Put { key, value, if_version } => {
+                assert_eq!((key, value, if_version), ("k".into(), "-5".into(), Some(0)))
+            }
+            c => panic!("{c:?}"),
+        }
+        let cli = Cli::try_parse_from(["cleave", "scan", "--all", "--output", "json"]).unwrap();
+        assert_eq!(cli.output, Output::Json);
+        assert!(matches!(cli.command, Command::Scan { all: true, .. }));
+        Cli::command_for_tests().debug_assert();
+    }
+
+    #[test]
+    fn exit_codes_follow_the_error() {
+        assert_eq!(exit_code(&anyhow::Error::new(Error::NotFound)), 3);
+        assert_eq!(exit_code(&anyhow::Error::new(Error::VersionConflict { current: 2 }).context("while putting")), 4);
+        assert_eq!(exit_code(&anyhow::anyhow!("boom")), 1);
+    }
+
+    impl Cli {
+        fn command_for_tests() -> clap::Command {
+            <Cli as clap::CommandFactory>::command()
+        }
+    }
+}

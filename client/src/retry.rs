@@ -1,0 +1,240 @@
+//! When to retry a request, and how long to wait first.
+//!
+//! Failures of one attempt fall into four kinds (`Failure`):
+//!
+//! | kind | seen as | applied? |
+//! |---|---|---|
+//! | stale route | 421 | no: the shard refused it at apply time |
+//! | unavailable | 503 (`unavailable`, `range_moving`) | no |
+//! | unreachable | connection refused / connect timeout | no: nothing was sent |
+//! | no answer | timeout or reset after sending, 504 | **unknown** |
+//!
+//! Every other answer (400, 404, 409, 413, 500...) is final and never
+//! retried. The first three kinds are always safe to retry. "No answer" is
+//! safe for reads and for plain puts (writing the same value twice is
+//! harmless), but a compare-and-set must not be silently replayed: its
+//! outcome is reported as [`crate::Error::Indeterminate`]. An unconditional
+//! delete is retried, but if the retry then finds the key absent the client
+//! cannot tell whether its own first attempt deleted it, so that 404 is
+//! reported as indeterminate too (`ambiguous_answer`).
+//!
+//! Delays grow exponentially from [`RetryPolicy::min_backoff`] to
+//! [`RetryPolicy::max_backoff`] with "equal jitter" (half fixed, half random)
+//! so that many clients failing together do not retry in lock step. A
+//! server's `Retry-After` is a lower bound. Retrying stops after
+//! [`RetryPolicy::max_retries`] or when the next wait would cross the
+//! request's deadline. Everything here is pure; the randomness is passed in.
+
+use std::time::Duration;
+
+/// Bounds on retrying one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (0 = never retry).
+    pub max_retries: u32,
+    /// Base delay before the first retry.
+    pub min_backoff: Duration,
+    /// Largest delay between two attempts (before `Retry-After`).
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { max_retries: 12, min_backoff: Duration::from_millis(20), max_backoff: Duration::from_secs(1) }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before retry number `retry` (0 for the first retry), with
+    /// `jitter` in `[0, 1)`: between half and all of
+    /// `min(max_backoff, min_backoff * 2^retry)`.
+    pub fn backoff(&self, retry: u32, jitter: f64) -> Duration {
+        let factor = 2u32.saturating_pow(retry.min(31));
+        let base = self.min_backoff.saturating_mul(factor).min(self.max_backoff).max(self.min_backoff);
+        let half = base / 2;
+        half + half.mul_f64(jitter.clamp(0.0, 1.0))
+    }
+
+    /// How long to wait before the next attempt, given the retries already
+    /// made, the server's `Retry-After` and the time left before the
+    /// deadline; `None` means give up now.
+    pub fn next_delay(
+        &self,
+        retries_done: u32,
+        retry_after: Option<Duration>,
+        remaining: Duration,
+        jitter: f64,
+    ) -> Option<Duration> {
+        if retries_done >= self.max_retries {
+            return None;
+        }
+        let delay = self.backoff(retries_done, jitter).max(retry_after.unwrap_or_default());
+        (delay < remaining).then_some(delay)
+    }
+}
+
+/// Parses a `Retry-After` header given in seconds (the HTTP-date form is
+/// not used by CleaveDB and is ignored).
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    v.parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
+}
+
+/// What a request does, which decides what may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestKind {
+    /// Reads, scans, admin calls.
+    Read,
+    /// A put without `if_version`.
+    Put,
+    /// A delete without `if_version`.
+    Delete,
+    /// A put or delete with `if_version` (compare-and-set).
+    Conditional,
+}
+
+/// Why one attempt failed, when the failure may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// 421: the request reached a shard that no longer owns the key.
+    StaleRoute,
+    /// 503: no leader, no quorum, or the range is being cut over.
+    Unavailable,
+    /// The connection could not be opened: nothing was sent.
+    Unreachable,
+    /// Sent, but no answer came (timeout, reset) or the server said 504.
+    NoAnswer,
+}
+
+/// The retryable failure an HTTP status means; `None` for a final answer.
+pub(crate) fn classify_status(status: u16) -> Option<Failure> {
+    match status {
+        421 => Some(Failure::StaleRoute),
+        503 => Some(Failure::Unavailable),
+        504 => Some(Failure::NoAnswer),
+        _ => None,
+    }
+}
+
+/// What to do after a retryable failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Try again (if the budget allows). `maybe_applied` records that the
+    /// failed attempt might have taken effect.
+    Retry { maybe_applied: bool },
+    /// Stop and report [`crate::Error::Indeterminate`].
+    Indeterminate,
+}
+
+/// Decides between retrying and reporting an unknown outcome.
+pub(crate) fn after_failure(kind: RequestKind, failure: Failure) -> Step {
+    match (failure, kind) {
+        (Failure::StaleRoute | Failure::Unavailable | Failure::Unreachable, _) => Step::Retry { maybe_applied: false },
+        (Failure::NoAnswer, RequestKind::Read) => Step::Retry { maybe_applied: false },
+        (Failure::NoAnswer, RequestKind::Put | RequestKind::Delete) => Step::Retry { maybe_applied: true },
+        (Failure::NoAnswer, RequestKind::Conditional) => Step::Indeterminate,
+    }
+}
+
+/// Whether a final answer cannot be trusted because an earlier attempt may
+/// have been applied: a delete retried after "no answer" that now finds the
+/// key absent may have deleted it itself.
+pub(crate) fn ambiguous_answer(kind: RequestKind, status: u16, maybe_applied: bool) -> bool {
+    maybe_applied && kind == RequestKind::Delete && status == 404
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy { max_retries: 5, min_backoff: ms(100), max_backoff: ms(1000) }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_equal_jitter() {
+        let p = policy();
+        assert_eq!(p.backoff(0, 0.0), ms(50));
+        assert_eq!(p.backoff(0, 1.0), ms(100));
+        assert_eq!(p.backoff(1, 0.0), ms(100));
+        assert_eq!(p.backoff(2, 0.5), ms(300));
+        assert_eq!(p.backoff(3, 0.999).as_millis(), 799);
+        assert_eq!(p.backoff(4, 1.0), ms(1000), "capped");
+        assert_eq!(p.backoff(1000, 1.0), ms(1000), "no overflow");
+        assert_eq!(p.backoff(0, 7.0), ms(100), "jitter is clamped");
+        for retry in 0..40 {
+            for j in [0.0, 0.25, 0.5, 0.99] {
+                let d = p.backoff(retry, j);
+                assert!(d >= ms(50) && d <= ms(1000), "{retry} {j} {d:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_never_drops_below_min_when_min_exceeds_max() {
+        let p = RetryPolicy { max_retries: 1, min_backoff: ms(200), max_backoff: ms(10) };
+        assert_eq!(p.backoff(0, 1.0), ms(200));
+    }
+
+    #[test]
+    fn next_delay_respects_budget_deadline_and_retry_after() {
+        let p = policy();
+        let plenty = Duration::from_secs(60);
+        assert_eq!(p.next_delay(0, None, plenty, 0.0), Some(ms(50)));
+        assert_eq!(p.next_delay(4, None, plenty, 1.0), Some(ms(1000)));
+        assert_eq!(p.next_delay(5, None, plenty, 0.0), None, "budget spent");
+        assert_eq!(p.next_delay(0, Some(ms(2000)), plenty, 0.0), Some(ms(2000)), "Retry-After is a floor");
+        assert_eq!(p.next_delay(3, Some(ms(10)), plenty, 0.0), Some(ms(400)));
+        assert_eq!(p.next_delay(0, None, ms(40), 0.0), None, "would cross the deadline");
+        assert_eq!(p.next_delay(0, Some(ms(2000)), ms(1500), 0.0), None);
+        assert_eq!(RetryPolicy { max_retries: 0, ..p }.next_delay(0, None, plenty, 0.0), None);
+    }
+
+    #[test]
+    fn retry_after_parses_seconds() {
+        assert_eq!(parse_retry_after("1"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("0.25"), Some(ms(250)));
+        assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+    }
+
+    #[test]
+    fn only_421_503_504_are_retryable_statuses() {
+        assert_eq!(classify_status(421), Some(Failure::StaleRoute));
+        assert_eq!(classify_status(503), Some(Failure::Unavailable));
+        assert_eq!(classify_status(504), Some(Failure::NoAnswer));
+        for s in [200, 400, 404, 409, 413, 500, 502] {
+            assert_eq!(classify_status(s), None, "{s}");
+        }
+    }
+
+    #[test]
+    fn cas_writes_are_not_replayed_after_no_answer() {
+        use RequestKind::*;
+        for kind in [Read, Put, Delete, Conditional] {
+            for f in [Failure::StaleRoute, Failure::Unavailable, Failure::Unreachable] {
+                assert_eq!(after_failure(kind, f), Step::Retry { maybe_applied: false }, "{kind:?} {f:?}");
+            }
+        }
+        assert_eq!(after_failure(Read, Failure::NoAnswer), Step::Retry { maybe_applied: false });
+        assert_eq!(after_failure(Put, Failure::NoAnswer), Step::Retry { maybe_applied: true });
+        assert_eq!(after_failure(Delete, Failure::NoAnswer), Step::Retry { maybe_applied: true });
+        assert_eq!(after_failure(Conditional, Failure::NoAnswer), Step::Indeterminate);
+    }
+
+    #[test]
+    fn a_retried_delete_that_finds_nothing_is_ambiguous() {
+        assert!(ambiguous_answer(RequestKind::Delete, 404, true));
+        assert!(!ambiguous_answer(RequestKind::Delete, 404, false));
+        assert!(!ambiguous_answer(RequestKind::Put, 404, true));
+        assert!(!ambiguous_answer(RequestKind::Delete, 400, true));
+    }
+}
