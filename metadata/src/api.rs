@@ -163,6 +163,47 @@ pub struct ShardStatus {
     pub applied_index: Option<u64>,
 }
 
+/// `POST /admin/split` body: split at `key`, or at the median key of `range_id`.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SplitRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range_id: Option<u64>,
+}
+
+/// Answer to a split request.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct OperationStarted {
+    pub operation_id: u64,
+}
+
+/// One operation as `GET /admin/operations` shows it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct OperationView {
+    #[serde(flatten)]
+    pub op: crate::Operation,
+    /// Milliseconds spent in each phase entered so far (the current one up to now).
+    pub phase_durations_ms: Vec<(crate::Phase, u64)>,
+}
+
+impl OperationView {
+    /// Builds the view at wall-clock time `now_ms`.
+    pub fn new(op: crate::Operation, now_ms: u64) -> OperationView {
+        let mut phase_durations_ms = Vec::new();
+        for (i, (phase, at)) in op.history.iter().enumerate() {
+            let end = match op.history.get(i + 1) {
+                Some((_, next)) => *next,
+                None if phase.is_terminal() => *at,
+                None => now_ms,
+            };
+            phase_durations_ms.push((*phase, end.saturating_sub(*at)));
+        }
+        OperationView { op, phase_durations_ms }
+    }
+}
+
 /// `POST /admin/nodes/join` body, sent by a node started with `--join`.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct JoinRequest {

@@ -6,7 +6,7 @@
 //! used, so the shard can refuse it *at apply time* if the range changed
 //! hands in between (the fencing rule of the architecture doc).
 
-use cleave_metadata::{MetaCommand, MetaError, MetaResponse, RangeDescriptor, RangeId};
+use cleave_metadata::{MetaCommand, MetaError, MetaResponse, OpId, RangeDescriptor, RangeId, ShardId};
 use serde::{Deserialize, Serialize};
 
 /// An entry's application payload.
@@ -14,6 +14,32 @@ use serde::{Deserialize, Serialize};
 pub enum Command {
     Kv(KvCommand),
     Meta(MetaCommand),
+    /// Split bookkeeping applied by a shard (source or target).
+    Shard(ShardCommand),
+}
+
+/// Steps of a split as seen by the shards (see `split-protocol.md`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum ShardCommand {
+    /// Source: from this entry on, writes to `[start, end)` are also logged
+    /// for the target shard.
+    BeginCapture { op_id: OpId, start: String, end: Option<String>, target: ShardId },
+    /// Source: refuse writes to the captured range from this entry on.
+    /// Answers the entry's log index (the freeze index).
+    Freeze { op_id: OpId },
+    /// Source: abandon a capture (abort), dropping its forward log.
+    EndCapture { op_id: OpId },
+    /// Source, after commit: own only `left` instead of the split range, drop
+    /// the moved data and the forward log.
+    SplitDone { op_id: OpId, left: RangeDescriptor, moved: RangeDescriptor, moved_keys: u64, moved_bytes: u64 },
+    /// Target: records copied from the source (`source_index` is `None` for
+    /// backfill, else the last source log index of forwarded writes).
+    Ingest { op_id: OpId, source_index: Option<u64>, records: Vec<(String, Vec<u8>)> },
+    /// Target: the backfill finished from a source snapshot at `snapshot_index`
+    /// whose content digest was `digest`.
+    BackfillDone { op_id: OpId, snapshot_index: u64, digest: u64 },
+    /// Target, after commit: start serving `ranges`.
+    Activate { op_id: OpId, ranges: Vec<RangeDescriptor> },
 }
 
 /// A write to one key, stamped with the route it was sent on.
@@ -69,6 +95,8 @@ pub enum CommandResponse {
     /// The new version of the key.
     Kv(Result<u64, KvError>),
     Meta(Result<MetaResponse, MetaError>),
+    /// A split step: the entry's log index (for `Freeze`, the freeze index).
+    Shard(Result<u64, String>),
     /// The command did not fit this group (e.g. a KV write sent to group 0).
     Rejected(String),
 }
@@ -91,6 +119,10 @@ impl std::fmt::Display for Command {
                 }
             },
             Command::Meta(m) => write!(f, "meta({m:?})"),
+            Command::Shard(ShardCommand::Ingest { op_id, source_index, records }) => {
+                write!(f, "ingest(op={op_id}, source_index={source_index:?}, {} records)", records.len())
+            }
+            Command::Shard(s) => write!(f, "shard({s:?})"),
         }
     }
 }

@@ -74,6 +74,21 @@ pub struct Args {
     /// How long a request may wait for its write or read, in milliseconds [default: 10000].
     #[arg(long, env = "CLEAVE_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
+    /// Split a range automatically once its shard holds more than this many bytes [default: 67108864].
+    #[arg(long, env = "CLEAVE_SPLIT_SIZE")]
+    pub split_size: Option<u64>,
+    /// Split a range automatically when it serves more than this many requests per second... [default: 2500]
+    #[arg(long, env = "CLEAVE_SPLIT_QPS")]
+    pub split_qps: Option<f64>,
+    /// ...for this many seconds in a row [default: 10].
+    #[arg(long, env = "CLEAVE_SPLIT_QPS_WINDOW")]
+    pub split_qps_window: Option<u64>,
+    /// No automatic split of a range a split created less than this many seconds ago [default: 60].
+    #[arg(long, env = "CLEAVE_SPLIT_COOLDOWN")]
+    pub split_cooldown: Option<u64>,
+    /// Most splits running at once [default: 2].
+    #[arg(long, env = "CLEAVE_MAX_SPLITS")]
+    pub max_splits: Option<usize>,
 }
 
 /// Everything the node needs, resolved.
@@ -82,6 +97,7 @@ pub struct Resolved {
     pub raft: RaftSettings,
     pub listen_api: String,
     pub listen_raft: String,
+    pub split: crate::split::rebalancer::SplitPolicy,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -168,6 +184,13 @@ impl Args {
             },
             listen_api,
             listen_raft,
+            split: crate::split::rebalancer::SplitPolicy {
+                split_size: self.split_size.unwrap_or(64 << 20),
+                split_qps: self.split_qps.unwrap_or(2500.0),
+                split_qps_window: Duration::from_secs(self.split_qps_window.unwrap_or(10)),
+                cooldown: Duration::from_secs(self.split_cooldown.unwrap_or(60)),
+                max_splits: self.max_splits.unwrap_or(2),
+            },
         })
     }
 }

@@ -1,22 +1,63 @@
 //! The key-value logic of a shard's state machine: ownership (fencing),
-//! versions, compare-and-set and tombstones.
+//! versions, compare-and-set, tombstones, and the split hooks — writes to a
+//! range being captured are also appended to a forward log, and writes to a
+//! frozen range are refused.
 //!
 //! [`ShardState`] is the part of a shard's state that is not user data: the
-//! ranges it owns and their epochs. It is replicated (it changes only through
-//! applied entries or snapshots) and kept in memory for fast checks.
+//! ranges it owns and their epochs, running captures (as split source),
+//! the incoming range (as split target), and ranges it handed away. It is
+//! replicated (it changes only through applied entries or snapshots) and kept
+//! in memory for fast checks.
 
 use std::collections::HashMap;
 
-use cleave_metadata::RangeDescriptor;
+use cleave_metadata::{OpId, RangeDescriptor, ShardId};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{KvCommand, KvError, KvOp};
+use crate::split::digest;
 use crate::storage::{self, data_key, Db, ValueRecord};
 
-/// The ranges a shard owns.
+/// A range this shard (the split source) is copying to `target`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Capture {
+    pub op_id: OpId,
+    pub start: String,
+    pub end: Option<String>,
+    pub target: ShardId,
+    /// Log index of the `Freeze`: from then on writes to the range are refused.
+    pub frozen_at: Option<u64>,
+}
+
+/// A range this shard (the split target) is receiving; not served until activated.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Incoming {
+    pub op_id: OpId,
+    pub start: String,
+    pub end: Option<String>,
+    /// Highest source log index of forwarded writes applied here.
+    pub watermark: u64,
+    /// Content digest of the received records.
+    pub digest: u64,
+    /// Set once the backfill finished: the source's snapshot index and its digest.
+    pub backfill: Option<(u64, u64)>,
+}
+
+/// The ranges a shard owns, and its split bookkeeping.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct ShardState {
     pub ranges: Vec<RangeDescriptor>,
+    #[serde(default)]
+    pub captures: Vec<Capture>,
+    #[serde(default)]
+    pub incoming: Option<Incoming>,
+    /// Ranges this shard gave away, with their new owners (for 421 answers).
+    #[serde(default)]
+    pub moved: Vec<RangeDescriptor>,
+}
+
+fn within(key: &str, start: &str, end: Option<&str>) -> bool {
+    key >= start && end.is_none_or(|e| key < e)
 }
 
 impl ShardState {
@@ -25,13 +66,79 @@ impl ShardState {
         self.ranges.iter().find(|r| r.contains(key))
     }
 
+    /// The capture covering `key`, if any.
+    pub fn capture_of(&self, key: &str) -> Option<&Capture> {
+        self.captures.iter().find(|c| within(key, &c.start, c.end.as_deref()))
+    }
+
+    /// What a stale route is told: our ranges and those we handed away.
+    pub fn wrong_range(&self) -> KvError {
+        KvError::WrongRange { ranges: self.ranges.iter().chain(self.moved.iter()).cloned().collect() }
+    }
+
     /// Checks that `key` is owned here through range `range_id` at `epoch`.
     pub fn check_route(&self, key: &str, range_id: u64, epoch: u64) -> Result<&RangeDescriptor, KvError> {
+        if let Some(inc) = &self.incoming {
+            if within(key, &inc.start, inc.end.as_deref()) {
+                return Err(KvError::RangeMoving);
+            }
+        }
         match self.owner(key) {
             Some(r) if r.range_id == range_id && r.epoch == epoch => Ok(r),
-            _ => Err(KvError::WrongRange { ranges: self.ranges.clone() }),
+            _ => Err(self.wrong_range()),
         }
     }
+}
+
+/// Change in a shard's live keys and bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsDelta {
+    pub keys: i64,
+    pub bytes: i64,
+}
+
+impl StatsDelta {
+    /// The contribution of replacing `old` by `new` under `key`.
+    pub fn replace(key: &str, old: Option<&ValueRecord>, new: &ValueRecord) -> StatsDelta {
+        let size = |r: &ValueRecord| if r.tombstone { 0 } else { (key.len() + r.json.len()) as i64 };
+        let live = |r: &ValueRecord| i64::from(!r.tombstone);
+        StatsDelta { keys: live(new) - old.map_or(0, live), bytes: size(new) - old.map_or(0, size) }
+    }
+
+    pub fn add(&mut self, o: StatsDelta) {
+        self.keys += o.keys;
+        self.bytes += o.bytes;
+    }
+}
+
+/// Reserved first byte of internal keys under a shard's data prefix. It
+/// cannot start a UTF-8 string, so it never collides with a user key, and it
+/// sorts after all of them.
+const INTERNAL: u8 = 0xff;
+const FORWARD: u8 = b'F';
+
+/// Exclusive upper bound of the user keys of `group`.
+pub fn user_data_end(group: u64) -> Vec<u8> {
+    data_key(group, &[INTERNAL])
+}
+
+/// Key of forward-log entry `index` of operation `op`.
+pub fn forward_key(group: u64, op: OpId, index: u64) -> Vec<u8> {
+    let mut k = vec![INTERNAL, FORWARD];
+    k.extend_from_slice(&op.to_be_bytes());
+    k.extend_from_slice(&index.to_be_bytes());
+    data_key(group, &k)
+}
+
+/// A write to a captured range, kept for the split target. Part of the
+/// shard's data, so it survives leader changes and travels in snapshots.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct ForwardEntry {
+    pub key: String,
+    /// The new stored record (encoded [`ValueRecord`]).
+    pub record: Vec<u8>,
+    /// Digest change this write made to the captured range.
+    pub delta: u64,
 }
 
 /// Reads the stored record of `key` in `group`.
@@ -44,22 +151,41 @@ pub fn read(db: &Db, group: u64, key: &str) -> Result<Option<ValueRecord>, rocks
 /// see yet; consulted before the database.
 pub type Overlay = HashMap<String, ValueRecord>;
 
-/// Applies one KV command into `batch`. Returns the key's new version and
-/// the change in the shard's number of live keys (-1, 0 or +1).
+/// What one apply call accumulates before its single atomic write.
+#[derive(Default)]
+pub struct ApplyBatch {
+    pub write: rocksdb::WriteBatch,
+    pub overlay: Overlay,
+    pub stats: StatsDelta,
+    /// The state-machine state changed and must be persisted with the batch.
+    pub changed: bool,
+}
+
+/// The current record of `key`: from this batch, else from the database.
+pub fn current(db: &Db, group: u64, overlay: &Overlay, key: &str) -> Result<Option<ValueRecord>, rocksdb::Error> {
+    match overlay.get(key) {
+        Some(r) => Ok(Some(r.clone())),
+        None => read(db, group, key),
+    }
+}
+
+/// Applies one KV command at log `index` into `batch`. Returns the key's new
+/// version and the change in the shard's live keys and bytes.
 pub fn apply(
     db: &Db,
     group: u64,
+    index: u64,
     state: &ShardState,
-    overlay: &mut Overlay,
-    batch: &mut rocksdb::WriteBatch,
+    b: &mut ApplyBatch,
     cmd: &KvCommand,
-) -> Result<(u64, i64), KvError> {
+) -> Result<u64, KvError> {
     let key = cmd.key();
     state.check_route(key, cmd.range_id, cmd.epoch)?;
-    let current = match overlay.get(key) {
-        Some(r) => Some(r.clone()),
-        None => read(db, group, key).map_err(|_| KvError::NotFound)?,
-    };
+    let capture = state.capture_of(key);
+    if capture.is_some_and(|c| c.frozen_at.is_some()) {
+        return Err(KvError::RangeMoving);
+    }
+    let current = current(db, group, &b.overlay, key).map_err(|_| KvError::NotFound)?;
     let live = ValueRecord::live_version(current.as_ref());
     let last = current.as_ref().map_or(0, |r| r.version);
     let (if_version, record) = match &cmd.op {
@@ -82,16 +208,28 @@ pub fn apply(
             return Err(KvError::VersionConflict { current: live });
         }
     }
-    batch.put_cf(storage::cf(db, storage::CF_DATA), data_key(group, key.as_bytes()), record.encode());
+    let cf = storage::cf(db, storage::CF_DATA);
+    let encoded = record.encode();
+    if let Some(c) = capture {
+        let entry = ForwardEntry {
+            key: key.to_string(),
+            record: encoded.clone(),
+            delta: digest::delta(key, current.as_ref(), &record),
+        };
+        let bytes =
+            bincode::serde::encode_to_vec(&entry, bincode::config::standard()).map_err(|_| KvError::NotFound)?;
+        b.write.put_cf(cf, forward_key(group, c.op_id, index), bytes);
+    }
+    b.write.put_cf(cf, data_key(group, key.as_bytes()), encoded);
+    b.stats.add(StatsDelta::replace(key, current.as_ref(), &record));
     let version = record.version;
-    let delta = match (live, record.tombstone) {
-        (0, false) => 1,
-        (0, true) => 0,
-        (_, true) => -1,
-        (_, false) => 0,
-    };
-    overlay.insert(key.to_string(), record);
-    Ok((version, delta))
+    b.overlay.insert(key.to_string(), record);
+    Ok(version)
+}
+
+/// Live keys of `group` in `[start, end)`, in order.
+pub fn scan_keys(db: &Db, group: u64, start: &str, end: Option<&str>) -> Result<Vec<String>, rocksdb::Error> {
+    Ok(scan(db, group, start, end, usize::MAX)?.into_iter().map(|i| i.key).collect())
 }
 
 /// One live item returned by a scan.
@@ -112,7 +250,7 @@ pub fn scan(
     let mut opts = rocksdb::ReadOptions::default();
     let upper = match end {
         Some(e) => data_key(group, e.as_bytes()),
-        None => storage::group_range_end(group),
+        None => user_data_end(group),
     };
     opts.set_iterate_upper_bound(upper);
     let iter = db.iterator_cf_opt(
@@ -134,4 +272,48 @@ pub fn scan(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_keys_sort_after_every_user_key_and_by_index() {
+        let g = 7;
+        let top_user_key = data_key(g, "\u{10ffff}\u{10ffff}".as_bytes());
+        assert!(top_user_key < user_data_end(g));
+        assert!(user_data_end(g) <= forward_key(g, 1, 0));
+        assert!(forward_key(g, 1, 9) < forward_key(g, 1, 10));
+        assert!(forward_key(g, 1, u64::MAX) < forward_key(g, 2, 0));
+        assert!(forward_key(g, u64::MAX, u64::MAX) < storage::group_range_end(g));
+    }
+
+    #[test]
+    fn stats_follow_puts_and_deletes() {
+        let v = |json: &str| ValueRecord { version: 1, tombstone: false, json: json.as_bytes().to_vec() };
+        let t = ValueRecord { version: 2, tombstone: true, json: vec![] };
+        assert_eq!(StatsDelta::replace("ab", None, &v("123")), StatsDelta { keys: 1, bytes: 5 });
+        assert_eq!(StatsDelta::replace("ab", Some(&v("123")), &v("1")), StatsDelta { keys: 0, bytes: -2 });
+        assert_eq!(StatsDelta::replace("ab", Some(&v("1")), &t), StatsDelta { keys: -1, bytes: -3 });
+        assert_eq!(StatsDelta::replace("ab", Some(&t), &v("1")), StatsDelta { keys: 1, bytes: 3 });
+    }
+
+    #[test]
+    fn frozen_and_incoming_ranges_refuse_routes() {
+        let r = RangeDescriptor {
+            range_id: 1,
+            start: String::new(),
+            end: None,
+            shard_id: 1,
+            epoch: 1,
+            state: Default::default(),
+        };
+        let mut s = ShardState { ranges: vec![r], ..Default::default() };
+        assert!(s.check_route("k", 1, 1).is_ok());
+        assert!(matches!(s.check_route("k", 1, 2), Err(KvError::WrongRange { .. })));
+        s.incoming = Some(Incoming { op_id: 1, start: "j".into(), end: None, watermark: 0, digest: 0, backfill: None });
+        assert_eq!(s.check_route("k", 1, 1), Err(KvError::RangeMoving));
+        assert!(s.check_route("a", 1, 1).is_ok());
+    }
 }

@@ -27,4 +27,5 @@ pub mod node;
 pub mod raft;
 pub mod router;
 pub mod rpc;
+pub mod split;
 pub mod storage;

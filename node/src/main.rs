@@ -9,7 +9,7 @@ use cleave_node::config::Args;
 use cleave_node::node::Node;
 use cleave_node::raft::RaftContext;
 use cleave_node::rpc::{transport, ExecError, Request, Response, Transport};
-use cleave_node::{api, meta, storage};
+use cleave_node::{api, meta, split, storage};
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -65,6 +65,15 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
     let node = Node::start(cfg.node.clone(), ctx).await?;
     let _ = node_slot.set(node.clone());
     tokio::spawn(meta::heartbeat_loop(node.clone()));
+    tokio::spawn(split::forwarder::supervise(node.clone()));
+    tokio::spawn(split::driver::supervise(node.clone()));
+    tokio::spawn(split::rebalancer::run(node.clone(), cfg.split.clone()));
+    tokio::spawn(split::forwarder::supervise(node.clone()));
+    tokio::spawn(split::driver::supervise(node.clone()));
+    tokio::spawn(split::rebalancer::run(node.clone(), cfg.split.clone()));
+    tokio::spawn(split::forwarder::supervise(node.clone()));
+    tokio::spawn(split::driver::supervise(node.clone()));
+    tokio::spawn(split::rebalancer::run(node.clone(), cfg.split.clone()));
     tracing::info!(node = node.id, api = %cfg.listen_api, raft = %cfg.listen_raft, "serving");
 
     let app = api::router(api::AppState { node: node.clone(), metrics });

@@ -84,6 +84,18 @@ impl Tracker {
         }
     }
 
+    /// Nodes heard from recently.
+    pub fn live_nodes(&self) -> Vec<NodeId> {
+        let t = self.inner.lock().unwrap();
+        t.seen.iter().filter(|(_, (at, _))| at.elapsed() < SUSPECT_AFTER).map(|(n, _)| *n).collect()
+    }
+
+    /// The latest report of `group` from its leader, if known.
+    pub fn leader_report(&self, group: u64) -> Option<GroupReport> {
+        let leader = self.inner.lock().unwrap().leaders.get(&group).map(|(_, n)| *n)?;
+        self.report(leader, group)
+    }
+
     fn report(&self, node: NodeId, group: u64) -> Option<GroupReport> {
         let t = self.inner.lock().unwrap();
         t.seen.get(&node).and_then(|(_, gs)| gs.iter().find(|g| g.group == group).cloned())
@@ -181,6 +193,16 @@ impl Node {
             }
         }
         Err(last)
+    }
+
+    /// Sends `req` to the metadata leader (from a non-leader).
+    pub async fn forward_to_meta_leader(
+        &self,
+        hops: u8,
+        req: impl Fn(u8) -> NodeRequest,
+    ) -> Result<NodeReply, ExecError> {
+        let leader = self.group(META_GROUP).and_then(|g| g.status().leader).map(|l| l.node_id);
+        self.forward_meta(hops, leader, req).await
     }
 
     /// Sends a heartbeat now and adopts what the answer carries.

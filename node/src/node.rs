@@ -60,6 +60,12 @@ pub struct Node {
     pub started: Instant,
     /// When this node last built a heartbeat (for request rates).
     pub last_report: std::sync::Mutex<Instant>,
+    /// Split forwarders running here (as a source shard's leader).
+    pub forwarders: crate::split::forwarder::Forwarders,
+    /// Operations driven here (as metadata leader).
+    pub drivers: crate::split::driver::Drivers,
+    /// Serialises creating and destroying local replicas.
+    pub group_lifecycle: tokio::sync::Mutex<()>,
 }
 
 impl Node {
@@ -102,6 +108,9 @@ impl Node {
             tracker: Tracker::default(),
             started: Instant::now(),
             last_report: std::sync::Mutex::new(Instant::now()),
+            forwarders: Default::default(),
+            drivers: Default::default(),
+            group_lifecycle: Default::default(),
         });
         for desc in GroupRaft::list(&node.ctx.db)? {
             let g = GroupRaft::open(&node.ctx, desc.clone())
@@ -124,7 +133,7 @@ impl Node {
             let state = if g.shard_id == META_GROUP {
                 SmState::Meta(dir.clone())
             } else {
-                SmState::Shard(ShardState { ranges: dir.ranges_of(g.shard_id) })
+                SmState::Shard(ShardState { ranges: dir.ranges_of(g.shard_id), ..Default::default() })
             };
             let raft = GroupRaft::create(&self.ctx, g.shard_id, replica, state).await?;
             let members: BTreeMap<_, _> = g
@@ -146,6 +155,14 @@ impl Node {
 
     pub fn group(&self, id: u64) -> Option<Arc<GroupRaft>> {
         self.groups.read().unwrap().get(&id).cloned()
+    }
+
+    pub fn insert_group(&self, g: GroupRaft) {
+        self.groups.write().unwrap().insert(g.group, Arc::new(g));
+    }
+
+    pub fn remove_group(&self, id: u64) -> Option<Arc<GroupRaft>> {
+        self.groups.write().unwrap().remove(&id)
     }
 
     pub fn groups(&self) -> Vec<Arc<GroupRaft>> {
@@ -245,7 +262,7 @@ impl Node {
         }
     }
 
-    async fn handle_node_request(&self, r: NodeRequest) -> Result<rpc::NodeReply, ExecError> {
+    pub async fn handle_node_request(&self, r: NodeRequest) -> Result<rpc::NodeReply, ExecError> {
         use rpc::NodeReply;
         match r {
             NodeRequest::KvWrite { shard, cmd, hops } => {
@@ -260,6 +277,23 @@ impl Node {
             NodeRequest::MetaPropose { cmd, hops } => self.propose_meta(cmd, hops).await.map(NodeReply::Meta),
             NodeRequest::Heartbeat { hb, hops } => self.handle_heartbeat(hb, hops).await.map(NodeReply::Heartbeat),
             NodeRequest::ClusterView { hops } => self.cluster_view(hops).await.map(NodeReply::ClusterView),
+            NodeRequest::ShardStep { shard, cmd, hops } => {
+                self.shard_step(shard, cmd, hops).await.map(NodeReply::Index)
+            }
+            NodeRequest::CreateGroup { group, replica_id, members, state } => {
+                self.create_group(group, replica_id, members, state).await.map(|_| NodeReply::Done)
+            }
+            NodeRequest::DestroyGroup { group } => self.destroy_group(group).await.map(|_| NodeReply::Done),
+            NodeRequest::IncomingStatus { shard, hops } => self.incoming_status(shard, hops).await,
+            NodeRequest::SplitStatus { shard, op_id, hops } => self.split_status(shard, op_id, hops).await,
+            NodeRequest::MedianKey { shard, start, end, by_load, hops } => {
+                let req =
+                    |hops| NodeRequest::MedianKey { shard, start: start.clone(), end: end.clone(), by_load, hops };
+                self.median_key(shard, &start, end.as_deref(), by_load, hops, req).await
+            }
+            NodeRequest::StartSplit { range_id, key, reason, hops } => {
+                self.start_split(range_id, key, reason, hops).await.map(NodeReply::Index)
+            }
         }
     }
 

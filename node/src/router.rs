@@ -43,12 +43,17 @@ where
     loop {
         match attempt().await {
             Err(e) if retryable(&e) && Instant::now() + backoff < deadline => {
-                if matches!(e, ExecError::Kv(KvError::WrongRange { .. })) {
-                    node.refresh_directory().await;
-                }
                 tracing::debug!("retrying after: {e}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
+                match e {
+                    // A stale route: learn the new directory and go at once.
+                    ExecError::Kv(KvError::WrongRange { .. }) => node.refresh_directory().await,
+                    // A cutover in progress lasts milliseconds: poll closely.
+                    ExecError::Kv(KvError::RangeMoving) => tokio::time::sleep(Duration::from_millis(2)).await,
+                    _ => {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                }
             }
             Err(e) if retryable(&e) => {
                 return Err(match e {
@@ -157,7 +162,7 @@ impl Node {
         }
     }
 
-    async fn forward(
+    pub(crate) async fn forward(
         &self,
         group: ShardId,
         hops: u8,
@@ -188,6 +193,7 @@ impl Node {
             {
                 Err(_) => return Err(ExecError::Timeout("write not applied in time".into())),
                 Ok(Ok(CommandResponse::Kv(r))) => {
+                    self.sample_key(&g, cmd.key());
                     g.served.fetch_add(1, Ordering::Relaxed);
                     return r.map_err(ExecError::Kv);
                 }
@@ -235,6 +241,7 @@ impl Node {
                 let barrier = if linearizable { self.barrier(&g, shard).await } else { Ok(()) };
                 match barrier {
                     Ok(()) => {
+                        self.sample_key(&g, key);
                         g.served.fetch_add(1, Ordering::Relaxed);
                         self.check_owned(shard, key, Some(key))?;
                         let rec = kv::read(&self.ctx.db, shard, key).map_err(|e| ExecError::Internal(e.to_string()))?;
@@ -260,7 +267,7 @@ impl Node {
 
     /// Confirms leadership for a linearizable read. `Err(Some(node))` names
     /// the leader to forward to; `Err(None)` means no leader is known.
-    async fn barrier(&self, g: &crate::raft::GroupRaft, shard: ShardId) -> Result<(), Option<u64>> {
+    pub(crate) async fn barrier(&self, g: &crate::raft::GroupRaft, shard: ShardId) -> Result<(), Option<u64>> {
         match tokio::time::timeout(self.settings.write_timeout, g.read_barrier()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(ReadError::NotLeader { leader: Some(l) })) if l.node_id != self.id => Err(Some(l.node_id)),

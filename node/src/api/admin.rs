@@ -1,6 +1,7 @@
 //! `/admin/…`, `/health` and `/metrics` handlers.
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -49,9 +50,11 @@ pub async fn directory(State(s): State<AppState>) -> Result<Json<Directory>, Api
 
 pub async fn join(
     State(s): State<AppState>,
-    body: Result<Json<JoinRequest>, JsonRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<JoinResponse>, ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::bad_request(format!("invalid join request: {e}")))?;
+    let body = body.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+    let req: JoinRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid join request: {e}")))?;
     let cmd =
         MetaCommand::RegisterNode { node_id: req.node_id, raft_addr: req.raft_addr, api_addr: Some(req.api_addr) };
     match s.node.propose_meta(cmd, 0).await? {

@@ -4,6 +4,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cleave_metadata::api::{ErrorBody, ErrorCode};
+use cleave_metadata::MetaError;
 
 use crate::command::KvError;
 use crate::rpc::ExecError;
@@ -42,6 +43,13 @@ impl From<ExecError> for ApiError {
                 err
             }
             ExecError::Kv(KvError::RangeMoving) => ApiError::new(ErrorCode::RangeMoving, msg),
+            ExecError::Meta(
+                MetaError::RangeBusy { .. } | MetaError::AlreadyCommitted(_) | MetaError::WrongPhase { .. },
+            ) => ApiError::new(ErrorCode::VersionConflict, msg),
+            ExecError::Meta(MetaError::UnknownRange(_) | MetaError::UnknownOp(_)) => {
+                ApiError::new(ErrorCode::NotFound, msg)
+            }
+            ExecError::Meta(MetaError::BadPlacement(_)) => ApiError::new(ErrorCode::Unavailable, msg),
             ExecError::Meta(_) => ApiError::new(ErrorCode::BadRequest, msg),
             ExecError::NoLeader { .. } | ExecError::Unavailable(_) => ApiError::new(ErrorCode::Unavailable, msg),
             ExecError::Timeout(_) | ExecError::Indeterminate(_) => ApiError::new(ErrorCode::Timeout, msg),
@@ -55,7 +63,7 @@ impl IntoResponse for ApiError {
         let code = self.0.error.code;
         let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut resp = (status, Json(self.0)).into_response();
-        if code == ErrorCode::Unavailable || code == ErrorCode::RangeMoving {
+        if code == ErrorCode::Unavailable {
             resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         resp

@@ -9,6 +9,7 @@
 mod admin;
 mod error;
 mod kv;
+mod ops;
 
 use std::sync::Arc;
 
@@ -43,6 +44,10 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/shards", get(admin::shards))
         .route("/admin/ranges", get(admin::ranges))
         .route("/admin/directory", get(admin::directory))
+        .route("/admin/split", post(ops::split))
+        .route("/admin/operations", get(ops::list))
+        .route("/admin/operations/{id}", get(ops::get))
+        .route("/admin/operations/{id}/cancel", post(ops::cancel))
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))
         .fallback(admin::not_found)

@@ -77,6 +77,45 @@ pub struct RaftSettings {
     pub keep_logs: u64,
 }
 
+/// Live keys and bytes of a shard, kept exact by the state machine and
+/// persisted with every apply batch that changes them.
+#[derive(Default, Debug)]
+pub struct GroupStats {
+    keys: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl GroupStats {
+    pub fn get(&self) -> (u64, u64) {
+        (self.keys.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+    }
+
+    pub fn set(&self, keys: u64, bytes: u64) {
+        self.keys.store(keys, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Stored form: keys and bytes, big-endian.
+    pub fn encode(keys: u64, bytes: u64) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&keys.to_be_bytes());
+        b[8..].copy_from_slice(&bytes.to_be_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> (u64, u64) {
+        let word = |r: std::ops::Range<usize>| b.get(r).and_then(|s| s.try_into().ok()).map_or(0, u64::from_be_bytes);
+        (word(0..8), word(8..16))
+    }
+}
+
+/// The index of a stored applied log id (the `APPLIED` tag of `group_meta`).
+pub fn decode_applied_index(b: &[u8]) -> Option<u64> {
+    bincode::serde::decode_from_slice::<openraft::alias::LogIdOf<TypeConfig>, _>(b, bincode::config::standard())
+        .ok()
+        .map(|(l, _)| l.index)
+}
+
 /// What every group on the node shares.
 #[derive(Clone)]
 pub struct RaftContext {
@@ -138,10 +177,11 @@ pub struct GroupRaft {
     pub replica_id: ReplicaId,
     raft: Raft<TypeConfig, GroupSm>,
     pub state: Arc<RwLock<SmState>>,
-    keys: Arc<AtomicU64>,
+    pub stats: Arc<GroupStats>,
     /// Client requests served by this replica (as leader, or stale reads).
     pub served: AtomicU64,
-    db: Arc<Db>,
+    /// A sample of recently requested keys, for load-based split points.
+    pub samples: std::sync::Mutex<std::collections::VecDeque<String>>,
 }
 
 impl GroupRaft {
@@ -160,6 +200,23 @@ impl GroupRaft {
         ctx.db.write(batch)?;
         ctx.syncer.sync().await?;
         Self::open(ctx, desc).await
+    }
+
+    /// Deletes every trace of `group` on this node: log, Raft state, data,
+    /// state-machine records and snapshot files. The group must be shut down.
+    pub fn destroy(ctx: &RaftContext, group: u64) -> anyhow::Result<()> {
+        log_store::LogStore::destroy(&ctx.db, group)?;
+        let mut batch = rocksdb::WriteBatch::default();
+        let (start, end) = (storage::group_prefix(group).to_vec(), storage::group_range_end(group));
+        batch.delete_range_cf(storage::cf(&ctx.db, storage::CF_DATA), start.clone(), end.clone());
+        batch.delete_range_cf(storage::cf(&ctx.db, CF_GROUP_META), start, end);
+        ctx.db.write(batch)?;
+        ctx.db.flush_wal(true)?;
+        let dir = snapshot::group_dir(&ctx.snapshot_root, group);
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        Ok(())
     }
 
     /// Every group recorded on this node.
@@ -181,12 +238,9 @@ impl GroupRaft {
         snapshot::recover_install(&ctx.db, &ctx.snapshot_root, group)?;
         snapshot::remove_partial(&ctx.snapshot_root, group);
         let cf = storage::cf(&ctx.db, CF_GROUP_META);
-        let keys = ctx
-            .db
-            .get_cf(cf, state_key(group, tag::KEYS))?
-            .and_then(|b| b.as_slice().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
-        let keys = Arc::new(AtomicU64::new(keys));
+        let (keys, bytes) = ctx.db.get_cf(cf, state_key(group, tag::KEYS))?.map_or((0, 0), |b| GroupStats::decode(&b));
+        let stats = Arc::new(GroupStats::default());
+        stats.set(keys, bytes);
         let raw = ctx
             .db
             .get_cf(cf, state_key(group, tag::SM_STATE))?
@@ -210,7 +264,7 @@ impl GroupRaft {
             group,
             state: state.clone(),
             snapshot_root: ctx.snapshot_root.clone(),
-            keys: keys.clone(),
+            stats: stats.clone(),
         };
         let net = network::NetworkFactory { group, transport: ctx.transport.clone() };
         let raft = Raft::new(desc.replica_id, Arc::new(config), net, log, sm).await?;
@@ -219,9 +273,9 @@ impl GroupRaft {
             replica_id: desc.replica_id,
             raft,
             state,
-            keys,
+            stats,
             served: AtomicU64::new(0),
-            db: ctx.db.clone(),
+            samples: Default::default(),
         })
     }
 
@@ -287,16 +341,12 @@ impl GroupRaft {
 
     /// Live keys in this replica's state machine.
     pub fn keys(&self) -> u64 {
-        self.keys.load(Ordering::Relaxed)
+        self.stats.get().0
     }
 
-    /// Approximate bytes of user data held by this replica.
+    /// Bytes of live user keys and values held by this replica.
     pub fn size_bytes(&self) -> u64 {
-        let cf = storage::cf(&self.db, storage::CF_DATA);
-        let start = storage::group_prefix(self.group);
-        let end = storage::group_range_end(self.group);
-        let sizes = self.db.get_approximate_sizes_cf(cf, &[rocksdb::Range::new(&start, &end)]);
-        sizes.first().copied().unwrap_or(0)
+        self.stats.get().1
     }
 
     /// Handles a Raft message from a peer replica.

@@ -210,7 +210,7 @@ pub fn remove_partial(root: &Path, group: u64) {
 /// Replaces `group`'s state machine with the snapshot in `file`. Returns the
 /// state-machine state it carried and the number of live keys. Crash-safe:
 /// see the module doc.
-pub fn install(db: &Db, group: u64, file: &SnapshotFile) -> io::Result<(Vec<u8>, u64)> {
+pub fn install(db: &Db, group: u64, file: &SnapshotFile) -> io::Result<(Vec<u8>, (u64, u64))> {
     let meta_cf = storage::cf(db, CF_GROUP_META);
     let data_cf = storage::cf(db, CF_DATA);
     let marker = file.path.to_string_lossy().as_bytes().to_vec();
@@ -222,13 +222,15 @@ pub fn install(db: &Db, group: u64, file: &SnapshotFile) -> io::Result<(Vec<u8>,
     let mut batch = rocksdb::WriteBatch::default();
     batch.delete_range_cf(data_cf, storage::group_prefix(group).to_vec(), storage::group_range_end(group));
     let mut pending = 0usize;
-    let mut keys = 0u64;
+    let (mut keys, mut bytes) = (0u64, 0u64);
     while let Some(key) = read_frame(&mut r)? {
         let value =
             read_frame(&mut r)?.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "truncated snapshot"))?;
         pending += key.len() + value.len();
-        if crate::storage::ValueRecord::decode(&value).is_some_and(|v| !v.tombstone) {
+        let user_key = key.first() != Some(&0xff);
+        if let Some(v) = crate::storage::ValueRecord::decode(&value).filter(|v| user_key && !v.tombstone) {
             keys += 1;
+            bytes += (key.len() + v.json.len()) as u64;
         }
         batch.put_cf(data_cf, data_key(group, &key), value);
         if pending >= INSTALL_BATCH_BYTES {
@@ -242,12 +244,12 @@ pub fn install(db: &Db, group: u64, file: &SnapshotFile) -> io::Result<(Vec<u8>,
     }
     batch.put_cf(meta_cf, state_key(group, tag::MEMBERSHIP), bincode_encode(&header.meta.last_membership)?);
     batch.put_cf(meta_cf, state_key(group, tag::SM_STATE), &header.sm_state);
-    batch.put_cf(meta_cf, state_key(group, tag::KEYS), keys.to_be_bytes());
+    batch.put_cf(meta_cf, state_key(group, tag::KEYS), super::GroupStats::encode(keys, bytes));
     batch.delete_cf(meta_cf, state_key(group, tag::INSTALLING));
     db.write(batch).map_err(io_err)?;
     db.flush_wal(true).map_err(io_err)?;
     metrics::counter!("cleave_snapshots_installed_total").increment(1);
-    Ok((header.sm_state, keys))
+    Ok((header.sm_state, (keys, bytes)))
 }
 
 /// Finishes an install that a crash interrupted, if one was under way.

@@ -12,7 +12,6 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use futures::{Stream, TryStreamExt};
@@ -40,8 +39,8 @@ pub struct GroupSm {
     pub(super) group: u64,
     pub(super) state: Arc<RwLock<SmState>>,
     pub(super) snapshot_root: PathBuf,
-    /// Live keys in the group (shards), kept in step with applied entries.
-    pub(super) keys: Arc<AtomicU64>,
+    /// Live keys and bytes (shards), kept in step with applied entries.
+    pub(super) stats: Arc<super::GroupStats>,
 }
 
 impl GroupSm {
@@ -50,29 +49,15 @@ impl GroupSm {
         self.db.get_pinned_cf(cf, state_key(self.group, t)).map_err(io_err)?.map(|b| decode(&b)).transpose()
     }
 
-    fn apply_command(
-        &self,
-        state: &mut SmState,
-        overlay: &mut kv::Overlay,
-        batch: &mut rocksdb::WriteBatch,
-        changed: &mut bool,
-        key_delta: &mut i64,
-        cmd: &Command,
-    ) -> CommandResponse {
+    fn apply_command(&self, state: &mut SmState, b: &mut kv::ApplyBatch, index: u64, cmd: &Command) -> CommandResponse {
         match (cmd, state) {
-            (Command::Kv(c), SmState::Shard(s)) => {
-                let r = kv::apply(&self.db, self.group, s, overlay, batch, c);
-                let op = if matches!(c.op, crate::command::KvOp::Put { .. }) { "put" } else { "delete" };
-                metrics::counter!("cleave_applied_writes_total", "shard" => self.group.to_string(), "op" => op)
-                    .increment(1);
-                CommandResponse::Kv(r.map(|(version, delta)| {
-                    *key_delta += delta;
-                    version
-                }))
+            (Command::Kv(c), SmState::Shard(s)) => CommandResponse::Kv(kv::apply(&self.db, self.group, index, s, b, c)),
+            (Command::Shard(c), SmState::Shard(s)) => {
+                CommandResponse::Shard(crate::split::apply::apply(&self.db, self.group, index, s, b, c))
             }
             (Command::Meta(c), SmState::Meta(d)) => {
                 let r = d.apply(c);
-                *changed |= r.is_ok();
+                b.changed |= r.is_ok();
                 CommandResponse::Meta(r)
             }
             (cmd, _) => CommandResponse::Rejected(format!("group {} cannot apply {cmd:?}", self.group)),
@@ -113,13 +98,10 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
         let meta_cf = storage::cf(&self.db, CF_GROUP_META);
-        let mut batch = rocksdb::WriteBatch::default();
-        let mut overlay = kv::Overlay::new();
+        let mut b = kv::ApplyBatch::default();
         let mut responses = Vec::new();
         let mut last_applied = None;
         let mut membership = None;
-        let mut changed = false;
-        let mut key_delta = 0i64;
         // Entries arrive as a stream; collect what is ready, then apply under
         // one lock and write one batch.
         let mut items = Vec::new();
@@ -132,9 +114,7 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
                 let log_id = entry.log_id;
                 let resp = match &entry.payload {
                     EntryPayload::Blank => CommandResponse::None,
-                    EntryPayload::Normal(cmd) => {
-                        self.apply_command(&mut state, &mut overlay, &mut batch, &mut changed, &mut key_delta, cmd)
-                    }
+                    EntryPayload::Normal(cmd) => self.apply_command(&mut state, &mut b, log_id.index, cmd),
                     EntryPayload::Membership(m) => {
                         membership = Some(StoredMembershipOf::<TypeConfig>::new(Some(log_id), m.clone()));
                         CommandResponse::None
@@ -146,20 +126,22 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
                 }
             }
             if let Some(l) = &last_applied {
-                batch.put_cf(meta_cf, state_key(self.group, tag::APPLIED), encode(l)?);
+                b.write.put_cf(meta_cf, state_key(self.group, tag::APPLIED), encode(l)?);
             }
             if let Some(m) = &membership {
-                batch.put_cf(meta_cf, state_key(self.group, tag::MEMBERSHIP), encode(m)?);
+                b.write.put_cf(meta_cf, state_key(self.group, tag::MEMBERSHIP), encode(m)?);
             }
-            if changed {
-                batch.put_cf(meta_cf, state_key(self.group, tag::SM_STATE), state.to_json()?);
+            if b.changed {
+                b.write.put_cf(meta_cf, state_key(self.group, tag::SM_STATE), state.to_json()?);
             }
-            let keys = (self.keys.load(Ordering::Relaxed) as i64 + key_delta).max(0) as u64;
-            if key_delta != 0 {
-                batch.put_cf(meta_cf, state_key(self.group, tag::KEYS), keys.to_be_bytes());
+            let (keys, bytes) = self.stats.get();
+            let keys = (keys as i64 + b.stats.keys).max(0) as u64;
+            let bytes = (bytes as i64 + b.stats.bytes).max(0) as u64;
+            if b.stats != kv::StatsDelta::default() {
+                b.write.put_cf(meta_cf, state_key(self.group, tag::KEYS), super::GroupStats::encode(keys, bytes));
             }
-            self.db.write(batch).map_err(io_err)?;
-            self.keys.store(keys, Ordering::Relaxed);
+            self.db.write(b.write).map_err(io_err)?;
+            self.stats.set(keys, bytes);
         }
         for (responder, resp) in responses {
             responder.send(resp);
@@ -179,7 +161,7 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
         tracing::info!(group = self.group, last = ?meta.last_log_id, "installing snapshot");
         let (db, group) = (self.db.clone(), self.group);
         let root = self.snapshot_root.clone();
-        let (sm_state, keys) = tokio::task::spawn_blocking(move || {
+        let (sm_state, (keys, bytes)) = tokio::task::spawn_blocking(move || {
             let r = snapshot::install(&db, group, &file)?;
             snapshot::adopt(&root, group, &file)?;
             Ok::<_, io::Error>(r)
@@ -187,7 +169,7 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
         .await
         .map_err(io_err)??;
         let new_state = SmState::from_json(&sm_state)?;
-        self.keys.store(keys, Ordering::Relaxed);
+        self.stats.set(keys, bytes);
         *self.state.write().map_err(|_| io::Error::other("state lock poisoned"))? = new_state;
         Ok(())
     }

@@ -9,13 +9,15 @@
 pub mod transport;
 
 use cleave_metadata::api::{Liveness, NodeStatus, ShardStatus};
-use cleave_metadata::{Directory, MetaCommand, MetaError, MetaResponse, NodeId, ShardId};
+use cleave_metadata::{Directory, MetaCommand, MetaError, MetaResponse, NodeId, OpId, ShardId};
 use serde::{Deserialize, Serialize};
 
 pub use transport::{RpcError, Transport};
 
-use crate::command::{KvCommand, KvError};
+use crate::command::{KvCommand, KvError, ShardCommand};
+use crate::kv::Incoming;
 use crate::raft::network::{RaftReply, RaftRpc};
+use crate::raft::SmState;
 
 /// A request from one node to another.
 #[derive(Serialize, Deserialize, Debug)]
@@ -30,6 +32,7 @@ pub enum Request {
 
 /// The answer to a [`Request`].
 #[derive(Serialize, Deserialize, Debug)]
+#[allow(clippy::large_enum_variant)] // short-lived, serialised at once
 pub enum Response {
     Raft(Result<RaftReply, String>),
     Node(Result<NodeReply, ExecError>),
@@ -50,6 +53,22 @@ pub enum NodeRequest {
     Heartbeat { hb: Heartbeat, hops: u8 },
     /// The metadata leader's view of the cluster.
     ClusterView { hops: u8 },
+    /// Apply a split step through the shard's leader.
+    ShardStep { shard: ShardId, cmd: ShardCommand, hops: u8 },
+    /// Create (and initialise) a local replica of a new group.
+    CreateGroup { group: u64, replica_id: u64, members: Vec<(u64, NodeId, String)>, state: SmState },
+    /// Remove a local replica and all its data.
+    DestroyGroup { group: u64 },
+    /// A split target's receiving state, from its leader.
+    IncomingStatus { shard: ShardId, hops: u8 },
+    /// A split source's forwarding progress for one operation, from its leader.
+    SplitStatus { shard: ShardId, op_id: OpId, hops: u8 },
+    /// A key near the middle of `[start, end)` of the shard: by key count, or
+    /// (`by_load`) of recently requested keys.
+    MedianKey { shard: ShardId, start: String, end: Option<String>, by_load: bool, hops: u8 },
+    /// Ask the metadata leader to start a split (at `key`, or at the median
+    /// of range `range_id`).
+    StartSplit { range_id: Option<u64>, key: Option<String>, reason: String, hops: u8 },
 }
 
 /// Node-level answers.
@@ -62,6 +81,33 @@ pub enum NodeReply {
     Meta(MetaResponse),
     Heartbeat(HeartbeatAck),
     ClusterView(ClusterView),
+    Index(u64),
+    Done,
+    Incoming {
+        incoming: Option<Incoming>,
+        active: bool,
+        keys: u64,
+        bytes: u64,
+    },
+    SplitStatus(ForwardStatus),
+    Key(Option<String>),
+}
+
+/// How far a split source's leader has got with one capture.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwardStatus {
+    pub backfill_done: bool,
+    pub keys_copied: u64,
+    pub bytes_copied: u64,
+    pub keys_total: u64,
+    pub bytes_total: u64,
+    /// Source log index of the newest forward-log entry.
+    pub last_seq: u64,
+    /// Newest forward-log entry the target has acknowledged.
+    pub shipped: u64,
+    /// The source's content digest of the range, once frozen and complete.
+    pub digest: Option<u64>,
+    pub frozen_at: Option<u64>,
 }
 
 /// What a node reports every second.

@@ -1,0 +1,335 @@
+//! The metadata leader's side: drive every running operation through its
+//! phases, resuming from the phase recorded in the directory.
+//!
+//! One task per operation loops: read the operation from the directory, do
+//! the work of its phase (each step idempotent), then record the next phase
+//! with a compare-and-set entry. A new metadata leader simply starts the
+//! loop again for every operation that is not finished.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cleave_metadata::{MetaCommand, MetaResponse, OpId, OpKind, Operation, Phase, Progress, RangeState};
+
+use crate::command::ShardCommand;
+use crate::kv::{Incoming, ShardState};
+use crate::node::Node;
+use crate::raft::SmState;
+use crate::rpc::{ExecError, NodeReply, NodeRequest};
+
+/// Forward-log entries the target may lag behind by when the source freezes.
+const FREEZE_BACKLOG: u64 = 64;
+/// How long writes may stay frozen before the split is abandoned.
+pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Operations this node is driving.
+#[derive(Default)]
+pub struct Drivers {
+    running: Mutex<HashSet<OpId>>,
+}
+
+/// While this node leads the metadata group, drives every active operation.
+pub async fn supervise(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if !node.is_meta_leader() {
+            continue;
+        }
+        let ops: Vec<OpId> = node.directory().active_ops().map(|o| o.op_id).collect();
+        for op in ops {
+            if !node.drivers.running.lock().unwrap().insert(op) {
+                continue;
+            }
+            let node = node.clone();
+            tokio::spawn(async move {
+                drive(&node, op).await;
+                node.drivers.running.lock().unwrap().remove(&op);
+            });
+        }
+    }
+}
+
+async fn drive(node: &Arc<Node>, op_id: OpId) {
+    let mut last_progress = Instant::now();
+    let mut failures = 0u32;
+    loop {
+        if !node.is_meta_leader() {
+            return;
+        }
+        let Some(op) = node.directory().ops.get(&op_id).cloned() else { return };
+        if op.phase == Phase::Done || (op.phase == Phase::Aborted && op.cleaned) {
+            return;
+        }
+        match step(node, &op, &mut last_progress).await {
+            Ok(true) => failures = 0,
+            Ok(false) => {
+                tokio::time::sleep(Duration::from_millis(if op.phase == Phase::Frozen { 1 } else { 20 })).await
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::debug!(op = op_id, phase = ?op.phase, "split step failed: {e}");
+                tokio::time::sleep(Duration::from_millis((20 * failures as u64).min(500))).await;
+            }
+        }
+    }
+}
+
+async fn meta(node: &Node, cmd: MetaCommand) -> Result<MetaResponse, ExecError> {
+    node.propose_meta(cmd, 0).await
+}
+
+async fn advance(node: &Node, op: &Operation, to: Phase) -> Result<(), ExecError> {
+    meta(node, MetaCommand::AdvanceOp { op_id: op.op_id, from: op.phase, to, now_ms: now_ms() }).await?;
+    Ok(())
+}
+
+/// Does the work of `op`'s current phase. `Ok(true)`: it moved on;
+/// `Ok(false)`: nothing to do yet.
+async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> Result<bool, ExecError> {
+    let OpKind::Split { range_id, split_key, source, target, new_range_id, target_replicas, .. } = &op.kind;
+    let dir = node.directory();
+    match op.phase {
+        Phase::Planned => {
+            let range = dir.range(*range_id).ok_or(ExecError::Internal(format!("range {range_id} vanished")))?;
+            let state = SmState::Shard(ShardState {
+                incoming: Some(Incoming {
+                    op_id: op.op_id,
+                    start: split_key.clone(),
+                    end: range.end.clone(),
+                    watermark: 0,
+                    digest: 0,
+                    backfill: None,
+                }),
+                ..Default::default()
+            });
+            let members: Vec<(u64, u64, String)> = target_replicas
+                .iter()
+                .map(|r| {
+                    (
+                        r.replica_id,
+                        r.node_id,
+                        dir.nodes.get(&r.node_id).map(|n| n.raft_addr.clone()).unwrap_or_default(),
+                    )
+                })
+                .collect();
+            for r in target_replicas {
+                let req = NodeRequest::CreateGroup {
+                    group: *target,
+                    replica_id: r.replica_id,
+                    members: members.clone(),
+                    state: state.clone(),
+                };
+                node.node_call(r.node_id, req).await?;
+            }
+            metrics::counter!("cleave_splits_started_total").increment(1);
+            advance(node, op, Phase::Created).await?;
+            Ok(true)
+        }
+        Phase::Created => {
+            let range = dir.range(*range_id).ok_or(ExecError::Internal(format!("range {range_id} vanished")))?;
+            let cmd = ShardCommand::BeginCapture {
+                op_id: op.op_id,
+                start: split_key.clone(),
+                end: range.end.clone(),
+                target: *target,
+            };
+            node.shard_step(*source, cmd, 0).await?;
+            advance(node, op, Phase::Capturing).await?;
+            Ok(true)
+        }
+        Phase::Capturing => {
+            let st = split_status(node, *source, op.op_id).await?;
+            let ready = st.backfill_done && st.last_seq.saturating_sub(st.shipped) <= FREEZE_BACKLOG;
+            if ready || last_progress.elapsed() > Duration::from_millis(500) {
+                *last_progress = Instant::now();
+                let progress = Progress {
+                    keys_copied: st.keys_copied,
+                    bytes_copied: st.bytes_copied,
+                    keys_total: st.keys_total,
+                    bytes_total: st.bytes_total,
+                    forward_backlog: st.last_seq.saturating_sub(st.shipped),
+                };
+                meta(node, MetaCommand::ReportProgress { op_id: op.op_id, progress }).await?;
+            }
+            if !ready {
+                return Ok(false);
+            }
+            node.shard_step(*source, ShardCommand::Freeze { op_id: op.op_id }, 0).await?;
+            advance(node, op, Phase::Frozen).await?;
+            Ok(true)
+        }
+        Phase::Frozen => {
+            let frozen_for = now_ms().saturating_sub(op.entered(Phase::Frozen).unwrap_or(0));
+            if frozen_for > FREEZE_TIMEOUT.as_millis() as u64 {
+                return abort(node, op, "freeze timed out before the target caught up").await;
+            }
+            let st = split_status(node, *source, op.op_id).await?;
+            let Some(source_digest) = st.digest else { return Ok(false) };
+            let NodeReply::Incoming { incoming, .. } = node.incoming_status(*target, 0).await? else {
+                return Err(ExecError::Internal("unexpected reply".into()));
+            };
+            let Some(inc) = incoming else { return Err(ExecError::Internal("target is not receiving".into())) };
+            if inc.watermark < st.last_seq {
+                return Ok(false);
+            }
+            if inc.digest != source_digest {
+                return abort(node, op, &format!("digest mismatch: source {source_digest:x}, target {:x}", inc.digest))
+                    .await;
+            }
+            meta(node, MetaCommand::CommitSplit { op_id: op.op_id, now_ms: now_ms() }).await?;
+            metrics::counter!("cleave_splits_committed_total").increment(1);
+            Ok(true)
+        }
+        Phase::Committed => {
+            let left = dir.range(*range_id).cloned().ok_or(ExecError::Internal("left range missing".into()))?;
+            let right = dir.range(*new_range_id).cloned().ok_or(ExecError::Internal("right range missing".into()))?;
+            let NodeReply::Incoming { keys, bytes, .. } = node.incoming_status(*target, 0).await? else {
+                return Err(ExecError::Internal("unexpected reply".into()));
+            };
+            let done = ShardCommand::SplitDone {
+                op_id: op.op_id,
+                left,
+                moved: right.clone(),
+                moved_keys: keys,
+                moved_bytes: bytes,
+            };
+            node.shard_step(*source, done, 0).await?;
+            node.shard_step(*target, ShardCommand::Activate { op_id: op.op_id, ranges: vec![right] }, 0).await?;
+            let pause = op.entered(Phase::Frozen).map(|f| now_ms().saturating_sub(f));
+            if let Some(p) = pause {
+                metrics::histogram!("cleave_split_write_pause_seconds").record(p as f64 / 1000.0);
+            }
+            meta(node, MetaCommand::FinishOp { op_id: op.op_id, write_pause_ms: pause, now_ms: now_ms() }).await?;
+            node.refresh_directory().await;
+            Ok(true)
+        }
+        Phase::Aborted => {
+            match node.shard_step(*source, ShardCommand::EndCapture { op_id: op.op_id }, 0).await {
+                Ok(_) => {}
+                Err(ExecError::Internal(m)) if m.contains("not owned") => {}
+                Err(e) => return Err(e),
+            }
+            for r in target_replicas {
+                node.node_call(r.node_id, NodeRequest::DestroyGroup { group: *target }).await?;
+            }
+            meta(node, MetaCommand::MarkCleaned { op_id: op.op_id }).await?;
+            Ok(true)
+        }
+        Phase::Done => Ok(false),
+    }
+}
+
+async fn abort(node: &Node, op: &Operation, reason: &str) -> Result<bool, ExecError> {
+    tracing::warn!(op = op.op_id, "aborting split: {reason}");
+    meta(node, MetaCommand::AbortOp { op_id: op.op_id, reason: reason.to_string(), now_ms: now_ms() }).await?;
+    metrics::counter!("cleave_splits_aborted_total").increment(1);
+    Ok(true)
+}
+
+async fn split_status(node: &Node, shard: u64, op: OpId) -> Result<crate::rpc::ForwardStatus, ExecError> {
+    match node.split_status(shard, op, 0).await? {
+        NodeReply::SplitStatus(s) => Ok(s),
+        other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// The nodes with the fewest replicas (live ones first), for a new shard.
+pub fn place(node: &Node, count: usize) -> Vec<u64> {
+    let dir = node.directory();
+    let live: BTreeMap<u64, bool> = node.tracker.live_nodes().into_iter().map(|n| (n, true)).collect();
+    let mut candidates: Vec<(bool, usize, u64)> = dir
+        .nodes
+        .values()
+        .filter(|n| n.state == cleave_metadata::NodeState::Active)
+        .map(|n| (!live.contains_key(&n.id), dir.groups_on(n.id).count() + pending_on(&dir, n.id), n.id))
+        .collect();
+    candidates.sort();
+    candidates.into_iter().take(count).map(|(_, _, id)| id).collect()
+}
+
+fn pending_on(dir: &cleave_metadata::Directory, node: u64) -> usize {
+    dir.active_ops()
+        .filter(|op| match &op.kind {
+            OpKind::Split { target_replicas, .. } => target_replicas.iter().any(|r| r.node_id == node),
+        })
+        .count()
+}
+
+impl Node {
+    /// Starts a split as metadata leader (forwarding there if needed).
+    pub async fn start_split(
+        &self,
+        range_id: Option<u64>,
+        key: Option<String>,
+        reason: String,
+        hops: u8,
+    ) -> Result<OpId, ExecError> {
+        if !self.is_meta_leader() {
+            let req = |hops| NodeRequest::StartSplit { range_id, key: key.clone(), reason: reason.clone(), hops };
+            return match self.forward_to_meta_leader(hops, req).await? {
+                NodeReply::Index(op) => Ok(op),
+                other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
+            };
+        }
+        let dir = self.directory();
+        let range = match (range_id, &key) {
+            (Some(id), _) => {
+                dir.range(id).cloned().ok_or(ExecError::Meta(cleave_metadata::MetaError::UnknownRange(id)))?
+            }
+            (None, Some(k)) => dir.lookup(k).cloned().ok_or(ExecError::Unavailable("directory not loaded".into()))?,
+            (None, None) => return Err(ExecError::Internal("a split needs a key or a range".into())),
+        };
+        if let RangeState::Busy { op_id } = range.state {
+            return Err(ExecError::Meta(cleave_metadata::MetaError::RangeBusy { range_id: range.range_id, op_id }));
+        }
+        let split_key = match key {
+            Some(k) => k,
+            None => {
+                let req = |hops| NodeRequest::MedianKey {
+                    shard: range.shard_id,
+                    start: range.start.clone(),
+                    end: range.end.clone(),
+                    by_load: reason == "load",
+                    hops,
+                };
+                match self
+                    .median_key(range.shard_id, &range.start, range.end.as_deref(), reason == "load", 0, req)
+                    .await?
+                {
+                    NodeReply::Key(Some(k)) => k,
+                    NodeReply::Key(None) => {
+                        return Err(ExecError::Meta(cleave_metadata::MetaError::BadSplitKey {
+                            range_id: range.range_id,
+                            key: String::new(),
+                        }))
+                    }
+                    other => return Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
+                }
+            }
+        };
+        let replication = dir.shards.get(&range.shard_id).map_or(3, |s| s.replicas.len()).max(1);
+        let targets = place(self, replication);
+        match self
+            .propose_meta(
+                MetaCommand::PlanSplit {
+                    range_id: range.range_id,
+                    split_key,
+                    target_nodes: targets,
+                    reason,
+                    now_ms: now_ms(),
+                },
+                0,
+            )
+            .await?
+        {
+            MetaResponse::Op(op) => Ok(op),
+            other => Err(ExecError::Internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+}

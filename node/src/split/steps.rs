@@ -1,0 +1,167 @@
+//! Node-to-node calls the split machinery makes: run a step on a shard's
+//! leader, ask a leader for its state, create or destroy a replica.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use cleave_metadata::{NodeId, ShardId};
+
+use crate::command::{Command, CommandResponse, ShardCommand};
+use crate::node::Node;
+use crate::raft::{GroupRaft, ReplicaNode, SmState, WriteError};
+use crate::rpc::{ExecError, NodeReply, NodeRequest};
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Node {
+    /// Sends `req` to node `id` (handled in place when it is this node).
+    pub async fn node_call(&self, id: NodeId, req: NodeRequest) -> Result<NodeReply, ExecError> {
+        if id == self.id {
+            return Box::pin(self.handle_node_request(req)).await;
+        }
+        let addr = self.raft_addr_of(id).ok_or(ExecError::Unavailable(format!("node {id} has no known address")))?;
+        self.call(&addr, req, CALL_TIMEOUT).await
+    }
+
+    /// Runs `local` here if this node leads `shard` (after a read barrier),
+    /// else forwards `req` to the leader.
+    pub async fn at_leader<F>(
+        &self,
+        shard: ShardId,
+        hops: u8,
+        req: impl Fn(u8) -> NodeRequest,
+        local: F,
+    ) -> Result<NodeReply, ExecError>
+    where
+        F: FnOnce(&GroupRaft) -> Result<NodeReply, ExecError>,
+    {
+        let leader = match self.group(shard) {
+            Some(g) => match self.barrier(&g, shard).await {
+                Ok(()) => return local(&g),
+                Err(Some(l)) => Some(l),
+                Err(None) => return Err(ExecError::NoLeader { group: shard }),
+            },
+            None => None,
+        };
+        self.forward(shard, hops, leader, req).await
+    }
+
+    /// Applies a split step through `shard`'s leader; returns the entry's answer.
+    pub async fn shard_step(&self, shard: ShardId, cmd: ShardCommand, hops: u8) -> Result<u64, ExecError> {
+        let leader = match self.group(shard) {
+            Some(g) => match tokio::time::timeout(CALL_TIMEOUT, g.write(Command::Shard(cmd.clone()))).await {
+                Err(_) => return Err(ExecError::Timeout("split step not applied in time".into())),
+                Ok(Ok(CommandResponse::Shard(r))) => return r.map_err(ExecError::Internal),
+                Ok(Ok(other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
+                Ok(Err(WriteError::NotLeader { leader: Some(l) })) if l.node_id != self.id => Some(l.node_id),
+                Ok(Err(WriteError::NotLeader { .. })) => return Err(ExecError::NoLeader { group: shard }),
+                Ok(Err(WriteError::Indeterminate(m))) => return Err(ExecError::Indeterminate(m)),
+                Ok(Err(WriteError::Fatal(m))) => return Err(ExecError::Internal(m)),
+            },
+            None => None,
+        };
+        match self.forward(shard, hops, leader, |hops| NodeRequest::ShardStep { shard, cmd: cmd.clone(), hops }).await?
+        {
+            NodeReply::Index(i) => Ok(i),
+            other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// A split target's receiving state, its live keys and bytes, read at its leader.
+    pub async fn incoming_status(&self, shard: ShardId, hops: u8) -> Result<NodeReply, ExecError> {
+        self.at_leader(
+            shard,
+            hops,
+            |hops| NodeRequest::IncomingStatus { shard, hops },
+            |g| {
+                let (keys, bytes) = g.stats.get();
+                match &*g.state.read().unwrap() {
+                    SmState::Shard(s) => Ok(NodeReply::Incoming {
+                        incoming: s.incoming.clone(),
+                        active: !s.ranges.is_empty(),
+                        keys,
+                        bytes,
+                    }),
+                    SmState::Meta(_) => Err(ExecError::Internal("not a shard".into())),
+                }
+            },
+        )
+        .await
+    }
+
+    /// A key near the middle of `[start, end)` of `shard`, at its leader.
+    pub async fn median_key(
+        &self,
+        shard: ShardId,
+        start: &str,
+        end: Option<&str>,
+        by_load: bool,
+        hops: u8,
+        req: impl Fn(u8) -> NodeRequest,
+    ) -> Result<NodeReply, ExecError> {
+        self.at_leader(shard, hops, req, |g| {
+            let key = if by_load {
+                let samples = g.samples.lock().unwrap();
+                let mut keys: Vec<&String> =
+                    samples.iter().filter(|k| k.as_str() >= start && end.is_none_or(|e| k.as_str() < e)).collect();
+                keys.sort();
+                keys.get(keys.len() / 2).map(|k| (*k).clone())
+            } else {
+                let keys = crate::kv::scan_keys(&self.ctx.db, shard, start, end)
+                    .map_err(|e| ExecError::Internal(e.to_string()))?;
+                keys.get(keys.len() / 2).cloned()
+            };
+            // The range start itself cannot be a split point.
+            Ok(NodeReply::Key(key.filter(|k| k.as_str() > start)))
+        })
+        .await
+    }
+
+    /// Creates this node's replica of a new group and initialises it with
+    /// `members`. Does nothing if the replica exists.
+    pub async fn create_group(
+        &self,
+        group: u64,
+        replica_id: u64,
+        members: Vec<(u64, NodeId, String)>,
+        state: SmState,
+    ) -> Result<(), ExecError> {
+        let _guard = self.group_lifecycle.lock().await;
+        if self.group(group).is_some() {
+            return Ok(());
+        }
+        let raft = GroupRaft::create(&self.ctx, group, replica_id, state)
+            .await
+            .map_err(|e| ExecError::Internal(e.to_string()))?;
+        let members: BTreeMap<u64, ReplicaNode> =
+            members.into_iter().map(|(r, node_id, raft_addr)| (r, ReplicaNode { node_id, raft_addr })).collect();
+        raft.initialize(members).await.map_err(|e| ExecError::Internal(e.to_string()))?;
+        self.insert_group(raft);
+        tracing::info!(group, replica_id, "created replica");
+        Ok(())
+    }
+
+    /// Stops and deletes this node's replica of `group`, if any.
+    pub async fn destroy_group(&self, group: u64) -> Result<(), ExecError> {
+        let _guard = self.group_lifecycle.lock().await;
+        if let Some(g) = self.remove_group(group) {
+            g.shutdown().await;
+        }
+        GroupRaft::destroy(&self.ctx, group).map_err(|e| ExecError::Internal(e.to_string()))?;
+        tracing::info!(group, "destroyed replica");
+        Ok(())
+    }
+
+    /// Remembers a requested key of `shard` for load-based split points.
+    pub fn sample_key(&self, g: &GroupRaft, key: &str) {
+        // Sample one request in eight to keep the cost off the hot path.
+        if g.served.load(Ordering::Relaxed).is_multiple_of(8) {
+            let mut s = g.samples.lock().unwrap();
+            if s.len() >= 1024 {
+                s.pop_front();
+            }
+            s.push_back(key.to_string());
+        }
+    }
+}
