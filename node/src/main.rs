@@ -62,8 +62,7 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
     });
     tokio::spawn(transport::serve(raft_listener, handler));
 
-    let node = Node::start(cfg.node.clone(), ctx).await?;
-    let _ = node_slot.set(node.clone());
+    let node = Node::start(cfg.node.clone(), ctx, &node_slot).await?;
     tokio::spawn(meta::heartbeat_loop(node.clone()));
     tokio::spawn(split::forwarder::supervise(node.clone()));
     tokio::spawn(split::driver::supervise(node.clone()));

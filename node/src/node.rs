@@ -70,7 +70,14 @@ pub struct Node {
 
 impl Node {
     /// Opens the node's data directory and starts (or creates) its groups.
-    pub async fn start(settings: NodeSettings, ctx: RaftContext) -> anyhow::Result<Arc<Node>> {
+    /// `published` receives the node as soon as it exists, before its
+    /// groups open, so the RPC server can route Raft traffic to groups as
+    /// they come up.
+    pub async fn start(
+        settings: NodeSettings,
+        ctx: RaftContext,
+        published: &tokio::sync::OnceCell<Arc<Node>>,
+    ) -> anyhow::Result<Arc<Node>> {
         let id_path = settings.data_dir.join("node.json");
         let existing: Option<Identity> = match std::fs::read(&id_path) {
             Ok(b) => Some(serde_json::from_slice(&b).context("reading node.json")?),
@@ -112,6 +119,7 @@ impl Node {
             drivers: Default::default(),
             group_lifecycle: Default::default(),
         });
+        let _ = published.set(node.clone());
         for desc in GroupRaft::list(&node.ctx.db)? {
             let g = GroupRaft::open(&node.ctx, desc.clone())
                 .await
@@ -146,7 +154,13 @@ impl Node {
                     )
                 })
                 .collect();
-            raft.initialize(members).await?;
+            // The lowest founding node initialises the group (and so stands
+            // for election) at once; the others only if it does not show up.
+            if g.replicas.first().map(|r| r.node_id) == Some(self.id) {
+                raft.initialize(members).await?;
+            } else {
+                raft.initialize_later(members, crate::split::steps::FALLBACK_INIT);
+            }
             self.groups.write().unwrap().insert(g.shard_id, Arc::new(raft));
         }
         tracing::info!(node = self.id, "bootstrapped a new cluster");
@@ -280,8 +294,8 @@ impl Node {
             NodeRequest::ShardStep { shard, cmd, hops } => {
                 self.shard_step(shard, cmd, hops).await.map(NodeReply::Index)
             }
-            NodeRequest::CreateGroup { group, replica_id, members, state } => {
-                self.create_group(group, replica_id, members, state).await.map(|_| NodeReply::Done)
+            NodeRequest::CreateGroup { group, replica_id, members, state, campaign } => {
+                self.create_group(group, replica_id, members, state, campaign).await.map(|_| NodeReply::Done)
             }
             NodeRequest::DestroyGroup { group } => self.destroy_group(group).await.map(|_| NodeReply::Done),
             NodeRequest::IncomingStatus { shard, hops } => self.incoming_status(shard, hops).await,

@@ -292,6 +292,25 @@ impl GroupRaft {
         }
     }
 
+    /// Initialises the group from this replica unless a leader reaches it
+    /// within `delay`. Initialising makes a replica stand for election at
+    /// once, so a new group has exactly one replica do it right away and the
+    /// others only as a fallback (when that one is down), to avoid split votes.
+    pub fn initialize_later(&self, members: BTreeMap<ReplicaId, ReplicaNode>, delay: std::time::Duration) {
+        let raft = self.raft.clone();
+        let group = self.group;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if raft.is_initialized().await.unwrap_or(true) {
+                return;
+            }
+            tracing::info!(group, "no leader reached this new replica; initialising the group from here");
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!(group, "fallback initialize: {e}");
+            }
+        });
+    }
+
     /// Proposes `cmd` and waits until it is applied here.
     pub async fn write(&self, cmd: Command) -> Result<CommandResponse, WriteError> {
         match self.raft.client_write(cmd).await {

@@ -55,8 +55,9 @@ pub enum NodeRequest {
     ClusterView { hops: u8 },
     /// Apply a split step through the shard's leader.
     ShardStep { shard: ShardId, cmd: ShardCommand, hops: u8 },
-    /// Create (and initialise) a local replica of a new group.
-    CreateGroup { group: u64, replica_id: u64, members: Vec<(u64, NodeId, String)>, state: SmState },
+    /// Create (and initialise) a local replica of a new group; `campaign`
+    /// makes it stand for election at once.
+    CreateGroup { group: u64, replica_id: u64, members: Vec<(u64, NodeId, String)>, state: SmState, campaign: bool },
     /// Remove a local replica and all its data.
     DestroyGroup { group: u64 },
     /// A split target's receiving state, from its leader.

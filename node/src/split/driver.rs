@@ -118,12 +118,24 @@ async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> 
                     )
                 })
                 .collect();
-            for r in target_replicas {
+            // The replica next to the source's leader campaigns, so the new
+            // group has a leader at once, close to where its data comes from.
+            let source_leader = node.leader_hint(*source);
+            let campaigner = target_replicas
+                .iter()
+                .find(|r| Some(r.node_id) == source_leader)
+                .or(target_replicas.first())
+                .map(|r| r.replica_id);
+            // Create the campaigner last: its election needs the others to exist.
+            let mut order: Vec<_> = target_replicas.iter().collect();
+            order.sort_by_key(|r| Some(r.replica_id) == campaigner);
+            for r in order {
                 let req = NodeRequest::CreateGroup {
                     group: *target,
                     replica_id: r.replica_id,
                     members: members.clone(),
                     state: state.clone(),
+                    campaign: Some(r.replica_id) == campaigner,
                 };
                 node.node_call(r.node_id, req).await?;
             }

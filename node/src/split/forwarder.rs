@@ -108,6 +108,7 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
         // The target is already serving (activated): nothing left to ship.
         return if active { Ok(()) } else { Err(ExecError::Unavailable("target is not receiving".into())) };
     };
+    tracing::debug!(group, op = cap.op_id, "forwarder: target state read");
     let (snap_index, mut digest) = match incoming.backfill {
         Some(done) => done,
         None => {
@@ -117,6 +118,7 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
             (s, d)
         }
     };
+    tracing::debug!(group, op = cap.op_id, "forwarder: backfill done");
     status.lock().unwrap().backfill_done = true;
     let mut shipped = incoming.watermark;
     let mut digested = snap_index;

@@ -13,6 +13,9 @@ use crate::raft::{GroupRaft, ReplicaNode, SmState, WriteError};
 use crate::rpc::{ExecError, NodeReply, NodeRequest};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new replica waits for its group's leader before initialising
+/// the group itself.
+pub const FALLBACK_INIT: Duration = Duration::from_secs(3);
 
 impl Node {
     /// Sends `req` to node `id` (handled in place when it is this node).
@@ -126,6 +129,7 @@ impl Node {
         replica_id: u64,
         members: Vec<(u64, NodeId, String)>,
         state: SmState,
+        campaign: bool,
     ) -> Result<(), ExecError> {
         let _guard = self.group_lifecycle.lock().await;
         if self.group(group).is_some() {
@@ -136,7 +140,11 @@ impl Node {
             .map_err(|e| ExecError::Internal(e.to_string()))?;
         let members: BTreeMap<u64, ReplicaNode> =
             members.into_iter().map(|(r, node_id, raft_addr)| (r, ReplicaNode { node_id, raft_addr })).collect();
-        raft.initialize(members).await.map_err(|e| ExecError::Internal(e.to_string()))?;
+        if campaign {
+            raft.initialize(members).await.map_err(|e| ExecError::Internal(e.to_string()))?;
+        } else {
+            raft.initialize_later(members, FALLBACK_INIT);
+        }
         self.insert_group(raft);
         tracing::info!(group, replica_id, "created replica");
         Ok(())
