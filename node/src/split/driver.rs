@@ -27,6 +27,29 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Fault point for tests: `CLEAVE_FAULT_HOLD="capturing=2000,frozen=500"`
+/// keeps every operation in the named phases for at least that many
+/// milliseconds (measured from when it entered the phase, as recorded in
+/// the directory, so the hold survives a change of metadata leader). Tests
+/// use it to kill nodes at a chosen phase.
+fn hold_ms(phase: Phase) -> u64 {
+    static HOLDS: std::sync::OnceLock<Vec<(Phase, u64)>> = std::sync::OnceLock::new();
+    HOLDS
+        .get_or_init(|| {
+            let spec = std::env::var("CLEAVE_FAULT_HOLD").unwrap_or_default();
+            spec.split(',')
+                .filter_map(|part| {
+                    let (name, ms) = part.trim().split_once('=')?;
+                    let phase: Phase = serde_json::from_value(serde_json::Value::String(name.trim().into())).ok()?;
+                    Some((phase, ms.trim().parse().ok()?))
+                })
+                .collect()
+        })
+        .iter()
+        .find(|(p, _)| *p == phase)
+        .map_or(0, |(_, ms)| *ms)
+}
+
 /// Operations this node is driving.
 #[derive(Default)]
 pub struct Drivers {
@@ -94,6 +117,10 @@ async fn advance(node: &Node, op: &Operation, to: Phase) -> Result<(), ExecError
 async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> Result<bool, ExecError> {
     let OpKind::Split { range_id, split_key, source, target, new_range_id, target_replicas, .. } = &op.kind;
     let dir = node.directory();
+    let hold = hold_ms(op.phase);
+    if hold > 0 && now_ms().saturating_sub(op.entered(op.phase).unwrap_or(0)) < hold {
+        return Ok(false);
+    }
     match op.phase {
         Phase::Planned => {
             let range = dir.range(*range_id).ok_or(ExecError::Internal(format!("range {range_id} vanished")))?;
