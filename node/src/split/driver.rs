@@ -20,6 +20,8 @@ use crate::rpc::{ExecError, NodeReply, NodeRequest};
 
 /// Forward-log entries the target may lag behind by when the source freezes.
 const FREEZE_BACKLOG: u64 = 64;
+/// How long creating the new shard may take before the split is abandoned.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long writes may stay frozen before the split is abandoned.
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -117,9 +119,13 @@ async fn advance(node: &Node, op: &Operation, to: Phase) -> Result<(), ExecError
 async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> Result<bool, ExecError> {
     let OpKind::Split { range_id, split_key, source, target, new_range_id, target_replicas, .. } = &op.kind;
     let dir = node.directory();
+    let in_phase_ms = now_ms().saturating_sub(op.entered(op.phase).unwrap_or(0));
     let hold = hold_ms(op.phase);
-    if hold > 0 && now_ms().saturating_sub(op.entered(op.phase).unwrap_or(0)) < hold {
+    if hold > 0 && in_phase_ms < hold {
         return Ok(false);
+    }
+    if matches!(op.phase, Phase::Planned | Phase::Created) && in_phase_ms > SETUP_TIMEOUT.as_millis() as u64 {
+        return abort(node, op, "the new shard's replicas could not be set up in time").await;
     }
     match op.phase {
         Phase::Planned => {
