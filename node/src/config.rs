@@ -89,6 +89,9 @@ pub struct Args {
     /// Most splits running at once [default: 2].
     #[arg(long, env = "CLEAVE_MAX_SPLITS")]
     pub max_splits: Option<usize>,
+    /// Test fault point: hold operations in phases, e.g. `capturing=2000,frozen=500` (milliseconds).
+    #[arg(long, env = "CLEAVE_FAULT_HOLD", hide = true)]
+    pub fault_hold: Option<String>,
 }
 
 /// Everything the node needs, resolved.
@@ -98,6 +101,7 @@ pub struct Resolved {
     pub listen_api: String,
     pub listen_raft: String,
     pub split: crate::split::rebalancer::SplitPolicy,
+    pub fault_hold: Option<String>,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -191,6 +195,7 @@ impl Args {
                 cooldown: Duration::from_secs(self.split_cooldown.unwrap_or(60)),
                 max_splits: self.max_splits.unwrap_or(2),
             },
+            fault_hold: self.fault_hold,
         })
     }
 }

@@ -20,6 +20,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cfg = Args::parse().merged()?.resolve()?;
+    if let Some(spec) = &cfg.fault_hold {
+        cleave_node::split::driver::set_fault_hold(spec)?;
+    }
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cfg))
 }
 

@@ -29,27 +29,28 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Fault point for tests: `CLEAVE_FAULT_HOLD="capturing=2000,frozen=500"`
-/// keeps every operation in the named phases for at least that many
-/// milliseconds (measured from when it entered the phase, as recorded in
-/// the directory, so the hold survives a change of metadata leader). Tests
-/// use it to kill nodes at a chosen phase.
+/// Fault point for tests (`--fault-hold capturing=2000,frozen=500`): keeps
+/// every operation in the named phases for at least that many milliseconds
+/// (from when it entered the phase, as recorded in the directory, so the
+/// hold survives a change of metadata leader). Tests use it to kill nodes
+/// at a chosen phase.
+static HOLDS: std::sync::OnceLock<Vec<(Phase, u64)>> = std::sync::OnceLock::new();
+
+/// Parses and installs the fault-point spec; call once at start-up.
+pub fn set_fault_hold(spec: &str) -> anyhow::Result<()> {
+    let mut holds = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, ms) = part.split_once('=').ok_or_else(|| anyhow::anyhow!("{part:?} is not PHASE=MS"))?;
+        let phase: Phase = serde_json::from_value(serde_json::Value::String(name.trim().into()))
+            .map_err(|_| anyhow::anyhow!("unknown phase {name:?}"))?;
+        holds.push((phase, ms.trim().parse()?));
+    }
+    let _ = HOLDS.set(holds);
+    Ok(())
+}
+
 fn hold_ms(phase: Phase) -> u64 {
-    static HOLDS: std::sync::OnceLock<Vec<(Phase, u64)>> = std::sync::OnceLock::new();
-    HOLDS
-        .get_or_init(|| {
-            let spec = std::env::var("CLEAVE_FAULT_HOLD").unwrap_or_default();
-            spec.split(',')
-                .filter_map(|part| {
-                    let (name, ms) = part.trim().split_once('=')?;
-                    let phase: Phase = serde_json::from_value(serde_json::Value::String(name.trim().into())).ok()?;
-                    Some((phase, ms.trim().parse().ok()?))
-                })
-                .collect()
-        })
-        .iter()
-        .find(|(p, _)| *p == phase)
-        .map_or(0, |(_, ms)| *ms)
+    HOLDS.get().and_then(|h| h.iter().find(|(p, _)| *p == phase)).map_or(0, |(_, ms)| *ms)
 }
 
 /// Operations this node is driving.
