@@ -89,6 +89,10 @@ pub struct Args {
     /// Most splits running at once [default: 2].
     #[arg(long, env = "CLEAVE_MAX_SPLITS")]
     pub max_splits: Option<usize>,
+    /// How often this node reports to the metadata leader (and refreshes its
+    /// directory), in milliseconds [default: 1000].
+    #[arg(long, env = "CLEAVE_NODE_HEARTBEAT_MS")]
+    pub node_heartbeat_ms: Option<u64>,
     /// Test fault point: hold operations in phases, e.g. `capturing=2000,frozen=500` (milliseconds).
     #[arg(long, env = "CLEAVE_FAULT_HOLD", hide = true)]
     pub fault_hold: Option<String>,
@@ -179,6 +183,7 @@ impl Args {
                 replication: self.replication.unwrap_or(3).max(1),
                 max_value_bytes: self.max_value_bytes.unwrap_or(cleave_metadata::DEFAULT_MAX_VALUE_BYTES),
                 write_timeout: Duration::from_millis(self.request_timeout_ms.unwrap_or(10_000)),
+                heartbeat: Duration::from_millis(self.node_heartbeat_ms.unwrap_or(1000).max(10)),
             },
             raft: RaftSettings {
                 heartbeat_ms,

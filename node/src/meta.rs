@@ -21,8 +21,6 @@ use cleave_metadata::{MetaCommand, NodeId, META_GROUP};
 use crate::node::Node;
 use crate::rpc::{ClusterView, ExecError, GroupReport, Heartbeat, HeartbeatAck, NodeReply, NodeRequest};
 
-/// How often nodes report.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// Silence after which a node is suspect, and after which it is down.
 const SUSPECT_AFTER: Duration = Duration::from_secs(3);
 const DOWN_AFTER: Duration = Duration::from_secs(10);
@@ -277,9 +275,9 @@ impl Node {
     }
 }
 
-/// Sends this node's heartbeat every [`HEARTBEAT_INTERVAL`], forever.
+/// Sends this node's heartbeat every `--node-heartbeat-ms`, forever.
 pub async fn heartbeat_loop(node: Arc<Node>) {
-    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    let mut tick = tokio::time::interval(node.settings.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

@@ -35,6 +35,8 @@ pub struct NodeSettings {
     pub replication: usize,
     pub max_value_bytes: usize,
     pub write_timeout: Duration,
+    /// How often the node reports to the metadata leader.
+    pub heartbeat: Duration,
 }
 
 /// The persisted identity in `node.json`.

@@ -46,7 +46,10 @@ where
                 tracing::debug!("retrying after: {e}");
                 match e {
                     // A stale route: learn the new directory and go at once.
-                    ExecError::Kv(KvError::WrongRange { .. }) => node.refresh_directory().await,
+                    ExecError::Kv(KvError::WrongRange { .. }) => {
+                        metrics::counter!("cleave_router_stale_routes_total").increment(1);
+                        node.refresh_directory().await
+                    }
                     // A cutover in progress lasts milliseconds: poll closely.
                     ExecError::Kv(KvError::RangeMoving) => tokio::time::sleep(Duration::from_millis(2)).await,
                     _ => {
@@ -69,6 +72,12 @@ where
 }
 
 impl Node {
+    /// The range of `key`, fetching the directory first if this node has none yet.
+    async fn route(&self, key: &str) -> Result<cleave_metadata::RangeDescriptor, ExecError> {
+        self.refresh_directory().await;
+        self.directory().lookup(key).cloned().ok_or(ExecError::Unavailable("directory not loaded yet".into()))
+    }
+
     /// Writes one key through its shard's leader. Returns the new version.
     pub async fn write(&self, op: KvOp) -> Result<u64, ExecError> {
         let deadline = Instant::now() + self.settings.write_timeout;
@@ -85,7 +94,10 @@ impl Node {
                 shard_label = r.shard_id;
             }
             async move {
-                let range = range.ok_or(ExecError::Unavailable("directory not loaded yet".into()))?;
+                let range = match range {
+                    Some(r) => r,
+                    None => self.route(&key).await?,
+                };
                 let cmd = KvCommand { range_id: range.range_id, epoch: range.epoch, op };
                 self.exec_write(range.shard_id, cmd, 0).await
             }
@@ -106,7 +118,10 @@ impl Node {
                 shard_label = r.shard_id;
             }
             async move {
-                let range = range.ok_or(ExecError::Unavailable("directory not loaded yet".into()))?;
+                let range = match range {
+                    Some(r) => r,
+                    None => self.route(key).await?,
+                };
                 self.exec_read(range.shard_id, key, linearizable, 0).await
             }
         })
@@ -139,7 +154,10 @@ impl Node {
                 let range = self.directory().lookup(&cur).cloned();
                 let cur = cur.clone();
                 async move {
-                    let range = range.ok_or(ExecError::Unavailable("directory not loaded yet".into()))?;
+                    let range = match range {
+                        Some(r) => r,
+                        None => self.route(&cur).await?,
+                    };
                     let stop = match (&range.end, end) {
                         (Some(a), Some(b)) => Some(a.as_str().min(b).to_string()),
                         (Some(a), None) => Some(a.clone()),
