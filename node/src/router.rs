@@ -93,10 +93,11 @@ impl Node {
             if let Some(r) = &range {
                 shard_label = r.shard_id;
             }
+            let key = &key;
             async move {
                 let range = match range {
                     Some(r) => r,
-                    None => self.route(&key).await?,
+                    None => self.route(key).await?,
                 };
                 let cmd = KvCommand { range_id: range.range_id, epoch: range.epoch, op };
                 self.exec_write(range.shard_id, cmd, 0).await
