@@ -37,6 +37,7 @@ pub fn update_gauges(node: &Node) {
             .set(s.leader.map_or(0.0, |l| l.node_id as f64));
         metrics::gauge!("cleave_raft_commit_index", "group" => group.clone()).set(s.committed.unwrap_or(0) as f64);
         metrics::gauge!("cleave_raft_applied_index", "group" => group.clone()).set(s.applied.unwrap_or(0) as f64);
+        metrics::gauge!("cleave_raft_purged_index", "group" => group.clone()).set(s.purged.unwrap_or(0) as f64);
         metrics::gauge!("cleave_raft_last_log_index", "group" => group).set(s.last_log_index.unwrap_or(0) as f64);
     }
     metrics::gauge!("cleave_rocksdb_size_bytes").set(crate::storage::approximate_size(&node.ctx.db) as f64);

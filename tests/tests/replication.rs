@@ -198,6 +198,17 @@ async fn follower_behind_the_retained_log_catches_up_from_a_snapshot() {
     assert_eq!(r.write_result().key, "late/0007");
     model.delete("late/0007");
 
+    // The leader must have dropped from its log the entries the follower
+    // misses, so that only a snapshot can bring it up to date.
+    wait_until(secs(20), format!("leader {leader} to purge its log past index 300"), || async {
+        c.metric_lines(leader, "cleave_raft_purged_index{group=\"1\"}")
+            .await
+            .split_whitespace()
+            .last()
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(|v| v >= 300.0)
+    })
+    .await;
     c.restart_and_wait(follower).await;
     let t = Instant::now();
     model.wait_on(&c, follower, "stale", secs(40)).await;

@@ -66,6 +66,10 @@ impl IntoResponse for ApiError {
         if code == ErrorCode::Unavailable {
             resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
+        if code == ErrorCode::TooLarge {
+            // The rest of an oversized body is not read; say so before closing.
+            resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        }
         resp
     }
 }

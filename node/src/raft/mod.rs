@@ -167,6 +167,8 @@ pub struct GroupStatus {
     pub last_log_index: Option<u64>,
     pub committed: Option<u64>,
     pub applied: Option<u64>,
+    /// Last log index purged from this replica's log.
+    pub purged: Option<u64>,
     /// Voters and learners: replica id → node.
     pub members: BTreeMap<ReplicaId, NodeId>,
 }
@@ -354,6 +356,7 @@ impl GroupRaft {
             last_log_index: m.last_log_index,
             committed: m.cluster_committed.map(|l| l.index),
             applied: m.last_applied.map(|l| l.index),
+            purged: m.purged.map(|l| l.index),
             members: membership.nodes().map(|(r, n)| (*r, n.node_id)).collect(),
         }
     }
