@@ -18,10 +18,13 @@
 //! ```
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use cleave_metadata::api::{Consistency, Item, NodeStatus, PutBody, ScanResult, ShardStatus, WriteResult};
-use cleave_metadata::{Directory, RangeDescriptor};
+use cleave_metadata::api::{
+    Consistency, Item, NodeStatus, OperationStarted, OperationView, PutBody, ScanResult, ShardStatus, SplitRequest,
+    WriteResult,
+};
+use cleave_metadata::{Directory, OpId, RangeDescriptor, RangeId};
 use reqwest::Method;
 use serde::Serialize;
 
@@ -129,6 +132,7 @@ impl Client {
             body: Some(body),
             route_key: Some(key.to_owned()),
             kind: if if_version.is_some() { RequestKind::Conditional } else { RequestKind::Put },
+            about_key: true,
         };
         decode(&self.inner.execute(&call).await?)
     }
@@ -151,6 +155,7 @@ impl Client {
             body: None,
             route_key: Some(key.to_owned()),
             kind: if if_version.is_some() { RequestKind::Conditional } else { RequestKind::Delete },
+            about_key: true,
         };
         decode(&self.inner.execute(&call).await?)
     }
@@ -208,6 +213,72 @@ impl Client {
         self.admin("/admin/ranges").await
     }
 
+    /// Starts splitting the range that contains `key` at `key`: the keys
+    /// from `key` on move to a new shard. Returns the operation's id; follow
+    /// it with [`Client::operation`] or [`Client::follow_operation`].
+    ///
+    /// Fails with [`Error::Api`] 400 if `key` is the first key of its range,
+    /// 409 if the range is busy with another operation.
+    pub async fn split_at(&self, key: &str) -> Result<OpId> {
+        check_key(key)?;
+        self.start_split(SplitRequest { key: Some(key.to_owned()), range_id: None }).await
+    }
+
+    /// Starts splitting range `range_id` at its median key. Returns the
+    /// operation's id. Fails with [`Error::Api`] 404 for an unknown range,
+    /// 409 if the range is busy.
+    pub async fn split_range(&self, range_id: RangeId) -> Result<OpId> {
+        self.start_split(SplitRequest { key: None, range_id: Some(range_id) }).await
+    }
+
+    async fn start_split(&self, req: SplitRequest) -> Result<OpId> {
+        let body = serde_json::to_vec(&req).map_err(|e| Error::InvalidArgument(format!("cannot encode: {e}")))?;
+        // Not replayed after "no answer": a second split could start.
+        let call = Call::admin(Method::POST, "/admin/split".into(), Some(body), RequestKind::Conditional);
+        let started: OperationStarted = decode(&self.inner.execute(&call).await?)?;
+        Ok(started.operation_id)
+    }
+
+    /// Every operation the directory remembers (`GET /admin/operations`).
+    pub async fn operations(&self) -> Result<Vec<OperationView>> {
+        self.admin("/admin/operations").await
+    }
+
+    /// One operation. Fails with [`Error::Api`] 404 if there is no such
+    /// operation.
+    pub async fn operation(&self, id: OpId) -> Result<OperationView> {
+        self.admin(&format!("/admin/operations/{id}")).await
+    }
+
+    /// Abandons an operation that has not committed yet; returns it as it
+    /// is now (phase `aborted`). Fails with [`Error::Api`] 409 once it has
+    /// committed, 404 if there is no such operation.
+    pub async fn cancel_operation(&self, id: OpId) -> Result<OperationView> {
+        // Aborting twice is harmless, so a lost answer may be retried.
+        let call = Call::admin(Method::POST, format!("/admin/operations/{id}/cancel"), None, RequestKind::Put);
+        decode(&self.inner.execute(&call).await?)
+    }
+
+    /// Polls operation `id` every `every` until it is done or aborted, and
+    /// returns its last view. `on_update` sees every view polled, the last
+    /// one included (to draw progress). A failed poll fails the wait; the
+    /// operation itself goes on regardless.
+    pub async fn follow_operation(
+        &self,
+        id: OpId,
+        every: Duration,
+        mut on_update: impl FnMut(&OperationView),
+    ) -> Result<OperationView> {
+        loop {
+            let view = self.operation(id).await?;
+            on_update(&view);
+            if view.op.phase.is_terminal() {
+                return Ok(view);
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     /// Succeeds once some node answers `GET /health` (with retries).
     pub async fn health(&self) -> Result<()> {
         self.inner.execute(&Call::read("/health".into(), None)).await.map(drop)
@@ -253,6 +324,60 @@ mod tests {
         assert_send(&c.scan_all("", None));
         assert_send(&c.refresh_routing());
         assert_send(&c.directory());
+        assert_send(&c.split_at("k"));
+        assert_send(&c.follow_operation(1, Duration::from_millis(1), |_| {}));
+        assert_send(&c.cancel_operation(1));
+    }
+
+    fn error(code: &str, message: &str) -> String {
+        serde_json::json!({"error": {"code": code, "message": message}}).to_string()
+    }
+
+    fn direct(mock: &crate::mock::Mock) -> Client {
+        Client::with_options([&mock.addr], ClientOptions::default().with_smart_routing(false)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn range_moving_is_retried_within_milliseconds_at_the_same_node() {
+        let moving = (503, error("range_moving", "range 1 is being cut over"));
+        let ok = (200, r#"{"key":"k","version":4}"#.to_string());
+        let mock = crate::mock::Mock::start(vec![moving.clone(), moving.clone(), moving, ok]).await;
+        let client = direct(&mock);
+        let started = Instant::now();
+        let w = client.put("k", &1, None).await.unwrap();
+        assert_eq!(w.version, 4);
+        // three short waits (at most 2 + 4 + 8 ms), no routing refresh in between
+        assert!(started.elapsed() < Duration::from_millis(300), "{:?}", started.elapsed());
+        let lines: Vec<String> = mock.received().into_iter().map(|r| r.line).collect();
+        assert_eq!(lines, vec!["PUT /v1/kv/k"; 4]);
+    }
+
+    #[tokio::test]
+    async fn split_and_operation_calls_keep_the_servers_message() {
+        let mock = crate::mock::Mock::start(vec![
+            (200, r#"{"operation_id": 12}"#.into()),
+            (409, error("version_conflict", "range 1 is busy with operation 12")),
+            (404, error("not_found", "no operation 99")),
+            (409, error("version_conflict", "operation 12 already committed")),
+        ])
+        .await;
+        let client = direct(&mock);
+        assert_eq!(client.split_range(1).await.unwrap(), 12);
+        match client.split_at("m").await {
+            Err(Error::Api { status: 409, message, .. }) => assert!(message.contains("busy")),
+            r => panic!("{r:?}"),
+        }
+        match client.operation(99).await {
+            Err(e @ Error::Api { status: 404, .. }) => assert!(e.to_string().contains("no operation 99")),
+            r => panic!("{r:?}"),
+        }
+        assert!(matches!(client.cancel_operation(12).await, Err(Error::Api { status: 409, .. })));
+        let received = mock.received();
+        assert_eq!(received[0].line, "POST /admin/split");
+        assert_eq!(received[0].body, r#"{"range_id":1}"#);
+        assert_eq!(received[1].body, r#"{"key":"m"}"#);
+        assert_eq!(received[2].line, "GET /admin/operations/99");
+        assert_eq!(received[3].line, "POST /admin/operations/12/cancel");
     }
 
     #[test]

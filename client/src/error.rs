@@ -84,6 +84,27 @@ impl Error {
         }
     }
 
+    /// Like [`Error::from_detail`] for answers that are not about a key
+    /// (admin calls): a 404 or 409 keeps the server's message (which
+    /// operation or range it is about) as an [`Error::Api`].
+    pub(crate) fn from_admin_detail(status: u16, detail: Option<ErrorDetail>, body: &[u8]) -> Error {
+        match detail {
+            Some(d) => Error::Api { status, code: Some(d.code), message: d.message },
+            None => Error::Api { status, code: None, message: body_snippet(status, body) },
+        }
+    }
+
+    /// The server's error code behind this error, when it came from an
+    /// answer that carried one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::NotFound => Some(ErrorCode::NotFound),
+            Error::VersionConflict { .. } => Some(ErrorCode::VersionConflict),
+            Error::Api { code, .. } => *code,
+            _ => None,
+        }
+    }
+
     /// The HTTP status behind this error, when it came from an answer.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -186,6 +207,17 @@ mod tests {
             Error::from_response(404, &body(ErrorCode::BadRequest, None)),
             Error::Api { status: 404, code: Some(ErrorCode::BadRequest), .. }
         ));
+    }
+
+    #[test]
+    fn admin_answers_keep_the_message_of_404_and_409() {
+        let busy = serde_json::to_vec(&ErrorBody::new(ErrorCode::VersionConflict, "range 1 is busy")).unwrap();
+        let e = Error::from_admin_detail(409, parse_error_body(&busy), &busy);
+        assert_eq!(e.to_string(), "server error 409 (version_conflict): range 1 is busy");
+        assert_eq!((e.status(), e.code()), (Some(409), Some(ErrorCode::VersionConflict)));
+        let e = Error::from_admin_detail(404, None, b"");
+        assert!(matches!(e, Error::Api { status: 404, code: None, .. }), "{e:?}");
+        assert_eq!(Error::NotFound.code(), Some(ErrorCode::NotFound));
     }
 
     #[test]

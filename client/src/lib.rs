@@ -17,7 +17,9 @@
 //! - [`endpoint`]: address normalisation and percent-encoding of keys.
 //! - [`options`]: timeouts, retry budget, routing switch.
 //! - `transport`: the retry loop that ties them to HTTP.
-//! - [`client`]: [`Client`], one async method per API operation.
+//! - [`client`]: [`Client`], one async method per API operation, including
+//!   the admin ones: cluster status, and splits with their operations
+//!   (start, list, follow, cancel).
 //!
 //! Wire types (bodies of requests and answers) are not redefined here: they
 //! are the ones in [`cleave_metadata::api`], re-exported below for
@@ -26,6 +28,8 @@
 pub mod client;
 pub mod endpoint;
 pub mod error;
+#[cfg(test)]
+mod mock;
 pub mod options;
 pub mod retry;
 pub mod routing;
@@ -39,6 +43,7 @@ pub use routing::{Route, RoutingTable};
 
 pub use cleave_metadata;
 pub use cleave_metadata::api::{
-    Consistency, ErrorBody, ErrorCode, ErrorDetail, Item, Liveness, NodeStatus, ScanResult, ShardStatus, WriteResult,
+    Consistency, ErrorBody, ErrorCode, ErrorDetail, Item, Liveness, NodeStatus, OperationView, ScanResult, ShardStatus,
+    WriteResult,
 };
-pub use cleave_metadata::{Directory, RangeDescriptor};
+pub use cleave_metadata::{Directory, OpId, OpKind, Operation, Phase, Progress, RangeDescriptor};

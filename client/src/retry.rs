@@ -1,16 +1,17 @@
 //! When to retry a request, and how long to wait first.
 //!
-//! Failures of one attempt fall into four kinds (`Failure`):
+//! Failures of one attempt fall into five kinds (`Failure`):
 //!
 //! | kind | seen as | applied? |
 //! |---|---|---|
 //! | stale route | 421 | no: the shard refused it at apply time |
-//! | unavailable | 503 (`unavailable`, `range_moving`) | no |
+//! | range moving | 503 `range_moving` | no: a split is cutting the range over |
+//! | unavailable | 503 (`unavailable`, anything else) | no |
 //! | unreachable | connection refused / connect timeout | no: nothing was sent |
 //! | no answer | timeout or reset after sending, 504 | **unknown** |
 //!
 //! Every other answer (400, 404, 409, 413, 500...) is final and never
-//! retried. The first three kinds are always safe to retry. "No answer" is
+//! retried. The first four kinds are always safe to retry. "No answer" is
 //! safe for reads and for plain puts (writing the same value twice is
 //! harmless), but a compare-and-set must not be silently replayed: its
 //! outcome is reported as [`crate::Error::Indeterminate`]. An unconditional
@@ -23,9 +24,21 @@
 //! so that many clients failing together do not retry in lock step. A
 //! server's `Retry-After` is a lower bound. Retrying stops after
 //! [`RetryPolicy::max_retries`] or when the next wait would cross the
-//! request's deadline. Everything here is pure; the randomness is passed in.
+//! request's deadline.
+//!
+//! A `range_moving` answer is different: the range is frozen for a split's
+//! cutover, which lasts milliseconds, and the leader is healthy. Waiting
+//! tens of milliseconds (let alone a second) would turn a short pause into a
+//! long one, so these retries start at [`RetryPolicy::moving_backoff`] (a few
+//! milliseconds), grow only to [`RetryPolicy::moving_max_backoff`], ignore
+//! `Retry-After`, and do not use up `max_retries`: only the deadline bounds
+//! them (the server gives up on a stuck cutover by itself).
+//!
+//! Everything here is pure; the randomness is passed in.
 
 use std::time::Duration;
+
+use cleave_metadata::api::ErrorCode;
 
 /// Bounds on retrying one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,11 +49,21 @@ pub struct RetryPolicy {
     pub min_backoff: Duration,
     /// Largest delay between two attempts (before `Retry-After`).
     pub max_backoff: Duration,
+    /// Base delay before retrying a `range_moving` answer.
+    pub moving_backoff: Duration,
+    /// Largest delay between two retries of a `range_moving` answer.
+    pub moving_max_backoff: Duration,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { max_retries: 12, min_backoff: Duration::from_millis(20), max_backoff: Duration::from_secs(1) }
+        RetryPolicy {
+            max_retries: 12,
+            min_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_secs(1),
+            moving_backoff: Duration::from_millis(2),
+            moving_max_backoff: Duration::from_millis(50),
+        }
     }
 }
 
@@ -49,10 +72,15 @@ impl RetryPolicy {
     /// `jitter` in `[0, 1)`: between half and all of
     /// `min(max_backoff, min_backoff * 2^retry)`.
     pub fn backoff(&self, retry: u32, jitter: f64) -> Duration {
-        let factor = 2u32.saturating_pow(retry.min(31));
-        let base = self.min_backoff.saturating_mul(factor).min(self.max_backoff).max(self.min_backoff);
-        let half = base / 2;
-        half + half.mul_f64(jitter.clamp(0.0, 1.0))
+        equal_jitter(self.min_backoff, self.max_backoff, retry, jitter)
+    }
+
+    /// How long to wait before retrying a `range_moving` answer, given how
+    /// many such retries this request already made and the time left; `None`
+    /// means the deadline would be crossed. See the module docs.
+    pub fn next_moving_delay(&self, moving_retries_done: u32, remaining: Duration, jitter: f64) -> Option<Duration> {
+        let delay = equal_jitter(self.moving_backoff, self.moving_max_backoff, moving_retries_done, jitter);
+        (delay < remaining).then_some(delay)
     }
 
     /// How long to wait before the next attempt, given the retries already
@@ -71,6 +99,14 @@ impl RetryPolicy {
         let delay = self.backoff(retries_done, jitter).max(retry_after.unwrap_or_default());
         (delay < remaining).then_some(delay)
     }
+}
+
+/// Between half and all of `min(max, min * 2^retry)` (never below `min`).
+fn equal_jitter(min: Duration, max: Duration, retry: u32, jitter: f64) -> Duration {
+    let factor = 2u32.saturating_pow(retry.min(31));
+    let base = min.saturating_mul(factor).min(max).max(min);
+    let half = base / 2;
+    half + half.mul_f64(jitter.clamp(0.0, 1.0))
 }
 
 /// Parses a `Retry-After` header given in seconds (the HTTP-date form is
@@ -101,18 +137,22 @@ pub(crate) enum RequestKind {
 pub(crate) enum Failure {
     /// 421: the request reached a shard that no longer owns the key.
     StaleRoute,
-    /// 503: no leader, no quorum, or the range is being cut over.
+    /// 503: no leader, no quorum.
     Unavailable,
+    /// 503 `range_moving`: a split is cutting the key's range over.
+    RangeMoving,
     /// The connection could not be opened: nothing was sent.
     Unreachable,
     /// Sent, but no answer came (timeout, reset) or the server said 504.
     NoAnswer,
 }
 
-/// The retryable failure an HTTP status means; `None` for a final answer.
-pub(crate) fn classify_status(status: u16) -> Option<Failure> {
+/// The retryable failure an HTTP status (with the error code of its body,
+/// if any) means; `None` for a final answer.
+pub(crate) fn classify_status(status: u16, code: Option<ErrorCode>) -> Option<Failure> {
     match status {
         421 => Some(Failure::StaleRoute),
+        503 if code == Some(ErrorCode::RangeMoving) => Some(Failure::RangeMoving),
         503 => Some(Failure::Unavailable),
         504 => Some(Failure::NoAnswer),
         _ => None,
@@ -132,7 +172,9 @@ pub(crate) enum Step {
 /// Decides between retrying and reporting an unknown outcome.
 pub(crate) fn after_failure(kind: RequestKind, failure: Failure) -> Step {
     match (failure, kind) {
-        (Failure::StaleRoute | Failure::Unavailable | Failure::Unreachable, _) => Step::Retry { maybe_applied: false },
+        (Failure::StaleRoute | Failure::Unavailable | Failure::RangeMoving | Failure::Unreachable, _) => {
+            Step::Retry { maybe_applied: false }
+        }
         (Failure::NoAnswer, RequestKind::Read) => Step::Retry { maybe_applied: false },
         (Failure::NoAnswer, RequestKind::Put | RequestKind::Delete) => Step::Retry { maybe_applied: true },
         (Failure::NoAnswer, RequestKind::Conditional) => Step::Indeterminate,
@@ -155,7 +197,7 @@ mod tests {
     }
 
     fn policy() -> RetryPolicy {
-        RetryPolicy { max_retries: 5, min_backoff: ms(100), max_backoff: ms(1000) }
+        RetryPolicy { max_retries: 5, min_backoff: ms(100), max_backoff: ms(1000), ..RetryPolicy::default() }
     }
 
     #[test]
@@ -179,7 +221,7 @@ mod tests {
 
     #[test]
     fn backoff_never_drops_below_min_when_min_exceeds_max() {
-        let p = RetryPolicy { max_retries: 1, min_backoff: ms(200), max_backoff: ms(10) };
+        let p = RetryPolicy { max_retries: 1, min_backoff: ms(200), max_backoff: ms(10), ..RetryPolicy::default() };
         assert_eq!(p.backoff(0, 1.0), ms(200));
     }
 
@@ -207,12 +249,31 @@ mod tests {
     }
 
     #[test]
+    fn range_moving_is_retried_within_milliseconds_whatever_the_budget() {
+        let p = RetryPolicy::default();
+        let plenty = Duration::from_secs(10);
+        assert_eq!(p.next_moving_delay(0, plenty, 0.0), Some(ms(1)));
+        assert_eq!(p.next_moving_delay(0, plenty, 1.0), Some(ms(2)));
+        assert_eq!(p.next_moving_delay(3, plenty, 1.0), Some(ms(16)));
+        assert_eq!(p.next_moving_delay(100, plenty, 1.0), Some(ms(50)), "capped well below a second");
+        // not bounded by max_retries, only by the deadline
+        assert!(p.next_moving_delay(p.max_retries + 50, plenty, 0.5).is_some());
+        assert_eq!(p.next_moving_delay(10, ms(20), 1.0), None);
+        // the first few retries together stay within a typical cutover
+        let total: Duration = (0..5).map(|r| p.next_moving_delay(r, plenty, 1.0).unwrap()).sum();
+        assert!(total <= ms(62), "{total:?}");
+    }
+
+    #[test]
     fn only_421_503_504_are_retryable_statuses() {
-        assert_eq!(classify_status(421), Some(Failure::StaleRoute));
-        assert_eq!(classify_status(503), Some(Failure::Unavailable));
-        assert_eq!(classify_status(504), Some(Failure::NoAnswer));
+        assert_eq!(classify_status(421, Some(ErrorCode::StaleRoute)), Some(Failure::StaleRoute));
+        assert_eq!(classify_status(503, None), Some(Failure::Unavailable));
+        assert_eq!(classify_status(503, Some(ErrorCode::Unavailable)), Some(Failure::Unavailable));
+        assert_eq!(classify_status(503, Some(ErrorCode::RangeMoving)), Some(Failure::RangeMoving));
+        assert_eq!(classify_status(504, None), Some(Failure::NoAnswer));
         for s in [200, 400, 404, 409, 413, 500, 502] {
-            assert_eq!(classify_status(s), None, "{s}");
+            assert_eq!(classify_status(s, None), None, "{s}");
+            assert_eq!(classify_status(s, Some(ErrorCode::RangeMoving)), None, "{s}");
         }
     }
 
@@ -220,7 +281,7 @@ mod tests {
     fn cas_writes_are_not_replayed_after_no_answer() {
         use RequestKind::*;
         for kind in [Read, Put, Delete, Conditional] {
-            for f in [Failure::StaleRoute, Failure::Unavailable, Failure::Unreachable] {
+            for f in [Failure::StaleRoute, Failure::Unavailable, Failure::RangeMoving, Failure::Unreachable] {
                 assert_eq!(after_failure(kind, f), Step::Retry { maybe_applied: false }, "{kind:?} {f:?}");
             }
         }

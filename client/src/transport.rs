@@ -16,7 +16,10 @@
 //! 5. on a retryable failure, fix the cache (421: patch in the ranges from
 //!    the body; 503: drop the shard's leader hint; unreachable: drop the
 //!    node's hints and try it last for a while), refresh the cache from
-//!    some node, wait, go to 1.
+//!    some node, wait, go to 1. A 503 `range_moving` is the exception: the
+//!    leader is fine and the cutover ends within milliseconds, so the same
+//!    node is asked again after a few milliseconds, without a refresh (once
+//!    the range has moved, the old owner answers 421 with the new route).
 //!
 //! Refreshes are single-flight: a request records the refresh counter before
 //! its attempt, and only refreshes if nobody started one since. So a burst of
@@ -26,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use cleave_metadata::api::{ErrorCode, ShardStatus};
+use cleave_metadata::api::ShardStatus;
 use cleave_metadata::Directory;
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use reqwest::Method;
@@ -51,11 +54,29 @@ pub(crate) struct Call {
     /// The key whose shard leader should receive the request.
     pub route_key: Option<String>,
     pub kind: RequestKind,
+    /// Whether error answers are about a key, so that 404 `not_found` and
+    /// 409 `version_conflict` mean [`Error::NotFound`] and
+    /// [`Error::VersionConflict`]. Otherwise (admin calls) every error answer
+    /// is kept as [`Error::Api`] with the server's message.
+    pub about_key: bool,
 }
 
 impl Call {
+    /// A GET; its errors are about a key when it is routed by one.
     pub fn read(path: String, route_key: Option<&str>) -> Call {
-        Call { method: Method::GET, path, body: None, route_key: route_key.map(str::to_owned), kind: RequestKind::Read }
+        Call {
+            method: Method::GET,
+            path,
+            body: None,
+            route_key: route_key.map(str::to_owned),
+            kind: RequestKind::Read,
+            about_key: route_key.is_some(),
+        }
+    }
+
+    /// An admin request that is not about a key.
+    pub fn admin(method: Method, path: String, body: Option<Vec<u8>>, kind: RequestKind) -> Call {
+        Call { method, path, body, route_key: None, kind, about_key: false }
     }
 }
 
@@ -123,6 +144,7 @@ impl Inner {
         let deadline = Instant::now() + opts.deadline;
         let routed_key = call.route_key.as_deref().filter(|_| opts.smart_routing);
         let mut retries = 0u32;
+        let mut moving_retries = 0u32;
         let mut tried: Vec<String> = Vec::new();
         let mut maybe_applied = false;
         let mut load_tried = false;
@@ -170,7 +192,7 @@ impl Inner {
                     if self.table().is_suspect(&addr) {
                         self.table_mut().clear_suspect(&addr);
                     }
-                    if retries > 0 {
+                    if retries > 0 || moving_retries > 0 {
                         // Something moved (a leader, a range): once it has
                         // settled, learn where it went.
                         self.spawn_refresh();
@@ -184,10 +206,14 @@ impl Inner {
                         )));
                     }
                     let detail = parse_error_body(&a.body);
-                    let Some(failure) = classify_status(a.status) else {
-                        return Err(Error::from_detail(a.status, detail, &a.body));
-                    };
                     let code = detail.as_ref().map(|d| d.code);
+                    let Some(failure) = classify_status(a.status, code) else {
+                        return Err(if call.about_key {
+                            Error::from_detail(a.status, detail, &a.body)
+                        } else {
+                            Error::from_admin_detail(a.status, detail, &a.body)
+                        });
+                    };
                     let message = detail.as_ref().map_or("", |d| d.message.as_str());
                     last = format!("{addr} answered {}: {message}", a.status);
                     match failure {
@@ -196,7 +222,7 @@ impl Inner {
                                 self.table_mut().apply_stale_route(ranges);
                             }
                         }
-                        Failure::Unavailable if code == Some(ErrorCode::RangeMoving) => {}
+                        Failure::RangeMoving => {}
                         _ => {
                             if let Some(shard) = shard {
                                 self.table_mut().forget_leader(shard);
@@ -228,8 +254,17 @@ impl Inner {
             }
 
             let remaining = deadline.saturating_duration_since(Instant::now());
+            if failure == Failure::RangeMoving {
+                let Some(delay) = opts.retry.next_moving_delay(moving_retries, remaining, rand::random()) else {
+                    return Err(give_up(maybe_applied, retries + moving_retries + 1, last));
+                };
+                debug!(method = %call.method, path = %call.path, retry = moving_retries + 1, ?delay, "range moving");
+                tokio::time::sleep(delay).await;
+                moving_retries += 1;
+                continue;
+            }
             let Some(delay) = opts.retry.next_delay(retries, retry_after, remaining, rand::random()) else {
-                return Err(give_up(maybe_applied, retries + 1, last));
+                return Err(give_up(maybe_applied, retries + moving_retries + 1, last));
             };
             debug!(method = %call.method, path = %call.path, ?failure, retry = retries + 1, ?delay, %last, "retrying");
             let wake = tokio::time::Instant::now() + delay;

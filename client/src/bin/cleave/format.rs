@@ -1,4 +1,5 @@
-//! Text rendering for the `cleave` CLI: item lines and the status tables.
+//! Text rendering for the `cleave` CLI: item lines, the status tables and
+//! the small helpers (aligned tables, byte sizes) the other views share.
 //!
 //! Text output is for people; `--output json` is for programs. Items print
 //! as one tab-separated line `key  version  value` so they can still be cut
@@ -105,7 +106,7 @@ pub fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
 }
 
 /// The snake_case name an enum has on the wire.
-fn wire_name<T: Serialize>(v: &T) -> String {
+pub fn wire_name<T: Serialize>(v: &T) -> String {
     match serde_json::to_value(v) {
         Ok(serde_json::Value::String(s)) => s,
         Ok(other) => other.to_string(),
@@ -114,7 +115,7 @@ fn wire_name<T: Serialize>(v: &T) -> String {
 }
 
 /// A key as a JSON string literal, so empty and odd keys stay visible.
-fn quoted(s: &str) -> String {
+pub fn quoted(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"))
 }
 
@@ -122,7 +123,7 @@ fn opt(v: Option<u64>) -> String {
     v.map_or("-".into(), |v| v.to_string())
 }
 
-fn human_bytes(n: u64) -> String {
+pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut unit = 0;

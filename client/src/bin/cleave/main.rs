@@ -14,17 +14,29 @@
 //! | 4 | version conflict (`--if-version` did not match) |
 //! | 5 | outcome unknown (a write may or may not have been applied) |
 //! | 6 | cluster unavailable (retries exhausted) |
+//! | 7 | the split was aborted |
+//!
+//! Operations: `cleave split KEY` (or `--range ID`) starts a split and
+//! follows it with a progress bar to the end; `cleave ops` lists operations,
+//! `cleave ops ID` shows one (following it while it runs) and
+//! `cleave ops cancel ID` (or `cleave cancel ID`) abandons one that has not
+//! committed.
 //!
 //! Logs go to stderr; set `RUST_LOG=debug` to watch routing and retries.
 
+mod follow;
 mod format;
+mod operations;
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use cleave_client::{Client, ClientOptions, Consistency, Error, ScanResult, MAX_SCAN_LIMIT};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use cleave_client::{
+    Client, ClientOptions, Consistency, Error, OpId, OperationView, Phase, ScanResult, MAX_SCAN_LIMIT,
+};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -48,7 +60,7 @@ struct Cli {
 }
 
 const EXIT_CODES: &str = "Exit codes: 0 ok, 1 error, 2 usage, 3 key not found, 4 version conflict, \
-                          5 outcome unknown, 6 cluster unavailable.";
+                          5 outcome unknown, 6 cluster unavailable, 7 split aborted.";
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Output {
@@ -56,9 +68,9 @@ enum Output {
     Json,
 }
 
-/// The subcommands. Operations commands (`split`, `ops`, `move`,
-/// `transfer-leader`, `decommission`) will join this enum as the server
-/// grows the matching admin endpoints.
+/// The subcommands. More operations (`move`, `transfer-leader`,
+/// `decommission`) will join this enum as the server grows the matching
+/// admin endpoints.
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Read a key.
@@ -102,6 +114,50 @@ enum Command {
     },
     /// Show nodes, shards (with leaders) and ranges.
     Status,
+    /// Split a range at KEY (the first key of the new range), or with --range at the median key of range ID.
+    ///
+    /// Follows the split with a progress bar until it is done or aborted, then prints its phase durations
+    /// and how long writes to the moving keys were paused. Exits with 7 if the split was aborted.
+    Split {
+        #[arg(required_unless_present = "range", conflicts_with = "range")]
+        key: Option<String>,
+        /// Split range ID at its median key instead.
+        #[arg(long, value_name = "ID")]
+        range: Option<u64>,
+        /// Print the operation id and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List operations; `ops ID` shows one (following it while it runs); `ops cancel ID` cancels one.
+    Ops(OpsArgs),
+    /// Cancel an operation that has not committed yet (same as `ops cancel ID`).
+    Cancel { id: OpId },
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct OpsArgs {
+    #[command(subcommand)]
+    action: Option<OpsAction>,
+    /// Show this operation; while it runs, follow it with a progress bar.
+    id: Option<OpId>,
+    /// With ID: print the operation as it is now instead of following it.
+    #[arg(long, requires = "id")]
+    no_wait: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum OpsAction {
+    /// Cancel an operation that has not committed yet (its leftovers are cleaned up).
+    Cancel { id: OpId },
+}
+
+/// A split that ended aborted (exit code 7).
+#[derive(Debug, thiserror::Error)]
+#[error("operation {id} was aborted: {reason}")]
+struct Aborted {
+    id: OpId,
+    reason: String,
 }
 
 fn main() -> ExitCode {
@@ -133,6 +189,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(Error::VersionConflict { .. }) => 4,
         Some(Error::Indeterminate(_)) => 5,
         Some(Error::Unavailable { .. }) => 6,
+        _ if e.downcast_ref::<Aborted>().is_some() => 7,
         _ => 1,
     }
 }
@@ -186,6 +243,48 @@ async fn run(cli: Cli) -> Result<()> {
             let status = Status { nodes: &nodes, shards: &shards, ranges: &ranges };
             print(out, &status, || format::status(&nodes, &shards, &ranges))
         }
+        Command::Split { key, range, no_wait } => {
+            let id = match (key, range) {
+                (Some(key), _) => client.split_at(&key).await,
+                (None, Some(range)) => client.split_range(range).await,
+                (None, None) => anyhow::bail!("give a key or --range"),
+            }
+            .context("cannot start the split")?;
+            if no_wait {
+                let started = cleave_client::cleave_metadata::api::OperationStarted { operation_id: id };
+                return print(out, &started, || id.to_string());
+            }
+            if out == Output::Text {
+                eprintln!("split started: operation {id}");
+            }
+            let view = follow::follow(&client, id, out == Output::Json).await?;
+            print(out, &view, || operations::details(&view))?;
+            match view.op.phase {
+                Phase::Aborted => {
+                    Err(Aborted { id, reason: view.op.error.clone().unwrap_or_else(|| "no reason given".into()) }
+                        .into())
+                }
+                _ => Ok(()),
+            }
+        }
+        Command::Ops(OpsArgs { action: Some(OpsAction::Cancel { id }), .. }) | Command::Cancel { id } => {
+            let view = client.cancel_operation(id).await.with_context(|| format!("cannot cancel operation {id}"))?;
+            print(out, &view, || operations::details(&view))
+        }
+        Command::Ops(OpsArgs { action: None, id: None, .. }) => {
+            let mut ops = client.operations().await.context("cannot list the operations")?;
+            ops.sort_by_key(|v| v.op.op_id);
+            print(out, &ops, || operations::ops_table(&ops))
+        }
+        Command::Ops(OpsArgs { action: None, id: Some(id), no_wait }) => {
+            let view: OperationView = client.operation(id).await.with_context(|| format!("operation {id}"))?;
+            let view = if no_wait || view.op.phase.is_terminal() {
+                view
+            } else {
+                follow::follow(&client, id, out == Output::Json).await?
+            };
+            print(out, &view, || operations::details(&view))
+        }
     }
 }
 
@@ -195,10 +294,15 @@ fn print<T: Serialize>(out: Output, value: &T, render: impl FnOnce() -> String) 
         Output::Json => serde_json::to_string_pretty(value).context("cannot encode the output")?,
         Output::Text => render(),
     };
-    if !text.is_empty() {
-        println!("{text}");
+    if text.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}") {
+        // The reader went away (`cleave ops | head`): not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("cannot write to stdout"),
+    }
 }
 
 fn lines(page: &ScanResult) -> String {
@@ -255,10 +359,36 @@ mod tests {
     }
 
     #[test]
+    fn operations_commands_parse() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.command);
+        assert!(
+            matches!(parse(&["cleave", "split", "user5"]), Ok(Command::Split { key: Some(k), range: None, no_wait: false }) if k == "user5")
+        );
+        assert!(matches!(
+            parse(&["cleave", "split", "--range", "3", "--no-wait"]),
+            Ok(Command::Split { key: None, range: Some(3), no_wait: true })
+        ));
+        assert!(parse(&["cleave", "split"]).is_err(), "a key or --range is required");
+        assert!(parse(&["cleave", "split", "k", "--range", "3"]).is_err(), "not both");
+        assert!(matches!(parse(&["cleave", "ops"]), Ok(Command::Ops(OpsArgs { action: None, id: None, .. }))));
+        assert!(matches!(
+            parse(&["cleave", "ops", "12", "--no-wait"]),
+            Ok(Command::Ops(OpsArgs { action: None, id: Some(12), no_wait: true }))
+        ));
+        assert!(matches!(
+            parse(&["cleave", "ops", "cancel", "12"]),
+            Ok(Command::Ops(OpsArgs { action: Some(OpsAction::Cancel { id: 12 }), .. }))
+        ));
+        assert!(matches!(parse(&["cleave", "cancel", "4"]), Ok(Command::Cancel { id: 4 })));
+        assert!(parse(&["cleave", "ops", "--no-wait"]).is_err(), "--no-wait needs an id");
+    }
+
+    #[test]
     fn exit_codes_follow_the_error() {
         assert_eq!(exit_code(&anyhow::Error::new(Error::NotFound)), 3);
         assert_eq!(exit_code(&anyhow::Error::new(Error::VersionConflict { current: 2 }).context("while putting")), 4);
         assert_eq!(exit_code(&anyhow::anyhow!("boom")), 1);
+        assert_eq!(exit_code(&anyhow::Error::new(Aborted { id: 1, reason: "x".into() })), 7);
     }
 
     impl Cli {
