@@ -76,6 +76,11 @@ impl RoutingTable {
     }
 
     /// Whether a directory has been installed.
+    /// Version of the cached directory (0 when none is cached).
+    pub fn directory_version(&self) -> u64 {
+        self.directory.as_ref().map_or(0, |d| d.version)
+    }
+
     pub fn has_directory(&self) -> bool {
         self.directory.is_some()
     }

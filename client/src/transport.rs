@@ -84,8 +84,14 @@ impl Call {
 struct RawAnswer {
     status: u16,
     retry_after: Option<Duration>,
+    /// The answering node's directory version (`x-cleave-directory-version`).
+    directory_version: Option<u64>,
     body: Vec<u8>,
 }
+
+/// Header in which every node states its directory version, so a client
+/// whose cache is older learns that ranges or shards changed.
+pub const DIRECTORY_VERSION_HEADER: &str = "x-cleave-directory-version";
 
 /// The state shared by every clone of a [`crate::Client`].
 pub(crate) struct Inner {
@@ -192,7 +198,8 @@ impl Inner {
                     if self.table().is_suspect(&addr) {
                         self.table_mut().clear_suspect(&addr);
                     }
-                    if retries > 0 || moving_retries > 0 {
+                    let newer = a.directory_version.is_some_and(|v| v > self.table().directory_version());
+                    if retries > 0 || moving_retries > 0 || newer {
                         // Something moved (a leader, a range): once it has
                         // settled, learn where it went.
                         self.spawn_refresh();
@@ -285,8 +292,10 @@ impl Inner {
         let resp = req.send().await?;
         let status = resp.status().as_u16();
         let retry_after = resp.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+        let directory_version =
+            resp.headers().get(DIRECTORY_VERSION_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
         let body = resp.bytes().await?.to_vec();
-        Ok(RawAnswer { status, retry_after, body })
+        Ok(RawAnswer { status, retry_after, directory_version, body })
     }
 
     /// A single GET without retries (refreshes, `health_at`).

@@ -32,6 +32,21 @@ pub struct AppState {
 /// Slack above the value limit for the rest of a PUT body.
 const BODY_OVERHEAD: usize = 64 * 1024;
 
+/// Header stating the answering node's directory version; a client whose
+/// cached directory is older refreshes it (ranges or leaders moved).
+pub const DIRECTORY_VERSION_HEADER: &str = "x-cleave-directory-version";
+
+async fn stamp_directory_version(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let mut resp = next.run(req).await;
+    let version = state.node.directory().version;
+    resp.headers_mut().insert(DIRECTORY_VERSION_HEADER, axum::http::HeaderValue::from(version));
+    resp
+}
+
 /// Builds the API router.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.node.settings.max_value_bytes + BODY_OVERHEAD;
@@ -50,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/operations/{id}/cancel", post(ops::cancel))
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), stamp_directory_version))
         .fallback(admin::not_found)
         .method_not_allowed_fallback(admin::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
