@@ -9,6 +9,7 @@
 //! write deadline; an answer whose outcome is unknown is never retried.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cleave_metadata::{ShardId, META_GROUP};
@@ -16,7 +17,7 @@ use cleave_metadata::{ShardId, META_GROUP};
 use crate::command::{Command, CommandResponse, KvCommand, KvError, KvOp};
 use crate::kv;
 use crate::node::Node;
-use crate::raft::{ReadError, SmState, WriteError};
+use crate::raft::{GroupRaft, ReadError, SmState, WriteError};
 use crate::rpc::{ExecError, NodeReply, NodeRequest};
 
 /// Forwarding hops allowed before giving up (a leader change in flight).
@@ -205,24 +206,36 @@ impl Node {
         Err(last)
     }
 
+    /// Proposes `cmd` to this node's replica of `group`. `Ok(Ok(..))`: it
+    /// was applied here; `Ok(Err(leader))`: this node does not lead the group
+    /// (or has no replica) and the request belongs at `leader`, if known.
+    pub(crate) async fn propose_here(
+        &self,
+        group: u64,
+        cmd: Command,
+        timeout: Duration,
+    ) -> Result<Result<(Arc<GroupRaft>, CommandResponse), Option<u64>>, ExecError> {
+        let Some(g) = self.group(group) else { return Ok(Err(None)) };
+        match tokio::time::timeout(timeout, g.write(cmd)).await {
+            Err(_) => Err(ExecError::Timeout(format!("entry for group {group} not applied in time"))),
+            Ok(Ok(resp)) => Ok(Ok((g, resp))),
+            Ok(Err(WriteError::NotLeader { leader: Some(l) })) if l.node_id != self.id => Ok(Err(Some(l.node_id))),
+            Ok(Err(WriteError::NotLeader { .. })) => Err(ExecError::NoLeader { group }),
+            Ok(Err(WriteError::Indeterminate(m))) => Err(ExecError::Indeterminate(m)),
+            Ok(Err(WriteError::Fatal(m))) => Err(ExecError::Internal(m)),
+        }
+    }
+
     /// Executes a write on `shard`: here if this node leads it, else at the leader.
     pub async fn exec_write(&self, shard: ShardId, cmd: KvCommand, hops: u8) -> Result<u64, ExecError> {
-        let leader = match self.group(shard) {
-            Some(g) => match tokio::time::timeout(self.settings.write_timeout, g.write(Command::Kv(cmd.clone()))).await
-            {
-                Err(_) => return Err(ExecError::Timeout("write not applied in time".into())),
-                Ok(Ok(CommandResponse::Kv(r))) => {
-                    self.sample_key(&g, cmd.key());
-                    g.served.fetch_add(1, Ordering::Relaxed);
-                    return r.map_err(ExecError::Kv);
-                }
-                Ok(Ok(other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
-                Ok(Err(WriteError::NotLeader { leader: Some(l) })) if l.node_id != self.id => Some(l.node_id),
-                Ok(Err(WriteError::NotLeader { .. })) => return Err(ExecError::NoLeader { group: shard }),
-                Ok(Err(WriteError::Indeterminate(m))) => return Err(ExecError::Indeterminate(m)),
-                Ok(Err(WriteError::Fatal(m))) => return Err(ExecError::Internal(m)),
-            },
-            None => None,
+        let leader = match self.propose_here(shard, Command::Kv(cmd.clone()), self.settings.write_timeout).await? {
+            Ok((g, CommandResponse::Kv(r))) => {
+                self.sample_key(&g, cmd.key());
+                g.served.fetch_add(1, Ordering::Relaxed);
+                return r.map_err(ExecError::Kv);
+            }
+            Ok((_, other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
+            Err(leader) => leader,
         };
         match self.forward(shard, hops, leader, |hops| NodeRequest::KvWrite { shard, cmd: cmd.clone(), hops }).await? {
             NodeReply::Written(v) => Ok(v),
@@ -346,20 +359,12 @@ impl Node {
         cmd: cleave_metadata::MetaCommand,
         hops: u8,
     ) -> Result<cleave_metadata::MetaResponse, ExecError> {
-        let leader = match self.group(META_GROUP) {
-            Some(g) => {
-                match tokio::time::timeout(self.settings.write_timeout, g.write(Command::Meta(cmd.clone()))).await {
-                    Err(_) => return Err(ExecError::Timeout("metadata change not applied in time".into())),
-                    Ok(Ok(CommandResponse::Meta(r))) => return r.map_err(ExecError::Meta),
-                    Ok(Ok(other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
-                    Ok(Err(WriteError::NotLeader { leader: Some(l) })) if l.node_id != self.id => Some(l.node_id),
-                    Ok(Err(WriteError::NotLeader { .. })) => return Err(ExecError::NoLeader { group: META_GROUP }),
-                    Ok(Err(WriteError::Indeterminate(m))) => return Err(ExecError::Indeterminate(m)),
-                    Ok(Err(WriteError::Fatal(m))) => return Err(ExecError::Internal(m)),
-                }
-            }
-            None => None,
-        };
+        let leader =
+            match self.propose_here(META_GROUP, Command::Meta(cmd.clone()), self.settings.write_timeout).await? {
+                Ok((_, CommandResponse::Meta(r))) => return r.map_err(ExecError::Meta),
+                Ok((_, other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
+                Err(leader) => leader,
+            };
         match self.forward(META_GROUP, hops, leader, |hops| NodeRequest::MetaPropose { cmd: cmd.clone(), hops }).await?
         {
             NodeReply::Meta(r) => Ok(r),

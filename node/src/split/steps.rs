@@ -9,7 +9,7 @@ use cleave_metadata::{NodeId, ShardId};
 
 use crate::command::{Command, CommandResponse, ShardCommand};
 use crate::node::Node;
-use crate::raft::{GroupRaft, ReplicaNode, SmState, WriteError};
+use crate::raft::{GroupRaft, ReplicaNode, SmState};
 use crate::rpc::{ExecError, NodeReply, NodeRequest};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,17 +52,10 @@ impl Node {
 
     /// Applies a split step through `shard`'s leader; returns the entry's answer.
     pub async fn shard_step(&self, shard: ShardId, cmd: ShardCommand, hops: u8) -> Result<u64, ExecError> {
-        let leader = match self.group(shard) {
-            Some(g) => match tokio::time::timeout(CALL_TIMEOUT, g.write(Command::Shard(cmd.clone()))).await {
-                Err(_) => return Err(ExecError::Timeout("split step not applied in time".into())),
-                Ok(Ok(CommandResponse::Shard(r))) => return r.map_err(ExecError::Internal),
-                Ok(Ok(other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
-                Ok(Err(WriteError::NotLeader { leader: Some(l) })) if l.node_id != self.id => Some(l.node_id),
-                Ok(Err(WriteError::NotLeader { .. })) => return Err(ExecError::NoLeader { group: shard }),
-                Ok(Err(WriteError::Indeterminate(m))) => return Err(ExecError::Indeterminate(m)),
-                Ok(Err(WriteError::Fatal(m))) => return Err(ExecError::Internal(m)),
-            },
-            None => None,
+        let leader = match self.propose_here(shard, Command::Shard(cmd.clone()), CALL_TIMEOUT).await? {
+            Ok((_, CommandResponse::Shard(r))) => return r.map_err(ExecError::Internal),
+            Ok((_, other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
+            Err(leader) => leader,
         };
         match self.forward(shard, hops, leader, |hops| NodeRequest::ShardStep { shard, cmd: cmd.clone(), hops }).await?
         {
