@@ -206,8 +206,14 @@ async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> 
             if !ready {
                 return Ok(false);
             }
-            node.shard_step(*source, ShardCommand::Freeze { op_id: op.op_id }, 0).await?;
-            advance(node, op, Phase::Frozen).await?;
+            // The freeze and its record are independent (both idempotent):
+            // run them together to keep the write pause short.
+            let (frozen, recorded) = tokio::join!(
+                node.shard_step(*source, ShardCommand::Freeze { op_id: op.op_id }, 0),
+                advance(node, op, Phase::Frozen)
+            );
+            frozen?;
+            recorded?;
             Ok(true)
         }
         Phase::Frozen => {
@@ -217,13 +223,25 @@ async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> 
             }
             let st = split_status(node, *source, op.op_id).await?;
             let Some(source_digest) = st.digest else { return Ok(false) };
-            let NodeReply::Incoming { incoming, .. } = node.incoming_status(*target, 0).await? else {
-                return Err(ExecError::Internal("unexpected reply".into()));
-            };
-            let Some(inc) = incoming else { return Err(ExecError::Internal("target is not receiving".into())) };
-            if inc.watermark < st.last_seq {
-                return Ok(false);
+            // Any replica of the target that has applied the forward log up to
+            // the last entry proves the target's log holds it: no read
+            // barrier needed, which keeps the frozen window short.
+            let mut inc = None;
+            for leader_only in [false, true] {
+                let reply = if leader_only {
+                    node.incoming_status(*target, 0).await?
+                } else {
+                    node.incoming_status_any(*target).await?
+                };
+                let NodeReply::Incoming { incoming: Some(i), .. } = reply else {
+                    return Err(ExecError::Internal("target is not receiving".into()));
+                };
+                if i.watermark >= st.last_seq {
+                    inc = Some(i);
+                    break;
+                }
             }
+            let Some(inc) = inc else { return Ok(false) };
             if inc.digest != source_digest {
                 return abort(node, op, &format!("digest mismatch: source {source_digest:x}, target {:x}", inc.digest))
                     .await;

@@ -86,6 +86,23 @@ impl Node {
         .await
     }
 
+    /// A split target's receiving state as applied by any of its replicas
+    /// (this node's if it has one, else the leader's): it may lag, never lead.
+    pub async fn incoming_status_any(&self, shard: ShardId) -> Result<NodeReply, ExecError> {
+        match self.group(shard) {
+            Some(g) => {
+                let (keys, bytes) = g.stats.get();
+                match &*g.state.read().unwrap() {
+                    SmState::Shard(s) => {
+                        Ok(NodeReply::Incoming { incoming: s.incoming.clone(), active: !s.ranges.is_empty(), keys, bytes })
+                    }
+                    SmState::Meta(_) => Err(ExecError::Internal("not a shard".into())),
+                }
+            }
+            None => self.incoming_status(shard, 0).await,
+        }
+    }
+
     /// A key near the middle of `[start, end)` of `shard`, at its leader.
     pub async fn median_key(
         &self,
