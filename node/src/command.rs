@@ -37,7 +37,7 @@ pub enum ShardCommand {
     Ingest { op_id: OpId, source_index: Option<u64>, records: Vec<(String, Vec<u8>)> },
     /// Target: the backfill finished from a source snapshot at `snapshot_index`
     /// whose content digest was `digest`.
-    BackfillDone { op_id: OpId, snapshot_index: u64, digest: u64 },
+    BackfillDone { op_id: OpId, snapshot_index: u64, digest: u64, keys: u64, bytes: u64 },
     /// Target, after commit: start serving `ranges`.
     Activate { op_id: OpId, ranges: Vec<RangeDescriptor> },
 }

@@ -41,6 +41,9 @@ pub struct Incoming {
     pub digest: u64,
     /// Set once the backfill finished: the source's snapshot index and its digest.
     pub backfill: Option<(u64, u64)>,
+    /// Keys and bytes the backfill copied (for progress reports).
+    #[serde(default)]
+    pub backfill_copied: (u64, u64),
 }
 
 /// The ranges a shard owns, and its split bookkeeping.
@@ -312,7 +315,15 @@ mod tests {
         let mut s = ShardState { ranges: vec![r], ..Default::default() };
         assert!(s.check_route("k", 1, 1).is_ok());
         assert!(matches!(s.check_route("k", 1, 2), Err(KvError::WrongRange { .. })));
-        s.incoming = Some(Incoming { op_id: 1, start: "j".into(), end: None, watermark: 0, digest: 0, backfill: None });
+        s.incoming = Some(Incoming {
+            op_id: 1,
+            start: "j".into(),
+            end: None,
+            watermark: 0,
+            digest: 0,
+            backfill: None,
+            backfill_copied: (0, 0),
+        });
         assert_eq!(s.check_route("k", 1, 1), Err(KvError::RangeMoving));
         assert!(s.check_route("a", 1, 1).is_ok());
     }

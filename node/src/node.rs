@@ -239,12 +239,11 @@ impl Node {
         if let Some(addr) = self.leader_hint(group).filter(|n| *n != self.id).and_then(|n| self.raft_addr_of(n)) {
             out.push(addr);
         }
-        if let Some(g) = dir.group(group) {
-            for r in &g.replicas {
-                if r.node_id != self.id {
-                    if let Some(a) = dir.nodes.get(&r.node_id) {
-                        out.push(a.raft_addr.clone());
-                    }
+        // Committed groups, and a split's new shard before it is committed.
+        for r in dir.group_replicas(group).unwrap_or_default() {
+            if r.node_id != self.id {
+                if let Some(a) = dir.nodes.get(&r.node_id) {
+                    out.push(a.raft_addr.clone());
                 }
             }
         }

@@ -30,6 +30,8 @@ pub struct ClusterOpts {
     pub keep_logs: Option<u64>,
     /// Further arguments given to every node.
     pub extra_args: Vec<String>,
+    /// Further arguments given to one node only (after `extra_args`).
+    pub node_args: Vec<(NodeId, Vec<String>)>,
 }
 
 impl ClusterOpts {
@@ -273,6 +275,9 @@ impl Cluster {
             args.extend(["--keep-logs".into(), n.to_string()]);
         }
         args.extend(self.opts.extra_args.iter().cloned());
+        for (_, more) in self.opts.node_args.iter().filter(|(n, _)| *n == id) {
+            args.extend(more.iter().cloned());
+        }
 
         let mut log = OpenOptions::new().create(true).append(true).open(&node.log_path).expect("open node log");
         writeln!(log, "\n===== harness: start #{} of node {id}: {} {}", *starts, self.bin.display(), args.join(" "))
@@ -395,6 +400,40 @@ impl Cluster {
         wait_for(timeout, format_args!("a leader of shard {shard} other than node {old}"), || async {
             self.assert_running();
             self.leader_of_shard(shard).await.filter(|&l| l != old)
+        })
+        .await
+    }
+
+    /// The leader of Raft group `group` (0 is the metadata group) according
+    /// to the nodes' own `/metrics` (`cleave_raft_is_leader{group="N"} 1`):
+    /// the one running node that says it leads, if exactly one does. Unlike
+    /// [`Cluster::leader_of_shard`] this also sees groups that are not in the
+    /// directory yet (the new shard of a split before its commit).
+    pub async fn group_leader(&self, group: ShardId) -> Option<NodeId> {
+        let needle = format!("cleave_raft_is_leader{{group=\"{group}\"}} ");
+        let mut leaders = Vec::new();
+        for id in self.up_ids() {
+            let r = self.http.get_path(&self.api(id), "/metrics").await.ok()?;
+            if r.status != 200 {
+                return None;
+            }
+            let leads = r.body.lines().any(|l| l.strip_prefix(&needle).is_some_and(|v| v.trim() == "1"));
+            if leads {
+                leaders.push(id);
+            }
+        }
+        match leaders[..] {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+
+    /// Waits until [`Cluster::group_leader`] finds a leader of `group` other
+    /// than `not` (any leader when `not` is `None`); returns it.
+    pub async fn wait_for_group_leader(&self, group: ShardId, not: Option<NodeId>, timeout: Duration) -> NodeId {
+        wait_for(timeout, format_args!("a running leader of group {group} other than {not:?}"), || async {
+            self.assert_running();
+            self.group_leader(group).await.filter(|&l| Some(l) != not)
         })
         .await
     }

@@ -9,7 +9,9 @@ use reqwest::{Method, Url};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use cleave_metadata::api::{ErrorBody, ErrorCode, Item, NodeStatus, ScanResult, ShardStatus, WriteResult};
+use cleave_metadata::api::{
+    ErrorBody, ErrorCode, Item, NodeStatus, OperationView, ScanResult, ShardStatus, WriteResult,
+};
 use cleave_metadata::RangeDescriptor;
 
 /// Default time limit of one request: above the node's own request timeout
@@ -281,6 +283,26 @@ impl Http {
     /// `GET /admin/ranges`, decoded.
     pub async fn admin_ranges(&self, base: &str) -> anyhow::Result<Vec<RangeDescriptor>> {
         decode_admin(self.get_path(base, "/admin/ranges").await?)
+    }
+
+    /// `POST /admin/split` with `body` sent as is.
+    pub async fn admin_split(&self, base: &str, body: impl Into<String>) -> anyhow::Result<Resp> {
+        self.send(Method::POST, Self::url(base, "/admin/split"), Some(body.into())).await
+    }
+
+    /// `GET /admin/operations`, decoded.
+    pub async fn admin_operations(&self, base: &str) -> anyhow::Result<Vec<OperationView>> {
+        decode_admin(self.get_path(base, "/admin/operations").await?)
+    }
+
+    /// `GET /admin/operations/{id}`, decoded.
+    pub async fn admin_operation(&self, base: &str, id: u64) -> anyhow::Result<OperationView> {
+        decode_admin(self.get_path(base, &format!("/admin/operations/{id}")).await?)
+    }
+
+    /// `POST /admin/operations/{id}/cancel` (`id` sent as is, for bad ids too).
+    pub async fn cancel_operation(&self, base: &str, id: &str) -> anyhow::Result<Resp> {
+        self.send(Method::POST, Self::url(base, &format!("/admin/operations/{id}/cancel")), None).await
     }
 }
 

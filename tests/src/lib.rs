@@ -24,8 +24,11 @@ pub use http::{Http, Resp};
 pub use model::{Expected, Model};
 pub use wait::{wait_for, wait_until};
 
-pub use cleave_metadata::api::{ErrorBody, ErrorCode, Item, NodeStatus, ScanResult, ShardStatus, WriteResult};
-pub use cleave_metadata::{NodeId, RangeDescriptor, ShardId};
+pub use cleave_metadata::api::{
+    ErrorBody, ErrorCode, Item, Liveness, NodeStatus, OperationStarted, OperationView, ScanResult, ShardStatus,
+    WriteResult,
+};
+pub use cleave_metadata::{NodeId, OpKind, Operation, Phase, RangeDescriptor, RangeState, ShardId};
 
 use std::time::Duration;
 

@@ -53,8 +53,7 @@ pub async fn join(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<JoinResponse>, ApiError> {
     let body = body.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
-    let req: JoinRequest =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid join request: {e}")))?;
+    let req: JoinRequest = super::json_object(&body, r#"{"node_id": n?, "raft_addr": "...", "api_addr": "..."}"#)?;
     let cmd =
         MetaCommand::RegisterNode { node_id: req.node_id, raft_addr: req.raft_addr, api_addr: Some(req.api_addr) };
     match s.node.propose_meta(cmd, 0).await? {

@@ -74,12 +74,7 @@ pub async fn put(
 ) -> Result<Json<WriteResult>, ApiError> {
     let key = key_of(path)?;
     let body = body.map_err(body_error)?;
-    // serde would also accept a JSON array ([value, if_version]); only an object is a PutBody.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ApiError::bad_request("body must be a JSON object {\"value\": <json>, \"if_version\": n?}"));
-    }
-    let req: PutBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("body must be {{\"value\": <json>, \"if_version\": n?}}: {e}")))?;
+    let req: PutBody = super::json_object(&body, r#"{"value": <json>, "if_version": n?}"#)?;
     let max = s.node.settings.max_value_bytes;
     let value = req.value.get();
     if value.len() > max {

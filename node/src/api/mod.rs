@@ -47,6 +47,15 @@ async fn stamp_directory_version(
     resp
 }
 
+/// Parses a request body that must be a JSON object. serde would also
+/// accept an array for a struct (fields in order), which no client means.
+pub fn json_object<T: serde::de::DeserializeOwned>(body: &[u8], shape: &str) -> Result<T, ApiError> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(format!("body must be a JSON object {shape}")));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("body must be {shape}: {e}")))
+}
+
 /// Builds the API router.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.node.settings.max_value_bytes + BODY_OVERHEAD;

@@ -15,8 +15,7 @@ pub async fn split(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<OperationStarted>, ApiError> {
     let body = body.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
-    let req: SplitRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("body must be {{\"key\": ...}} or {{\"range_id\": n}}: {e}")))?;
+    let req: SplitRequest = super::json_object(&body, r#"{"key": "..."} or {"range_id": n}"#)?;
     match (&req.key, req.range_id) {
         (Some(_), Some(_)) | (None, None) => {
             return Err(ApiError::bad_request("give exactly one of \"key\" and \"range_id\""));

@@ -112,9 +112,10 @@ pub fn apply(
             }
             Ok(index)
         }
-        ShardCommand::BackfillDone { op_id, snapshot_index, digest } => {
+        ShardCommand::BackfillDone { op_id, snapshot_index, digest, keys, bytes } => {
             if let Some(inc) = state.incoming.as_mut().filter(|i| i.op_id == *op_id) {
                 inc.backfill = Some((*snapshot_index, *digest));
+                inc.backfill_copied = (*keys, *bytes);
             }
             Ok(index)
         }

@@ -139,6 +139,7 @@ async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> 
                     watermark: 0,
                     digest: 0,
                     backfill: None,
+                    backfill_copied: (0, 0),
                 }),
                 ..Default::default()
             });
@@ -194,11 +195,15 @@ async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> 
             let ready = st.backfill_done && st.last_seq.saturating_sub(st.shipped) <= FREEZE_BACKLOG;
             if ready || last_progress.elapsed() > Duration::from_millis(500) {
                 *last_progress = Instant::now();
+                // A forwarder restarted after the backfill knows no copy
+                // figures: keep the ones reported before.
+                let copied = if st.bytes_copied >= op.progress.bytes_copied { &st } else { &Default::default() };
+                let old = &op.progress;
                 let progress = Progress {
-                    keys_copied: st.keys_copied,
-                    bytes_copied: st.bytes_copied,
-                    keys_total: st.keys_total,
-                    bytes_total: st.bytes_total,
+                    keys_copied: copied.keys_copied.max(old.keys_copied),
+                    bytes_copied: copied.bytes_copied.max(old.bytes_copied),
+                    keys_total: copied.keys_total.max(old.keys_total),
+                    bytes_total: copied.bytes_total.max(old.bytes_total),
                     forward_backlog: st.last_seq.saturating_sub(st.shipped),
                 };
                 meta(node, MetaCommand::ReportProgress { op_id: op.op_id, progress }).await?;

@@ -110,10 +110,20 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
     };
     tracing::debug!(group, op = cap.op_id, "forwarder: target state read");
     let (snap_index, mut digest) = match incoming.backfill {
-        Some(done) => done,
+        Some(done) => {
+            // Done by an earlier forwarder: take its figures from the target.
+            let (keys, bytes) = incoming.backfill_copied;
+            let mut st = status.lock().unwrap();
+            (st.keys_copied, st.keys_total, st.bytes_copied, st.bytes_total) = (keys, keys, bytes, bytes);
+            done
+        }
         None => {
             let (s, d) = backfill(node, group, cap, status).await?;
-            let cmd = ShardCommand::BackfillDone { op_id: cap.op_id, snapshot_index: s, digest: d };
+            let (keys, bytes) = {
+                let st = status.lock().unwrap();
+                (st.keys_copied, st.bytes_copied)
+            };
+            let cmd = ShardCommand::BackfillDone { op_id: cap.op_id, snapshot_index: s, digest: d, keys, bytes };
             node.shard_step(cap.target, cmd, 0).await?;
             (s, d)
         }

@@ -93,9 +93,12 @@ impl Node {
             Some(g) => {
                 let (keys, bytes) = g.stats.get();
                 match &*g.state.read().unwrap() {
-                    SmState::Shard(s) => {
-                        Ok(NodeReply::Incoming { incoming: s.incoming.clone(), active: !s.ranges.is_empty(), keys, bytes })
-                    }
+                    SmState::Shard(s) => Ok(NodeReply::Incoming {
+                        incoming: s.incoming.clone(),
+                        active: !s.ranges.is_empty(),
+                        keys,
+                        bytes,
+                    }),
                     SmState::Meta(_) => Err(ExecError::Internal("not a shard".into())),
                 }
             }
