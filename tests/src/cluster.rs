@@ -282,37 +282,7 @@ impl Cluster {
         let mut log = OpenOptions::new().create(true).append(true).open(&node.log_path).expect("open node log");
         writeln!(log, "\n===== harness: start #{} of node {id}: {} {}", *starts, self.bin.display(), args.join(" "))
             .expect("write node log");
-        let mut cmd = Command::new(&self.bin);
-        // The node reads CLEAVE_* settings from its environment: keep the
-        // developer's shell out of the test.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("CLEAVE_") {
-                cmd.env_remove(name);
-            }
-        }
-        if let Some(filter) = node_log_filter() {
-            cmd.env("RUST_LOG", filter);
-        }
-        cmd.args(&args)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log);
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: only async-signal-safe libc calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Die with the test process, even if it is killed itself.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The parent may have died before prctl took effect.
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
+        let cmd = node_command(&self.bin, &args, log);
         let child = spawn_from_spawner_thread(cmd)
             .unwrap_or_else(|e| panic!("cannot start {} for node {id}: {e}", self.bin.display()));
         *node.child() = Some(child);
@@ -564,6 +534,73 @@ fn tail(path: &Path, lines: usize) -> String {
         None => l.to_owned(),
     };
     all[all.len().saturating_sub(lines)..].iter().map(|l| shorten(l)).collect::<Vec<_>>().join("\n")
+}
+
+/// The command that starts a `cleave-node` with `args`, logging to `log`:
+/// no inherited `CLEAVE_*` settings, and dying with the test process.
+fn node_command(bin: &Path, args: &[String], log: std::fs::File) -> Command {
+    let mut cmd = Command::new(bin);
+    // The node reads CLEAVE_* settings from its environment: keep the
+    // developer's shell out of the test.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("CLEAVE_") {
+            cmd.env_remove(name);
+        }
+    }
+    if let Some(filter) = node_log_filter() {
+        cmd.env("RUST_LOG", filter);
+    }
+    cmd.args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log handle"))
+        .stderr(log);
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe libc calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Die with the test process, even if it is killed itself.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// A node process started outside a [`Cluster`] (e.g. one that joins it);
+/// killed when dropped.
+pub struct ExtraNode {
+    child: Child,
+    pub log_path: PathBuf,
+}
+
+impl ExtraNode {
+    /// Starts `cleave-node` with `args`, logging to `log_path`.
+    pub fn start(args: &[String], log_path: PathBuf) -> ExtraNode {
+        let log = OpenOptions::new().create(true).append(true).open(&log_path).expect("open node log");
+        let child = spawn_from_spawner_thread(node_command(&node_binary(), args, log)).expect("start cleave-node");
+        ExtraNode { child, log_path }
+    }
+
+    /// The last `lines` lines of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for ExtraNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);

@@ -19,7 +19,7 @@ pub mod http;
 pub mod model;
 pub mod wait;
 
-pub use cluster::{Cluster, ClusterOpts, NodeHandle};
+pub use cluster::{free_ports, Cluster, ClusterOpts, ExtraNode, NodeHandle};
 pub use http::{Http, Resp};
 pub use model::{Expected, Model};
 pub use wait::{wait_for, wait_until};
