@@ -66,42 +66,14 @@ impl Node {
 
     /// A split target's receiving state, its live keys and bytes, read at its leader.
     pub async fn incoming_status(&self, shard: ShardId, hops: u8) -> Result<NodeReply, ExecError> {
-        self.at_leader(
-            shard,
-            hops,
-            |hops| NodeRequest::IncomingStatus { shard, hops },
-            |g| {
-                let (keys, bytes) = g.stats.get();
-                match &*g.state.read().unwrap() {
-                    SmState::Shard(s) => Ok(NodeReply::Incoming {
-                        incoming: s.incoming.clone(),
-                        active: !s.ranges.is_empty(),
-                        keys,
-                        bytes,
-                    }),
-                    SmState::Meta(_) => Err(ExecError::Internal("not a shard".into())),
-                }
-            },
-        )
-        .await
+        self.at_leader(shard, hops, |hops| NodeRequest::IncomingStatus { shard, hops }, incoming_of).await
     }
 
     /// A split target's receiving state as applied by any of its replicas
     /// (this node's if it has one, else the leader's): it may lag, never lead.
     pub async fn incoming_status_any(&self, shard: ShardId) -> Result<NodeReply, ExecError> {
         match self.group(shard) {
-            Some(g) => {
-                let (keys, bytes) = g.stats.get();
-                match &*g.state.read().unwrap() {
-                    SmState::Shard(s) => Ok(NodeReply::Incoming {
-                        incoming: s.incoming.clone(),
-                        active: !s.ranges.is_empty(),
-                        keys,
-                        bytes,
-                    }),
-                    SmState::Meta(_) => Err(ExecError::Internal("not a shard".into())),
-                }
-            }
+            Some(g) => incoming_of(&g),
             None => self.incoming_status(shard, 0).await,
         }
     }
@@ -184,5 +156,16 @@ impl Node {
             }
             s.push_back(key.to_string());
         }
+    }
+}
+
+/// The receiving state of a replica as applied here.
+fn incoming_of(g: &GroupRaft) -> Result<NodeReply, ExecError> {
+    let (keys, bytes) = g.stats.get();
+    match &*g.state.read().unwrap() {
+        SmState::Shard(s) => {
+            Ok(NodeReply::Incoming { incoming: s.incoming.clone(), active: !s.ranges.is_empty(), keys, bytes })
+        }
+        SmState::Meta(_) => Err(ExecError::Internal("not a shard".into())),
     }
 }
