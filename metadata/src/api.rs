@@ -133,12 +133,40 @@ pub enum Liveness {
     Unknown,
 }
 
+/// A node's condition in one word: its lifecycle state when it is leaving
+/// or gone, else its liveness.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeCondition {
+    Up,
+    Suspect,
+    Down,
+    Unknown,
+    Decommissioning,
+    Removed,
+}
+
+impl NodeCondition {
+    pub fn of(state: NodeState, liveness: Liveness) -> NodeCondition {
+        match (state, liveness) {
+            (NodeState::Removed, _) => NodeCondition::Removed,
+            (NodeState::Decommissioning, _) => NodeCondition::Decommissioning,
+            (NodeState::Active, Liveness::Up) => NodeCondition::Up,
+            (NodeState::Active, Liveness::Suspect) => NodeCondition::Suspect,
+            (NodeState::Active, Liveness::Down) => NodeCondition::Down,
+            (NodeState::Active, Liveness::Unknown) => NodeCondition::Unknown,
+        }
+    }
+}
+
 /// One row of `GET /admin/nodes`.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct NodeStatus {
     pub id: NodeId,
     pub raft_addr: String,
     pub api_addr: Option<String>,
+    /// up, suspect, down, unknown (not heard from yet), decommissioning, removed.
+    pub status: NodeCondition,
     pub state: NodeState,
     pub liveness: Liveness,
     /// Milliseconds since the last heartbeat reached the metadata leader.
@@ -173,7 +201,32 @@ pub struct SplitRequest {
     pub range_id: Option<u64>,
 }
 
-/// Answer to a split request.
+/// `POST /admin/move` body: replace `shard_id`'s replica on `from_node` with
+/// a new one on `to_node` (shard 0 is the metadata group).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    pub shard_id: ShardId,
+    pub from_node: NodeId,
+    pub to_node: NodeId,
+}
+
+/// `POST /admin/transfer-leader` body.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TransferLeaderRequest {
+    pub shard_id: ShardId,
+    pub to_node: NodeId,
+}
+
+/// Answer to a leader transfer: who leads now.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TransferLeaderResponse {
+    pub shard_id: ShardId,
+    pub leader: NodeId,
+}
+
+/// Answer to a split or move request.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct OperationStarted {
     pub operation_id: u64,

@@ -57,6 +57,14 @@ pub enum MetaCommand {
     ReportProgress { op_id: OpId, progress: Progress },
     /// The commit point of a split: the moving range now belongs to the new shard.
     CommitSplit { op_id: OpId, now_ms: u64 },
+    /// Start moving group `shard_id`'s replica on `from_node` to `to_node`
+    /// (a new replica id is allocated). The group is busy until it ends.
+    PlanMove { shard_id: ShardId, from_node: NodeId, to_node: NodeId, reason: String, now_ms: u64 },
+    /// A move's group has flattened its joint configuration: record the new
+    /// replica set.
+    CommitMove { op_id: OpId, now_ms: u64 },
+    /// Change a node's lifecycle state (decommission, recommission, remove).
+    SetNodeState { node_id: NodeId, state: NodeState },
     /// Abandon an operation that has not committed.
     AbortOp { op_id: OpId, reason: String, now_ms: u64 },
     /// A committed operation finished; `write_pause_ms` as measured by the driver.
@@ -93,8 +101,18 @@ pub enum MetaError {
     UnknownOp(OpId),
     #[error("operation {op_id} is {current:?}, not {expected:?}")]
     WrongPhase { op_id: OpId, current: Phase, expected: Phase },
-    #[error("operation {0} has committed and can no longer be aborted")]
+    #[error("operation {0} is past its point of no return and can no longer be aborted")]
     AlreadyCommitted(OpId),
+    #[error("no shard {0}")]
+    UnknownShard(ShardId),
+    #[error("no node {0}")]
+    UnknownNode(NodeId),
+    #[error("shard {shard_id} is busy with operation {op_id}")]
+    ShardBusy { shard_id: ShardId, op_id: OpId },
+    #[error("cannot move: {0}")]
+    BadMove(String),
+    #[error("node {node}: {msg}")]
+    BadNodeState { node: NodeId, msg: String },
 }
 
 /// The replicated directory.
@@ -220,17 +238,50 @@ impl Directory {
     }
 
     /// The replicas of a group, including a shard still being created by a
-    /// running split (not yet in `shards`).
+    /// running split (not yet in `shards`) and a running move's new replica.
     pub fn group_replicas(&self, id: ShardId) -> Option<Vec<Replica>> {
-        if let Some(g) = self.group(id) {
-            return Some(g.replicas.clone());
-        }
-        self.ops.values().find_map(|op| match &op.kind {
-            OpKind::Split { target, target_replicas, .. } if *target == id && !op.phase.is_terminal() => {
-                Some(target_replicas.clone())
+        let mut out = self.group(id).map(|g| g.replicas.clone());
+        for op in self.ops.values().filter(|op| !op.phase.is_terminal()) {
+            for (group, r) in op.kind.new_replicas() {
+                if group == id {
+                    let v = out.get_or_insert_with(Vec::new);
+                    if !v.contains(&r) {
+                        v.push(r);
+                    }
+                }
             }
-            _ => None,
-        })
+        }
+        out
+    }
+
+    /// Whether `node` should host a replica of `group`: the directory lists
+    /// one there, or an unfinished operation is creating one there. A node
+    /// holding a replica for which this is false may delete it.
+    pub fn expects_replica(&self, node: NodeId, group: ShardId) -> bool {
+        self.group(group).is_some_and(|g| g.replica_on(node).is_some())
+            || self
+                .active_ops()
+                .filter(|op| op.phase != Phase::Aborted)
+                .flat_map(|op| op.kind.new_replicas())
+                .any(|(g, r)| g == group && r.node_id == node)
+    }
+
+    /// Replicas on `node`: listed in the directory plus those unfinished
+    /// operations are creating there.
+    pub fn replica_count(&self, node: NodeId) -> usize {
+        let pending = self
+            .ops
+            .values()
+            .filter(|op| !op.phase.is_terminal() && op.phase != Phase::Committed)
+            .flat_map(|op| op.kind.new_replicas())
+            .filter(|(g, r)| r.node_id == node && self.group(*g).is_none_or(|d| d.replica_on(node).is_none()))
+            .count();
+        self.groups_on(node).count() + pending
+    }
+
+    /// The unfinished operation holding `group`, if any.
+    pub fn group_busy(&self, group: ShardId) -> Option<OpId> {
+        self.active_ops().find(|op| op.kind.groups().contains(&group)).map(|op| op.op_id)
     }
 
     /// The range with id `id`, by its start key.
@@ -290,8 +341,10 @@ impl Directory {
             }
         }
         let source = range.shard_id;
+        if let Some(op_id) = self.group_busy(source) {
+            return Err(MetaError::ShardBusy { shard_id: source, op_id });
+        }
         let op_id = self.next_op_id.max(1);
-        self.next_op_id = op_id + 1;
         let target = self.alloc_shard_id();
         let new_range_id = self.alloc_range_id();
         let target_replicas =
@@ -306,31 +359,29 @@ impl Directory {
             target_replicas,
             reason: reason.to_string(),
         };
-        self.ops.insert(
-            op_id,
-            Operation {
-                op_id,
-                kind,
-                phase: Phase::Planned,
-                history: vec![(Phase::Planned, now_ms)],
-                progress: Progress::default(),
-                write_pause_ms: None,
-                error: None,
-                cleaned: false,
-            },
-        );
+        let created = self.new_op(kind, now_ms);
+        debug_assert_eq!(created, op_id);
         Ok(op_id)
     }
 
     fn advance(&mut self, op_id: OpId, from: Phase, to: Phase, now_ms: u64) -> Result<(), MetaError> {
-        let allowed = matches!(
-            (from, to),
-            (Phase::Planned, Phase::Created)
-                | (Phase::Created, Phase::Capturing)
-                | (Phase::Capturing, Phase::Frozen)
-                | (Phase::Committed, Phase::Done)
-        );
         let op = self.op_mut(op_id)?;
+        let allowed = match op.kind {
+            OpKind::Split { .. } => matches!(
+                (from, to),
+                (Phase::Planned, Phase::Created)
+                    | (Phase::Created, Phase::Capturing)
+                    | (Phase::Capturing, Phase::Frozen)
+                    | (Phase::Committed, Phase::Done)
+            ),
+            OpKind::Move { .. } => matches!(
+                (from, to),
+                (Phase::Planned, Phase::Created)
+                    | (Phase::Created, Phase::Learning)
+                    | (Phase::Learning, Phase::Joint)
+                    | (Phase::Committed, Phase::Done)
+            ),
+        };
         if op.phase == to {
             return Ok(());
         }
@@ -349,7 +400,9 @@ impl Directory {
             Phase::Frozen => {}
             current => return Err(MetaError::WrongPhase { op_id, current, expected: Phase::Frozen }),
         }
-        let OpKind::Split { range_id, split_key, target, new_range_id, target_replicas, .. } = op.kind.clone();
+        let OpKind::Split { range_id, split_key, target, new_range_id, target_replicas, .. } = op.kind.clone() else {
+            return Err(MetaError::WrongPhase { op_id, current: op.phase, expected: Phase::Frozen });
+        };
         op.phase = Phase::Committed;
         op.history.push((Phase::Committed, now_ms));
         let start = self.range_start(range_id).ok_or(MetaError::UnknownRange(range_id))?;
@@ -374,13 +427,13 @@ impl Directory {
         let op = self.op_mut(op_id)?;
         match op.phase {
             Phase::Aborted => return Ok(()),
-            Phase::Committed | Phase::Done => return Err(MetaError::AlreadyCommitted(op_id)),
+            Phase::Joint | Phase::Committed | Phase::Done => return Err(MetaError::AlreadyCommitted(op_id)),
             _ => {}
         }
         op.phase = Phase::Aborted;
         op.error = Some(reason.to_string());
         op.history.push((Phase::Aborted, now_ms));
-        let OpKind::Split { range_id, .. } = &op.kind;
+        let OpKind::Split { range_id, .. } = &op.kind else { return Ok(()) };
         let range_id = *range_id;
         if let Some(start) = self.range_start(range_id) {
             let r = self.ranges.get_mut(&start).expect("range");
@@ -388,6 +441,94 @@ impl Directory {
                 r.state = RangeState::Active;
             }
         }
+        Ok(())
+    }
+
+    fn new_op(&mut self, kind: OpKind, now_ms: u64) -> OpId {
+        let op_id = self.next_op_id.max(1);
+        self.next_op_id = op_id + 1;
+        self.ops.insert(
+            op_id,
+            Operation {
+                op_id,
+                kind,
+                phase: Phase::Planned,
+                history: vec![(Phase::Planned, now_ms)],
+                progress: Progress::default(),
+                write_pause_ms: None,
+                error: None,
+                cleaned: false,
+            },
+        );
+        op_id
+    }
+
+    fn plan_move(
+        &mut self,
+        shard_id: ShardId,
+        from_node: NodeId,
+        to_node: NodeId,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<OpId, MetaError> {
+        let group = self.group(shard_id).ok_or(MetaError::UnknownShard(shard_id))?;
+        let from = group
+            .replica_on(from_node)
+            .cloned()
+            .ok_or_else(|| MetaError::BadMove(format!("node {from_node} holds no replica of shard {shard_id}")))?;
+        if group.replica_on(to_node).is_some() {
+            return Err(MetaError::BadMove(format!("node {to_node} already holds a replica of shard {shard_id}")));
+        }
+        match self.nodes.get(&to_node) {
+            None => return Err(MetaError::UnknownNode(to_node)),
+            Some(n) if n.state != NodeState::Active => {
+                return Err(MetaError::BadMove(format!("node {to_node} is not active")));
+            }
+            Some(_) => {}
+        }
+        if let Some(op_id) = self.group_busy(shard_id) {
+            return Err(MetaError::ShardBusy { shard_id, op_id });
+        }
+        let to = Replica { replica_id: self.alloc_replica_id(), node_id: to_node };
+        Ok(self.new_op(OpKind::Move { shard_id, from, to, reason: reason.to_string() }, now_ms))
+    }
+
+    fn commit_move(&mut self, op_id: OpId, now_ms: u64) -> Result<(), MetaError> {
+        let op = self.op_mut(op_id)?;
+        match op.phase {
+            Phase::Committed | Phase::Done => return Ok(()),
+            Phase::Joint => {}
+            current => return Err(MetaError::WrongPhase { op_id, current, expected: Phase::Joint }),
+        }
+        let OpKind::Move { shard_id, from, to, .. } = op.kind.clone() else {
+            return Err(MetaError::WrongPhase { op_id, current: op.phase, expected: Phase::Joint });
+        };
+        op.phase = Phase::Committed;
+        op.history.push((Phase::Committed, now_ms));
+        let group = if shard_id == META_GROUP { self.meta.as_mut() } else { self.shards.get_mut(&shard_id) };
+        let group = group.ok_or(MetaError::UnknownShard(shard_id))?;
+        group.replicas.retain(|r| r.replica_id != from.replica_id);
+        if !group.replicas.contains(&to) {
+            group.replicas.push(to);
+        }
+        group.conf_version += 1;
+        Ok(())
+    }
+
+    fn set_node_state(&mut self, node_id: NodeId, state: NodeState) -> Result<(), MetaError> {
+        let hosted = self.replica_count(node_id);
+        let node = self.nodes.get_mut(&node_id).ok_or(MetaError::UnknownNode(node_id))?;
+        let bad = |msg: &str| Err(MetaError::BadNodeState { node: node_id, msg: msg.to_string() });
+        match (node.state, state) {
+            (a, b) if a == b => return Ok(()),
+            (NodeState::Removed, _) => return bad("was removed and cannot come back"),
+            (NodeState::Active, NodeState::Removed) => return bad("decommission it first"),
+            (NodeState::Decommissioning, NodeState::Removed) if hosted > 0 => {
+                return bad(&format!("still hosts {hosted} replicas"));
+            }
+            _ => {}
+        }
+        node.state = state;
         Ok(())
     }
 
@@ -461,6 +602,17 @@ impl Directory {
             }
             MetaCommand::CommitSplit { op_id, now_ms } => {
                 self.commit_split(*op_id, *now_ms)?;
+                MetaResponse::Done
+            }
+            MetaCommand::PlanMove { shard_id, from_node, to_node, reason, now_ms } => {
+                MetaResponse::Op(self.plan_move(*shard_id, *from_node, *to_node, reason, *now_ms)?)
+            }
+            MetaCommand::CommitMove { op_id, now_ms } => {
+                self.commit_move(*op_id, *now_ms)?;
+                MetaResponse::Done
+            }
+            MetaCommand::SetNodeState { node_id, state } => {
+                self.set_node_state(*node_id, *state)?;
                 MetaResponse::Done
             }
             MetaCommand::AbortOp { op_id, reason, now_ms } => {
@@ -736,5 +888,122 @@ mod split_tests {
         assert_eq!(d.ops[&op].history.len(), 2);
         let back = d.apply(&MetaCommand::AdvanceOp { op_id: op, from: Phase::Created, to: Phase::Planned, now_ms: 1 });
         assert!(back.is_err());
+    }
+}
+
+#[cfg(test)]
+mod move_tests {
+    use super::*;
+
+    fn dir4() -> Directory {
+        let mut d = Directory::bootstrap(&[(1, "a:1".into()), (2, "a:2".into()), (3, "a:3".into())], 3);
+        d.apply(&MetaCommand::RegisterNode { node_id: Some(4), raft_addr: "a:4".into(), api_addr: None }).unwrap();
+        d
+    }
+
+    fn plan(d: &mut Directory, shard_id: ShardId, from_node: NodeId, to_node: NodeId) -> Result<OpId, MetaError> {
+        match d.apply(&MetaCommand::PlanMove { shard_id, from_node, to_node, reason: "admin".into(), now_ms: 1 })? {
+            MetaResponse::Op(id) => Ok(id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn to_joint(d: &mut Directory, op: OpId) {
+        for (from, to) in
+            [(Phase::Planned, Phase::Created), (Phase::Created, Phase::Learning), (Phase::Learning, Phase::Joint)]
+        {
+            d.apply(&MetaCommand::AdvanceOp { op_id: op, from, to, now_ms: 2 }).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_move_replaces_the_replica_with_a_fresh_id() {
+        let mut d = dir4();
+        let old_ids: Vec<_> = d.shards[&1].replicas.iter().map(|r| r.replica_id).collect();
+        let op = plan(&mut d, 1, 1, 4).unwrap();
+        let OpKind::Move { to, .. } = d.ops[&op].kind.clone() else { panic!() };
+        assert!(!old_ids.contains(&to.replica_id), "member ids are never reused");
+        assert!(d.expects_replica(4, 1), "the target may keep its new replica while the move runs");
+        assert_eq!(d.replica_count(4), 1);
+        assert_eq!(d.group_replicas(1).unwrap().len(), 4, "routing knows the learner");
+        assert!(matches!(plan(&mut d, 1, 2, 4), Err(MetaError::ShardBusy { .. })), "one operation per shard");
+        let split = d.apply(&MetaCommand::PlanSplit {
+            range_id: 1,
+            split_key: "m".into(),
+            target_nodes: vec![2, 3, 4],
+            reason: "admin".into(),
+            now_ms: 1,
+        });
+        assert!(matches!(split, Err(MetaError::ShardBusy { .. })), "no split of a shard being moved");
+        to_joint(&mut d, op);
+        assert_eq!(
+            d.apply(&MetaCommand::AbortOp { op_id: op, reason: "x".into(), now_ms: 3 }),
+            Err(MetaError::AlreadyCommitted(op)),
+            "no abort once the joint configuration may exist"
+        );
+        let v = d.shards[&1].conf_version;
+        d.apply(&MetaCommand::CommitMove { op_id: op, now_ms: 3 }).unwrap();
+        d.apply(&MetaCommand::CommitMove { op_id: op, now_ms: 3 }).unwrap();
+        let nodes: Vec<_> = d.shards[&1].replicas.iter().map(|r| r.node_id).collect();
+        assert_eq!(nodes, vec![2, 3, 4]);
+        assert_eq!(d.shards[&1].conf_version, v + 1);
+        assert!(!d.expects_replica(1, 1), "the source may delete its replica");
+        d.apply(&MetaCommand::FinishOp { op_id: op, write_pause_ms: None, now_ms: 4 }).unwrap();
+        assert!(d.group_busy(1).is_none());
+        d.check().unwrap();
+    }
+
+    #[test]
+    fn the_metadata_group_moves_too() {
+        let mut d = dir4();
+        let op = plan(&mut d, META_GROUP, 2, 4).unwrap();
+        to_joint(&mut d, op);
+        d.apply(&MetaCommand::CommitMove { op_id: op, now_ms: 3 }).unwrap();
+        let nodes: Vec<_> = d.meta.as_ref().unwrap().replicas.iter().map(|r| r.node_id).collect();
+        assert_eq!(nodes, vec![1, 3, 4]);
+    }
+
+    #[test]
+    fn bad_moves_are_refused() {
+        let mut d = dir4();
+        assert_eq!(plan(&mut d, 9, 1, 4), Err(MetaError::UnknownShard(9)));
+        assert!(matches!(plan(&mut d, 1, 4, 1), Err(MetaError::BadMove(_))), "no replica on the source");
+        assert!(matches!(plan(&mut d, 1, 1, 2), Err(MetaError::BadMove(_))), "target already a member");
+        assert_eq!(plan(&mut d, 1, 1, 7), Err(MetaError::UnknownNode(7)));
+        d.apply(&MetaCommand::SetNodeState { node_id: 4, state: NodeState::Decommissioning }).unwrap();
+        assert!(matches!(plan(&mut d, 1, 1, 4), Err(MetaError::BadMove(_))), "target decommissioning");
+    }
+
+    #[test]
+    fn an_aborted_move_frees_the_shard_and_its_learner_is_unwanted() {
+        let mut d = dir4();
+        let op = plan(&mut d, 1, 1, 4).unwrap();
+        d.apply(&MetaCommand::AdvanceOp { op_id: op, from: Phase::Planned, to: Phase::Created, now_ms: 2 }).unwrap();
+        let skip =
+            d.apply(&MetaCommand::AdvanceOp { op_id: op, from: Phase::Created, to: Phase::Capturing, now_ms: 2 });
+        assert!(matches!(skip, Err(MetaError::WrongPhase { .. })), "split phases are not move phases");
+        d.apply(&MetaCommand::AbortOp { op_id: op, reason: "cancelled".into(), now_ms: 3 }).unwrap();
+        assert!(!d.expects_replica(4, 1));
+        assert!(d.apply(&MetaCommand::CommitMove { op_id: op, now_ms: 4 }).is_err());
+        assert_eq!(d.group_busy(1), Some(op), "busy until its leftovers are cleaned");
+        d.apply(&MetaCommand::MarkCleaned { op_id: op }).unwrap();
+        assert_eq!(d.group_busy(1), None);
+        assert_eq!(d.shards[&1].replicas.iter().map(|r| r.node_id).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn node_lifecycle() {
+        let mut d = dir4();
+        let set = |d: &mut Directory, node_id, state| d.apply(&MetaCommand::SetNodeState { node_id, state });
+        assert!(matches!(set(&mut d, 1, NodeState::Removed), Err(MetaError::BadNodeState { .. })));
+        set(&mut d, 1, NodeState::Decommissioning).unwrap();
+        assert!(matches!(set(&mut d, 1, NodeState::Removed), Err(MetaError::BadNodeState { .. })), "still hosts");
+        set(&mut d, 1, NodeState::Active).unwrap();
+        set(&mut d, 4, NodeState::Decommissioning).unwrap();
+        set(&mut d, 4, NodeState::Removed).unwrap();
+        assert!(matches!(set(&mut d, 4, NodeState::Active), Err(MetaError::BadNodeState { .. })));
+        assert_eq!(set(&mut d, 9, NodeState::Decommissioning), Err(MetaError::UnknownNode(9)));
+        let rejoin = d.apply(&MetaCommand::RegisterNode { node_id: Some(4), raft_addr: "a:4".into(), api_addr: None });
+        assert_eq!(rejoin, Err(MetaError::NodeRemoved(4)));
     }
 }

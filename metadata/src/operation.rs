@@ -1,4 +1,4 @@
-//! Long-running operations recorded in the directory (splits for now).
+//! Long-running operations recorded in the directory: splits and replica moves.
 //!
 //! An [`Operation`] is the durable memory of a multi-step change: every phase
 //! transition is a metadata Raft entry, so whichever node leads the metadata
@@ -10,6 +10,16 @@
 //! `Planned → Created → Capturing → Frozen → Committed → Done`, or
 //! `Aborted` from any phase before `Committed`. Commit is the point of no
 //! return: it rewrites the directory's ranges in the same entry.
+//!
+//! Phases of a replica move (learner first, then joint consensus, as in TiKV
+//! and CockroachDB): `Planned → Created → Learning → Joint → Committed → Done`.
+//! The new replica gets a fresh replica id (member ids are never reused), is
+//! created empty on the target node, added to the group as a learner and
+//! caught up by log or snapshot; then the group enters the joint
+//! configuration `{old} ∧ {new}` and flattens it to `{new}`. `Joint` is the
+//! point of no return (a move is only aborted before it); `Committed` records
+//! the new replica set in the directory; `Done` means the source replica's
+//! data is gone.
 
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +40,11 @@ pub enum Phase {
     Capturing,
     /// The old shard refuses writes to the moving range; verify, then commit.
     Frozen,
+    /// A move's new replica is a learner of the group, catching up.
+    Learning,
+    /// A move's group is in (or entering) the joint configuration; it can
+    /// only go forward from here.
+    Joint,
     /// The directory says the new shard owns the moving range.
     Committed,
     /// Activated and cleaned up.
@@ -60,6 +75,44 @@ pub enum OpKind {
         /// Why it was started: "admin", "size" or "load".
         reason: String,
     },
+    /// Group `shard_id`'s replica `from` (on node `from.node_id`) is replaced
+    /// by the new replica `to`.
+    Move {
+        shard_id: ShardId,
+        from: Replica,
+        to: Replica,
+        /// Why it was started: "admin", "heal", "decommission" or "balance".
+        reason: String,
+    },
+}
+
+impl OpKind {
+    /// The groups the operation changes: no other operation may touch them
+    /// while it runs.
+    pub fn groups(&self) -> Vec<ShardId> {
+        match self {
+            OpKind::Split { source, target, .. } => vec![*source, *target],
+            OpKind::Move { shard_id, .. } => vec![*shard_id],
+        }
+    }
+
+    /// A replica the operation is creating: `(group, replica)`.
+    pub fn new_replicas(&self) -> Vec<(ShardId, Replica)> {
+        match self {
+            OpKind::Split { target, target_replicas, .. } => {
+                target_replicas.iter().map(|r| (*target, r.clone())).collect()
+            }
+            OpKind::Move { shard_id, to, .. } => vec![(*shard_id, to.clone())],
+        }
+    }
+
+    /// "split" or "move".
+    pub fn name(&self) -> &'static str {
+        match self {
+            OpKind::Split { .. } => "split",
+            OpKind::Move { .. } => "move",
+        }
+    }
 }
 
 /// Copy progress reported by the source shard's leader.
@@ -69,7 +122,8 @@ pub struct Progress {
     pub bytes_copied: u64,
     pub keys_total: u64,
     pub bytes_total: u64,
-    /// Forwarded writes not yet applied by the target.
+    /// Forwarded writes not yet applied by the target (a split), or log
+    /// entries the new replica still lacks (a move).
     pub forward_backlog: u64,
 }
 

@@ -89,6 +89,16 @@ pub struct Args {
     /// Most splits running at once [default: 2].
     #[arg(long, env = "CLEAVE_MAX_SPLITS")]
     pub max_splits: Option<usize>,
+    /// Replace the replicas of a node silent for this many seconds [default: 300].
+    #[arg(long, env = "CLEAVE_NODE_DEAD_AFTER")]
+    pub node_dead_after: Option<u64>,
+    /// Most replica moves running at once [default: 2].
+    #[arg(long, env = "CLEAVE_MAX_MOVES")]
+    pub max_moves: Option<usize>,
+    /// Even out replica and leader counts across nodes (true/false) [default: true].
+    /// Healing and decommissioning run regardless.
+    #[arg(long, env = "CLEAVE_BALANCE")]
+    pub balance: Option<bool>,
     /// How often this node reports to the metadata leader (and refreshes its
     /// directory), in milliseconds [default: 1000].
     #[arg(long, env = "CLEAVE_NODE_HEARTBEAT_MS")]
@@ -105,6 +115,7 @@ pub struct Resolved {
     pub listen_api: String,
     pub listen_raft: String,
     pub split: crate::split::rebalancer::SplitPolicy,
+    pub balance: crate::moves::balance::BalancePolicy,
     pub fault_hold: Option<String>,
 }
 
@@ -199,6 +210,12 @@ impl Args {
                 split_qps_window: Duration::from_secs(self.split_qps_window.unwrap_or(10)),
                 cooldown: Duration::from_secs(self.split_cooldown.unwrap_or(60)),
                 max_splits: self.max_splits.unwrap_or(2),
+            },
+            balance: crate::moves::balance::BalancePolicy {
+                node_dead_after: Duration::from_secs(self.node_dead_after.unwrap_or(300)),
+                max_moves: self.max_moves.unwrap_or(2),
+                balance: self.balance.unwrap_or(true),
+                slack: 1,
             },
             fault_hold: self.fault_hold,
         })

@@ -13,6 +13,9 @@
 //! - [`rpc`]: the multiplexed node-to-node transport and its messages.
 //! - [`node`], [`router`], [`meta`], [`join`]: the running node, request
 //!   routing and forwarding, heartbeats and the metadata leader's duties.
+//! - [`split`]: live range splits (dual-write, backfill, cutover).
+//! - [`moves`]: replica moves, leader transfers, decommissioning, healing
+//!   and balancing, replica garbage collection.
 //! - [`api`], [`metrics`]: HTTP handlers and Prometheus metrics.
 //! - [`config`]: flags, environment and the TOML config file.
 
@@ -23,6 +26,7 @@ pub mod join;
 pub mod kv;
 pub mod meta;
 pub mod metrics;
+pub mod moves;
 pub mod node;
 pub mod raft;
 pub mod router;

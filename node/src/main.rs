@@ -9,7 +9,7 @@ use cleave_node::config::Args;
 use cleave_node::node::Node;
 use cleave_node::raft::RaftContext;
 use cleave_node::rpc::{transport, ExecError, Request, Response, Transport};
-use cleave_node::{api, meta, split, storage};
+use cleave_node::{api, meta, moves, split, storage};
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -70,12 +70,7 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
     tokio::spawn(split::forwarder::supervise(node.clone()));
     tokio::spawn(split::driver::supervise(node.clone()));
     tokio::spawn(split::rebalancer::run(node.clone(), cfg.split.clone()));
-    tokio::spawn(split::forwarder::supervise(node.clone()));
-    tokio::spawn(split::driver::supervise(node.clone()));
-    tokio::spawn(split::rebalancer::run(node.clone(), cfg.split.clone()));
-    tokio::spawn(split::forwarder::supervise(node.clone()));
-    tokio::spawn(split::driver::supervise(node.clone()));
-    tokio::spawn(split::rebalancer::run(node.clone(), cfg.split.clone()));
+    tokio::spawn(moves::rebalancer::run(node.clone(), cfg.balance.clone()));
     tracing::info!(node = node.id, api = %cfg.listen_api, raft = %cfg.listen_raft, "serving");
 
     let app = api::router(api::AppState { node: node.clone(), metrics });

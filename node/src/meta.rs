@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cleave_metadata::api::{Liveness, NodeStatus, ShardStatus};
+use cleave_metadata::api::{Liveness, NodeCondition, NodeStatus, ShardStatus};
 use cleave_metadata::{MetaCommand, NodeId, META_GROUP};
 
 use crate::node::Node;
@@ -56,7 +56,7 @@ impl Tracker {
         t.seen.insert(hb.node_id, (Instant::now(), hb.groups.clone()));
     }
 
-    fn leaders(&self) -> Vec<(u64, NodeId)> {
+    pub fn leaders(&self) -> Vec<(u64, NodeId)> {
         let t = self.inner.lock().unwrap();
         let mut v: Vec<_> = t.leaders.iter().map(|(g, (_, n))| (*g, *n)).collect();
         v.sort();
@@ -82,6 +82,27 @@ impl Tracker {
         }
     }
 
+    /// Whether this tracker has been running long enough to have heard
+    /// from every live node.
+    pub fn settled(&self) -> bool {
+        self.inner.lock().unwrap().since.is_some_and(|s| s.elapsed() > SUSPECT_AFTER)
+    }
+
+    /// How long `node` has been silent: since its last heartbeat, or since
+    /// this tracker started if it never reported. Zero while up.
+    pub fn silent_for(&self, node: NodeId) -> Duration {
+        let t = self.inner.lock().unwrap();
+        match t.seen.get(&node) {
+            Some((at, _)) => at.elapsed(),
+            None => t.since.map_or(Duration::ZERO, |s| s.elapsed()),
+        }
+    }
+
+    /// Whether `node` reported recently.
+    pub fn is_up(&self, node: NodeId) -> bool {
+        self.liveness(node).0 == Liveness::Up
+    }
+
     /// Nodes heard from recently.
     pub fn live_nodes(&self) -> Vec<NodeId> {
         let t = self.inner.lock().unwrap();
@@ -94,7 +115,7 @@ impl Tracker {
         self.report(leader, group)
     }
 
-    fn report(&self, node: NodeId, group: u64) -> Option<GroupReport> {
+    pub fn report(&self, node: NodeId, group: u64) -> Option<GroupReport> {
         let t = self.inner.lock().unwrap();
         t.seen.get(&node).and_then(|(_, gs)| gs.iter().find(|g| g.group == group).cloned())
     }
@@ -245,6 +266,7 @@ impl Node {
                     id: n.id,
                     raft_addr: n.raft_addr.clone(),
                     api_addr: n.api_addr.clone(),
+                    status: NodeCondition::of(n.state, l),
                     state: n.state,
                     liveness: l,
                     last_heartbeat_ms: ms,
@@ -275,14 +297,18 @@ impl Node {
     }
 }
 
-/// Sends this node's heartbeat every `--node-heartbeat-ms`, forever.
+/// Sends this node's heartbeat every `--node-heartbeat-ms`, forever; with
+/// the directory just confirmed by the metadata leader, collects replicas it
+/// no longer lists.
 pub async fn heartbeat_loop(node: Arc<Node>) {
     let mut tick = tokio::time::interval(node.settings.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut collector = crate::moves::gc::Collector::default();
     loop {
         tick.tick().await;
-        if let Err(e) = node.beat().await {
-            tracing::debug!("heartbeat: {e}");
+        match node.beat().await {
+            Ok(()) => crate::moves::gc::collect(&node, &mut collector).await,
+            Err(e) => tracing::debug!("heartbeat: {e}"),
         }
         crate::metrics::update_gauges(&node);
     }

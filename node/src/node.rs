@@ -68,6 +68,9 @@ pub struct Node {
     pub drivers: crate::split::driver::Drivers,
     /// Serialises creating and destroying local replicas.
     pub group_lifecycle: tokio::sync::Mutex<()>,
+    /// Replicas created while this node runs: group → the directory version
+    /// that lists them (see `moves::gc`).
+    pub created_at: std::sync::Mutex<HashMap<u64, u64>>,
 }
 
 impl Node {
@@ -120,6 +123,7 @@ impl Node {
             forwarders: Default::default(),
             drivers: Default::default(),
             group_lifecycle: Default::default(),
+            created_at: Default::default(),
         });
         let _ = published.set(node.clone());
         for desc in GroupRaft::list(&node.ctx.db)? {
@@ -295,8 +299,16 @@ impl Node {
             NodeRequest::ShardStep { shard, cmd, hops } => {
                 self.shard_step(shard, cmd, hops).await.map(NodeReply::Index)
             }
-            NodeRequest::CreateGroup { group, replica_id, members, state, campaign } => {
-                self.create_group(group, replica_id, members, state, campaign).await.map(|_| NodeReply::Done)
+            NodeRequest::CreateGroup { group, replica_id, members, state, campaign, dir_version } => self
+                .create_group(group, replica_id, members, state, campaign, dir_version)
+                .await
+                .map(|_| NodeReply::Done),
+            NodeRequest::Genesis { group, hops } => self.genesis(group, hops).await.map(NodeReply::Genesis),
+            NodeRequest::Membership { group, change, hops } => {
+                self.membership_step(group, change, hops).await.map(NodeReply::Membership)
+            }
+            NodeRequest::StartMove { shard_id, from_node, to_node, reason, hops } => {
+                self.start_move(shard_id, from_node, to_node, reason, hops).await.map(NodeReply::Index)
             }
             NodeRequest::DestroyGroup { group } => self.destroy_group(group).await.map(|_| NodeReply::Done),
             NodeRequest::IncomingStatus { shard, hops } => self.incoming_status(shard, hops).await,

@@ -44,11 +44,19 @@ impl From<ExecError> for ApiError {
             }
             ExecError::Kv(KvError::RangeMoving) => ApiError::new(ErrorCode::RangeMoving, msg),
             ExecError::Meta(
-                MetaError::RangeBusy { .. } | MetaError::AlreadyCommitted(_) | MetaError::WrongPhase { .. },
-            ) => ApiError::new(ErrorCode::VersionConflict, msg),
-            ExecError::Meta(MetaError::UnknownRange(_) | MetaError::UnknownOp(_)) => {
-                ApiError::new(ErrorCode::NotFound, msg)
-            }
+                MetaError::RangeBusy { .. }
+                | MetaError::ShardBusy { .. }
+                | MetaError::AlreadyCommitted(_)
+                | MetaError::WrongPhase { .. },
+            )
+            | ExecError::Refused(_) => ApiError::new(ErrorCode::VersionConflict, msg),
+            ExecError::Meta(
+                MetaError::UnknownRange(_)
+                | MetaError::UnknownOp(_)
+                | MetaError::UnknownShard(_)
+                | MetaError::UnknownNode(_),
+            ) => ApiError::new(ErrorCode::NotFound, msg),
+            ExecError::BadRequest(_) => ApiError::new(ErrorCode::BadRequest, msg),
             ExecError::Meta(MetaError::BadPlacement(_)) => ApiError::new(ErrorCode::Unavailable, msg),
             ExecError::Meta(_) => ApiError::new(ErrorCode::BadRequest, msg),
             ExecError::NoLeader { .. } | ExecError::Unavailable(_) => ApiError::new(ErrorCode::Unavailable, msg),

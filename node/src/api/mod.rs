@@ -9,6 +9,7 @@
 mod admin;
 mod error;
 mod kv;
+mod moves;
 mod ops;
 
 use std::sync::Arc;
@@ -69,6 +70,9 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/ranges", get(admin::ranges))
         .route("/admin/directory", get(admin::directory))
         .route("/admin/split", post(ops::split))
+        .route("/admin/move", post(moves::start_move))
+        .route("/admin/transfer-leader", post(moves::transfer_leader))
+        .route("/admin/nodes/{id}/decommission", post(moves::decommission))
         .route("/admin/operations", get(ops::list))
         .route("/admin/operations/{id}", get(ops::get))
         .route("/admin/operations/{id}/cancel", post(ops::cancel))

@@ -9,6 +9,7 @@
 //! [`GroupStatus`].
 
 pub mod log_store;
+pub mod membership;
 pub mod network;
 pub mod snapshot;
 pub mod state_machine;
@@ -198,7 +199,9 @@ impl GroupRaft {
         let mut batch = rocksdb::WriteBatch::default();
         let desc = GroupDescriptor { group, replica_id };
         batch.put_cf(cf, state_key(group, tag::DESCRIPTOR), serde_json::to_vec(&desc)?);
-        batch.put_cf(cf, state_key(group, tag::SM_STATE), initial.to_json()?);
+        let initial = initial.to_json()?;
+        batch.put_cf(cf, state_key(group, tag::SM_STATE), &initial);
+        batch.put_cf(cf, state_key(group, tag::GENESIS), &initial);
         ctx.db.write(batch)?;
         ctx.syncer.sync().await?;
         Self::open(ctx, desc).await
@@ -219,6 +222,16 @@ impl GroupRaft {
             std::fs::remove_dir_all(dir)?;
         }
         Ok(())
+    }
+
+    /// The state `group` started from on this node (see `tag::GENESIS`).
+    pub fn genesis(ctx: &RaftContext, group: u64) -> anyhow::Result<SmState> {
+        let cf = storage::cf(&ctx.db, CF_GROUP_META);
+        let raw = ctx
+            .db
+            .get_cf(cf, state_key(group, tag::GENESIS))?
+            .ok_or_else(|| anyhow::anyhow!("group {group} has no recorded genesis state"))?;
+        Ok(SmState::from_json(&raw)?)
     }
 
     /// Every group recorded on this node.

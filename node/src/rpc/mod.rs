@@ -16,6 +16,7 @@ pub use transport::{RpcError, Transport};
 
 use crate::command::{KvCommand, KvError, ShardCommand};
 use crate::kv::Incoming;
+use crate::raft::membership::MembershipView;
 use crate::raft::network::{RaftReply, RaftRpc};
 use crate::raft::SmState;
 
@@ -56,8 +57,25 @@ pub enum NodeRequest {
     /// Apply a split step through the shard's leader.
     ShardStep { shard: ShardId, cmd: ShardCommand, hops: u8 },
     /// Create (and initialise) a local replica of a new group; `campaign`
-    /// makes it stand for election at once.
-    CreateGroup { group: u64, replica_id: u64, members: Vec<(u64, NodeId, String)>, state: SmState, campaign: bool },
+    /// makes it stand for election at once. With no `members` the replica
+    /// joins an existing group: it waits, uninitialised, for the leader to
+    /// add it as a learner. `dir_version` is the sender's directory version,
+    /// which already lists the replica: the node does not garbage-collect it
+    /// before its own directory is that new.
+    CreateGroup {
+        group: u64,
+        replica_id: u64,
+        members: Vec<(u64, NodeId, String)>,
+        state: SmState,
+        campaign: bool,
+        dir_version: u64,
+    },
+    /// The state a group started from (see `tag::GENESIS`), from any replica.
+    Genesis { group: u64, hops: u8 },
+    /// A membership step (or just a look) at the group's leader.
+    Membership { group: u64, change: MembershipChange, hops: u8 },
+    /// Ask the metadata leader to start a replica move.
+    StartMove { shard_id: ShardId, from_node: NodeId, to_node: NodeId, reason: String, hops: u8 },
     /// Remove a local replica and all its data.
     DestroyGroup { group: u64 },
     /// A split target's receiving state, from its leader.
@@ -92,6 +110,33 @@ pub enum NodeReply {
     },
     SplitStatus(ForwardStatus),
     Key(Option<String>),
+    Genesis(SmState),
+    Membership(MembershipView),
+}
+
+/// A membership step carried out by a group's leader (see `raft::membership`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Change nothing; answer with the current configuration.
+    Observe,
+    AddLearner {
+        replica: u64,
+        node_id: NodeId,
+        raft_addr: String,
+    },
+    EnterJoint {
+        from: u64,
+        to: u64,
+    },
+    ChangeVoters {
+        voters: std::collections::BTreeSet<u64>,
+    },
+    RemoveLearners {
+        learners: std::collections::BTreeSet<u64>,
+    },
+    TransferLeader {
+        to: u64,
+    },
 }
 
 /// How far a split source's leader has got with one capture.
@@ -171,6 +216,14 @@ pub enum ExecError {
     Timeout(String),
     #[error("outcome unknown: {0}")]
     Indeterminate(String),
+    /// The request itself is wrong (an admin request naming a member that
+    /// does not exist, say).
+    #[error("{0}")]
+    BadRequest(String),
+    /// A membership change was refused as things stand (another change in
+    /// progress, a precondition failed); look again and retry.
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

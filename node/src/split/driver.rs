@@ -49,7 +49,7 @@ pub fn set_fault_hold(spec: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn hold_ms(phase: Phase) -> u64 {
+pub fn hold_ms(phase: Phase) -> u64 {
     HOLDS.get().and_then(|h| h.iter().find(|(p, _)| *p == phase)).map_or(0, |(_, ms)| *ms)
 }
 
@@ -99,7 +99,7 @@ async fn drive(node: &Arc<Node>, op_id: OpId) {
             }
             Err(e) => {
                 failures += 1;
-                tracing::debug!(op = op_id, phase = ?op.phase, "split step failed: {e}");
+                tracing::debug!(op = op_id, kind = op.kind.name(), phase = ?op.phase, "step failed: {e}");
                 tokio::time::sleep(Duration::from_millis((20 * failures as u64).min(500))).await;
             }
         }
@@ -118,7 +118,9 @@ async fn advance(node: &Node, op: &Operation, to: Phase) -> Result<(), ExecError
 /// Does the work of `op`'s current phase. `Ok(true)`: it moved on;
 /// `Ok(false)`: nothing to do yet.
 async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> Result<bool, ExecError> {
-    let OpKind::Split { range_id, split_key, source, target, new_range_id, target_replicas, .. } = &op.kind;
+    let OpKind::Split { range_id, split_key, source, target, new_range_id, target_replicas, .. } = &op.kind else {
+        return crate::moves::driver::step(node, op, last_progress).await;
+    };
     let dir = node.directory();
     let in_phase_ms = now_ms().saturating_sub(op.entered(op.phase).unwrap_or(0));
     let hold = hold_ms(op.phase);
@@ -171,6 +173,7 @@ async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> 
                     members: members.clone(),
                     state: state.clone(),
                     campaign: Some(r.replica_id) == campaigner,
+                    dir_version: dir.version,
                 };
                 node.node_call(r.node_id, req).await?;
             }
@@ -290,7 +293,7 @@ async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> 
             meta(node, MetaCommand::MarkCleaned { op_id: op.op_id }).await?;
             Ok(true)
         }
-        Phase::Done => Ok(false),
+        Phase::Done | Phase::Learning | Phase::Joint => Ok(false),
     }
 }
 
@@ -316,18 +319,10 @@ pub fn place(node: &Node, count: usize) -> Vec<u64> {
         .nodes
         .values()
         .filter(|n| n.state == cleave_metadata::NodeState::Active)
-        .map(|n| (!live.contains_key(&n.id), dir.groups_on(n.id).count() + pending_on(&dir, n.id), n.id))
+        .map(|n| (!live.contains_key(&n.id), dir.replica_count(n.id), n.id))
         .collect();
     candidates.sort();
     candidates.into_iter().take(count).map(|(_, _, id)| id).collect()
-}
-
-fn pending_on(dir: &cleave_metadata::Directory, node: u64) -> usize {
-    dir.active_ops()
-        .filter(|op| match &op.kind {
-            OpKind::Split { target_replicas, .. } => target_replicas.iter().any(|r| r.node_id == node),
-        })
-        .count()
 }
 
 impl Node {

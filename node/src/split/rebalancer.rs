@@ -44,7 +44,7 @@ pub struct ShardLoad {
 
 /// Picks the splits to start now.
 pub fn plan(dir: &Directory, loads: &HashMap<u64, ShardLoad>, policy: &SplitPolicy, now_ms: u64) -> Vec<Want> {
-    let running = dir.active_ops().count();
+    let running = dir.active_ops().filter(|op| matches!(op.kind, OpKind::Split { .. })).count();
     let mut budget = policy.max_splits.saturating_sub(running);
     let mut wants = Vec::new();
     for r in dir.ranges.values() {
@@ -75,7 +75,7 @@ pub fn plan(dir: &Directory, loads: &HashMap<u64, ShardLoad>, policy: &SplitPoli
 /// Whether a split that created or cut `range` finished within `cooldown`.
 fn recently_split(dir: &Directory, range: RangeId, cooldown: Duration, now_ms: u64) -> bool {
     dir.ops.values().any(|op| {
-        let OpKind::Split { range_id, new_range_id, .. } = &op.kind;
+        let OpKind::Split { range_id, new_range_id, .. } = &op.kind else { return false };
         (*range_id == range || *new_range_id == range)
             && op.entered(Phase::Done).is_some_and(|t| now_ms.saturating_sub(t) < cooldown.as_millis() as u64)
     })

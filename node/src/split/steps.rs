@@ -107,7 +107,8 @@ impl Node {
     }
 
     /// Creates this node's replica of a new group and initialises it with
-    /// `members`. Does nothing if the replica exists.
+    /// `members` (with none, it waits to be added to an existing group).
+    /// Does nothing if the replica exists.
     pub async fn create_group(
         &self,
         group: u64,
@@ -115,17 +116,32 @@ impl Node {
         members: Vec<(u64, NodeId, String)>,
         state: SmState,
         campaign: bool,
+        dir_version: u64,
     ) -> Result<(), ExecError> {
         let _guard = self.group_lifecycle.lock().await;
-        if self.group(group).is_some() {
-            return Ok(());
+        self.created_at.lock().unwrap().insert(group, dir_version);
+        if let Some(g) = self.group(group) {
+            if g.replica_id == replica_id {
+                return Ok(());
+            }
+            // The metadata leader only places a new replica here when the
+            // directory lists none of this group on this node: what is here
+            // is a leftover of an earlier membership (say a move away while
+            // this node was down). Replace it.
+            tracing::info!(group, old = g.replica_id, new = replica_id, "replacing a leftover replica");
+            if let Some(g) = self.remove_group(group) {
+                g.shutdown().await;
+            }
+            GroupRaft::destroy(&self.ctx, group).map_err(|e| ExecError::Internal(e.to_string()))?;
         }
         let raft = GroupRaft::create(&self.ctx, group, replica_id, state)
             .await
             .map_err(|e| ExecError::Internal(e.to_string()))?;
         let members: BTreeMap<u64, ReplicaNode> =
             members.into_iter().map(|(r, node_id, raft_addr)| (r, ReplicaNode { node_id, raft_addr })).collect();
-        if campaign {
+        if members.is_empty() {
+            // Joins an existing group as a learner: never initialises.
+        } else if campaign {
             raft.initialize(members).await.map_err(|e| ExecError::Internal(e.to_string()))?;
         } else {
             raft.initialize_later(members, FALLBACK_INIT);

@@ -48,6 +48,10 @@ pub mod tag {
     pub const INSTALLING: u8 = 5;
     /// Number of live keys of a shard.
     pub const KEYS: u8 = 6;
+    /// The state machine's state when the group was created, before any
+    /// entry: what a replica added later starts from before it replays the
+    /// log (or installs a snapshot).
+    pub const GENESIS: u8 = 7;
 }
 
 /// Opens (or creates) the node's database under `dir`.

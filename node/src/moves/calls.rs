@@ -1,0 +1,148 @@
+//! Node-to-node calls of replica moves and leader transfers: membership
+//! steps carried out at a group's leader, a group's genesis state, and the
+//! admin entry points (start a move, transfer leadership, decommission).
+
+use std::time::{Duration, Instant};
+
+use cleave_metadata::{MetaCommand, MetaError, MetaResponse, NodeId, NodeState, OpId, ShardId};
+
+use crate::node::Node;
+use crate::raft::membership::{MembershipError, MembershipView};
+use crate::raft::{GroupRaft, ReplicaNode, SmState};
+use crate::rpc::{ExecError, MembershipChange, NodeReply, NodeRequest};
+use crate::split::driver::now_ms;
+
+/// How long one membership change may take to commit.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a leader transfer may take before the API gives up.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Carries out `change` on `g`, which believes it leads.
+async fn execute(g: &GroupRaft, change: &MembershipChange) -> Result<(), MembershipError> {
+    match change.clone() {
+        MembershipChange::Observe => Ok(()),
+        MembershipChange::AddLearner { replica, node_id, raft_addr } => {
+            g.add_learner(replica, ReplicaNode { node_id, raft_addr }).await
+        }
+        MembershipChange::EnterJoint { from, to } => g.enter_joint(from, to).await,
+        MembershipChange::ChangeVoters { voters } => g.change_voters(voters).await,
+        MembershipChange::RemoveLearners { learners } => g.remove_learners(learners).await,
+        MembershipChange::TransferLeader { to } => g.transfer_leader(to).await,
+    }
+}
+
+impl Node {
+    /// Carries out `change` at `group`'s leader (here, or forwarded) and
+    /// answers with the group's configuration afterwards.
+    pub async fn membership_step(
+        &self,
+        group: ShardId,
+        change: MembershipChange,
+        hops: u8,
+    ) -> Result<MembershipView, ExecError> {
+        let leader = match self.group(group) {
+            Some(g) if g.status().is_leader => match tokio::time::timeout(CHANGE_TIMEOUT, execute(&g, &change)).await {
+                Err(_) => return Err(ExecError::Timeout(format!("membership change of group {group}"))),
+                Ok(Ok(())) => return Ok(g.membership()),
+                Ok(Err(MembershipError::NotLeader { leader })) => leader.map(|l| l.node_id),
+                Ok(Err(MembershipError::Refused(m))) => return Err(ExecError::Refused(m)),
+                Ok(Err(MembershipError::Fatal(m))) => return Err(ExecError::Internal(m)),
+            },
+            Some(g) => g.status().leader.map(|l| l.node_id),
+            None => None,
+        };
+        if leader == Some(self.id) {
+            return Err(ExecError::NoLeader { group });
+        }
+        let req = |hops| NodeRequest::Membership { group, change: change.clone(), hops };
+        match self.forward(group, hops, leader, req).await? {
+            NodeReply::Membership(v) => Ok(v),
+            other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// The state `group` was created with, from this node's replica or another's.
+    pub async fn genesis(&self, group: ShardId, hops: u8) -> Result<SmState, ExecError> {
+        if self.group(group).is_some() {
+            return GroupRaft::genesis(&self.ctx, group).map_err(|e| ExecError::Internal(e.to_string()));
+        }
+        match self.forward(group, hops, None, |hops| NodeRequest::Genesis { group, hops }).await? {
+            NodeReply::Genesis(s) => Ok(s),
+            other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Starts moving `shard_id`'s replica from `from_node` to `to_node`, as
+    /// metadata leader (forwarding there if needed).
+    pub async fn start_move(
+        &self,
+        shard_id: ShardId,
+        from_node: NodeId,
+        to_node: NodeId,
+        reason: String,
+        hops: u8,
+    ) -> Result<OpId, ExecError> {
+        if !self.is_meta_leader() {
+            let req = |hops| NodeRequest::StartMove { shard_id, from_node, to_node, reason: reason.clone(), hops };
+            return match self.forward_to_meta_leader(hops, req).await? {
+                NodeReply::Index(op) => Ok(op),
+                other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
+            };
+        }
+        let cmd = MetaCommand::PlanMove { shard_id, from_node, to_node, reason, now_ms: now_ms() };
+        match self.propose_meta(cmd, 0).await? {
+            MetaResponse::Op(op) => Ok(op),
+            other => Err(ExecError::Internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Makes `to_node`'s replica the leader of `shard_id`; returns once it
+    /// leads (or fails after a deadline).
+    pub async fn transfer_leader(&self, shard_id: ShardId, to_node: NodeId) -> Result<(), ExecError> {
+        let dir = self.directory();
+        let group = dir.group(shard_id).ok_or(ExecError::Meta(MetaError::UnknownShard(shard_id)))?;
+        let to = group
+            .replica_on(to_node)
+            .map(|r| r.replica_id)
+            .ok_or_else(|| ExecError::BadRequest(format!("node {to_node} holds no replica of shard {shard_id}")))?;
+        let deadline = Instant::now() + TRANSFER_TIMEOUT;
+        let mut asked = false;
+        loop {
+            let view = match self.membership_step(shard_id, MembershipChange::Observe, 0).await {
+                Ok(v) => Some(v),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(shard_id, "transfer: observing: {e}");
+                    None
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(v) = view {
+                if v.leader == Some(to) && v.is_leader {
+                    return Ok(());
+                }
+                if !v.configs.last().is_some_and(|c| c.contains(&to)) {
+                    return Err(ExecError::BadRequest(format!(
+                        "the replica on node {to_node} is not a voter of shard {shard_id}"
+                    )));
+                }
+                if !asked || v.leader != Some(to) {
+                    match self.membership_step(shard_id, MembershipChange::TransferLeader { to }, 0).await {
+                        Ok(_) => asked = true,
+                        Err(e) => tracing::debug!(shard_id, "transfer: {e}"),
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ExecError::Timeout(format!("shard {shard_id}: node {to_node} did not take over in time")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Marks `node_id` decommissioning: the rebalancer moves its replicas
+    /// away, then marks it removed.
+    pub async fn decommission(&self, node_id: NodeId) -> Result<(), ExecError> {
+        self.propose_meta(MetaCommand::SetNodeState { node_id, state: NodeState::Decommissioning }, 0).await?;
+        Ok(())
+    }
+}

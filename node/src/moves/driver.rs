@@ -1,0 +1,219 @@
+//! The metadata leader's side of a replica move: one step per call, each
+//! idempotent, resumed from the phase recorded in the directory (the loop
+//! around it is the operations supervisor in `split::driver`).
+//!
+//! - `Planned`: create the new replica, empty, on the target node; it starts
+//!   from the group's genesis state and waits for the leader.
+//! - `Created`: add it to the group as a learner.
+//! - `Learning`: wait until it has caught up (log or snapshot), move the
+//!   leadership off the leaving replica, then record `Joint` *before*
+//!   entering the joint configuration, so that no abort can race with it.
+//! - `Joint`: enter and flatten the joint configuration (finishing whatever
+//!   a previous driver left half done), then record the new replica set.
+//! - `Committed`: delete the leaving replica and its data.
+//! - `Aborted`: revert the configuration and delete the new replica.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cleave_metadata::{MetaCommand, NodeId, OpKind, Operation, Phase, Progress, Replica, ShardId};
+
+use super::plan::{self, Step};
+use crate::node::Node;
+use crate::raft::membership::MembershipView;
+use crate::rpc::{ExecError, MembershipChange, NodeRequest};
+use crate::split::driver::{hold_ms, now_ms};
+
+/// How long creating and adding the new replica may take.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the learner may go without catching up any further.
+const LEARN_STALL: Duration = Duration::from_secs(60);
+
+async fn meta(node: &Node, cmd: MetaCommand) -> Result<(), ExecError> {
+    node.propose_meta(cmd, 0).await.map(|_| ())
+}
+
+async fn advance(node: &Node, op: &Operation, to: Phase) -> Result<(), ExecError> {
+    meta(node, MetaCommand::AdvanceOp { op_id: op.op_id, from: op.phase, to, now_ms: now_ms() }).await
+}
+
+async fn abort(node: &Node, op: &Operation, reason: &str) -> Result<bool, ExecError> {
+    tracing::warn!(op = op.op_id, "aborting move: {reason}");
+    meta(node, MetaCommand::AbortOp { op_id: op.op_id, reason: reason.to_string(), now_ms: now_ms() }).await?;
+    metrics::counter!("cleave_moves_aborted_total").increment(1);
+    Ok(true)
+}
+
+async fn observe(node: &Node, shard: ShardId) -> Result<MembershipView, ExecError> {
+    node.membership_step(shard, MembershipChange::Observe, 0).await
+}
+
+async fn change(node: &Node, shard: ShardId, change: MembershipChange) -> Result<(), ExecError> {
+    node.membership_step(shard, change, 0).await.map(|_| ())
+}
+
+/// Deletes `node`'s replica of `group`. A node that cannot be reached is
+/// left alone: it deletes the replica itself once it sees the directory no
+/// longer lists it (`moves::gc`).
+async fn destroy(node: &Node, target: NodeId, group: ShardId) -> Result<(), ExecError> {
+    match node.node_call(target, NodeRequest::DestroyGroup { group }).await {
+        Err(ExecError::Unavailable(m) | ExecError::Timeout(m)) => {
+            tracing::info!(group, node = target, "replica left for the node to collect: {m}");
+            Ok(())
+        }
+        r => r.map(|_| ()),
+    }
+}
+
+/// Does the work of a move's current phase. `Ok(true)`: it moved on;
+/// `Ok(false)`: nothing to do yet.
+pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> Result<bool, ExecError> {
+    let OpKind::Move { shard_id, from, to, .. } = &op.kind else {
+        return Err(ExecError::Internal("not a move".into()));
+    };
+    let (shard, from, to) = (*shard_id, from, to);
+    let in_phase_ms = now_ms().saturating_sub(op.entered(op.phase).unwrap_or(0));
+    let hold = hold_ms(op.phase);
+    if hold > 0 && in_phase_ms < hold {
+        return Ok(false);
+    }
+    if matches!(op.phase, Phase::Planned | Phase::Created) && in_phase_ms > SETUP_TIMEOUT.as_millis() as u64 {
+        return abort(node, op, "the new replica could not be set up in time").await;
+    }
+    match op.phase {
+        Phase::Planned => {
+            let state = node.genesis(shard, 0).await?;
+            let req = NodeRequest::CreateGroup {
+                group: shard,
+                replica_id: to.replica_id,
+                members: Vec::new(),
+                state,
+                campaign: false,
+                dir_version: node.directory().version,
+            };
+            node.node_call(to.node_id, req).await?;
+            metrics::counter!("cleave_moves_started_total").increment(1);
+            advance(node, op, Phase::Created).await?;
+            Ok(true)
+        }
+        Phase::Created => {
+            add_learner(node, shard, to).await?;
+            *last_progress = Instant::now();
+            advance(node, op, Phase::Learning).await?;
+            Ok(true)
+        }
+        Phase::Learning => {
+            let view = observe(node, shard).await?;
+            match plan::forward(&view, from.replica_id, to.replica_id) {
+                Step::WaitCommit => Ok(false),
+                Step::AddLearner => add_learner(node, shard, to).await.map(|_| false),
+                Step::WaitCatchUp { lag } => {
+                    let improved = lag.is_some_and(|l| l < op.progress.forward_backlog || op.progress.bytes_total == 0);
+                    if improved || last_progress.elapsed() > Duration::from_secs(1) {
+                        report_progress(node, op, shard, from, to, lag).await?;
+                    }
+                    if improved {
+                        *last_progress = Instant::now();
+                    } else if last_progress.elapsed() > LEARN_STALL {
+                        return abort(node, op, "the new replica stopped catching up").await;
+                    }
+                    Ok(false)
+                }
+                Step::TransferLeader { to: next } => {
+                    change(node, shard, MembershipChange::TransferLeader { to: next }).await.map(|_| false)
+                }
+                Step::EnterJoint | Step::ChangeVoters { .. } | Step::Done => {
+                    report_progress(node, op, shard, from, to, Some(0)).await?;
+                    advance(node, op, Phase::Joint).await?;
+                    Ok(true)
+                }
+                Step::RemoveLearner => Err(ExecError::Internal("unexpected revert step".into())),
+            }
+        }
+        Phase::Joint => {
+            let view = observe(node, shard).await?;
+            match plan::forward(&view, from.replica_id, to.replica_id) {
+                Step::WaitCommit | Step::WaitCatchUp { .. } => Ok(false),
+                Step::AddLearner => add_learner(node, shard, to).await.map(|_| false),
+                Step::TransferLeader { to: next } => {
+                    change(node, shard, MembershipChange::TransferLeader { to: next }).await.map(|_| false)
+                }
+                Step::EnterJoint => {
+                    let c = MembershipChange::EnterJoint { from: from.replica_id, to: to.replica_id };
+                    change(node, shard, c).await.map(|_| true)
+                }
+                Step::ChangeVoters { voters } => {
+                    change(node, shard, MembershipChange::ChangeVoters { voters }).await.map(|_| true)
+                }
+                Step::Done => {
+                    meta(node, MetaCommand::CommitMove { op_id: op.op_id, now_ms: now_ms() }).await?;
+                    metrics::counter!("cleave_moves_committed_total").increment(1);
+                    Ok(true)
+                }
+                Step::RemoveLearner => Err(ExecError::Internal("unexpected revert step".into())),
+            }
+        }
+        Phase::Committed => {
+            destroy(node, from.node_id, shard).await?;
+            meta(node, MetaCommand::FinishOp { op_id: op.op_id, write_pause_ms: None, now_ms: now_ms() }).await?;
+            node.refresh_directory().await;
+            Ok(true)
+        }
+        Phase::Aborted => {
+            // A move aborted before its replica was ever added has nothing
+            // to revert; otherwise undo whatever the group holds.
+            if op.entered(Phase::Created).is_some() {
+                let view = observe(node, shard).await?;
+                match plan::revert(&view, from.replica_id, to.replica_id) {
+                    Step::Done => {}
+                    Step::ChangeVoters { voters } => {
+                        change(node, shard, MembershipChange::ChangeVoters { voters }).await?;
+                        return Ok(false);
+                    }
+                    Step::RemoveLearner => {
+                        let learners = [to.replica_id].into_iter().collect();
+                        change(node, shard, MembershipChange::RemoveLearners { learners }).await?;
+                        return Ok(false);
+                    }
+                    _ => return Ok(false),
+                }
+            }
+            destroy(node, to.node_id, shard).await?;
+            meta(node, MetaCommand::MarkCleaned { op_id: op.op_id }).await?;
+            Ok(true)
+        }
+        Phase::Capturing | Phase::Frozen | Phase::Done => Ok(false),
+    }
+}
+
+async fn add_learner(node: &Node, shard: ShardId, to: &Replica) -> Result<(), ExecError> {
+    let raft_addr =
+        node.raft_addr_of(to.node_id).ok_or(ExecError::Unavailable(format!("node {} has no address", to.node_id)))?;
+    let c = MembershipChange::AddLearner { replica: to.replica_id, node_id: to.node_id, raft_addr };
+    change(node, shard, c).await
+}
+
+/// Records how far the new replica has got: its size against the leader's
+/// (from heartbeats) and how many entries it lacks.
+async fn report_progress(
+    node: &Node,
+    op: &Operation,
+    shard: ShardId,
+    from: &Replica,
+    to: &Replica,
+    lag: Option<u64>,
+) -> Result<(), ExecError> {
+    let leader = node.tracker.leader_report(shard).or_else(|| node.tracker.report(from.node_id, shard));
+    let target = node.tracker.report(to.node_id, shard);
+    let progress = Progress {
+        keys_copied: target.as_ref().and_then(|r| r.keys).unwrap_or(0),
+        bytes_copied: target.as_ref().and_then(|r| r.size_bytes).unwrap_or(0),
+        keys_total: leader.as_ref().and_then(|r| r.keys).unwrap_or(0),
+        bytes_total: leader.as_ref().and_then(|r| r.size_bytes).unwrap_or(0).max(1),
+        forward_backlog: lag.unwrap_or(op.progress.forward_backlog),
+    };
+    if progress != op.progress {
+        meta(node, MetaCommand::ReportProgress { op_id: op.op_id, progress }).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! The rebalancer's loop on the metadata leader: every tick it gathers
+//! liveness and leadership from the heartbeat tracker, asks
+//! [`super::balance::plan`] what to do, and starts it (moves become
+//! operations driven by the operations supervisor; leader transfers are
+//! done directly, they take milliseconds).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cleave_metadata::{MetaCommand, NodeState};
+
+use super::balance::{plan, Action, BalancePolicy, NodeHealth};
+use crate::node::Node;
+
+/// How often the rebalancer looks.
+const TICK: Duration = Duration::from_secs(2);
+
+/// Runs the rebalancer while this node leads the metadata group.
+pub async fn run(node: Arc<Node>, policy: BalancePolicy) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !node.is_meta_leader() {
+            continue;
+        }
+        // A new metadata leader waits for a round of heartbeats first.
+        if !node.tracker.settled() {
+            continue;
+        }
+        let dir = node.directory();
+        let health: Vec<NodeHealth> = dir
+            .nodes
+            .values()
+            .filter(|n| n.state != NodeState::Removed)
+            .map(|n| {
+                let silent_for = node.tracker.silent_for(n.id);
+                NodeHealth { id: n.id, up: node.tracker.is_up(n.id), silent_for }
+            })
+            .collect();
+        let leaders: HashMap<u64, u64> = node.tracker.leaders().into_iter().collect();
+        for action in plan(&dir, &health, &leaders, &policy) {
+            match action {
+                Action::Move { shard, from, to, reason } => {
+                    match node.start_move(shard, from, to, reason.to_string(), 0).await {
+                        Ok(op) => tracing::info!(shard, from, to, reason, op, "rebalancer started a move"),
+                        Err(e) => tracing::debug!(shard, from, to, "move not started: {e}"),
+                    }
+                }
+                Action::TransferLeader { shard, to } => match node.transfer_leader(shard, to).await {
+                    Ok(()) => {
+                        tracing::info!(shard, to, "rebalancer moved a leader");
+                        metrics::counter!("cleave_leader_transfers_total").increment(1);
+                    }
+                    Err(e) => tracing::debug!(shard, to, "leader transfer: {e}"),
+                },
+                Action::MarkRemoved { node: id } => {
+                    let cmd = MetaCommand::SetNodeState { node_id: id, state: NodeState::Removed };
+                    match node.propose_meta(cmd, 0).await {
+                        Ok(_) => tracing::info!(node = id, "decommissioned node removed"),
+                        Err(e) => tracing::debug!(node = id, "marking removed: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}

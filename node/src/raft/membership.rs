@@ -1,0 +1,182 @@
+//! Membership changes of one group, as its leader carries them out.
+//!
+//! A replica move never changes more than one member at a time and always
+//! goes through a learner and a joint configuration, the way TiKV and
+//! CockroachDB do it:
+//!
+//! 1. [`GroupRaft::add_learner`]: the new replica (a fresh id, never a reused
+//!    one) receives the log, or a snapshot when the log is purged, without
+//!    voting.
+//! 2. [`GroupRaft::enter_joint`]: one entry makes the configuration
+//!    `{old} ∧ {new}`; from then on every decision needs a majority of both.
+//! 3. [`GroupRaft::change_voters`]: flattens it to `{new}` (or back to
+//!    `{old}` to revert) and drops members that are no longer voters.
+//!
+//! Every change carries openraft's `LastMembershipLogId` precondition: it is
+//! proposed only if the group's membership is still the one this replica
+//! looked at, so two drivers (an old and a new metadata leader) can never
+//! interleave changes. [`MembershipView`] is what the driver reads to decide
+//! the next step; the decision itself is pure (`moves::plan`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use cleave_metadata::{NodeId, ReplicaId};
+use openraft::async_runtime::WatchReceiver;
+use openraft::entry::RaftPayload;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Membership, Precondition, ServerState};
+use serde::{Deserialize, Serialize};
+
+use super::{GroupRaft, ReplicaNode, TypeConfig};
+
+/// A group's configuration as one replica (normally the leader) sees it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct MembershipView {
+    /// The replica that answered, and whether it leads.
+    pub replica_id: ReplicaId,
+    pub is_leader: bool,
+    /// The current leader, if known.
+    pub leader: Option<ReplicaId>,
+    /// Voter sets: one when uniform, two while joint.
+    pub configs: Vec<BTreeSet<ReplicaId>>,
+    /// Every member, voters and learners: replica → node.
+    pub nodes: BTreeMap<ReplicaId, NodeId>,
+    /// Whether the configuration above is committed.
+    pub committed: bool,
+    pub last_log_index: Option<u64>,
+    /// Leader only: the highest log index each other member is known to hold.
+    pub matched: BTreeMap<ReplicaId, u64>,
+}
+
+impl MembershipView {
+    /// Every voter of every configuration.
+    pub fn voters(&self) -> BTreeSet<ReplicaId> {
+        self.configs.iter().flatten().copied().collect()
+    }
+
+    pub fn is_joint(&self) -> bool {
+        self.configs.len() > 1
+    }
+
+    /// How many entries `replica` lacks behind the leader's log.
+    pub fn lag(&self, replica: ReplicaId) -> Option<u64> {
+        let last = self.last_log_index.unwrap_or(0);
+        if replica == self.replica_id {
+            return Some(0);
+        }
+        self.matched.get(&replica).map(|m| last.saturating_sub(*m))
+    }
+}
+
+/// Why a membership step was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error("not the leader")]
+    NotLeader { leader: Option<ReplicaNode> },
+    /// Deterministic refusals: a precondition failed, a change is in
+    /// progress, a member is missing. The caller reads the view again.
+    #[error("membership change refused: {0}")]
+    Refused(String),
+    #[error("raft failure: {0}")]
+    Fatal(String),
+}
+
+fn write_err(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> MembershipError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            MembershipError::NotLeader { leader: f.leader_node }
+        }
+        RaftError::APIError(e) => MembershipError::Refused(e.to_string()),
+        RaftError::Fatal(e) => MembershipError::Fatal(e.to_string()),
+    }
+}
+
+impl GroupRaft {
+    /// The group's configuration as this replica sees it.
+    pub fn membership(&self) -> MembershipView {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let stored = &m.membership_config;
+        let membership = stored.membership();
+        let committed = m.last_applied.as_ref().is_some_and(|a| stored.log_id().as_ref().is_none_or(|l| l <= a));
+        MembershipView {
+            replica_id: self.replica_id,
+            is_leader: m.state == ServerState::Leader,
+            leader: m.current_leader,
+            configs: membership.get_joint_config().clone(),
+            nodes: membership.nodes().map(|(r, n)| (*r, n.node_id)).collect(),
+            committed,
+            last_log_index: m.last_log_index,
+            matched: m.replication.iter().flatten().map(|(r, l)| (*r, l.as_ref().map_or(0, |l| l.index))).collect(),
+        }
+    }
+
+    fn ensure_leader(&self) -> Result<(), MembershipError> {
+        let s = self.status();
+        if s.is_leader {
+            Ok(())
+        } else {
+            Err(MembershipError::NotLeader { leader: s.leader })
+        }
+    }
+
+    /// Adds `replica` on `node` as a learner (returns once the entry is
+    /// committed; catching up happens in the background).
+    pub async fn add_learner(&self, replica: ReplicaId, node: ReplicaNode) -> Result<(), MembershipError> {
+        self.ensure_leader()?;
+        self.raft.add_learner(replica, node, false).await.map(|_| ()).map_err(write_err)
+    }
+
+    /// Enters the joint configuration `{old} ∧ {old - from + to}` from the
+    /// uniform `{old}`, in one entry. `to` must already be a learner.
+    pub async fn enter_joint(&self, from: ReplicaId, to: ReplicaId) -> Result<(), MembershipError> {
+        self.ensure_leader()?;
+        let stored = self.raft.metrics().borrow_watched().membership_config.clone();
+        let membership = stored.membership();
+        let configs = membership.get_joint_config();
+        if configs.len() != 1 {
+            return Err(MembershipError::Refused(format!("configuration is joint already: {configs:?}")));
+        }
+        let old = configs[0].clone();
+        let mut new = old.clone();
+        new.remove(&from);
+        new.insert(to);
+        let nodes: BTreeMap<ReplicaId, ReplicaNode> = membership.nodes().map(|(r, n)| (*r, n.clone())).collect();
+        let joint = Membership::new(vec![old, new], nodes).map_err(|e| MembershipError::Refused(e.to_string()))?;
+        let guard = Precondition::LastMembershipLogId { last_membership_log_id: *stored.log_id() };
+        let payload = <openraft::alias::PayloadOf<TypeConfig> as RaftPayload>::blank();
+        self.raft.append_membership(joint, payload, [guard]).await.map(|_| ()).map_err(write_err)
+    }
+
+    /// Makes `voters` the (uniform) voter set, passing through a joint
+    /// configuration when needed; members that are no longer voters are
+    /// removed from the group.
+    pub async fn change_voters(&self, voters: BTreeSet<ReplicaId>) -> Result<(), MembershipError> {
+        self.ensure_leader()?;
+        let stored = self.raft.metrics().borrow_watched().membership_config.clone();
+        let guard = Precondition::LastMembershipLogId { last_membership_log_id: *stored.log_id() };
+        self.raft
+            .change_membership_if(ChangeMembers::ReplaceAllVoters(voters), false, [guard])
+            .await
+            .map(|_| ())
+            .map_err(write_err)
+    }
+
+    /// Removes learners from the group.
+    pub async fn remove_learners(&self, learners: BTreeSet<ReplicaId>) -> Result<(), MembershipError> {
+        self.ensure_leader()?;
+        let stored = self.raft.metrics().borrow_watched().membership_config.clone();
+        let guard = Precondition::LastMembershipLogId { last_membership_log_id: *stored.log_id() };
+        self.raft
+            .change_membership_if(ChangeMembers::RemoveNodes(learners), false, [guard])
+            .await
+            .map(|_| ())
+            .map_err(write_err)
+    }
+
+    /// Asks this leader to hand leadership to voter `to`; the new leader is
+    /// elected at once (no election timeout).
+    pub async fn transfer_leader(&self, to: ReplicaId) -> Result<(), MembershipError> {
+        self.ensure_leader()?;
+        self.raft.trigger().transfer_leader(to).await.map_err(|e| MembershipError::Fatal(e.to_string()))
+    }
+}
