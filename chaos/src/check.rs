@@ -1,0 +1,169 @@
+//! Checks a whole history: each workload's operations go to their checker,
+//! and everything wrong comes back as a list of [`Anomaly`]s, each with the
+//! operations that show it.
+//!
+//! Registers are checked key by key (linearizability is compositional: a
+//! history is linearizable iff each key's sub-history is), which keeps each
+//! search small.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::history::{Op, Workload};
+use crate::monotonic::check_monotonic;
+use crate::register::{check_key, KeyVerdict};
+use crate::set::{check_set, SetReport};
+
+/// Default search budget per register key (memoized states).
+pub const DEFAULT_MAX_STATES: usize = 2_000_000;
+
+/// Something the database did wrong, with the evidence.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Anomaly {
+    /// `nonlinearizable`, `lost_write`, `unexpected_write`, `version_regression`.
+    pub kind: String,
+    pub workload: Workload,
+    pub key: String,
+    pub message: String,
+    /// The offending sub-history.
+    pub ops: Vec<Op>,
+}
+
+impl Anomaly {
+    /// Several lines: the message, then one line per operation.
+    pub fn describe(&self) -> String {
+        let mut s = format!("[{}] {} key {:?}: {}", self.kind, self.workload.name(), self.key, self.message);
+        for op in &self.ops {
+            s.push_str("\n    ");
+            s.push_str(&op.describe());
+        }
+        s
+    }
+}
+
+/// Register figures.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegisterReport {
+    pub keys: u64,
+    pub linearizable: u64,
+    pub violations: u64,
+    /// Keys whose search ran out of budget (neither passed nor failed).
+    pub unknown: Vec<String>,
+}
+
+/// Everything the checkers found.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    pub register: RegisterReport,
+    pub set: Option<SetReport>,
+    pub monotonic_regressions: u64,
+    pub anomalies: Vec<Anomaly>,
+}
+
+impl CheckReport {
+    /// Acknowledged writes that are gone.
+    pub fn lost_writes(&self) -> usize {
+        self.set.as_ref().map_or(0, |s| s.lost.len())
+    }
+}
+
+/// Checks `ops`. `set_content` is the final read of the set workload's keys
+/// (`None` if the set workload did not run or could not be read back).
+pub fn check_history(ops: &[Op], set_content: Option<&BTreeMap<String, u64>>, max_states: usize) -> CheckReport {
+    let mut report = CheckReport::default();
+
+    let mut registers: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
+    for op in ops.iter().filter(|o| o.workload == Workload::Register) {
+        registers.entry(op.key.as_str()).or_default().push(op);
+    }
+    for (key, key_ops) in registers {
+        report.register.keys += 1;
+        match check_key(&key_ops, max_states) {
+            KeyVerdict::Linearizable => report.register.linearizable += 1,
+            KeyVerdict::Unknown { states } => {
+                tracing::warn!("register {key:?}: search gave up after {states} states");
+                report.register.unknown.push(key.to_string());
+            }
+            KeyVerdict::Violation { message, ops } => {
+                report.register.violations += 1;
+                report.anomalies.push(Anomaly {
+                    kind: "nonlinearizable".into(),
+                    workload: Workload::Register,
+                    key: key.to_string(),
+                    message,
+                    ops,
+                });
+            }
+        }
+    }
+
+    let inserts: Vec<&Op> = ops.iter().filter(|o| o.workload == Workload::Set).collect();
+    if let Some(content) = set_content {
+        let set = check_set(&inserts, content);
+        for (kind, problems) in [("lost_write", &set.lost), ("unexpected_write", &set.unexpected)] {
+            for p in problems {
+                report.anomalies.push(Anomaly {
+                    kind: kind.into(),
+                    workload: Workload::Set,
+                    key: p.key.clone(),
+                    message: format!("{} (final read: {:?})", p.message, p.found),
+                    ops: p.inserts.clone(),
+                });
+            }
+        }
+        report.set = Some(set);
+    }
+
+    let mono: Vec<&Op> = ops.iter().filter(|o| o.workload == Workload::Monotonic).collect();
+    let regressions = check_monotonic(&mono);
+    report.monotonic_regressions = regressions.len() as u64;
+    for r in regressions {
+        report.anomalies.push(Anomaly {
+            kind: "version_regression".into(),
+            workload: Workload::Monotonic,
+            key: r.key.clone(),
+            message: format!("client {} saw the version go down", r.client),
+            ops: vec![r.earlier, r.later],
+        });
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{Call, Outcome, Ret};
+
+    fn op(id: u64, workload: Workload, key: &str, call: Call, t: u64, ret: Ret) -> Op {
+        Op {
+            id,
+            workload,
+            client: id as u32,
+            key: key.into(),
+            call,
+            invoke: t,
+            complete: t + 1,
+            outcome: Outcome::ok(ret),
+            node: String::new(),
+        }
+    }
+
+    #[test]
+    fn each_workload_reports_its_anomalies() {
+        let ops = vec![
+            op(1, Workload::Register, "r1", Call::Write { value: 1 }, 0, Ret::Written { version: 1 }),
+            op(2, Workload::Register, "r1", Call::Read, 5, Ret::NotFound),
+            op(3, Workload::Register, "r2", Call::Read, 5, Ret::NotFound),
+            op(4, Workload::Set, "s1", Call::Cas { expected: 0, value: 4 }, 0, Ret::Written { version: 1 }),
+            op(5, Workload::Monotonic, "m", Call::Read, 0, Ret::Value { value: 9, version: 2 }),
+            Op { client: 5, ..op(6, Workload::Monotonic, "m", Call::Read, 3, Ret::Value { value: 8, version: 1 }) },
+        ];
+        let report = check_history(&ops, Some(&BTreeMap::new()), 1000);
+        let kinds: Vec<&str> = report.anomalies.iter().map(|a| a.kind.as_str()).collect();
+        assert_eq!(kinds, ["nonlinearizable", "lost_write", "version_regression"]);
+        assert_eq!(report.register, RegisterReport { keys: 2, linearizable: 1, violations: 1, unknown: vec![] });
+        assert_eq!(report.lost_writes(), 1);
+        assert!(report.anomalies[0].describe().contains("r1"));
+    }
+}
