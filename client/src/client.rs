@@ -17,14 +17,15 @@
 //! # Ok(()) }
 //! ```
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cleave_metadata::api::{
-    Consistency, Item, NodeStatus, OperationStarted, OperationView, PutBody, ScanResult, ShardStatus, SplitRequest,
-    WriteResult,
+    Consistency, Item, MoveRequest, NodeCondition, NodeStatus, OperationStarted, OperationView, PutBody, ScanResult,
+    ShardStatus, SplitRequest, TransferLeaderRequest, TransferLeaderResponse, WriteResult,
 };
-use cleave_metadata::{Directory, OpId, RangeDescriptor, RangeId};
+use cleave_metadata::{Directory, NodeId, OpId, RangeDescriptor, RangeId, ShardId};
 use reqwest::Method;
 use serde::Serialize;
 
@@ -133,6 +134,7 @@ impl Client {
             route_key: Some(key.to_owned()),
             kind: if if_version.is_some() { RequestKind::Conditional } else { RequestKind::Put },
             about_key: true,
+            timeout_is_final: false,
         };
         decode(&self.inner.execute(&call).await?)
     }
@@ -156,6 +158,7 @@ impl Client {
             route_key: Some(key.to_owned()),
             kind: if if_version.is_some() { RequestKind::Conditional } else { RequestKind::Delete },
             about_key: true,
+            timeout_is_final: false,
         };
         decode(&self.inner.execute(&call).await?)
     }
@@ -232,11 +235,90 @@ impl Client {
     }
 
     async fn start_split(&self, req: SplitRequest) -> Result<OpId> {
-        let body = serde_json::to_vec(&req).map_err(|e| Error::InvalidArgument(format!("cannot encode: {e}")))?;
-        // Not replayed after "no answer": a second split could start.
-        let call = Call::admin(Method::POST, "/admin/split".into(), Some(body), RequestKind::Conditional);
-        let started: OperationStarted = decode(&self.inner.execute(&call).await?)?;
+        self.start_operation("/admin/split", json_body(&req)?).await
+    }
+
+    /// Starts moving shard `shard_id`'s replica from node `from_node` to
+    /// node `to_node` (shard 0 is the metadata group): a new replica is
+    /// created on `to_node`, caught up as a learner, swapped in by joint
+    /// consensus, and the old one is deleted. Returns the operation's id;
+    /// follow it with [`Client::operation`] or [`Client::follow_operation`].
+    ///
+    /// Fails with [`Error::Api`] 404 for an unknown shard or node, 409 if
+    /// the shard is busy with another operation, 400 if the move makes no
+    /// sense (no replica on `from_node`, one already on `to_node`, a target
+    /// that is not active); with [`Error::InvalidArgument`] if both nodes
+    /// are the same.
+    pub async fn move_replica(&self, shard_id: ShardId, from_node: NodeId, to_node: NodeId) -> Result<OpId> {
+        if from_node == to_node {
+            return Err(Error::InvalidArgument(format!("moving shard {shard_id} from node {from_node} to itself")));
+        }
+        self.start_operation("/admin/move", json_body(&MoveRequest { shard_id, from_node, to_node })?).await
+    }
+
+    /// Sends a request that starts an operation and returns its id.
+    async fn start_operation(&self, path: &str, body: Vec<u8>) -> Result<OpId> {
+        // Not replayed after "no answer": a second operation could start.
+        let started: OperationStarted = self.admin_post(path.to_owned(), Some(body), RequestKind::Conditional).await?;
         Ok(started.operation_id)
+    }
+
+    /// Makes the replica of shard `shard_id` on node `to_node` its leader
+    /// and returns once it leads; returns the node that leads now.
+    ///
+    /// Fails with [`Error::Api`] 400 if `to_node` holds no voting replica
+    /// of the shard, 404 for an unknown shard, and 504 (code `timeout`) if
+    /// the node did not take over within the server's wait (the transfer
+    /// may still happen; asking again is harmless).
+    pub async fn transfer_leader(&self, shard_id: ShardId, to_node: NodeId) -> Result<NodeId> {
+        let body = json_body(&TransferLeaderRequest { shard_id, to_node })?;
+        // Asking twice for the same leader is harmless, so a lost answer may
+        // be retried; but a 504 is the server's verdict, not a lost answer.
+        let call = Call::admin(Method::POST, "/admin/transfer-leader".into(), Some(body), RequestKind::Put)
+            .with_final_timeout();
+        let answer: TransferLeaderResponse = decode(&self.inner.execute(&call).await?)?;
+        if answer.shard_id != shard_id {
+            return Err(Error::Decode(format!(
+                "asked about shard {shard_id}, the answer is about shard {}",
+                answer.shard_id
+            )));
+        }
+        Ok(answer.leader)
+    }
+
+    /// Starts decommissioning node `node_id`: the cluster moves every
+    /// replica off it, then marks it removed. Returns the node's row as it
+    /// is now (status `decommissioning`); follow it with
+    /// [`Client::follow_decommission`].
+    ///
+    /// Fails with [`Error::Api`] 404 for an unknown node, and with the
+    /// server's refusal if the node was already removed. Decommissioning a
+    /// node that is already decommissioning is harmless.
+    pub async fn decommission(&self, node_id: NodeId) -> Result<NodeStatus> {
+        // Idempotent on the server, so a lost answer may be retried.
+        self.admin_post(format!("/admin/nodes/{node_id}/decommission"), None, RequestKind::Put).await
+    }
+
+    /// Polls `GET /admin/nodes` every `every` until node `node_id` is
+    /// removed, with no deadline of its own (drop the future to stop), and
+    /// returns its last row. `on_update` sees every row polled, the last one
+    /// included. A failed poll fails the wait (each poll retries within the
+    /// client's deadline); the decommission itself goes on regardless. Fails
+    /// with [`Error::InvalidArgument`] if the node is not in the list.
+    pub async fn follow_decommission(
+        &self,
+        node_id: NodeId,
+        every: Duration,
+        on_update: impl FnMut(&NodeStatus),
+    ) -> Result<NodeStatus> {
+        let node = || async {
+            let nodes = self.nodes().await?;
+            nodes
+                .into_iter()
+                .find(|n| n.id == node_id)
+                .ok_or_else(|| Error::InvalidArgument(format!("no node {node_id} in the cluster")))
+        };
+        poll_until(every, node, on_update, |n| n.status == NodeCondition::Removed).await
     }
 
     /// Every operation the directory remembers (`GET /admin/operations`).
@@ -255,8 +337,7 @@ impl Client {
     /// committed, 404 if there is no such operation.
     pub async fn cancel_operation(&self, id: OpId) -> Result<OperationView> {
         // Aborting twice is harmless, so a lost answer may be retried.
-        let call = Call::admin(Method::POST, format!("/admin/operations/{id}/cancel"), None, RequestKind::Put);
-        decode(&self.inner.execute(&call).await?)
+        self.admin_post(format!("/admin/operations/{id}/cancel"), None, RequestKind::Put).await
     }
 
     /// Polls operation `id` every `every` until it is done or aborted, and
@@ -267,16 +348,9 @@ impl Client {
         &self,
         id: OpId,
         every: Duration,
-        mut on_update: impl FnMut(&OperationView),
+        on_update: impl FnMut(&OperationView),
     ) -> Result<OperationView> {
-        loop {
-            let view = self.operation(id).await?;
-            on_update(&view);
-            if view.op.phase.is_terminal() {
-                return Ok(view);
-            }
-            tokio::time::sleep(every).await;
-        }
+        poll_until(every, || self.operation(id), on_update, |v| v.op.phase.is_terminal()).await
     }
 
     /// Succeeds once some node answers `GET /health` (with retries).
@@ -305,11 +379,45 @@ impl Client {
     async fn admin<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
         decode(&self.inner.execute(&Call::read(path.to_owned(), None)).await?)
     }
+
+    async fn admin_post<T: serde::de::DeserializeOwned>(
+        &self,
+        path: String,
+        body: Option<Vec<u8>>,
+        kind: RequestKind,
+    ) -> Result<T> {
+        decode(&self.inner.execute(&Call::admin(Method::POST, path, body, kind)).await?)
+    }
+}
+
+/// Calls `fetch` every `every` until what it returns is `done`, and returns
+/// that; `on_update` sees every answer, the last one included. The first
+/// failed fetch ends the wait.
+async fn poll_until<T, F: Future<Output = Result<T>>>(
+    every: Duration,
+    mut fetch: impl FnMut() -> F,
+    mut on_update: impl FnMut(&T),
+    done: impl Fn(&T) -> bool,
+) -> Result<T> {
+    loop {
+        let answer = fetch().await?;
+        on_update(&answer);
+        if done(&answer) {
+            return Ok(answer);
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A request body as JSON.
+fn json_body<T: Serialize>(req: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(req).map_err(|e| Error::InvalidArgument(format!("cannot encode the request: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cleave_metadata::api::ErrorCode;
 
     fn assert_send<T: Send>(_: &T) {}
 
@@ -327,6 +435,10 @@ mod tests {
         assert_send(&c.split_at("k"));
         assert_send(&c.follow_operation(1, Duration::from_millis(1), |_| {}));
         assert_send(&c.cancel_operation(1));
+        assert_send(&c.move_replica(1, 2, 3));
+        assert_send(&c.transfer_leader(1, 2));
+        assert_send(&c.decommission(2));
+        assert_send(&c.follow_decommission(2, Duration::from_millis(1), |_| {}));
     }
 
     fn error(code: &str, message: &str) -> String {
@@ -378,6 +490,97 @@ mod tests {
         assert_eq!(received[1].body, r#"{"key":"m"}"#);
         assert_eq!(received[2].line, "GET /admin/operations/99");
         assert_eq!(received[3].line, "POST /admin/operations/12/cancel");
+    }
+
+    #[tokio::test]
+    async fn a_move_is_started_once_and_not_replayed_after_no_answer() {
+        let mock = crate::mock::Mock::start(vec![
+            (200, r#"{"operation_id": 5}"#.into()),
+            (409, error("version_conflict", "shard 3 is busy with operation 5")),
+            (504, error("timeout", "no answer from the metadata leader")),
+        ])
+        .await;
+        let client = direct(&mock);
+        assert_eq!(client.move_replica(3, 1, 4).await.unwrap(), 5);
+        match client.move_replica(3, 1, 4).await {
+            Err(Error::Api { status: 409, message, .. }) => assert!(message.contains("busy")),
+            r => panic!("{r:?}"),
+        }
+        assert!(matches!(client.move_replica(3, 1, 4).await, Err(Error::Indeterminate(_))));
+        assert!(matches!(client.move_replica(3, 2, 2).await, Err(Error::InvalidArgument(_))), "checked locally");
+        let received = mock.received();
+        assert_eq!(received.len(), 3, "the 504 was not replayed, the same-node move was not sent: {received:?}");
+        assert_eq!(received[0].line, "POST /admin/move");
+        assert_eq!(received[0].body, r#"{"shard_id":3,"from_node":1,"to_node":4}"#);
+    }
+
+    #[tokio::test]
+    async fn a_leader_transfer_returns_the_new_leader_and_its_504_is_final() {
+        let mock = crate::mock::Mock::start(vec![
+            (200, r#"{"shard_id": 3, "leader": 4}"#.into()),
+            (400, error("bad_request", "node 9 holds no replica of shard 3")),
+            (504, error("timeout", "shard 3: node 4 did not take over in time")),
+        ])
+        .await;
+        let client = direct(&mock);
+        assert_eq!(client.transfer_leader(3, 4).await.unwrap(), 4);
+        assert!(matches!(client.transfer_leader(3, 9).await, Err(Error::Api { status: 400, .. })));
+        match client.transfer_leader(3, 4).await {
+            Err(e @ Error::Api { status: 504, code: Some(ErrorCode::Timeout), .. }) => {
+                assert!(e.to_string().contains("did not take over"), "{e}")
+            }
+            r => panic!("{r:?}"),
+        }
+        let received = mock.received();
+        assert_eq!(received.len(), 3, "{received:?}");
+        assert_eq!(received[0].line, "POST /admin/transfer-leader");
+        assert_eq!(received[0].body, r#"{"shard_id":3,"to_node":4}"#);
+    }
+
+    fn node_row(status: &str, replicas: usize) -> serde_json::Value {
+        let state = match status {
+            "decommissioning" | "removed" => status,
+            _ => "active",
+        };
+        serde_json::json!({"id": 4, "raft_addr": "h:7104", "api_addr": "h:7004", "status": status, "state": state,
+                           "liveness": "up", "last_heartbeat_ms": 5, "replicas": replicas, "leaders": 0})
+    }
+
+    #[tokio::test]
+    async fn decommission_is_followed_until_the_node_is_removed() {
+        let other = serde_json::json!({"id": 1, "raft_addr": "h:7101", "api_addr": null, "status": "up",
+                                       "state": "active", "liveness": "up", "last_heartbeat_ms": 5,
+                                       "replicas": 9, "leaders": 3});
+        let list = |row: serde_json::Value| (200, serde_json::json!([other, row]).to_string());
+        let mock = crate::mock::Mock::start(vec![
+            (200, node_row("decommissioning", 3).to_string()),
+            // a node that has not applied the decommission yet answers first
+            list(node_row("up", 3)),
+            list(node_row("decommissioning", 1)),
+            list(node_row("decommissioning", 0)),
+            list(node_row("removed", 0)),
+            (404, error("not_found", "no node 8")),
+        ])
+        .await;
+        let client = direct(&mock);
+        let started = client.decommission(4).await.unwrap();
+        assert_eq!((started.status, started.replicas), (NodeCondition::Decommissioning, 3));
+        let mut seen = Vec::new();
+        let last = client.follow_decommission(4, Duration::from_millis(1), |n| seen.push(n.replicas)).await.unwrap();
+        assert_eq!(last.status, NodeCondition::Removed);
+        assert_eq!(seen, [3, 1, 0, 0]);
+        assert!(matches!(client.decommission(8).await, Err(Error::Api { status: 404, .. })));
+        let lines: Vec<String> = mock.received().into_iter().map(|r| r.line).collect();
+        assert_eq!(lines[0], "POST /admin/nodes/4/decommission");
+        assert_eq!(lines[1..5], ["GET /admin/nodes"; 4]);
+        assert_eq!(lines[5], "POST /admin/nodes/8/decommission");
+    }
+
+    #[tokio::test]
+    async fn following_an_unknown_node_fails() {
+        let mock = crate::mock::Mock::start(vec![(200, "[]".into())]).await;
+        let r = direct(&mock).follow_decommission(4, Duration::from_millis(1), |_| {}).await;
+        assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
     }
 
     #[test]

@@ -18,8 +18,9 @@
 //! - [`options`]: timeouts, retry budget, routing switch.
 //! - `transport`: the retry loop that ties them to HTTP.
 //! - [`client`]: [`Client`], one async method per API operation, including
-//!   the admin ones: cluster status, and splits with their operations
-//!   (start, list, follow, cancel).
+//!   the admin ones: cluster status; splits and replica moves with their
+//!   operations (start, list, follow, cancel); leader transfers; and node
+//!   decommissioning (start, follow).
 //!
 //! Wire types (bodies of requests and answers) are not redefined here: they
 //! are the ones in [`cleave_metadata::api`], re-exported below for
@@ -43,7 +44,9 @@ pub use routing::{Route, RoutingTable};
 
 pub use cleave_metadata;
 pub use cleave_metadata::api::{
-    Consistency, ErrorBody, ErrorCode, ErrorDetail, Item, Liveness, NodeStatus, OperationView, ScanResult, ShardStatus,
-    WriteResult,
+    Consistency, ErrorBody, ErrorCode, ErrorDetail, Item, Liveness, NodeCondition, NodeStatus, OperationView,
+    ScanResult, ShardStatus, WriteResult,
 };
-pub use cleave_metadata::{Directory, OpId, OpKind, Operation, Phase, Progress, RangeDescriptor};
+pub use cleave_metadata::{
+    Directory, NodeId, OpId, OpKind, Operation, Phase, Progress, RangeDescriptor, Replica, ShardId, META_GROUP,
+};

@@ -59,6 +59,11 @@ pub(crate) struct Call {
     /// [`Error::VersionConflict`]. Otherwise (admin calls) every error answer
     /// is kept as [`Error::Api`] with the server's message.
     pub about_key: bool,
+    /// Whether a 504 is the server's definite answer rather than a lost one:
+    /// the server waits for something to happen (a leader transfer) and
+    /// says 504 when it did not happen in time. Such a 504 is final, kept
+    /// as [`Error::Api`], instead of being retried as "no answer".
+    pub timeout_is_final: bool,
 }
 
 impl Call {
@@ -71,12 +76,20 @@ impl Call {
             route_key: route_key.map(str::to_owned),
             kind: RequestKind::Read,
             about_key: route_key.is_some(),
+            timeout_is_final: false,
         }
     }
 
     /// An admin request that is not about a key.
     pub fn admin(method: Method, path: String, body: Option<Vec<u8>>, kind: RequestKind) -> Call {
-        Call { method, path, body, route_key: None, kind, about_key: false }
+        Call { method, path, body, route_key: None, kind, about_key: false, timeout_is_final: false }
+    }
+
+    /// The same call, with a 504 taken as the server's final answer (see
+    /// [`Call::timeout_is_final`]).
+    pub fn with_final_timeout(mut self) -> Call {
+        self.timeout_is_final = true;
+        self
     }
 }
 
@@ -214,7 +227,9 @@ impl Inner {
                     }
                     let detail = parse_error_body(&a.body);
                     let code = detail.as_ref().map(|d| d.code);
-                    let Some(failure) = classify_status(a.status, code) else {
+                    let failure = classify_status(a.status, code);
+                    let failure = failure.filter(|_| !(call.timeout_is_final && a.status == 504));
+                    let Some(failure) = failure else {
                         return Err(if call.about_key {
                             Error::from_detail(a.status, detail, &a.body)
                         } else {

@@ -226,7 +226,9 @@ pub async fn run(client: Client, s: &Settings, config: serde_json::Value) -> Res
         at_s: c.at_us as f64 / 1e6,
         phase: phase_at(&phases, c.at_us.saturating_sub(c.latency_us), c.at_us),
     });
-    let OpKind::Split { split_key, .. } = &view.op.kind;
+    let OpKind::Split { split_key, .. } = &view.op.kind else {
+        bail!("operation {} is a {}, not a split", view.op.op_id, view.op.kind.name());
+    };
     let p = &view.op.progress;
     let errors_total = rec.total_errors();
     Ok(SplitReport {
@@ -362,9 +364,12 @@ fn window(name: &'static str, sorted: &[Completion], from_us: u64, to_us: u64) -
 /// The report as text.
 pub fn render(r: &SplitReport) -> String {
     let op = &r.operation.op;
-    let OpKind::Split { source, target, .. } = &op.kind;
+    let shards = match &op.kind {
+        OpKind::Split { source, target, .. } => format!("shard {source} -> shard {target}"),
+        OpKind::Move { shard_id, .. } => format!("shard {shard_id}"),
+    };
     let mut out = vec![format!(
-        "split op {} of range {} at {:?} (shard {source} -> shard {target}): {}",
+        "split op {} of range {} at {:?} ({shards}): {}",
         op.op_id,
         r.range_id,
         r.split_key,

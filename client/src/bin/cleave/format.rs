@@ -10,12 +10,16 @@ use cleave_client::cleave_metadata::range::RangeState;
 use cleave_client::{Item, NodeStatus, RangeDescriptor, ShardStatus};
 use serde::Serialize;
 
+use crate::nodes::node_status;
+
 /// `key<TAB>version<TAB>value` for one item.
 pub fn item_line(item: &Item) -> String {
     format!("{}\t{}\t{}", item.key, item.version, item.value.get())
 }
 
-/// The nodes, shards and ranges tables of `cleave status`.
+/// The nodes, shards and ranges tables of `cleave status`. A node's status
+/// is up, suspect, down or unknown while it is a member, then
+/// decommissioning (with its liveness when not up) and removed.
 pub fn status(nodes: &[NodeStatus], shards: &[ShardStatus], ranges: &[RangeDescriptor]) -> String {
     let node_rows = nodes
         .iter()
@@ -24,8 +28,7 @@ pub fn status(nodes: &[NodeStatus], shards: &[ShardStatus], ranges: &[RangeDescr
                 n.id.to_string(),
                 n.api_addr.clone().unwrap_or_else(|| "-".into()),
                 n.raft_addr.clone(),
-                wire_name(&n.state),
-                wire_name(&n.liveness),
+                node_status(n),
                 n.last_heartbeat_ms.map_or("-".into(), |ms| format!("{ms}ms")),
                 n.replicas.to_string(),
                 n.leaders.to_string(),
@@ -70,7 +73,7 @@ pub fn status(nodes: &[NodeStatus], shards: &[ShardStatus], ranges: &[RangeDescr
         .collect();
     [
         format!("NODES ({})", nodes.len()),
-        table(&["ID", "API", "RAFT", "STATE", "LIVENESS", "HEARTBEAT", "REPLICAS", "LEADERS"], node_rows),
+        table(&["ID", "API", "RAFT", "STATUS", "HEARTBEAT", "REPLICAS", "LEADERS"], node_rows),
         String::new(),
         format!("SHARDS ({}; * = leader)", shards.len()),
         table(&["ID", "LEADER", "REPLICAS", "CONF", "KEYS", "SIZE", "QPS", "APPLIED"], shard_rows),
@@ -152,8 +155,11 @@ mod tests {
     fn status_marks_leaders_and_unbounded_ends() {
         // Built from JSON so optional fields added later default to None.
         let nodes: Vec<NodeStatus> = serde_json::from_value(serde_json::json!([{
-            "id": 1, "raft_addr": "127.0.0.1:8001", "api_addr": "127.0.0.1:7001", "state": "active",
+            "id": 1, "raft_addr": "127.0.0.1:8001", "api_addr": "127.0.0.1:7001", "status": "up", "state": "active",
             "liveness": "up", "last_heartbeat_ms": 120, "replicas": 2, "leaders": 1
+        }, {
+            "id": 12, "raft_addr": "127.0.0.1:8012", "api_addr": null, "status": "decommissioning",
+            "state": "decommissioning", "liveness": "down", "last_heartbeat_ms": 9000, "replicas": 1, "leaders": 0
         }]))
         .unwrap();
         let shards: Vec<ShardStatus> = serde_json::from_value(serde_json::json!([{
@@ -170,7 +176,18 @@ mod tests {
             state: RangeState::Busy { op_id: 9 },
         }];
         let s = status(&nodes, &shards, &ranges);
-        assert!(s.contains("1   127.0.0.1:7001  127.0.0.1:8001  active  up"), "{s}");
+        assert!(
+            s.contains("ID  API             RAFT            STATUS                  HEARTBEAT  REPLICAS  LEADERS\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("1   127.0.0.1:7001  127.0.0.1:8001  up                      120ms      2         1\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("12  -               127.0.0.1:8012  decommissioning (down)  9000ms     1         0\n"),
+            "{s}"
+        );
         assert!(s.contains("1   2       1,2*"), "{s}");
         assert!(s.contains("2.0KiB  12.2"), "{s}");
         assert!(s.contains("1   \"\"     +inf  1      1      busy (op 9)"), "{s}");

@@ -14,28 +14,35 @@
 //! | 4 | version conflict (`--if-version` did not match) |
 //! | 5 | outcome unknown (a write may or may not have been applied) |
 //! | 6 | cluster unavailable (retries exhausted) |
-//! | 7 | the split was aborted |
+//! | 7 | the split or move was aborted |
+//! | 130 | interrupted (Ctrl-C) while following; what was followed goes on |
 //!
 //! Operations: `cleave split KEY` (or `--range ID`) starts a split and
-//! follows it with a progress bar to the end; `cleave ops` lists operations,
-//! `cleave ops ID` shows one (following it while it runs) and
-//! `cleave ops cancel ID` (or `cleave cancel ID`) abandons one that has not
-//! committed.
+//! `cleave move SHARD FROM TO` a replica move, each followed with a progress
+//! bar to the end; `cleave ops` lists operations, `cleave ops ID` shows one
+//! (following it while it runs) and `cleave ops cancel ID` (or
+//! `cleave cancel ID`) abandons one that has not committed.
+//!
+//! Nodes and leaders: `cleave transfer-leader SHARD NODE` makes a shard's
+//! replica on NODE its leader; `cleave decommission NODE` moves every replica
+//! off a node and follows it until the node is removed.
 //!
 //! Logs go to stderr; set `RUST_LOG=debug` to watch routing and retries.
 
 mod follow;
 mod format;
+mod nodes;
 mod operations;
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use cleave_client::cleave_metadata::api::{OperationStarted, TransferLeaderResponse};
 use cleave_client::{
-    Client, ClientOptions, Consistency, Error, OpId, OperationView, Phase, ScanResult, MAX_SCAN_LIMIT,
+    Client, ClientOptions, Consistency, Error, NodeId, OpId, OperationView, Phase, ScanResult, ShardId, MAX_SCAN_LIMIT,
 };
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -60,7 +67,8 @@ struct Cli {
 }
 
 const EXIT_CODES: &str = "Exit codes: 0 ok, 1 error, 2 usage, 3 key not found, 4 version conflict, \
-                          5 outcome unknown, 6 cluster unavailable, 7 split aborted.";
+                          5 outcome unknown, 6 cluster unavailable, 7 split or move aborted, \
+                          130 interrupted while following.";
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Output {
@@ -68,9 +76,7 @@ enum Output {
     Json,
 }
 
-/// The subcommands. More operations (`move`, `transfer-leader`,
-/// `decommission`) will join this enum as the server grows the matching
-/// admin endpoints.
+/// The subcommands.
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Read a key.
@@ -128,6 +134,43 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Move shard SHARD's replica from node FROM to node TO (shard 0 is the metadata group).
+    ///
+    /// The new replica catches up as a learner, then joint consensus swaps it in and the old one is
+    /// deleted. Follows the move with a progress bar until it is done or aborted, then prints its phase
+    /// durations. Exits with 7 if the move was aborted.
+    Move {
+        /// The shard (Raft group) whose replica moves.
+        shard: ShardId,
+        /// The node that holds the replica now.
+        #[arg(value_name = "FROM")]
+        from_node: NodeId,
+        /// The node that gets the new replica.
+        #[arg(value_name = "TO")]
+        to_node: NodeId,
+        /// Print the operation id and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Make the replica of shard SHARD on node NODE its leader; prints who leads once it does.
+    TransferLeader {
+        /// The shard (Raft group).
+        shard: ShardId,
+        /// The node whose replica should lead.
+        #[arg(value_name = "NODE")]
+        to_node: NodeId,
+    },
+    /// Move every replica off node NODE, then remove it from the cluster.
+    ///
+    /// Follows it with a progress bar of the node's replicas moved away until the node is removed,
+    /// however long that takes (Ctrl-C stops following; the decommission goes on).
+    Decommission {
+        /// The node to empty and remove.
+        node: NodeId,
+        /// Print the node's status and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// List operations; `ops ID` shows one (following it while it runs); `ops cancel ID` cancels one.
     Ops(OpsArgs),
     /// Cancel an operation that has not committed yet (same as `ops cancel ID`).
@@ -152,7 +195,7 @@ enum OpsAction {
     Cancel { id: OpId },
 }
 
-/// A split that ended aborted (exit code 7).
+/// A split or move that ended aborted (exit code 7).
 #[derive(Debug, thiserror::Error)]
 #[error("operation {id} was aborted: {reason}")]
 struct Aborted {
@@ -190,6 +233,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(Error::Indeterminate(_)) => 5,
         Some(Error::Unavailable { .. }) => 6,
         _ if e.downcast_ref::<Aborted>().is_some() => 7,
+        _ if e.downcast_ref::<follow::Interrupted>().is_some() => 130,
         _ => 1,
     }
 }
@@ -250,22 +294,32 @@ async fn run(cli: Cli) -> Result<()> {
                 (None, None) => anyhow::bail!("give a key or --range"),
             }
             .context("cannot start the split")?;
+            run_operation(&client, out, "split", id, no_wait).await
+        }
+        Command::Move { shard, from_node, to_node, no_wait } => {
+            let id = client.move_replica(shard, from_node, to_node).await.context("cannot start the move")?;
+            run_operation(&client, out, "move", id, no_wait).await
+        }
+        Command::TransferLeader { shard, to_node } => {
+            let leader = client
+                .transfer_leader(shard, to_node)
+                .await
+                .with_context(|| format!("cannot make node {to_node} the leader of shard {shard}"))?;
+            let answer = TransferLeaderResponse { shard_id: shard, leader };
+            print(out, &answer, || format!("{}: node {leader} leads now", operations::shard_label(shard)))
+        }
+        Command::Decommission { node, no_wait } => {
+            let started =
+                client.decommission(node).await.with_context(|| format!("cannot decommission node {node}"))?;
             if no_wait {
-                let started = cleave_client::cleave_metadata::api::OperationStarted { operation_id: id };
-                return print(out, &started, || id.to_string());
+                return print(out, &started, || nodes::decommission_started(&started));
             }
             if out == Output::Text {
-                eprintln!("split started: operation {id}");
+                eprintln!("{}", nodes::decommission_started(&started));
             }
-            let view = follow::follow(&client, id, out == Output::Json).await?;
-            print(out, &view, || operations::details(&view))?;
-            match view.op.phase {
-                Phase::Aborted => {
-                    Err(Aborted { id, reason: view.op.error.clone().unwrap_or_else(|| "no reason given".into()) }
-                        .into())
-                }
-                _ => Ok(()),
-            }
+            let began = Instant::now();
+            let last = follow::follow_decommission(&client, &started, out == Output::Json).await?;
+            print(out, &last, || nodes::decommission_done(&last, began.elapsed()))
         }
         Command::Ops(OpsArgs { action: Some(OpsAction::Cancel { id }), .. }) | Command::Cancel { id } => {
             let view = client.cancel_operation(id).await.with_context(|| format!("cannot cancel operation {id}"))?;
@@ -285,6 +339,26 @@ async fn run(cli: Cli) -> Result<()> {
             };
             print(out, &view, || operations::details(&view))
         }
+    }
+}
+
+/// After a split or move was started as operation `id`: prints its id and
+/// returns (`no_wait`), or follows it to the end and prints it; an aborted
+/// one is an [`Aborted`] error.
+async fn run_operation(client: &Client, out: Output, what: &str, id: OpId, no_wait: bool) -> Result<()> {
+    if no_wait {
+        return print(out, &OperationStarted { operation_id: id }, || id.to_string());
+    }
+    if out == Output::Text {
+        eprintln!("{what} started: operation {id}");
+    }
+    let view = follow::follow(client, id, out == Output::Json).await?;
+    print(out, &view, || operations::details(&view))?;
+    match view.op.phase {
+        Phase::Aborted => {
+            Err(Aborted { id, reason: view.op.error.clone().unwrap_or_else(|| "no reason given".into()) }.into())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -384,11 +458,47 @@ mod tests {
     }
 
     #[test]
+    fn move_transfer_and_decommission_commands_parse() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.command);
+        assert!(matches!(
+            parse(&["cleave", "move", "3", "1", "4"]),
+            Ok(Command::Move { shard: 3, from_node: 1, to_node: 4, no_wait: false })
+        ));
+        assert!(matches!(
+            parse(&["cleave", "move", "0", "2", "5", "--no-wait"]),
+            Ok(Command::Move { shard: 0, from_node: 2, to_node: 5, no_wait: true })
+        ));
+        assert!(parse(&["cleave", "move", "3", "1"]).is_err(), "the target node is required");
+        assert!(parse(&["cleave", "move", "3", "1", "x"]).is_err(), "node ids are numbers");
+        assert!(parse(&["cleave", "move", "3", "1", "4", "5"]).is_err());
+        assert!(matches!(
+            parse(&["cleave", "transfer-leader", "3", "4"]),
+            Ok(Command::TransferLeader { shard: 3, to_node: 4 })
+        ));
+        assert!(parse(&["cleave", "transfer-leader", "3"]).is_err(), "the node is required");
+        assert!(parse(&["cleave", "transfer-leader", "3", "4", "--no-wait"]).is_err(), "it always waits");
+        assert!(matches!(
+            parse(&["cleave", "decommission", "4"]),
+            Ok(Command::Decommission { node: 4, no_wait: false })
+        ));
+        assert!(matches!(
+            parse(&["cleave", "--output", "json", "decommission", "--no-wait", "4"]),
+            Ok(Command::Decommission { node: 4, no_wait: true })
+        ));
+        assert!(parse(&["cleave", "decommission"]).is_err(), "the node is required");
+        assert!(parse(&["cleave", "decommission", "-1"]).is_err(), "node ids are not negative");
+    }
+
+    #[test]
     fn exit_codes_follow_the_error() {
         assert_eq!(exit_code(&anyhow::Error::new(Error::NotFound)), 3);
         assert_eq!(exit_code(&anyhow::Error::new(Error::VersionConflict { current: 2 }).context("while putting")), 4);
         assert_eq!(exit_code(&anyhow::anyhow!("boom")), 1);
         assert_eq!(exit_code(&anyhow::Error::new(Aborted { id: 1, reason: "x".into() })), 7);
+        let interrupted = follow::Interrupted { what: "operation 1".into(), see: "cleave ops 1".into() };
+        assert_eq!(exit_code(&anyhow::Error::new(interrupted)), 130);
+        let indeterminate = Error::Indeterminate("no answer".into());
+        assert_eq!(exit_code(&anyhow::Error::new(indeterminate).context("cannot start the move")), 5);
     }
 
     impl Cli {

@@ -1,13 +1,18 @@
-//! Text rendering of long-running operations (splits) for `cleave ops` and
-//! `cleave split`: the one-line-per-operation table, the detailed view with
-//! phase durations and the write pause, and the short progress message.
+//! Text rendering of long-running operations (splits and replica moves) for
+//! `cleave ops`, `cleave split` and `cleave move`: the
+//! one-line-per-operation table, the detailed view with phase durations (and
+//! a split's write pause), and the short progress message.
 //!
-//! An operation walks `planned → created → capturing → frozen → committed →
-//! done` (or ends `aborted`); the server reports how long each phase took and,
-//! once known, how long writes to the moving keys were paused. Pure
-//! functions, so the layout is tested without a cluster.
+//! A split walks `planned → created → capturing → frozen → committed → done`,
+//! a move `planned → created → learning → joint → committed → done`; either
+//! may end `aborted` before it commits (a move before `joint`). The server
+//! reports how long each phase took and how far the copy got: for a split,
+//! the keys backfilled into the new shard and the forwarded writes not yet
+//! applied there; for a move, the new replica's size against the leader's
+//! and the log entries it still lacks. Pure functions, so the layout is
+//! tested without a cluster.
 
-use cleave_client::{OpKind, OperationView, Phase, Progress};
+use cleave_client::{OpKind, OperationView, Phase, Progress, ShardId, META_GROUP};
 
 use crate::format::{human_bytes, quoted, table, wire_name};
 
@@ -17,13 +22,23 @@ pub fn ops_table(ops: &[OperationView]) -> String {
         .iter()
         .map(|v| {
             let op = &v.op;
-            let OpKind::Split { range_id, split_key, source, target, reason, .. } = &op.kind;
+            let (range, key, shards, reason) = match &op.kind {
+                OpKind::Split { range_id, split_key, source, target, reason, .. } => {
+                    (range_id.to_string(), quoted(split_key), format!("{source}->{target}"), reason)
+                }
+                OpKind::Move { shard_id, from, to, reason } => (
+                    "-".into(),
+                    "-".into(),
+                    format!("{}: node {}->{}", shard_label(*shard_id), from.node_id, to.node_id),
+                    reason,
+                ),
+            };
             vec![
                 op.op_id.to_string(),
-                "split".into(),
-                range_id.to_string(),
-                quoted(split_key),
-                format!("{source}->{target}"),
+                op.kind.name().into(),
+                range,
+                key,
+                shards,
                 phase_label(v),
                 copied(&op.progress),
                 op.write_pause_ms.map_or("-".into(), |ms| format!("{ms}ms")),
@@ -39,22 +54,49 @@ pub fn ops_table(ops: &[OperationView]) -> String {
 /// The detailed view of one operation.
 pub fn details(v: &OperationView) -> String {
     let op = &v.op;
-    let OpKind::Split { range_id, split_key, source, target, new_range_id, target_replicas, reason } = &op.kind;
-    let replicas: Vec<String> = target_replicas.iter().map(|r| r.node_id.to_string()).collect();
-    let mut out = vec![
-        format!("operation {}: split range {range_id} at {}", op.op_id, quoted(split_key)),
-        format!(
-            "  moves to:    shard {target} (nodes {}) as range {new_range_id}, from shard {source}",
-            replicas.join(",")
-        ),
-        format!("  reason:      {reason}"),
-        format!("  phase:       {}", phase_label(v)),
-        format!("  copied:      {}", copied(&op.progress)),
-        format!("  write pause: {}", op.write_pause_ms.map_or("-".into(), |ms| format!("{ms}ms"))),
-    ];
-    if op.progress.forward_backlog > 0 && !op.phase.is_terminal() {
-        out.push(format!("  backlog:     {} forwarded writes", op.progress.forward_backlog));
-    }
+    let running = !op.phase.is_terminal() && op.progress.forward_backlog > 0;
+    let mut out = match &op.kind {
+        OpKind::Split { range_id, split_key, source, target, new_range_id, target_replicas, reason } => {
+            let replicas: Vec<String> = target_replicas.iter().map(|r| r.node_id.to_string()).collect();
+            let mut out = vec![
+                format!("operation {}: split range {range_id} at {}", op.op_id, quoted(split_key)),
+                format!(
+                    "  moves to:    shard {target} (nodes {}) as range {new_range_id}, from shard {source}",
+                    replicas.join(",")
+                ),
+                format!("  reason:      {reason}"),
+                format!("  phase:       {}", phase_label(v)),
+                format!("  copied:      {}", copied(&op.progress)),
+                format!("  write pause: {}", op.write_pause_ms.map_or("-".into(), |ms| format!("{ms}ms"))),
+            ];
+            if running {
+                out.push(format!("  backlog:     {} forwarded writes", op.progress.forward_backlog));
+            }
+            out
+        }
+        OpKind::Move { shard_id, from, to, reason } => {
+            let mut out = vec![
+                format!(
+                    "operation {}: move {} from node {} to node {}",
+                    op.op_id,
+                    shard_label(*shard_id),
+                    from.node_id,
+                    to.node_id
+                ),
+                format!(
+                    "  replicas:    {} on node {} -> {} on node {}",
+                    from.replica_id, from.node_id, to.replica_id, to.node_id
+                ),
+                format!("  reason:      {reason}"),
+                format!("  phase:       {}", phase_label(v)),
+                format!("  copied:      {}", copied(&op.progress)),
+            ];
+            if running {
+                out.push(format!("  backlog:     {}", entries_behind(op.progress.forward_backlog)));
+            }
+            out
+        }
+    };
     if let Some(e) = &op.error {
         out.push(format!("  error:       {e}"));
     }
@@ -72,20 +114,46 @@ pub fn phase_table(v: &OperationView) -> String {
     table(&["PHASE", "TIME"], rows)
 }
 
-/// The progress bar's message: the phase and, while copying, the keys.
+/// The progress bar's message: the phase and, while copying, the keys (and
+/// how far behind the new shard or replica is).
 pub fn progress_message(v: &OperationView) -> String {
     let p = &v.op.progress;
-    match v.op.phase {
-        Phase::Capturing if p.keys_total > 0 => {
-            let mut s = format!("capturing ({}/{} keys", p.keys_copied, p.keys_total);
+    let mut notes = Vec::new();
+    match (v.op.phase, &v.op.kind) {
+        (Phase::Capturing, OpKind::Split { .. }) if p.keys_total > 0 => {
+            notes.push(format!("{}/{} keys", p.keys_copied, p.keys_total));
             if p.forward_backlog > 0 {
-                s.push_str(&format!(", backlog {}", p.forward_backlog));
+                notes.push(format!("backlog {}", p.forward_backlog));
             }
-            s.push(')');
-            s
         }
-        _ => phase_label(v),
+        (Phase::Learning, OpKind::Move { .. }) => {
+            if p.keys_total > 0 {
+                notes.push(format!("{}/{} keys", p.keys_copied, p.keys_total));
+            }
+            if p.forward_backlog > 0 {
+                notes.push(entries_behind(p.forward_backlog));
+            }
+        }
+        _ => {}
     }
+    if notes.is_empty() {
+        phase_label(v)
+    } else {
+        format!("{} ({})", phase_label(v), notes.join(", "))
+    }
+}
+
+/// `shard 3`, or `shard 0 (metadata)` for the metadata group.
+pub fn shard_label(shard_id: ShardId) -> String {
+    match shard_id {
+        META_GROUP => format!("shard {shard_id} (metadata)"),
+        _ => format!("shard {shard_id}"),
+    }
+}
+
+/// A move's backlog: `5 entries behind`.
+fn entries_behind(n: u64) -> String {
+    format!("{n} {} behind", if n == 1 { "entry" } else { "entries" })
 }
 
 /// The phase, with `cleaned` noted on aborted operations.
@@ -110,11 +178,27 @@ mod tests {
     use super::*;
 
     fn view(phase: &str, durations: serde_json::Value) -> OperationView {
+        let split = serde_json::json!({"split": {
+            "range_id": 1, "split_key": "user5", "source": 1, "target": 4, "new_range_id": 9,
+            "target_replicas": [{"replica_id": 11, "node_id": 1}, {"replica_id": 12, "node_id": 3}],
+            "reason": "admin"}});
+        view_of(split, phase, durations)
+    }
+
+    /// Shard 3's replica 7 on node 1 moving to node 4 as replica 21.
+    fn move_view(phase: &str, durations: serde_json::Value) -> OperationView {
+        let kind = serde_json::json!({"move": {
+            "shard_id": 3, "from": {"replica_id": 7, "node_id": 1}, "to": {"replica_id": 21, "node_id": 4},
+            "reason": "decommission"}});
+        let mut v = view_of(kind, phase, durations);
+        v.op.write_pause_ms = None;
+        v
+    }
+
+    fn view_of(kind: serde_json::Value, phase: &str, durations: serde_json::Value) -> OperationView {
         serde_json::from_value(serde_json::json!({
             "op_id": 7,
-            "kind": {"split": {"range_id": 1, "split_key": "user5", "source": 1, "target": 4, "new_range_id": 9,
-                               "target_replicas": [{"replica_id": 11, "node_id": 1}, {"replica_id": 12, "node_id": 3}],
-                               "reason": "admin"}},
+            "kind": kind,
             "phase": phase,
             "history": [["planned", 1000]],
             "progress": {"keys_copied": 1000, "bytes_copied": 3145728, "keys_total": 2000, "bytes_total": 6291456,
@@ -159,5 +243,50 @@ mod tests {
         );
         assert_eq!(progress_message(&view("frozen", serde_json::json!([]))), "frozen");
         assert_eq!(progress_message(&view("aborted", serde_json::json!([]))), "aborted (cleaned)");
+    }
+
+    #[test]
+    fn moves_show_their_shard_nodes_and_copy_in_the_table() {
+        let t = ops_table(&[view("done", serde_json::json!([])), move_view("learning", serde_json::json!([]))]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[1].starts_with("ID  KIND   RANGE  SPLIT KEY  SHARDS              PHASE"), "{t}");
+        assert!(lines[2].starts_with("7   split  1      \"user5\"    1->4                done"), "{t}");
+        assert!(
+            lines[3].starts_with(
+                "7   move   -      -          shard 3: node 1->4  learning  3.0MiB/6.0MiB (1000/2000 keys)  -"
+            ),
+            "{t}"
+        );
+        assert!(lines[3].ends_with("decommission"), "{t}");
+    }
+
+    #[test]
+    fn move_details_name_both_replicas_and_the_backlog() {
+        let d =
+            details(&move_view("learning", serde_json::json!([["planned", 2], ["created", 40], ["learning", 900]])));
+        assert!(d.starts_with("operation 7: move shard 3 from node 1 to node 4\n"), "{d}");
+        assert!(d.contains("  replicas:    7 on node 1 -> 21 on node 4\n"), "{d}");
+        assert!(d.contains("  reason:      decommission\n"), "{d}");
+        assert!(d.contains("  copied:      3.0MiB/6.0MiB (1000/2000 keys)\n  backlog:     5 entries behind\n"), "{d}");
+        assert!(!d.contains("write pause"), "moves do not pause writes: {d}");
+        assert!(d.ends_with("learning  900ms\ntotal     942ms"), "{d}");
+        let done = details(&move_view("done", serde_json::json!([])));
+        assert!(!done.contains("backlog"), "{done}");
+    }
+
+    #[test]
+    fn move_progress_counts_entries_behind_while_learning() {
+        assert_eq!(
+            progress_message(&move_view("learning", serde_json::json!([]))),
+            "learning (1000/2000 keys, 5 entries behind)"
+        );
+        let mut v = move_view("learning", serde_json::json!([]));
+        v.op.progress = Progress { forward_backlog: 1, ..Progress::default() };
+        assert_eq!(progress_message(&v), "learning (1 entry behind)");
+        v.op.progress.forward_backlog = 0;
+        assert_eq!(progress_message(&v), "learning");
+        assert_eq!(progress_message(&move_view("joint", serde_json::json!([]))), "joint");
+        assert_eq!(progress_message(&move_view("capturing", serde_json::json!([]))), "capturing", "not a split");
+        assert_eq!(shard_label(0), "shard 0 (metadata)");
     }
 }
