@@ -189,6 +189,10 @@ pub struct ShardStatus {
     /// Client requests per second at the leader, from its last heartbeat.
     pub qps: Option<f64>,
     pub applied_index: Option<u64>,
+    /// The Raft group's voter sets as its leader reports them: one set
+    /// normally, two while a membership change is in its joint phase.
+    #[serde(default)]
+    pub raft_voters: Option<Vec<Vec<crate::ReplicaId>>>,
 }
 
 /// `POST /admin/split` body: split at `key`, or at the median key of `range_id`.

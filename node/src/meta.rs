@@ -148,6 +148,9 @@ impl Node {
                     size_bytes: (g.group != META_GROUP).then(|| g.size_bytes()),
                     keys: (g.group != META_GROUP).then(|| g.keys()),
                     qps: g.served.swap(0, Ordering::Relaxed) as f64 / elapsed,
+                    voters: s
+                        .is_leader
+                        .then(|| g.membership().configs.iter().map(|c| c.iter().copied().collect()).collect()),
                 }
             })
             .collect();
@@ -289,7 +292,8 @@ impl Node {
                     size_bytes: report.as_ref().and_then(|r| r.size_bytes),
                     keys: report.as_ref().and_then(|r| r.keys),
                     qps: report.as_ref().map(|r| r.qps),
-                    applied_index: report.and_then(|r| r.applied),
+                    applied_index: report.as_ref().and_then(|r| r.applied),
+                    raft_voters: report.and_then(|r| r.voters),
                 }
             })
             .collect();

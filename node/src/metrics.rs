@@ -26,6 +26,15 @@ pub fn record_request(shard: u64, op: &'static str, started: Instant, ok: bool) 
         .record(started.elapsed().as_secs_f64());
 }
 
+/// Zeroes the gauges of a replica deleted from this node (the exporter keeps
+/// a series once it exists; a stale `is_leader 1` would mislead).
+pub fn forget_group(group: u64) {
+    let group = group.to_string();
+    for name in ["cleave_raft_is_leader", "cleave_raft_voter_sets", "cleave_raft_voters", "cleave_raft_leader_node"] {
+        metrics::gauge!(name, "group" => group.clone()).set(0.0);
+    }
+}
+
 /// Refreshes the Raft and storage gauges.
 pub fn update_gauges(node: &Node) {
     for g in node.groups() {
@@ -38,7 +47,12 @@ pub fn update_gauges(node: &Node) {
         metrics::gauge!("cleave_raft_commit_index", "group" => group.clone()).set(s.committed.unwrap_or(0) as f64);
         metrics::gauge!("cleave_raft_applied_index", "group" => group.clone()).set(s.applied.unwrap_or(0) as f64);
         metrics::gauge!("cleave_raft_purged_index", "group" => group.clone()).set(s.purged.unwrap_or(0) as f64);
-        metrics::gauge!("cleave_raft_last_log_index", "group" => group).set(s.last_log_index.unwrap_or(0) as f64);
+        metrics::gauge!("cleave_raft_last_log_index", "group" => group.clone())
+            .set(s.last_log_index.unwrap_or(0) as f64);
+        let m = g.membership();
+        // 1 when uniform, 2 during a joint membership change.
+        metrics::gauge!("cleave_raft_voter_sets", "group" => group.clone()).set(m.configs.len() as f64);
+        metrics::gauge!("cleave_raft_voters", "group" => group).set(m.voters().len() as f64);
     }
     metrics::gauge!("cleave_rocksdb_size_bytes").set(crate::storage::approximate_size(&node.ctx.db) as f64);
     metrics::gauge!("cleave_groups").set(node.groups().len() as f64);

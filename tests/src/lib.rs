@@ -16,7 +16,9 @@
 
 pub mod cluster;
 pub mod http;
+pub mod ledger;
 pub mod model;
+pub mod ops;
 pub mod wait;
 
 pub use cluster::{free_ports, Cluster, ClusterOpts, ExtraNode, NodeHandle};
@@ -25,8 +27,8 @@ pub use model::{Expected, Model};
 pub use wait::{wait_for, wait_until};
 
 pub use cleave_metadata::api::{
-    ErrorBody, ErrorCode, Item, Liveness, NodeStatus, OperationStarted, OperationView, ScanResult, ShardStatus,
-    WriteResult,
+    ErrorBody, ErrorCode, Item, Liveness, NodeCondition, NodeStatus, OperationStarted, OperationView, ScanResult,
+    ShardStatus, WriteResult,
 };
 pub use cleave_metadata::{NodeId, OpKind, Operation, Phase, RangeDescriptor, RangeState, ShardId};
 

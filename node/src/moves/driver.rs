@@ -73,8 +73,11 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
     };
     let (shard, from, to) = (*shard_id, from, to);
     let in_phase_ms = now_ms().saturating_sub(op.entered(op.phase).unwrap_or(0));
+    // A test hold of `joint` keeps the group *in* its joint configuration
+    // (it holds the flattening, not the entering).
     let hold = hold_ms(op.phase);
-    if hold > 0 && in_phase_ms < hold {
+    let held = hold > 0 && in_phase_ms < hold;
+    if held && op.phase != Phase::Joint {
         return Ok(false);
     }
     if matches!(op.phase, Phase::Planned | Phase::Created) && in_phase_ms > SETUP_TIMEOUT.as_millis() as u64 {
@@ -142,6 +145,7 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
                     let c = MembershipChange::EnterJoint { from: from.replica_id, to: to.replica_id };
                     change(node, shard, c).await.map(|_| true)
                 }
+                Step::ChangeVoters { .. } if held => Ok(false),
                 Step::ChangeVoters { voters } => {
                     change(node, shard, MembershipChange::ChangeVoters { voters }).await.map(|_| true)
                 }

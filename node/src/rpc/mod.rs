@@ -180,6 +180,8 @@ pub struct GroupReport {
     pub keys: Option<u64>,
     /// Client requests per second served by this replica since the last report.
     pub qps: f64,
+    /// The leader's voter sets (two while joint); `None` from followers.
+    pub voters: Option<Vec<Vec<u64>>>,
 }
 
 /// The metadata leader's answer to a heartbeat.

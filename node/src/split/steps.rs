@@ -158,6 +158,7 @@ impl Node {
             g.shutdown().await;
         }
         GroupRaft::destroy(&self.ctx, group).map_err(|e| ExecError::Internal(e.to_string()))?;
+        crate::metrics::forget_group(group);
         tracing::info!(group, "destroyed replica");
         Ok(())
     }
