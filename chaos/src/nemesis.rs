@@ -16,9 +16,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::watch;
@@ -26,7 +23,7 @@ use tokio::sync::watch;
 use crate::history::Recorder;
 use crate::http::Api;
 use crate::nodes::LocalCluster;
-use crate::schedule::{Action, Event, NemesisKind, Target};
+use crate::schedule::{self, Action, Event, NemesisKind, Target};
 
 /// One step as it was carried out.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -255,8 +252,8 @@ impl Nemesis {
             Action::Kill { .. } => ("kill", c.kill(node)),
             Action::Pause { .. } => ("pause", c.pause(node)),
             _ => {
-                let cut = c.ids().into_iter().filter(|&j| j != node).map(|j| (node as usize, j as usize)).collect();
-                ("partition-isolate", c.partition(&cut))
+                let others: Vec<u64> = c.ids().into_iter().filter(|&j| j != node).collect();
+                ("partition-isolate", c.partition(&schedule::cut_between(&[node], &others)))
             }
         };
         match result {
@@ -268,13 +265,9 @@ impl Nemesis {
     fn halves(&mut self, pick: u64) -> Applied {
         let Some(local) = self.local() else { return Applied::Skipped("no process control".into()) };
         let c = lock(&local);
-        let mut ids = c.ids();
-        ids.shuffle(&mut ChaCha8Rng::seed_from_u64(pick));
-        let minority = ids.split_off(ids.len().div_ceil(2));
-        let cut: BTreeSet<(usize, usize)> =
-            ids.iter().flat_map(|&a| minority.iter().map(move |&b| (a as usize, b as usize))).collect();
-        match c.partition(&cut) {
-            Ok(()) => Applied::Done { count: "partition-halves".into(), what: format!("{ids:?} | {minority:?}") },
+        let (majority, minority) = schedule::halves(&c.ids(), pick);
+        match c.partition(&schedule::cut_between(&majority, &minority)) {
+            Ok(()) => Applied::Done { count: "partition-halves".into(), what: format!("{majority:?} | {minority:?}") },
             Err(e) => Applied::Skipped(e.to_string()),
         }
     }

@@ -18,10 +18,12 @@
 //! Nothing happens in the warm-up at the start, nor in the cool-down at the
 //! end (so the final heal finds a cluster that had time to settle).
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -285,6 +287,20 @@ pub fn generate(seed: u64, kinds: &[NemesisKind], opts: &ScheduleOpts) -> Vec<Ev
     events
 }
 
+/// The two sides of [`Action::Halves`] among `ids`: a majority and a
+/// minority (the smaller half, at least one node), chosen by `pick`.
+pub fn halves(ids: &[u64], pick: u64) -> (Vec<u64>, Vec<u64>) {
+    let mut ids = ids.to_vec();
+    ids.shuffle(&mut ChaCha8Rng::seed_from_u64(pick));
+    let minority = ids.split_off(ids.len().div_ceil(2));
+    (ids, minority)
+}
+
+/// Every pair of nodes, one from each side: the links a partition cuts.
+pub fn cut_between(a: &[u64], b: &[u64]) -> BTreeSet<(usize, usize)> {
+    a.iter().flat_map(|&x| b.iter().map(move |&y| (x as usize, y as usize))).collect()
+}
+
 /// Parses `kill,pause,…` (or `all`, or `none`).
 pub fn parse_kinds(s: &str) -> Result<Vec<NemesisKind>, Error> {
     match s.trim() {
@@ -334,6 +350,21 @@ mod tests {
         assert_eq!(parse_kinds("all").unwrap().len(), 6);
         assert!(parse_kinds("none").unwrap().is_empty());
         assert!(parse_kinds("kill,fire").is_err());
+    }
+
+    #[test]
+    fn halves_split_into_majority_and_minority() {
+        let ids = [1, 2, 3, 4, 5];
+        let (major, minor) = halves(&ids, 9);
+        assert_eq!((major.len(), minor.len()), (3, 2));
+        let mut all: Vec<u64> = major.iter().chain(&minor).copied().collect();
+        all.sort();
+        assert_eq!(all, ids);
+        assert_eq!(halves(&ids, 9), (major.clone(), minor.clone()), "same pick, same halves");
+        assert_eq!(halves(&[1, 2, 3], 0).1.len(), 1);
+        let cut = cut_between(&major, &minor);
+        assert_eq!(cut.len(), 6);
+        assert!(cut.iter().all(|(a, b)| major.contains(&(*a as u64)) && minor.contains(&(*b as u64))));
     }
 
     proptest! {
