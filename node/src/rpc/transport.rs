@@ -5,6 +5,13 @@
 //! connection coalesces queued frames into one socket write; a reader task
 //! routes each answer to the caller waiting on its id. A broken connection
 //! fails every call in flight on it and is re-dialled by the next call.
+//!
+//! A connection can also die silently: across a network partition no FIN
+//! or RST arrives, and TCP's retransmission back-off would keep the old
+//! connection useless long after the network heals. So a call that times
+//! out on a connection that has received nothing for [`SILENT_DEAD`] drops
+//! the connection, and the next call dials afresh; TCP keepalive reaps what
+//! the server side holds.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,6 +29,16 @@ use super::{Request, Response};
 /// Largest frame accepted (snapshot chunks are 1 MiB; log batches are bounded).
 const MAX_FRAME: usize = 256 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A connection silent this long when a call on it times out is dropped.
+const SILENT_DEAD: Duration = Duration::from_secs(2);
+
+/// Keepalive probes so a peer that vanished is noticed by the kernel.
+fn keepalive(stream: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(5)).with_interval(Duration::from_secs(2));
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!("tcp keepalive: {e}");
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
@@ -51,6 +68,21 @@ struct Conn {
     tx: mpsc::UnboundedSender<(u64, Vec<u8>)>,
     pending: Pending,
     closed: Arc<AtomicBool>,
+    /// When a frame last arrived.
+    last_recv: Arc<Mutex<std::time::Instant>>,
+    tasks: [tokio::task::AbortHandle; 2],
+}
+
+impl Conn {
+    /// Gives up on the connection: stops its tasks (closing the socket) and
+    /// fails the calls waiting on it.
+    fn kill(&self) {
+        self.closed.store(true, Ordering::Release);
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.pending.lock().unwrap().clear();
+    }
 }
 
 /// Client side: cheap to clone, shared by every group on the node.
@@ -108,16 +140,19 @@ impl Transport {
             .map_err(|_| connect_err("timed out".into()))?
             .map_err(|e| connect_err(e.to_string()))?;
         stream.set_nodelay(true).ok();
+        keepalive(&stream);
         let (r, w) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
-        tokio::spawn(write_loop(w, rx));
-        {
-            let (pending, closed) = (pending.clone(), closed.clone());
+        let last_recv = Arc::new(Mutex::new(std::time::Instant::now()));
+        let writer = tokio::spawn(write_loop(w, rx)).abort_handle();
+        let reader = {
+            let (pending, closed, last_recv) = (pending.clone(), closed.clone(), last_recv.clone());
             tokio::spawn(async move {
                 let mut r = BufReader::with_capacity(256 << 10, r);
                 while let Ok((id, body)) = read_frame(&mut r).await {
+                    *last_recv.lock().unwrap() = std::time::Instant::now();
                     let Ok(resp) = decode::<Response>(&body) else { break };
                     if let Some(tx) = pending.lock().unwrap().remove(&id) {
                         let _ = tx.send(resp);
@@ -125,9 +160,10 @@ impl Transport {
                 }
                 closed.store(true, Ordering::Release);
                 pending.lock().unwrap().clear();
-            });
-        }
-        let conn = Arc::new(Conn { tx, pending, closed });
+            })
+            .abort_handle()
+        };
+        let conn = Arc::new(Conn { tx, pending, closed, last_recv, tasks: [writer, reader] });
         conns.insert(addr.to_string(), conn.clone());
         Ok(conn)
     }
@@ -148,6 +184,11 @@ impl Transport {
             Ok(Err(_)) => Err(RpcError::Closed(addr.to_string())),
             Err(_) => {
                 conn.pending.lock().unwrap().remove(&id);
+                let silent = conn.last_recv.lock().unwrap().elapsed();
+                if silent >= SILENT_DEAD.min(timeout) {
+                    tracing::debug!(addr, ?silent, "dropping a silent connection");
+                    conn.kill();
+                }
                 Err(RpcError::Timeout(addr.to_string()))
             }
         }
@@ -170,6 +211,7 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
             }
         };
         stream.set_nodelay(true).ok();
+        keepalive(&stream);
         let handler = handler.clone();
         tokio::spawn(async move {
             let (r, w) = stream.into_split();
