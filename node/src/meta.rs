@@ -176,7 +176,11 @@ impl Node {
         self.tracker.record(&hb);
         let dir = self.directory();
         let known = dir.nodes.get(&hb.node_id);
-        if known.is_none_or(|n| n.raft_addr != hb.raft_addr || n.api_addr.as_deref() != Some(hb.api_addr.as_str())) {
+        let changed =
+            known.is_none_or(|n| n.raft_addr != hb.raft_addr || n.api_addr.as_deref() != Some(hb.api_addr.as_str()));
+        // A removed node may still run; it cannot register again.
+        let removed = known.is_some_and(|n| n.state == cleave_metadata::NodeState::Removed);
+        if changed && !removed {
             let cmd = MetaCommand::RegisterNode {
                 node_id: Some(hb.node_id),
                 raft_addr: hb.raft_addr.clone(),
