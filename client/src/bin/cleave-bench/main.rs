@@ -5,6 +5,7 @@
 //! cleave-bench [run] --workload a --distribution zipfian --keys 100000 --preload --duration 30s
 //! cleave-bench run --target etcd --endpoints 127.0.0.1:2379 --workload b
 //! cleave-bench split --fill-mb 200 --value-size 1024 --before 10s --after 10s
+//! cleave-bench move --fill-mb 120 --value-size 1024 --before 10s --after 10s
 //! cleave-bench multi --ranges 4 --workload a --preload
 //! ```
 //!
@@ -16,6 +17,9 @@
 //!   per operation type; `--json FILE` writes the same as JSON.
 //! - `split`: splits a loaded range under continuous writes and reports the
 //!   pause writers saw (see `split`).
+//! - `move`: moves a loaded shard's replica (by default the leader's, to a
+//!   node without one) under continuous writes and reports the move time
+//!   and what writers saw (see `moves`; both share `under_writes`).
 //! - `multi`: pre-splits the key space into `--ranges` ranges, then runs a
 //!   workload.
 //!
@@ -25,10 +29,11 @@
 //! splits do not disturb a measurement.
 //!
 //! Exit code: 0 when the run completed without client errors (and, for
-//! `split`, the split finished), 1 otherwise.
+//! `split` and `move`, the operation finished), 1 otherwise.
 
 mod etcd;
 mod keys;
+mod moves;
 mod multi;
 mod pause;
 mod preload;
@@ -39,6 +44,7 @@ mod schedule;
 mod split;
 mod stats;
 mod target;
+mod under_writes;
 mod workload;
 mod zipfian;
 
@@ -75,8 +81,9 @@ const EXAMPLES: &str = "Examples:
   cleave-bench --workload b --rate 5000 --json b.json
   cleave-bench --target etcd --endpoints 127.0.0.1:2379 --workload a --preload
   cleave-bench split --fill-mb 200 --value-size 1024 --before 10s --after 10s
+  cleave-bench move --fill-mb 120 --value-size 1024 --from 1 --to 4
   cleave-bench multi --ranges 4 --workload a --preload
-Start CleaveDB nodes with --max-splits 0 so automatic splits do not disturb a measurement.";
+Start CleaveDB nodes with --max-splits 0 (and for move, --balance false) so the rebalancer does not disturb a measurement.";
 
 #[derive(Subcommand, Debug)]
 enum Scenario {
@@ -84,6 +91,8 @@ enum Scenario {
     Run(RunCmd),
     /// Split a loaded range under continuous writes and measure the pause writers see.
     Split(SplitCmd),
+    /// Move a loaded shard's replica to another node under continuous writes.
+    Move(MoveCmd),
     /// Pre-split the key space into N ranges, then run a workload.
     Multi(MultiCmd),
 }
@@ -151,25 +160,49 @@ struct RunCmd {
     workload: WorkloadArgs,
 }
 
+/// Options of the scenarios that run an operation under writes (`split`, `move`).
 #[derive(Args, Debug, Clone)]
-struct SplitCmd {
-    #[command(flatten)]
-    common: Common,
+struct UnderWritesArgs {
     /// Preload until the range's shard holds this many MiB.
     #[arg(long, default_value_t = 200)]
     fill_mb: u64,
-    /// Write for this long before starting the split.
+    /// Write for this long before starting the operation.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     before: Duration,
-    /// Keep writing for this long after the split finished.
+    /// Keep writing for this long after the operation finished.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     after: Duration,
     /// How often the operation is polled.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     poll: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+struct SplitCmd {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    load: UnderWritesArgs,
     /// Give up if the split has not finished after this long.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     split_timeout: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+struct MoveCmd {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    load: UnderWritesArgs,
+    /// The node whose replica moves [default: the node leading the shard].
+    #[arg(long, value_name = "NODE")]
+    from: Option<u64>,
+    /// The node receiving it [default: the live node without a replica of the shard holding the fewest replicas].
+    #[arg(long, value_name = "NODE")]
+    to: Option<u64>,
+    /// Give up if the move has not finished after this long.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    move_timeout: Duration,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -216,6 +249,7 @@ async fn run(scenario: Scenario) -> Result<bool> {
             workload(&cmd.run, Some(cmd.ranges)).await
         }
         Scenario::Split(cmd) => split(&cmd).await,
+        Scenario::Move(cmd) => move_replica(&cmd).await,
     }
 }
 
@@ -295,32 +329,52 @@ fn wire_name<T: serde::Serialize>(v: T) -> String {
     serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
+/// The settings of a scenario that runs an operation under writes.
+fn under_writes_settings(c: &Common, a: &UnderWritesArgs, op_timeout: Duration) -> under_writes::Settings {
+    under_writes::Settings {
+        fill_mb: a.fill_mb,
+        value_size: c.value_size,
+        concurrency: c.concurrency,
+        rate: c.rate,
+        before: a.before,
+        after: a.after,
+        poll: a.poll,
+        op_timeout,
+    }
+}
+
+/// Prints `text` and writes `report` to `--json`, if given.
+fn output<T: serde::Serialize>(c: &Common, text: &str, report: &T) -> Result<()> {
+    println!("{text}");
+    if let Some(path) = &c.json {
+        report::write_json(path, report)?;
+    }
+    Ok(())
+}
+
 /// The `split` scenario.
 async fn split(cmd: &SplitCmd) -> Result<bool> {
     let c = &cmd.common;
     if c.target != TargetKind::Cleavedb {
         bail!("split needs --target cleavedb");
     }
-    let settings = split::Settings {
-        fill_mb: cmd.fill_mb,
-        value_size: c.value_size,
-        concurrency: c.concurrency,
-        rate: c.rate,
-        before: cmd.before,
-        after: cmd.after,
-        poll: cmd.poll,
-        split_timeout: cmd.split_timeout,
-    };
-    let config = json!({
-        "scenario": "split", "endpoints": c.endpoints, "fill_mb": cmd.fill_mb, "value_size": c.value_size,
-        "concurrency": c.concurrency, "rate": c.rate, "before_s": cmd.before.as_secs_f64(),
-        "after_s": cmd.after.as_secs_f64(),
-    });
+    let settings = under_writes_settings(c, &cmd.load, cmd.split_timeout);
+    let config = under_writes::config("split", &c.endpoints, &settings, json!({}));
     let report = split::run(cleave_client(c)?, &settings, config).await?;
-    println!("{}", split::render(&report));
-    if let Some(path) = &c.json {
-        report::write_json(path, &report)?;
+    output(c, &split::render(&report), &report)?;
+    Ok(report.ok())
+}
+
+/// The `move` scenario.
+async fn move_replica(cmd: &MoveCmd) -> Result<bool> {
+    let c = &cmd.common;
+    if c.target != TargetKind::Cleavedb {
+        bail!("move needs --target cleavedb");
     }
+    let settings = under_writes_settings(c, &cmd.load, cmd.move_timeout);
+    let config = under_writes::config("move", &c.endpoints, &settings, json!({"from": cmd.from, "to": cmd.to}));
+    let report = moves::run(cleave_client(c)?, &settings, cmd.from, cmd.to, config).await?;
+    output(c, &moves::render(&report), &report)?;
     Ok(report.ok())
 }
 
@@ -345,9 +399,25 @@ mod tests {
         }
         let cli = Cli::try_parse_from(["cleave-bench", "split", "--fill-mb", "20", "--before", "3s"]).unwrap();
         match cli.scenario {
-            Some(Scenario::Split(s)) => assert_eq!((s.fill_mb, s.before), (20, Duration::from_secs(3))),
+            Some(Scenario::Split(s)) => assert_eq!((s.load.fill_mb, s.load.before), (20, Duration::from_secs(3))),
             s => panic!("{s:?}"),
         }
+        let cli =
+            Cli::try_parse_from(["cleave-bench", "move", "--fill-mb", "120", "--to", "4", "--after", "5s", "-c", "8"])
+                .unwrap();
+        match cli.scenario {
+            Some(Scenario::Move(m)) => {
+                assert_eq!((m.load.fill_mb, m.from, m.to, m.common.concurrency), (120, None, Some(4), 8));
+                assert_eq!(
+                    (m.load.after, m.load.before, m.move_timeout),
+                    (Duration::from_secs(5), Duration::from_secs(10), Duration::from_secs(600))
+                );
+                let s = under_writes_settings(&m.common, &m.load, m.move_timeout);
+                assert_eq!((s.fill_mb, s.concurrency, s.op_timeout), (120, 8, Duration::from_secs(600)));
+            }
+            s => panic!("{s:?}"),
+        }
+        assert!(Cli::try_parse_from(["cleave-bench", "move", "--from", "x"]).is_err());
         let cli = Cli::try_parse_from(["cleave-bench", "multi", "--ranges", "8", "--workload", "c"]).unwrap();
         assert!(
             matches!(cli.scenario, Some(Scenario::Multi(m)) if m.ranges == 8 && m.run.workload.workload == Workload::C)

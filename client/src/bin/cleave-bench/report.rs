@@ -118,20 +118,21 @@ pub fn latency_table(rows: &[OpReport]) -> String {
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            let lat = |f: fn(&Latency) -> u64| r.latency.as_ref().map_or("-".into(), |l| fmt_latency(f(l)));
-            vec![
-                r.op.clone(),
-                r.count.to_string(),
-                fmt_rate(r.throughput_ops_s),
-                lat(|l| l.p50_us),
-                lat(|l| l.p99_us),
-                lat(|l| l.p999_us),
-                lat(|l| l.max_us),
-                r.errors.to_string(),
-            ]
+            let mut row = vec![r.op.clone(), r.count.to_string(), fmt_rate(r.throughput_ops_s)];
+            row.extend(latency_cells(r.latency.as_ref()));
+            row.push(r.errors.to_string());
+            row
         })
         .collect();
     table(&headers, &cells)
+}
+
+/// The P50, P99, P99.9 and MAX cells of a table row (`-` without latencies).
+pub fn latency_cells(l: Option<&Latency>) -> [String; 4] {
+    match l {
+        None => std::array::from_fn(|_| "-".into()),
+        Some(l) => [l.p50_us, l.p99_us, l.p999_us, l.max_us].map(fmt_latency),
+    }
 }
 
 /// A table: the first column left-aligned, the others right-aligned.
