@@ -14,7 +14,7 @@ use super::balance::{plan, Action, BalancePolicy, NodeHealth};
 use crate::node::Node;
 
 /// How often the rebalancer looks.
-const TICK: Duration = Duration::from_secs(2);
+const TICK: Duration = Duration::from_secs(1);
 
 /// Runs the rebalancer while this node leads the metadata group.
 pub async fn run(node: Arc<Node>, policy: BalancePolicy) {
