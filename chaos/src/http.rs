@@ -108,6 +108,8 @@ pub type ScanPage = (Vec<(String, u64)>, Option<String>);
 pub struct Api {
     client: reqwest::Client,
     admin: reqwest::Client,
+    /// Workload reads ask for `consistency=stale` (to check the checkers).
+    stale_reads: bool,
 }
 
 fn build(timeout: Duration) -> Result<reqwest::Client> {
@@ -169,7 +171,13 @@ impl Api {
     /// `op_timeout`: how long a workload request may take before the client
     /// gives up on it (it is then indeterminate).
     pub fn new(op_timeout: Duration) -> Result<Api> {
-        Ok(Api { client: build(op_timeout)?, admin: build(Duration::from_secs(3))? })
+        Ok(Api { client: build(op_timeout)?, admin: build(Duration::from_secs(3))?, stale_reads: false })
+    }
+
+    /// Workload reads served by whichever replica gets them, which may lag:
+    /// a way to see the checkers catch stale reads in a real run.
+    pub fn with_stale_reads(self) -> Api {
+        Api { stale_reads: true, ..self }
     }
 
     fn kv_url(base: &str, key: &str) -> String {
@@ -185,9 +193,13 @@ impl Api {
         Ok((status, body))
     }
 
-    /// A linearizable read.
+    /// A linearizable read (unless [`Api::with_stale_reads`]).
     pub async fn read(&self, base: &str, key: &str) -> Outcome {
-        let (status, body) = match self.exchange(self.client.get(Self::kv_url(base, key))).await {
+        let mut url = Self::kv_url(base, key);
+        if self.stale_reads {
+            url.push_str("?consistency=stale");
+        }
+        let (status, body) = match self.exchange(self.client.get(url)).await {
             Ok(answer) => answer,
             Err(outcome) => return outcome,
         };

@@ -95,6 +95,10 @@ struct Args {
     /// How long the cluster may take to serve, at the start and after the final heal.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     ready_timeout: Duration,
+    /// Send the workloads' reads with consistency=stale, to see the checkers
+    /// catch stale reads: such a run is expected to fail.
+    #[arg(long, hide = true)]
+    stale_reads: bool,
     /// Only check a saved history.jsonl (the set check needs a live run and is skipped).
     #[arg(long)]
     check_history: Option<PathBuf>,
@@ -207,6 +211,7 @@ async fn run_chaos(args: Args) -> anyhow::Result<ExitCode> {
         max_states: args.max_states,
         ready_timeout: args.ready_timeout,
         replay: replay_command(seed),
+        stale_reads: args.stale_reads,
     };
     eprintln!("cleave-chaos: seed {seed}, {:?}, nemeses {}, run dir {}", args.duration, args.nemesis, dir.display());
 

@@ -27,7 +27,7 @@ use crate::history::{Op, OpCounts, Recorder, Workload};
 use crate::http::Api;
 use crate::nemesis::Nemesis;
 use crate::netns::Network;
-use crate::nodes::{tail, LocalCluster, LocalOpts};
+use crate::nodes::{LocalCluster, LocalOpts};
 use crate::schedule::{self, NemesisKind, ScheduleOpts};
 use crate::summary::{Latency, Summary};
 use crate::workload::{self, Ctx, WorkloadOpts};
@@ -63,6 +63,8 @@ pub struct RunConfig {
     pub ready_timeout: Duration,
     /// The command line that replays this run, for the summary.
     pub replay: String,
+    /// Workload reads with `consistency=stale`: expect anomalies (checks the checkers).
+    pub stale_reads: bool,
 }
 
 /// Kills the local cluster and removes its namespaces when dropped.
@@ -193,6 +195,7 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
     }
     std::fs::create_dir_all(&cfg.dir).map_err(|e| Error::io(&cfg.dir, e))?;
     let api = Api::new(cfg.op_timeout)?;
+    let workload_api = if cfg.stale_reads { api.clone().with_stale_reads() } else { api.clone() };
 
     // 1. The cluster.
     let (endpoints, local, cluster_desc) = if remote {
@@ -226,7 +229,7 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
     let (stop_tx, stop_rx) = watch::channel(false);
     let run_id = format!("{:x}", (std::process::id() as u64) << 20 ^ (cfg.seed & 0xfffff));
     let ctx = Ctx {
-        api: api.clone(),
+        api: workload_api,
         endpoints: Arc::new(endpoints.clone()),
         recorder: recorder.clone(),
         stop: stop_rx.clone(),
@@ -341,13 +344,8 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
     if !valid {
         if let Some(l) = &local {
             let c = l.lock().unwrap_or_else(|e| e.into_inner());
-            for id in c.ids() {
-                tracing::warn!(
-                    "node {id} log: {} (last lines:\n{})",
-                    c.spec(id).log.display(),
-                    tail(&c.spec(id).log, 10)
-                );
-            }
+            let logs: Vec<String> = c.ids().into_iter().map(|id| c.spec(id).log.display().to_string()).collect();
+            tracing::warn!("invalid run: node logs kept at {}", logs.join(", "));
         }
     }
     if let Some(l) = &local {
