@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Short chaos run (CI): builds the binaries, then runs cleave-chaos against a
-# fresh local 3-node cluster with fixed seeds — kills, pauses, network
-# partitions and splits under register/set/monotonic load — and fails if any
+# fresh local 4-node cluster with fixed seeds — kills, pauses, network
+# partitions, splits, replica moves and leader transfers under
+# register/set/monotonic load — and fails if any
 # run finds an anomaly, a crash, or a cluster that does not recover.
 #
 #   scripts/chaos.sh                 # the CI run (~2 minutes)
-#   scripts/chaos.sh --nodes 5 -v    # extra args go to every cleave-chaos run
+#   CHAOS_NODES=5 scripts/chaos.sh -v   # extra args go to every cleave-chaos run
 #
 # Env (defaults):
 #   CHAOS_SEEDS="1 2"                 one run per seed (replay one with --seed)
+#   CHAOS_NODES=4                    nodes per run
 #   CHAOS_DURATION=40s               load + faults per run
-#   CHAOS_NEMESIS=kill,pause,partition,split
+#   CHAOS_NEMESIS=kill,pause,partition,split,move,transfer
 #   CHAOS_DIR=/tmp/cleave-chaos-ci-PID   run dirs (logs, history.jsonl, summary.json)
 #   CARGO_TARGET_DIR=~/.cache/cleavedb/target
 # Partitions need network namespaces, hence root; without root they are left
@@ -22,7 +24,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cleavedb/target}"
 cargo build --release --bins
 bin="$CARGO_TARGET_DIR/release/cleave-chaos"
 
-nemesis="${CHAOS_NEMESIS:-kill,pause,partition,split}"
+nemesis="${CHAOS_NEMESIS:-kill,pause,partition,split,move,transfer}"
 if [[ "$(id -u)" != 0 && ",$nemesis," == *",partition,"* ]]; then
     echo "WARNING: not running as root: network namespaces cannot be created," >&2
     echo "WARNING: so the partition nemesis is LEFT OUT of this chaos run." >&2
@@ -34,7 +36,8 @@ mkdir -p "$dir"
 failed=()
 for seed in ${CHAOS_SEEDS:-1 2}; do
     echo "== cleave-chaos seed $seed ($nemesis, ${CHAOS_DURATION:-40s})"
-    if ! "$bin" --seed "$seed" --duration "${CHAOS_DURATION:-40s}" --nemesis "$nemesis" \
+    # Four nodes, so a replica always has somewhere to move to.
+    if ! "$bin" --seed "$seed" --duration "${CHAOS_DURATION:-40s}" --nemesis "$nemesis" --nodes "${CHAOS_NODES:-4}" \
         --dir "$dir/seed-$seed" --out "$dir/seed-$seed.json" "$@"; then
         failed+=("$seed")
     fi
