@@ -505,8 +505,11 @@ async fn stale_router_gets_a_stale_route_and_still_succeeds() {
     // makes it learn about a split. Three splits, each followed by a first
     // request through node 4 of another kind (read, write, scan) into the
     // moved half.
+    // No balancing: it would move replicas to node 4 in the few seconds it
+    // counts as up after each of its rare heartbeats.
     let opts = ClusterOpts {
         node_args: vec![(4, vec!["--node-heartbeat-ms".into(), "3600000".into()])],
+        extra_args: vec!["--balance".into(), "false".into()],
         ..Default::default()
     };
     let c = Cluster::start(4, opts).await;
@@ -607,8 +610,11 @@ async fn stale_router_gets_a_stale_route_and_still_succeeds() {
 /// rather than wait for a leader report from a heartbeat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_reaches_a_new_shard_whose_leader_never_reported() {
+    // No balancing: it would move replicas to node 4 in the few seconds it
+    // counts as up after each of its rare heartbeats.
     let opts = ClusterOpts {
         node_args: vec![(4, vec!["--node-heartbeat-ms".into(), "3600000".into()])],
+        extra_args: vec!["--balance".into(), "false".into()],
         ..Default::default()
     };
     let c = Cluster::start(4, opts).await;

@@ -13,7 +13,8 @@
 //!    the emptiest. Only when every node is up, so a flapping node does not
 //!    set replicas moving.
 //! 4. **Balance leaders** the same way, by leader transfers (cheap: no data
-//!    moves).
+//!    moves) of data shards; the metadata group's leadership counts but is
+//!    not moved for balance.
 //!
 //! The slack is the hysteresis: a move changes the difference by two, so
 //! with a slack of one the plan settles instead of flapping. At most
@@ -188,8 +189,12 @@ pub fn plan(
         if most <= fewest + policy.slack {
             break;
         }
-        let pick = v
-            .groups()
+        // Data shards only: the metadata leader's heartbeat tracker is in
+        // memory, so moving that leadership for balance would cost a round
+        // of liveness knowledge for nothing.
+        let pick = dir
+            .shards
+            .values()
             .find(|g| leaders.get(&g.shard_id) == Some(&heavy) && g.replica_on(light).is_some() && !v.busy(g.shard_id));
         if let Some(g) = pick {
             actions.push(Action::TransferLeader { shard: g.shard_id, to: light });
