@@ -224,6 +224,27 @@ impl GroupRaft {
         Ok(())
     }
 
+    /// What is stored for `group` (for error messages): the `group_meta` and
+    /// `raft_state` tags present, the log entries and the data keys.
+    fn describe(ctx: &RaftContext, group: u64) -> String {
+        let count = |name: &str| {
+            let cf = storage::cf(&ctx.db, name);
+            let mut opts = rocksdb::ReadOptions::default();
+            opts.set_iterate_upper_bound(storage::group_range_end(group));
+            let from = storage::group_prefix(group);
+            let iter =
+                ctx.db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward));
+            let keys: Vec<Box<[u8]>> = iter.filter_map(|i| i.ok().map(|(k, _)| k)).collect();
+            let tags: Vec<u8> = keys.iter().filter(|k| k.len() == 9).map(|k| k[8]).collect();
+            (keys.len(), tags)
+        };
+        let (_, meta_tags) = count(CF_GROUP_META);
+        let (_, state_tags) = count(storage::CF_RAFT_STATE);
+        let (log, _) = count(storage::CF_RAFT_LOG);
+        let (data, _) = count(storage::CF_DATA);
+        format!("group_meta tags {meta_tags:?}, raft_state tags {state_tags:?}, {log} log entries, {data} data keys")
+    }
+
     /// The state `group` started from on this node (see `tag::GENESIS`).
     pub fn genesis(ctx: &RaftContext, group: u64) -> anyhow::Result<SmState> {
         let cf = storage::cf(&ctx.db, CF_GROUP_META);
@@ -256,10 +277,9 @@ impl GroupRaft {
         let (keys, bytes) = ctx.db.get_cf(cf, state_key(group, tag::KEYS))?.map_or((0, 0), |b| GroupStats::decode(&b));
         let stats = Arc::new(GroupStats::default());
         stats.set(keys, bytes);
-        let raw = ctx
-            .db
-            .get_cf(cf, state_key(group, tag::SM_STATE))?
-            .ok_or_else(|| anyhow::anyhow!("group {group} has no state-machine state"))?;
+        let raw = ctx.db.get_cf(cf, state_key(group, tag::SM_STATE))?.ok_or_else(|| {
+            anyhow::anyhow!("group {group} has no state-machine state ({})", Self::describe(ctx, group))
+        })?;
         let state = Arc::new(RwLock::new(SmState::from_json(&raw)?));
         let s = &ctx.settings;
         let config = Config {
