@@ -126,6 +126,11 @@ impl Node {
             created_at: Default::default(),
         });
         let _ = published.set(node.clone());
+        // Requests to create or destroy a replica can arrive as soon as the
+        // node is published; they wait until every recorded group is open
+        // (a destroy racing with the opening of that very group made a
+        // restarted node fail to open it, and exit).
+        let lifecycle = node.group_lifecycle.lock().await;
         for desc in GroupRaft::list(&node.ctx.db)? {
             let g = GroupRaft::open(&node.ctx, desc.clone())
                 .await
@@ -135,6 +140,7 @@ impl Node {
         if fresh && node.groups.read().unwrap().is_empty() {
             node.bootstrap().await?;
         }
+        drop(lifecycle);
         std::fs::write(&id_path, serde_json::to_vec_pretty(&identity)?).context("writing node.json")?;
         Ok(node)
     }
