@@ -106,7 +106,6 @@ impl Node {
             .map(|r| r.replica_id)
             .ok_or_else(|| ExecError::BadRequest(format!("node {to_node} holds no replica of shard {shard_id}")))?;
         let deadline = Instant::now() + TRANSFER_TIMEOUT;
-        let mut asked = false;
         loop {
             let view = match self.membership_step(shard_id, MembershipChange::Observe, 0).await {
                 Ok(v) => Some(v),
@@ -125,10 +124,9 @@ impl Node {
                         "the replica on node {to_node} is not a voter of shard {shard_id}"
                     )));
                 }
-                if !asked || v.leader != Some(to) {
-                    match self.membership_step(shard_id, MembershipChange::TransferLeader { to }, 0).await {
-                        Ok(_) => asked = true,
-                        Err(e) => tracing::debug!(shard_id, "transfer: {e}"),
+                if v.leader != Some(to) {
+                    if let Err(e) = self.membership_step(shard_id, MembershipChange::TransferLeader { to }, 0).await {
+                        tracing::debug!(shard_id, "transfer: {e}");
                     }
                 }
             }

@@ -22,7 +22,7 @@ use super::plan::{self, Step};
 use crate::node::Node;
 use crate::raft::membership::MembershipView;
 use crate::rpc::{ExecError, MembershipChange, NodeRequest};
-use crate::split::driver::{hold_ms, now_ms};
+use crate::split::driver::{advance, hold_ms, now_ms};
 
 /// How long creating and adding the new replica may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,11 +30,7 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 const LEARN_STALL: Duration = Duration::from_secs(60);
 
 async fn meta(node: &Node, cmd: MetaCommand) -> Result<(), ExecError> {
-    node.propose_meta(cmd, 0).await.map(|_| ())
-}
-
-async fn advance(node: &Node, op: &Operation, to: Phase) -> Result<(), ExecError> {
-    meta(node, MetaCommand::AdvanceOp { op_id: op.op_id, from: op.phase, to, now_ms: now_ms() }).await
+    crate::split::driver::meta(node, cmd).await.map(|_| ())
 }
 
 async fn abort(node: &Node, op: &Operation, reason: &str) -> Result<bool, ExecError> {

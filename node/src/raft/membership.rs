@@ -151,26 +151,21 @@ impl GroupRaft {
     /// configuration when needed; members that are no longer voters are
     /// removed from the group.
     pub async fn change_voters(&self, voters: BTreeSet<ReplicaId>) -> Result<(), MembershipError> {
-        self.ensure_leader()?;
-        let stored = self.raft.metrics().borrow_watched().membership_config.clone();
-        let guard = Precondition::LastMembershipLogId { last_membership_log_id: *stored.log_id() };
-        self.raft
-            .change_membership_if(ChangeMembers::ReplaceAllVoters(voters), false, [guard])
-            .await
-            .map(|_| ())
-            .map_err(write_err)
+        self.change_if_unchanged(ChangeMembers::ReplaceAllVoters(voters)).await
     }
 
     /// Removes learners from the group.
     pub async fn remove_learners(&self, learners: BTreeSet<ReplicaId>) -> Result<(), MembershipError> {
+        self.change_if_unchanged(ChangeMembers::RemoveNodes(learners)).await
+    }
+
+    /// Proposes `change` (dropping members that stop being voters) only if
+    /// the membership is still the one this replica sees now.
+    async fn change_if_unchanged(&self, change: ChangeMembers<ReplicaId, ReplicaNode>) -> Result<(), MembershipError> {
         self.ensure_leader()?;
         let stored = self.raft.metrics().borrow_watched().membership_config.clone();
         let guard = Precondition::LastMembershipLogId { last_membership_log_id: *stored.log_id() };
-        self.raft
-            .change_membership_if(ChangeMembers::RemoveNodes(learners), false, [guard])
-            .await
-            .map(|_| ())
-            .map_err(write_err)
+        self.raft.change_membership_if(change, false, [guard]).await.map(|_| ()).map_err(write_err)
     }
 
     /// Asks this leader to hand leadership to voter `to`; the new leader is

@@ -106,11 +106,13 @@ async fn drive(node: &Arc<Node>, op_id: OpId) {
     }
 }
 
-async fn meta(node: &Node, cmd: MetaCommand) -> Result<MetaResponse, ExecError> {
+/// Proposes `cmd` to the metadata group (this node leads it).
+pub(crate) async fn meta(node: &Node, cmd: MetaCommand) -> Result<MetaResponse, ExecError> {
     node.propose_meta(cmd, 0).await
 }
 
-async fn advance(node: &Node, op: &Operation, to: Phase) -> Result<(), ExecError> {
+/// Records that `op` moved from its current phase to `to` (compare-and-set).
+pub(crate) async fn advance(node: &Node, op: &Operation, to: Phase) -> Result<(), ExecError> {
     meta(node, MetaCommand::AdvanceOp { op_id: op.op_id, from: op.phase, to, now_ms: now_ms() }).await?;
     Ok(())
 }
