@@ -517,12 +517,20 @@ impl Directory {
 
     fn set_node_state(&mut self, node_id: NodeId, state: NodeState) -> Result<(), MetaError> {
         let hosted = self.replica_count(node_id);
+        let stuck = self.unplaceable_groups(node_id);
         let node = self.nodes.get_mut(&node_id).ok_or(MetaError::UnknownNode(node_id))?;
         let bad = |msg: &str| Err(MetaError::BadNodeState { node: node_id, msg: msg.to_string() });
         match (node.state, state) {
             (a, b) if a == b => return Ok(()),
             (NodeState::Removed, _) => return bad("was removed and cannot come back"),
             (NodeState::Active, NodeState::Removed) => return bad("decommission it first"),
+            // Refused up front rather than left waiting forever.
+            (NodeState::Active, NodeState::Decommissioning) if !stuck.is_empty() => {
+                return bad(&format!(
+                    "groups {stuck:?} would not have enough active nodes left for their replicas; \
+                     add a node first"
+                ));
+            }
             (NodeState::Decommissioning, NodeState::Removed) if hosted > 0 => {
                 return bad(&format!("still hosts {hosted} replicas"));
             }
@@ -530,6 +538,15 @@ impl Directory {
         }
         node.state = state;
         Ok(())
+    }
+
+    /// Groups on `node` with more replicas than there are other active
+    /// nodes: with `node` (and any node already decommissioning) left out,
+    /// they could not keep their replica count, so a decommission of `node`
+    /// could never finish.
+    fn unplaceable_groups(&self, node: NodeId) -> Vec<ShardId> {
+        let others = self.nodes.values().filter(|n| n.id != node && n.state == NodeState::Active).count();
+        self.groups_on(node).filter(|g| g.replicas.len() > others).map(|g| g.shard_id).collect()
     }
 
     /// Every group (metadata group first) with a replica on `node`.
@@ -993,10 +1010,21 @@ mod move_tests {
 
     #[test]
     fn node_lifecycle() {
-        let mut d = dir4();
         let set = |d: &mut Directory, node_id, state| d.apply(&MetaCommand::SetNodeState { node_id, state });
+        // Three nodes, three replicas per group: nowhere to move node 1's replicas to.
+        let mut d3 = Directory::bootstrap(&[(1, "a:1".into()), (2, "a:2".into()), (3, "a:3".into())], 3);
+        let refused = set(&mut d3, 1, NodeState::Decommissioning);
+        assert!(
+            matches!(&refused, Err(MetaError::BadNodeState { msg, .. }) if msg.contains("add a node")),
+            "{refused:?}"
+        );
+        assert_eq!(d3.nodes[&1].state, NodeState::Active);
+        let mut d = dir4();
         assert!(matches!(set(&mut d, 1, NodeState::Removed), Err(MetaError::BadNodeState { .. })));
         set(&mut d, 1, NodeState::Decommissioning).unwrap();
+        // Node 4 is the only place left for node 1's and node 2's replicas:
+        // a second decommission among the founders is refused.
+        assert!(matches!(set(&mut d, 2, NodeState::Decommissioning), Err(MetaError::BadNodeState { .. })));
         assert!(matches!(set(&mut d, 1, NodeState::Removed), Err(MetaError::BadNodeState { .. })), "still hosts");
         set(&mut d, 1, NodeState::Active).unwrap();
         set(&mut d, 4, NodeState::Decommissioning).unwrap();

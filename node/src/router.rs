@@ -222,8 +222,21 @@ impl Node {
             Ok(Err(WriteError::NotLeader { leader: Some(l) })) if l.node_id != self.id => Ok(Err(Some(l.node_id))),
             Ok(Err(WriteError::NotLeader { .. })) => Err(ExecError::NoLeader { group }),
             Ok(Err(WriteError::Indeterminate(m))) => Err(ExecError::Indeterminate(m)),
+            // The replica was stopped under the write because it was removed
+            // (a move's source, a GC'd leftover): openraft cannot tell whether
+            // the entry reached the log first, so the outcome is unknown (as
+            // with a leader change), and the client retries elsewhere.
+            Ok(Err(WriteError::Fatal(m))) if self.was_removed(group, &g) => {
+                Err(ExecError::Indeterminate(format!("replica of group {group} removed during the write ({m})")))
+            }
             Ok(Err(WriteError::Fatal(m))) => Err(ExecError::Internal(m)),
         }
+    }
+
+    /// Whether `g`, a replica of `group` this node held, has since been
+    /// removed from it (stopped and deleted, or replaced by a newer replica).
+    fn was_removed(&self, group: u64, g: &Arc<GroupRaft>) -> bool {
+        self.group(group).is_none_or(|cur| !Arc::ptr_eq(&cur, g))
     }
 
     /// Executes a write on `shard`: here if this node leads it, else at the leader.
@@ -245,8 +258,7 @@ impl Node {
 
     /// Checks that this replica's shard owns all of `[start, end)`; a point
     /// read of `key` passes `start = end = key`.
-    fn check_owned(&self, shard: ShardId, start: &str, end: Option<&str>) -> Result<(), ExecError> {
-        let g = self.group(shard).ok_or(ExecError::NoLeader { group: shard })?;
+    fn check_owned(g: &GroupRaft, start: &str, end: Option<&str>) -> Result<(), ExecError> {
         let state = g.state.read().unwrap();
         let SmState::Shard(s) = &*state else { return Err(ExecError::Internal("not a shard".into())) };
         let covers = |r: &cleave_metadata::RangeDescriptor| match (&r.end, end) {
@@ -275,13 +287,21 @@ impl Node {
                     Ok(()) => {
                         self.sample_key(&g, key);
                         g.served.fetch_add(1, Ordering::Relaxed);
-                        self.check_owned(shard, key, Some(key))?;
+                        Self::check_owned(&g, key, Some(key))?;
                         let rec = kv::read(&self.ctx.db, shard, key).map_err(|e| ExecError::Internal(e.to_string()))?;
-                        return Ok(rec
-                            .filter(|r| !r.tombstone)
-                            .map(|r| (r.version, String::from_utf8_lossy(&r.json).into_owned())));
+                        // A replica removed meanwhile may have had its data
+                        // deleted under the read (removal from the map comes
+                        // first): ask the group's leader instead.
+                        if self.was_removed(shard, &g) {
+                            None
+                        } else {
+                            return Ok(rec
+                                .filter(|r| !r.tombstone)
+                                .map(|r| (r.version, String::from_utf8_lossy(&r.json).into_owned())));
+                        }
                     }
                     Err(Some(l)) => Some(l),
+                    Err(None) if self.was_removed(shard, &g) => None,
                     Err(None) => return Err(ExecError::NoLeader { group: shard }),
                 }
             }
@@ -324,15 +344,20 @@ impl Node {
             Some(g) => match self.barrier(&g, shard).await {
                 Ok(()) => {
                     g.served.fetch_add(1, Ordering::Relaxed);
-                    self.check_owned(shard, start, end)?;
+                    Self::check_owned(&g, start, end)?;
                     let items = kv::scan(&self.ctx.db, shard, start, end, limit)
                         .map_err(|e| ExecError::Internal(e.to_string()))?;
-                    return Ok(items
-                        .into_iter()
-                        .map(|i| (i.key, i.record.version, String::from_utf8_lossy(&i.record.json).into_owned()))
-                        .collect());
+                    if self.was_removed(shard, &g) {
+                        None // as for a point read: the data may have gone under the scan
+                    } else {
+                        return Ok(items
+                            .into_iter()
+                            .map(|i| (i.key, i.record.version, String::from_utf8_lossy(&i.record.json).into_owned()))
+                            .collect());
+                    }
                 }
                 Err(Some(l)) => Some(l),
+                Err(None) if self.was_removed(shard, &g) => None,
                 Err(None) => return Err(ExecError::NoLeader { group: shard }),
             },
             None => None,

@@ -440,6 +440,13 @@ async fn a_node_is_decommissioned_under_load() {
     let r = admin_post(&c, 4, &format!("/admin/nodes/{victim}/decommission"), &json!({})).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.value()["status"], json!("decommissioning"));
+    // The three other nodes are now exactly enough for three replicas per
+    // group: decommissioning one of them could never finish, so it is refused.
+    let other = c.ids().into_iter().find(|n| *n != victim).expect("another node");
+    let r = admin_post(&c, 4, &format!("/admin/nodes/{other}/decommission"), &json!({})).await;
+    let e = r.expect_error(400, ErrorCode::BadRequest);
+    assert!(e.error.message.contains("add a node"), "{r:?}");
+    assert_ne!(nodes(&c).await[&other].status, cleave_tests::NodeCondition::Decommissioning);
     let t = Instant::now();
     let gone = wait_for(secs(120), format_args!("node {victim} to be decommissioned"), || async {
         let ns = nodes(&c).await;
