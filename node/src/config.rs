@@ -65,7 +65,9 @@ pub struct Args {
     /// Build a Raft snapshot after this many log entries [default: 10000].
     #[arg(long, env = "CLEAVE_SNAPSHOT_LOGS")]
     pub snapshot_logs: Option<u64>,
-    /// Log entries kept behind a snapshot for lagging followers [default: 1000].
+    /// Log entries kept behind a snapshot for lagging followers [default: twice --snapshot-logs: a
+    /// learner installs a snapshot while the leader builds the next, then catches up from the log
+    /// the leader kept instead of being sent the whole shard again].
     #[arg(long, env = "CLEAVE_KEEP_LOGS")]
     pub keep_logs: Option<u64>,
     /// Largest value accepted, in bytes of JSON text [default: 1048576].
@@ -180,6 +182,7 @@ impl Args {
         };
         let election_timeout_ms = self.election_timeout_ms.unwrap_or(1000);
         let heartbeat_ms = self.heartbeat_ms.unwrap_or(200);
+        let snapshot_logs = self.snapshot_logs.unwrap_or(10_000).max(1);
         if heartbeat_ms == 0 || heartbeat_ms >= election_timeout_ms {
             bail!("--heartbeat-ms must be positive and below --election-timeout-ms");
         }
@@ -199,8 +202,8 @@ impl Args {
             raft: RaftSettings {
                 heartbeat_ms,
                 election_timeout_ms,
-                snapshot_logs: self.snapshot_logs.unwrap_or(10_000).max(1),
-                keep_logs: self.keep_logs.unwrap_or(1000),
+                snapshot_logs,
+                keep_logs: self.keep_logs.unwrap_or(2 * snapshot_logs),
             },
             listen_api,
             listen_raft,

@@ -24,7 +24,7 @@ use tokio::io::AsyncReadExt;
 
 use super::snapshot::{self, SnapshotFile};
 use super::{GroupRaft, ReplicaNode, TypeConfig};
-use crate::rpc::{self, Transport};
+use crate::rpc::{self, Lane, Transport};
 
 /// Size of one snapshot chunk on the wire.
 const SNAPSHOT_CHUNK: usize = 1 << 20;
@@ -82,8 +82,9 @@ fn unreachable(msg: impl std::fmt::Display) -> Unreachable<TypeConfig> {
 
 impl GroupNetwork {
     async fn call(&self, msg: RaftRpc, ttl: Duration) -> Result<RaftReply, Unreachable<TypeConfig>> {
+        let lane = if matches!(msg, RaftRpc::SnapshotChunk { .. }) { Lane::Bulk } else { Lane::Default };
         let req = rpc::Request::Raft { group: self.group, msg };
-        match self.transport.call(&self.addr, req, ttl).await {
+        match self.transport.call_on(lane, &self.addr, req, ttl).await {
             Ok(rpc::Response::Raft(Ok(reply))) => Ok(reply),
             Ok(rpc::Response::Raft(Err(e))) => Err(unreachable(e)),
             Ok(other) => Err(unreachable(format!("unexpected reply {other:?}"))),

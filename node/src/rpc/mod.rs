@@ -12,7 +12,7 @@ use cleave_metadata::api::{Liveness, NodeStatus, ShardStatus};
 use cleave_metadata::{Directory, MetaCommand, MetaError, MetaResponse, NodeId, OpId, ShardId};
 use serde::{Deserialize, Serialize};
 
-pub use transport::{RpcError, Transport};
+pub use transport::{Lane, RpcError, Transport};
 
 use crate::command::{KvCommand, KvError, ShardCommand};
 use crate::kv::Incoming;

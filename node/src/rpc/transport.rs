@@ -12,6 +12,13 @@
 //! out on a connection that has received nothing for [`SILENT_DEAD`] drops
 //! the connection, and the next call dials afresh; TCP keepalive reaps what
 //! the server side holds.
+//!
+//! Bulk transfers (Raft snapshot chunks, 1 MiB each) take a second
+//! connection per peer, [`Lane::Bulk`], as TiKV sends snapshots apart from
+//! its Raft messages: queued behind chunks, heartbeats and appends would
+//! time out, and a connection dropped for silence would take a snapshot
+//! transfer of many seconds down with it (the receiver then installs one
+//! snapshot and is sent the next, seen during replica moves).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,7 +37,18 @@ use super::{Request, Response};
 const MAX_FRAME: usize = 256 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A connection silent this long when a call on it times out is dropped.
+/// Not shortened for calls with a short timeout: a busy peer that misses a
+/// heartbeat's few hundred milliseconds is not a dead connection.
 const SILENT_DEAD: Duration = Duration::from_secs(2);
+
+/// Which of the two connections to a peer a call travels on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// Raft messages and node requests: small and latency-bound.
+    Default,
+    /// Snapshot chunks: large, and slow to answer while the receiver installs.
+    Bulk,
+}
 
 /// Keepalive probes so a peer that vanished is noticed by the kernel.
 fn keepalive(stream: &TcpStream) {
@@ -63,6 +81,8 @@ fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, RpcError> {
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+/// Open connections by peer address and lane.
+type Conns = HashMap<(String, Lane), Arc<Conn>>;
 
 struct Conn {
     tx: mpsc::UnboundedSender<(u64, Vec<u8>)>,
@@ -88,7 +108,7 @@ impl Conn {
 /// Client side: cheap to clone, shared by every group on the node.
 #[derive(Clone, Default)]
 pub struct Transport {
-    conns: Arc<tokio::sync::Mutex<HashMap<String, Arc<Conn>>>>,
+    conns: Arc<tokio::sync::Mutex<Conns>>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -127,9 +147,9 @@ impl Transport {
         Transport::default()
     }
 
-    async fn conn(&self, addr: &str) -> Result<Arc<Conn>, RpcError> {
+    async fn conn(&self, addr: &str, lane: Lane) -> Result<Arc<Conn>, RpcError> {
         let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(addr) {
+        if let Some(c) = conns.get(&(addr.to_string(), lane)) {
             if !c.closed.load(Ordering::Acquire) {
                 return Ok(c.clone());
             }
@@ -164,14 +184,19 @@ impl Transport {
             .abort_handle()
         };
         let conn = Arc::new(Conn { tx, pending, closed, last_recv, tasks: [writer, reader] });
-        conns.insert(addr.to_string(), conn.clone());
+        conns.insert((addr.to_string(), lane), conn.clone());
         Ok(conn)
     }
 
     /// Sends `req` to the node at `addr` and waits up to `timeout` for its answer.
     pub async fn call(&self, addr: &str, req: Request, timeout: Duration) -> Result<Response, RpcError> {
+        self.call_on(Lane::Default, addr, req, timeout).await
+    }
+
+    /// [`Transport::call`] on the connection of `lane`.
+    pub async fn call_on(&self, lane: Lane, addr: &str, req: Request, timeout: Duration) -> Result<Response, RpcError> {
         let body = encode(&req)?;
-        let conn = self.conn(addr).await?;
+        let conn = self.conn(addr, lane).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().unwrap().insert(id, tx);
@@ -185,7 +210,7 @@ impl Transport {
             Err(_) => {
                 conn.pending.lock().unwrap().remove(&id);
                 let silent = conn.last_recv.lock().unwrap().elapsed();
-                if silent >= SILENT_DEAD.min(timeout) {
+                if silent >= SILENT_DEAD {
                     tracing::debug!(addr, ?silent, "dropping a silent connection");
                     conn.kill();
                 }
@@ -239,5 +264,82 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
                 });
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::{NodeReply, NodeRequest};
+
+    /// A server whose answer to a read of `key` takes `delay_of(key)`: a
+    /// peer busy with some requests (a snapshot install) and quick with others.
+    async fn slow_server() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let handler: Handler = Arc::new(|req| {
+            Box::pin(async move {
+                let Request::Node(NodeRequest::KvRead { key, .. }) = req else { panic!("unexpected {req:?}") };
+                let delay = match key.as_str() {
+                    "slow" => Duration::from_millis(1000),
+                    "install" => Duration::from_millis(3000),
+                    "stuck" => Duration::from_secs(30),
+                    _ => Duration::ZERO,
+                };
+                tokio::time::sleep(delay).await; // the peer's work, not synchronisation
+                Response::Node(Ok(NodeReply::Read(Some((1, key)))))
+            })
+        });
+        tokio::spawn(serve(listener, handler));
+        addr
+    }
+
+    fn read(key: &str) -> Request {
+        Request::Node(NodeRequest::KvRead { shard: 1, key: key.into(), linearizable: false, hops: 0 })
+    }
+
+    fn answered(r: Result<Response, RpcError>, key: &str) {
+        match r {
+            Ok(Response::Node(Ok(NodeReply::Read(Some((1, k)))))) if k == key => {}
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_short_timeout_on_a_busy_peer_fails_only_its_own_call() {
+        let addr = slow_server().await;
+        let t = Transport::new();
+        answered(t.call(&addr, read("warm-up"), Duration::from_secs(5)).await, "warm-up");
+        let (t2, a2) = (t.clone(), addr.clone());
+        let slow = tokio::spawn(async move { t2.call(&a2, read("slow"), Duration::from_secs(10)).await });
+        let bulk_t = t.clone();
+        let bulk_addr = addr.clone();
+        let bulk =
+            tokio::spawn(
+                async move { bulk_t.call_on(Lane::Bulk, &bulk_addr, read("slow"), Duration::from_secs(10)).await },
+            );
+        // A heartbeat-like call times out: the peer is busy, not gone.
+        let r = t.call(&addr, read("stuck"), Duration::from_millis(300)).await;
+        assert!(matches!(r, Err(RpcError::Timeout(_))), "{r:?}");
+        // The calls in flight beside it, on either lane, still get their answers.
+        answered(slow.await.unwrap(), "slow");
+        answered(bulk.await.unwrap(), "slow");
+        answered(t.call(&addr, read("after"), Duration::from_secs(5)).await, "after");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_connection_does_not_take_a_snapshot_transfer_with_it() {
+        let addr = slow_server().await;
+        let t = Transport::new();
+        let (t2, a2) = (t.clone(), addr.clone());
+        let bulk =
+            tokio::spawn(async move { t2.call_on(Lane::Bulk, &a2, read("install"), Duration::from_secs(60)).await });
+        // Silent past SILENT_DEAD: the default connection is given up on...
+        let r = t.call(&addr, read("stuck"), SILENT_DEAD + Duration::from_millis(200)).await;
+        assert!(matches!(r, Err(RpcError::Timeout(_))), "{r:?}");
+        // ...but the snapshot chunk on its own connection is answered, and
+        // the next call dials afresh.
+        answered(bulk.await.unwrap(), "install");
+        answered(t.call(&addr, read("after"), Duration::from_secs(5)).await, "after");
     }
 }
