@@ -89,8 +89,14 @@ note "write and read through the API"
 eventually 30 "first write via node 1" put 1 smoke '{"n":1}'
 for n in 1 2 3; do eventually 10 "read via node $n" has "$n" smoke '{"n":1}'; done
 
-leader="$(curl -fsS "$(url 1)/admin/shards" | grep -o '"leader":[0-9]*' | head -n 1 | cut -d: -f2)"
-[[ "$leader" =~ ^[123]$ ]] || fail "no shard leader in /admin/shards: $(curl -sS "$(url 1)/admin/shards")"
+# The shard's leader, polled: right after start the rebalancer may be
+# moving leaders, and mid-transfer /admin/shards names none.
+shard_leader() { curl -fsS --max-time 2 "$(url 1)/admin/shards" | grep -o '"leader":[0-9]*' | head -n 1 | cut -d: -f2; }
+leader="" deadline=$((SECONDS + 15))
+until leader="$(shard_leader || true)"; [[ "$leader" =~ ^[123]$ ]]; do
+    ((SECONDS < deadline)) || fail "no shard leader in /admin/shards within 15 s: $(curl -sS "$(url 1)/admin/shards")"
+    sleep 0.3
+done
 others=()
 for n in 1 2 3; do ((n == leader)) || others+=("$n"); done
 container="$(compose ps -q "node$leader")"
