@@ -1,4 +1,4 @@
-//! A multiplexed RPC transport: one TCP connection per peer, many requests
+//! A multiplexed RPC transport: one TCP connection per peer (and lane), many requests
 //! in flight on it at once.
 //!
 //! Frames are `u32 length | u64 request id | bincode body`. A writer task per
@@ -272,8 +272,8 @@ mod tests {
     use super::*;
     use crate::rpc::{NodeReply, NodeRequest};
 
-    /// A server whose answer to a read of `key` takes `delay_of(key)`: a
-    /// peer busy with some requests (a snapshot install) and quick with others.
+    /// A server that answers a read of `key` after a delay set by the key:
+    /// a peer busy with some requests (a snapshot install), quick with others.
     async fn slow_server() -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
