@@ -188,11 +188,16 @@ pub fn render(r: &MoveReport) -> String {
             r.run.client_op_s
         ),
         format!(
-            "  moved:         {}{} (the shard's size before the move){}; the new replica reported {}",
+            "  moved:         {}{} (the shard's size before the move){}; {}",
             mib(r.shard_bytes),
             r.shard_keys.map(|k| format!(", {k} keys")).unwrap_or_default(),
             r.learning_mib_per_s.map(|m| format!(", {m:.1} MiB/s over the learning phase")).unwrap_or_default(),
-            mib(r.new_replica_bytes)
+            match r.new_replica_bytes {
+                // Sizes come with node heartbeats (every second); a short
+                // move can end before the new replica has sent one.
+                0 => "the new replica had not reported its size yet".to_string(),
+                b => format!("the new replica reported {}", mib(b)),
+            }
         ),
         format!(
             "  leader:        node {} -> node {}; replicas on nodes {:?} -> {:?}",
@@ -286,6 +291,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("leader:        node 1 -> node 2; replicas on nodes [1, 2, 3] -> [2, 3, 4]"), "{text}");
+        let unreported = render(&MoveReport { new_replica_bytes: 0, ..r.clone() });
+        assert!(unreported.contains("; the new replica had not reported its size yet\n"), "{unreported}");
         assert!(text.contains("longest gap while the move ran"), "{text}");
         assert!(text.ends_with("RESULT: ok"), "{text}");
         let json = serde_json::to_value(&r).unwrap();
