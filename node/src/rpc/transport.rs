@@ -42,7 +42,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const SILENT_DEAD: Duration = Duration::from_secs(2);
 
 /// Which of the two connections to a peer a call travels on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lane {
     /// Raft messages and node requests: small and latency-bound.
     Default,
@@ -81,8 +81,9 @@ fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, RpcError> {
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
-/// Open connections by peer address and lane.
-type Conns = HashMap<(String, Lane), Arc<Conn>>;
+/// Open connections by peer address, one slot per lane (indexed by
+/// `Lane as usize`, so a lookup needs no owned key).
+type Conns = HashMap<String, [Option<Arc<Conn>>; 2]>;
 
 struct Conn {
     tx: mpsc::UnboundedSender<(u64, Vec<u8>)>,
@@ -149,7 +150,7 @@ impl Transport {
 
     async fn conn(&self, addr: &str, lane: Lane) -> Result<Arc<Conn>, RpcError> {
         let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(&(addr.to_string(), lane)) {
+        if let Some(c) = conns.get(addr).and_then(|slots| slots[lane as usize].as_ref()) {
             if !c.closed.load(Ordering::Acquire) {
                 return Ok(c.clone());
             }
@@ -184,7 +185,7 @@ impl Transport {
             .abort_handle()
         };
         let conn = Arc::new(Conn { tx, pending, closed, last_recv, tasks: [writer, reader] });
-        conns.insert((addr.to_string(), lane), conn.clone());
+        conns.entry(addr.to_string()).or_default()[lane as usize] = Some(conn.clone());
         Ok(conn)
     }
 
