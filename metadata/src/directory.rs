@@ -266,6 +266,28 @@ impl Directory {
                 .any(|(g, r)| g == group && r.node_id == node)
     }
 
+    /// Nodes for the `count` replicas of a new group: active nodes that are
+    /// `live` (heard from recently), fewest replicas first. A node that is
+    /// down cannot create its replica, so placing one there only makes the
+    /// operation wait out its setup deadline and abort: with too few live
+    /// nodes the placement is refused instead.
+    pub fn place_new_group(&self, live: &[NodeId], count: usize) -> Result<Vec<NodeId>, MetaError> {
+        let mut candidates: Vec<(usize, NodeId)> = self
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Active && live.contains(&n.id))
+            .map(|n| (self.replica_count(n.id), n.id))
+            .collect();
+        if candidates.len() < count {
+            return Err(MetaError::BadPlacement(format!(
+                "a new shard needs {count} live active nodes for its replicas, and {} are live",
+                candidates.len()
+            )));
+        }
+        candidates.sort();
+        Ok(candidates.into_iter().take(count).map(|(_, id)| id).collect())
+    }
+
     /// Replicas on `node`: listed in the directory plus those unfinished
     /// operations are creating there.
     pub fn replica_count(&self, node: NodeId) -> usize {
@@ -663,6 +685,22 @@ mod tests {
 
     fn three() -> Directory {
         Directory::bootstrap(&[(1, "a:1".into()), (2, "a:2".into()), (3, "a:3".into())], 3)
+    }
+
+    #[test]
+    fn new_groups_are_placed_only_on_live_nodes() {
+        let nodes: Vec<(NodeId, String)> = (1..=4).map(|n| (n, format!("n{n}"))).collect();
+        let d = Directory::bootstrap(&nodes[..3], 3);
+        // Node 2 is down: with three nodes a new group of three cannot be placed.
+        let r = d.place_new_group(&[1, 3], 3);
+        assert!(matches!(r, Err(MetaError::BadPlacement(m)) if m.contains("2 are live")));
+        assert_eq!(d.place_new_group(&[1, 2, 3], 3).unwrap().len(), 3);
+        // Never on a node that is not live, even when it holds the fewest.
+        let mut d = d;
+        d.nodes.insert(4, NodeDescriptor { id: 4, ..d.nodes[&1].clone() });
+        let placed = d.place_new_group(&[1, 2, 3], 3).unwrap();
+        assert!(!placed.contains(&4), "{placed:?}");
+        assert_eq!(d.place_new_group(&[1, 2, 4], 3).unwrap()[0], 4, "the emptiest live node first");
     }
 
     #[test]

@@ -36,8 +36,9 @@ pub enum ShardCommand {
     /// backfill, else the last source log index of forwarded writes).
     Ingest { op_id: OpId, source_index: Option<u64>, records: Vec<(String, Vec<u8>)> },
     /// Target: the backfill finished from a source snapshot at `snapshot_index`
-    /// whose content digest was `digest`.
-    BackfillDone { op_id: OpId, snapshot_index: u64, digest: u64, keys: u64, bytes: u64 },
+    /// whose content digest was `digest`; `capture_base` is the source's
+    /// digest of the range when the capture began (see [`crate::kv::Capture::changes`]).
+    BackfillDone { op_id: OpId, snapshot_index: u64, digest: u64, capture_base: u64, keys: u64, bytes: u64 },
     /// Target, after commit: start serving `ranges`.
     Activate { op_id: OpId, ranges: Vec<RangeDescriptor> },
 }
@@ -87,6 +88,23 @@ pub enum KvError {
     RangeMoving,
 }
 
+/// Why a split step was refused when applied. Refusals change nothing and
+/// depend only on the command and the shard's state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    #[error("range [{start:?}, {end:?}) is not owned by this shard")]
+    NotOwned { start: String, end: Option<String> },
+    /// A late `BeginCapture` of an operation that already ended here.
+    #[error("operation {op_id} has already ended on this shard")]
+    Ended { op_id: OpId },
+    #[error("the capture of operation {op_id} would overlap that of operation {running}")]
+    Overlaps { op_id: OpId, running: OpId },
+    #[error("no capture for operation {op_id}")]
+    NoCapture { op_id: OpId },
+    #[error("this shard is not receiving operation {op_id}")]
+    NotReceiving { op_id: OpId },
+}
+
 /// The result of applying one entry.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum CommandResponse {
@@ -96,7 +114,7 @@ pub enum CommandResponse {
     Kv(Result<u64, KvError>),
     Meta(Result<MetaResponse, MetaError>),
     /// A split step: the entry's log index (for `Freeze`, the freeze index).
-    Shard(Result<u64, String>),
+    Shard(Result<u64, StepError>),
     /// The command did not fit this group (e.g. a KV write sent to group 0).
     Rejected(String),
 }

@@ -27,6 +27,25 @@ pub struct Capture {
     pub target: ShardId,
     /// Log index of the `Freeze`: from then on writes to the range are refused.
     pub frozen_at: Option<u64>,
+    /// Wrapping sum of the digest changes of every write applied to the
+    /// range since the capture began, kept by apply from the stored records
+    /// (not from the forward log). With the range's digest at the backfill
+    /// snapshot it gives the digest of the data the source really holds,
+    /// which the target's must match at the freeze.
+    #[serde(default)]
+    pub changes: u64,
+}
+
+impl Capture {
+    pub fn covers(&self, key: &str) -> bool {
+        within(key, &self.start, self.end.as_deref())
+    }
+
+    /// Whether this capture and `[start, end)` share a key.
+    pub fn overlaps(&self, start: &str, end: Option<&str>) -> bool {
+        let before = |a_end: Option<&str>, b_start: &str| a_end.is_some_and(|e| e <= b_start);
+        !(before(self.end.as_deref(), start) || before(end, &self.start))
+    }
 }
 
 /// A range this shard (the split target) is receiving; not served until activated.
@@ -44,6 +63,10 @@ pub struct Incoming {
     /// Keys and bytes the backfill copied (for progress reports).
     #[serde(default)]
     pub backfill_copied: (u64, u64),
+    /// The source's digest of the range when its capture began (the backfill
+    /// snapshot's digest less the capture's changes up to that snapshot).
+    #[serde(default)]
+    pub capture_base: u64,
 }
 
 /// The ranges a shard owns, and its split bookkeeping.
@@ -57,7 +80,19 @@ pub struct ShardState {
     /// Ranges this shard gave away, with their new owners (for 421 answers).
     #[serde(default)]
     pub moved: Vec<RangeDescriptor>,
+    /// Operations whose capture ended here (aborted or committed), newest
+    /// [`ENDED_KEPT`]; a late `BeginCapture` of one of them is refused.
+    #[serde(default)]
+    pub ended_ops: Vec<OpId>,
+    /// Every operation at or below this id has ended here (older entries of
+    /// `ended_ops` are folded into it). The directory runs one operation per
+    /// shard at a time and allocates ids in order, so the floor loses nothing.
+    #[serde(default)]
+    pub ended_below: OpId,
 }
+
+/// How many ended operations a shard remembers one by one.
+pub const ENDED_KEPT: usize = 64;
 
 fn within(key: &str, start: &str, end: Option<&str>) -> bool {
     key >= start && end.is_none_or(|e| key < e)
@@ -69,9 +104,22 @@ impl ShardState {
         self.ranges.iter().find(|r| r.contains(key))
     }
 
-    /// The capture covering `key`, if any.
-    pub fn capture_of(&self, key: &str) -> Option<&Capture> {
-        self.captures.iter().find(|c| within(key, &c.start, c.end.as_deref()))
+    /// Whether operation `op`'s capture has ended on this shard.
+    pub fn has_ended(&self, op: OpId) -> bool {
+        op <= self.ended_below || self.ended_ops.binary_search(&op).is_ok()
+    }
+
+    /// Records that operation `op`'s capture ended (idempotent).
+    pub fn end_op(&mut self, op: OpId) {
+        if let Err(at) = self.ended_ops.binary_search(&op) {
+            if op > self.ended_below {
+                self.ended_ops.insert(at, op);
+            }
+        }
+        while self.ended_ops.len() > ENDED_KEPT {
+            let oldest = self.ended_ops.remove(0);
+            self.ended_below = self.ended_below.max(oldest);
+        }
     }
 
     /// What a stale route is told: our ranges and those we handed away.
@@ -144,6 +192,13 @@ pub struct ForwardEntry {
     pub delta: u64,
 }
 
+impl ForwardEntry {
+    pub fn encode(&self) -> Vec<u8> {
+        // Plain strings, byte vectors and integers: encoding cannot fail.
+        crate::codec::encode(self).expect("forward entry encodes")
+    }
+}
+
 /// Reads the stored record of `key` in `group`.
 pub fn read(db: &Db, group: u64, key: &str) -> Result<Option<ValueRecord>, rocksdb::Error> {
     let cf = storage::cf(db, storage::CF_DATA);
@@ -172,23 +227,30 @@ pub fn current(db: &Db, group: u64, overlay: &Overlay, key: &str) -> Result<Opti
     }
 }
 
+/// What applying a command yields: the outer error is a storage failure,
+/// which must stop the replica (it is never an answer: the other replicas
+/// would apply the entry); the inner one is a deterministic refusal.
+pub type Applied<T, E> = Result<Result<T, E>, rocksdb::Error>;
+
 /// Applies one KV command at log `index` into `batch`. Returns the key's new
-/// version and the change in the shard's live keys and bytes.
+/// version. A write to a captured range is also appended to the forward log
+/// of *every* capture covering the key, and refused if any of them is frozen.
 pub fn apply(
     db: &Db,
     group: u64,
     index: u64,
-    state: &ShardState,
+    state: &mut ShardState,
     b: &mut ApplyBatch,
     cmd: &KvCommand,
-) -> Result<u64, KvError> {
+) -> Applied<u64, KvError> {
     let key = cmd.key();
-    state.check_route(key, cmd.range_id, cmd.epoch)?;
-    let capture = state.capture_of(key);
-    if capture.is_some_and(|c| c.frozen_at.is_some()) {
-        return Err(KvError::RangeMoving);
+    if let Err(e) = state.check_route(key, cmd.range_id, cmd.epoch) {
+        return Ok(Err(e));
     }
-    let current = current(db, group, &b.overlay, key).map_err(|_| KvError::NotFound)?;
+    if state.captures.iter().any(|c| c.covers(key) && c.frozen_at.is_some()) {
+        return Ok(Err(KvError::RangeMoving));
+    }
+    let current = current(db, group, &b.overlay, key)?;
     let live = ValueRecord::live_version(current.as_ref());
     let last = current.as_ref().map_or(0, |r| r.version);
     let (if_version, record) = match &cmd.op {
@@ -197,42 +259,43 @@ pub fn apply(
         }
         KvOp::Delete { if_version, .. } => {
             if live == 0 {
-                return Err(if if_version.is_some_and(|v| v != 0) {
+                return Ok(Err(if if_version.is_some_and(|v| v != 0) {
                     KvError::VersionConflict { current: 0 }
                 } else {
                     KvError::NotFound
-                });
+                }));
             }
             (*if_version, ValueRecord { version: last + 1, tombstone: true, json: Vec::new() })
         }
     };
     if let Some(expected) = if_version {
         if expected != live {
-            return Err(KvError::VersionConflict { current: live });
+            return Ok(Err(KvError::VersionConflict { current: live }));
         }
     }
     let cf = storage::cf(db, storage::CF_DATA);
     let encoded = record.encode();
-    if let Some(c) = capture {
-        let entry = ForwardEntry {
-            key: key.to_string(),
-            record: encoded.clone(),
-            delta: digest::delta(key, current.as_ref(), &record),
-        };
-        let bytes =
-            bincode::serde::encode_to_vec(&entry, bincode::config::standard()).map_err(|_| KvError::NotFound)?;
-        b.write.put_cf(cf, forward_key(group, c.op_id, index), bytes);
+    let delta = digest::delta(key, current.as_ref(), &record);
+    for c in state.captures.iter_mut().filter(|c| c.covers(key)) {
+        let entry = ForwardEntry { key: key.to_string(), record: encoded.clone(), delta };
+        b.write.put_cf(cf, forward_key(group, c.op_id, index), entry.encode());
+        c.changes = c.changes.wrapping_add(delta);
+        b.changed = true;
     }
     b.write.put_cf(cf, data_key(group, key.as_bytes()), encoded);
     b.stats.add(StatsDelta::replace(key, current.as_ref(), &record));
     let version = record.version;
     b.overlay.insert(key.to_string(), record);
-    Ok(version)
+    Ok(Ok(version))
 }
 
-/// Live keys of `group` in `[start, end)`, in order.
-pub fn scan_keys(db: &Db, group: u64, start: &str, end: Option<&str>) -> Result<Vec<String>, rocksdb::Error> {
-    Ok(scan(db, group, start, end, usize::MAX)?.into_iter().map(|i| i.key).collect())
+/// A consistent read view of the node's database.
+pub type Snapshot<'a> = rocksdb::SnapshotWithThreadMode<'a, Db>;
+
+/// Reads the stored record of `key` in `group` as of `snap`.
+pub fn read_at(db: &Db, snap: &Snapshot<'_>, group: u64, key: &str) -> Result<Option<ValueRecord>, rocksdb::Error> {
+    let cf = storage::cf(db, storage::CF_DATA);
+    Ok(snap.get_pinned_cf(cf, data_key(group, key.as_bytes()))?.and_then(|v| ValueRecord::decode(&v)))
 }
 
 /// One live item returned by a scan.
@@ -241,28 +304,41 @@ pub struct ScannedItem {
     pub record: ValueRecord,
 }
 
-/// Live items of `group` in `[start, end)`, at most `limit`.
-pub fn scan(
+/// Iterates the stored records of `group` in `[start, end)` (user keys only).
+fn records<'a>(
+    db: &'a Db,
+    snap: Option<&Snapshot<'_>>,
+    group: u64,
+    start: &str,
+    end: Option<&str>,
+) -> rocksdb::DBIteratorWithThreadMode<'a, Db> {
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_iterate_upper_bound(match end {
+        Some(e) => data_key(group, e.as_bytes()),
+        None => user_data_end(group),
+    });
+    if let Some(snap) = snap {
+        opts.set_snapshot(snap);
+    }
+    let from = data_key(group, start.as_bytes());
+    db.iterator_cf_opt(
+        storage::cf(db, storage::CF_DATA),
+        opts,
+        rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
+    )
+}
+
+/// Live items of `group` in `[start, end)` as of `snap`, at most `limit`.
+pub fn scan_at(
     db: &Db,
+    snap: &Snapshot<'_>,
     group: u64,
     start: &str,
     end: Option<&str>,
     limit: usize,
 ) -> Result<Vec<ScannedItem>, rocksdb::Error> {
-    let cf = storage::cf(db, storage::CF_DATA);
-    let mut opts = rocksdb::ReadOptions::default();
-    let upper = match end {
-        Some(e) => data_key(group, e.as_bytes()),
-        None => user_data_end(group),
-    };
-    opts.set_iterate_upper_bound(upper);
-    let iter = db.iterator_cf_opt(
-        cf,
-        opts,
-        rocksdb::IteratorMode::From(&data_key(group, start.as_bytes()), rocksdb::Direction::Forward),
-    );
     let mut out = Vec::new();
-    for item in iter {
+    for item in records(db, Some(snap), group, start, end) {
         let (k, v) = item?;
         let Some(record) = ValueRecord::decode(&v) else { continue };
         if record.tombstone {
@@ -275,6 +351,31 @@ pub fn scan(
         }
     }
     Ok(out)
+}
+
+/// The live key in the middle of `[start, end)` of `group`, by count. Two
+/// passes over the range, holding one key at a time (blocking: call it off
+/// the async workers).
+pub fn median_key(db: &Db, group: u64, start: &str, end: Option<&str>) -> Result<Option<String>, rocksdb::Error> {
+    let snap = db.snapshot();
+    let live = |v: &[u8]| ValueRecord::decode(v).is_some_and(|r| !r.tombstone);
+    let mut count = 0usize;
+    for item in records(db, Some(&snap), group, start, end) {
+        let (_, v) = item?;
+        count += usize::from(live(&v));
+    }
+    let mut seen = 0usize;
+    for item in records(db, Some(&snap), group, start, end) {
+        let (k, v) = item?;
+        if !live(&v) {
+            continue;
+        }
+        if seen == count / 2 {
+            return Ok(Some(String::from_utf8_lossy(storage::user_key_of(&k)).into_owned()));
+        }
+        seen += 1;
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -323,8 +424,26 @@ mod tests {
             digest: 0,
             backfill: None,
             backfill_copied: (0, 0),
+            capture_base: 0,
         });
         assert_eq!(s.check_route("k", 1, 1), Err(KvError::RangeMoving));
         assert!(s.check_route("a", 1, 1).is_ok());
+    }
+
+    #[test]
+    fn the_median_key_counts_live_keys_only() {
+        let (_d, db) = crate::testing::temp_db();
+        let mut s = crate::testing::whole_shard();
+        for (i, k) in ["a", "b", "c", "d", "e", "f"].iter().enumerate() {
+            crate::testing::put(&db, &mut s, i as u64 + 1, k, "1").unwrap();
+        }
+        let del = KvCommand { range_id: 1, epoch: 1, op: KvOp::Delete { key: "a".into(), if_version: None } };
+        let mut b = ApplyBatch::default();
+        apply(&db, 1, 7, &mut s, &mut b, &del).unwrap().unwrap();
+        db.write(b.write).unwrap();
+        // Live: b c d e f → the third.
+        assert_eq!(median_key(&db, 1, "", None).unwrap().as_deref(), Some("d"));
+        assert_eq!(median_key(&db, 1, "e", None).unwrap().as_deref(), Some("f"));
+        assert_eq!(median_key(&db, 1, "g", None).unwrap(), None);
     }
 }

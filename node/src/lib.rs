@@ -9,6 +9,7 @@
 //! - [`storage`]: the shared RocksDB, key layout, group commit of WAL syncs.
 //! - [`raft`]: the openraft wrapper — log store, state machine, snapshots,
 //!   Raft network — the only module that uses openraft directly.
+//! - [`codec`]: the bounded bincode encoding of frames, entries and records.
 //! - [`kv`], [`command`]: what a shard applies and how it fences stale routes.
 //! - [`rpc`]: the multiplexed node-to-node transport and its messages.
 //! - [`node`], [`router`], [`meta`], [`join`]: the running node, request
@@ -20,6 +21,7 @@
 //! - [`config`]: flags, environment and the TOML config file.
 
 pub mod api;
+pub mod codec;
 pub mod command;
 pub mod config;
 pub mod join;
@@ -33,3 +35,5 @@ pub mod router;
 pub mod rpc;
 pub mod split;
 pub mod storage;
+#[cfg(test)]
+pub mod testing;

@@ -125,13 +125,16 @@ impl Node {
             group_lifecycle: Default::default(),
             created_at: Default::default(),
         });
-        let _ = published.set(node.clone());
         // Requests to create or destroy a replica can arrive as soon as the
         // node is published; they wait until every recorded group is open
         // (a destroy racing with the opening of that very group made a
-        // restarted node fail to open it, and exit).
+        // restarted node fail to open it, and exit). So the lock is taken
+        // before the node is published, never after.
         let lifecycle = node.group_lifecycle.lock().await;
-        for desc in GroupRaft::list(&node.ctx.db)? {
+        let _ = published.set(node.clone());
+        let held = GroupRaft::list(&node.ctx.db)?;
+        GroupRaft::remove_orphan_snapshots(&node.ctx, &held)?;
+        for desc in held {
             let g = GroupRaft::open(&node.ctx, desc.clone())
                 .await
                 .with_context(|| format!("opening group {}", desc.group))?;
@@ -290,14 +293,17 @@ impl Node {
     pub async fn handle_node_request(&self, r: NodeRequest) -> Result<rpc::NodeReply, ExecError> {
         use rpc::NodeReply;
         match r {
-            NodeRequest::KvWrite { shard, cmd, hops } => {
-                self.exec_write(shard, cmd, hops).await.map(NodeReply::Written)
+            NodeRequest::KvWrite { shard, cmd, hops, budget_ms } => {
+                let deadline = crate::router::deadline_of(budget_ms, self.settings.write_timeout);
+                self.exec_write(shard, cmd, hops, deadline).await.map(NodeReply::Written)
             }
-            NodeRequest::KvRead { shard, key, linearizable, hops } => {
-                self.exec_read(shard, &key, linearizable, hops).await.map(NodeReply::Read)
+            NodeRequest::KvRead { shard, key, linearizable, hops, budget_ms } => {
+                let deadline = crate::router::deadline_of(budget_ms, self.settings.write_timeout);
+                self.exec_read(shard, &key, linearizable, hops, deadline).await.map(NodeReply::Read)
             }
-            NodeRequest::KvScan { shard, start, end, limit, hops } => {
-                self.exec_scan(shard, &start, end.as_deref(), limit, hops).await.map(NodeReply::Scanned)
+            NodeRequest::KvScan { shard, start, end, limit, hops, budget_ms } => {
+                let deadline = crate::router::deadline_of(budget_ms, self.settings.write_timeout);
+                self.exec_scan(shard, &start, end.as_deref(), limit, hops, deadline).await.map(NodeReply::Scanned)
             }
             NodeRequest::MetaPropose { cmd, hops } => self.propose_meta(cmd, hops).await.map(NodeReply::Meta),
             NodeRequest::Heartbeat { hb, hops } => self.handle_heartbeat(hb, hops).await.map(NodeReply::Heartbeat),
@@ -316,7 +322,9 @@ impl Node {
             NodeRequest::StartMove { shard_id, from_node, to_node, reason, hops } => {
                 self.start_move(shard_id, from_node, to_node, reason, hops).await.map(NodeReply::Index)
             }
-            NodeRequest::DestroyGroup { group } => self.destroy_group(group).await.map(|_| NodeReply::Done),
+            NodeRequest::DestroyGroup { group, replica_id } => {
+                self.destroy_group(group, replica_id).await.map(|_| NodeReply::Done)
+            }
             NodeRequest::IncomingStatus { shard, hops } => self.incoming_status(shard, hops).await,
             NodeRequest::SplitStatus { shard, op_id, hops } => self.split_status(shard, op_id, hops).await,
             NodeRequest::MedianKey { shard, start, end, by_load, hops } => {

@@ -7,6 +7,11 @@
 //! to the leader. A refusal that proves nothing was applied — a stale route
 //! (421), no leader yet, a frozen range — is retried with backoff until the
 //! write deadline; an answer whose outcome is unknown is never retried.
+//!
+//! One deadline bounds a request from end to end: every step gets the time
+//! that is left of it, not a fresh timeout — a proposal, a read barrier, a
+//! directory refresh, a forwarding hop (which carries the time left to the
+//! node it goes to) — so nothing commits long after the client gave up.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,7 +27,32 @@ use crate::rpc::{ExecError, NodeReply, NodeRequest};
 
 /// Forwarding hops allowed before giving up (a leader change in flight).
 const MAX_HOPS: u8 = 3;
-const HOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a node-internal request (a split step, a membership change, a
+/// status look) may take end to end, forwarding included.
+pub const INTERNAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The deadline of a node-internal request started now.
+pub fn internal_deadline() -> Instant {
+    Instant::now() + INTERNAL_TIMEOUT
+}
+
+/// The time left until `deadline` (zero once it passed).
+pub fn left(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// The time left until `deadline` in whole milliseconds, for a request that
+/// carries its budget to another node.
+pub fn budget_ms(deadline: Instant) -> u64 {
+    left(deadline).as_millis() as u64
+}
+
+/// The deadline of a request that arrived with `budget_ms` left, never
+/// beyond this node's own limit `max`.
+pub fn deadline_of(budget_ms: u64, max: Duration) -> Instant {
+    Instant::now() + Duration::from_millis(budget_ms).min(max)
+}
 
 /// Whether retrying after `e` is safe and useful.
 fn retryable(e: &ExecError) -> bool {
@@ -49,7 +79,7 @@ where
                     // A stale route: learn the new directory and go at once.
                     ExecError::Kv(KvError::WrongRange { .. }) => {
                         metrics::counter!("cleave_router_stale_routes_total").increment(1);
-                        node.refresh_directory().await
+                        node.refresh_directory_by(deadline).await
                     }
                     // A cutover in progress lasts milliseconds: poll closely.
                     ExecError::Kv(KvError::RangeMoving) => tokio::time::sleep(Duration::from_millis(2)).await,
@@ -73,9 +103,14 @@ where
 }
 
 impl Node {
+    /// Refreshes the directory, giving up at `deadline`.
+    async fn refresh_directory_by(&self, deadline: Instant) {
+        let _ = tokio::time::timeout(left(deadline), self.refresh_directory()).await;
+    }
+
     /// The range of `key`, fetching the directory first if this node has none yet.
-    async fn route(&self, key: &str) -> Result<cleave_metadata::RangeDescriptor, ExecError> {
-        self.refresh_directory().await;
+    async fn route(&self, key: &str, deadline: Instant) -> Result<cleave_metadata::RangeDescriptor, ExecError> {
+        self.refresh_directory_by(deadline).await;
         self.directory().lookup(key).cloned().ok_or(ExecError::Unavailable("directory not loaded yet".into()))
     }
 
@@ -98,10 +133,10 @@ impl Node {
             async move {
                 let range = match range {
                     Some(r) => r,
-                    None => self.route(key).await?,
+                    None => self.route(key, deadline).await?,
                 };
                 let cmd = KvCommand { range_id: range.range_id, epoch: range.epoch, op };
-                self.exec_write(range.shard_id, cmd, 0).await
+                self.exec_write(range.shard_id, cmd, 0, deadline).await
             }
         })
         .await;
@@ -122,9 +157,9 @@ impl Node {
             async move {
                 let range = match range {
                     Some(r) => r,
-                    None => self.route(key).await?,
+                    None => self.route(key, deadline).await?,
                 };
-                self.exec_read(range.shard_id, key, linearizable, 0).await
+                self.exec_read(range.shard_id, key, linearizable, 0, deadline).await
             }
         })
         .await;
@@ -158,14 +193,14 @@ impl Node {
                 async move {
                     let range = match range {
                         Some(r) => r,
-                        None => self.route(&cur).await?,
+                        None => self.route(&cur, deadline).await?,
                     };
                     let stop = match (&range.end, end) {
                         (Some(a), Some(b)) => Some(a.as_str().min(b).to_string()),
                         (Some(a), None) => Some(a.clone()),
                         (None, b) => b.map(str::to_string),
                     };
-                    let items = self.exec_scan(range.shard_id, &cur, stop.as_deref(), want, 0).await?;
+                    let items = self.exec_scan(range.shard_id, &cur, stop.as_deref(), want, 0, deadline).await?;
                     Ok((items, range.end.clone()))
                 }
             })
@@ -182,11 +217,15 @@ impl Node {
         }
     }
 
+    /// Sends `req` (built for the next hop, at the moment it is sent, so a
+    /// budget it carries is current) to `group`'s leader, or to each replica
+    /// in turn when the leader is not known, until `deadline`.
     pub(crate) async fn forward(
         &self,
         group: ShardId,
         hops: u8,
         leader: Option<u64>,
+        deadline: Instant,
         req: impl Fn(u8) -> NodeRequest,
     ) -> Result<NodeReply, ExecError> {
         if hops >= MAX_HOPS {
@@ -198,7 +237,10 @@ impl Node {
         };
         let mut last = ExecError::NoLeader { group };
         for addr in targets {
-            match self.call(&addr, req(hops + 1), HOP_TIMEOUT).await {
+            if left(deadline).is_zero() {
+                return Err(ExecError::Timeout(format!("no answer for group {group} in time")));
+            }
+            match self.call(&addr, req(hops + 1), left(deadline)).await {
                 Err(e @ ExecError::Unavailable(_)) => last = e,
                 r => return r,
             }
@@ -240,8 +282,14 @@ impl Node {
     }
 
     /// Executes a write on `shard`: here if this node leads it, else at the leader.
-    pub async fn exec_write(&self, shard: ShardId, cmd: KvCommand, hops: u8) -> Result<u64, ExecError> {
-        let leader = match self.propose_here(shard, Command::Kv(cmd.clone()), self.settings.write_timeout).await? {
+    pub async fn exec_write(
+        &self,
+        shard: ShardId,
+        cmd: KvCommand,
+        hops: u8,
+        deadline: Instant,
+    ) -> Result<u64, ExecError> {
+        let leader = match self.propose_here(shard, Command::Kv(cmd.clone()), left(deadline)).await? {
             Ok((g, CommandResponse::Kv(r))) => {
                 self.sample_key(&g, cmd.key());
                 g.served.fetch_add(1, Ordering::Relaxed);
@@ -250,26 +298,45 @@ impl Node {
             Ok((_, other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
             Err(leader) => leader,
         };
-        match self.forward(shard, hops, leader, |hops| NodeRequest::KvWrite { shard, cmd: cmd.clone(), hops }).await? {
+        let req = |hops| NodeRequest::KvWrite { shard, cmd: cmd.clone(), hops, budget_ms: budget_ms(deadline) };
+        match self.forward(shard, hops, leader, deadline, req).await? {
             NodeReply::Written(v) => Ok(v),
             other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
         }
     }
 
-    /// Checks that this replica's shard owns all of `[start, end)`; a point
-    /// read of `key` passes `start = end = key`.
-    fn check_owned(g: &GroupRaft, start: &str, end: Option<&str>) -> Result<(), ExecError> {
+    /// Checks that this replica's shard owns all of `[start, end)` (a point
+    /// read of `key` passes `start = end = key`) and takes a RocksDB snapshot
+    /// under the same state lock. The state machine writes each apply batch
+    /// while holding that lock for writing, so the snapshot holds exactly the
+    /// data of the state that was checked: a `SplitDone` applied after the
+    /// check cannot delete the data under the read. `Ok(None)`: a snapshot
+    /// install is replacing this replica's data; read elsewhere.
+    fn owned_snapshot<'a>(
+        &'a self,
+        g: &GroupRaft,
+        start: &str,
+        end: Option<&str>,
+    ) -> Result<Option<kv::Snapshot<'a>>, ExecError> {
         let state = g.state.read().unwrap();
         let SmState::Shard(s) = &*state else { return Err(ExecError::Internal("not a shard".into())) };
+        if g.is_installing() {
+            return Ok(None);
+        }
         let covers = |r: &cleave_metadata::RangeDescriptor| match (&r.end, end) {
             (None, _) => true,
             (Some(_), None) => false,
             (Some(re), Some(e)) => e <= re.as_str(),
         };
         match s.owner(start) {
-            Some(r) if covers(r) => Ok(()),
+            Some(r) if covers(r) => Ok(Some(self.ctx.db.snapshot())),
             _ => Err(ExecError::Kv(KvError::WrongRange { ranges: s.ranges.clone() })),
         }
+    }
+
+    /// The leader `g` knows of, when it is another node.
+    fn other_leader(&self, g: &GroupRaft) -> Option<u64> {
+        g.status().leader.map(|l| l.node_id).filter(|n| *n != self.id)
     }
 
     /// Executes a read on `shard`, locally when allowed, else at the leader.
@@ -279,25 +346,31 @@ impl Node {
         key: &str,
         linearizable: bool,
         hops: u8,
+        deadline: Instant,
     ) -> Result<Option<(u64, String)>, ExecError> {
         let leader = match self.group(shard) {
             Some(g) => {
-                let barrier = if linearizable { self.barrier(&g, shard).await } else { Ok(()) };
+                let barrier = if linearizable { self.barrier(&g, shard, deadline).await } else { Ok(()) };
                 match barrier {
                     Ok(()) => {
                         self.sample_key(&g, key);
                         g.served.fetch_add(1, Ordering::Relaxed);
-                        Self::check_owned(&g, key, Some(key))?;
-                        let rec = kv::read(&self.ctx.db, shard, key).map_err(|e| ExecError::Internal(e.to_string()))?;
-                        // A replica removed meanwhile may have had its data
-                        // deleted under the read (removal from the map comes
-                        // first): ask the group's leader instead.
-                        if self.was_removed(shard, &g) {
-                            None
-                        } else {
-                            return Ok(rec
-                                .filter(|r| !r.tombstone)
-                                .map(|r| (r.version, String::from_utf8_lossy(&r.json).into_owned())));
+                        match self.owned_snapshot(&g, key, Some(key))? {
+                            None => self.other_leader(&g),
+                            Some(snap) => {
+                                let rec = kv::read_at(&self.ctx.db, &snap, shard, key)
+                                    .map_err(|e| ExecError::Internal(e.to_string()))?;
+                                // A replica removed meanwhile may have had its
+                                // data deleted (removal from the map comes
+                                // first): ask the group's leader instead.
+                                if self.was_removed(shard, &g) {
+                                    None
+                                } else {
+                                    return Ok(rec
+                                        .filter(|r| !r.tombstone)
+                                        .map(|r| (r.version, String::from_utf8_lossy(&r.json).into_owned())));
+                                }
+                            }
                         }
                     }
                     Err(Some(l)) => Some(l),
@@ -308,10 +381,9 @@ impl Node {
             None => None,
         };
         let key = key.to_string();
-        match self
-            .forward(shard, hops, leader, |hops| NodeRequest::KvRead { shard, key: key.clone(), linearizable, hops })
-            .await?
-        {
+        let req =
+            |hops| NodeRequest::KvRead { shard, key: key.clone(), linearizable, hops, budget_ms: budget_ms(deadline) };
+        match self.forward(shard, hops, leader, deadline, req).await? {
             NodeReply::Read(r) => Ok(r),
             other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
         }
@@ -319,8 +391,13 @@ impl Node {
 
     /// Confirms leadership for a linearizable read. `Err(Some(node))` names
     /// the leader to forward to; `Err(None)` means no leader is known.
-    pub(crate) async fn barrier(&self, g: &crate::raft::GroupRaft, shard: ShardId) -> Result<(), Option<u64>> {
-        match tokio::time::timeout(self.settings.write_timeout, g.read_barrier()).await {
+    pub(crate) async fn barrier(
+        &self,
+        g: &crate::raft::GroupRaft,
+        shard: ShardId,
+        deadline: Instant,
+    ) -> Result<(), Option<u64>> {
+        match tokio::time::timeout(left(deadline), g.read_barrier()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(ReadError::NotLeader { leader: Some(l) })) if l.node_id != self.id => Err(Some(l.node_id)),
             Ok(Err(e)) => {
@@ -339,21 +416,28 @@ impl Node {
         end: Option<&str>,
         limit: usize,
         hops: u8,
+        deadline: Instant,
     ) -> Result<Vec<(String, u64, String)>, ExecError> {
         let leader = match self.group(shard) {
-            Some(g) => match self.barrier(&g, shard).await {
+            Some(g) => match self.barrier(&g, shard, deadline).await {
                 Ok(()) => {
                     g.served.fetch_add(1, Ordering::Relaxed);
-                    Self::check_owned(&g, start, end)?;
-                    let items = kv::scan(&self.ctx.db, shard, start, end, limit)
-                        .map_err(|e| ExecError::Internal(e.to_string()))?;
-                    if self.was_removed(shard, &g) {
-                        None // as for a point read: the data may have gone under the scan
-                    } else {
-                        return Ok(items
-                            .into_iter()
-                            .map(|i| (i.key, i.record.version, String::from_utf8_lossy(&i.record.json).into_owned()))
-                            .collect());
+                    match self.owned_snapshot(&g, start, end)? {
+                        None => self.other_leader(&g),
+                        Some(snap) => {
+                            let items = kv::scan_at(&self.ctx.db, &snap, shard, start, end, limit)
+                                .map_err(|e| ExecError::Internal(e.to_string()))?;
+                            if self.was_removed(shard, &g) {
+                                None // as for a point read: the data may have gone under the scan
+                            } else {
+                                return Ok(items
+                                    .into_iter()
+                                    .map(|i| {
+                                        (i.key, i.record.version, String::from_utf8_lossy(&i.record.json).into_owned())
+                                    })
+                                    .collect());
+                            }
+                        }
                     }
                 }
                 Err(Some(l)) => Some(l),
@@ -363,16 +447,15 @@ impl Node {
             None => None,
         };
         let (start, end) = (start.to_string(), end.map(str::to_string));
-        match self
-            .forward(shard, hops, leader, |hops| NodeRequest::KvScan {
-                shard,
-                start: start.clone(),
-                end: end.clone(),
-                limit,
-                hops,
-            })
-            .await?
-        {
+        let req = |hops| NodeRequest::KvScan {
+            shard,
+            start: start.clone(),
+            end: end.clone(),
+            limit,
+            hops,
+            budget_ms: budget_ms(deadline),
+        };
+        match self.forward(shard, hops, leader, deadline, req).await? {
             NodeReply::Scanned(items) => Ok(items),
             other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
         }
@@ -384,13 +467,15 @@ impl Node {
         cmd: cleave_metadata::MetaCommand,
         hops: u8,
     ) -> Result<cleave_metadata::MetaResponse, ExecError> {
-        let leader =
-            match self.propose_here(META_GROUP, Command::Meta(cmd.clone()), self.settings.write_timeout).await? {
-                Ok((_, CommandResponse::Meta(r))) => return r.map_err(ExecError::Meta),
-                Ok((_, other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
-                Err(leader) => leader,
-            };
-        match self.forward(META_GROUP, hops, leader, |hops| NodeRequest::MetaPropose { cmd: cmd.clone(), hops }).await?
+        let deadline = Instant::now() + self.settings.write_timeout;
+        let leader = match self.propose_here(META_GROUP, Command::Meta(cmd.clone()), left(deadline)).await? {
+            Ok((_, CommandResponse::Meta(r))) => return r.map_err(ExecError::Meta),
+            Ok((_, other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
+            Err(leader) => leader,
+        };
+        match self
+            .forward(META_GROUP, hops, leader, deadline, |hops| NodeRequest::MetaPropose { cmd: cmd.clone(), hops })
+            .await?
         {
             NodeReply::Meta(r) => Ok(r),
             other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),

@@ -228,6 +228,24 @@ impl Cluster {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to node `id`'s process.
+    fn signal(&self, id: NodeId, signal: &str) {
+        let pid = self.node(id).child().as_ref().map(|c| c.id()).unwrap_or_else(|| panic!("node {id} is not running"));
+        let ok = std::process::Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "kill -{signal} {pid} (node {id}) failed");
+    }
+
+    /// Freezes node `id` (SIGSTOP): its sockets stay open and say nothing,
+    /// like a node stuck in a long pause. Undo with [`Cluster::resume`].
+    pub fn pause(&self, id: NodeId) {
+        self.signal(id, "STOP");
+    }
+
+    /// Lets a paused node run again (SIGCONT).
+    pub fn resume(&self, id: NodeId) {
+        self.signal(id, "CONT");
+    }
+
     /// Starts node `id` again with the same arguments and data dir. Does not
     /// wait; see [`Cluster::restart_and_wait`].
     pub fn restart(&self, id: NodeId) {

@@ -61,6 +61,9 @@ impl From<ExecError> for ApiError {
             ExecError::Meta(_) => ApiError::new(ErrorCode::BadRequest, msg),
             ExecError::NoLeader { .. } | ExecError::Unavailable(_) => ApiError::new(ErrorCode::Unavailable, msg),
             ExecError::Timeout(_) | ExecError::Indeterminate(_) => ApiError::new(ErrorCode::Timeout, msg),
+            // A split step refused by a shard: internal traffic, never a
+            // user request, but answered honestly if one surfaces.
+            ExecError::Step(_) => ApiError::new(ErrorCode::VersionConflict, msg),
             ExecError::Internal(_) => ApiError::new(ErrorCode::Internal, msg),
         }
     }

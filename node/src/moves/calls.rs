@@ -55,7 +55,7 @@ impl Node {
             return Err(ExecError::NoLeader { group });
         }
         let req = |hops| NodeRequest::Membership { group, change: change.clone(), hops };
-        match self.forward(group, hops, leader, req).await? {
+        match self.forward(group, hops, leader, crate::router::internal_deadline(), req).await? {
             NodeReply::Membership(v) => Ok(v),
             other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
         }
@@ -66,7 +66,8 @@ impl Node {
         if self.group(group).is_some() {
             return GroupRaft::genesis(&self.ctx, group).map_err(|e| ExecError::Internal(e.to_string()));
         }
-        match self.forward(group, hops, None, |hops| NodeRequest::Genesis { group, hops }).await? {
+        let req = |hops| NodeRequest::Genesis { group, hops };
+        match self.forward(group, hops, None, crate::router::internal_deadline(), req).await? {
             NodeReply::Genesis(s) => Ok(s),
             other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
         }

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cleave_metadata::{MetaCommand, NodeId, OpKind, Operation, Phase, Progress, Replica, ShardId};
+use cleave_metadata::{MetaCommand, OpKind, Operation, Phase, Progress, Replica, ShardId};
 
 use super::plan::{self, Step};
 use crate::node::Node;
@@ -46,19 +46,6 @@ async fn observe(node: &Node, shard: ShardId) -> Result<MembershipView, ExecErro
 
 async fn change(node: &Node, shard: ShardId, change: MembershipChange) -> Result<(), ExecError> {
     node.membership_step(shard, change, 0).await.map(|_| ())
-}
-
-/// Deletes `node`'s replica of `group`. A node that cannot be reached is
-/// left alone: it deletes the replica itself once it sees the directory no
-/// longer lists it (`moves::gc`).
-async fn destroy(node: &Node, target: NodeId, group: ShardId) -> Result<(), ExecError> {
-    match node.node_call(target, NodeRequest::DestroyGroup { group }).await {
-        Err(ExecError::Unavailable(m) | ExecError::Timeout(m)) => {
-            tracing::info!(group, node = target, "replica left for the node to collect: {m}");
-            Ok(())
-        }
-        r => r.map(|_| ()),
-    }
 }
 
 /// Does the work of a move's current phase. `Ok(true)`: it moved on;
@@ -154,7 +141,7 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
             }
         }
         Phase::Committed => {
-            destroy(node, from.node_id, shard).await?;
+            node.destroy_replica_at(from.node_id, shard, from.replica_id).await?;
             meta(node, MetaCommand::FinishOp { op_id: op.op_id, write_pause_ms: None, now_ms: now_ms() }).await?;
             node.refresh_directory().await;
             Ok(true)
@@ -178,7 +165,7 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
                     _ => return Ok(false),
                 }
             }
-            destroy(node, to.node_id, shard).await?;
+            node.destroy_replica_at(to.node_id, shard, to.replica_id).await?;
             meta(node, MetaCommand::MarkCleaned { op_id: op.op_id }).await?;
             Ok(true)
         }

@@ -58,13 +58,17 @@ impl Collector {
 /// Deletes the replicas that are due (call right after a heartbeat answer).
 pub async fn collect(node: &Node, collector: &mut Collector) {
     let dir = node.directory();
+    let groups = node.groups();
     let held: Vec<(u64, Option<u64>)> = {
         let created = node.created_at.lock().unwrap();
-        node.groups().iter().map(|g| (g.group, created.get(&g.group).copied())).collect()
+        groups.iter().map(|g| (g.group, created.get(&g.group).copied())).collect()
     };
     for group in collector.due(&dir, node.id, &held, Instant::now()) {
-        tracing::info!(group, "deleting a replica the directory no longer lists");
-        if let Err(e) = node.destroy_group(group).await {
+        // The replica judged unlisted, by its id: a newer one created
+        // meanwhile is not the one to delete.
+        let Some(replica_id) = groups.iter().find(|g| g.group == group).map(|g| g.replica_id) else { continue };
+        tracing::info!(group, replica_id, "deleting a replica the directory no longer lists");
+        if let Err(e) = node.destroy_group(group, replica_id).await {
             tracing::warn!(group, "replica gc: {e}");
         }
         metrics::counter!("cleave_replicas_collected_total").increment(1);

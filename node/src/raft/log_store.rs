@@ -14,6 +14,7 @@ use openraft::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 
+use super::incarnation::Incarnation;
 use super::TypeConfig;
 use crate::storage::{self, io_err, log_key, state_key, tag, Db, Syncer, CF_RAFT_LOG, CF_RAFT_STATE};
 
@@ -23,29 +24,28 @@ pub struct LogStore {
     db: Arc<Db>,
     group: u64,
     syncer: Syncer,
+    incarnation: Arc<Incarnation>,
 }
 
-fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, io::Error> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(io_err)
-}
-
-fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, io::Error> {
-    bincode::serde::decode_from_slice(b, bincode::config::standard()).map(|(v, _)| v).map_err(io_err)
-}
+use crate::codec::{decode, encode};
 
 impl LogStore {
-    pub fn new(db: Arc<Db>, group: u64, syncer: Syncer) -> LogStore {
-        LogStore { db, group, syncer }
+    pub fn new(db: Arc<Db>, group: u64, syncer: Syncer, incarnation: Arc<Incarnation>) -> LogStore {
+        LogStore { db, group, syncer, incarnation }
+    }
+
+    /// Runs a storage write of this replica (refused once it was stopped).
+    fn write(&self, f: impl FnOnce(&Db) -> Result<(), rocksdb::Error>) -> Result<(), io::Error> {
+        self.incarnation.write(|| f(&self.db).map_err(io_err))
     }
 
     fn get_state<T: serde::de::DeserializeOwned>(&self, t: u8) -> Result<Option<T>, io::Error> {
-        let cf = storage::cf(&self.db, CF_RAFT_STATE);
-        self.db.get_pinned_cf(cf, state_key(self.group, t)).map_err(io_err)?.map(|b| decode(&b)).transpose()
+        storage::get_decoded(&self.db, CF_RAFT_STATE, &state_key(self.group, t))
     }
 
     fn put_state<T: serde::Serialize>(&self, t: u8, v: &T) -> Result<(), io::Error> {
-        let cf = storage::cf(&self.db, CF_RAFT_STATE);
-        self.db.put_cf(cf, state_key(self.group, t), encode(v)?).map_err(io_err)
+        let bytes = encode(v)?;
+        self.write(|db| db.put_cf(storage::cf(db, CF_RAFT_STATE), state_key(self.group, t), bytes))
     }
 
     fn last_entry(&self) -> Result<Option<EntryOf<TypeConfig>>, io::Error> {
@@ -61,23 +61,6 @@ impl LogStore {
         }
         it.status().map_err(io_err)?;
         Ok(None)
-    }
-
-    /// Deletes every log entry and raft state of this group (when the
-    /// replica is removed from the node).
-    pub fn destroy(db: &Db, group: u64) -> Result<(), rocksdb::Error> {
-        let mut batch = rocksdb::WriteBatch::default();
-        batch.delete_range_cf(
-            storage::cf(db, CF_RAFT_LOG),
-            log_key(group, 0).to_vec(),
-            storage::group_range_end(group),
-        );
-        batch.delete_range_cf(
-            storage::cf(db, CF_RAFT_STATE),
-            state_key(group, 0).to_vec(),
-            storage::group_range_end(group),
-        );
-        db.write(batch)
     }
 }
 
@@ -155,17 +138,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for entry in entries {
             batch.put_cf(cf, log_key(self.group, entry.log_id.index), encode(&entry)?);
         }
-        self.db.write(batch).map_err(io_err)?;
+        self.write(|db| db.write(batch))?;
         self.syncer.after_sync(move |r| callback.io_completed(r));
         Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index + 1);
-        let cf = storage::cf(&self.db, CF_RAFT_LOG);
-        self.db
-            .delete_range_cf(cf, log_key(self.group, from).to_vec(), storage::group_range_end(self.group))
-            .map_err(io_err)?;
+        self.write(|db| {
+            let cf = storage::cf(db, CF_RAFT_LOG);
+            db.delete_range_cf(cf, log_key(self.group, from).to_vec(), storage::group_range_end(self.group))
+        })?;
         self.syncer.sync().await
     }
 
@@ -174,6 +157,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = rocksdb::WriteBatch::default();
         batch.put_cf(storage::cf(&self.db, CF_RAFT_STATE), state_key(self.group, tag::PURGED), encode(&log_id)?);
         batch.delete_range_cf(cf, log_key(self.group, 0), log_key(self.group, log_id.index + 1));
-        self.db.write(batch).map_err(io_err)
+        self.write(|db| db.write(batch))
     }
 }

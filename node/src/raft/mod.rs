@@ -8,6 +8,7 @@
 //! the node sees only our own types: [`WriteError`], [`ReadError`],
 //! [`GroupStatus`].
 
+pub mod incarnation;
 pub mod log_store;
 pub mod membership;
 pub mod network;
@@ -16,7 +17,7 @@ pub mod state_machine;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use cleave_metadata::{Directory, NodeId, ReplicaId};
@@ -112,9 +113,7 @@ impl GroupStats {
 
 /// The index of a stored applied log id (the `APPLIED` tag of `group_meta`).
 pub fn decode_applied_index(b: &[u8]) -> Option<u64> {
-    bincode::serde::decode_from_slice::<openraft::alias::LogIdOf<TypeConfig>, _>(b, bincode::config::standard())
-        .ok()
-        .map(|(l, _)| l.index)
+    crate::codec::decode::<openraft::alias::LogIdOf<TypeConfig>>(b).ok().map(|l| l.index)
 }
 
 /// What every group on the node shares.
@@ -125,6 +124,14 @@ pub struct RaftContext {
     pub transport: Transport,
     pub snapshot_root: PathBuf,
     pub settings: RaftSettings,
+}
+
+/// Removes `group`'s snapshot folder, if any.
+fn remove_snapshot_dir(ctx: &RaftContext, group: u64) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(snapshot::group_dir(&ctx.snapshot_root, group)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// The on-disk record that a group exists on this node.
@@ -181,6 +188,10 @@ pub struct GroupRaft {
     raft: Raft<TypeConfig, GroupSm>,
     pub state: Arc<RwLock<SmState>>,
     pub stats: Arc<GroupStats>,
+    /// Storage writes of this replica's tasks stop when it ends (`shutdown`).
+    incarnation: Arc<incarnation::Incarnation>,
+    /// A snapshot install is replacing the data (read under `state`'s lock).
+    installing: Arc<AtomicBool>,
     /// Client requests served by this replica (as leader, or stale reads).
     pub served: AtomicU64,
     /// A sample of recently requested keys, for load-based split points.
@@ -189,12 +200,15 @@ pub struct GroupRaft {
 
 impl GroupRaft {
     /// Records a new group on this node with its initial state, then opens it.
+    /// Snapshot files a destroyed earlier replica of the group may have left
+    /// (see [`GroupRaft::destroy`]) are removed first.
     pub async fn create(
         ctx: &RaftContext,
         group: u64,
         replica_id: ReplicaId,
         initial: SmState,
     ) -> anyhow::Result<GroupRaft> {
+        remove_snapshot_dir(ctx, group)?;
         let cf = storage::cf(&ctx.db, CF_GROUP_META);
         let mut batch = rocksdb::WriteBatch::default();
         let desc = GroupDescriptor { group, replica_id };
@@ -207,19 +221,50 @@ impl GroupRaft {
         Self::open(ctx, desc).await
     }
 
-    /// Deletes every trace of `group` on this node: log, Raft state, data,
-    /// state-machine records and snapshot files. The group must be shut down.
-    pub fn destroy(ctx: &RaftContext, group: u64) -> anyhow::Result<()> {
-        log_store::LogStore::destroy(&ctx.db, group)?;
+    /// Deletes every trace of `group` on this node — log, Raft state, data,
+    /// state-machine records — in one synced batch that also records
+    /// `replica_id` as the group's tombstone, then its snapshot files. The
+    /// replica must be shut down (its incarnation ended). A crash after the
+    /// batch leaves only snapshot files of a group the node no longer lists:
+    /// harmless, since [`GroupRaft::create`] and start-up remove them.
+    pub fn destroy(ctx: &RaftContext, group: u64, replica_id: ReplicaId) -> anyhow::Result<()> {
         let mut batch = rocksdb::WriteBatch::default();
         let (start, end) = (storage::group_prefix(group).to_vec(), storage::group_range_end(group));
-        batch.delete_range_cf(storage::cf(&ctx.db, storage::CF_DATA), start.clone(), end.clone());
-        batch.delete_range_cf(storage::cf(&ctx.db, CF_GROUP_META), start, end);
+        for name in storage::ALL_CFS {
+            batch.delete_range_cf(storage::cf(&ctx.db, name), start.clone(), end.clone());
+        }
+        let tombstone = Self::tombstone(ctx, group)?.max(replica_id);
+        batch.put_cf(storage::cf(&ctx.db, CF_GROUP_META), state_key(group, tag::TOMBSTONE), tombstone.to_be_bytes());
         ctx.db.write(batch)?;
         ctx.db.flush_wal(true)?;
-        let dir = snapshot::group_dir(&ctx.snapshot_root, group);
-        if dir.exists() {
-            std::fs::remove_dir_all(dir)?;
+        remove_snapshot_dir(ctx, group)?;
+        Ok(())
+    }
+
+    /// The newest replica id of `group` deleted from this node (0: none).
+    pub fn tombstone(ctx: &RaftContext, group: u64) -> anyhow::Result<ReplicaId> {
+        let cf = storage::cf(&ctx.db, CF_GROUP_META);
+        Ok(ctx
+            .db
+            .get_pinned_cf(cf, state_key(group, tag::TOMBSTONE))?
+            .and_then(|b| b.as_ref().try_into().ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    /// Removes the snapshot folders of groups this node does not hold (left
+    /// by a crash in the middle of [`GroupRaft::destroy`]).
+    pub fn remove_orphan_snapshots(ctx: &RaftContext, held: &[GroupDescriptor]) -> anyhow::Result<()> {
+        let Ok(entries) = std::fs::read_dir(&ctx.snapshot_root) else { return Ok(()) };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(group) = name.to_str().and_then(|n| n.strip_prefix('g')).and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if !held.iter().any(|d| d.group == group) {
+                tracing::info!(group, "removing snapshot files of a group this node no longer holds");
+                remove_snapshot_dir(ctx, group)?;
+            }
         }
         Ok(())
     }
@@ -293,13 +338,17 @@ impl GroupRaft {
             ..Default::default()
         }
         .validate()?;
-        let log = log_store::LogStore::new(ctx.db.clone(), group, ctx.syncer.clone());
+        let incarnation = Arc::new(incarnation::Incarnation::default());
+        let installing = Arc::new(AtomicBool::new(false));
+        let log = log_store::LogStore::new(ctx.db.clone(), group, ctx.syncer.clone(), incarnation.clone());
         let sm = GroupSm {
             db: ctx.db.clone(),
             group,
             state: state.clone(),
             snapshot_root: ctx.snapshot_root.clone(),
             stats: stats.clone(),
+            incarnation: incarnation.clone(),
+            installing: installing.clone(),
         };
         let net = network::NetworkFactory { group, transport: ctx.transport.clone() };
         let raft = Raft::new(desc.replica_id, Arc::new(config), net, log, sm).await?;
@@ -309,6 +358,8 @@ impl GroupRaft {
             raft,
             state,
             stats,
+            incarnation,
+            installing,
             served: AtomicU64::new(0),
             samples: Default::default(),
         })
@@ -413,9 +464,114 @@ impl GroupRaft {
         network::handle(self, root, msg).await
     }
 
+    /// Stops the replica. Once this returns, none of its tasks writes to
+    /// storage any more (openraft joins only its core task; the state-machine
+    /// worker and snapshot builder are fenced by the incarnation), so its
+    /// data may be deleted or replaced.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(group = self.group, "shutdown: {e}");
         }
+        let inc = self.incarnation.clone();
+        // `end` waits for a write in progress: off the async workers.
+        if let Err(e) = tokio::task::spawn_blocking(move || inc.end()).await {
+            tracing::warn!(group = self.group, "ending the incarnation: {e}");
+            self.incarnation.end();
+        }
+    }
+
+    /// Whether a snapshot install is replacing this replica's data. Read it
+    /// under the state lock: the install sets and clears it under that lock.
+    pub fn is_installing(&self) -> bool {
+        self.installing.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{log_key, ALL_CFS, CF_DATA, CF_RAFT_LOG, CF_RAFT_STATE};
+
+    fn temp_ctx() -> (tempfile::TempDir, RaftContext) {
+        let (dir, db) = crate::testing::temp_db();
+        let ctx = RaftContext {
+            syncer: Syncer::start(db.clone()),
+            db,
+            transport: Transport::new(),
+            snapshot_root: dir.path().join("snapshots"),
+            settings: RaftSettings {
+                heartbeat_ms: 100,
+                election_timeout_ms: 1000,
+                snapshot_logs: 1000,
+                keep_logs: 100,
+            },
+        };
+        (dir, ctx)
+    }
+
+    /// Every key stored for `group`, per column family.
+    fn stored(ctx: &RaftContext, group: u64) -> Vec<(&'static str, Vec<u8>)> {
+        let mut out = Vec::new();
+        for name in ALL_CFS {
+            let mut opts = rocksdb::ReadOptions::default();
+            opts.set_iterate_upper_bound(storage::group_range_end(group));
+            let from = storage::group_prefix(group);
+            let cf = storage::cf(&ctx.db, name);
+            for item in
+                ctx.db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward))
+            {
+                out.push((name, item.unwrap().0.to_vec()));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn destroy_deletes_every_record_and_file_and_leaves_a_tombstone() {
+        let (_d, ctx) = temp_ctx();
+        let g = GroupRaft::create(&ctx, 7, 3, SmState::Shard(crate::testing::whole_shard())).await.unwrap();
+        let neighbour = GroupRaft::create(&ctx, 8, 4, SmState::Shard(Default::default())).await.unwrap();
+        ctx.db.put_cf(storage::cf(&ctx.db, CF_RAFT_LOG), log_key(7, 1), b"entry").unwrap();
+        ctx.db.put_cf(storage::cf(&ctx.db, CF_RAFT_STATE), state_key(7, tag::VOTE), b"vote").unwrap();
+        ctx.db.put_cf(storage::cf(&ctx.db, CF_DATA), storage::data_key(7, b"k"), b"v").unwrap();
+        let snap_dir = snapshot::group_dir(&ctx.snapshot_root, 7);
+        std::fs::create_dir_all(&snap_dir).unwrap();
+        std::fs::write(snap_dir.join("snap-1-1.snap"), b"x").unwrap();
+        let before_neighbour = stored(&ctx, 8);
+        g.shutdown().await;
+        GroupRaft::destroy(&ctx, 7, 3).unwrap();
+        let tombstone = (CF_GROUP_META, state_key(7, tag::TOMBSTONE).to_vec());
+        assert_eq!(stored(&ctx, 7), vec![tombstone], "only the tombstone is left");
+        assert_eq!(GroupRaft::tombstone(&ctx, 7).unwrap(), 3);
+        assert!(!snap_dir.exists());
+        assert!(GroupRaft::list(&ctx.db).unwrap().iter().all(|d| d.group != 7));
+        assert_eq!(stored(&ctx, 8), before_neighbour, "other groups untouched");
+        neighbour.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn snapshot_files_left_by_a_crash_in_destroy_are_removed() {
+        let (_d, ctx) = temp_ctx();
+        // A crash after destroy's batch left group 7's snapshot folder.
+        let leftover = snapshot::group_dir(&ctx.snapshot_root, 7);
+        std::fs::create_dir_all(&leftover).unwrap();
+        std::fs::write(leftover.join("snap-00000000000000000009-1.snap"), b"stale").unwrap();
+        GroupRaft::remove_orphan_snapshots(&ctx, &GroupRaft::list(&ctx.db).unwrap()).unwrap();
+        assert!(!leftover.exists(), "removed at start-up");
+        // ... and by a new replica of the group, should one be created first.
+        std::fs::create_dir_all(&leftover).unwrap();
+        std::fs::write(leftover.join("snap-00000000000000000009-1.snap"), b"stale").unwrap();
+        let g = GroupRaft::create(&ctx, 7, 5, SmState::Shard(Default::default())).await.unwrap();
+        assert!(snapshot::latest(&ctx.snapshot_root, 7).unwrap().is_none());
+        g.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_stopped_replica_has_ended_its_incarnation() {
+        let (_d, ctx) = temp_ctx();
+        let g = GroupRaft::create(&ctx, 7, 3, SmState::Shard(Default::default())).await.unwrap();
+        assert!(!g.incarnation.has_ended());
+        g.shutdown().await;
+        assert!(g.incarnation.has_ended(), "shutdown must fence the state-machine worker");
     }
 }

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use openraft::alias::{LogIdOf, SnapshotMetaOf, StoredMembershipOf};
 use serde::{Deserialize, Serialize};
 
+use super::incarnation::Incarnation;
 use super::TypeConfig;
 use crate::storage::{self, data_key, io_err, state_key, tag, Db, CF_DATA, CF_GROUP_META};
 
@@ -44,11 +45,11 @@ struct SnapshotHeader {
 }
 
 fn bincode_encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(io_err)
+    Ok(crate::codec::encode(v)?)
 }
 
 fn bincode_decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> io::Result<T> {
-    bincode::serde::decode_from_slice(b, bincode::config::standard()).map(|(v, _)| v).map_err(io_err)
+    Ok(crate::codec::decode(b)?)
 }
 
 fn write_frame(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
@@ -80,7 +81,14 @@ fn file_name(meta: &SnapshotMetaOf<TypeConfig>, unique: u64) -> String {
 }
 
 /// Builds a snapshot of `group` from a consistent RocksDB snapshot.
-pub fn build(db: &Db, group: u64, root: &Path) -> io::Result<(SnapshotMetaOf<TypeConfig>, SnapshotFile)> {
+/// The file becomes visible (renamed into place) only while `inc` lives: a
+/// builder that outlives its replica leaves at most a `.tmp` file.
+pub fn build(
+    db: &Db,
+    group: u64,
+    root: &Path,
+    inc: &Incarnation,
+) -> io::Result<(SnapshotMetaOf<TypeConfig>, SnapshotFile)> {
     let snap = db.snapshot();
     let meta_cf = storage::cf(db, CF_GROUP_META);
     let last_log_id: Option<LogIdOf<TypeConfig>> = snap
@@ -123,7 +131,10 @@ pub fn build(db: &Db, group: u64, root: &Path) -> io::Result<(SnapshotMetaOf<Typ
     w.write_all(&END.to_be_bytes())?;
     let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
-    fs::rename(&tmp, &final_path)?;
+    if let Err(e) = inc.write(|| fs::rename(&tmp, &final_path)) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     metrics::counter!("cleave_snapshots_built_total").increment(1);
     tracing::debug!(group, bytes, path = %final_path.display(), "snapshot built");
     prune(&dir, &final_path);
@@ -209,13 +220,17 @@ pub fn remove_partial(root: &Path, group: u64) {
 
 /// Replaces `group`'s state machine with the snapshot in `file`. Returns the
 /// state-machine state it carried and the number of live keys. Crash-safe:
-/// see the module doc.
-pub fn install(db: &Db, group: u64, file: &SnapshotFile) -> io::Result<(Vec<u8>, (u64, u64))> {
+/// see the module doc. Every write checks `inc` first, so an install that
+/// outlives its replica stops at its next batch.
+pub fn install(db: &Db, group: u64, file: &SnapshotFile, inc: &Incarnation) -> io::Result<(Vec<u8>, (u64, u64))> {
     let meta_cf = storage::cf(db, CF_GROUP_META);
     let data_cf = storage::cf(db, CF_DATA);
     let marker = file.path.to_string_lossy().as_bytes().to_vec();
-    db.put_cf(meta_cf, state_key(group, tag::INSTALLING), &marker).map_err(io_err)?;
-    db.flush_wal(true).map_err(io_err)?;
+    let write = |batch: rocksdb::WriteBatch| inc.write(|| db.write(batch).map_err(io_err));
+    inc.write(|| {
+        db.put_cf(meta_cf, state_key(group, tag::INSTALLING), &marker).map_err(io_err)?;
+        db.flush_wal(true).map_err(io_err)
+    })?;
 
     let mut r = BufReader::with_capacity(1 << 20, File::open(&file.path)?);
     let header = read_header(&mut r)?;
@@ -234,7 +249,7 @@ pub fn install(db: &Db, group: u64, file: &SnapshotFile) -> io::Result<(Vec<u8>,
         }
         batch.put_cf(data_cf, data_key(group, &key), value);
         if pending >= INSTALL_BATCH_BYTES {
-            db.write(std::mem::take(&mut batch)).map_err(io_err)?;
+            write(std::mem::take(&mut batch))?;
             pending = 0;
         }
     }
@@ -246,7 +261,7 @@ pub fn install(db: &Db, group: u64, file: &SnapshotFile) -> io::Result<(Vec<u8>,
     batch.put_cf(meta_cf, state_key(group, tag::SM_STATE), &header.sm_state);
     batch.put_cf(meta_cf, state_key(group, tag::KEYS), super::GroupStats::encode(keys, bytes));
     batch.delete_cf(meta_cf, state_key(group, tag::INSTALLING));
-    db.write(batch).map_err(io_err)?;
+    write(batch)?;
     db.flush_wal(true).map_err(io_err)?;
     metrics::counter!("cleave_snapshots_installed_total").increment(1);
     Ok((header.sm_state, (keys, bytes)))
@@ -259,8 +274,67 @@ pub fn recover_install(db: &Db, root: &Path, group: u64) -> io::Result<()> {
         let path = PathBuf::from(String::from_utf8_lossy(&path).into_owned());
         tracing::warn!(group, path = %path.display(), "redoing an interrupted snapshot install");
         let file = SnapshotFile { path };
-        install(db, group, &file)?;
+        // Runs before the group opens: no other incarnation exists yet.
+        install(db, group, &file, &Incarnation::default())?;
         adopt(root, group, &file)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::temp_db;
+
+    fn records(db: &Db, group: u64) -> usize {
+        let cf = storage::cf(db, CF_DATA);
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(storage::group_range_end(group));
+        let from = storage::group_prefix(group);
+        db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward)).count()
+    }
+
+    #[test]
+    fn a_snapshot_round_trips_through_build_and_install() {
+        let (_d, db) = temp_db();
+        let root = tempfile::tempdir().unwrap();
+        let meta_cf = storage::cf(&db, CF_GROUP_META);
+        db.put_cf(meta_cf, state_key(7, tag::SM_STATE), b"{\"state\":1}").unwrap();
+        for k in ["a", "b", "c"] {
+            let rec = storage::ValueRecord { version: 1, tombstone: false, json: b"1".to_vec() };
+            db.put_cf(storage::cf(&db, CF_DATA), data_key(7, k.as_bytes()), rec.encode()).unwrap();
+        }
+        let live = Incarnation::default();
+        let (_, file) = build(&db, 7, root.path(), &live).unwrap();
+        let (_d2, other) = temp_db();
+        let (sm_state, (keys, _)) = install(&other, 7, &file, &live).unwrap();
+        assert_eq!(sm_state, b"{\"state\":1}");
+        assert_eq!((keys, records(&other, 7)), (3, 3));
+        assert!(other.get_cf(storage::cf(&other, CF_GROUP_META), state_key(7, tag::INSTALLING)).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_ended_incarnation_neither_installs_nor_publishes_a_snapshot() {
+        let (_d, db) = temp_db();
+        let root = tempfile::tempdir().unwrap();
+        let meta_cf = storage::cf(&db, CF_GROUP_META);
+        let rec = storage::ValueRecord { version: 1, tombstone: false, json: b"1".to_vec() };
+        db.put_cf(storage::cf(&db, CF_DATA), data_key(7, b"old"), rec.encode()).unwrap();
+        db.put_cf(meta_cf, state_key(7, tag::SM_STATE), b"old").unwrap();
+        let (_, file) = build(&db, 7, root.path(), &Incarnation::default()).unwrap();
+        // The replica is destroyed and a new one of the same group created;
+        // the old incarnation's worker then tries to install and to build.
+        db.delete_range_cf(storage::cf(&db, CF_DATA), storage::group_prefix(7).to_vec(), storage::group_range_end(7))
+            .unwrap();
+        db.put_cf(meta_cf, state_key(7, tag::SM_STATE), b"new").unwrap();
+        let old = Incarnation::default();
+        old.end();
+        assert!(install(&db, 7, &file, &old).is_err());
+        assert_eq!(records(&db, 7), 0, "no deleted key came back");
+        assert_eq!(db.get_cf(meta_cf, state_key(7, tag::SM_STATE)).unwrap().as_deref(), Some(&b"new"[..]));
+        assert!(db.get_cf(meta_cf, state_key(7, tag::INSTALLING)).unwrap().is_none(), "no install marker left");
+        let root2 = tempfile::tempdir().unwrap();
+        assert!(build(&db, 7, root2.path(), &old).is_err());
+        assert!(latest(root2.path(), 7).unwrap().is_none(), "no snapshot file published");
+    }
 }

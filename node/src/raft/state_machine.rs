@@ -12,6 +12,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use futures::{Stream, TryStreamExt};
@@ -19,19 +20,14 @@ use openraft::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 
+use super::incarnation::Incarnation;
 use super::snapshot::{self, SnapshotFile};
 use super::{SmState, TypeConfig};
 use crate::command::{Command, CommandResponse};
 use crate::kv;
 use crate::storage::{self, io_err, state_key, tag, Db, CF_GROUP_META};
 
-fn encode<T: serde::Serialize>(v: &T) -> io::Result<Vec<u8>> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(io_err)
-}
-
-fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> io::Result<T> {
-    bincode::serde::decode_from_slice(b, bincode::config::standard()).map(|(v, _)| v).map_err(io_err)
-}
+use crate::codec::encode;
 
 /// State machine of one group.
 pub struct GroupSm {
@@ -41,19 +37,32 @@ pub struct GroupSm {
     pub(super) snapshot_root: PathBuf,
     /// Live keys and bytes (shards), kept in step with applied entries.
     pub(super) stats: Arc<super::GroupStats>,
+    /// Every storage write goes through it (see [`super::incarnation`]).
+    pub(super) incarnation: Arc<Incarnation>,
+    /// Set while a snapshot install replaces the data (under the state lock).
+    pub(super) installing: Arc<AtomicBool>,
 }
 
 impl GroupSm {
     fn meta_get<T: serde::de::DeserializeOwned>(&self, t: u8) -> io::Result<Option<T>> {
-        let cf = storage::cf(&self.db, CF_GROUP_META);
-        self.db.get_pinned_cf(cf, state_key(self.group, t)).map_err(io_err)?.map(|b| decode(&b)).transpose()
+        storage::get_decoded(&self.db, CF_GROUP_META, &state_key(self.group, t))
     }
 
-    fn apply_command(&self, state: &mut SmState, b: &mut kv::ApplyBatch, index: u64, cmd: &Command) -> CommandResponse {
-        match (cmd, state) {
-            (Command::Kv(c), SmState::Shard(s)) => CommandResponse::Kv(kv::apply(&self.db, self.group, index, s, b, c)),
+    /// Applies one command. An error is a storage failure: it stops the
+    /// replica instead of becoming an answer the other replicas would not give.
+    fn apply_command(
+        &self,
+        state: &mut SmState,
+        b: &mut kv::ApplyBatch,
+        index: u64,
+        cmd: &Command,
+    ) -> Result<CommandResponse, rocksdb::Error> {
+        Ok(match (cmd, state) {
+            (Command::Kv(c), SmState::Shard(s)) => {
+                CommandResponse::Kv(kv::apply(&self.db, self.group, index, s, b, c)?)
+            }
             (Command::Shard(c), SmState::Shard(s)) => {
-                CommandResponse::Shard(crate::split::apply::apply(&self.db, self.group, index, s, b, c))
+                CommandResponse::Shard(crate::split::apply::apply(&self.db, self.group, index, s, b, c)?)
             }
             (Command::Meta(c), SmState::Meta(d)) => {
                 let r = d.apply(c);
@@ -61,7 +70,7 @@ impl GroupSm {
                 CommandResponse::Meta(r)
             }
             (cmd, _) => CommandResponse::Rejected(format!("group {} cannot apply {cmd:?}", self.group)),
-        }
+        })
     }
 }
 
@@ -70,15 +79,16 @@ pub struct SnapshotBuilder {
     db: Arc<Db>,
     group: u64,
     root: PathBuf,
+    incarnation: Arc<Incarnation>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = SnapshotFile;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotFile>, io::Error> {
-        let (db, group, root) = (self.db.clone(), self.group, self.root.clone());
+        let (db, group, root, inc) = (self.db.clone(), self.group, self.root.clone(), self.incarnation.clone());
         let (meta, file) =
-            tokio::task::spawn_blocking(move || snapshot::build(&db, group, &root)).await.map_err(io_err)??;
+            tokio::task::spawn_blocking(move || snapshot::build(&db, group, &root, &inc)).await.map_err(io_err)??;
         Ok(SnapshotOf::<TypeConfig, SnapshotFile> { meta, snapshot: file })
     }
 }
@@ -114,7 +124,16 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
                 let log_id = entry.log_id;
                 let resp = match &entry.payload {
                     EntryPayload::Blank => CommandResponse::None,
-                    EntryPayload::Normal(cmd) => self.apply_command(&mut state, &mut b, log_id.index, cmd),
+                    EntryPayload::Normal(cmd) => {
+                        self.apply_command(&mut state, &mut b, log_id.index, cmd).map_err(|e| {
+                            tracing::error!(
+                                group = self.group,
+                                index = log_id.index,
+                                "storage error in apply, stopping: {e}"
+                            );
+                            io_err(e)
+                        })?
+                    }
                     EntryPayload::Membership(m) => {
                         membership = Some(StoredMembershipOf::<TypeConfig>::new(Some(log_id), m.clone()));
                         CommandResponse::None
@@ -140,7 +159,7 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
             if b.stats != kv::StatsDelta::default() {
                 b.write.put_cf(meta_cf, state_key(self.group, tag::KEYS), super::GroupStats::encode(keys, bytes));
             }
-            self.db.write(b.write).map_err(io_err)?;
+            self.incarnation.write(|| self.db.write(b.write).map_err(io_err))?;
             self.stats.set(keys, bytes);
         }
         for (responder, resp) in responses {
@@ -150,7 +169,12 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { db: self.db.clone(), group: self.group, root: self.snapshot_root.clone() }
+        SnapshotBuilder {
+            db: self.db.clone(),
+            group: self.group,
+            root: self.snapshot_root.clone(),
+            incarnation: self.incarnation.clone(),
+        }
     }
 
     async fn install_snapshot(
@@ -159,18 +183,31 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
         file: SnapshotFile,
     ) -> Result<(), io::Error> {
         tracing::info!(group = self.group, last = ?meta.last_log_id, "installing snapshot");
-        let (db, group) = (self.db.clone(), self.group);
+        let (db, group, inc) = (self.db.clone(), self.group, self.incarnation.clone());
         let root = self.snapshot_root.clone();
-        let (sm_state, (keys, bytes)) = tokio::task::spawn_blocking(move || {
-            let r = snapshot::install(&db, group, &file)?;
-            snapshot::adopt(&root, group, &file)?;
+        // Readers of this replica's data (stale reads) look at this flag under
+        // the state lock: from here until the new state is in place the data
+        // is half old, half new.
+        {
+            let _state = self.state.write().map_err(|_| io::Error::other("state lock poisoned"))?;
+            self.installing.store(true, Ordering::SeqCst);
+        }
+        let installed = tokio::task::spawn_blocking(move || {
+            let r = snapshot::install(&db, group, &file, &inc)?;
+            inc.write(|| snapshot::adopt(&root, group, &file))?;
             Ok::<_, io::Error>(r)
         })
         .await
-        .map_err(io_err)??;
-        let new_state = SmState::from_json(&sm_state)?;
+        .map_err(io_err)
+        .and_then(|r| r)
+        .and_then(|(sm_state, stats)| Ok((SmState::from_json(&sm_state)?, stats)));
+        let mut state = self.state.write().map_err(|_| io::Error::other("state lock poisoned"))?;
+        // A failed install leaves the flag set: the replica stops (openraft
+        // treats the error as fatal) and serves nothing more.
+        let (new_state, (keys, bytes)) = installed?;
         self.stats.set(keys, bytes);
-        *self.state.write().map_err(|_| io::Error::other("state lock poisoned"))? = new_state;
+        *state = new_state;
+        self.installing.store(false, Ordering::SeqCst);
         Ok(())
     }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub use transport::{Lane, RpcError, Transport};
 
-use crate::command::{KvCommand, KvError, ShardCommand};
+use crate::command::{KvCommand, KvError, ShardCommand, StepError};
 use crate::kv::Incoming;
 use crate::raft::membership::MembershipView;
 use crate::raft::network::{RaftReply, RaftRpc};
@@ -42,12 +42,13 @@ pub enum Response {
 /// Node-level requests.
 #[derive(Serialize, Deserialize, Debug)]
 pub enum NodeRequest {
-    /// Apply a KV write through the shard's leader.
-    KvWrite { shard: ShardId, cmd: KvCommand, hops: u8 },
+    /// Apply a KV write through the shard's leader. `budget_ms`, here and
+    /// in the reads: the time left of the client's deadline when sent.
+    KvWrite { shard: ShardId, cmd: KvCommand, hops: u8, budget_ms: u64 },
     /// Read one key from the shard (`linearizable`: through the leader).
-    KvRead { shard: ShardId, key: String, linearizable: bool, hops: u8 },
+    KvRead { shard: ShardId, key: String, linearizable: bool, hops: u8, budget_ms: u64 },
     /// Read live items in `[start, end)` from the shard's leader.
-    KvScan { shard: ShardId, start: String, end: Option<String>, limit: usize, hops: u8 },
+    KvScan { shard: ShardId, start: String, end: Option<String>, limit: usize, hops: u8, budget_ms: u64 },
     /// Propose a directory change through the metadata leader.
     MetaPropose { cmd: MetaCommand, hops: u8 },
     /// A node's periodic report to the metadata leader.
@@ -76,8 +77,9 @@ pub enum NodeRequest {
     Membership { group: u64, change: MembershipChange, hops: u8 },
     /// Ask the metadata leader to start a replica move.
     StartMove { shard_id: ShardId, from_node: NodeId, to_node: NodeId, reason: String, hops: u8 },
-    /// Remove a local replica and all its data.
-    DestroyGroup { group: u64 },
+    /// Remove the local replica `replica_id` of `group` and all its data (a
+    /// different replica held there is left alone).
+    DestroyGroup { group: u64, replica_id: u64 },
     /// A split target's receiving state, from its leader.
     IncomingStatus { shard: ShardId, hops: u8 },
     /// A split source's forwarding progress for one operation, from its leader.
@@ -208,6 +210,9 @@ pub struct ClusterView {
 pub enum ExecError {
     #[error(transparent)]
     Kv(#[from] KvError),
+    /// A split step the shard refused when it applied it.
+    #[error(transparent)]
+    Step(#[from] StepError),
     #[error(transparent)]
     Meta(#[from] MetaError),
     #[error("no leader for group {group} right now")]

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Request, Response};
 
 /// Largest frame accepted (snapshot chunks are 1 MiB; log batches are bounded).
-const MAX_FRAME: usize = 256 << 20;
+const MAX_FRAME: usize = crate::codec::DECODE_LIMIT;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A connection silent this long when a call on it times out is dropped.
 /// Not shortened for calls with a short timeout: a busy peer that misses a
@@ -71,13 +71,11 @@ pub enum RpcError {
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, RpcError> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(|e| RpcError::Codec(e.to_string()))
+    crate::codec::encode(v).map_err(|e| RpcError::Codec(e.to_string()))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, RpcError> {
-    bincode::serde::decode_from_slice(b, bincode::config::standard())
-        .map(|(v, _)| v)
-        .map_err(|e| RpcError::Codec(e.to_string()))
+    crate::codec::decode(b).map_err(|e| RpcError::Codec(e.to_string()))
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
@@ -296,7 +294,7 @@ mod tests {
     }
 
     fn read(key: &str) -> Request {
-        Request::Node(NodeRequest::KvRead { shard: 1, key: key.into(), linearizable: false, hops: 0 })
+        Request::Node(NodeRequest::KvRead { shard: 1, key: key.into(), linearizable: false, hops: 0, budget_ms: 0 })
     }
 
     fn answered(r: Result<Response, RpcError>, key: &str) {

@@ -4,10 +4,12 @@
 //! Everything here runs inside the state machine's apply, under the same
 //! write batch as the rest of the entry batch, so a step and its data
 //! changes are atomic. Every step is idempotent: a driver that resumes after
-//! a crash may send it again.
+//! a crash may send it again. A step that belongs to an operation that has
+//! ended here is refused: a `BeginCapture` delayed in an old connection must
+//! not start a capture nobody will ever end.
 
-use crate::command::ShardCommand;
-use crate::kv::{self, ApplyBatch, Capture, ShardState, StatsDelta};
+use crate::command::{ShardCommand, StepError};
+use crate::kv::{self, Applied, ApplyBatch, Capture, ShardState, StatsDelta};
 use crate::split::digest;
 use crate::storage::{self, data_key, Db, ValueRecord};
 
@@ -17,8 +19,17 @@ fn drop_forward_log(db: &Db, group: u64, op: u64, batch: &mut rocksdb::WriteBatc
     batch.delete_range_cf(cf, kv::forward_key(group, op, 0), kv::forward_key(group, op.wrapping_add(1), 0));
 }
 
-/// Applies one split step at log `index`. Returns the answer (`Freeze`: the
-/// freeze index; others: the entry index).
+/// Whether the shard owns all of `[start, end)` through one range.
+fn owns(state: &ShardState, start: &str, end: Option<&str>) -> bool {
+    state.owner(start).is_some_and(|r| match (&r.end, end) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(re), Some(e)) => e <= re.as_str(),
+    })
+}
+
+/// Applies one split step at log `index`. Answers the entry index (for
+/// `Freeze`, the freeze index).
 pub fn apply(
     db: &Db,
     group: u64,
@@ -26,21 +37,21 @@ pub fn apply(
     state: &mut ShardState,
     b: &mut ApplyBatch,
     cmd: &ShardCommand,
-) -> Result<u64, String> {
-    b.changed = true;
-    let ApplyBatch { write: batch, overlay, stats, .. } = b;
+) -> Applied<u64, StepError> {
+    let ApplyBatch { write: batch, overlay, stats, changed } = b;
     match cmd {
         ShardCommand::BeginCapture { op_id, start, end, target } => {
             if state.captures.iter().any(|c| c.op_id == *op_id) {
-                return Ok(index);
+                return Ok(Ok(index));
             }
-            let covered = state.owner(start).is_some_and(|r| match (&r.end, end) {
-                (None, _) => true,
-                (Some(_), None) => false,
-                (Some(re), Some(e)) => e <= re,
-            });
-            if !covered {
-                return Err(format!("range [{start:?}, {end:?}) is not owned by shard {group}"));
+            if state.has_ended(*op_id) {
+                return Ok(Err(StepError::Ended { op_id: *op_id }));
+            }
+            if !owns(state, start, end.as_deref()) {
+                return Ok(Err(StepError::NotOwned { start: start.clone(), end: end.clone() }));
+            }
+            if let Some(c) = state.captures.iter().find(|c| c.overlaps(start, end.as_deref())) {
+                return Ok(Err(StepError::Overlaps { op_id: *op_id, running: c.op_id }));
             }
             state.captures.push(Capture {
                 op_id: *op_id,
@@ -48,22 +59,31 @@ pub fn apply(
                 end: end.clone(),
                 target: *target,
                 frozen_at: None,
+                changes: 0,
             });
-            Ok(index)
+            *changed = true;
+            Ok(Ok(index))
         }
         ShardCommand::Freeze { op_id } => {
-            let c =
-                state.captures.iter_mut().find(|c| c.op_id == *op_id).ok_or(format!("no capture for op {op_id}"))?;
-            Ok(*c.frozen_at.get_or_insert(index))
+            let Some(c) = state.captures.iter_mut().find(|c| c.op_id == *op_id) else {
+                return Ok(Err(StepError::NoCapture { op_id: *op_id }));
+            };
+            if c.frozen_at.is_none() {
+                c.frozen_at = Some(index);
+                *changed = true;
+            }
+            Ok(Ok(c.frozen_at.unwrap_or(index)))
         }
         ShardCommand::EndCapture { op_id } => {
             state.captures.retain(|c| c.op_id != *op_id);
+            state.end_op(*op_id);
             drop_forward_log(db, group, *op_id, batch);
-            Ok(index)
+            *changed = true;
+            Ok(Ok(index))
         }
         ShardCommand::SplitDone { op_id, left, moved, moved_keys, moved_bytes } => {
             if state.moved.iter().any(|m| m.range_id == moved.range_id && m.epoch == moved.epoch) {
-                return Ok(index);
+                return Ok(Ok(index));
             }
             let cf = storage::cf(db, storage::CF_DATA);
             let end = match &moved.end {
@@ -74,22 +94,24 @@ pub fn apply(
             overlay.retain(|k, _| !moved.contains(k));
             drop_forward_log(db, group, *op_id, batch);
             state.captures.retain(|c| c.op_id != *op_id);
+            state.end_op(*op_id);
             state.ranges.retain(|r| r.range_id != left.range_id);
             state.ranges.push(left.clone());
             state.ranges.sort_by(|a, b| a.start.cmp(&b.start));
             state.moved.retain(|m| m.range_id != moved.range_id);
             state.moved.push(moved.clone());
             stats.add(StatsDelta { keys: -(*moved_keys as i64), bytes: -(*moved_bytes as i64) });
-            Ok(index)
+            *changed = true;
+            Ok(Ok(index))
         }
         ShardCommand::Ingest { op_id, source_index, records } => {
             let inc = match &mut state.incoming {
                 Some(inc) if inc.op_id == *op_id => inc,
-                _ if state.ranges.iter().any(|_| true) => return Ok(index), // already activated: late redelivery
-                _ => return Err(format!("shard {group} is not receiving op {op_id}")),
+                _ if !state.ranges.is_empty() => return Ok(Ok(index)), // already activated: late redelivery
+                _ => return Ok(Err(StepError::NotReceiving { op_id: *op_id })),
             };
             if source_index.is_some_and(|i| i <= inc.watermark) {
-                return Ok(index);
+                return Ok(Ok(index));
             }
             let cf = storage::cf(db, storage::CF_DATA);
             for (key, bytes) in records {
@@ -98,7 +120,7 @@ pub fn apply(
                 if !inside {
                     continue;
                 }
-                let cur = kv::current(db, group, overlay, key).map_err(|e| e.to_string())?;
+                let cur = kv::current(db, group, overlay, key)?;
                 if cur.as_ref().is_some_and(|c| c.version >= new.version) {
                     continue;
                 }
@@ -110,25 +132,145 @@ pub fn apply(
             if let Some(i) = source_index {
                 inc.watermark = *i;
             }
-            Ok(index)
+            *changed = true;
+            Ok(Ok(index))
         }
-        ShardCommand::BackfillDone { op_id, snapshot_index, digest, keys, bytes } => {
+        ShardCommand::BackfillDone { op_id, snapshot_index, digest, capture_base, keys, bytes } => {
             if let Some(inc) = state.incoming.as_mut().filter(|i| i.op_id == *op_id) {
                 inc.backfill = Some((*snapshot_index, *digest));
+                inc.capture_base = *capture_base;
                 inc.backfill_copied = (*keys, *bytes);
+                *changed = true;
             }
-            Ok(index)
+            Ok(Ok(index))
         }
         ShardCommand::Activate { op_id, ranges } => {
             match &state.incoming {
                 Some(inc) if inc.op_id == *op_id => {
                     state.ranges = ranges.clone();
                     state.incoming = None;
+                    *changed = true;
                 }
                 _ if !state.ranges.is_empty() => {}
-                _ => return Err(format!("shard {group} is not receiving op {op_id}")),
+                _ => return Ok(Err(StepError::NotReceiving { op_id: *op_id })),
             }
-            Ok(index)
+            Ok(Ok(index))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{KvCommand, KvError};
+    use crate::testing::{forward_indexes, put, step, temp_db, whole_shard, GROUP};
+
+    fn begin(op_id: u64, start: &str, end: Option<&str>) -> ShardCommand {
+        ShardCommand::BeginCapture { op_id, start: start.into(), end: end.map(Into::into), target: 9 }
+    }
+
+    #[test]
+    fn a_begin_capture_delayed_past_its_abort_is_refused() {
+        let (_d, db) = temp_db();
+        let mut s = whole_shard();
+        assert_eq!(step(&db, &mut s, 1, begin(5, "m", None)), Ok(1));
+        assert_eq!(step(&db, &mut s, 2, ShardCommand::EndCapture { op_id: 5 }), Ok(2));
+        // The frame held back in an old connection arrives now.
+        assert_eq!(step(&db, &mut s, 3, begin(5, "m", None)), Err(StepError::Ended { op_id: 5 }));
+        assert!(s.captures.is_empty(), "no orphaned capture");
+        put(&db, &mut s, 4, "n", "1").unwrap();
+        assert!(forward_indexes(&db, 5).is_empty(), "nothing logged for the ended operation");
+        // An abort that reached the source before its capture ever began
+        // also fences the late BeginCapture.
+        assert_eq!(step(&db, &mut s, 5, ShardCommand::EndCapture { op_id: 6 }), Ok(5));
+        assert_eq!(step(&db, &mut s, 6, begin(6, "m", None)), Err(StepError::Ended { op_id: 6 }));
+        // A later operation of the same range captures normally.
+        assert_eq!(step(&db, &mut s, 7, begin(7, "m", None)), Ok(7));
+        assert_eq!(step(&db, &mut s, 8, begin(7, "m", None)), Ok(8), "a retry is harmless");
+        assert_eq!(s.captures.len(), 1);
+    }
+
+    #[test]
+    fn ended_operations_are_remembered_beyond_the_kept_list() {
+        let mut s = whole_shard();
+        for op in 1..=(kv::ENDED_KEPT as u64 * 3) {
+            s.end_op(op);
+        }
+        assert_eq!(s.ended_ops.len(), kv::ENDED_KEPT);
+        assert!((1..=kv::ENDED_KEPT as u64 * 3).all(|op| s.has_ended(op)));
+        assert!(!s.has_ended(kv::ENDED_KEPT as u64 * 3 + 1));
+    }
+
+    #[test]
+    fn overlapping_captures_are_refused() {
+        let (_d, db) = temp_db();
+        let mut s = whole_shard();
+        assert_eq!(step(&db, &mut s, 1, begin(5, "m", None)), Ok(1));
+        assert_eq!(step(&db, &mut s, 2, begin(6, "p", None)), Err(StepError::Overlaps { op_id: 6, running: 5 }));
+        assert_eq!(step(&db, &mut s, 3, begin(6, "a", Some("q"))), Err(StepError::Overlaps { op_id: 6, running: 5 }));
+        assert_eq!(step(&db, &mut s, 4, begin(6, "a", Some("m"))), Ok(4), "adjacent ranges do not overlap");
+        assert_eq!(s.captures.len(), 2);
+    }
+
+    #[test]
+    fn a_write_is_logged_for_every_capture_covering_it_and_refused_if_any_is_frozen() {
+        let (_d, db) = temp_db();
+        // Two overlapping captures, as a node before the fix could be left
+        // with (an orphaned X, then Y of the same range).
+        let mut s = whole_shard();
+        for (op, start) in [(5, "m"), (6, "p")] {
+            s.captures.push(kv::Capture {
+                op_id: op,
+                start: start.into(),
+                end: None,
+                target: 9,
+                frozen_at: None,
+                changes: 0,
+            });
+        }
+        put(&db, &mut s, 10, "q", "1").unwrap();
+        assert_eq!(forward_indexes(&db, 5), vec![10]);
+        assert_eq!(forward_indexes(&db, 6), vec![10], "the write reaches Y's target too");
+        assert_eq!(s.captures[0].changes, s.captures[1].changes);
+        assert_eq!(step(&db, &mut s, 11, ShardCommand::Freeze { op_id: 6 }), Ok(11));
+        assert_eq!(put(&db, &mut s, 12, "q", "2"), Err(KvError::RangeMoving), "Y's freeze holds in X ∩ Y");
+        assert!(put(&db, &mut s, 13, "n", "2").is_ok(), "only X covers n, and X is not frozen");
+    }
+
+    #[test]
+    fn a_capture_accounts_for_the_data_the_source_holds() {
+        let (_d, db) = temp_db();
+        let mut s = whole_shard();
+        for (i, k) in ["a", "m", "n", "z"].iter().enumerate() {
+            put(&db, &mut s, i as u64 + 1, k, "0").unwrap();
+        }
+        let base = stored_digest(&db, "m");
+        assert_eq!(step(&db, &mut s, 10, begin(5, "m", None)), Ok(10));
+        put(&db, &mut s, 11, "m", "1").unwrap();
+        put(&db, &mut s, 12, "o", "\"new\"").unwrap();
+        put(&db, &mut s, 13, "b", "1").unwrap(); // outside the capture
+        let cmd =
+            KvCommand { range_id: 1, epoch: 1, op: crate::command::KvOp::Delete { key: "z".into(), if_version: None } };
+        let mut b = ApplyBatch::default();
+        kv::apply(&db, GROUP, 14, &mut s, &mut b, &cmd).unwrap().unwrap();
+        db.write(b.write).unwrap();
+        assert_eq!(base.wrapping_add(s.captures[0].changes), stored_digest(&db, "m"));
+    }
+
+    /// The digest of every record stored for `GROUP` in `[start, ∞)`,
+    /// tombstones too (the digest covers what a split copies).
+    fn stored_digest(db: &Db, start: &str) -> u64 {
+        let cf = storage::cf(db, storage::CF_DATA);
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(kv::user_data_end(GROUP));
+        let from = data_key(GROUP, start.as_bytes());
+        db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward)).fold(
+            0u64,
+            |d, i| {
+                let (k, v) = i.unwrap();
+                let key = String::from_utf8(storage::user_key_of(&k).to_vec()).unwrap();
+                d.wrapping_add(digest::record_hash(&key, &ValueRecord::decode(&v).unwrap()))
+            },
+        )
     }
 }

@@ -6,7 +6,7 @@
 //! with a compare-and-set entry. A new metadata leader simply starts the
 //! loop again for every operation that is not finished.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -144,6 +144,7 @@ async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> 
                     digest: 0,
                     backfill: None,
                     backfill_copied: (0, 0),
+                    capture_base: 0,
                 }),
                 ..Default::default()
             });
@@ -232,6 +233,13 @@ async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> 
                 return abort(node, op, "freeze timed out before the target caught up").await;
             }
             let st = split_status(node, *source, op.op_id).await?;
+            if st.frozen_at.is_none() {
+                // The freeze was recorded here but may not have reached the
+                // source (a failed send): send it again (idempotent) rather
+                // than wait out the freeze deadline.
+                node.shard_step(*source, ShardCommand::Freeze { op_id: op.op_id }, 0).await?;
+                return Ok(false);
+            }
             let Some(source_digest) = st.digest else { return Ok(false) };
             // Any replica of the target that has applied the forward log up to
             // the last entry proves the target's log holds it: no read
@@ -284,13 +292,11 @@ async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> 
             Ok(true)
         }
         Phase::Aborted => {
-            match node.shard_step(*source, ShardCommand::EndCapture { op_id: op.op_id }, 0).await {
-                Ok(_) => {}
-                Err(ExecError::Internal(m)) if m.contains("not owned") => {}
-                Err(e) => return Err(e),
-            }
+            // EndCapture always applies; it also makes the source refuse a
+            // BeginCapture of this operation that arrives late.
+            node.shard_step(*source, ShardCommand::EndCapture { op_id: op.op_id }, 0).await?;
             for r in target_replicas {
-                node.node_call(r.node_id, NodeRequest::DestroyGroup { group: *target }).await?;
+                node.destroy_replica_at(r.node_id, *target, r.replica_id).await?;
             }
             meta(node, MetaCommand::MarkCleaned { op_id: op.op_id }).await?;
             Ok(true)
@@ -313,18 +319,14 @@ async fn split_status(node: &Node, shard: u64, op: OpId) -> Result<crate::rpc::F
     }
 }
 
-/// The nodes with the fewest replicas (live ones first), for a new shard.
-pub fn place(node: &Node, count: usize) -> Vec<u64> {
-    let dir = node.directory();
-    let live: BTreeMap<u64, bool> = node.tracker.live_nodes().into_iter().map(|n| (n, true)).collect();
-    let mut candidates: Vec<(bool, usize, u64)> = dir
-        .nodes
-        .values()
-        .filter(|n| n.state == cleave_metadata::NodeState::Active)
-        .map(|n| (!live.contains_key(&n.id), dir.replica_count(n.id), n.id))
-        .collect();
-    candidates.sort();
-    candidates.into_iter().take(count).map(|(_, _, id)| id).collect()
+/// The nodes for a new shard's replicas: live active nodes, fewest replicas
+/// first. Refused while this metadata leader has not yet heard from every
+/// node (it would take a silent node for the emptiest) or when too few are live.
+pub fn place(node: &Node, count: usize) -> Result<Vec<u64>, ExecError> {
+    if !node.tracker.settled() {
+        return Err(ExecError::Unavailable("the metadata leader is new and has not heard from every node yet".into()));
+    }
+    Ok(node.directory().place_new_group(&node.tracker.live_nodes(), count)?)
 }
 
 impl Node {
@@ -380,7 +382,7 @@ impl Node {
             }
         };
         let replication = dir.shards.get(&range.shard_id).map_or(3, |s| s.replicas.len()).max(1);
-        let targets = place(self, replication);
+        let targets = place(self, replication)?;
         match self
             .propose_meta(
                 MetaCommand::PlanSplit {

@@ -109,58 +109,54 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
         return if active { Ok(()) } else { Err(ExecError::Unavailable("target is not receiving".into())) };
     };
     tracing::debug!(group, op = cap.op_id, "forwarder: target state read");
-    let (snap_index, mut digest) = match incoming.backfill {
-        Some(done) => {
+    let capture_base = match incoming.backfill {
+        Some(_) => {
             // Done by an earlier forwarder: take its figures from the target.
             let (keys, bytes) = incoming.backfill_copied;
             let mut st = status.lock().unwrap();
             (st.keys_copied, st.keys_total, st.bytes_copied, st.bytes_total) = (keys, keys, bytes, bytes);
-            done
+            incoming.capture_base
         }
         None => {
-            let (s, d) = backfill(node, group, cap, status).await?;
+            let (s, d, base) = backfill(node, group, cap, status).await?;
             let (keys, bytes) = {
                 let st = status.lock().unwrap();
                 (st.keys_copied, st.bytes_copied)
             };
-            let cmd = ShardCommand::BackfillDone { op_id: cap.op_id, snapshot_index: s, digest: d, keys, bytes };
+            let cmd = ShardCommand::BackfillDone {
+                op_id: cap.op_id,
+                snapshot_index: s,
+                digest: d,
+                capture_base: base,
+                keys,
+                bytes,
+            };
             node.shard_step(cap.target, cmd, 0).await?;
-            (s, d)
+            base
         }
     };
     tracing::debug!(group, op = cap.op_id, "forwarder: backfill done");
     status.lock().unwrap().backfill_done = true;
     let mut shipped = incoming.watermark;
-    let mut digested = snap_index;
     loop {
         let Some(cap_now) = current_capture(node, group, cap.op_id) else { return Ok(()) };
-        let from = shipped.min(digested) + 1;
-        let (entries, last_seq) = read_forward(node, group, cap.op_id, from)?;
-        let mut batch = Vec::new();
-        for (seq, e) in &entries {
-            if *seq > digested {
-                digest = digest.wrapping_add(e.delta);
-                digested = *seq;
-            }
-            if *seq > shipped {
-                batch.push((e.key.clone(), e.record.clone()));
-            }
-        }
+        let (entries, last_seq) = read_forward(node, group, cap.op_id, shipped + 1)?;
         if let Some((last, _)) = entries.last() {
-            if !batch.is_empty() {
-                let cmd = ShardCommand::Ingest { op_id: cap.op_id, source_index: Some(*last), records: batch };
-                node.shard_step(cap.target, cmd, 0).await?;
-                metrics::counter!("cleave_split_forwarded_total").increment(entries.len() as u64);
-            }
-            shipped = shipped.max(*last);
+            let batch = entries.iter().map(|(_, e)| (e.key.clone(), e.record.clone())).collect();
+            let cmd = ShardCommand::Ingest { op_id: cap.op_id, source_index: Some(*last), records: batch };
+            node.shard_step(cap.target, cmd, 0).await?;
+            metrics::counter!("cleave_split_forwarded_total").increment(entries.len() as u64);
+            shipped = *last;
         }
-        let complete = cap_now.frozen_at.is_some() && digested >= last_seq && shipped >= last_seq;
+        let complete = cap_now.frozen_at.is_some() && shipped >= last_seq;
         {
             let mut st = status.lock().unwrap();
             st.last_seq = last_seq;
             st.shipped = shipped;
             st.frozen_at = cap_now.frozen_at;
-            st.digest = complete.then_some(digest);
+            // The digest of the data this source holds in the range (not the
+            // forward log's account of it): what the target must match.
+            st.digest = complete.then_some(capture_base.wrapping_add(cap_now.changes));
         }
         metrics::gauge!("cleave_split_forward_backlog", "shard" => group.to_string())
             .set(last_seq.saturating_sub(shipped) as f64);
@@ -185,8 +181,7 @@ fn read_forward(node: &Node, group: u64, op: OpId, from: u64) -> Result<(Vec<(u6
     for item in db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward)) {
         let (k, v) = item.map_err(internal)?;
         let seq = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
-        let (entry, _): (ForwardEntry, _) = bincode::serde::decode_from_slice(&v, bincode::config::standard())
-            .map_err(|e| ExecError::Internal(e.to_string()))?;
+        let entry: ForwardEntry = crate::codec::decode(&v).map_err(|e| ExecError::Internal(e.to_string()))?;
         bytes += entry.record.len() + entry.key.len();
         out.push((seq, entry));
         if out.len() >= BATCH_RECORDS || bytes >= BATCH_BYTES {
@@ -206,19 +201,22 @@ fn read_forward(node: &Node, group: u64, op: OpId, from: u64) -> Result<(Vec<(u6
 }
 
 /// Copies the captured range from one RocksDB snapshot into the target.
-/// Returns the snapshot's applied index and the content digest it copied.
+/// Returns the snapshot's applied index, the content digest it copied, and
+/// the range's digest when the capture began (that digest less the
+/// capture's changes up to the snapshot, read from the same snapshot).
 async fn backfill(
     node: &Arc<Node>,
     group: u64,
     cap: &Capture,
     status: &Mutex<ForwardStatus>,
-) -> Result<(u64, u64), ExecError> {
+) -> Result<(u64, u64, u64), ExecError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(String, Vec<u8>)>>(2);
     let db = node.ctx.db.clone();
     let (start, end) = (cap.start.clone(), cap.end.clone());
     let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64)));
     let totals_in = totals.clone();
-    let reader = tokio::task::spawn_blocking(move || -> Result<(u64, u64), String> {
+    let op_id = cap.op_id;
+    let reader = tokio::task::spawn_blocking(move || -> Result<(u64, u64, u64), String> {
         let snap = db.snapshot();
         let meta_cf = storage::cf(&db, storage::CF_GROUP_META);
         let s = snap
@@ -226,6 +224,12 @@ async fn backfill(
             .map_err(|e| e.to_string())?
             .and_then(|b| crate::raft::decode_applied_index(&b))
             .unwrap_or(0);
+        let sm_state = snap.get_cf(meta_cf, state_key(group, tag::SM_STATE)).map_err(|e| e.to_string())?;
+        let changes_at_s = match sm_state.map(|b| SmState::from_json(&b)).transpose().map_err(|e| e.to_string())? {
+            Some(SmState::Shard(st)) => st.captures.iter().find(|c| c.op_id == op_id).map(|c| c.changes),
+            _ => None,
+        }
+        .ok_or_else(|| format!("the backfill snapshot at {s} holds no capture of operation {op_id}"))?;
         let cf = storage::cf(&db, storage::CF_DATA);
         let upper = match &end {
             Some(e) => data_key(group, e.as_bytes()),
@@ -272,7 +276,7 @@ async fn backfill(
         if !batch.is_empty() && tx.blocking_send(batch).is_err() {
             return Err("backfill receiver gone".into());
         }
-        Ok((s, digest))
+        Ok((s, digest, digest.wrapping_sub(changes_at_s)))
     });
     while let Some(records) = rx.recv().await {
         if current_capture(node, group, cap.op_id).is_none() {
@@ -298,7 +302,7 @@ impl Node {
             shard,
             hops,
             |hops| NodeRequest::SplitStatus { shard, op_id: op, hops },
-            |_| {
+            |_| async move {
                 self.forwarders
                     .status(shard, op)
                     .map(NodeReply::SplitStatus)

@@ -52,6 +52,10 @@ pub mod tag {
     /// entry: what a replica added later starts from before it replays the
     /// log (or installs a snapshot).
     pub const GENESIS: u8 = 7;
+    /// The newest replica id of the group deleted from this node (kept after
+    /// the group's other records are gone): a request to create that replica
+    /// or an older one is stale and refused.
+    pub const TOMBSTONE: u8 = 8;
 }
 
 /// Opens (or creates) the node's database under `dir`.
@@ -83,14 +87,26 @@ pub fn cf<'a>(db: &'a Db, name: &str) -> &'a rocksdb::ColumnFamily {
     db.cf_handle(name).unwrap_or_else(|| panic!("column family {name} missing"))
 }
 
+/// Reads and decodes (bincode, see [`crate::codec`]) the value at `key` of
+/// column family `name`.
+pub fn get_decoded<T: serde::de::DeserializeOwned>(db: &Db, name: &str, key: &[u8]) -> std::io::Result<Option<T>> {
+    match db.get_pinned_cf(cf(db, name), key).map_err(io_err)? {
+        Some(b) => Ok(Some(crate::codec::decode(&b)?)),
+        None => Ok(None),
+    }
+}
+
 /// Converts a RocksDB error into the `io::Error` openraft's traits expect.
 pub fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
+/// Every column family, for deleting a whole group in one batch.
+pub const ALL_CFS: [&str; 4] = [CF_RAFT_LOG, CF_RAFT_STATE, CF_DATA, CF_GROUP_META];
+
 /// Approximate on-disk size of the database (SST files + memtables).
 pub fn approximate_size(db: &Db) -> u64 {
-    [CF_RAFT_LOG, CF_RAFT_STATE, CF_DATA, CF_GROUP_META]
+    ALL_CFS
         .iter()
         .map(|name| {
             let cf = cf(db, name);

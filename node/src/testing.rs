@@ -1,0 +1,68 @@
+//! Helpers for the node crate's in-process tests: a temporary RocksDB, and
+//! applying KV commands and split steps to a shard's state the way the state
+//! machine does (one write batch per call).
+
+use std::sync::Arc;
+
+use cleave_metadata::RangeDescriptor;
+
+use crate::command::{KvCommand, KvError, KvOp, ShardCommand, StepError};
+use crate::kv::{self, ApplyBatch, ShardState};
+use crate::storage::{self, Db};
+
+/// A fresh database in a temporary folder (kept alive by the `TempDir`).
+pub fn temp_db() -> (tempfile::TempDir, Arc<Db>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = storage::open(dir.path()).expect("open rocksdb");
+    (dir, db)
+}
+
+pub fn range(range_id: u64, start: &str, end: Option<&str>, epoch: u64) -> RangeDescriptor {
+    RangeDescriptor {
+        range_id,
+        start: start.into(),
+        end: end.map(Into::into),
+        shard_id: 1,
+        epoch,
+        state: Default::default(),
+    }
+}
+
+/// A shard of group `GROUP` owning the whole key space as range 1 at epoch 1.
+pub fn whole_shard() -> ShardState {
+    ShardState { ranges: vec![range(1, "", None, 1)], ..Default::default() }
+}
+
+pub const GROUP: u64 = 1;
+
+/// Applies a put of `key` (range 1, epoch 1) at `index` and writes the batch.
+pub fn put(db: &Db, state: &mut ShardState, index: u64, key: &str, json: &str) -> Result<u64, KvError> {
+    let cmd =
+        KvCommand { range_id: 1, epoch: 1, op: KvOp::Put { key: key.into(), value: json.into(), if_version: None } };
+    let mut b = ApplyBatch::default();
+    let r = kv::apply(db, GROUP, index, state, &mut b, &cmd).expect("storage");
+    db.write(b.write).expect("write");
+    r
+}
+
+/// Applies a split step at `index` and writes the batch.
+pub fn step(db: &Db, state: &mut ShardState, index: u64, cmd: ShardCommand) -> Result<u64, StepError> {
+    let mut b = ApplyBatch::default();
+    let r = crate::split::apply::apply(db, GROUP, index, state, &mut b, &cmd).expect("storage");
+    db.write(b.write).expect("write");
+    r
+}
+
+/// Source log indexes of the forward-log entries of operation `op`.
+pub fn forward_indexes(db: &Db, op: u64) -> Vec<u64> {
+    let cf = storage::cf(db, storage::CF_DATA);
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_iterate_upper_bound(kv::forward_key(GROUP, op + 1, 0));
+    let from = kv::forward_key(GROUP, op, 0);
+    db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward))
+        .map(|i| {
+            let (k, _) = i.expect("read");
+            u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"))
+        })
+        .collect()
+}
