@@ -319,13 +319,10 @@ async fn split_status(node: &Node, shard: u64, op: OpId) -> Result<crate::rpc::F
     }
 }
 
-/// The nodes for a new shard's replicas: live active nodes, fewest replicas
-/// first. Refused while this metadata leader has not yet heard from every
-/// node (it would take a silent node for the emptiest) or when too few are live.
+/// The nodes for a new shard's replicas: nodes this metadata leader heard
+/// from recently (a node it has not heard from is never taken for the
+/// emptiest), fewest replicas first; refused when too few are live.
 pub fn place(node: &Node, count: usize) -> Result<Vec<u64>, ExecError> {
-    if !node.tracker.settled() {
-        return Err(ExecError::Unavailable("the metadata leader is new and has not heard from every node yet".into()));
-    }
     Ok(node.directory().place_new_group(&node.tracker.live_nodes(), count)?)
 }
 
