@@ -575,3 +575,42 @@ mod tests {
         assert!(g.incarnation.has_ended(), "shutdown must fence the state-machine worker");
     }
 }
+
+/// openraft's own storage test suite, run against our log store and state
+/// machine on a temporary RocksDB (a fresh one per case).
+#[cfg(test)]
+mod storage_suite {
+    use super::*;
+
+    struct Builder;
+
+    impl openraft::testing::log::StoreBuilder<TypeConfig, log_store::LogStore, GroupSm, tempfile::TempDir> for Builder {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, log_store::LogStore, GroupSm), openraft::StorageError<TypeConfig>> {
+            let (dir, db) = crate::testing::temp_db();
+            let incarnation = Arc::new(incarnation::Incarnation::default());
+            let group = 3;
+            // What `GroupRaft::create` records before a group opens.
+            let state = SmState::Shard(ShardState::default());
+            let cf = storage::cf(&db, CF_GROUP_META);
+            db.put_cf(cf, state_key(group, tag::SM_STATE), state.to_json().expect("state")).expect("write");
+            let log = log_store::LogStore::new(db.clone(), group, Syncer::start(db.clone()), incarnation.clone());
+            let sm = GroupSm {
+                db,
+                group,
+                state: Arc::new(RwLock::new(state)),
+                snapshot_root: dir.path().join("snapshots"),
+                stats: Arc::default(),
+                incarnation,
+                installing: Arc::default(),
+            };
+            Ok((dir, log, sm))
+        }
+    }
+
+    #[tokio::test]
+    async fn openraft_storage_suite_passes() {
+        openraft::testing::log::Suite::test_all(Builder).await.expect("openraft storage suite");
+    }
+}

@@ -196,14 +196,25 @@ pub fn finish_receive(part: &Path) -> io::Result<SnapshotFile> {
 
 /// After a received snapshot is installed: keep it as the group's current
 /// snapshot (so it can be sent on) and drop older ones.
+/// A snapshot file from elsewhere (not a transfer received here) is copied.
 pub fn adopt(root: &Path, group: u64, file: &SnapshotFile) -> io::Result<()> {
-    if file.path.extension().is_some_and(|x| x == "snap") {
+    let dir = group_dir(root, group);
+    let is_snap = file.path.extension().is_some_and(|x| x == "snap");
+    if is_snap && file.path.parent() == Some(dir.as_path()) {
         return Ok(());
     }
     let meta = read_meta(&file.path)?;
-    let path = group_dir(root, group).join(file_name(&meta, rand::random()));
-    fs::rename(&file.path, &path)?;
-    prune(&group_dir(root, group), &path);
+    fs::create_dir_all(&dir)?;
+    let path = dir.join(file_name(&meta, rand::random()));
+    if is_snap {
+        let tmp = path.with_extension("tmp");
+        fs::copy(&file.path, &tmp)?;
+        File::open(&tmp)?.sync_all()?;
+        fs::rename(&tmp, &path)?;
+    } else {
+        fs::rename(&file.path, &path)?;
+    }
+    prune(&dir, &path);
     Ok(())
 }
 
