@@ -5,8 +5,12 @@
 //! length prefix it reads, so without a limit a frame of twenty bytes that
 //! claims a 2^62-byte key makes the allocation fail and the process abort.
 //! With the limit, a length beyond it is a decode error: the caller drops
-//! that connection (or fails that read), and the node goes on. The limit is
-//! the largest RPC frame; nothing decoded here can be longer than its input.
+//! that connection (or fails that read), and the node goes on. Only strings
+//! and byte vectors claim against the limit, and they claim exactly the bytes
+//! they hold, so nothing valid claims more than its input is long; the limit
+//! grows with the input in steps of 16, so a claimed length can make bincode
+//! allocate at most 16 times what arrived (64 KiB for a small frame), and
+//! never more than the largest RPC frame.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -14,8 +18,8 @@ use serde::Serialize;
 /// The most bytes one decode may claim: the RPC transport's largest frame.
 pub const DECODE_LIMIT: usize = 256 << 20;
 
-fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+fn decode_within<T: DeserializeOwned, const LIMIT: usize>(b: &[u8]) -> Result<T, CodecError> {
+    Ok(bincode::serde::decode_from_slice(b, bincode::config::standard().with_limit::<LIMIT>())?.0)
 }
 
 /// Why bytes could not be encoded or decoded.
@@ -34,11 +38,16 @@ impl From<CodecError> for std::io::Error {
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, CodecError> {
-    Ok(bincode::serde::encode_to_vec(v, config())?)
+    Ok(bincode::serde::encode_to_vec(v, bincode::config::standard())?)
 }
 
 pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, CodecError> {
-    Ok(bincode::serde::decode_from_slice(b, config())?.0)
+    match b.len() {
+        n if n <= 4 << 10 => decode_within::<T, { 64 << 10 }>(b),
+        n if n <= 64 << 10 => decode_within::<T, { 1 << 20 }>(b),
+        n if n <= 1 << 20 => decode_within::<T, { 16 << 20 }>(b),
+        _ => decode_within::<T, DECODE_LIMIT>(b),
+    }
 }
 
 #[cfg(test)]
@@ -54,6 +63,18 @@ mod tests {
         assert!(decode::<String>(&b).is_err());
         assert!(decode::<Vec<u8>>(&b).is_err());
         assert!(decode::<(u64, String)>(&[&[1u8][..], &b].concat()).is_err());
+        // A claim that fits the hard limit but not the input's tier.
+        let mut c = vec![253u8];
+        c.extend_from_slice(&(200u64 << 20).to_le_bytes());
+        assert!(matches!(decode::<String>(&c), Err(CodecError::Decode(bincode::error::DecodeError::LimitExceeded))));
+    }
+
+    #[test]
+    fn large_valid_values_still_decode() {
+        let big = "x".repeat(3 << 20);
+        assert_eq!(decode::<String>(&encode(&big).unwrap()).unwrap(), big);
+        let many: Vec<(String, Vec<u8>)> = (0..5000).map(|i| (format!("k{i}"), vec![1u8; 9])).collect();
+        assert_eq!(decode::<Vec<(String, Vec<u8>)>>(&encode(&many).unwrap()).unwrap(), many);
     }
 
     #[test]

@@ -182,7 +182,15 @@ impl Node {
         Ok(())
     }
 
+    /// This node's replica of group `id`, unless a storage error stopped it
+    /// (a failed replica is out of service: see `GroupSm::fail`).
     pub fn group(&self, id: u64) -> Option<Arc<GroupRaft>> {
+        self.groups.read().unwrap().get(&id).filter(|g| !g.is_failed()).cloned()
+    }
+
+    /// The replica of group `id` held here, failed or not (for creating and
+    /// destroying replicas, which must see every replica on disk).
+    pub fn held_replica(&self, id: u64) -> Option<Arc<GroupRaft>> {
         self.groups.read().unwrap().get(&id).cloned()
     }
 
@@ -195,7 +203,7 @@ impl Node {
     }
 
     pub fn groups(&self) -> Vec<Arc<GroupRaft>> {
-        let mut v: Vec<_> = self.groups.read().unwrap().values().cloned().collect();
+        let mut v: Vec<_> = self.groups.read().unwrap().values().filter(|g| !g.is_failed()).cloned().collect();
         v.sort_by_key(|g| g.group);
         v
     }

@@ -42,10 +42,28 @@ pub fn left(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
 
-/// The time left until `deadline` in whole milliseconds, for a request that
-/// carries its budget to another node.
+/// The least time worth starting a proposal or a hop with. With less left, a
+/// step is not started at all and the request fails as *not applied* (503):
+/// a proposal handed to Raft with no time to wait for it would answer
+/// "outcome unknown" and commit after the client gave up.
+pub const MIN_ATTEMPT: Duration = Duration::from_millis(20);
+
+/// What a forwarded request keeps back for the answer's way home: a tenth of
+/// the time left, at least 5 ms, so the next node gives up before we do.
+fn hop_margin(left: Duration) -> Duration {
+    (left / 10).max(Duration::from_millis(5))
+}
+
+/// The budget, in milliseconds, a request forwarded now carries to the next
+/// node: what is left of `deadline` less the hop margin.
 pub fn budget_ms(deadline: Instant) -> u64 {
-    left(deadline).as_millis() as u64
+    let l = left(deadline);
+    l.saturating_sub(hop_margin(l)).as_millis() as u64
+}
+
+/// The refusal of a step there is no time left to start (nothing was sent).
+fn out_of_time(what: &str) -> ExecError {
+    ExecError::Unavailable(format!("request deadline reached before {what}"))
 }
 
 /// The deadline of a request that arrived with `budget_ms` left, never
@@ -99,6 +117,35 @@ where
             }
             r => return r,
         }
+    }
+}
+
+/// Checks that replica `g`'s shard owns all of `[start, end)` (a point read
+/// of `key` passes `start = end = key`) and takes a RocksDB snapshot under
+/// the same state lock. The state machine writes each apply batch while
+/// holding that lock for writing, so the snapshot holds exactly the data of
+/// the state that was checked: a `SplitDone` applied after the check cannot
+/// delete the data under the read. `Ok(None)`: a snapshot install is
+/// replacing this replica's data; read elsewhere.
+pub(crate) fn owned_snapshot<'a>(
+    db: &'a crate::storage::Db,
+    g: &GroupRaft,
+    start: &str,
+    end: Option<&str>,
+) -> Result<Option<kv::Snapshot<'a>>, ExecError> {
+    let state = g.state.read().unwrap();
+    let SmState::Shard(s) = &*state else { return Err(ExecError::Internal("not a shard".into())) };
+    if g.is_installing() {
+        return Ok(None);
+    }
+    let covers = |r: &cleave_metadata::RangeDescriptor| match (&r.end, end) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(re), Some(e)) => e <= re.as_str(),
+    };
+    match s.owner(start) {
+        Some(r) if covers(r) => Ok(Some(db.snapshot())),
+        _ => Err(ExecError::Kv(KvError::WrongRange { ranges: s.ranges.clone() })),
     }
 }
 
@@ -237,8 +284,8 @@ impl Node {
         };
         let mut last = ExecError::NoLeader { group };
         for addr in targets {
-            if left(deadline).is_zero() {
-                return Err(ExecError::Timeout(format!("no answer for group {group} in time")));
+            if left(deadline) < MIN_ATTEMPT {
+                return Err(out_of_time(&format!("forwarding to group {group}'s leader")));
             }
             match self.call(&addr, req(hops + 1), left(deadline)).await {
                 Err(e @ ExecError::Unavailable(_)) => last = e,
@@ -258,6 +305,9 @@ impl Node {
         timeout: Duration,
     ) -> Result<Result<(Arc<GroupRaft>, CommandResponse), Option<u64>>, ExecError> {
         let Some(g) = self.group(group) else { return Ok(Err(None)) };
+        if timeout < MIN_ATTEMPT {
+            return Err(out_of_time(&format!("proposing to group {group}")));
+        }
         match tokio::time::timeout(timeout, g.write(cmd)).await {
             Err(_) => Err(ExecError::Timeout(format!("entry for group {group} not applied in time"))),
             Ok(Ok(resp)) => Ok(Ok((g, resp))),
@@ -305,35 +355,6 @@ impl Node {
         }
     }
 
-    /// Checks that this replica's shard owns all of `[start, end)` (a point
-    /// read of `key` passes `start = end = key`) and takes a RocksDB snapshot
-    /// under the same state lock. The state machine writes each apply batch
-    /// while holding that lock for writing, so the snapshot holds exactly the
-    /// data of the state that was checked: a `SplitDone` applied after the
-    /// check cannot delete the data under the read. `Ok(None)`: a snapshot
-    /// install is replacing this replica's data; read elsewhere.
-    fn owned_snapshot<'a>(
-        &'a self,
-        g: &GroupRaft,
-        start: &str,
-        end: Option<&str>,
-    ) -> Result<Option<kv::Snapshot<'a>>, ExecError> {
-        let state = g.state.read().unwrap();
-        let SmState::Shard(s) = &*state else { return Err(ExecError::Internal("not a shard".into())) };
-        if g.is_installing() {
-            return Ok(None);
-        }
-        let covers = |r: &cleave_metadata::RangeDescriptor| match (&r.end, end) {
-            (None, _) => true,
-            (Some(_), None) => false,
-            (Some(re), Some(e)) => e <= re.as_str(),
-        };
-        match s.owner(start) {
-            Some(r) if covers(r) => Ok(Some(self.ctx.db.snapshot())),
-            _ => Err(ExecError::Kv(KvError::WrongRange { ranges: s.ranges.clone() })),
-        }
-    }
-
     /// The leader `g` knows of, when it is another node.
     fn other_leader(&self, g: &GroupRaft) -> Option<u64> {
         g.status().leader.map(|l| l.node_id).filter(|n| *n != self.id)
@@ -355,7 +376,7 @@ impl Node {
                     Ok(()) => {
                         self.sample_key(&g, key);
                         g.served.fetch_add(1, Ordering::Relaxed);
-                        match self.owned_snapshot(&g, key, Some(key))? {
+                        match owned_snapshot(&self.ctx.db, &g, key, Some(key))? {
                             None => self.other_leader(&g),
                             Some(snap) => {
                                 let rec = kv::read_at(&self.ctx.db, &snap, shard, key)
@@ -422,7 +443,7 @@ impl Node {
             Some(g) => match self.barrier(&g, shard, deadline).await {
                 Ok(()) => {
                     g.served.fetch_add(1, Ordering::Relaxed);
-                    match self.owned_snapshot(&g, start, end)? {
+                    match owned_snapshot(&self.ctx.db, &g, start, end)? {
                         None => self.other_leader(&g),
                         Some(snap) => {
                             let items = kv::scan_at(&self.ctx.db, &snap, shard, start, end, limit)
@@ -480,5 +501,49 @@ impl Node {
             NodeReply::Meta(r) => Ok(r),
             other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::ShardCommand;
+    use crate::testing::{range, temp_ctx, whole_shard, GROUP};
+
+    #[tokio::test]
+    async fn a_read_checked_before_a_cutover_keeps_its_data() {
+        let (_d, ctx) = temp_ctx();
+        let g = GroupRaft::create(&ctx, GROUP, 1, SmState::Shard(whole_shard())).await.unwrap();
+        {
+            let mut state = g.state.write().unwrap();
+            let SmState::Shard(s) = &mut *state else { unreachable!() };
+            for (i, k) in ["a", "m", "z"].iter().enumerate() {
+                crate::testing::put(&ctx.db, s, i as u64 + 1, k, "1").unwrap();
+            }
+        }
+        // The router checks ownership of the whole key space and gets its
+        // snapshot; then the split's cutover applies before it reads.
+        let snap = owned_snapshot(&ctx.db, &g, "", None).unwrap().expect("not installing");
+        {
+            let mut state = g.state.write().unwrap();
+            let SmState::Shard(s) = &mut *state else { unreachable!() };
+            let done = ShardCommand::SplitDone {
+                op_id: 5,
+                left: range(1, "", Some("m"), 2),
+                moved: range(2, "m", None, 2),
+                moved_keys: 2,
+                moved_bytes: 4,
+            };
+            crate::testing::step(&ctx.db, s, 10, done).unwrap();
+        }
+        let keys: Vec<String> =
+            kv::scan_at(&ctx.db, &snap, GROUP, "", None, 10).unwrap().into_iter().map(|i| i.key).collect();
+        assert_eq!(keys, ["a", "m", "z"], "the scan sees the range it was checked for, whole");
+        assert!(kv::read_at(&ctx.db, &snap, GROUP, "z").unwrap().is_some());
+        drop(snap);
+        // Checked after the cutover, the same read is a stale route.
+        assert!(matches!(owned_snapshot(&ctx.db, &g, "", None), Err(ExecError::Kv(KvError::WrongRange { .. }))));
+        assert!(owned_snapshot(&ctx.db, &g, "a", Some("b")).unwrap().is_some());
+        g.shutdown().await;
     }
 }

@@ -17,6 +17,25 @@ pub fn temp_db() -> (tempfile::TempDir, Arc<Db>) {
     (dir, db)
 }
 
+/// A node's shared Raft context over a fresh database (needs a Tokio
+/// runtime: it starts the WAL syncer).
+pub fn temp_ctx() -> (tempfile::TempDir, crate::raft::RaftContext) {
+    let (dir, db) = temp_db();
+    let ctx = crate::raft::RaftContext {
+        syncer: storage::Syncer::start(db.clone()),
+        db,
+        transport: crate::rpc::Transport::new(),
+        snapshot_root: dir.path().join("snapshots"),
+        settings: crate::raft::RaftSettings {
+            heartbeat_ms: 100,
+            election_timeout_ms: 1000,
+            snapshot_logs: 1000,
+            keep_logs: 100,
+        },
+    };
+    (dir, ctx)
+}
+
 pub fn range(range_id: u64, start: &str, end: Option<&str>, epoch: u64) -> RangeDescriptor {
     RangeDescriptor {
         range_id,

@@ -38,12 +38,12 @@ async fn crafted_rpc_frames_claiming_huge_lengths_do_not_take_the_node_down() {
     // claims 2^62 bytes (bincode varint: 253, then a little-endian u64).
     let mut huge_key = vec![1u8, 1, 1, 253];
     huge_key.extend_from_slice(&(1u64 << 62).to_le_bytes());
-    // The same claim in a byte vector deeper inside a Raft message, and a
-    // frame that is only a length prefix far beyond what it carries.
-    let mut huge_vec = vec![0u8, 1];
-    huge_vec.extend_from_slice(&[253]);
-    huge_vec.extend_from_slice(&(u64::MAX >> 1).to_le_bytes());
-    let bodies = [huge_key, huge_vec, vec![0xff; 12]];
+    // The same claim deeper inside a forwarded write (`KvWrite { shard: 1,
+    // cmd: KvCommand { range_id: 1, epoch: 1, op: Put { key, .. } } }`), and
+    // bytes that are no message at all.
+    let mut huge_write = vec![1u8, 0, 1, 1, 1, 0, 253];
+    huge_write.extend_from_slice(&(u64::MAX >> 1).to_le_bytes());
+    let bodies = [huge_key, huge_write, vec![0xff; 12]];
     for i in 0..300u64 {
         let body = &bodies[i as usize % bodies.len()];
         // The node closes a connection after a frame it cannot decode, so

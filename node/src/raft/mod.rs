@@ -192,6 +192,8 @@ pub struct GroupRaft {
     incarnation: Arc<incarnation::Incarnation>,
     /// A snapshot install is replacing the data (read under `state`'s lock).
     installing: Arc<AtomicBool>,
+    /// A storage error stopped this replica (set by its state machine).
+    failed: Arc<AtomicBool>,
     /// Client requests served by this replica (as leader, or stale reads).
     pub served: AtomicU64,
     /// A sample of recently requested keys, for load-based split points.
@@ -340,6 +342,7 @@ impl GroupRaft {
         .validate()?;
         let incarnation = Arc::new(incarnation::Incarnation::default());
         let installing = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(AtomicBool::new(false));
         let log = log_store::LogStore::new(ctx.db.clone(), group, ctx.syncer.clone(), incarnation.clone());
         let sm = GroupSm {
             db: ctx.db.clone(),
@@ -349,6 +352,7 @@ impl GroupRaft {
             stats: stats.clone(),
             incarnation: incarnation.clone(),
             installing: installing.clone(),
+            failed: failed.clone(),
         };
         let net = network::NetworkFactory { group, transport: ctx.transport.clone() };
         let raft = Raft::new(desc.replica_id, Arc::new(config), net, log, sm).await?;
@@ -360,6 +364,7 @@ impl GroupRaft {
             stats,
             incarnation,
             installing,
+            failed,
             served: AtomicU64::new(0),
             samples: Default::default(),
         })
@@ -480,6 +485,11 @@ impl GroupRaft {
         }
     }
 
+    /// Whether a storage error stopped this replica: it is out of service.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
     /// Whether a snapshot install is replacing this replica's data. Read it
     /// under the state lock: the install sets and clears it under that lock.
     pub fn is_installing(&self) -> bool {
@@ -491,23 +501,7 @@ impl GroupRaft {
 mod tests {
     use super::*;
     use crate::storage::{log_key, ALL_CFS, CF_DATA, CF_RAFT_LOG, CF_RAFT_STATE};
-
-    fn temp_ctx() -> (tempfile::TempDir, RaftContext) {
-        let (dir, db) = crate::testing::temp_db();
-        let ctx = RaftContext {
-            syncer: Syncer::start(db.clone()),
-            db,
-            transport: Transport::new(),
-            snapshot_root: dir.path().join("snapshots"),
-            settings: RaftSettings {
-                heartbeat_ms: 100,
-                election_timeout_ms: 1000,
-                snapshot_logs: 1000,
-                keep_logs: 100,
-            },
-        };
-        (dir, ctx)
-    }
+    use crate::testing::temp_ctx;
 
     /// Every key stored for `group`, per column family.
     fn stored(ctx: &RaftContext, group: u64) -> Vec<(&'static str, Vec<u8>)> {
@@ -604,6 +598,7 @@ mod storage_suite {
                 stats: Arc::default(),
                 incarnation,
                 installing: Arc::default(),
+                failed: Arc::default(),
             };
             Ok((dir, log, sm))
         }

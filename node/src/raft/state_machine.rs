@@ -41,9 +41,22 @@ pub struct GroupSm {
     pub(super) incarnation: Arc<Incarnation>,
     /// Set while a snapshot install replaces the data (under the state lock).
     pub(super) installing: Arc<AtomicBool>,
+    /// Set when a storage error stopped this replica (see [`GroupSm::fail`]).
+    pub(super) failed: Arc<AtomicBool>,
 }
 
 impl GroupSm {
+    /// A storage error stopped this replica: openraft stops it (the error is
+    /// fatal), and the node takes it out of service — no request, Raft
+    /// message or report reaches it any more, so it neither answers from a
+    /// state that the disk does not hold nor hides the group's real leader.
+    /// Its data stays on disk for the operator; the group heals elsewhere.
+    fn fail(&self, what: &str, e: &dyn std::fmt::Display) {
+        tracing::error!(group = self.group, "storage error in {what}, this replica stops: {e}");
+        metrics::counter!("cleave_replicas_failed_total").increment(1);
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
     fn meta_get<T: serde::de::DeserializeOwned>(&self, t: u8) -> io::Result<Option<T>> {
         storage::get_decoded(&self.db, CF_GROUP_META, &state_key(self.group, t))
     }
@@ -126,11 +139,7 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
                     EntryPayload::Blank => CommandResponse::None,
                     EntryPayload::Normal(cmd) => {
                         self.apply_command(&mut state, &mut b, log_id.index, cmd).map_err(|e| {
-                            tracing::error!(
-                                group = self.group,
-                                index = log_id.index,
-                                "storage error in apply, stopping: {e}"
-                            );
+                            self.fail(&format!("applying entry {}", log_id.index), &e);
                             io_err(e)
                         })?
                     }
@@ -159,7 +168,11 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
             if b.stats != kv::StatsDelta::default() {
                 b.write.put_cf(meta_cf, state_key(self.group, tag::KEYS), super::GroupStats::encode(keys, bytes));
             }
-            self.incarnation.write(|| self.db.write(b.write).map_err(io_err))?;
+            self.incarnation.write(|| self.db.write(b.write).map_err(io_err)).inspect_err(|e| {
+                if !self.incarnation.has_ended() {
+                    self.fail("writing an apply batch", e)
+                }
+            })?;
             self.stats.set(keys, bytes);
         }
         for (responder, resp) in responses {
@@ -204,7 +217,11 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
         let mut state = self.state.write().map_err(|_| io::Error::other("state lock poisoned"))?;
         // A failed install leaves the flag set: the replica stops (openraft
         // treats the error as fatal) and serves nothing more.
-        let (new_state, (keys, bytes)) = installed?;
+        let (new_state, (keys, bytes)) = installed.inspect_err(|e| {
+            if !self.incarnation.has_ended() {
+                self.fail("installing a snapshot", e)
+            }
+        })?;
         self.stats.set(keys, bytes);
         *state = new_state;
         self.installing.store(false, Ordering::SeqCst);

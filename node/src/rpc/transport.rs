@@ -136,8 +136,14 @@ async fn read_frame(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::i
         return Err(std::io::Error::other(format!("bad frame length {len}")));
     }
     let id = r.read_u64().await?;
-    let mut body = vec![0u8; len - 8];
-    r.read_exact(&mut body).await?;
+    // Memory grows with the bytes that actually arrive, not with what the
+    // length prefix claims (a 4-byte header must not reserve 256 MiB).
+    let want = len - 8;
+    let mut body = Vec::with_capacity(want.min(1 << 20));
+    (&mut *r).take(want as u64).read_to_end(&mut body).await?;
+    if body.len() != want {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "frame cut short"));
+    }
     Ok((id, body))
 }
 

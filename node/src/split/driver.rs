@@ -22,6 +22,8 @@ use crate::rpc::{ExecError, NodeReply, NodeRequest};
 const FREEZE_BACKLOG: u64 = 64;
 /// How long creating the new shard may take before the split is abandoned.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a freeze may go unseen at the source before it is sent again.
+const FREEZE_RESEND: Duration = Duration::from_millis(250);
 /// How long writes may stay frozen before the split is abandoned.
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -236,8 +238,13 @@ async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> 
             if st.frozen_at.is_none() {
                 // The freeze was recorded here but may not have reached the
                 // source (a failed send): send it again (idempotent) rather
-                // than wait out the freeze deadline.
-                node.shard_step(*source, ShardCommand::Freeze { op_id: op.op_id }, 0).await?;
+                // than wait out the freeze deadline — not at every poll,
+                // though (the forwarder reports the freeze only after its
+                // next round), so as not to load the paused shard's log.
+                if frozen_for > FREEZE_RESEND.as_millis() as u64 && last_progress.elapsed() > FREEZE_RESEND {
+                    *last_progress = Instant::now();
+                    node.shard_step(*source, ShardCommand::Freeze { op_id: op.op_id }, 0).await?;
+                }
                 return Ok(false);
             }
             let Some(source_digest) = st.digest else { return Ok(false) };

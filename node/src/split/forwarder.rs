@@ -100,6 +100,16 @@ fn current_capture(node: &Node, group: u64, op: OpId) -> Option<Capture> {
 }
 
 async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<ForwardStatus>) -> Result<(), ExecError> {
+    // A capture whose operation has ended (aborted or done) is an orphan —
+    // a BeginCapture that arrived after its abort, before shards refused
+    // those. It would grow its forward log and block every later split of
+    // the range (captures may not overlap): end it. An ended operation never
+    // runs again, so any directory that shows it ended is proof enough.
+    if node.directory().ops.get(&cap.op_id).is_some_and(|o| o.phase.is_terminal()) {
+        tracing::warn!(group, op = cap.op_id, "ending the capture of an operation that has ended");
+        node.shard_step(group, ShardCommand::EndCapture { op_id: cap.op_id }, 0).await?;
+        return Ok(());
+    }
     let (incoming, active) = match node.incoming_status(cap.target, 0).await? {
         NodeReply::Incoming { incoming, active, .. } => (incoming, active),
         other => return Err(ExecError::Internal(format!("unexpected reply {other:?}"))),

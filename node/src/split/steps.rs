@@ -137,7 +137,7 @@ impl Node {
     ) -> Result<(), ExecError> {
         let _guard = self.group_lifecycle.lock().await;
         let internal = |e: anyhow::Error| ExecError::Internal(format!("{e:#}"));
-        let held = self.group(group);
+        let held = self.held_replica(group);
         let tombstone = GroupRaft::tombstone(&self.ctx, group).map_err(internal)?;
         match create_decision(held.as_ref().map(|g| g.replica_id), tombstone, replica_id) {
             CreateDecision::Exists => return Ok(()),
@@ -178,13 +178,13 @@ impl Node {
     /// is remembered as deleted so that a delayed create cannot bring it back.
     pub async fn destroy_group(&self, group: u64, replica_id: u64) -> Result<(), ExecError> {
         let _guard = self.group_lifecycle.lock().await;
-        match self.group(group) {
+        match self.held_replica(group) {
             Some(g) if g.replica_id != replica_id => {
                 tracing::info!(group, held = g.replica_id, replica_id, "not destroying: another replica is held here");
                 if replica_id
                     > GroupRaft::tombstone(&self.ctx, group).map_err(|e| ExecError::Internal(e.to_string()))?
                 {
-                    self.record_tombstone(group, replica_id)?;
+                    self.record_tombstone(group, replica_id).await?;
                 }
                 Ok(())
             }
@@ -193,10 +193,13 @@ impl Node {
     }
 
     /// Records `replica_id` as deleted without touching the group's data.
-    fn record_tombstone(&self, group: u64, replica_id: u64) -> Result<(), ExecError> {
+    async fn record_tombstone(&self, group: u64, replica_id: u64) -> Result<(), ExecError> {
         let cf = crate::storage::cf(&self.ctx.db, crate::storage::CF_GROUP_META);
         let key = crate::storage::state_key(group, crate::storage::tag::TOMBSTONE);
-        self.ctx.db.put_cf(cf, key, replica_id.to_be_bytes()).map_err(|e| ExecError::Internal(e.to_string()))
+        let internal = |e: &dyn std::fmt::Display| ExecError::Internal(e.to_string());
+        self.ctx.db.put_cf(cf, key, replica_id.to_be_bytes()).map_err(|e| internal(&e))?;
+        // Durable before the answer, as destroy's batch is.
+        self.ctx.syncer.sync().await.map_err(|e| internal(&e))
     }
 
     /// Removes the local replica of `group` (if any) from the node, stops it
