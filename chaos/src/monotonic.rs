@@ -80,6 +80,7 @@ mod tests {
             complete: invoke + 1,
             outcome: Outcome::ok(ret),
             node: String::new(),
+            stale: false,
         }
     }
 
