@@ -302,6 +302,17 @@ impl Api {
         })
     }
 
+    /// The nodes holding a replica of the metadata group (group 0), from
+    /// `GET /admin/directory` (its `meta` descriptor).
+    pub async fn meta_replicas(&self, base: &str) -> Result<Vec<u64>> {
+        let dir: Value = self.admin_get(base, "/admin/directory").await?;
+        let replicas = dir
+            .pointer("/meta/replicas")
+            .and_then(|r| r.as_array())
+            .ok_or_else(|| Error::Http(format!("{base}/admin/directory: no metadata group descriptor")))?;
+        Ok(replicas.iter().filter_map(|r| r.get("node_id").and_then(|n| n.as_u64())).collect())
+    }
+
     /// `GET /admin/operations/{id}`, untyped.
     pub async fn operation(&self, base: &str, id: u64) -> Result<Value> {
         self.admin_get(base, &format!("/admin/operations/{id}")).await

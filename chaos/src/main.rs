@@ -279,9 +279,11 @@ async fn run_chaos(args: Args) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // The client library warns about every write it could not confirm:
+    // that is the client workload's normal business here.
     let default = match args.verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "warn,cleave_client=error",
+        1 => "info,cleave_client=error",
         _ => "debug,hyper=info,reqwest=info",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

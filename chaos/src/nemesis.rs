@@ -16,7 +16,7 @@
 //! the split sits in a phase the nodes hold it in (`--fault-hold`), cuts
 //! the metadata leader off from the source shard's leader and cancels the
 //! split across that cut; `meta-isolate` cuts the metadata leader off from
-//! the other metadata replicas only (group 0's, from `/admin/shards`) while
+//! the other metadata replicas only (group 0's, from `/admin/directory`) while
 //! a node restarts. At the end, [`Nemesis::wait_operations`] demands that
 //! every split and move it started ends once the faults are healed.
 
@@ -75,6 +75,11 @@ pub struct Nemesis {
     recorder: Arc<Recorder>,
     unavailable: BTreeSet<NemesisKind>,
     pub report: NemesisReport,
+}
+
+/// The source shard of a split, from its `GET /admin/operations/{id}` view.
+pub fn split_source(view: &serde_json::Value) -> Option<u64> {
+    view.pointer("/kind/split/source").and_then(|s| s.as_u64())
 }
 
 fn lock(c: &Mutex<LocalCluster>) -> MutexGuard<'_, LocalCluster> {
@@ -383,6 +388,20 @@ impl Nemesis {
         None
     }
 
+    /// The leader of `shard` as `/admin/shards` reports it, asked again
+    /// for up to `within` while it reports none (an election).
+    async fn shard_leader(&self, shard: u64, within: Duration) -> Option<u64> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let leader =
+                self.shards().await.unwrap_or_default().iter().find(|s| s.shard_id == shard).and_then(|s| s.leader);
+            if leader.is_some() || tokio::time::Instant::now() >= deadline {
+                return leader;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Polls operation `id` until `done` says so or `within` passes; the
     /// last view seen.
     async fn poll_operation(
@@ -434,12 +453,14 @@ impl Nemesis {
             })
             .await;
         let phase = view.as_ref().map(phase_of).unwrap_or_default();
-        let source = view.as_ref().and_then(|v| v.pointer("/kind/split/source")).and_then(|s| s.as_u64());
+        let source = view.as_ref().and_then(split_source);
         let mut what = format!("split {key:?} = operation {id}, in phase {phase:?}");
         if !terminal(&phase) {
             let meta = self.meta_leader().await;
-            let shards = self.shards().await.unwrap_or_default();
-            let source_leader = shards.iter().find(|s| Some(s.shard_id) == source).and_then(|s| s.leader);
+            let source_leader = match source {
+                Some(shard) => self.shard_leader(shard, Duration::from_secs(2)).await,
+                None => None,
+            };
             match (meta, source_leader) {
                 (Some(m), Some(l)) if m != l => {
                     let cut = schedule::cut_between(&[m], &[l]);
@@ -450,7 +471,7 @@ impl Nemesis {
                         Err(e) => what.push_str(&format!("; cut failed: {e}")),
                     }
                 }
-                (m, l) => what.push_str(&format!("; no cut (metadata leader {m:?}, source leader {l:?})")),
+                (m, l) => what.push_str(&format!("; no cut (metadata leader {m:?}, shard {source:?}'s leader {l:?})")),
             }
             tokio::time::sleep(Duration::from_millis(wait_ms)).await;
         }
@@ -475,11 +496,15 @@ impl Nemesis {
     async fn meta_isolate(&mut self) -> Applied {
         let Some(local) = self.local() else { return Applied::Skipped("no process control".into()) };
         let Some(leader) = self.meta_leader().await else { return Applied::Skipped("no metadata leader".into()) };
-        let Some(shards) = self.shards().await else { return Applied::Skipped("no shard list".into()) };
-        let Some(meta) = shards.iter().find(|s| s.shard_id == 0) else {
-            return Applied::Skipped("no group 0 in /admin/shards".into());
-        };
-        let others: Vec<u64> = meta.replicas.iter().map(|r| r.node_id).filter(|&n| n != leader).collect();
+        let mut replicas = None;
+        for base in self.live_endpoints() {
+            if let Ok(r) = self.api.meta_replicas(&base).await {
+                replicas = Some(r);
+                break;
+            }
+        }
+        let Some(replicas) = replicas else { return Applied::Skipped("no metadata replica list".into()) };
+        let others: Vec<u64> = replicas.into_iter().filter(|&n| n != leader).collect();
         if others.is_empty() {
             return Applied::Skipped(format!("metadata leader {leader} has no other replica"));
         }
@@ -552,5 +577,37 @@ impl Nemesis {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cleave_client::cleave_metadata::api::OperationView;
+    use cleave_client::cleave_metadata::{OpKind, Operation, Phase, Progress};
+
+    #[test]
+    fn the_split_source_is_read_from_the_servers_operation_view() {
+        let op = Operation {
+            op_id: 3,
+            kind: OpKind::Split {
+                range_id: 1,
+                split_key: "sy".into(),
+                source: 7,
+                target: 9,
+                new_range_id: 4,
+                target_replicas: vec![],
+                reason: "admin".into(),
+            },
+            phase: Phase::Capturing,
+            history: vec![(Phase::Planned, 1), (Phase::Capturing, 2)],
+            progress: Progress::default(),
+            write_pause_ms: None,
+            error: None,
+            cleaned: false,
+        };
+        let view = serde_json::to_value(OperationView::new(op, 5)).unwrap();
+        assert_eq!(split_source(&view), Some(7));
+        assert_eq!(view.get("phase").and_then(|p| p.as_str()), Some("capturing"));
     }
 }
