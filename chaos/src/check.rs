@@ -2,9 +2,13 @@
 //! and everything wrong comes back as a list of [`Anomaly`]s, each with the
 //! operations that show it.
 //!
-//! Registers are checked key by key (linearizability is compositional: a
-//! history is linearizable iff each key's sub-history is), which keeps each
-//! search small.
+//! Registers (the register and client workloads) are checked key by key
+//! (linearizability is compositional: a history is linearizable iff each
+//! key's sub-history is), which keeps each search small.
+//!
+//! A key whose search runs out of budget is *undecided*: it neither passed
+//! nor failed, and a history with one is [`Verdict::Inconclusive`], never
+//! valid.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::history::{Op, Workload};
 use crate::monotonic::check_monotonic;
 use crate::register::{check_key, KeyVerdict};
+use crate::scan::{check_scans, ScanReport};
 use crate::set::{check_set, SetReport};
 
 /// Default search budget per register key (memoized states).
@@ -21,7 +26,8 @@ pub const DEFAULT_MAX_STATES: usize = 2_000_000;
 /// Something the database did wrong, with the evidence.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Anomaly {
-    /// `nonlinearizable`, `lost_write`, `unexpected_write`, `version_regression`.
+    /// `nonlinearizable`, `lost_write`, `unexpected_write`, `version_regression`,
+    /// `scan_missing`, `scan_unexpected`, `scan_order`, `scan_chain`.
     pub kind: String,
     pub workload: Workload,
     pub key: String,
@@ -58,13 +64,46 @@ pub struct CheckReport {
     pub register: RegisterReport,
     pub set: Option<SetReport>,
     pub monotonic_regressions: u64,
+    #[serde(default)]
+    pub scan: ScanReport,
     pub anomalies: Vec<Anomaly>,
+}
+
+/// What a history amounts to.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Every check passed.
+    Valid,
+    /// Some check found an anomaly.
+    #[default]
+    Invalid,
+    /// No anomaly found, but some register key could not be decided within
+    /// the search budget: the history has *not* passed.
+    Inconclusive,
 }
 
 impl CheckReport {
     /// Acknowledged writes that are gone.
     pub fn lost_writes(&self) -> usize {
         self.set.as_ref().map_or(0, |s| s.lost.len())
+    }
+
+    /// Keys whose search gave up.
+    pub fn undecided(&self) -> usize {
+        self.register.unknown.len()
+    }
+
+    /// Anomalies make the history invalid; otherwise an undecided key makes
+    /// it inconclusive.
+    pub fn verdict(&self) -> Verdict {
+        if !self.anomalies.is_empty() {
+            Verdict::Invalid
+        } else if self.undecided() > 0 {
+            Verdict::Inconclusive
+        } else {
+            Verdict::Valid
+        }
     }
 }
 
@@ -74,22 +113,24 @@ pub fn check_history(ops: &[Op], set_content: Option<&BTreeMap<String, u64>>, ma
     let mut report = CheckReport::default();
 
     let mut registers: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
-    for op in ops.iter().filter(|o| o.workload == Workload::Register) {
+    let mut workload_of: BTreeMap<&str, Workload> = BTreeMap::new();
+    for op in ops.iter().filter(|o| o.workload.is_register()) {
         registers.entry(op.key.as_str()).or_default().push(op);
+        workload_of.insert(op.key.as_str(), op.workload);
     }
     for (key, key_ops) in registers {
         report.register.keys += 1;
         match check_key(&key_ops, max_states) {
             KeyVerdict::Linearizable => report.register.linearizable += 1,
             KeyVerdict::Unknown { states } => {
-                tracing::warn!("register {key:?}: search gave up after {states} states");
+                tracing::warn!("register {key:?}: search gave up after {states} states: undecided");
                 report.register.unknown.push(key.to_string());
             }
             KeyVerdict::Violation { message, ops } => {
                 report.register.violations += 1;
                 report.anomalies.push(Anomaly {
                     kind: "nonlinearizable".into(),
-                    workload: Workload::Register,
+                    workload: workload_of.get(key).copied().unwrap_or(Workload::Register),
                     key: key.to_string(),
                     message,
                     ops,
@@ -115,7 +156,20 @@ pub fn check_history(ops: &[Op], set_content: Option<&BTreeMap<String, u64>>, ma
         report.set = Some(set);
     }
 
-    let mono: Vec<&Op> = ops.iter().filter(|o| o.workload == Workload::Monotonic).collect();
+    let scans: Vec<&Op> = ops.iter().filter(|o| o.workload == Workload::Scan).collect();
+    report.scan = check_scans(&scans);
+    for p in std::mem::take(&mut report.scan.problems) {
+        report.anomalies.push(Anomaly {
+            kind: p.kind.clone(),
+            workload: Workload::Scan,
+            key: p.key.clone(),
+            message: p.message.clone(),
+            ops: p.ops.clone(),
+        });
+        report.scan.problems.push(p);
+    }
+
+    let mono: Vec<&Op> = ops.iter().filter(|o| o.workload == Workload::Monotonic && !o.stale).collect();
     let regressions = check_monotonic(&mono);
     report.monotonic_regressions = regressions.len() as u64;
     for r in regressions {
@@ -146,6 +200,7 @@ mod tests {
             complete: t + 1,
             outcome: Outcome::ok(ret),
             node: String::new(),
+            stale: false,
         }
     }
 
@@ -165,5 +220,32 @@ mod tests {
         assert_eq!(report.register, RegisterReport { keys: 2, linearizable: 1, violations: 1, unknown: vec![] });
         assert_eq!(report.lost_writes(), 1);
         assert!(report.anomalies[0].describe().contains("r1"));
+        assert_eq!(report.verdict(), Verdict::Invalid);
+    }
+
+    #[test]
+    fn an_undecided_key_makes_the_history_inconclusive_never_valid() {
+        // The linearizability search's own hard case: many indeterminate
+        // writes, then a read of a value nobody wrote. Invalid, but with a
+        // small budget the search gives up before it can tell.
+        let mut ops: Vec<Op> = (0..12)
+            .map(|i| Op {
+                outcome: Outcome::Indeterminate { reason: "timeout".into() },
+                ..op(i + 1, Workload::Register, "r", Call::Write { value: i + 1 }, 0, Ret::NotFound)
+            })
+            .collect();
+        ops.push(op(13, Workload::Register, "r", Call::Read, 1, Ret::Value { value: 99, version: 1 }));
+        let report = check_history(&ops, None, 50);
+        assert_eq!(report.register.unknown, ["r"]);
+        assert!(report.anomalies.is_empty());
+        assert_ne!(report.verdict(), Verdict::Valid);
+        assert_eq!(report.verdict(), Verdict::Inconclusive);
+        // With enough budget it is found invalid.
+        assert_eq!(check_history(&ops, None, 1_000_000).verdict(), Verdict::Invalid);
+        // The same for the client workload's registers.
+        let client: Vec<Op> = ops.iter().map(|o| Op { workload: Workload::Client, ..o.clone() }).collect();
+        assert_eq!(check_history(&client, None, 50).verdict(), Verdict::Inconclusive);
+        let found = check_history(&client, None, 1_000_000);
+        assert_eq!(found.anomalies[0].workload, Workload::Client);
     }
 }

@@ -31,23 +31,37 @@ pub type Nanos = u64;
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
 pub enum Workload {
-    /// Read / write / compare-and-set on a few keys: checked for linearizability.
+    /// Read / write / compare-and-set / delete on a few keys: checked for linearizability.
     Register,
     /// Unique inserts: every acknowledged one must be read back at the end.
     Set,
     /// Reads and writes whose versions, per client and key, must never go down.
     Monotonic,
+    /// Unique inserts and paginated scans of the whole key space while
+    /// ranges split: every scan must show what was acknowledged before it.
+    Scan,
+    /// The register workload through the Rust client (`cleave_client`),
+    /// with its routing and retries: checked for linearizability.
+    Client,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 3] = [Workload::Register, Workload::Set, Workload::Monotonic];
+    pub const ALL: [Workload; 5] =
+        [Workload::Register, Workload::Set, Workload::Monotonic, Workload::Scan, Workload::Client];
 
     pub fn name(self) -> &'static str {
         match self {
             Workload::Register => "register",
             Workload::Set => "set",
             Workload::Monotonic => "monotonic",
+            Workload::Scan => "scan",
+            Workload::Client => "client",
         }
+    }
+
+    /// Whether the operations are checked key by key for linearizability.
+    pub fn is_register(self) -> bool {
+        matches!(self, Workload::Register | Workload::Client)
     }
 }
 
@@ -56,12 +70,32 @@ impl Workload {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[serde(tag = "f", rename_all = "snake_case")]
 pub enum Call {
-    /// `GET /v1/kv/{key}` (linearizable).
+    /// `GET /v1/kv/{key}` (linearizable, unless the op is marked `stale`).
     Read,
     /// `PUT /v1/kv/{key}` `{"value": value}`.
     Write { value: u64 },
     /// `PUT /v1/kv/{key}` `{"value": value, "if_version": expected}` (0 = must not exist).
     Cas { expected: u64, value: u64 },
+    /// `DELETE /v1/kv/{key}`.
+    Delete,
+    /// `DELETE /v1/kv/{key}?if_version=expected`.
+    CasDelete { expected: u64 },
+    /// Every page of `GET /v1/kv?start={key}&limit=…`, following `next`.
+    Scan,
+}
+
+/// One page of a scan, as the scan checker needs it: the cursor it was
+/// asked with, the cursor it returned, and its keys (only those of the scan
+/// workload of this run are kept, with their values; `first` and `last`
+/// are the page's first and last key of any kind).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PageRecord {
+    pub start: String,
+    pub next: Option<String>,
+    pub items: u32,
+    pub first: Option<String>,
+    pub last: Option<String>,
+    pub ours: Vec<(String, u64)>,
 }
 
 /// A definite answer.
@@ -79,6 +113,8 @@ pub enum Ret {
     Conflict { current: Option<u64> },
     /// 200 to a read, with a value this suite never writes.
     Unparsable { text: String },
+    /// Every page of a scan, in order.
+    Scanned { pages: Vec<PageRecord> },
 }
 
 /// How an operation ended, from the client's point of view.
@@ -137,6 +173,10 @@ pub struct Op {
     pub outcome: Outcome,
     /// The node (API endpoint) the request went to.
     pub node: String,
+    /// A read sent with `consistency=stale` (`--stale-reads`): it may show
+    /// any state the key had before it completed, and is checked as such.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
 }
 
 impl Op {
@@ -146,7 +186,11 @@ impl Op {
             Call::Read => "read".to_string(),
             Call::Write { value } => format!("write {value}"),
             Call::Cas { expected, value } => format!("cas v{expected}→{value}"),
+            Call::Delete => "delete".to_string(),
+            Call::CasDelete { expected } => format!("delete if v{expected}"),
+            Call::Scan => "scan from".to_string(),
         };
+        let call = if self.stale { format!("stale {call}") } else { call };
         let outcome = match &self.outcome {
             Outcome::Ok { ret } => match ret {
                 Ret::NotFound => "not found".to_string(),
@@ -155,6 +199,10 @@ impl Op {
                 Ret::Conflict { current: Some(c) } => format!("conflict (current v{c})"),
                 Ret::Conflict { current: None } => "conflict".to_string(),
                 Ret::Unparsable { text } => format!("unparsable value {text:?}"),
+                Ret::Scanned { pages } => {
+                    let ours: usize = pages.iter().map(|p| p.ours.len()).sum();
+                    format!("{} pages, {ours} keys of the scan workload", pages.len())
+                }
             },
             Outcome::Failed { reason } => format!("FAILED ({reason})"),
             Outcome::Indeterminate { reason } => format!("INDETERMINATE ({reason})"),
@@ -258,10 +306,16 @@ mod tests {
             complete: 20,
             outcome: Outcome::ok(Ret::Conflict { current: Some(4) }),
             node: "http://127.0.0.1:1".into(),
+            stale: false,
         };
         let line = serde_json::to_string(&op).unwrap();
         assert_eq!(serde_json::from_str::<Op>(&line).unwrap(), op);
         assert!(op.describe().contains("conflict (current v4)"), "{}", op.describe());
+        assert!(!line.contains("stale"), "not written when false: {line}");
+        let stale = Op { call: Call::Read, stale: true, ..op };
+        let line = serde_json::to_string(&stale).unwrap();
+        assert_eq!(serde_json::from_str::<Op>(&line).unwrap(), stale);
+        assert!(stale.describe().contains("stale read"), "{}", stale.describe());
     }
 
     #[test]
@@ -276,6 +330,7 @@ mod tests {
             complete: 1,
             outcome,
             node: String::new(),
+            stale: false,
         };
         let ops = [
             mk(Outcome::ok(Ret::NotFound)),

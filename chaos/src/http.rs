@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::history::{Outcome, Ret};
+use crate::history::{Outcome, PageRecord, Ret};
 
 /// `GET /admin/shards` (the fields used).
 #[derive(Deserialize, Debug, Clone)]
@@ -174,10 +174,15 @@ impl Api {
         Ok(Api { client: build(op_timeout)?, admin: build(Duration::from_secs(3))?, stale_reads: false })
     }
 
-    /// Workload reads served by whichever replica gets them, which may lag:
-    /// a way to see the checkers catch stale reads in a real run.
+    /// Workload reads served by whichever replica gets them, which may lag
+    /// (recorded as such in the history, and checked as stale reads).
     pub fn with_stale_reads(self) -> Api {
         Api { stale_reads: true, ..self }
+    }
+
+    /// Whether workload reads ask for `consistency=stale`.
+    pub fn stale_reads(&self) -> bool {
+        self.stale_reads
     }
 
     fn kv_url(base: &str, key: &str) -> String {
@@ -237,6 +242,80 @@ impl Api {
             }
             _ => status_outcome(status, &text),
         }
+    }
+
+    /// A delete, conditional if `if_version` is given: the tombstone's
+    /// version, 404, or 409 with the current version.
+    pub async fn delete(&self, base: &str, key: &str, if_version: Option<u64>) -> Outcome {
+        let mut url = Self::kv_url(base, key);
+        if let Some(v) = if_version {
+            url.push_str(&format!("?if_version={v}"));
+        }
+        let (status, text) = match self.exchange(self.client.delete(url)).await {
+            Ok(answer) => answer,
+            Err(outcome) => return outcome,
+        };
+        match status {
+            200 => match serde_json::from_str::<WriteBody>(&text) {
+                Ok(w) => Outcome::ok(Ret::Written { version: w.version }),
+                Err(e) => Outcome::Indeterminate { reason: format!("bad delete answer {text:?}: {e}") },
+            },
+            404 => Outcome::ok(Ret::NotFound),
+            409 => {
+                let current = serde_json::from_str::<ErrorBody>(&text).ok().and_then(|e| e.error.version);
+                Outcome::ok(Ret::Conflict { current })
+            }
+            _ => status_outcome(status, &text),
+        }
+    }
+
+    /// One page of a workload scan (`GET /v1/kv?start=&limit=`, with the
+    /// workload's timeout), as the scan checker records it: `ours` are the
+    /// items whose key `keep` accepts. `Err` carries the outcome of a page
+    /// that did not come back.
+    pub async fn scan_record(
+        &self,
+        base: &str,
+        start: &str,
+        limit: usize,
+        keep: impl Fn(&str) -> bool,
+    ) -> std::result::Result<PageRecord, Outcome> {
+        let url = format!("{base}/v1/kv?start={}&limit={limit}", percent_encode(start));
+        let (status, body) = self.exchange(self.client.get(url)).await?;
+        if status != 200 {
+            return Err(status_outcome(status, &body));
+        }
+        let page: ScanBody = serde_json::from_str(&body)
+            .map_err(|e| Outcome::Indeterminate { reason: format!("bad scan answer: {e}") })?;
+        Ok(PageRecord {
+            start: start.to_string(),
+            items: page.items.len() as u32,
+            first: page.items.first().map(|i| i.key.clone()),
+            last: page.items.last().map(|i| i.key.clone()),
+            ours: page
+                .items
+                .iter()
+                .filter(|i| keep(&i.key))
+                .map(|i| (i.key.clone(), our_value(i.value.get()).unwrap_or(u64::MAX)))
+                .collect(),
+            next: page.next,
+        })
+    }
+
+    /// The nodes holding a replica of the metadata group (group 0), from
+    /// `GET /admin/directory` (its `meta` descriptor).
+    pub async fn meta_replicas(&self, base: &str) -> Result<Vec<u64>> {
+        let dir: Value = self.admin_get(base, "/admin/directory").await?;
+        let replicas = dir
+            .pointer("/meta/replicas")
+            .and_then(|r| r.as_array())
+            .ok_or_else(|| Error::Http(format!("{base}/admin/directory: no metadata group descriptor")))?;
+        Ok(replicas.iter().filter_map(|r| r.get("node_id").and_then(|n| n.as_u64())).collect())
+    }
+
+    /// `GET /admin/operations/{id}`, untyped.
+    pub async fn operation(&self, base: &str, id: u64) -> Result<Value> {
+        self.admin_get(base, &format!("/admin/operations/{id}")).await
     }
 
     async fn admin_send(&self, method: Method, url: String, body: Option<Value>) -> Result<Answer> {

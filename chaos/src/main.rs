@@ -1,7 +1,10 @@
 //! `cleave-chaos`: run a chaos test and print the verdict.
 //!
-//! Exit status: 0 valid, 1 anomalies (or a crash, or no recovery), 2 the
-//! suite itself could not run.
+//! Exit status: 0 valid, 1 invalid (an anomaly, a crash, no recovery, an
+//! operation that never ended), 2 the suite itself could not run, 3
+//! inconclusive (no anomaly, but the linearizability search gave up on some
+//! register key: the run has not passed; raise `--max-states` or shorten
+//! `--rotate`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use cleave_chaos::check::{check_history, DEFAULT_MAX_STATES};
+use cleave_chaos::check::{check_history, Verdict, DEFAULT_MAX_STATES};
 use cleave_chaos::history::{Op, Workload};
 use cleave_chaos::runner::{run, RunConfig};
 use cleave_chaos::schedule::{parse_kinds, ScheduleOpts};
@@ -31,11 +34,12 @@ struct Args {
     /// Nodes of the local cluster.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
-    /// Faults: kill, pause, partition, split, move, transfer, `all` or `none`.
+    /// Faults: kill, pause, partition, split, move, transfer, split-cancel,
+    /// meta-isolate, `all` or `none`.
     #[arg(long, default_value = "kill,pause,partition,split")]
     nemesis: String,
-    /// Workloads: register, set, monotonic.
-    #[arg(long, default_value = "register,set,monotonic", value_delimiter = ',')]
+    /// Workloads: register, set, monotonic, scan, client.
+    #[arg(long, default_value = "register,set,monotonic,scan,client", value_delimiter = ',')]
     workload: Vec<String>,
     /// Use this existing cluster (HOST:PORT of node APIs, comma-separated)
     /// instead of starting one; only split/move/transfer faults then.
@@ -75,6 +79,12 @@ struct Args {
     set_clients: usize,
     #[arg(long, default_value_t = 2)]
     monotonic_clients: usize,
+    /// Inserting clients of the scan workload (it also runs one scanner).
+    #[arg(long, default_value_t = 1)]
+    scan_clients: usize,
+    /// Clients of the client workload (through the Rust client library).
+    #[arg(long, default_value_t = 3)]
+    library_clients: usize,
     /// Register keys in use at a time.
     #[arg(long, default_value_t = 6)]
     keys: usize,
@@ -95,8 +105,10 @@ struct Args {
     /// How long the cluster may take to serve, at the start and after the final heal.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     ready_timeout: Duration,
-    /// Send the workloads' reads with consistency=stale, to see the checkers
-    /// catch stale reads: such a run is expected to fail.
+    /// Send the workloads' reads with consistency=stale. They are recorded
+    /// as such in the history and checked as stale reads (each must show a
+    /// state its key had before the read completed), here and by
+    /// --check-history.
     #[arg(long, hide = true)]
     stale_reads: bool,
     /// Only check a saved history.jsonl (the set check needs a live run and is skipped).
@@ -142,19 +154,34 @@ fn check_only(path: &PathBuf, max_states: usize) -> anyhow::Result<ExitCode> {
         .context("parsing the history")?;
     let report = check_history(&ops, None, max_states);
     let r = &report.register;
+    let stale = ops.iter().filter(|o| o.stale).count();
     println!(
-        "{} ops; register: {} keys, {} linearizable, {} violations, {} undecided; monotonic regressions: {}",
+        "{} ops ({stale} stale reads); register: {} keys, {} linearizable, {} violations, {} undecided; scan: {} \
+         scans, {} problems; monotonic regressions: {}",
         ops.len(),
         r.keys,
         r.linearizable,
         r.violations,
         r.unknown.len(),
+        report.scan.scans,
+        report.scan.problems.len(),
         report.monotonic_regressions
     );
     for a in &report.anomalies {
         println!("{}", a.describe());
     }
-    Ok(if report.anomalies.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    let verdict = report.verdict();
+    println!("verdict: {verdict:?}");
+    Ok(exit_code(verdict))
+}
+
+/// The exit status of a verdict (see the crate docs).
+fn exit_code(verdict: Verdict) -> ExitCode {
+    match verdict {
+        Verdict::Valid => ExitCode::SUCCESS,
+        Verdict::Invalid => ExitCode::from(1),
+        Verdict::Inconclusive => ExitCode::from(3),
+    }
 }
 
 async fn run_chaos(args: Args) -> anyhow::Result<ExitCode> {
@@ -200,6 +227,8 @@ async fn run_chaos(args: Args) -> anyhow::Result<ExitCode> {
         register_clients: args.clients,
         set_clients: args.set_clients,
         monotonic_clients: args.monotonic_clients,
+        scan_clients: args.scan_clients,
+        library_clients: args.library_clients,
         register_slots: args.keys,
         rotate: args.rotate,
         schedule: ScheduleOpts {
@@ -245,14 +274,16 @@ async fn run_chaos(args: Args) -> anyhow::Result<ExitCode> {
     std::fs::write(&out, serde_json::to_string_pretty(&summary)?)
         .with_context(|| format!("writing {}", out.display()))?;
     println!("summary     {}", out.display());
-    Ok(if summary.valid { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(exit_code(summary.verdict))
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // The client library warns about every write it could not confirm:
+    // that is the client workload's normal business here.
     let default = match args.verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "warn,cleave_client=error",
+        1 => "info,cleave_client=error",
         _ => "debug,hyper=info,reqwest=info",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

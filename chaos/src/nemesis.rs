@@ -11,6 +11,14 @@
 //! transfers may not exist on the server being tested: a 404 from the
 //! router's fallback ("no such endpoint") marks the nemesis unavailable for
 //! the rest of the run, with one warning, instead of failing it.
+//!
+//! Two steps combine the two: `split-cancel` starts a split, waits until
+//! the split sits in a phase the nodes hold it in (`--fault-hold`), cuts
+//! the metadata leader off from the source shard's leader and cancels the
+//! split across that cut; `meta-isolate` cuts the metadata leader off from
+//! the other metadata replicas only (group 0's, from `/admin/directory`) while
+//! a node restarts. At the end, [`Nemesis::wait_operations`] demands that
+//! every split and move it started ends once the faults are healed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,8 +55,9 @@ pub struct Crash {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct NemesisReport {
     /// Faults applied, by kind (`kill`, `pause`, `partition-isolate`,
-    /// `partition-halves`, `split`, `move`, `transfer`; `*-refused` when the
-    /// server declined an administrative request).
+    /// `partition-halves`, `split`, `move`, `transfer`, `split-cancel`,
+    /// `meta-isolate`, `restart`; `*-refused` when the server declined an
+    /// administrative request).
     pub counts: BTreeMap<String, u64>,
     pub log: Vec<FaultRecord>,
     pub warnings: Vec<String>,
@@ -66,6 +75,11 @@ pub struct Nemesis {
     recorder: Arc<Recorder>,
     unavailable: BTreeSet<NemesisKind>,
     pub report: NemesisReport,
+}
+
+/// The source shard of a split, from its `GET /admin/operations/{id}` view.
+pub fn split_source(view: &serde_json::Value) -> Option<u64> {
+    view.pointer("/kind/split/source").and_then(|s| s.as_u64())
 }
 
 fn lock(c: &Mutex<LocalCluster>) -> MutexGuard<'_, LocalCluster> {
@@ -176,6 +190,9 @@ impl Nemesis {
             Action::Split { key } => self.admin(NemesisKind::Split, "/admin/split", json!({ "key": key })).await,
             Action::Move { pick } => self.move_replica(*pick).await,
             Action::Transfer { pick } => self.transfer(*pick).await,
+            Action::SplitCancel { key, frozen, wait_ms } => self.split_cancel(key, *frozen, *wait_ms).await,
+            Action::MetaIsolate => self.meta_isolate().await,
+            Action::Restart { target } => self.restart(target).await,
             Action::Heal => unreachable!("handled above"),
         };
         match applied {
@@ -346,24 +363,251 @@ impl Nemesis {
         None
     }
 
-    /// Final phases of the operations this nemesis started, counted.
-    pub async fn operation_phases(&self) -> BTreeMap<String, u64> {
+    /// The metadata leader among the running nodes, if one says it leads.
+    async fn meta_leader(&self) -> Option<u64> {
+        let local = self.local()?;
+        let ids: Vec<u64> = {
+            let c = lock(&local);
+            c.ids().into_iter().filter(|&id| c.is_running(id) && !c.is_paused(id)).collect()
+        };
+        for id in ids {
+            if self.api.leads_group(&self.endpoints[id as usize - 1], 0).await.unwrap_or(false) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// The groups' leaders and replicas, from the first live node that answers.
+    async fn shards(&self) -> Option<Vec<crate::http::ShardInfo>> {
+        for base in self.live_endpoints() {
+            if let Ok(shards) = self.api.shards(&base).await {
+                return Some(shards);
+            }
+        }
+        None
+    }
+
+    /// The leader of `shard` as `/admin/shards` reports it, asked again
+    /// for up to `within` while it reports none (an election).
+    async fn shard_leader(&self, shard: u64, within: Duration) -> Option<u64> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let leader =
+                self.shards().await.unwrap_or_default().iter().find(|s| s.shard_id == shard).and_then(|s| s.leader);
+            if leader.is_some() || tokio::time::Instant::now() >= deadline {
+                return leader;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls operation `id` until `done` says so or `within` passes; the
+    /// last view seen.
+    async fn poll_operation(
+        &self,
+        id: u64,
+        within: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut last = None;
+        loop {
+            for base in self.live_endpoints() {
+                if let Ok(view) = self.api.operation(&base, id).await {
+                    last = Some(view);
+                    break;
+                }
+            }
+            if last.as_ref().is_some_and(&done) || tokio::time::Instant::now() >= deadline {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn split_cancel(&mut self, key: &str, frozen: bool, wait_ms: u64) -> Applied {
+        let Some(local) = self.local() else { return Applied::Skipped("no process control".into()) };
+        let Some(base) = self.live_endpoints().into_iter().next() else {
+            return Applied::Skipped("no live node".into());
+        };
+        let answer = match self.api.admin_post(&base, "/admin/split", json!({ "key": key })).await {
+            Ok(a) => a,
+            Err(e) => return Applied::Skipped(e.to_string()),
+        };
+        let Some(id) = answer.json().and_then(|v| v.get("operation_id").and_then(|i| i.as_u64())) else {
+            let body: String = answer.body.chars().take(200).collect();
+            return Applied::Done {
+                count: "split-cancel-refused".into(),
+                what: format!("split {key:?} → {} {body}", answer.status),
+            };
+        };
+        self.report.operation_ids.push(id);
+        let wanted = if frozen { "frozen" } else { "capturing" };
+        let phase_of = |v: &serde_json::Value| v.get("phase").and_then(|p| p.as_str()).unwrap_or("").to_string();
+        let terminal = |p: &str| matches!(p, "done" | "aborted" | "committed");
+        let view = self
+            .poll_operation(id, Duration::from_secs(10), |v| {
+                let p = phase_of(v);
+                p == wanted || terminal(&p) || (wanted == "capturing" && p == "frozen")
+            })
+            .await;
+        let phase = view.as_ref().map(phase_of).unwrap_or_default();
+        let source = view.as_ref().and_then(split_source);
+        let mut what = format!("split {key:?} = operation {id}, in phase {phase:?}");
+        if !terminal(&phase) {
+            let meta = self.meta_leader().await;
+            let source_leader = match source {
+                Some(shard) => self.shard_leader(shard, Duration::from_secs(2)).await,
+                None => None,
+            };
+            match (meta, source_leader) {
+                (Some(m), Some(l)) if m != l => {
+                    let cut = schedule::cut_between(&[m], &[l]);
+                    match lock(&local).partition(&cut) {
+                        Ok(()) => {
+                            what.push_str(&format!("; cut metadata leader {m} from shard {source:?}'s leader {l}"))
+                        }
+                        Err(e) => what.push_str(&format!("; cut failed: {e}")),
+                    }
+                }
+                (m, l) => what.push_str(&format!("; no cut (metadata leader {m:?}, shard {source:?}'s leader {l:?})")),
+            }
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        }
+        let path = format!("/admin/operations/{id}/cancel");
+        let mut cancelled = "no live node to cancel through".to_string();
+        for base in self.live_endpoints() {
+            match self.api.admin_post(&base, &path, json!({})).await {
+                Ok(a) => {
+                    let phase = a.json().map(|v| phase_of(&v)).filter(|p| !p.is_empty());
+                    cancelled = match phase {
+                        Some(p) => format!("cancel → {} (phase {p})", a.status),
+                        None => format!("cancel → {} {}", a.status, a.body.chars().take(160).collect::<String>()),
+                    };
+                    break;
+                }
+                Err(e) => cancelled = format!("cancel: {e}"),
+            }
+        }
+        Applied::Done { count: "split-cancel".into(), what: format!("{what}; {cancelled}") }
+    }
+
+    async fn meta_isolate(&mut self) -> Applied {
+        let Some(local) = self.local() else { return Applied::Skipped("no process control".into()) };
+        let Some(leader) = self.meta_leader().await else { return Applied::Skipped("no metadata leader".into()) };
+        let mut replicas = None;
+        for base in self.live_endpoints() {
+            if let Ok(r) = self.api.meta_replicas(&base).await {
+                replicas = Some(r);
+                break;
+            }
+        }
+        let Some(replicas) = replicas else { return Applied::Skipped("no metadata replica list".into()) };
+        let others: Vec<u64> = replicas.into_iter().filter(|&n| n != leader).collect();
+        if others.is_empty() {
+            return Applied::Skipped(format!("metadata leader {leader} has no other replica"));
+        }
+        let cut = lock(&local).partition(&schedule::cut_between(&[leader], &others));
+        match cut {
+            Ok(()) => Applied::Done {
+                count: "meta-isolate".into(),
+                what: format!("metadata leader {leader} cut from metadata replicas {others:?} only"),
+            },
+            Err(e) => Applied::Skipped(e.to_string()),
+        }
+    }
+
+    async fn restart(&mut self, target: &Target) -> Applied {
+        let Some(local) = self.local() else { return Applied::Skipped("no process control".into()) };
+        let Some((node, how)) = self.resolve(target).await else {
+            return Applied::Skipped("no running node".into());
+        };
+        let mut c = lock(&local);
+        match c.kill(node).and_then(|()| c.restart(node)) {
+            Ok(()) => {
+                Applied::Done { count: "restart".into(), what: format!("node {node} ({how}) killed and started again") }
+            }
+            Err(e) => Applied::Skipped(format!("node {node}: {e}")),
+        }
+    }
+
+    /// Waits (up to `within`) until every split and move this nemesis
+    /// started has ended; returns their final phases, counted, and the ones
+    /// that did not end (`op N phase`).
+    pub async fn wait_operations(&self, within: Duration) -> (BTreeMap<String, u64>, Vec<String>) {
         let mut phases = BTreeMap::new();
         if self.report.operation_ids.is_empty() {
-            return phases;
+            return (phases, Vec::new());
         }
-        for base in self.live_endpoints() {
-            let Ok(ops) = self.api.operations(&base).await else { continue };
-            for id in &self.report.operation_ids {
-                let phase = ops
-                    .iter()
-                    .find(|o| o.get("op_id").and_then(|i| i.as_u64()) == Some(*id))
-                    .and_then(|o| o.get("phase").and_then(|p| p.as_str()).map(str::to_owned))
-                    .unwrap_or_else(|| "unknown".into());
-                *phases.entry(phase).or_default() += 1;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let mut ops = None;
+            for base in self.live_endpoints() {
+                if let Ok(list) = self.api.operations(&base).await {
+                    ops = Some(list);
+                    break;
+                }
             }
-            break;
+            let found: Vec<(u64, String)> = self
+                .report
+                .operation_ids
+                .iter()
+                .map(|id| {
+                    let phase = ops
+                        .iter()
+                        .flatten()
+                        .find(|o| o.get("op_id").and_then(|i| i.as_u64()) == Some(*id))
+                        .and_then(|o| o.get("phase").and_then(|p| p.as_str()).map(str::to_owned))
+                        .unwrap_or_else(|| "unknown".into());
+                    (*id, phase)
+                })
+                .collect();
+            // "unknown": no longer listed (finished long ago) or not readable.
+            let running: Vec<String> = found
+                .iter()
+                .filter(|(_, p)| !matches!(p.as_str(), "done" | "aborted" | "unknown"))
+                .map(|(id, p)| format!("op {id} {p}"))
+                .collect();
+            if running.is_empty() || tokio::time::Instant::now() >= deadline {
+                for (_, p) in found {
+                    *phases.entry(p).or_default() += 1;
+                }
+                return (phases, running);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        phases
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cleave_client::cleave_metadata::api::OperationView;
+    use cleave_client::cleave_metadata::{OpKind, Operation, Phase, Progress};
+
+    #[test]
+    fn the_split_source_is_read_from_the_servers_operation_view() {
+        let op = Operation {
+            op_id: 3,
+            kind: OpKind::Split {
+                range_id: 1,
+                split_key: "sy".into(),
+                source: 7,
+                target: 9,
+                new_range_id: 4,
+                target_replicas: vec![],
+                reason: "admin".into(),
+            },
+            phase: Phase::Capturing,
+            history: vec![(Phase::Planned, 1), (Phase::Capturing, 2)],
+            progress: Progress::default(),
+            write_pause_ms: None,
+            error: None,
+            cleaned: false,
+        };
+        let view = serde_json::to_value(OperationView::new(op, 5)).unwrap();
+        assert_eq!(split_source(&view), Some(7));
+        assert_eq!(view.get("phase").and_then(|p| p.as_str()), Some("capturing"));
     }
 }

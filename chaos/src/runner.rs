@@ -5,8 +5,12 @@
 //! 2. start the clients and the nemesis; after `duration` (or Ctrl-C) stop
 //!    the nemesis, which heals everything, and let in-flight requests end;
 //! 3. wait until the cluster serves again (a cluster that does not recover
-//!    fails the run), read the set workload's keys back;
-//! 4. save the history, run the checkers, and build the [`Summary`].
+//!    fails the run), wait until every split and move the nemesis started
+//!    has ended (one that does not end fails the run), read the set
+//!    workload's keys back;
+//! 4. save the history, run the checkers, and build the [`Summary`]: valid,
+//!    invalid, or inconclusive (no anomaly, but some register key could not
+//!    be decided: not a pass).
 //!
 //! Local processes and namespaces are owned by a guard whose `Drop` tears
 //! them down, so every way out of [`run`] — error, panic, the future being
@@ -21,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::check::check_history;
+use crate::check::{check_history, Verdict};
 use crate::error::{Error, Result};
 use crate::history::{Op, OpCounts, Recorder, Workload};
 use crate::http::Api;
@@ -54,6 +58,8 @@ pub struct RunConfig {
     pub register_clients: usize,
     pub set_clients: usize,
     pub monotonic_clients: usize,
+    pub scan_clients: usize,
+    pub library_clients: usize,
     pub register_slots: usize,
     pub rotate: Duration,
     /// Timing of the schedule; its `duration` is the run's.
@@ -63,8 +69,22 @@ pub struct RunConfig {
     pub ready_timeout: Duration,
     /// The command line that replays this run, for the summary.
     pub replay: String,
-    /// Workload reads with `consistency=stale`: expect anomalies (checks the checkers).
+    /// Workload reads with `consistency=stale` (recorded in the history and
+    /// checked as stale reads).
     pub stale_reads: bool,
+}
+
+/// Hold of split phases on every node when the split-cancel nemesis runs
+/// (`--fault-hold`), so that it finds a split in the phase it wants.
+pub const SPLIT_HOLD: &str = "capturing=3000,frozen=600";
+
+/// A run id that does not repeat across runs, even of the same seed by a
+/// runner that is always pid 1 (a container): time and randomness, not the
+/// pid. It separates the keys of runs against one long-lived cluster.
+pub fn run_id(seed: u64) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let mixed = (nanos as u64).rotate_left(17) ^ rand::random::<u64>() ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    format!("{:012x}", mixed & 0xffff_ffff_ffff)
 }
 
 /// Kills the local cluster and removes its namespaces when dropped.
@@ -185,10 +205,10 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
     if cfg.workloads.is_empty() {
         return Err(Error::Config("no workload".into()));
     }
-    let partitions = cfg.nemeses.contains(&NemesisKind::Partition);
-    let netns = cfg.netns.unwrap_or(partitions);
-    if partitions && !netns {
-        return Err(Error::Config("the partition nemesis needs network namespaces (--netns on)".into()));
+    let partitions: Vec<&NemesisKind> = cfg.nemeses.iter().filter(|k| k.needs_network()).collect();
+    let netns = cfg.netns.unwrap_or(!partitions.is_empty());
+    if !partitions.is_empty() && !netns {
+        return Err(Error::Config(format!("the {partitions:?} nemeses need network namespaces (--netns on)")));
     }
     if netns && !remote {
         Network::probe()?;
@@ -201,12 +221,16 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
     let (endpoints, local, cluster_desc) = if remote {
         (cfg.endpoints.clone(), None, format!("existing cluster at {}", cfg.endpoints.join(",")))
     } else {
+        let mut node_args = cfg.node_args.clone();
+        if cfg.nemeses.contains(&NemesisKind::SplitCancel) && !node_args.iter().any(|a| a.contains("fault-hold")) {
+            node_args.push(format!("--fault-hold={SPLIT_HOLD}"));
+        }
         let opts = LocalOpts {
             nodes: cfg.nodes,
             bin: cfg.node_bin.clone(),
             dir: cfg.dir.clone(),
             netns,
-            node_args: cfg.node_args.clone(),
+            node_args,
             node_log: cfg.node_log.clone(),
         };
         let cluster = LocalCluster::start(&opts)?;
@@ -227,7 +251,8 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
     // 2. Load and faults.
     let recorder = Arc::new(Recorder::new());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let run_id = format!("{:x}", (std::process::id() as u64) << 20 ^ (cfg.seed & 0xfffff));
+    let run_id = run_id(cfg.seed);
+    tracing::info!("run id {run_id}");
     let ctx = Ctx {
         api: workload_api,
         endpoints: Arc::new(endpoints.clone()),
@@ -243,12 +268,15 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
             register_clients: cfg.register_clients,
             set_clients: cfg.set_clients,
             monotonic_clients: cfg.monotonic_clients,
+            scan_clients: cfg.scan_clients,
+            library_clients: cfg.library_clients,
             register_slots: cfg.register_slots,
             rotate: cfg.rotate,
             monotonic_keys: 3,
             seed: cfg.seed,
+            op_timeout: cfg.op_timeout,
         },
-    );
+    )?;
     let events = schedule::generate(cfg.seed, &cfg.nemeses, &cfg.schedule);
     tracing::info!("schedule: {} steps", events.len());
     let mut nemesis = Nemesis::new(api.clone(), endpoints.clone(), local.clone(), recorder.clone());
@@ -280,7 +308,14 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
         }
     };
     nemesis.check_crashes();
-    let operation_phases = nemesis.operation_phases().await;
+    let (operation_phases, stuck_operations) = if recovery_s.is_some() {
+        nemesis.wait_operations(cfg.ready_timeout).await
+    } else {
+        (BTreeMap::new(), Vec::new())
+    };
+    if !stuck_operations.is_empty() {
+        tracing::error!("operations still running {:?} after the final heal: {stuck_operations:?}", cfg.ready_timeout);
+    }
     let (set_content, final_read_error) = if cfg.workloads.contains(&Workload::Set) {
         match read_set(&api, &endpoints, &run_id, cfg.ready_timeout).await {
             Ok(c) => (Some(c), None),
@@ -313,10 +348,17 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
     }
     let anomalies = checks.anomalies.len();
     let lost_writes = checks.lost_writes();
-    let valid =
-        anomalies == 0 && nemesis.report.crashes.is_empty() && recovery_s.is_some() && final_read_error.is_none();
+    let healthy = nemesis.report.crashes.is_empty()
+        && recovery_s.is_some()
+        && final_read_error.is_none()
+        && stuck_operations.is_empty();
+    // A crash, a cluster that did not recover, a stuck operation are
+    // findings: invalid, whatever the checkers could decide.
+    let verdict = if healthy { checks.verdict() } else { Verdict::Invalid };
+    let valid = verdict == Verdict::Valid;
     let summary = Summary {
         valid,
+        verdict,
         seed: cfg.seed,
         replay: cfg.replay.clone(),
         cluster: cluster_desc,
@@ -334,6 +376,7 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
         operation_phases,
         recovery_s,
         final_read_error,
+        stuck_operations,
         anomalies,
         lost_writes,
         checks,
@@ -341,6 +384,9 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
         history_file: history_file.display().to_string(),
     };
 
+    if verdict == Verdict::Inconclusive {
+        tracing::warn!("inconclusive run: {} register key(s) undecided", summary.checks.undecided());
+    }
     if !valid {
         if let Some(l) = &local {
             let c = l.lock().unwrap_or_else(|e| e.into_inner());
@@ -359,4 +405,19 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
         }
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_do_not_repeat_for_the_same_seed() {
+        let ids: std::collections::BTreeSet<String> = (0..100).map(|_| run_id(1)).collect();
+        assert_eq!(ids.len(), 100);
+        let id = run_id(1);
+        assert_eq!(id.len(), 12);
+        let k = workload::key(&id, Workload::Set, "c1-1");
+        assert!(workload::is_set_key(&id, &k));
+    }
 }

@@ -9,9 +9,9 @@
 //! that moment; the runner logs the node it chose.
 //!
 //! Two streams are interleaved:
-//! - *disruptive* faults (kill, pause, partition), one at a time: fault,
-//!   hold for a few seconds, heal everything (restart, resume, reconnect),
-//!   quiet gap, next;
+//! - *disruptive* faults (kill, pause, partition, split-cancel,
+//!   meta-isolate), one at a time: fault, hold for a few seconds, heal
+//!   everything (restart, resume, reconnect), quiet gap, next;
 //! - *administrative* ones (split, replica move, leader transfer), at random
 //!   intervals, regardless of whatever disruptive fault is in progress.
 //!
@@ -46,16 +46,26 @@ pub enum NemesisKind {
     Move,
     /// `POST /admin/transfer-leader`: hand a shard's leadership to another replica.
     Transfer,
+    /// Start a split, wait until it sits in a held phase (the nodes run with
+    /// `--fault-hold`), cut the metadata leader off from the source shard's
+    /// leader, then cancel the split (`POST /admin/operations/{id}/cancel`).
+    SplitCancel,
+    /// Cut the metadata leader off from the other metadata replicas only
+    /// (it still reaches every other node and the clients), and kill and
+    /// restart a node while it lasts.
+    MetaIsolate,
 }
 
 impl NemesisKind {
-    pub const ALL: [NemesisKind; 6] = [
+    pub const ALL: [NemesisKind; 8] = [
         NemesisKind::Kill,
         NemesisKind::Pause,
         NemesisKind::Partition,
         NemesisKind::Split,
         NemesisKind::Move,
         NemesisKind::Transfer,
+        NemesisKind::SplitCancel,
+        NemesisKind::MetaIsolate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,12 +76,27 @@ impl NemesisKind {
             NemesisKind::Split => "split",
             NemesisKind::Move => "move",
             NemesisKind::Transfer => "transfer",
+            NemesisKind::SplitCancel => "split-cancel",
+            NemesisKind::MetaIsolate => "meta-isolate",
         }
     }
 
-    /// Kill, pause and partition need control of the processes and the network.
+    /// Kill, pause and the partitions need control of the processes and the
+    /// network; they are held and healed one at a time.
     pub fn is_disruptive(self) -> bool {
-        matches!(self, NemesisKind::Kill | NemesisKind::Pause | NemesisKind::Partition)
+        matches!(
+            self,
+            NemesisKind::Kill
+                | NemesisKind::Pause
+                | NemesisKind::Partition
+                | NemesisKind::SplitCancel
+                | NemesisKind::MetaIsolate
+        )
+    }
+
+    /// Whether it cuts network links (needs namespaces, hence root).
+    pub fn needs_network(self) -> bool {
+        matches!(self, NemesisKind::Partition | NemesisKind::SplitCancel | NemesisKind::MetaIsolate)
     }
 }
 
@@ -85,7 +110,8 @@ impl FromStr for NemesisKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
         NemesisKind::ALL.into_iter().find(|k| k.name() == s.trim()).ok_or_else(|| {
-            Error::Config(format!("unknown nemesis {s:?} (known: kill, pause, partition, split, move, transfer)"))
+            let known: Vec<&str> = NemesisKind::ALL.iter().map(|k| k.name()).collect();
+            Error::Config(format!("unknown nemesis {s:?} (known: {})", known.join(", ")))
         })
     }
 }
@@ -144,6 +170,22 @@ pub enum Action {
     Transfer {
         pick: u64,
     },
+    /// Split at `key`; once the split is `frozen` (else capturing), cut the
+    /// metadata leader from the source shard's leader, wait `wait_ms`, and
+    /// cancel the split. The cut lasts until the next heal.
+    SplitCancel {
+        key: String,
+        frozen: bool,
+        wait_ms: u64,
+    },
+    /// Cut the metadata leader off from the other metadata replicas, until
+    /// the next heal.
+    MetaIsolate,
+    /// `kill -9` a node and start it again at once (its in-memory state is
+    /// lost), in the middle of a [`Action::MetaIsolate`].
+    Restart {
+        target: Target,
+    },
 }
 
 impl Action {
@@ -156,6 +198,8 @@ impl Action {
             Action::Split { .. } => NemesisKind::Split,
             Action::Move { .. } => NemesisKind::Move,
             Action::Transfer { .. } => NemesisKind::Transfer,
+            Action::SplitCancel { .. } => NemesisKind::SplitCancel,
+            Action::MetaIsolate | Action::Restart { .. } => NemesisKind::MetaIsolate,
             Action::Heal => return None,
         })
     }
@@ -172,6 +216,13 @@ impl fmt::Display for Action {
             Action::Split { key } => write!(f, "split at {key:?}"),
             Action::Move { pick } => write!(f, "move replica #{pick}"),
             Action::Transfer { pick } => write!(f, "transfer leadership #{pick}"),
+            Action::SplitCancel { key, frozen, wait_ms } => write!(
+                f,
+                "split at {key:?}, cut the metadata leader from the source leader once {}, cancel after {wait_ms} ms",
+                if *frozen { "frozen" } else { "capturing" }
+            ),
+            Action::MetaIsolate => write!(f, "isolate the metadata leader from the other metadata replicas"),
+            Action::Restart { target } => write!(f, "restart {target}"),
         }
     }
 }
@@ -259,6 +310,17 @@ pub fn generate(seed: u64, kinds: &[NemesisKind], opts: &ScheduleOpts) -> Vec<Ev
             let action = match disruptive[rng.random_range(0..disruptive.len())] {
                 NemesisKind::Kill => Action::Kill { target: target(&mut rng) },
                 NemesisKind::Pause => Action::Pause { target: target(&mut rng) },
+                NemesisKind::SplitCancel => Action::SplitCancel {
+                    key: split_key(&mut rng),
+                    frozen: rng.random_bool(0.5),
+                    wait_ms: rng.random_range(0..=1000),
+                },
+                NemesisKind::MetaIsolate => {
+                    // A node restarts while the leader is cut off.
+                    let at_ms = t + hold / 3 + rng.random_range(0..=hold / 3);
+                    events.push(Event { at_ms, action: Action::Restart { target: target(&mut rng) } });
+                    Action::MetaIsolate
+                }
                 _ if rng.random_bool(0.5) => Action::Isolate { target: target(&mut rng) },
                 _ => Action::Halves { pick: rng.random() },
             };
@@ -347,9 +409,31 @@ mod tests {
     #[test]
     fn parses_kind_lists() {
         assert_eq!(parse_kinds("split,kill,kill").unwrap(), vec![NemesisKind::Kill, NemesisKind::Split]);
-        assert_eq!(parse_kinds("all").unwrap().len(), 6);
+        assert_eq!(parse_kinds("all").unwrap().len(), 8);
+        assert_eq!(
+            parse_kinds("meta-isolate,split-cancel").unwrap(),
+            vec![NemesisKind::SplitCancel, NemesisKind::MetaIsolate]
+        );
         assert!(parse_kinds("none").unwrap().is_empty());
         assert!(parse_kinds("kill,fire").is_err());
+    }
+
+    #[test]
+    fn the_ci_seeds_play_every_fault_and_split() {
+        // scripts/chaos.sh: seeds 1 and 2, 40 s, every nemesis. The scan
+        // checker needs splits under it, and each new nemesis should run.
+        let ci = parse_kinds("kill,pause,partition,split,move,transfer,split-cancel,meta-isolate").unwrap();
+        let mut seen = BTreeSet::new();
+        for seed in [1, 2] {
+            let events = generate(seed, &ci, &opts(40));
+            assert!(
+                events.iter().any(|e| matches!(e.action, Action::Split { .. } | Action::SplitCancel { .. })),
+                "seed {seed} splits nothing: {events:?}"
+            );
+            seen.extend(events.iter().filter_map(|e| e.action.kind()));
+        }
+        assert!(seen.contains(&NemesisKind::SplitCancel), "{seen:?}");
+        assert!(seen.contains(&NemesisKind::MetaIsolate), "{seen:?}");
     }
 
     #[test]
@@ -369,7 +453,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn schedules_are_well_formed(seed: u64, secs in 5u64..600, mask in 1u8..64) {
+        fn schedules_are_well_formed(seed: u64, secs in 5u64..600, mask in 1u16..256) {
             let kinds: Vec<NemesisKind> =
                 NemesisKind::ALL.into_iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, k)| k).collect();
             let o = opts(secs);
@@ -381,6 +465,10 @@ mod tests {
                 prop_assert!(e.at_ms >= last, "not sorted");
                 last = e.at_ms;
                 prop_assert!(e.at_ms >= ms(o.warmup) && e.at_ms <= end, "{:?} outside the window", e);
+                if matches!(e.action, Action::Restart { .. }) {
+                    prop_assert!(faulty, "a restart outside the fault it belongs to");
+                    continue;
+                }
                 match e.action.kind() {
                     None => { prop_assert!(faulty, "heal without a fault"); faulty = false; }
                     Some(k) => {

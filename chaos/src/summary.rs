@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::check::CheckReport;
+use crate::check::{CheckReport, Verdict};
 use crate::history::{Op, OpCounts};
 use crate::nemesis::NemesisReport;
 
@@ -42,8 +42,12 @@ impl Latency {
 /// Everything a run found.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct Summary {
-    /// No anomaly, no crash, the cluster recovered and the final reads worked.
+    /// No anomaly, no undecided key, no crash, the cluster recovered, every
+    /// operation ended and the final reads worked.
     pub valid: bool,
+    /// Valid, invalid (a finding), or inconclusive (no finding, but the
+    /// linearizability search could not decide some key: not a pass).
+    pub verdict: Verdict,
     pub seed: u64,
     /// A command line that replays this run's schedule.
     pub replay: String,
@@ -66,6 +70,10 @@ pub struct Summary {
     pub recovery_s: Option<f64>,
     /// Why the set workload's final read could not be done, if it could not.
     pub final_read_error: Option<String>,
+    /// Splits and moves the nemesis started that had not ended well after
+    /// the final heal (`op_id phase`).
+    #[serde(default)]
+    pub stuck_operations: Vec<String>,
     pub anomalies: usize,
     pub lost_writes: usize,
     pub checks: CheckReport,
@@ -77,7 +85,11 @@ impl Summary {
     /// The human-readable report.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let verdict = if self.valid { "VALID" } else { "INVALID" };
+        let verdict = match self.verdict {
+            Verdict::Valid => "VALID",
+            Verdict::Invalid => "INVALID",
+            Verdict::Inconclusive => "INCONCLUSIVE (some register keys undecided: not a pass)",
+        };
         let _ = writeln!(s, "== cleave-chaos: {verdict}  (seed {})", self.seed);
         let _ = writeln!(s, "cluster     {}", self.cluster);
         let _ =
@@ -140,6 +152,21 @@ impl Summary {
         }
         if let Some(e) = &self.final_read_error {
             let _ = writeln!(s, "set         FINAL READ FAILED: {e}");
+        }
+        let scan = &self.checks.scan;
+        if scan.inserts > 0 || scan.scans > 0 {
+            let _ = writeln!(
+                s,
+                "scan        {} inserts, {} acknowledged; {} scans checked ({} pages); {} problems",
+                scan.inserts,
+                scan.acknowledged,
+                scan.scans,
+                scan.pages,
+                scan.problems.len()
+            );
+        }
+        if !self.stuck_operations.is_empty() {
+            let _ = writeln!(s, "operations  STUCK after the final heal: {}", self.stuck_operations.join(", "));
         }
         let _ = writeln!(s, "monotonic   {} regressions", self.checks.monotonic_regressions);
         for c in &self.nemesis.crashes {

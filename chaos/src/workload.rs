@@ -9,10 +9,20 @@
 //! - **register**: `slots` keys at a time, each used for `rotate` seconds and
 //!   then replaced by a fresh one (Jepsen's "independent keys"): a key's
 //!   sub-history stays short enough for the linearizability search. Half the
-//!   operations are reads, a quarter blind writes, a quarter compare-and-set
-//!   from the version the client last saw.
+//!   operations are reads, a fifth blind writes, a fifth compare-and-set
+//!   from the version the client last saw, a tenth deletes (blind or
+//!   conditional).
+//! - **client**: the same operations on keys of its own, sent through the
+//!   Rust client library (`cleave_client`) with its routing cache and its
+//!   retries, so that what the library hides is checked too: a write it
+//!   reports as indeterminate is recorded as such, one it reports as done
+//!   must have happened exactly once.
 //! - **set**: create-only inserts (`if_version: 0`) of fresh keys.
 //! - **monotonic**: reads and blind writes of a few keys.
+//! - **scan**: create-only inserts of fresh keys, and one scanner reading
+//!   the whole key space page by page over and over (a page that fails is
+//!   asked again, at a random node, until the scan's deadline), each scan
+//!   recorded with its pages for the scan checker.
 //!
 //! Written values are unique in the run (one counter), so reads say which
 //! write they saw. A client that gets no answer moves on to its next
@@ -24,13 +34,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cleave_client::{Client, ClientOptions, Consistency};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::history::{Call, Op, Outcome, Recorder, Ret, Workload};
+use crate::history::{Call, Op, Outcome, PageRecord, Recorder, Ret, Workload};
 use crate::http::Api;
+
+/// Items per page of the scan workload's scans (several pages per scan).
+pub const SCAN_PAGE: usize = 500;
 
 /// How many clients of each workload, and their keys.
 #[derive(Clone, Debug)]
@@ -41,6 +55,10 @@ pub struct WorkloadOpts {
     pub register_clients: usize,
     pub set_clients: usize,
     pub monotonic_clients: usize,
+    /// Inserting clients of the scan workload (plus one scanner).
+    pub scan_clients: usize,
+    /// Clients of the client workload (sharing one `cleave_client::Client`).
+    pub library_clients: usize,
     /// Register keys in use at a time.
     pub register_slots: usize,
     /// How long one register key is used.
@@ -48,6 +66,9 @@ pub struct WorkloadOpts {
     pub monotonic_keys: usize,
     /// Seeds the clients' choices.
     pub seed: u64,
+    /// The client-side limit of one request (the library's attempts get
+    /// half of it, its deadline, retries included, twice it).
+    pub op_timeout: Duration,
 }
 
 /// What every client shares.
@@ -78,7 +99,17 @@ pub fn key(run: &str, kind: Workload, name: &str) -> String {
 
 /// Whether `key` belongs to the set workload of run `run`.
 pub fn is_set_key(run: &str, key: &str) -> bool {
-    key.split_once('/').is_some_and(|(_, rest)| rest.starts_with(&format!("{run}/set/")))
+    is_key_of(run, Workload::Set, key)
+}
+
+/// Whether `key` belongs to workload `kind` of run `run`.
+pub fn is_key_of(run: &str, kind: Workload, key: &str) -> bool {
+    key.split_once('/').is_some_and(|(_, rest)| {
+        rest.strip_prefix(run)
+            .and_then(|r| r.strip_prefix('/'))
+            .and_then(|r| r.strip_prefix(kind.name()))
+            .is_some_and(|r| r.starts_with('/'))
+    })
 }
 
 impl Ctx {
@@ -99,9 +130,22 @@ impl Ctx {
             Call::Read => self.api.read(&node, key).await,
             Call::Write { value } => self.api.write(&node, key, value, None).await,
             Call::Cas { expected, value } => self.api.write(&node, key, value, Some(expected)).await,
+            Call::Delete => self.api.delete(&node, key, None).await,
+            Call::CasDelete { expected } => self.api.delete(&node, key, Some(expected)).await,
+            Call::Scan => unreachable!("scans are made by the scanner"),
         };
-        let complete = self.recorder.now();
-        let op = Op { id, workload, client, key: key.to_string(), call, invoke, complete, outcome, node };
+        let stale = call == Call::Read && self.api.stale_reads();
+        self.finish(
+            rng,
+            Op { id, workload, client, key: key.to_string(), call, invoke, complete: 0, outcome, node, stale },
+        )
+        .await
+    }
+
+    /// Stamps the completion time, records `op`, and paces the client after
+    /// a failure.
+    async fn finish(&self, rng: &mut ChaCha8Rng, mut op: Op) -> Op {
+        op.complete = self.recorder.now();
         self.recorder.record(op.clone());
         if !op.outcome.is_ok() {
             // Pace retries against a node that is down or cut off.
@@ -109,33 +153,111 @@ impl Ctx {
         }
         op
     }
-}
 
-/// The version an answer reveals, if any.
-fn version_seen(outcome: &Outcome) -> Option<u64> {
-    match outcome.ret()? {
-        Ret::Value { version, .. } | Ret::Written { version } => Some(*version),
-        Ret::Conflict { current } => *current,
-        Ret::NotFound => Some(0),
-        Ret::Unparsable { .. } => None,
+    /// Runs one operation through the client library and records it.
+    async fn library_op(&self, rng: &mut ChaCha8Rng, lib: &Client, client: u32, key: &str, call: Call) -> Op {
+        let id = self.recorder.next_id();
+        let invoke = self.recorder.now();
+        let stale = call == Call::Read && self.api.stale_reads();
+        let outcome = library_call(lib, key, call, stale).await;
+        let op = Op {
+            id,
+            workload: Workload::Client,
+            client,
+            key: key.to_string(),
+            call,
+            invoke,
+            complete: 0,
+            outcome,
+            node: "cleave_client".into(),
+            stale,
+        };
+        self.finish(rng, op).await
     }
 }
 
-async fn register_client(ctx: Ctx, opts: Arc<WorkloadOpts>, client: u32) {
+/// One call through the client library, as an outcome. The library retries
+/// what it may; what comes back is classified by its documented meaning.
+async fn library_call(lib: &Client, key: &str, call: Call, stale: bool) -> Outcome {
+    let write = |r: cleave_client::Result<cleave_client::WriteResult>| match r {
+        Ok(w) => Outcome::ok(Ret::Written { version: w.version }),
+        Err(e) => library_error(e, true),
+    };
+    match call {
+        Call::Read => {
+            let consistency = if stale { Consistency::Stale } else { Consistency::Linearizable };
+            match lib.get(key, consistency).await {
+                Ok(Some(item)) => match serde_json::from_str::<u64>(item.value.get()) {
+                    Ok(value) => Outcome::ok(Ret::Value { value, version: item.version }),
+                    Err(_) => Outcome::ok(Ret::Unparsable { text: item.value.get().to_string() }),
+                },
+                Ok(None) => Outcome::ok(Ret::NotFound),
+                Err(e) => library_error(e, false),
+            }
+        }
+        Call::Write { value } => write(lib.put(key, &value, None).await),
+        Call::Cas { expected, value } => write(lib.put(key, &value, Some(expected)).await),
+        Call::Delete => write(lib.delete(key, None).await),
+        Call::CasDelete { expected } => write(lib.delete(key, Some(expected)).await),
+        Call::Scan => unreachable!("the client workload does not scan"),
+    }
+}
+
+/// The outcome a library error stands for.
+fn library_error(e: cleave_client::Error, write: bool) -> Outcome {
+    use cleave_client::Error as E;
+    let reason = e.to_string();
+    match e {
+        E::NotFound => Outcome::ok(Ret::NotFound),
+        E::VersionConflict { current } => Outcome::ok(Ret::Conflict { current: Some(current) }),
+        // Every attempt was refused in a way that proves nothing applied.
+        E::Unavailable { .. } | E::InvalidArgument(_) | E::Transport(_) => Outcome::Failed { reason },
+        E::Api { status, .. } if status < 500 => Outcome::Failed { reason },
+        // 5xx, an undecodable success, an unknown outcome: maybe applied.
+        _ if write => Outcome::Indeterminate { reason },
+        _ => Outcome::Failed { reason },
+    }
+}
+
+/// The live version an answer reveals, if any (0: the key is absent).
+fn version_seen(call: Call, outcome: &Outcome) -> Option<u64> {
+    match outcome.ret()? {
+        Ret::Written { .. } if matches!(call, Call::Delete | Call::CasDelete { .. }) => Some(0),
+        Ret::Value { version, .. } | Ret::Written { version } => Some(*version),
+        Ret::Conflict { current } => *current,
+        Ret::NotFound => Some(0),
+        Ret::Unparsable { .. } | Ret::Scanned { .. } => None,
+    }
+}
+
+/// The next register operation on `key`, given the live version last seen.
+fn register_call(rng: &mut ChaCha8Rng, ctx: &Ctx, last: Option<u64>) -> Call {
+    let expected = last.unwrap_or(0);
+    match rng.random_range(0..20) {
+        0..10 => Call::Read,
+        10..14 => Call::Write { value: ctx.value() },
+        14..18 => Call::Cas { expected, value: ctx.value() },
+        18 => Call::Delete,
+        _ => Call::CasDelete { expected },
+    }
+}
+
+/// The register clients' loop, over raw HTTP (`lib = None`) or the library.
+async fn register_loop(ctx: Ctx, opts: Arc<WorkloadOpts>, client: u32, lib: Option<Client>) {
+    let kind = if lib.is_some() { Workload::Client } else { Workload::Register };
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ ((client as u64) << 32) ^ 0x7e9);
     let mut last_version: HashMap<String, u64> = HashMap::new();
     let rotate = opts.rotate.as_nanos().max(1) as u64;
     while !ctx.stopped() {
         let generation = ctx.recorder.now() / rotate;
         let slot = rng.random_range(0..opts.register_slots.max(1));
-        let key = key(&opts.run_id, Workload::Register, &format!("r{slot}g{generation}"));
-        let call = match rng.random_range(0..4) {
-            0 | 1 => Call::Read,
-            2 => Call::Write { value: ctx.value() },
-            _ => Call::Cas { expected: last_version.get(&key).copied().unwrap_or(0), value: ctx.value() },
+        let key = key(&opts.run_id, kind, &format!("r{slot}g{generation}"));
+        let call = register_call(&mut rng, &ctx, last_version.get(&key).copied());
+        let op = match &lib {
+            Some(lib) => ctx.library_op(&mut rng, lib, client, &key, call).await,
+            None => ctx.op(&mut rng, Workload::Register, client, &key, call).await,
         };
-        let op = ctx.op(&mut rng, Workload::Register, client, &key, call).await;
-        if let Some(v) = version_seen(&op.outcome) {
+        if let Some(v) = version_seen(call, &op.outcome) {
             last_version.insert(key, v);
         }
         if last_version.len() > 4 * opts.register_slots.max(1) {
@@ -144,13 +266,69 @@ async fn register_client(ctx: Ctx, opts: Arc<WorkloadOpts>, client: u32) {
     }
 }
 
-async fn set_client(ctx: Ctx, opts: Arc<WorkloadOpts>, client: u32) {
+/// Create-only inserts of fresh keys of workload `kind` (set or scan).
+async fn insert_loop(ctx: Ctx, opts: Arc<WorkloadOpts>, client: u32, kind: Workload) {
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ ((client as u64) << 32) ^ 0x5e7);
     let mut n = 0u64;
     while !ctx.stopped() {
         n += 1;
-        let key = key(&opts.run_id, Workload::Set, &format!("c{client}-{n}"));
-        ctx.op(&mut rng, Workload::Set, client, &key, Call::Cas { expected: 0, value: ctx.value() }).await;
+        let key = key(&opts.run_id, kind, &format!("c{client}-{n}"));
+        ctx.op(&mut rng, kind, client, &key, Call::Cas { expected: 0, value: ctx.value() }).await;
+    }
+}
+
+/// Scans the whole key space again and again, recording each scan.
+async fn scanner(ctx: Ctx, opts: Arc<WorkloadOpts>, client: u32) {
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ ((client as u64) << 32) ^ 0x5ca);
+    let run = opts.run_id.clone();
+    let keep = move |k: &str| is_key_of(&run, Workload::Scan, k);
+    let budget = opts.op_timeout * 3;
+    while !ctx.stopped() {
+        let id = ctx.recorder.next_id();
+        let invoke = ctx.recorder.now();
+        let deadline = tokio::time::Instant::now() + budget;
+        let mut pages: Vec<PageRecord> = Vec::new();
+        let mut cursor = String::new();
+        let mut node: String;
+        let outcome = loop {
+            node = ctx.endpoints[rng.random_range(0..ctx.endpoints.len())].clone();
+            match ctx.api.scan_record(&node, &cursor, SCAN_PAGE, &keep).await {
+                Ok(page) => {
+                    let next = page.next.clone();
+                    pages.push(page);
+                    match next {
+                        Some(n) if pages.len() < 100_000 => cursor = n,
+                        _ => break Outcome::ok(Ret::Scanned { pages: std::mem::take(&mut pages) }),
+                    }
+                }
+                // A scan changes nothing: a page that failed is asked again.
+                Err(why) if tokio::time::Instant::now() < deadline && !ctx.stopped() => {
+                    tracing::debug!("scan page at {cursor:?} via {node}: {why:?}; asking again");
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(20..100))).await;
+                }
+                Err(why) => {
+                    let reason = match why {
+                        Outcome::Failed { reason } | Outcome::Indeterminate { reason } => reason,
+                        Outcome::Ok { .. } => String::new(),
+                    };
+                    break Outcome::Failed { reason: format!("page {} at {cursor:?}: {reason}", pages.len()) };
+                }
+            }
+        };
+        let op = Op {
+            id,
+            workload: Workload::Scan,
+            client,
+            key: String::new(),
+            call: Call::Scan,
+            invoke,
+            complete: 0,
+            outcome,
+            node,
+            stale: false,
+        };
+        ctx.finish(&mut rng, op).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -164,10 +342,29 @@ async fn monotonic_client(ctx: Ctx, opts: Arc<WorkloadOpts>, client: u32) {
     }
 }
 
+/// The client library the client workload uses, seeded with every endpoint.
+/// Its attempts time out after half of `op_timeout`, before the server's
+/// own timeout (`--server-timeout`, 3 s by default): a paused or cut-off
+/// leader then leaves the library with writes whose outcome it does not
+/// know, which is the case it must not get wrong.
+pub fn library_client(endpoints: &[String], op_timeout: Duration) -> crate::Result<Client> {
+    let options = ClientOptions::default()
+        .with_attempt_timeout(op_timeout / 2)
+        .with_deadline(op_timeout * 2)
+        .with_connect_timeout(Duration::from_secs(1).min(op_timeout))
+        .with_refresh_timeout(Duration::from_secs(1).min(op_timeout));
+    Client::with_options(endpoints, options).map_err(|e| crate::Error::Config(format!("client library: {e}")))
+}
+
 /// Starts every client; they run until `ctx.stop` turns true. Client ids
 /// are unique across workloads.
-pub fn spawn_clients(ctx: &Ctx, opts: WorkloadOpts) -> Vec<JoinHandle<()>> {
+pub fn spawn_clients(ctx: &Ctx, opts: WorkloadOpts) -> crate::Result<Vec<JoinHandle<()>>> {
     let opts = Arc::new(opts);
+    let lib = if opts.workloads.contains(&Workload::Client) {
+        Some(library_client(&ctx.endpoints, opts.op_timeout)?)
+    } else {
+        None
+    };
     let mut handles = Vec::new();
     let mut client = 0u32;
     for workload in opts.workloads.clone() {
@@ -175,20 +372,25 @@ pub fn spawn_clients(ctx: &Ctx, opts: WorkloadOpts) -> Vec<JoinHandle<()>> {
             Workload::Register => opts.register_clients,
             Workload::Set => opts.set_clients,
             Workload::Monotonic => opts.monotonic_clients,
+            Workload::Scan => opts.scan_clients + 1,
+            Workload::Client => opts.library_clients,
         };
-        for _ in 0..count {
+        for i in 0..count {
             client += 1;
-            let (ctx, opts) = (ctx.clone(), opts.clone());
+            let (ctx, opts, lib) = (ctx.clone(), opts.clone(), lib.clone());
             handles.push(tokio::spawn(async move {
                 match workload {
-                    Workload::Register => register_client(ctx, opts, client).await,
-                    Workload::Set => set_client(ctx, opts, client).await,
+                    Workload::Register => register_loop(ctx, opts, client, None).await,
+                    Workload::Client => register_loop(ctx, opts, client, lib).await,
+                    Workload::Set => insert_loop(ctx, opts, client, Workload::Set).await,
+                    Workload::Scan if i == 0 => scanner(ctx, opts, client).await,
+                    Workload::Scan => insert_loop(ctx, opts, client, Workload::Scan).await,
                     Workload::Monotonic => monotonic_client(ctx, opts, client).await,
                 }
             }));
         }
     }
-    handles
+    Ok(handles)
 }
 
 #[cfg(test)]
@@ -204,5 +406,36 @@ mod tests {
         assert!(!is_set_key("r4", &k));
         assert!(!is_set_key("r42", &key("r42", Workload::Register, "r1g0")));
         assert_eq!(&k[2..3], "/");
+        let s = key("r42", Workload::Scan, "c1-7");
+        assert!(is_key_of("r42", Workload::Scan, &s));
+        assert!(!is_key_of("r42", Workload::Set, &s));
+        assert!(!is_key_of("r4", Workload::Scan, &s));
+    }
+
+    #[test]
+    fn library_errors_are_classified_by_their_meaning() {
+        use cleave_client::Error as E;
+        let unavailable = || E::Unavailable { attempts: 3, last: "503".into() };
+        assert!(matches!(library_error(E::Indeterminate("x".into()), true), Outcome::Indeterminate { .. }));
+        assert!(matches!(library_error(unavailable(), true), Outcome::Failed { .. }));
+        assert_eq!(library_error(E::NotFound, true), Outcome::ok(Ret::NotFound));
+        assert_eq!(
+            library_error(E::VersionConflict { current: 4 }, true),
+            Outcome::ok(Ret::Conflict { current: Some(4) })
+        );
+        let api = |status| E::Api { status, code: None, message: String::new() };
+        assert!(matches!(library_error(api(400), true), Outcome::Failed { .. }));
+        assert!(matches!(library_error(api(500), true), Outcome::Indeterminate { .. }));
+        assert!(matches!(library_error(api(500), false), Outcome::Failed { .. }));
+        assert!(matches!(library_error(E::Decode("x".into()), true), Outcome::Indeterminate { .. }));
+    }
+
+    #[test]
+    fn a_delete_reveals_that_the_key_is_absent() {
+        let written = Outcome::ok(Ret::Written { version: 5 });
+        assert_eq!(version_seen(Call::Delete, &written), Some(0));
+        assert_eq!(version_seen(Call::CasDelete { expected: 4 }, &written), Some(0));
+        assert_eq!(version_seen(Call::Write { value: 1 }, &written), Some(5));
+        assert_eq!(version_seen(Call::Read, &Outcome::ok(Ret::NotFound)), Some(0));
     }
 }

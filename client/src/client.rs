@@ -113,9 +113,12 @@ impl Client {
     /// only if the key's version is exactly that (0: only if absent), else
     /// fails with [`Error::VersionConflict`].
     ///
-    /// If the connection drops after the request was sent, a plain put is
-    /// retried (writing the same value twice is harmless) but a conditional
-    /// one fails with [`Error::Indeterminate`].
+    /// Failures that prove nothing was applied (no leader, a node that
+    /// cannot be reached, a stale route) are retried. A put whose outcome is
+    /// unknown (a timeout or a reset after the request was sent, a 504, a
+    /// 5xx other than 503) is **never replayed**, conditional or not: every
+    /// write bumps the version, so a replay would be a second write. It
+    /// fails with [`Error::Indeterminate`]; read the key to find out.
     pub async fn put<V: Serialize + ?Sized>(
         &self,
         key: &str,
@@ -149,6 +152,9 @@ impl Client {
 
     /// Deletes `key`. Fails with [`Error::NotFound`] if it does not exist,
     /// and with [`Error::VersionConflict`] if `if_version` does not match.
+    /// Like [`Client::put`], a delete whose outcome is unknown is not
+    /// replayed (a replay could delete someone else's later write): it
+    /// fails with [`Error::Indeterminate`].
     pub async fn delete(&self, key: &str, if_version: Option<u64>) -> Result<WriteResult> {
         check_key(key)?;
         let call = Call {
@@ -274,7 +280,7 @@ impl Client {
         let body = json_body(&TransferLeaderRequest { shard_id, to_node })?;
         // Asking twice for the same leader is harmless, so a lost answer may
         // be retried; but a 504 is the server's verdict, not a lost answer.
-        let call = Call::admin(Method::POST, "/admin/transfer-leader".into(), Some(body), RequestKind::Put)
+        let call = Call::admin(Method::POST, "/admin/transfer-leader".into(), Some(body), RequestKind::Idempotent)
             .with_final_timeout();
         let answer: TransferLeaderResponse = decode(&self.inner.execute(&call).await?)?;
         if answer.shard_id != shard_id {
@@ -296,7 +302,7 @@ impl Client {
     /// node that is already decommissioning is harmless.
     pub async fn decommission(&self, node_id: NodeId) -> Result<NodeStatus> {
         // Idempotent on the server, so a lost answer may be retried.
-        self.admin_post(format!("/admin/nodes/{node_id}/decommission"), None, RequestKind::Put).await
+        self.admin_post(format!("/admin/nodes/{node_id}/decommission"), None, RequestKind::Idempotent).await
     }
 
     /// Polls `GET /admin/nodes` every `every` until node `node_id` is
@@ -337,7 +343,7 @@ impl Client {
     /// committed, 404 if there is no such operation.
     pub async fn cancel_operation(&self, id: OpId) -> Result<OperationView> {
         // Aborting twice is harmless, so a lost answer may be retried.
-        self.admin_post(format!("/admin/operations/{id}/cancel"), None, RequestKind::Put).await
+        self.admin_post(format!("/admin/operations/{id}/cancel"), None, RequestKind::Idempotent).await
     }
 
     /// Polls operation `id` every `every` until it is done or aborted, and
@@ -462,6 +468,186 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(300), "{:?}", started.elapsed());
         let lines: Vec<String> = mock.received().into_iter().map(|r| r.line).collect();
         assert_eq!(lines, vec!["PUT /v1/kv/k"; 4]);
+    }
+
+    fn puts_and_deletes(mock: &crate::mock::Mock) -> Vec<String> {
+        mock.received().into_iter().map(|r| r.line).filter(|l| !l.starts_with("GET")).collect()
+    }
+
+    #[tokio::test]
+    async fn a_put_whose_answer_was_a_504_is_not_replayed() {
+        let mock = crate::mock::Mock::start_matching(vec![
+            ("PUT".into(), 504, error("timeout", "outcome unknown")),
+            ("PUT".into(), 200, r#"{"key":"k","version":3}"#.into()),
+        ])
+        .await;
+        let client = direct(&mock);
+        let r = client.put("k", &1, None).await;
+        assert!(matches!(r, Err(Error::Indeterminate(_))), "{r:?}");
+        assert_eq!(puts_and_deletes(&mock), ["PUT /v1/kv/k"], "exactly one PUT was sent");
+    }
+
+    #[tokio::test]
+    async fn no_write_is_replayed_after_a_lost_answer_or_a_server_error() {
+        // status 0: the connection is closed without an answer
+        for (status, body) in
+            [(0, String::new()), (504, error("timeout", "x")), (500, error("internal", "x")), (502, "".into())]
+        {
+            let script = |method: &str| {
+                let ok = r#"{"key":"k","version":2}"#.to_string();
+                vec![(method.to_string(), status, body.clone()), (method.to_string(), 200, ok)]
+            };
+            let mock = crate::mock::Mock::start_matching(script("PUT")).await;
+            let r = direct(&mock).put("k", &1, None).await;
+            assert!(matches!(r, Err(Error::Indeterminate(_))), "put after {status}: {r:?}");
+            assert_eq!(puts_and_deletes(&mock), ["PUT /v1/kv/k"], "after {status}");
+            let mock = crate::mock::Mock::start_matching(script("DELETE")).await;
+            let r = direct(&mock).delete("k", None).await;
+            assert!(matches!(r, Err(Error::Indeterminate(_))), "delete after {status}: {r:?}");
+            assert_eq!(puts_and_deletes(&mock), ["DELETE /v1/kv/k"], "after {status}");
+            let mock = crate::mock::Mock::start_matching(script("PUT")).await;
+            let r = direct(&mock).put("k", &1, Some(1)).await;
+            assert!(matches!(r, Err(Error::Indeterminate(_))), "cas after {status}: {r:?}");
+            assert_eq!(puts_and_deletes(&mock), ["PUT /v1/kv/k"], "after {status}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_refused_with_503_is_retried_and_a_read_is_retried_after_a_504() {
+        let mock = crate::mock::Mock::start_matching(vec![
+            ("PUT".into(), 503, error("unavailable", "no leader")),
+            ("PUT".into(), 200, r#"{"key":"k","version":1}"#.into()),
+            ("GET /v1/kv".into(), 504, error("timeout", "x")),
+            ("GET /v1/kv".into(), 200, r#"{"key":"k","value":5,"version":1}"#.into()),
+        ])
+        .await;
+        let client = Client::with_options(
+            [&mock.addr],
+            ClientOptions::default()
+                .with_smart_routing(false)
+                .with_backoff(Duration::from_millis(1), Duration::from_millis(2)),
+        )
+        .unwrap();
+        assert_eq!(client.put("k", &5, None).await.unwrap().version, 1);
+        assert_eq!(client.get("k", Consistency::Linearizable).await.unwrap().unwrap().version, 1);
+        let lines: Vec<String> = mock.received().into_iter().map(|r| r.line).collect();
+        let kv: Vec<&String> = lines.iter().filter(|l| l.contains("/v1/kv/")).collect();
+        assert_eq!(
+            kv,
+            [
+                "PUT /v1/kv/k",
+                "PUT /v1/kv/k",
+                "GET /v1/kv/k?consistency=linearizable",
+                "GET /v1/kv/k?consistency=linearizable"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_after_a_replayed_idempotent_request_is_indeterminate() {
+        // The cancel's first attempt may have aborted the operation; the
+        // second one's 409 may be about what the first one did.
+        let mock = crate::mock::Mock::start_matching(vec![
+            ("POST".into(), 504, error("timeout", "x")),
+            ("POST".into(), 409, error("version_conflict", "operation 3 is not running")),
+        ])
+        .await;
+        let client = Client::with_options(
+            [&mock.addr],
+            ClientOptions::default()
+                .with_smart_routing(false)
+                .with_backoff(Duration::from_millis(1), Duration::from_millis(2)),
+        )
+        .unwrap();
+        let r = client.cancel_operation(3).await;
+        assert!(matches!(r, Err(Error::Indeterminate(_))), "{r:?}");
+        let posts = mock.received().into_iter().filter(|r| r.line.starts_with("POST")).count();
+        assert_eq!(posts, 2, "the cancel was asked again");
+    }
+
+    /// A directory with node 1 at `a` and node 2 at `b`; shard 1 (on node
+    /// 1) owns the whole key space, shard 2 (on node 2) nothing yet.
+    fn two_node_directory(a: &str, b: &str) -> String {
+        use cleave_metadata::{NodeDescriptor, NodeState, RangeState, Replica, ShardDescriptor};
+        let mut d = Directory { version: 5, ..Default::default() };
+        for (id, addr) in [(1, a), (2, b)] {
+            d.nodes.insert(
+                id,
+                NodeDescriptor {
+                    id,
+                    raft_addr: format!("r:{id}"),
+                    api_addr: Some(addr.into()),
+                    state: NodeState::Active,
+                },
+            );
+            d.shards.insert(
+                id,
+                ShardDescriptor {
+                    shard_id: id,
+                    replicas: vec![Replica { replica_id: id, node_id: id }],
+                    conf_version: 1,
+                },
+            );
+        }
+        d.ranges.insert(
+            "".into(),
+            RangeDescriptor {
+                range_id: 1,
+                start: "".into(),
+                end: None,
+                shard_id: 1,
+                epoch: 1,
+                state: RangeState::Active,
+            },
+        );
+        serde_json::to_string(&d).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_421_patches_the_route_and_the_retry_goes_to_the_new_owner() {
+        // The current server never answers 421 for KV requests (its router
+        // absorbs stale routes), but the API documents it for servers and
+        // proxies that do: the client keeps handling it, tested here.
+        let (a, b) = (
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        );
+        let (a_addr, b_addr) = (a.local_addr().unwrap().to_string(), b.local_addr().unwrap().to_string());
+        drop((a, b));
+        let dir = two_node_directory(&a_addr, &b_addr);
+        let shards = r#"[{"shard_id":1,"leader":1,"replicas":[],"conf_version":1},
+                         {"shard_id":2,"leader":2,"replicas":[],"conf_version":1}]"#;
+        let now_at_2 = RangeDescriptor {
+            range_id: 2,
+            start: "".into(),
+            end: None,
+            shard_id: 2,
+            epoch: 2,
+            state: cleave_metadata::RangeState::Active,
+        };
+        let moved = serde_json::json!({"error": {"code": "stale_route", "message": "moved", "ranges": [now_at_2]}});
+        let routes = |put: Option<(u16, String)>| {
+            let mut s: Vec<(String, u16, String)> = Vec::new();
+            for _ in 0..5 {
+                s.push(("GET /admin/directory".into(), 200, dir.clone()));
+                s.push(("GET /admin/shards".into(), 200, shards.to_string()));
+            }
+            s.extend(put.map(|(status, body)| ("PUT /v1/kv/k".to_string(), status, body)));
+            s
+        };
+        let mock_a = crate::mock::Mock::start_matching_at(&a_addr, routes(Some((421, moved.to_string())))).await;
+        let mock_b =
+            crate::mock::Mock::start_matching_at(&b_addr, routes(Some((200, r#"{"key":"k","version":7}"#.into()))))
+                .await;
+        let client = Client::with_options(
+            [&a_addr],
+            ClientOptions::default().with_backoff(Duration::from_millis(1), Duration::from_millis(2)),
+        )
+        .unwrap();
+        assert_eq!(client.put("k", &1, None).await.unwrap().version, 7);
+        assert_eq!(puts_and_deletes(&mock_a), ["PUT /v1/kv/k"]);
+        assert_eq!(puts_and_deletes(&mock_b), ["PUT /v1/kv/k"]);
+        assert_eq!(client.routing_table().route("k").unwrap().shard_id, 2, "the 421's range was patched in");
     }
 
     #[tokio::test]

@@ -44,8 +44,11 @@ pub enum Error {
     Unavailable { attempts: u32, last: String },
 
     /// A write may or may not have been applied: the request was sent but no
-    /// answer came back. The client did not retry it (or retried it and still
-    /// cannot tell). Read the key to find out.
+    /// answer came back (a timeout, a reset, a 504), or the server failed
+    /// with a 5xx other than 503. A put or delete is never replayed after
+    /// that (a replay would be a second write); an idempotent admin request
+    /// may have been, and a later error answer is then reported as this too.
+    /// Read the key to find out.
     #[error("outcome unknown, the write may or may not have been applied: {0}")]
     Indeterminate(String),
 

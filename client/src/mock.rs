@@ -3,8 +3,11 @@
 //! It answers every request, on any connection, with the next answer of a
 //! fixed script (500 once the script is used up) and records what it was
 //! asked, so a test can check both what the client returned and which
-//! requests it sent to get there (retries, refreshes). Just enough HTTP/1.1
-//! for reqwest: keep-alive, `Content-Length` bodies.
+//! requests it sent to get there (retries, refreshes). A script entry may
+//! be limited to requests whose line (`METHOD /path`) starts with a given
+//! prefix ([`Mock::start_matching`]); status 0 closes the connection without
+//! answering (a lost answer). Just enough HTTP/1.1 for reqwest: keep-alive,
+//! `Content-Length` bodies.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -30,7 +33,19 @@ pub struct Mock {
 impl Mock {
     /// Starts a server that answers with `script`, in order: `(status, JSON body)`.
     pub async fn start(script: Vec<(u16, String)>) -> Mock {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Mock::start_matching(script.into_iter().map(|(status, body)| (String::new(), status, body)).collect()).await
+    }
+
+    /// Like [`Mock::start`], each entry `(prefix, status, body)` answering
+    /// only a request whose line starts with `prefix`: a request gets the
+    /// first unused entry that matches it.
+    pub async fn start_matching(script: Vec<(String, u16, String)>) -> Mock {
+        Mock::start_matching_at("127.0.0.1:0", script).await
+    }
+
+    /// Like [`Mock::start_matching`], listening on `addr`.
+    pub async fn start_matching_at(addr: &str, script: Vec<(String, u16, String)>) -> Mock {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let script = Arc::new(Mutex::new(VecDeque::from(script)));
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -42,9 +57,19 @@ impl Mock {
                     let (read, mut write) = conn.into_split();
                     let mut read = BufReader::new(read);
                     while let Some(req) = read_request(&mut read).await {
+                        let line = req.line.clone();
                         log.lock().unwrap().push(req);
-                        let (status, body) =
-                            script.lock().unwrap().pop_front().unwrap_or((500, r#"{"script":"used up"}"#.into()));
+                        let (status, body) = {
+                            let mut script = script.lock().unwrap();
+                            match script.iter().position(|(prefix, _, _)| line.starts_with(prefix.as_str())) {
+                                Some(i) => script.remove(i).map(|(_, status, body)| (status, body)),
+                                None => None,
+                            }
+                            .unwrap_or((500, r#"{"script":"used up"}"#.into()))
+                        };
+                        if status == 0 {
+                            return; // drop the connection: the answer is lost
+                        }
                         let head = format!(
                             "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
                             body.len()

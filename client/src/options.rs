@@ -6,7 +6,7 @@
 //! which catches a paused or partitioned node; its default is a little
 //! longer than the server's own request timeout (10 s), so that a slow write
 //! normally gets the server's definite answer (504 or 503) rather than a
-//! client-side timeout, which for a compare-and-set would be indeterminate.
+//! client-side timeout, which for a write is indeterminate.
 //! `deadline` bounds the whole
 //! request including every retry and wait, so a caller always gets an answer
 //! (possibly [`crate::Error::Unavailable`]) within it.

@@ -12,12 +12,23 @@
 //!
 //! Every other answer (400, 404, 409, 413, 500...) is final and never
 //! retried. The first four kinds are always safe to retry. "No answer" is
-//! safe for reads and for plain puts (writing the same value twice is
-//! harmless), but a compare-and-set must not be silently replayed: its
-//! outcome is reported as [`crate::Error::Indeterminate`]. An unconditional
-//! delete is retried, but if the retry then finds the key absent the client
-//! cannot tell whether its own first attempt deleted it, so that 404 is
-//! reported as indeterminate too (`ambiguous_answer`).
+//! safe for reads only. A write (put or delete, conditional or not) that
+//! got no answer is **never replayed**: every write bumps the key's
+//! version, so a replay is a second write, not the same one again (client
+//! A's lost `put(x, 1)` applied at v1, B's `put(x, 2)` at v2, A's replay at
+//! v3: a reader sees (1, v1), then (1, v3), which no order of the three
+//! writes explains; a replayed delete removes B's acknowledged write). The
+//! client reports such a write as [`crate::Error::Indeterminate`] at once
+//! and leaves it to the caller to read the key back. The same goes for a
+//! write answered with a 5xx other than 503 (500, 502...): the server may
+//! have failed after applying it.
+//!
+//! A few admin requests ask for a *state* rather than a change (a leader
+//! transfer, the cancel of an operation): asking twice is the same as
+//! asking once, so they are replayed after "no answer" (`Idempotent`). If a
+//! later attempt then gets an error answer, that answer is not trusted
+//! either (the first attempt may have done it): the request reports
+//! [`crate::Error::Indeterminate`] (`ambiguous_answer`).
 //!
 //! Delays grow exponentially from [`RetryPolicy::min_backoff`] to
 //! [`RetryPolicy::max_backoff`] with "equal jitter" (half fixed, half random)
@@ -128,8 +139,20 @@ pub(crate) enum RequestKind {
     Put,
     /// A delete without `if_version`.
     Delete,
-    /// A put or delete with `if_version` (compare-and-set).
+    /// A put or delete with `if_version` (compare-and-set), or an admin
+    /// request that starts something (a split, a move).
     Conditional,
+    /// An admin request whose repetition is harmless (it asks for a state:
+    /// a leader transfer, the cancel of an operation).
+    Idempotent,
+}
+
+impl RequestKind {
+    /// Whether the request changes data, so that a lost answer leaves its
+    /// outcome unknown.
+    pub(crate) fn is_write(self) -> bool {
+        matches!(self, RequestKind::Put | RequestKind::Delete | RequestKind::Conditional)
+    }
 }
 
 /// Why one attempt failed, when the failure may be retried.
@@ -176,16 +199,23 @@ pub(crate) fn after_failure(kind: RequestKind, failure: Failure) -> Step {
             Step::Retry { maybe_applied: false }
         }
         (Failure::NoAnswer, RequestKind::Read) => Step::Retry { maybe_applied: false },
-        (Failure::NoAnswer, RequestKind::Put | RequestKind::Delete) => Step::Retry { maybe_applied: true },
-        (Failure::NoAnswer, RequestKind::Conditional) => Step::Indeterminate,
+        (Failure::NoAnswer, RequestKind::Idempotent) => Step::Retry { maybe_applied: true },
+        (Failure::NoAnswer, RequestKind::Put | RequestKind::Delete | RequestKind::Conditional) => Step::Indeterminate,
     }
 }
 
 /// Whether a final answer cannot be trusted because an earlier attempt may
-/// have been applied: a delete retried after "no answer" that now finds the
-/// key absent may have deleted it itself.
-pub(crate) fn ambiguous_answer(kind: RequestKind, status: u16, maybe_applied: bool) -> bool {
-    maybe_applied && kind == RequestKind::Delete && status == 404
+/// have been applied: after a maybe-applied attempt, any error answer (a
+/// 404, a 409, a 400...) may be the consequence of that attempt.
+pub(crate) fn ambiguous_answer(status: u16, maybe_applied: bool) -> bool {
+    maybe_applied && !(200..300).contains(&status)
+}
+
+/// Whether a final error answer to a write leaves its outcome unknown: a
+/// 5xx other than 503 (which the API defines as "not applied") may come
+/// from a server that failed after applying the write.
+pub(crate) fn write_outcome_unknown(kind: RequestKind, status: u16) -> bool {
+    kind.is_write() && status >= 500 && status != 503
 }
 
 #[cfg(test)]
@@ -278,24 +308,39 @@ mod tests {
     }
 
     #[test]
-    fn cas_writes_are_not_replayed_after_no_answer() {
+    fn writes_are_never_replayed_after_no_answer() {
         use RequestKind::*;
-        for kind in [Read, Put, Delete, Conditional] {
+        for kind in [Read, Put, Delete, Conditional, Idempotent] {
             for f in [Failure::StaleRoute, Failure::Unavailable, Failure::RangeMoving, Failure::Unreachable] {
                 assert_eq!(after_failure(kind, f), Step::Retry { maybe_applied: false }, "{kind:?} {f:?}");
             }
         }
         assert_eq!(after_failure(Read, Failure::NoAnswer), Step::Retry { maybe_applied: false });
-        assert_eq!(after_failure(Put, Failure::NoAnswer), Step::Retry { maybe_applied: true });
-        assert_eq!(after_failure(Delete, Failure::NoAnswer), Step::Retry { maybe_applied: true });
+        assert_eq!(after_failure(Put, Failure::NoAnswer), Step::Indeterminate);
+        assert_eq!(after_failure(Delete, Failure::NoAnswer), Step::Indeterminate);
         assert_eq!(after_failure(Conditional, Failure::NoAnswer), Step::Indeterminate);
+        assert_eq!(after_failure(Idempotent, Failure::NoAnswer), Step::Retry { maybe_applied: true });
     }
 
     #[test]
-    fn a_retried_delete_that_finds_nothing_is_ambiguous() {
-        assert!(ambiguous_answer(RequestKind::Delete, 404, true));
-        assert!(!ambiguous_answer(RequestKind::Delete, 404, false));
-        assert!(!ambiguous_answer(RequestKind::Put, 404, true));
-        assert!(!ambiguous_answer(RequestKind::Delete, 400, true));
+    fn an_error_after_a_maybe_applied_attempt_is_ambiguous() {
+        for status in [400, 404, 409, 500, 504] {
+            assert!(ambiguous_answer(status, true), "{status}");
+            assert!(!ambiguous_answer(status, false), "{status}");
+        }
+        assert!(!ambiguous_answer(200, true));
+    }
+
+    #[test]
+    fn a_5xx_other_than_503_leaves_a_write_unknown() {
+        use RequestKind::*;
+        for kind in [Put, Delete, Conditional] {
+            assert!(write_outcome_unknown(kind, 500), "{kind:?}");
+            assert!(write_outcome_unknown(kind, 502), "{kind:?}");
+            assert!(!write_outcome_unknown(kind, 503), "{kind:?}");
+            assert!(!write_outcome_unknown(kind, 409), "{kind:?}");
+        }
+        assert!(!write_outcome_unknown(Read, 500));
+        assert!(!write_outcome_unknown(Idempotent, 500));
     }
 }

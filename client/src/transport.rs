@@ -37,7 +37,10 @@ use tracing::{debug, warn};
 
 use crate::error::{describe, parse_error_body, Error, Result};
 use crate::options::ClientOptions;
-use crate::retry::{after_failure, ambiguous_answer, classify_status, parse_retry_after, Failure, RequestKind, Step};
+use crate::retry::{
+    after_failure, ambiguous_answer, classify_status, parse_retry_after, write_outcome_unknown, Failure, RequestKind,
+    Step,
+};
 use crate::routing::{choose, RoutingTable};
 
 /// How long a node that did not answer is tried after the others.
@@ -220,15 +223,23 @@ impl Inner {
                     return Ok(a.body);
                 }
                 Ok(a) => {
-                    if ambiguous_answer(call.kind, a.status, maybe_applied) {
-                        return Err(Error::Indeterminate(format!(
-                            "the key was absent when the delete was retried after an earlier attempt got no answer ({last})"
-                        )));
-                    }
                     let detail = parse_error_body(&a.body);
                     let code = detail.as_ref().map(|d| d.code);
                     let failure = classify_status(a.status, code);
                     let failure = failure.filter(|_| !(call.timeout_is_final && a.status == 504));
+                    let message = detail.as_ref().map_or("", |d| d.message.as_str());
+                    if failure.is_none() && ambiguous_answer(a.status, maybe_applied) {
+                        warn!(path = %call.path, status = a.status, "error answer after an attempt that may have applied");
+                        return Err(Error::Indeterminate(format!(
+                            "{addr} answered {} ({message}) after an earlier attempt that may have been applied got \
+                             no answer ({last})",
+                            a.status
+                        )));
+                    }
+                    if write_outcome_unknown(call.kind, a.status) {
+                        warn!(path = %call.path, status = a.status, "write answered with a server error; outcome unknown");
+                        return Err(Error::Indeterminate(format!("{addr} answered {}: {message}", a.status)));
+                    }
                     let Some(failure) = failure else {
                         return Err(if call.about_key {
                             Error::from_detail(a.status, detail, &a.body)
@@ -236,7 +247,6 @@ impl Inner {
                             Error::from_admin_detail(a.status, detail, &a.body)
                         });
                     };
-                    let message = detail.as_ref().map_or("", |d| d.message.as_str());
                     last = format!("{addr} answered {}: {message}", a.status);
                     match failure {
                         Failure::StaleRoute => {
@@ -269,7 +279,7 @@ impl Inner {
 
             match after_failure(call.kind, failure) {
                 Step::Indeterminate => {
-                    warn!(path = %call.path, %last, "conditional write got no answer; outcome unknown");
+                    warn!(path = %call.path, %last, "write got no answer; outcome unknown, not replayed");
                     return Err(Error::Indeterminate(last));
                 }
                 Step::Retry { maybe_applied: m } => maybe_applied |= m,
@@ -327,8 +337,15 @@ impl Inner {
     /// Reloads the directory and leader hints from the first node that
     /// answers. With `seen = Some(epoch)`, does nothing if another refresh
     /// started after the caller read `epoch`.
+    /// Waiting for a refresh already running counts against `deadline` too.
     pub async fn refresh(&self, seen: Option<u64>, deadline: Instant) -> Result<()> {
-        let _guard = self.refresh_lock.lock().await;
+        let lock = self.refresh_lock.lock();
+        let Ok(_guard) = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), lock).await else {
+            return Err(Error::Unavailable {
+                attempts: 0,
+                last: "the deadline passed while another routing refresh was running".into(),
+            });
+        };
         if seen.is_some_and(|s| s != self.refresh_epoch.load(Ordering::SeqCst)) {
             return Ok(());
         }
@@ -402,5 +419,23 @@ fn give_up(maybe_applied: bool, attempts: u32, last: String) -> Error {
         Error::Indeterminate(format!("gave up after {attempts} attempt(s), one of which got no answer: {last}"))
     } else {
         Error::Unavailable { attempts, last }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waiting_for_the_refresh_lock_ends_at_the_deadline() {
+        let http = reqwest::Client::new();
+        let inner = Inner::new(http, ClientOptions::default(), vec!["http://127.0.0.1:1".into()]);
+        let _held = inner.refresh_lock.lock().await; // a refresh that never ends
+        let started = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(5), inner.refresh(None, started + Duration::from_millis(50)))
+            .await
+            .expect("the refresh waited past its deadline");
+        assert!(matches!(r, Err(Error::Unavailable { attempts: 0, .. })), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     }
 }

@@ -142,3 +142,55 @@ async fn paginated_scans_return_every_key_once_in_byte_order() {
 fn idx(k: &str) -> usize {
     (0..KEYS).find(|&i| key(i) == k).expect("a written key")
 }
+
+/// The longest key the API accepts.
+const MAX_KEY: usize = 4096;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_continues_past_a_key_of_the_maximum_length() {
+    let c = Cluster::start(1, ClusterOpts::default()).await;
+    let api = c.api(c.ids()[0]);
+    let longest = "m".repeat(MAX_KEY);
+    let keys = ["a".to_string(), longest.clone(), "n".to_string(), "z".to_string()];
+    for (i, k) in keys.iter().enumerate() {
+        let r = c.http.put(&api, k, &json!(i), None).await.expect("PUT");
+        assert_eq!(r.write_result().version, 1, "{r:?}");
+    }
+
+    // A page that ends on the 4 KiB key: its `next` is that key + "\0",
+    // one byte longer than any key, and following it must work.
+    let r = c.http.scan(&api, None, None, Some("2")).await.expect("scan");
+    let page: ScanResult = r.json();
+    let got: Vec<&str> = page.items.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(got, [keys[0].as_str(), keys[1].as_str()]);
+    let next = page.next.expect("more keys follow");
+    assert_eq!(next.len(), MAX_KEY + 1);
+    let r = c.http.scan(&api, Some(&next), None, Some("2")).await.expect("scan");
+    assert_eq!(r.status, 200, "following `next` after a {MAX_KEY}-byte key: {r:?}");
+    let rest: ScanResult = r.json();
+    let got: Vec<&str> = rest.items.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(got, ["n", "z"]);
+
+    // The whole scan, page by page, raw and through the Rust client.
+    let all: Vec<String> = c.http.scan_all(&api, None, None, 2).await.into_iter().map(|i| i.key).collect();
+    assert_eq!(all, keys);
+    let client = cleave_client::Client::new([&api]).expect("client");
+    let mut cursor = String::new();
+    let mut seen = Vec::new();
+    loop {
+        let page = client.scan(&cursor, None, Some(2)).await.expect("client scan page");
+        seen.extend(page.items.into_iter().map(|i| i.key));
+        match page.next {
+            Some(n) => cursor = n,
+            None => break,
+        }
+    }
+    assert_eq!(seen, keys);
+    let all: Vec<String> = client.scan_all("", None).await.expect("scan_all").into_iter().map(|i| i.key).collect();
+    assert_eq!(all, keys);
+
+    // Longer than that is still refused.
+    let too_long = "m".repeat(MAX_KEY + 2);
+    let r = c.http.scan(&api, Some(&too_long), None, None).await.expect("scan");
+    r.expect_error(413, ErrorCode::TooLarge);
+}

@@ -117,6 +117,10 @@ pub async fn delete(
     Ok(Json(WriteResult { key, version }))
 }
 
+/// The longest `start` of a scan: a key of the maximum length plus the
+/// `"\0"` that `next` appends to a page's last key.
+pub const MAX_SCAN_START_BYTES: usize = MAX_KEY_BYTES + 1;
+
 pub async fn scan(State(s): State<AppState>, query: Params) -> Result<Json<ScanResult>, ApiError> {
     let p = params(query)?;
     let start = p.get("start").cloned().unwrap_or_default();
@@ -126,8 +130,12 @@ pub async fn scan(State(s): State<AppState>, query: Params) -> Result<Json<ScanR
         Some(l) if (1..=MAX_LIMIT as u64).contains(&l) => l as usize,
         Some(l) => return Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_LIMIT}, got {l}"))),
     };
-    if start.len() > MAX_KEY_BYTES || end.as_ref().is_some_and(|e| e.len() > MAX_KEY_BYTES) {
-        return Err(ApiError::too_large(format!("scan bounds are limited to {MAX_KEY_BYTES} bytes")));
+    // `start` may be one byte longer than a key: a page that ends on a key
+    // of the maximum length continues at that key + "\0".
+    if start.len() > MAX_SCAN_START_BYTES || end.as_ref().is_some_and(|e| e.len() > MAX_KEY_BYTES) {
+        return Err(ApiError::too_large(format!(
+            "scan bounds are limited to {MAX_KEY_BYTES} bytes (start: {MAX_SCAN_START_BYTES}, to follow `next`)"
+        )));
     }
     if end.as_ref().is_some_and(|e| *e < start) {
         return Err(ApiError::bad_request("end must not be before start"));
