@@ -544,6 +544,10 @@ mod tests {
         // Checked after the cutover, the same read is a stale route.
         assert!(matches!(owned_snapshot(&ctx.db, &g, "", None), Err(ExecError::Kv(KvError::WrongRange { .. }))));
         assert!(owned_snapshot(&ctx.db, &g, "a", Some("b")).unwrap().is_some());
+        // Half old, half new data while a snapshot installs: read elsewhere.
+        g.set_installing(true);
+        assert!(owned_snapshot(&ctx.db, &g, "a", Some("b")).unwrap().is_none(), "no read of a replica mid-install");
+        g.set_installing(false);
         g.shutdown().await;
     }
 }

@@ -490,6 +490,13 @@ impl GroupRaft {
         self.failed.load(Ordering::SeqCst)
     }
 
+    /// Marks an install in progress, as `install_snapshot` does (tests).
+    #[cfg(test)]
+    pub(crate) fn set_installing(&self, on: bool) {
+        let _state = self.state.write().unwrap();
+        self.installing.store(on, Ordering::SeqCst);
+    }
+
     /// Whether a snapshot install is replacing this replica's data. Read it
     /// under the state lock: the install sets and clears it under that lock.
     pub fn is_installing(&self) -> bool {
