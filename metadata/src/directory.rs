@@ -65,12 +65,26 @@ pub enum MetaCommand {
     CommitMove { op_id: OpId, now_ms: u64 },
     /// Change a node's lifecycle state (decommission, recommission, remove).
     SetNodeState { node_id: NodeId, state: NodeState },
-    /// Abandon an operation that has not committed.
-    AbortOp { op_id: OpId, reason: String, now_ms: u64 },
+    /// Abandon an operation that has not committed. A move in `Joint` is
+    /// abandoned only with `learner_only`: its driver observed that the
+    /// group never entered the joint configuration (the new replica is
+    /// still only a learner), so reverting it is safe; without it `Joint`
+    /// is past the point of no return.
+    AbortOp {
+        op_id: OpId,
+        reason: String,
+        now_ms: u64,
+        #[serde(default)]
+        learner_only: bool,
+    },
     /// A committed operation finished; `write_pause_ms` as measured by the driver.
     FinishOp { op_id: OpId, write_pause_ms: Option<u64>, now_ms: u64 },
     /// An aborted operation's leftovers are gone.
     MarkCleaned { op_id: OpId },
+    /// A new node joins (`cleave-node --join`): like `RegisterNode`, but an
+    /// id that is already taken is refused, so a wiped node cannot take
+    /// over an active node's identity and inherit its replicas on paper.
+    JoinNode { node_id: Option<NodeId>, raft_addr: String, api_addr: Option<String> },
 }
 
 /// What applying a [`MetaCommand`] produced.
@@ -113,6 +127,8 @@ pub enum MetaError {
     BadMove(String),
     #[error("node {node}: {msg}")]
     BadNodeState { node: NodeId, msg: String },
+    #[error("node {0} already belongs to the cluster; a joining node needs a new id")]
+    NodeExists(NodeId),
 }
 
 /// The replicated directory.
@@ -425,9 +441,10 @@ impl Directory {
         let OpKind::Split { range_id, split_key, target, new_range_id, target_replicas, .. } = op.kind.clone() else {
             return Err(MetaError::WrongPhase { op_id, current: op.phase, expected: Phase::Frozen });
         };
+        let start = self.range_start(range_id).ok_or(MetaError::UnknownRange(range_id))?;
+        let op = self.op_mut(op_id)?;
         op.phase = Phase::Committed;
         op.history.push((Phase::Committed, now_ms));
-        let start = self.range_start(range_id).ok_or(MetaError::UnknownRange(range_id))?;
         let old = self.ranges.remove(&start).expect("range");
         let epoch = old.epoch + 1;
         let left = RangeDescriptor { end: Some(split_key.clone()), epoch, state: RangeState::Active, ..old.clone() };
@@ -445,10 +462,14 @@ impl Directory {
         Ok(())
     }
 
-    fn abort(&mut self, op_id: OpId, reason: &str, now_ms: u64) -> Result<(), MetaError> {
+    fn abort(&mut self, op_id: OpId, reason: &str, now_ms: u64, learner_only: bool) -> Result<(), MetaError> {
         let op = self.op_mut(op_id)?;
+        let is_move = matches!(op.kind, OpKind::Move { .. });
         match op.phase {
             Phase::Aborted => return Ok(()),
+            // The driver saw the new replica still only a learner: the
+            // joint configuration was never entered, the move can go back.
+            Phase::Joint if is_move && learner_only => {}
             Phase::Joint | Phase::Committed | Phase::Done => return Err(MetaError::AlreadyCommitted(op_id)),
             _ => {}
         }
@@ -525,10 +546,14 @@ impl Directory {
         let OpKind::Move { shard_id, from, to, .. } = op.kind.clone() else {
             return Err(MetaError::WrongPhase { op_id, current: op.phase, expected: Phase::Joint });
         };
+        if self.group(shard_id).is_none() {
+            return Err(MetaError::UnknownShard(shard_id));
+        }
+        let op = self.op_mut(op_id)?;
         op.phase = Phase::Committed;
         op.history.push((Phase::Committed, now_ms));
         let group = if shard_id == META_GROUP { self.meta.as_mut() } else { self.shards.get_mut(&shard_id) };
-        let group = group.ok_or(MetaError::UnknownShard(shard_id))?;
+        let group = group.expect("checked above");
         group.replicas.retain(|r| r.replica_id != from.replica_id);
         if !group.replicas.contains(&to) {
             group.replicas.push(to);
@@ -588,10 +613,27 @@ impl Directory {
         Ok(())
     }
 
-    /// Applies one command. Deterministic; on error nothing changes.
+    /// Applies one command. Deterministic; on error nothing changes: the
+    /// command runs on a copy, which replaces the directory only when it
+    /// succeeds (a refusal found half way through a command can then never
+    /// leave a half-applied change behind).
     pub fn apply(&mut self, cmd: &MetaCommand) -> Result<MetaResponse, MetaError> {
+        let mut next = self.clone();
+        let resp = next.apply_in_place(cmd)?;
+        *self = next;
+        Ok(resp)
+    }
+
+    fn apply_in_place(&mut self, cmd: &MetaCommand) -> Result<MetaResponse, MetaError> {
         let resp = match cmd {
-            MetaCommand::RegisterNode { node_id, raft_addr, api_addr } => {
+            MetaCommand::JoinNode { node_id: Some(id), .. } if self.nodes.contains_key(id) => {
+                return Err(match self.nodes[id].state {
+                    NodeState::Removed => MetaError::NodeRemoved(*id),
+                    _ => MetaError::NodeExists(*id),
+                });
+            }
+            MetaCommand::RegisterNode { node_id, raft_addr, api_addr }
+            | MetaCommand::JoinNode { node_id, raft_addr, api_addr } => {
                 if let Some(other) = self.nodes.values().find(|n| &n.raft_addr == raft_addr && Some(n.id) != *node_id) {
                     if other.state != NodeState::Removed {
                         return Err(MetaError::AddressInUse { addr: raft_addr.clone(), node: other.id });
@@ -654,8 +696,8 @@ impl Directory {
                 self.set_node_state(*node_id, *state)?;
                 MetaResponse::Done
             }
-            MetaCommand::AbortOp { op_id, reason, now_ms } => {
-                self.abort(*op_id, reason, *now_ms)?;
+            MetaCommand::AbortOp { op_id, reason, now_ms, learner_only } => {
+                self.abort(*op_id, reason, *now_ms, *learner_only)?;
                 MetaResponse::Done
             }
             MetaCommand::FinishOp { op_id, write_pause_ms, now_ms } => {
@@ -863,7 +905,7 @@ mod split_tests {
         d.apply(&MetaCommand::CommitSplit { op_id: op, now_ms: 4 }).unwrap();
         assert_eq!(d.ranges.len(), 2);
         assert_eq!(
-            d.apply(&MetaCommand::AbortOp { op_id: op, reason: "x".into(), now_ms: 5 }),
+            d.apply(&MetaCommand::AbortOp { op_id: op, reason: "x".into(), now_ms: 5, learner_only: false }),
             Err(MetaError::AlreadyCommitted(op))
         );
         d.apply(&MetaCommand::FinishOp { op_id: op, write_pause_ms: Some(7), now_ms: 6 }).unwrap();
@@ -877,7 +919,8 @@ mod split_tests {
         let mut d = dir();
         let op = plan(&mut d, "m").unwrap();
         drive_to_frozen(&mut d, op);
-        d.apply(&MetaCommand::AbortOp { op_id: op, reason: "cancelled".into(), now_ms: 3 }).unwrap();
+        d.apply(&MetaCommand::AbortOp { op_id: op, reason: "cancelled".into(), now_ms: 3, learner_only: false })
+            .unwrap();
         assert_eq!(d.lookup("z").unwrap().state, RangeState::Active);
         assert!(d.apply(&MetaCommand::CommitSplit { op_id: op, now_ms: 4 }).is_err());
         assert_eq!(d.ranges.len(), 1);
@@ -992,7 +1035,7 @@ mod move_tests {
         assert!(matches!(split, Err(MetaError::ShardBusy { .. })), "no split of a shard being moved");
         to_joint(&mut d, op);
         assert_eq!(
-            d.apply(&MetaCommand::AbortOp { op_id: op, reason: "x".into(), now_ms: 3 }),
+            d.apply(&MetaCommand::AbortOp { op_id: op, reason: "x".into(), now_ms: 3, learner_only: false }),
             Err(MetaError::AlreadyCommitted(op)),
             "no abort once the joint configuration may exist"
         );
@@ -1037,13 +1080,88 @@ mod move_tests {
         let skip =
             d.apply(&MetaCommand::AdvanceOp { op_id: op, from: Phase::Created, to: Phase::Capturing, now_ms: 2 });
         assert!(matches!(skip, Err(MetaError::WrongPhase { .. })), "split phases are not move phases");
-        d.apply(&MetaCommand::AbortOp { op_id: op, reason: "cancelled".into(), now_ms: 3 }).unwrap();
+        d.apply(&MetaCommand::AbortOp { op_id: op, reason: "cancelled".into(), now_ms: 3, learner_only: false })
+            .unwrap();
         assert!(!d.expects_replica(4, 1));
         assert!(d.apply(&MetaCommand::CommitMove { op_id: op, now_ms: 4 }).is_err());
         assert_eq!(d.group_busy(1), Some(op), "busy until its leftovers are cleaned");
         d.apply(&MetaCommand::MarkCleaned { op_id: op }).unwrap();
         assert_eq!(d.group_busy(1), None);
         assert_eq!(d.shards[&1].replicas.iter().map(|r| r.node_id).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_failed_command_changes_nothing() {
+        let mut d = dir4();
+        let op = plan(&mut d, 1, 1, 4).unwrap();
+        to_joint(&mut d, op);
+        // An inconsistent directory (the move's shard is gone): the commit
+        // is refused, and must not have advanced the operation first.
+        d.shards.remove(&1);
+        let before = d.clone();
+        assert_eq!(d.apply(&MetaCommand::CommitMove { op_id: op, now_ms: 3 }), Err(MetaError::UnknownShard(1)));
+        assert_eq!(d, before, "a refused command left a change behind");
+        // Same for a split whose range vanished.
+        let mut d = Directory::bootstrap(&[(1, "a:1".into()), (2, "a:2".into()), (3, "a:3".into())], 3);
+        let op = match d
+            .apply(&MetaCommand::PlanSplit {
+                range_id: 1,
+                split_key: "m".into(),
+                target_nodes: vec![1, 2, 3],
+                reason: "admin".into(),
+                now_ms: 1,
+            })
+            .unwrap()
+        {
+            MetaResponse::Op(op) => op,
+            other => panic!("{other:?}"),
+        };
+        for (from, to) in
+            [(Phase::Planned, Phase::Created), (Phase::Created, Phase::Capturing), (Phase::Capturing, Phase::Frozen)]
+        {
+            d.apply(&MetaCommand::AdvanceOp { op_id: op, from, to, now_ms: 2 }).unwrap();
+        }
+        let r = d.ranges.remove("").unwrap();
+        d.ranges.insert("".into(), RangeDescriptor { range_id: 99, ..r });
+        let before = d.clone();
+        assert_eq!(d.apply(&MetaCommand::CommitSplit { op_id: op, now_ms: 3 }), Err(MetaError::UnknownRange(1)));
+        assert_eq!(d, before);
+    }
+
+    #[test]
+    fn a_joint_move_aborts_only_while_its_replica_is_still_a_learner() {
+        let mut d = dir4();
+        let op = plan(&mut d, 1, 1, 4).unwrap();
+        to_joint(&mut d, op);
+        let abort = |learner_only| MetaCommand::AbortOp { op_id: op, reason: "x".into(), now_ms: 3, learner_only };
+        assert_eq!(d.apply(&abort(false)), Err(MetaError::AlreadyCommitted(op)));
+        d.apply(&abort(true)).unwrap();
+        assert_eq!(d.ops[&op].phase, Phase::Aborted);
+        assert!(!d.expects_replica(4, 1));
+        assert_eq!(d.shards[&1].replicas.iter().map(|r| r.node_id).collect::<Vec<_>>(), vec![1, 2, 3]);
+        // Once committed, never.
+        d.apply(&MetaCommand::MarkCleaned { op_id: op }).unwrap();
+        let op = plan(&mut d, 1, 2, 4).unwrap();
+        to_joint(&mut d, op);
+        d.apply(&MetaCommand::CommitMove { op_id: op, now_ms: 4 }).unwrap();
+        let r = d.apply(&MetaCommand::AbortOp { op_id: op, reason: "x".into(), now_ms: 5, learner_only: true });
+        assert_eq!(r, Err(MetaError::AlreadyCommitted(op)));
+    }
+
+    #[test]
+    fn joining_under_a_taken_id_is_refused() {
+        let mut d = dir4();
+        let join = |id| MetaCommand::JoinNode { node_id: id, raft_addr: "w:1".into(), api_addr: None };
+        assert_eq!(d.apply(&join(Some(3))), Err(MetaError::NodeExists(3)));
+        assert_eq!(d.nodes[&3].raft_addr, "a:3", "the active node keeps its address");
+        assert_eq!(d.apply(&join(None)), Ok(MetaResponse::Node(5)));
+        assert_eq!(d.apply(&join(Some(9))).map(|_| ()), Err(MetaError::AddressInUse { addr: "w:1".into(), node: 5 }));
+        let fresh = MetaCommand::JoinNode { node_id: Some(9), raft_addr: "w:9".into(), api_addr: None };
+        assert_eq!(d.apply(&fresh), Ok(MetaResponse::Node(9)));
+        // Heartbeats keep updating addresses of known nodes.
+        let moved = MetaCommand::RegisterNode { node_id: Some(3), raft_addr: "a:33".into(), api_addr: None };
+        d.apply(&moved).unwrap();
+        assert_eq!(d.nodes[&3].raft_addr, "a:33");
     }
 
     #[test]

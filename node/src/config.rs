@@ -108,6 +108,11 @@ pub struct Args {
     /// Test fault point: hold operations in phases, e.g. `capturing=2000,frozen=500` (milliseconds).
     #[arg(long, env = "CLEAVE_FAULT_HOLD", hide = true)]
     pub fault_hold: Option<String>,
+    /// Test fault point: serve `POST /admin/fault/isolate-meta`, which cuts
+    /// this node's metadata-group Raft traffic (tests of a metadata leader
+    /// without its quorum).
+    #[arg(long, env = "CLEAVE_FAULT_API", hide = true)]
+    pub fault_api: Option<bool>,
 }
 
 /// Everything the node needs, resolved.
@@ -119,6 +124,7 @@ pub struct Resolved {
     pub split: crate::split::rebalancer::SplitPolicy,
     pub balance: crate::moves::balance::BalancePolicy,
     pub fault_hold: Option<String>,
+    pub fault_api: bool,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -221,6 +227,7 @@ impl Args {
                 slack: 1,
             },
             fault_hold: self.fault_hold,
+            fault_api: self.fault_api.unwrap_or(false),
         })
     }
 }

@@ -20,6 +20,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cfg = Args::parse().merged()?.resolve()?;
+    if cfg.fault_api {
+        cleave_node::raft::network::FAULT_API.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     if let Some(spec) = &cfg.fault_hold {
         cleave_node::split::driver::set_fault_hold(spec)?;
     }
@@ -33,6 +36,7 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
     let syncer = storage::Syncer::start(db.clone());
     let transport = Transport::new();
     let ctx = RaftContext {
+        addresses: Default::default(),
         db,
         syncer,
         transport,

@@ -9,6 +9,16 @@
 //! answers with the directory (when the sender's copy is older) and the
 //! current shard leaders. A new metadata leader starts with an empty tracker
 //! and fills it within one heartbeat interval.
+//!
+//! openraft keeps a leader in `ServerState::Leader` for as long as a
+//! partition lasts, so believing to lead is not enough to act: every side
+//! effect of metadata leadership — answering heartbeats (with the directory
+//! and leader hints), answering cluster views, the operation drivers, the
+//! rebalancers — first asks [`Node::confirmed_meta_leader`], which confirms
+//! leadership with a read-index round of group 0 and caches the
+//! confirmation for half an election timeout. The tracker is reset whenever
+//! a confirmation comes in a new term of group 0, so a node that leads again
+//! after a while never judges liveness from what it heard in an older term.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -31,6 +41,10 @@ struct TrackerInner {
     /// group → (term, node) of the newest leader claim.
     leaders: HashMap<u64, (u64, NodeId)>,
     since: Option<Instant>,
+    /// The term of group 0 in which this tracker records (this node leads).
+    term: Option<u64>,
+    /// When the newest read-index round confirming leadership in `term` started.
+    confirmed_at: Option<Instant>,
 }
 
 /// Heartbeat bookkeeping of the metadata leader.
@@ -40,6 +54,26 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// Whether leadership in `term` was confirmed less than `valid` ago.
+    fn confirmed(&self, term: u64, valid: Duration) -> bool {
+        let t = self.inner.lock().unwrap();
+        t.term == Some(term) && t.confirmed_at.is_some_and(|at| at.elapsed() < valid)
+    }
+
+    /// Records a confirmation of leadership in `term` by a round that
+    /// started at `started`. A new term starts the tracker afresh: nothing
+    /// heard in an earlier term (before leadership was lost) counts.
+    fn confirm(&self, term: u64, started: Instant) {
+        let mut t = self.inner.lock().unwrap();
+        if t.term != Some(term) {
+            tracing::info!(term, "leading the metadata group in a new term: liveness starts afresh");
+            *t = TrackerInner { term: Some(term), since: Some(Instant::now()), ..Default::default() };
+        }
+        if t.confirmed_at.is_none_or(|at| at < started) {
+            t.confirmed_at = Some(started);
+        }
+    }
+
     fn record(&self, hb: &Heartbeat) {
         let mut t = self.inner.lock().unwrap();
         t.since.get_or_insert_with(Instant::now);
@@ -119,12 +153,62 @@ impl Tracker {
         let t = self.inner.lock().unwrap();
         t.seen.get(&node).and_then(|(_, gs)| gs.iter().find(|g| g.group == group).cloned())
     }
+
+    /// The replicas `node` said it holds, `(group, replica)`, in its newest
+    /// heartbeat of this term, if it reported at all.
+    pub fn held(&self, node: NodeId) -> Option<Vec<(u64, u64)>> {
+        let t = self.inner.lock().unwrap();
+        t.seen.get(&node).map(|(_, gs)| gs.iter().map(|g| (g.group, g.replica_id)).collect())
+    }
 }
 
 impl Node {
-    /// Whether this node currently leads the metadata group.
+    /// Whether this node believes it leads the metadata group (openraft's
+    /// state). Not enough to act on: see [`Node::confirmed_meta_leader`].
     pub fn is_meta_leader(&self) -> bool {
         self.group(META_GROUP).is_some_and(|g| g.status().is_leader)
+    }
+
+    /// Whether this node leads the metadata group *now*: it believes so and
+    /// a quorum of group 0 confirmed it (a read-index round) less than half
+    /// an election timeout ago — no other leader can have been elected
+    /// since. Confirms again when the last confirmation is older. Every
+    /// side effect of metadata leadership is gated on this.
+    pub async fn confirmed_meta_leader(&self) -> bool {
+        let Some(g) = self.group(META_GROUP) else { return false };
+        let term = g.status().term;
+        if !g.status().is_leader {
+            return false;
+        }
+        let timeout = Duration::from_millis(self.ctx.settings.election_timeout_ms.max(2));
+        let valid = timeout / 2;
+        if self.tracker.confirmed(term, valid) {
+            return true;
+        }
+        // One round at a time; whoever waited may find it done.
+        let _one = self.meta_confirm.lock().await;
+        if self.tracker.confirmed(term, valid) {
+            return true;
+        }
+        let started = Instant::now();
+        match tokio::time::timeout(timeout, g.read_barrier()).await {
+            Ok(Ok(())) => {
+                let s = g.status();
+                if s.is_leader && s.term == term {
+                    self.tracker.confirm(term, started);
+                    return true;
+                }
+                false
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(term, "metadata leadership not confirmed: {e}");
+                false
+            }
+            Err(_) => {
+                tracing::info!(term, "metadata leadership not confirmed in time: no quorum of group 0");
+                false
+            }
+        }
     }
 
     /// This node's heartbeat.
@@ -142,6 +226,7 @@ impl Node {
                 let s = g.status();
                 GroupReport {
                     group: g.group,
+                    replica_id: g.replica_id,
                     is_leader: s.is_leader,
                     term: s.term,
                     applied: s.applied,
@@ -163,9 +248,11 @@ impl Node {
         }
     }
 
-    /// Records a heartbeat (as metadata leader) or passes it on to the leader.
+    /// Records a heartbeat (as confirmed metadata leader) or passes it on
+    /// towards the leader. A leader that cannot confirm its leadership does
+    /// not answer with its possibly frozen directory.
     pub async fn handle_heartbeat(&self, hb: Heartbeat, hops: u8) -> Result<HeartbeatAck, ExecError> {
-        if !self.is_meta_leader() {
+        if !self.confirmed_meta_leader().await {
             let leader = self.group(META_GROUP).and_then(|g| g.status().leader).map(|l| l.node_id);
             let reply = self.forward_meta(hops, leader, |hops| NodeRequest::Heartbeat { hb: hb.clone(), hops }).await?;
             return match reply {
@@ -207,10 +294,16 @@ impl Node {
         if hops >= 3 {
             return Err(ExecError::NoLeader { group: META_GROUP });
         }
-        let targets = match leader.filter(|n| *n != self.id).and_then(|n| self.raft_addr_of(n)) {
-            Some(a) => vec![a],
-            None => self.candidates(META_GROUP),
-        };
+        // The leader named first, then every other place the metadata
+        // group may be (a leader that lost its quorum answers with an
+        // error, and the next one is tried).
+        let mut targets: Vec<String> =
+            leader.filter(|n| *n != self.id).and_then(|n| self.raft_addr_of(n)).into_iter().collect();
+        for a in self.candidates(META_GROUP) {
+            if !targets.contains(&a) {
+                targets.push(a);
+            }
+        }
         let mut last = ExecError::NoLeader { group: META_GROUP };
         for addr in targets {
             match self.call(&addr, req(hops + 1), Duration::from_secs(5)).await {
@@ -248,9 +341,9 @@ impl Node {
         }
     }
 
-    /// The cluster as the metadata leader sees it.
+    /// The cluster as the (confirmed) metadata leader sees it.
     pub async fn cluster_view(&self, hops: u8) -> Result<ClusterView, ExecError> {
-        if !self.is_meta_leader() {
+        if !self.confirmed_meta_leader().await {
             let leader = self.group(META_GROUP).and_then(|g| g.status().leader).map(|l| l.node_id);
             return match self.forward_meta(hops, leader, |hops| NodeRequest::ClusterView { hops }).await? {
                 NodeReply::ClusterView(v) => Ok(v),
@@ -315,7 +408,13 @@ pub async fn heartbeat_loop(node: Arc<Node>) {
     loop {
         tick.tick().await;
         match node.beat().await {
-            Ok(()) => crate::moves::gc::collect(&node, &mut collector).await,
+            Ok(()) => {
+                // Persisted before GC acts on it: the floor GC trusts from.
+                match node.remember_directory() {
+                    Ok(()) => crate::moves::gc::collect(&node, &mut collector).await,
+                    Err(e) => tracing::warn!("persisting cluster.json: {e:#}"),
+                }
+            }
             Err(e) => tracing::debug!("heartbeat: {e}"),
         }
         crate::metrics::update_gauges(&node);

@@ -47,12 +47,59 @@ pub struct Identity {
     pub seeds: Vec<String>,
 }
 
+/// What a node remembers of the cluster across restarts, in `cluster.json`:
+/// the newest directory version it has seen and where the metadata group
+/// was then. A node that does not host the metadata group finds it again
+/// from here after a restart, even once the founding nodes (its seeds) are
+/// gone; and replica GC never trusts a directory older than that version.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterHints {
+    /// The newest directory version seen: the one installed, or the one a
+    /// replica-creating request said already lists the new replica.
+    pub directory_version: u64,
+    /// RPC addresses of the metadata group's replicas, newest known.
+    pub meta_members: Vec<String>,
+    /// RPC addresses of the other nodes not removed (any of them forwards
+    /// to the metadata leader): a last resort.
+    pub nodes: Vec<String>,
+}
+
+impl ClusterHints {
+    fn load(path: &std::path::Path) -> anyhow::Result<ClusterHints> {
+        match std::fs::read(path) {
+            Ok(b) => Ok(serde_json::from_slice(&b).with_context(|| format!("reading {}", path.display()))?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ClusterHints::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Writes the hints durably: a temporary file, fsync'd, renamed over
+    /// the old one, then the folder fsync'd.
+    fn save(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        use std::io::Write;
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
 /// A running node, shared by the API server, the RPC server and background tasks.
 pub struct Node {
     pub id: NodeId,
     pub settings: NodeSettings,
     pub ctx: RaftContext,
+    /// The founding nodes (or, after `--join`, the metadata replicas then).
     pub seeds: Vec<String>,
+    /// Persisted in `cluster.json` (see [`ClusterHints`]).
+    hints: std::sync::Mutex<ClusterHints>,
+    /// Serialises the read-index rounds that confirm metadata leadership.
+    pub(crate) meta_confirm: tokio::sync::Mutex<()>,
     groups: RwLock<HashMap<u64, Arc<GroupRaft>>>,
     directory: RwLock<Arc<Directory>>,
     /// Shard leaders as last reported by the metadata leader: group → node.
@@ -68,9 +115,6 @@ pub struct Node {
     pub drivers: crate::split::driver::Drivers,
     /// Serialises creating and destroying local replicas.
     pub group_lifecycle: tokio::sync::Mutex<()>,
-    /// Replicas created while this node runs: group → the directory version
-    /// that lists them (see `moves::gc`).
-    pub created_at: std::sync::Mutex<HashMap<u64, u64>>,
 }
 
 impl Node {
@@ -109,9 +153,12 @@ impl Node {
                 None => bail!("a new node needs --initial-cluster or --join"),
             },
         };
+        let hints = ClusterHints::load(&settings.data_dir.join("cluster.json"))?;
         let node = Arc::new(Node {
             id: identity.node_id,
             seeds: identity.seeds.clone(),
+            hints: std::sync::Mutex::new(hints),
+            meta_confirm: Default::default(),
             settings: settings.clone(),
             ctx,
             groups: RwLock::default(),
@@ -123,7 +170,6 @@ impl Node {
             forwarders: Default::default(),
             drivers: Default::default(),
             group_lifecycle: Default::default(),
-            created_at: Default::default(),
         });
         // Requests to create or destroy a replica can arrive as soon as the
         // node is published; they wait until every recorded group is open
@@ -229,8 +275,54 @@ impl Node {
     pub fn install_directory(&self, d: Directory) {
         let mut cur = self.directory.write().unwrap();
         if d.version > cur.version {
+            self.ctx.addresses.update(&d);
             *cur = Arc::new(d);
         }
+    }
+
+    /// The newest directory version this node has ever seen (persisted).
+    pub fn directory_floor(&self) -> u64 {
+        self.hints.lock().unwrap().directory_version
+    }
+
+    /// Persists what the current directory says about the cluster, if it
+    /// is newer than what `cluster.json` holds.
+    pub fn remember_directory(&self) -> anyhow::Result<()> {
+        let dir = self.directory();
+        let mut hints = self.hints.lock().unwrap();
+        if dir.version <= hints.directory_version {
+            return Ok(());
+        }
+        let addr = |n: &NodeId| dir.nodes.get(n).map(|d| d.raft_addr.clone());
+        let mut next = ClusterHints {
+            directory_version: dir.version,
+            meta_members: dir.meta.iter().flat_map(|m| m.replicas.iter()).filter_map(|r| addr(&r.node_id)).collect(),
+            nodes: dir
+                .nodes
+                .values()
+                .filter(|n| n.id != self.id && n.state != cleave_metadata::NodeState::Removed)
+                .map(|n| n.raft_addr.clone())
+                .collect(),
+        };
+        if next.meta_members.is_empty() {
+            next.meta_members = hints.meta_members.clone();
+        }
+        next.save(&self.settings.data_dir.join("cluster.json"))?;
+        *hints = next;
+        Ok(())
+    }
+
+    /// Records durably that a directory of version `v` exists (a request to
+    /// create a replica said it lists the replica), before acting on it.
+    pub fn raise_directory_floor(&self, v: u64) -> anyhow::Result<()> {
+        let mut hints = self.hints.lock().unwrap();
+        if v <= hints.directory_version {
+            return Ok(());
+        }
+        let next = ClusterHints { directory_version: v, ..hints.clone() };
+        next.save(&self.settings.data_dir.join("cluster.json"))?;
+        *hints = next;
+        Ok(())
     }
 
     pub fn set_leader_hints(&self, leaders: &[(u64, NodeId)]) {
@@ -269,7 +361,11 @@ impl Node {
             }
         }
         if group == META_GROUP {
-            out.extend(self.seeds.iter().filter(|s| **s != self.settings.raft_addr).cloned());
+            // Where the metadata group was last seen (persisted), then any
+            // node known, then the seeds of the first start.
+            let hints = self.hints.lock().unwrap().clone();
+            let fallbacks = hints.meta_members.iter().chain(&hints.nodes).chain(&self.seeds);
+            out.extend(fallbacks.filter(|s| **s != self.settings.raft_addr).cloned());
         }
         let mut seen = std::collections::HashSet::new();
         out.retain(|a| seen.insert(a.clone()));

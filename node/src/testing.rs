@@ -22,6 +22,7 @@ pub fn temp_db() -> (tempfile::TempDir, Arc<Db>) {
 pub fn temp_ctx() -> (tempfile::TempDir, crate::raft::RaftContext) {
     let (dir, db) = temp_db();
     let ctx = crate::raft::RaftContext {
+        addresses: crate::raft::AddressBook::default(),
         syncer: storage::Syncer::start(db.clone()),
         db,
         transport: crate::rpc::Transport::new(),

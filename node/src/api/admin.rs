@@ -54,12 +54,32 @@ pub async fn join(
 ) -> Result<Json<JoinResponse>, ApiError> {
     let body = body.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
     let req: JoinRequest = super::json_object(&body, r#"{"node_id": n?, "raft_addr": "...", "api_addr": "..."}"#)?;
-    let cmd =
-        MetaCommand::RegisterNode { node_id: req.node_id, raft_addr: req.raft_addr, api_addr: Some(req.api_addr) };
+    // Refused for an id already taken (an active node's, say a wiped one
+    // rejoining with `--id`): it would inherit that node's replicas on paper.
+    let cmd = MetaCommand::JoinNode { node_id: req.node_id, raft_addr: req.raft_addr, api_addr: Some(req.api_addr) };
     match s.node.propose_meta(cmd, 0).await? {
         MetaResponse::Node(node_id) => Ok(Json(JoinResponse { node_id })),
         other => Err(ApiError::new(ErrorCode::Internal, format!("unexpected answer {other:?}"))),
     }
+}
+
+/// `POST /admin/fault/isolate-meta {"isolated": bool}`: a test fault point
+/// (only with `--fault-api true`) cutting this node's metadata-group Raft
+/// traffic both ways.
+pub async fn isolate_meta(body: Result<Bytes, BytesRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+    use std::sync::atomic::Ordering;
+    if !crate::raft::network::FAULT_API.load(Ordering::Relaxed) {
+        return Err(ApiError::new(ErrorCode::NotFound, "no such endpoint"));
+    }
+    let body = body.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+    #[derive(serde::Deserialize)]
+    struct Req {
+        isolated: bool,
+    }
+    let req: Req = super::json_object(&body, r#"{"isolated": bool}"#)?;
+    crate::raft::network::ISOLATE_META.store(req.isolated, Ordering::Relaxed);
+    tracing::warn!(isolated = req.isolated, "fault point: metadata group traffic");
+    Ok(Json(json!({"isolated": req.isolated})))
 }
 
 pub async fn health(State(s): State<AppState>) -> impl IntoResponse {

@@ -47,7 +47,8 @@ impl From<ExecError> for ApiError {
                 MetaError::RangeBusy { .. }
                 | MetaError::ShardBusy { .. }
                 | MetaError::AlreadyCommitted(_)
-                | MetaError::WrongPhase { .. },
+                | MetaError::WrongPhase { .. }
+                | MetaError::NodeExists(_),
             )
             | ExecError::Refused(_) => ApiError::new(ErrorCode::VersionConflict, msg),
             ExecError::Meta(

@@ -76,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/operations", get(ops::list))
         .route("/admin/operations/{id}", get(ops::get))
         .route("/admin/operations/{id}/cancel", post(ops::cancel))
+        .route("/admin/fault/isolate-meta", post(admin::isolate_meta))
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), stamp_directory_version))

@@ -31,7 +31,7 @@ pub async fn transfer_leader(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Json<TransferLeaderResponse>, ApiError> {
     let req: TransferLeaderRequest = super::json_object(&body(raw)?, r#"{"shard_id": n, "to_node": n}"#)?;
-    s.node.transfer_leader(req.shard_id, req.to_node).await?;
+    s.node.admin_transfer_leader(req.shard_id, req.to_node).await?;
     Ok(Json(TransferLeaderResponse { shard_id: req.shard_id, leader: req.to_node }))
 }
 

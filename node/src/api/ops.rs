@@ -63,7 +63,12 @@ pub async fn cancel(
     path: Result<Path<u64>, PathRejection>,
 ) -> Result<Json<OperationView>, ApiError> {
     let id = op_id(path)?;
-    let cmd = MetaCommand::AbortOp { op_id: id, reason: "cancelled by request".into(), now_ms: now_ms() };
+    let cmd = MetaCommand::AbortOp {
+        op_id: id,
+        reason: "cancelled by request".into(),
+        now_ms: now_ms(),
+        learner_only: false,
+    };
     s.node.propose_meta(cmd, 0).await?;
     view(&s, id).await
 }

@@ -5,7 +5,10 @@
 //! In order of urgency:
 //! 1. **Heal**: a replica on a node silent for longer than `node_dead_after`
 //!    is replaced by one on a live node, so every group returns to its
-//!    replication factor without anyone's help.
+//!    replication factor without anyone's help. Healing is per replica too:
+//!    a replica the directory lists on a node that heartbeats but has not
+//!    reported holding it (that replica id) for `node_dead_after` — deleted
+//!    by mistake, or lost with a wiped disk — is replaced the same way.
 //! 2. **Decommission**: replicas leave decommissioning nodes; a
 //!    decommissioning node left with none is marked removed.
 //! 3. **Balance replicas**: while some live node holds more than `slack`
@@ -96,11 +99,26 @@ impl View<'_> {
     }
 }
 
-/// Picks what to start now. `leaders`: group → node currently leading it.
+/// Replicas the directory lists on live nodes that do not report holding
+/// them: `(group, node)` → for how long they have been missing.
+pub type Missing = BTreeMap<(ShardId, NodeId), Duration>;
+
+/// The replicas in `dir` on `node` missing from `held`, the `(group,
+/// replica)` pairs the node reported.
+pub fn missing_on(dir: &Directory, node: NodeId, held: &[(ShardId, u64)]) -> Vec<ShardId> {
+    dir.groups_on(node)
+        .filter(|g| g.replica_on(node).is_some_and(|r| !held.contains(&(g.shard_id, r.replica_id))))
+        .map(|g| g.shard_id)
+        .collect()
+}
+
+/// Picks what to start now. `leaders`: group → node currently leading it;
+/// `missing`: see [`Missing`].
 pub fn plan(
     dir: &Directory,
     health: &[NodeHealth],
     leaders: &HashMap<ShardId, NodeId>,
+    missing: &Missing,
     policy: &BalancePolicy,
 ) -> Vec<Action> {
     let v = View {
@@ -121,7 +139,8 @@ pub fn plan(
         }
         for r in &g.replicas {
             let leaving = dir.nodes.get(&r.node_id).is_some_and(|n| n.state == NodeState::Decommissioning);
-            let reason = if v.dead(r.node_id) {
+            let lost = missing.get(&(g.shard_id, r.node_id)).is_some_and(|d| *d >= policy.node_dead_after);
+            let reason = if v.dead(r.node_id) || (lost && v.up(r.node_id)) {
                 "heal"
             } else if leaving {
                 "decommission"
@@ -236,9 +255,12 @@ mod tests {
         let mut h = up(&d);
         h[2] = NodeHealth { id: 3, up: false, silent_for: Duration::from_secs(30) };
         let l = leaders(&[(0, 1), (1, 2)]);
-        assert!(plan(&d, &h, &l, &policy()).is_empty(), "suspect only: wait, and do not balance either");
+        assert!(
+            plan(&d, &h, &l, &Missing::new(), &policy()).is_empty(),
+            "suspect only: wait, and do not balance either"
+        );
         h[2].silent_for = Duration::from_secs(61);
-        let a = plan(&d, &h, &l, &policy());
+        let a = plan(&d, &h, &l, &Missing::new(), &policy());
         assert_eq!(
             a,
             vec![
@@ -254,11 +276,11 @@ mod tests {
         let mut h = up(&d);
         h[2] = NodeHealth { id: 3, up: false, silent_for: Duration::from_secs(61) };
         let p = BalancePolicy { max_moves: 1, ..policy() };
-        assert_eq!(plan(&d, &h, &leaders(&[]), &p).len(), 1);
+        assert_eq!(plan(&d, &h, &leaders(&[]), &Missing::new(), &p).len(), 1);
         let mut d2 = d.clone();
         d2.apply(&MetaCommand::PlanMove { shard_id: 0, from_node: 3, to_node: 4, reason: "heal".into(), now_ms: 0 })
             .unwrap();
-        let a = plan(&d2, &h, &leaders(&[]), &policy());
+        let a = plan(&d2, &h, &leaders(&[]), &Missing::new(), &policy());
         assert_eq!(a, vec![Action::Move { shard: 1, from: 3, to: 4, reason: "heal" }], "group 0 is busy");
     }
 
@@ -266,7 +288,7 @@ mod tests {
     fn decommissioning_moves_everything_then_removes_the_node() {
         let mut d = cluster(4);
         d.apply(&MetaCommand::SetNodeState { node_id: 2, state: NodeState::Decommissioning }).unwrap();
-        let a = plan(&d, &up(&d), &leaders(&[]), &policy());
+        let a = plan(&d, &up(&d), &leaders(&[]), &Missing::new(), &policy());
         assert_eq!(
             a,
             vec![
@@ -296,7 +318,7 @@ mod tests {
             d.apply(&MetaCommand::CommitMove { op_id: op, now_ms: 0 }).unwrap();
             d.apply(&MetaCommand::FinishOp { op_id: op, write_pause_ms: None, now_ms: 0 }).unwrap();
         }
-        assert_eq!(plan(&d, &up(&d), &leaders(&[]), &policy()), vec![Action::MarkRemoved { node: 2 }]);
+        assert_eq!(plan(&d, &up(&d), &leaders(&[]), &Missing::new(), &policy()), vec![Action::MarkRemoved { node: 2 }]);
     }
 
     #[test]
@@ -311,7 +333,7 @@ mod tests {
         let mut l = leaders(&[(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]);
         let mut moves = 0;
         loop {
-            let a = plan(&d, &up(&d), &l, &policy());
+            let a = plan(&d, &up(&d), &l, &Missing::new(), &policy());
             let Some(first) = a.first().cloned() else { break };
             match first {
                 Action::Move { shard, from, to, reason } => {
@@ -340,11 +362,29 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_missing_from_a_live_nodes_reports_is_replaced() {
+        let d = cluster(4);
+        let r3 = d.shards[&1].replica_on(3).unwrap().replica_id;
+        // Node 3 heartbeats but holds only the metadata group.
+        let meta3 = d.meta.as_ref().unwrap().replica_on(3).unwrap().replica_id;
+        assert_eq!(missing_on(&d, 3, &[(0, meta3)]), vec![1]);
+        assert_eq!(missing_on(&d, 3, &[(0, meta3), (1, r3)]), Vec::<u64>::new());
+        assert_eq!(missing_on(&d, 3, &[(0, meta3), (1, r3 + 100)]), vec![1], "another replica id is not it");
+        let l = leaders(&[(0, 1), (1, 2)]);
+        let mut m = Missing::new();
+        m.insert((1, 3), Duration::from_secs(5));
+        let off = BalancePolicy { balance: false, ..policy() };
+        assert!(plan(&d, &up(&d), &l, &m, &off).is_empty(), "missing only for a moment");
+        m.insert((1, 3), Duration::from_secs(60));
+        assert_eq!(plan(&d, &up(&d), &l, &m, &off), vec![Action::Move { shard: 1, from: 3, to: 4, reason: "heal" }]);
+    }
+
+    #[test]
     fn balanced_clusters_are_left_alone() {
         let d = cluster(3);
-        assert!(plan(&d, &up(&d), &leaders(&[(0, 1), (1, 2)]), &policy()).is_empty());
+        assert!(plan(&d, &up(&d), &leaders(&[(0, 1), (1, 2)]), &Missing::new(), &policy()).is_empty());
         let off = BalancePolicy { balance: false, ..policy() };
         let d4 = cluster(4);
-        assert!(plan(&d4, &up(&d4), &leaders(&[(0, 1), (1, 1)]), &off).is_empty());
+        assert!(plan(&d4, &up(&d4), &leaders(&[(0, 1), (1, 1)]), &Missing::new(), &off).is_empty());
     }
 }

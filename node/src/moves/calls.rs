@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use cleave_metadata::{MetaCommand, MetaError, MetaResponse, NodeId, NodeState, OpId, ShardId};
+use cleave_metadata::{MetaCommand, MetaError, MetaResponse, NodeId, NodeState, OpId, OpKind, ShardId};
 
 use crate::node::Node;
 use crate::raft::membership::{MembershipError, MembershipView};
@@ -17,6 +17,13 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a leader transfer may take before the API gives up.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The running move of `shard`, if one runs.
+pub fn moving(dir: &cleave_metadata::Directory, shard: ShardId) -> Option<OpId> {
+    dir.active_ops()
+        .find(|op| matches!(&op.kind, OpKind::Move { shard_id, .. } if *shard_id == shard))
+        .map(|op| op.op_id)
+}
+
 /// Carries out `change` on `g`, which believes it leads.
 async fn execute(g: &GroupRaft, change: &MembershipChange) -> Result<(), MembershipError> {
     match change.clone() {
@@ -24,9 +31,9 @@ async fn execute(g: &GroupRaft, change: &MembershipChange) -> Result<(), Members
         MembershipChange::AddLearner { replica, node_id, raft_addr } => {
             g.add_learner(replica, ReplicaNode { node_id, raft_addr }).await
         }
-        MembershipChange::EnterJoint { from, to } => g.enter_joint(from, to).await,
-        MembershipChange::ChangeVoters { voters } => g.change_voters(voters).await,
-        MembershipChange::RemoveLearners { learners } => g.remove_learners(learners).await,
+        MembershipChange::EnterJoint { from, to, expected } => g.enter_joint(from, to, expected).await,
+        MembershipChange::ChangeVoters { voters, expected } => g.change_voters(voters, expected).await,
+        MembershipChange::RemoveLearners { learners, expected } => g.remove_learners(learners, expected).await,
         MembershipChange::TransferLeader { to } => g.transfer_leader(to).await,
     }
 }
@@ -95,6 +102,21 @@ impl Node {
             MetaResponse::Op(op) => Ok(op),
             other => Err(ExecError::Internal(format!("unexpected answer {other:?}"))),
         }
+    }
+
+    /// `POST /admin/transfer-leader`: like [`Node::transfer_leader`], but
+    /// refused while a move of the shard runs (its driver moves leadership
+    /// itself, and the two would ping-pong it during `Learning`). Judged on
+    /// the metadata leader's directory when it answers, else on this node's.
+    pub async fn admin_transfer_leader(&self, shard_id: ShardId, to_node: NodeId) -> Result<(), ExecError> {
+        let dir = match self.cluster_view(0).await {
+            Ok(v) => v.directory,
+            Err(_) => (*self.directory()).clone(),
+        };
+        if let Some(op_id) = moving(&dir, shard_id) {
+            return Err(ExecError::Meta(MetaError::ShardBusy { shard_id, op_id }));
+        }
+        self.transfer_leader(shard_id, to_node).await
     }
 
     /// Makes `to_node`'s replica the leader of `shard_id`; returns once it

@@ -10,6 +10,14 @@
 //!   entering the joint configuration, so that no abort can race with it.
 //! - `Joint`: enter and flatten the joint configuration (finishing whatever
 //!   a previous driver left half done), then record the new replica set.
+//!   If the new replica's node dies before the joint configuration is
+//!   entered, the replica stays a learner that never catches up: while it
+//!   is still only a learner the move is aborted ([`learner_stuck`]), so it
+//!   does not hold its group and a `--max-moves` slot forever.
+//!
+//! Every membership change carries the configuration id of the view it was
+//! decided from, and the group's leader refuses it if the configuration has
+//! changed since (`raft::membership`).
 //! - `Committed`: delete the leaving replica and its data.
 //! - `Aborted`: revert the configuration and delete the new replica.
 
@@ -28,14 +36,37 @@ use crate::split::driver::{advance, hold_ms, now_ms};
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the learner may go without catching up any further.
 const LEARN_STALL: Duration = Duration::from_secs(60);
+/// How long the new replica's node may be silent, in `Joint` before the
+/// joint configuration is entered, before the move is given up.
+const TARGET_GONE: Duration = Duration::from_secs(10);
+/// How long a move may stay in `Joint` with its new replica still a learner.
+const JOINT_CATCH_UP: Duration = Duration::from_secs(60);
+
+/// Why a move in `Joint` whose new replica is still only a learner (the
+/// joint configuration not entered) should be given up, if it should: its
+/// node is down (`target_up` false, silent for `target_silent`), or it has
+/// not caught up within [`JOINT_CATCH_UP`] of entering the phase.
+pub fn learner_stuck(target_up: bool, target_silent: Duration, in_phase: Duration) -> Option<&'static str> {
+    if !target_up && target_silent >= TARGET_GONE {
+        Some("the new replica's node is down and the joint configuration was not entered")
+    } else if in_phase >= JOINT_CATCH_UP {
+        Some("the new replica did not catch up before the joint configuration was entered")
+    } else {
+        None
+    }
+}
 
 async fn meta(node: &Node, cmd: MetaCommand) -> Result<(), ExecError> {
     crate::split::driver::meta(node, cmd).await.map(|_| ())
 }
 
-async fn abort(node: &Node, op: &Operation, reason: &str) -> Result<bool, ExecError> {
-    tracing::warn!(op = op.op_id, "aborting move: {reason}");
-    meta(node, MetaCommand::AbortOp { op_id: op.op_id, reason: reason.to_string(), now_ms: now_ms() }).await?;
+/// Abandons the move. `learner_only`: the driver just saw the group outside
+/// any joint configuration with the new replica only a learner (the only
+/// case in which a move in `Joint` may be abandoned).
+async fn abort(node: &Node, op: &Operation, reason: &str, learner_only: bool) -> Result<bool, ExecError> {
+    tracing::warn!(op = op.op_id, phase = ?op.phase, "aborting move: {reason}");
+    let cmd = MetaCommand::AbortOp { op_id: op.op_id, reason: reason.to_string(), now_ms: now_ms(), learner_only };
+    meta(node, cmd).await?;
     metrics::counter!("cleave_moves_aborted_total").increment(1);
     Ok(true)
 }
@@ -64,7 +95,7 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
         return Ok(false);
     }
     if matches!(op.phase, Phase::Planned | Phase::Created) && in_phase_ms > SETUP_TIMEOUT.as_millis() as u64 {
-        return abort(node, op, "the new replica could not be set up in time").await;
+        return abort(node, op, "the new replica could not be set up in time", false).await;
     }
     match op.phase {
         Phase::Planned => {
@@ -101,7 +132,7 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
                     if improved {
                         *last_progress = Instant::now();
                     } else if last_progress.elapsed() > LEARN_STALL {
-                        return abort(node, op, "the new replica stopped catching up").await;
+                        return abort(node, op, "the new replica stopped catching up", false).await;
                     }
                     Ok(false)
                 }
@@ -117,20 +148,35 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
             }
         }
         Phase::Joint => {
+            let enter_hold = crate::split::driver::hold_named_ms("enter_joint");
+            if enter_hold > 0 && in_phase_ms < enter_hold {
+                return Ok(false);
+            }
             let view = observe(node, shard).await?;
+            let expected = view.config_id;
             match plan::forward(&view, from.replica_id, to.replica_id) {
-                Step::WaitCommit | Step::WaitCatchUp { .. } => Ok(false),
-                Step::AddLearner => add_learner(node, shard, to).await.map(|_| false),
+                Step::WaitCommit => Ok(false),
+                // Not joint, and the new replica only a learner (or not even that).
+                Step::WaitCatchUp { .. } | Step::AddLearner => {
+                    let (up, silent) = (node.tracker.is_up(to.node_id), node.tracker.silent_for(to.node_id));
+                    if let Some(why) = learner_stuck(up, silent, Duration::from_millis(in_phase_ms)) {
+                        return abort(node, op, why, true).await;
+                    }
+                    if matches!(plan::forward(&view, from.replica_id, to.replica_id), Step::AddLearner) {
+                        add_learner(node, shard, to).await?;
+                    }
+                    Ok(false)
+                }
                 Step::TransferLeader { to: next } => {
                     change(node, shard, MembershipChange::TransferLeader { to: next }).await.map(|_| false)
                 }
                 Step::EnterJoint => {
-                    let c = MembershipChange::EnterJoint { from: from.replica_id, to: to.replica_id };
+                    let c = MembershipChange::EnterJoint { from: from.replica_id, to: to.replica_id, expected };
                     change(node, shard, c).await.map(|_| true)
                 }
                 Step::ChangeVoters { .. } if held => Ok(false),
                 Step::ChangeVoters { voters } => {
-                    change(node, shard, MembershipChange::ChangeVoters { voters }).await.map(|_| true)
+                    change(node, shard, MembershipChange::ChangeVoters { voters, expected }).await.map(|_| true)
                 }
                 Step::Done => {
                     meta(node, MetaCommand::CommitMove { op_id: op.op_id, now_ms: now_ms() }).await?;
@@ -151,15 +197,16 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
             // to revert; otherwise undo whatever the group holds.
             if op.entered(Phase::Created).is_some() {
                 let view = observe(node, shard).await?;
+                let expected = view.config_id;
                 match plan::revert(&view, from.replica_id, to.replica_id) {
                     Step::Done => {}
                     Step::ChangeVoters { voters } => {
-                        change(node, shard, MembershipChange::ChangeVoters { voters }).await?;
+                        change(node, shard, MembershipChange::ChangeVoters { voters, expected }).await?;
                         return Ok(false);
                     }
                     Step::RemoveLearner => {
                         let learners = [to.replica_id].into_iter().collect();
-                        change(node, shard, MembershipChange::RemoveLearners { learners }).await?;
+                        change(node, shard, MembershipChange::RemoveLearners { learners, expected }).await?;
                         return Ok(false);
                     }
                     _ => return Ok(false),
@@ -203,4 +250,19 @@ async fn report_progress(
         meta(node, MetaCommand::ReportProgress { op_id: op.op_id, progress }).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_learner_whose_node_died_before_the_joint_configuration_is_given_up() {
+        let s = Duration::from_secs;
+        assert_eq!(learner_stuck(true, s(0), s(5)), None);
+        assert_eq!(learner_stuck(false, s(4), s(5)), None, "a node silent for a moment is not gone");
+        assert!(learner_stuck(false, TARGET_GONE, s(5)).is_some());
+        // Alive but never catching up: bounded too.
+        assert!(learner_stuck(true, s(0), JOINT_CATCH_UP).is_some());
+    }
 }

@@ -11,18 +11,29 @@
 //! Deleting a replica that is still a member would lose a voter's data, so
 //! the rule is conservative: the replica must be missing from a directory
 //! just confirmed by the metadata leader (right after a heartbeat answer),
-//! continuously for [`GRACE`], and not created in this run from a newer
-//! directory than the one at hand.
+//! continuously for [`GRACE`]; that directory must be at least as new as
+//! the newest this node has ever seen ([`Node::directory_floor`], persisted
+//! in `cluster.json`, raised by every replica-creating request before the
+//! replica is created, so it survives kill -9 and restart); and the check
+//! is made again under the lifecycle lock right before the destroy, so a
+//! `CreateGroup` that landed meanwhile is never destroyed.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use cleave_metadata::Directory;
+use cleave_metadata::{Directory, NodeId};
 
 use crate::node::Node;
 
 /// How long a replica must stay unlisted before it is deleted.
 pub const GRACE: Duration = Duration::from_secs(10);
+
+/// Whether `dir` says `node` may delete its replica of `group`: the
+/// directory is known, not older than `floor` (the newest version this
+/// node has seen), and neither lists the replica nor creates one there.
+pub fn unwanted(dir: &Directory, floor: u64, node: NodeId, group: u64) -> bool {
+    dir.version > 0 && dir.version >= floor && !dir.expects_replica(node, group)
+}
 
 /// Replicas seen unlisted, and since when.
 #[derive(Default)]
@@ -32,15 +43,12 @@ pub struct Collector {
 
 impl Collector {
     /// The local groups to delete now, given the fresh directory `dir`, the
-    /// groups held here with the directory version that created each in
-    /// this run (if any).
-    pub fn due(&mut self, dir: &Directory, node: u64, held: &[(u64, Option<u64>)], now: Instant) -> Vec<u64> {
+    /// directory floor and the groups held here.
+    pub fn due(&mut self, dir: &Directory, floor: u64, node: NodeId, held: &[u64], now: Instant) -> Vec<u64> {
         let mut due = Vec::new();
         let mut still = HashMap::new();
-        for (group, created_at) in held {
-            let unwanted =
-                dir.version > 0 && created_at.is_none_or(|v| dir.version >= v) && !dir.expects_replica(node, *group);
-            if !unwanted {
+        for group in held {
+            if !unwanted(dir, floor, node, *group) {
                 continue;
             }
             let since = *self.unlisted_since.get(group).unwrap_or(&now);
@@ -59,19 +67,34 @@ impl Collector {
 pub async fn collect(node: &Node, collector: &mut Collector) {
     let dir = node.directory();
     let groups = node.groups();
-    let held: Vec<(u64, Option<u64>)> = {
-        let created = node.created_at.lock().unwrap();
-        groups.iter().map(|g| (g.group, created.get(&g.group).copied())).collect()
-    };
-    for group in collector.due(&dir, node.id, &held, Instant::now()) {
+    let held: Vec<u64> = groups.iter().map(|g| g.group).collect();
+    for group in collector.due(&dir, node.directory_floor(), node.id, &held, Instant::now()) {
         // The replica judged unlisted, by its id: a newer one created
         // meanwhile is not the one to delete.
         let Some(replica_id) = groups.iter().find(|g| g.group == group).map(|g| g.replica_id) else { continue };
-        tracing::info!(group, replica_id, "deleting a replica the directory no longer lists");
-        if let Err(e) = node.destroy_group(group, replica_id).await {
-            tracing::warn!(group, "replica gc: {e}");
+        match node.collect_replica(group, replica_id).await {
+            Ok(true) => metrics::counter!("cleave_replicas_collected_total").increment(1),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(group, "replica gc: {e}"),
         }
-        metrics::counter!("cleave_replicas_collected_total").increment(1);
+    }
+}
+
+impl Node {
+    /// Deletes this node's replica `replica_id` of `group` if, checked again
+    /// under the lifecycle lock, it is still the replica held here and the
+    /// newest directory still does not want it. Returns whether it did.
+    pub async fn collect_replica(&self, group: u64, replica_id: u64) -> Result<bool, crate::rpc::ExecError> {
+        let _guard = self.group_lifecycle.lock().await;
+        let held = self.group(group).map(|g| g.replica_id);
+        let dir = self.directory();
+        if held != Some(replica_id) || !unwanted(&dir, self.directory_floor(), self.id, group) {
+            tracing::info!(group, replica_id, ?held, "replica gc: wanted again, or replaced; kept");
+            return Ok(false);
+        }
+        tracing::info!(group, replica_id, version = dir.version, "deleting a replica the directory no longer lists");
+        self.stop_and_destroy(group, replica_id).await?;
+        Ok(true)
     }
 }
 
@@ -89,9 +112,9 @@ mod tests {
         let mut c = Collector::default();
         let t0 = Instant::now();
         // node 1 holds the metadata group and shard 1 (listed) and group 7 (not)
-        let held = [(0, None), (1, None), (7, None)];
-        assert!(c.due(&d, 1, &held, t0).is_empty(), "grace period first");
-        assert_eq!(c.due(&d, 1, &held, t0 + GRACE), vec![7]);
+        let held = [0, 1, 7];
+        assert!(c.due(&d, 0, 1, &held, t0).is_empty(), "grace period first");
+        assert_eq!(c.due(&d, 0, 1, &held, t0 + GRACE), vec![7]);
     }
 
     #[test]
@@ -99,19 +122,39 @@ mod tests {
         let d = dir();
         let mut c = Collector::default();
         let t0 = Instant::now();
-        assert!(c.due(&d, 1, &[(7, None)], t0).is_empty());
-        assert!(c.due(&d, 1, &[], t0 + GRACE / 2).is_empty(), "gone meanwhile");
-        assert!(c.due(&d, 1, &[(7, None)], t0 + GRACE).is_empty(), "seen unlisted anew");
+        assert!(c.due(&d, 0, 1, &[7], t0).is_empty());
+        assert!(c.due(&d, 0, 1, &[], t0 + GRACE / 2).is_empty(), "gone meanwhile");
+        assert!(c.due(&d, 0, 1, &[7], t0 + GRACE).is_empty(), "seen unlisted anew");
     }
 
     #[test]
-    fn replicas_created_from_a_newer_directory_are_kept() {
+    fn no_directory_older_than_the_newest_seen_is_trusted() {
         let d = dir();
         let mut c = Collector::default();
         let t0 = Instant::now();
-        let held = [(7, Some(d.version + 5))];
-        assert!(c.due(&d, 1, &held, t0).is_empty());
-        assert!(c.due(&d, 1, &held, t0 + GRACE * 2).is_empty());
-        assert!(c.due(&Directory::default(), 1, &[(7, None)], t0 + GRACE * 3).is_empty(), "no directory yet");
+        // A replica was created from directory version d.version + 5 (or a
+        // directory that new was installed before a restart): the older
+        // directory at hand, say from a metadata leader cut off from its
+        // quorum, does not list it and must not have it deleted.
+        let floor = d.version + 5;
+        assert!(c.due(&d, floor, 1, &[7], t0).is_empty());
+        assert!(c.due(&d, floor, 1, &[7], t0 + GRACE * 2).is_empty());
+        assert!(c.due(&Directory::default(), 0, 1, &[7], t0 + GRACE * 3).is_empty(), "no directory yet");
+        assert!(c.due(&d, d.version, 1, &[7], t0 + GRACE * 4).is_empty(), "grace starts once trusted");
+        assert_eq!(c.due(&d, d.version, 1, &[7], t0 + GRACE * 5), vec![7]);
+    }
+
+    #[test]
+    fn the_check_made_again_before_the_destroy_sees_a_create_that_landed_meanwhile() {
+        let d = dir();
+        let mut c = Collector::default();
+        let t0 = Instant::now();
+        c.due(&d, 0, 1, &[7], t0);
+        assert_eq!(c.due(&d, 0, 1, &[7], t0 + GRACE), vec![7], "judged unwanted");
+        // Then a CreateGroup for group 7 lands, from a directory two
+        // versions on: it raised the floor. The check under the lifecycle
+        // lock refuses the destroy.
+        let floor = d.version + 2;
+        assert!(!unwanted(&d, floor, 1, 7));
     }
 }

@@ -125,6 +125,7 @@ mod tests {
             committed: true,
             last_log_index: Some(100),
             matched,
+            config_id: None,
         }
     }
 

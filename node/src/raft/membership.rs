@@ -12,10 +12,13 @@
 //! 3. [`GroupRaft::change_voters`]: flattens it to `{new}` (or back to
 //!    `{old}` to revert) and drops members that are no longer voters.
 //!
-//! Every change carries openraft's `LastMembershipLogId` precondition: it is
-//! proposed only if the group's membership is still the one this replica
-//! looked at, so two drivers (an old and a new metadata leader) can never
-//! interleave changes. [`MembershipView`] is what the driver reads to decide
+//! Every change carries the [`ConfigId`] of the configuration its driver
+//! observed (in the [`MembershipView`] it decided from) and is proposed with
+//! openraft's `LastMembershipLogId` precondition on exactly that id: a
+//! driver that decided from an older configuration — a stale metadata
+//! leader's driver, or one whose look predates a later move's joint
+//! configuration — is refused at the group's leader, so two drivers can
+//! never interleave changes. [`MembershipView`] is what the driver reads to decide
 //! the next step; the decision itself is pure (`moves::plan`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,6 +31,10 @@ use openraft::{ChangeMembers, Membership, Precondition, ServerState};
 use serde::{Deserialize, Serialize};
 
 use super::{GroupRaft, ReplicaNode, TypeConfig};
+
+/// Which configuration a view showed: the log id of the membership entry
+/// (`None` before any). Opaque outside this module.
+pub type ConfigId = Option<openraft::alias::LogIdOf<TypeConfig>>;
 
 /// A group's configuration as one replica (normally the leader) sees it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
@@ -46,6 +53,9 @@ pub struct MembershipView {
     pub last_log_index: Option<u64>,
     /// Leader only: the highest log index each other member is known to hold.
     pub matched: BTreeMap<ReplicaId, u64>,
+    /// The configuration's membership log id: pass it with a change
+    /// decided from this view.
+    pub config_id: ConfigId,
 }
 
 impl MembershipView {
@@ -91,6 +101,17 @@ fn write_err(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Membersh
     }
 }
 
+/// Refuses a change decided from another configuration than the current one.
+fn check_expected(current: ConfigId, expected: ConfigId) -> Result<(), MembershipError> {
+    if current == expected {
+        Ok(())
+    } else {
+        Err(MembershipError::Refused(format!(
+            "the configuration changed since it was observed (now {current:?}, observed {expected:?})"
+        )))
+    }
+}
+
 impl GroupRaft {
     /// The group's configuration as this replica sees it.
     pub fn membership(&self) -> MembershipView {
@@ -107,6 +128,7 @@ impl GroupRaft {
             committed,
             last_log_index: m.last_log_index,
             matched: m.replication.iter().flatten().map(|(r, l)| (*r, l.as_ref().map_or(0, |l| l.index))).collect(),
+            config_id: *stored.log_id(),
         }
     }
 
@@ -127,10 +149,12 @@ impl GroupRaft {
     }
 
     /// Enters the joint configuration `{old} ∧ {old - from + to}` from the
-    /// uniform `{old}`, in one entry. `to` must already be a learner.
-    pub async fn enter_joint(&self, from: ReplicaId, to: ReplicaId) -> Result<(), MembershipError> {
+    /// uniform `{old}`, in one entry, if the configuration is still
+    /// `expected`. `to` must already be a learner.
+    pub async fn enter_joint(&self, from: ReplicaId, to: ReplicaId, expected: ConfigId) -> Result<(), MembershipError> {
         self.ensure_leader()?;
         let stored = self.raft.metrics().borrow_watched().membership_config.clone();
+        check_expected(*stored.log_id(), expected)?;
         let membership = stored.membership();
         let configs = membership.get_joint_config();
         if configs.len() != 1 {
@@ -142,29 +166,38 @@ impl GroupRaft {
         new.insert(to);
         let nodes: BTreeMap<ReplicaId, ReplicaNode> = membership.nodes().map(|(r, n)| (*r, n.clone())).collect();
         let joint = Membership::new(vec![old, new], nodes).map_err(|e| MembershipError::Refused(e.to_string()))?;
-        let guard = Precondition::LastMembershipLogId { last_membership_log_id: *stored.log_id() };
+        let guard = Precondition::LastMembershipLogId { last_membership_log_id: expected };
         let payload = <openraft::alias::PayloadOf<TypeConfig> as RaftPayload>::blank();
         self.raft.append_membership(joint, payload, [guard]).await.map(|_| ()).map_err(write_err)
     }
 
     /// Makes `voters` the (uniform) voter set, passing through a joint
     /// configuration when needed; members that are no longer voters are
-    /// removed from the group.
-    pub async fn change_voters(&self, voters: BTreeSet<ReplicaId>) -> Result<(), MembershipError> {
-        self.change_if_unchanged(ChangeMembers::ReplaceAllVoters(voters)).await
+    /// removed from the group. Only if the configuration is still `expected`.
+    pub async fn change_voters(&self, voters: BTreeSet<ReplicaId>, expected: ConfigId) -> Result<(), MembershipError> {
+        self.change_if_unchanged(ChangeMembers::ReplaceAllVoters(voters), expected).await
     }
 
-    /// Removes learners from the group.
-    pub async fn remove_learners(&self, learners: BTreeSet<ReplicaId>) -> Result<(), MembershipError> {
-        self.change_if_unchanged(ChangeMembers::RemoveNodes(learners)).await
+    /// Removes learners from the group, if the configuration is still `expected`.
+    pub async fn remove_learners(
+        &self,
+        learners: BTreeSet<ReplicaId>,
+        expected: ConfigId,
+    ) -> Result<(), MembershipError> {
+        self.change_if_unchanged(ChangeMembers::RemoveNodes(learners), expected).await
     }
 
     /// Proposes `change` (dropping members that stop being voters) only if
-    /// the membership is still the one this replica sees now.
-    async fn change_if_unchanged(&self, change: ChangeMembers<ReplicaId, ReplicaNode>) -> Result<(), MembershipError> {
+    /// the membership is still `expected`, the one the caller decided from.
+    async fn change_if_unchanged(
+        &self,
+        change: ChangeMembers<ReplicaId, ReplicaNode>,
+        expected: ConfigId,
+    ) -> Result<(), MembershipError> {
         self.ensure_leader()?;
         let stored = self.raft.metrics().borrow_watched().membership_config.clone();
-        let guard = Precondition::LastMembershipLogId { last_membership_log_id: *stored.log_id() };
+        check_expected(*stored.log_id(), expected)?;
+        let guard = Precondition::LastMembershipLogId { last_membership_log_id: expected };
         self.raft.change_membership_if(change, false, [guard]).await.map(|_| ()).map_err(write_err)
     }
 

@@ -116,9 +116,30 @@ pub fn decode_applied_index(b: &[u8]) -> Option<u64> {
     crate::codec::decode::<openraft::alias::LogIdOf<TypeConfig>>(b).ok().map(|l| l.index)
 }
 
+/// The current RPC address of every node, from the newest directory this
+/// node knows. Raft messages go to a replica's node by its id through this
+/// book, so a node that comes back on another address is reached at once,
+/// without a membership change in every group it holds.
+#[derive(Clone, Default)]
+pub struct AddressBook(Arc<RwLock<std::collections::HashMap<NodeId, String>>>);
+
+impl AddressBook {
+    pub fn get(&self, node: NodeId) -> Option<String> {
+        self.0.read().unwrap().get(&node).cloned()
+    }
+
+    /// Replaces the book with the addresses of `dir`.
+    pub fn update(&self, dir: &Directory) {
+        let mut book = self.0.write().unwrap();
+        book.clear();
+        book.extend(dir.nodes.values().map(|n| (n.id, n.raft_addr.clone())));
+    }
+}
+
 /// What every group on the node shares.
 #[derive(Clone)]
 pub struct RaftContext {
+    pub addresses: AddressBook,
     pub db: Arc<Db>,
     pub syncer: Syncer,
     pub transport: Transport,
@@ -354,7 +375,7 @@ impl GroupRaft {
             installing: installing.clone(),
             failed: failed.clone(),
         };
-        let net = network::NetworkFactory { group, transport: ctx.transport.clone() };
+        let net = network::NetworkFactory { group, transport: ctx.transport.clone(), addresses: ctx.addresses.clone() };
         let raft = Raft::new(desc.replica_id, Arc::new(config), net, log, sm).await?;
         Ok(GroupRaft {
             group,

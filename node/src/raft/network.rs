@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::io::{Seek, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use openraft::alias::{SnapshotOf, VoteOf};
@@ -25,6 +26,18 @@ use tokio::io::AsyncReadExt;
 use super::snapshot::{self, SnapshotFile};
 use super::{GroupRaft, ReplicaNode, TypeConfig};
 use crate::rpc::{self, Lane, Transport};
+
+/// Test fault points: whether `POST /admin/fault/isolate-meta` is served
+/// (`--fault-api true`), and whether this node's metadata-group Raft
+/// traffic is cut, both ways — the node stays reachable for everything
+/// else, like a metadata leader partitioned from the other metadata
+/// replicas only.
+pub static FAULT_API: AtomicBool = AtomicBool::new(false);
+pub static ISOLATE_META: AtomicBool = AtomicBool::new(false);
+
+fn meta_isolated(group: u64) -> bool {
+    group == cleave_metadata::META_GROUP && ISOLATE_META.load(Ordering::Relaxed)
+}
 
 /// Size of one snapshot chunk on the wire.
 const SNAPSHOT_CHUNK: usize = 1 << 20;
@@ -59,21 +72,41 @@ pub enum RaftReply {
 pub struct NetworkFactory {
     pub(super) group: u64,
     pub(super) transport: Transport,
+    pub(super) addresses: super::AddressBook,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = GroupNetwork;
 
     async fn new_client(&mut self, _target: u64, node: &ReplicaNode) -> GroupNetwork {
-        GroupNetwork { group: self.group, addr: node.raft_addr.clone(), transport: self.transport.clone() }
+        GroupNetwork {
+            group: self.group,
+            node_id: node.node_id,
+            recorded_addr: node.raft_addr.clone(),
+            addresses: self.addresses.clone(),
+            transport: self.transport.clone(),
+        }
     }
 }
 
 /// The client side of one group's link to one target replica.
+///
+/// The target's address is looked up at every send: the node's current
+/// address from the directory (a node restarted on another port
+/// re-registers it), else the one recorded in the group's membership when
+/// the replica was added.
 pub struct GroupNetwork {
     group: u64,
-    addr: String,
+    node_id: cleave_metadata::NodeId,
+    recorded_addr: String,
+    addresses: super::AddressBook,
     transport: Transport,
+}
+
+impl GroupNetwork {
+    fn addr(&self) -> String {
+        self.addresses.get(self.node_id).unwrap_or_else(|| self.recorded_addr.clone())
+    }
 }
 
 fn unreachable(msg: impl std::fmt::Display) -> Unreachable<TypeConfig> {
@@ -82,9 +115,12 @@ fn unreachable(msg: impl std::fmt::Display) -> Unreachable<TypeConfig> {
 
 impl GroupNetwork {
     async fn call(&self, msg: RaftRpc, ttl: Duration) -> Result<RaftReply, Unreachable<TypeConfig>> {
+        if meta_isolated(self.group) {
+            return Err(unreachable("fault point: metadata group traffic cut"));
+        }
         let lane = if matches!(msg, RaftRpc::SnapshotChunk { .. }) { Lane::Bulk } else { Lane::Default };
         let req = rpc::Request::Raft { group: self.group, msg };
-        match self.transport.call_on(lane, &self.addr, req, ttl).await {
+        match self.transport.call_on(lane, &self.addr(), req, ttl).await {
             Ok(rpc::Response::Raft(Ok(reply))) => Ok(reply),
             Ok(rpc::Response::Raft(Err(e))) => Err(unreachable(e)),
             Ok(other) => Err(unreachable(format!("unexpected reply {other:?}"))),
@@ -185,6 +221,9 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
 
 /// Handles a Raft message addressed to `group`'s local replica.
 pub async fn handle(g: &GroupRaft, snapshot_root: &Path, msg: RaftRpc) -> Result<RaftReply, String> {
+    if meta_isolated(g.group) {
+        return Err("fault point: metadata group traffic cut".into());
+    }
     let raft = &g.raft;
     match msg {
         RaftRpc::Append(req) => raft.append_entries(req).await.map(RaftReply::Append).map_err(|e| e.to_string()),

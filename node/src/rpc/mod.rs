@@ -16,7 +16,7 @@ pub use transport::{Lane, RpcError, Transport};
 
 use crate::command::{KvCommand, KvError, ShardCommand, StepError};
 use crate::kv::Incoming;
-use crate::raft::membership::MembershipView;
+use crate::raft::membership::{ConfigId, MembershipView};
 use crate::raft::network::{RaftReply, RaftRpc};
 use crate::raft::SmState;
 
@@ -117,6 +117,8 @@ pub enum NodeReply {
 }
 
 /// A membership step carried out by a group's leader (see `raft::membership`).
+/// The changes carry the configuration id of the view their driver decided
+/// from; the leader refuses them if the group's configuration is another.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum MembershipChange {
     /// Change nothing; answer with the current configuration.
@@ -129,12 +131,15 @@ pub enum MembershipChange {
     EnterJoint {
         from: u64,
         to: u64,
+        expected: ConfigId,
     },
     ChangeVoters {
         voters: std::collections::BTreeSet<u64>,
+        expected: ConfigId,
     },
     RemoveLearners {
         learners: std::collections::BTreeSet<u64>,
+        expected: ConfigId,
     },
     TransferLeader {
         to: u64,
@@ -173,6 +178,8 @@ pub struct Heartbeat {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct GroupReport {
     pub group: u64,
+    /// The replica held (the metadata leader compares it with the directory).
+    pub replica_id: u64,
     pub is_leader: bool,
     pub term: u64,
     pub applied: Option<u64>,

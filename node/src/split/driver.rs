@@ -35,24 +35,40 @@ pub fn now_ms() -> u64 {
 /// every operation in the named phases for at least that many milliseconds
 /// (from when it entered the phase, as recorded in the directory, so the
 /// hold survives a change of metadata leader). Tests use it to kill nodes
-/// at a chosen phase.
-static HOLDS: std::sync::OnceLock<Vec<(Phase, u64)>> = std::sync::OnceLock::new();
+/// at a chosen phase. Besides phase names, `enter_joint=MS` holds a move
+/// in `Joint` *before* its joint configuration is entered (a hold of
+/// `joint` holds it inside the joint configuration).
+static HOLDS: std::sync::OnceLock<Vec<(String, u64)>> = std::sync::OnceLock::new();
+
+/// Hold points that are not phases.
+const EXTRA_HOLDS: [&str; 1] = ["enter_joint"];
 
 /// Parses and installs the fault-point spec; call once at start-up.
 pub fn set_fault_hold(spec: &str) -> anyhow::Result<()> {
     let mut holds = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (name, ms) = part.split_once('=').ok_or_else(|| anyhow::anyhow!("{part:?} is not PHASE=MS"))?;
-        let phase: Phase = serde_json::from_value(serde_json::Value::String(name.trim().into()))
-            .map_err(|_| anyhow::anyhow!("unknown phase {name:?}"))?;
-        holds.push((phase, ms.trim().parse()?));
+        let name = name.trim();
+        if !EXTRA_HOLDS.contains(&name) {
+            serde_json::from_value::<Phase>(serde_json::Value::String(name.into()))
+                .map_err(|_| anyhow::anyhow!("unknown phase {name:?}"))?;
+        }
+        holds.push((name.to_string(), ms.trim().parse()?));
     }
     let _ = HOLDS.set(holds);
     Ok(())
 }
 
+/// The hold of a named point (a phase's name, or one of [`EXTRA_HOLDS`]).
+pub fn hold_named_ms(name: &str) -> u64 {
+    HOLDS.get().and_then(|h| h.iter().find(|(p, _)| p == name)).map_or(0, |(_, ms)| *ms)
+}
+
 pub fn hold_ms(phase: Phase) -> u64 {
-    HOLDS.get().and_then(|h| h.iter().find(|(p, _)| *p == phase)).map_or(0, |(_, ms)| *ms)
+    match serde_json::to_value(phase) {
+        Ok(serde_json::Value::String(name)) => hold_named_ms(&name),
+        _ => 0,
+    }
 }
 
 /// Operations this node is driving.
@@ -66,7 +82,7 @@ pub async fn supervise(node: Arc<Node>) {
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         tick.tick().await;
-        if !node.is_meta_leader() {
+        if !node.confirmed_meta_leader().await {
             continue;
         }
         let ops: Vec<OpId> = node.directory().active_ops().map(|o| o.op_id).collect();
@@ -87,7 +103,7 @@ async fn drive(node: &Arc<Node>, op_id: OpId) {
     let mut last_progress = Instant::now();
     let mut failures = 0u32;
     loop {
-        if !node.is_meta_leader() {
+        if !node.confirmed_meta_leader().await {
             return;
         }
         let Some(op) = node.directory().ops.get(&op_id).cloned() else { return };
@@ -314,7 +330,9 @@ async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> 
 
 async fn abort(node: &Node, op: &Operation, reason: &str) -> Result<bool, ExecError> {
     tracing::warn!(op = op.op_id, "aborting split: {reason}");
-    meta(node, MetaCommand::AbortOp { op_id: op.op_id, reason: reason.to_string(), now_ms: now_ms() }).await?;
+    let cmd =
+        MetaCommand::AbortOp { op_id: op.op_id, reason: reason.to_string(), now_ms: now_ms(), learner_only: false };
+    meta(node, cmd).await?;
     metrics::counter!("cleave_splits_aborted_total").increment(1);
     Ok(true)
 }

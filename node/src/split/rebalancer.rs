@@ -87,7 +87,7 @@ pub async fn run(node: Arc<Node>, policy: SplitPolicy) {
     let mut hot_since: HashMap<u64, std::time::Instant> = HashMap::new();
     loop {
         tick.tick().await;
-        if !node.is_meta_leader() {
+        if !node.confirmed_meta_leader().await {
             hot_since.clear();
             continue;
         }

@@ -156,7 +156,9 @@ impl Node {
                 self.stop_and_destroy(group, old).await?;
             }
         }
-        self.created_at.lock().unwrap().insert(group, dir_version);
+        // The sender's directory lists this replica: from now on replica GC
+        // trusts no older directory (persisted, so a restart keeps it too).
+        self.raise_directory_floor(dir_version).map_err(internal)?;
         let raft = GroupRaft::create(&self.ctx, group, replica_id, state).await.map_err(internal)?;
         let members: BTreeMap<u64, ReplicaNode> =
             members.into_iter().map(|(r, node_id, raft_addr)| (r, ReplicaNode { node_id, raft_addr })).collect();
@@ -205,12 +207,11 @@ impl Node {
     /// Removes the local replica of `group` (if any) from the node, stops it
     /// so no task of it writes again, and deletes its data. Call with the
     /// lifecycle lock held.
-    async fn stop_and_destroy(&self, group: u64, replica_id: u64) -> Result<(), ExecError> {
+    pub(crate) async fn stop_and_destroy(&self, group: u64, replica_id: u64) -> Result<(), ExecError> {
         if let Some(g) = self.remove_group(group) {
             g.shutdown().await;
         }
         GroupRaft::destroy(&self.ctx, group, replica_id).map_err(|e| ExecError::Internal(format!("{e:#}")))?;
-        self.created_at.lock().unwrap().remove(&group);
         crate::metrics::forget_group(group);
         tracing::info!(group, replica_id, "destroyed replica");
         Ok(())
