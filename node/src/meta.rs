@@ -307,8 +307,11 @@ impl Node {
         let mut last = ExecError::NoLeader { group: META_GROUP };
         for addr in targets {
             match self.call(&addr, req(hops + 1), Duration::from_secs(5)).await {
-                Ok(r) => return Ok(r),
-                Err(e) => last = e,
+                // Only "not here": the next place may lead. An answer (an
+                // error included: a refused split is a 400) is the answer,
+                // and a timeout may have applied a proposal: never sent on.
+                Err(e @ (ExecError::Unavailable(_) | ExecError::NoLeader { .. })) => last = e,
+                r => return r,
             }
         }
         Err(last)

@@ -344,6 +344,15 @@ impl Cluster {
                 matches!(r.status, 200 | 404).then_some(())
             })
             .await;
+            // Admin requests need a metadata leader that has confirmed its
+            // leadership: its first election can take a second round when
+            // the founders start one after the other.
+            wait_for(left(), format_args!("node {id} to reach the metadata leader"), || async {
+                self.assert_running();
+                let r = self.http.get_path(&api, "/admin/nodes").await.ok()?;
+                (r.status == 200).then_some(())
+            })
+            .await;
         }
     }
 
