@@ -626,6 +626,13 @@ impl Directory {
 
     fn apply_in_place(&mut self, cmd: &MetaCommand) -> Result<MetaResponse, MetaError> {
         let resp = match cmd {
+            // A join retried after its answer was lost (same id, same
+            // address, still active) gets the same answer, not a refusal.
+            MetaCommand::JoinNode { node_id: Some(id), raft_addr, .. }
+                if self.nodes.get(id).is_some_and(|n| n.state == NodeState::Active && &n.raft_addr == raft_addr) =>
+            {
+                return Ok(MetaResponse::Node(*id));
+            }
             MetaCommand::JoinNode { node_id: Some(id), .. } if self.nodes.contains_key(id) => {
                 return Err(match self.nodes[id].state {
                     NodeState::Removed => MetaError::NodeRemoved(*id),
@@ -1158,6 +1165,9 @@ mod move_tests {
         assert_eq!(d.apply(&join(Some(9))).map(|_| ()), Err(MetaError::AddressInUse { addr: "w:1".into(), node: 5 }));
         let fresh = MetaCommand::JoinNode { node_id: Some(9), raft_addr: "w:9".into(), api_addr: None };
         assert_eq!(d.apply(&fresh), Ok(MetaResponse::Node(9)));
+        let version = d.version;
+        assert_eq!(d.apply(&fresh), Ok(MetaResponse::Node(9)), "a retried join gets the same answer");
+        assert_eq!(d.version, version, "and changes nothing");
         // Heartbeats keep updating addresses of known nodes.
         let moved = MetaCommand::RegisterNode { node_id: Some(3), raft_addr: "a:33".into(), api_addr: None };
         d.apply(&moved).unwrap();

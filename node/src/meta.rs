@@ -63,10 +63,20 @@ impl Tracker {
     /// Records a confirmation of leadership in `term` by a round that
     /// started at `started`. A new term starts the tracker afresh: nothing
     /// heard in an earlier term (before leadership was lost) counts.
-    fn confirm(&self, term: u64, started: Instant) {
+    /// Forgets the cached confirmation (leadership is being handed away).
+    pub fn unconfirm(&self) {
+        self.inner.lock().unwrap().confirmed_at = None;
+    }
+
+    /// A confirmation after a lapse longer than `lapse` (leadership could
+    /// not be confirmed for that long — the quorum was out of reach, even if
+    /// the term did not change) starts afresh too: heartbeats were not
+    /// recorded meanwhile, so their ages say nothing about the nodes.
+    fn confirm(&self, term: u64, started: Instant, lapse: Duration) {
         let mut t = self.inner.lock().unwrap();
-        if t.term != Some(term) {
-            tracing::info!(term, "leading the metadata group in a new term: liveness starts afresh");
+        let lapsed = t.confirmed_at.is_some_and(|at| started.saturating_duration_since(at) > lapse);
+        if t.term != Some(term) || lapsed {
+            tracing::info!(term, lapsed, "leading the metadata group anew: liveness starts afresh");
             *t = TrackerInner { term: Some(term), since: Some(Instant::now()), ..Default::default() };
         }
         if t.confirmed_at.is_none_or(|at| at < started) {
@@ -195,7 +205,7 @@ impl Node {
             Ok(Ok(())) => {
                 let s = g.status();
                 if s.is_leader && s.term == term {
-                    self.tracker.confirm(term, started);
+                    self.tracker.confirm(term, started, valid * 4);
                     return true;
                 }
                 false
@@ -421,5 +431,41 @@ pub async fn heartbeat_loop(node: Arc<Node>) {
             Err(e) => tracing::debug!("heartbeat: {e}"),
         }
         crate::metrics::update_gauges(&node);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(node: NodeId) -> Heartbeat {
+        Heartbeat {
+            node_id: node,
+            raft_addr: String::new(),
+            api_addr: String::new(),
+            directory_version: 0,
+            groups: vec![],
+        }
+    }
+
+    #[test]
+    fn liveness_starts_afresh_after_a_new_term_or_a_lapse_in_confirmation() {
+        let t = Tracker::default();
+        let valid = Duration::from_millis(500);
+        let t0 = Instant::now();
+        t.confirm(1, t0, valid * 4);
+        t.record(&beat(2));
+        assert!(t.live_nodes().contains(&2));
+        // Confirmed again soon after, in the same term: history kept.
+        t.confirm(1, t0 + valid, valid * 4);
+        assert!(t.live_nodes().contains(&2));
+        // Confirmed again only after a long lapse (the quorum was out of
+        // reach), same term: what was heard before says nothing now.
+        t.confirm(1, t0 + valid * 10, valid * 4);
+        assert!(t.live_nodes().is_empty(), "a lapse must reset liveness");
+        t.record(&beat(3));
+        // A new term: afresh as well.
+        t.confirm(2, t0 + valid * 11, valid * 4);
+        assert!(t.live_nodes().is_empty(), "a new term must reset liveness");
     }
 }

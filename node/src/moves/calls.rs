@@ -27,7 +27,14 @@ pub fn moving(dir: &cleave_metadata::Directory, shard: ShardId) -> Option<OpId> 
 /// Carries out `change` on `g`, which believes it leads.
 async fn execute(g: &GroupRaft, change: &MembershipChange) -> Result<(), MembershipError> {
     match change.clone() {
-        MembershipChange::Observe => Ok(()),
+        // A look the driver decides from (an abort, say) must come from the
+        // leader, not from a replica that only believes it leads: confirm
+        // with a quorum first.
+        MembershipChange::Observe => g.read_barrier().await.map_err(|e| match e {
+            crate::raft::ReadError::NotLeader { leader } => MembershipError::NotLeader { leader },
+            crate::raft::ReadError::NoQuorum(m) => MembershipError::Refused(format!("leadership not confirmed: {m}")),
+            crate::raft::ReadError::Fatal(m) => MembershipError::Fatal(m),
+        }),
         MembershipChange::AddLearner { replica, node_id, raft_addr } => {
             g.add_learner(replica, ReplicaNode { node_id, raft_addr }).await
         }
@@ -48,13 +55,20 @@ impl Node {
         hops: u8,
     ) -> Result<MembershipView, ExecError> {
         let leader = match self.group(group) {
-            Some(g) if g.status().is_leader => match tokio::time::timeout(CHANGE_TIMEOUT, execute(&g, &change)).await {
-                Err(_) => return Err(ExecError::Timeout(format!("membership change of group {group}"))),
-                Ok(Ok(())) => return Ok(g.membership()),
-                Ok(Err(MembershipError::NotLeader { leader })) => leader.map(|l| l.node_id),
-                Ok(Err(MembershipError::Refused(m))) => return Err(ExecError::Refused(m)),
-                Ok(Err(MembershipError::Fatal(m))) => return Err(ExecError::Internal(m)),
-            },
+            Some(g) if g.status().is_leader => {
+                if group == cleave_metadata::META_GROUP && matches!(change, MembershipChange::TransferLeader { .. }) {
+                    // The new leader may win its election within the cached
+                    // confirmation's life: act on no cached confirmation.
+                    self.tracker.unconfirm();
+                }
+                match tokio::time::timeout(CHANGE_TIMEOUT, execute(&g, &change)).await {
+                    Err(_) => return Err(ExecError::Timeout(format!("membership change of group {group}"))),
+                    Ok(Ok(())) => return Ok(g.membership()),
+                    Ok(Err(MembershipError::NotLeader { leader })) => leader.map(|l| l.node_id),
+                    Ok(Err(MembershipError::Refused(m))) => return Err(ExecError::Refused(m)),
+                    Ok(Err(MembershipError::Fatal(m))) => return Err(ExecError::Internal(m)),
+                }
+            }
             Some(g) => g.status().leader.map(|l| l.node_id),
             None => None,
         };
