@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::history::{Op, Workload};
+use crate::history::{Call, Op, Workload};
 use crate::monotonic::check_monotonic;
 use crate::register::{check_key, KeyVerdict};
 use crate::scan::{check_scans, ScanReport};
@@ -67,6 +67,10 @@ pub struct CheckReport {
     #[serde(default)]
     pub scan: ScanReport,
     pub anomalies: Vec<Anomaly>,
+    /// Checks that ran but had nothing to decide on (a workload none of
+    /// whose operations completed): the history has not passed them.
+    #[serde(default)]
+    pub unchecked: Vec<String>,
 }
 
 /// What a history amounts to.
@@ -91,7 +95,7 @@ impl CheckReport {
 
     /// Keys whose search gave up.
     pub fn undecided(&self) -> usize {
-        self.register.unknown.len()
+        self.register.unknown.len() + self.unchecked.len()
     }
 
     /// Anomalies make the history invalid; otherwise an undecided key makes
@@ -158,6 +162,10 @@ pub fn check_history(ops: &[Op], set_content: Option<&BTreeMap<String, u64>>, ma
 
     let scans: Vec<&Op> = ops.iter().filter(|o| o.workload == Workload::Scan).collect();
     report.scan = check_scans(&scans);
+    let tried = scans.iter().filter(|o| matches!(o.call, Call::Scan)).count();
+    if tried > 0 && report.scan.scans == 0 {
+        report.unchecked.push(format!("scan: none of {tried} scans completed, so none was checked"));
+    }
     for p in std::mem::take(&mut report.scan.problems) {
         report.anomalies.push(Anomaly {
             kind: p.kind.clone(),
@@ -247,5 +255,23 @@ mod tests {
         assert_eq!(check_history(&client, None, 50).verdict(), Verdict::Inconclusive);
         let found = check_history(&client, None, 1_000_000);
         assert_eq!(found.anomalies[0].workload, Workload::Client);
+    }
+
+    #[test]
+    fn a_scan_workload_none_of_whose_scans_completed_has_not_passed() {
+        let failed = |id| Op {
+            outcome: Outcome::Failed { reason: "413 on a cursor".into() },
+            ..op(id, Workload::Scan, "", Call::Scan, id, Ret::NotFound)
+        };
+        let ops = vec![
+            op(1, Workload::Scan, "s1", Call::Write { value: 1 }, 0, Ret::Written { version: 1 }),
+            failed(2),
+            failed(3),
+        ];
+        let report = check_history(&ops, None, 1000);
+        assert!(report.anomalies.is_empty());
+        assert_eq!(report.verdict(), Verdict::Inconclusive, "{:?}", report.unchecked);
+        // Without any scan attempted there is nothing to hold against it.
+        assert_eq!(check_history(&ops[..1], None, 1000).verdict(), Verdict::Valid);
     }
 }

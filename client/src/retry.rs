@@ -176,7 +176,11 @@ pub(crate) fn classify_status(status: u16, code: Option<ErrorCode>) -> Option<Fa
     match status {
         421 => Some(Failure::StaleRoute),
         503 if code == Some(ErrorCode::RangeMoving) => Some(Failure::RangeMoving),
-        503 => Some(Failure::Unavailable),
+        // Only a CleaveDB error body proves the request was refused before
+        // anything was applied; a bare 503 may be a proxy's, after its
+        // upstream took the request and then went away.
+        503 if code.is_some() => Some(Failure::Unavailable),
+        503 => Some(Failure::NoAnswer),
         504 => Some(Failure::NoAnswer),
         _ => None,
     }
@@ -297,7 +301,7 @@ mod tests {
     #[test]
     fn only_421_503_504_are_retryable_statuses() {
         assert_eq!(classify_status(421, Some(ErrorCode::StaleRoute)), Some(Failure::StaleRoute));
-        assert_eq!(classify_status(503, None), Some(Failure::Unavailable));
+        assert_eq!(classify_status(503, None), Some(Failure::NoAnswer), "a bare 503 proves nothing");
         assert_eq!(classify_status(503, Some(ErrorCode::Unavailable)), Some(Failure::Unavailable));
         assert_eq!(classify_status(503, Some(ErrorCode::RangeMoving)), Some(Failure::RangeMoving));
         assert_eq!(classify_status(504, None), Some(Failure::NoAnswer));
