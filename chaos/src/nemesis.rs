@@ -563,12 +563,17 @@ impl Nemesis {
                     (*id, phase)
                 })
                 .collect();
-            // "unknown": no longer listed (finished long ago) or not readable.
-            let running: Vec<String> = found
-                .iter()
-                .filter(|(_, p)| !matches!(p.as_str(), "done" | "aborted" | "unknown"))
-                .map(|(id, p)| format!("op {id} {p}"))
-                .collect();
+            // "unknown": no longer listed (finished long ago). A list that
+            // could not be read at all proves nothing: every operation
+            // counts as still running until one can be read.
+            let running: Vec<String> = match &ops {
+                None => self.report.operation_ids.iter().map(|id| format!("op {id} (operations unreadable)")).collect(),
+                Some(_) => found
+                    .iter()
+                    .filter(|(_, p)| !matches!(p.as_str(), "done" | "aborted" | "unknown"))
+                    .map(|(id, p)| format!("op {id} {p}"))
+                    .collect(),
+            };
             if running.is_empty() || tokio::time::Instant::now() >= deadline {
                 for (_, p) in found {
                     *phases.entry(p).or_default() += 1;
