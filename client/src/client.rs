@@ -447,6 +447,14 @@ mod tests {
         assert_send(&c.follow_decommission(2, Duration::from_millis(1), |_| {}));
     }
 
+    /// A client of one endpoint, without smart routing, quick to retry.
+    fn plain_client(addr: &str) -> Client {
+        let opts = ClientOptions::default()
+            .with_smart_routing(false)
+            .with_backoff(Duration::from_millis(1), Duration::from_millis(2));
+        Client::with_options([addr], opts).unwrap()
+    }
+
     fn error(code: &str, message: &str) -> String {
         serde_json::json!({"error": {"code": code, "message": message}}).to_string()
     }
@@ -521,13 +529,7 @@ mod tests {
             ("GET /v1/kv".into(), 200, r#"{"key":"k","value":5,"version":1}"#.into()),
         ])
         .await;
-        let client = Client::with_options(
-            [&mock.addr],
-            ClientOptions::default()
-                .with_smart_routing(false)
-                .with_backoff(Duration::from_millis(1), Duration::from_millis(2)),
-        )
-        .unwrap();
+        let client = plain_client(&mock.addr);
         assert_eq!(client.put("k", &5, None).await.unwrap().version, 1);
         assert_eq!(client.get("k", Consistency::Linearizable).await.unwrap().unwrap().version, 1);
         let lines: Vec<String> = mock.received().into_iter().map(|r| r.line).collect();
@@ -552,13 +554,7 @@ mod tests {
             ("POST".into(), 409, error("version_conflict", "operation 3 is not running")),
         ])
         .await;
-        let client = Client::with_options(
-            [&mock.addr],
-            ClientOptions::default()
-                .with_smart_routing(false)
-                .with_backoff(Duration::from_millis(1), Duration::from_millis(2)),
-        )
-        .unwrap();
+        let client = plain_client(&mock.addr);
         let r = client.cancel_operation(3).await;
         assert!(matches!(r, Err(Error::Indeterminate(_))), "{r:?}");
         let posts = mock.received().into_iter().filter(|r| r.line.starts_with("POST")).count();

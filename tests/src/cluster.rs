@@ -537,12 +537,42 @@ fn node_log_filter() -> Option<String> {
     std::env::var("CLEAVE_NODE_LOG").ok()
 }
 
-/// `n` distinct free ports on 127.0.0.1 (bound to port 0 together, read,
-/// then released).
+/// `n` distinct free ports on 127.0.0.1 for nodes to listen on.
+///
+/// Chosen *below* the kernel's ephemeral range: a port picked by binding
+/// port 0 comes from that range, and between its release and the node's
+/// bind, any outgoing connection of a test running alongside may take it as
+/// its source port (seen in CI: a node exiting with "binding …: address in
+/// use"). Ports below the range are never given to outgoing connections.
+/// Each port is checked free by binding it, and never handed out twice by
+/// this process.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> =
-        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0")).collect();
-    listeners.iter().map(|l| l.local_addr().expect("local addr").port()).collect()
+    static HANDED: Mutex<Option<(u64, std::collections::BTreeSet<u16>)>> = Mutex::new(None);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_001 + 4 * n as u16));
+    let mut guard = HANDED.lock().unwrap_or_else(|e| e.into_inner());
+    let (rng, handed) = guard.get_or_insert_with(|| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        (t ^ (u64::from(std::process::id()) << 32) | 1, Default::default())
+    });
+    let mut out = Vec::new();
+    for _ in 0..100_000 {
+        if out.len() == n {
+            return out;
+        }
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        let port = low + (*rng % u64::from(high - low)) as u16;
+        if !handed.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed.insert(port);
+            out.push(port);
+        }
+    }
+    panic!("no {n} free ports found in {low}..{high}");
 }
 
 /// The last `lines` lines of a file (reads at most the last 256 KiB).
