@@ -104,6 +104,16 @@ impl ShardState {
         self.ranges.iter().find(|r| r.contains(key))
     }
 
+    /// Whether one owned range holds all of `[start, end)` (`end = None`: to
+    /// the end of the key space).
+    pub fn owns(&self, start: &str, end: Option<&str>) -> bool {
+        self.owner(start).is_some_and(|r| match (&r.end, end) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(re), Some(e)) => e <= re.as_str(),
+        })
+    }
+
     /// Whether operation `op`'s capture has ended on this shard.
     pub fn has_ended(&self, op: OpId) -> bool {
         op <= self.ended_below || self.ended_ops.binary_search(&op).is_ok()

@@ -138,14 +138,10 @@ pub(crate) fn owned_snapshot<'a>(
     if g.is_installing() {
         return Ok(None);
     }
-    let covers = |r: &cleave_metadata::RangeDescriptor| match (&r.end, end) {
-        (None, _) => true,
-        (Some(_), None) => false,
-        (Some(re), Some(e)) => e <= re.as_str(),
-    };
-    match s.owner(start) {
-        Some(r) if covers(r) => Ok(Some(db.snapshot())),
-        _ => Err(ExecError::Kv(KvError::WrongRange { ranges: s.ranges.clone() })),
+    if s.owns(start, end) {
+        Ok(Some(db.snapshot()))
+    } else {
+        Err(ExecError::Kv(KvError::WrongRange { ranges: s.ranges.clone() }))
     }
 }
 

@@ -19,15 +19,6 @@ fn drop_forward_log(db: &Db, group: u64, op: u64, batch: &mut rocksdb::WriteBatc
     batch.delete_range_cf(cf, kv::forward_key(group, op, 0), kv::forward_key(group, op.wrapping_add(1), 0));
 }
 
-/// Whether the shard owns all of `[start, end)` through one range.
-fn owns(state: &ShardState, start: &str, end: Option<&str>) -> bool {
-    state.owner(start).is_some_and(|r| match (&r.end, end) {
-        (None, _) => true,
-        (Some(_), None) => false,
-        (Some(re), Some(e)) => e <= re.as_str(),
-    })
-}
-
 /// Applies one split step at log `index`. Answers the entry index (for
 /// `Freeze`, the freeze index).
 pub fn apply(
@@ -47,7 +38,7 @@ pub fn apply(
             if state.has_ended(*op_id) {
                 return Ok(Err(StepError::Ended { op_id: *op_id }));
             }
-            if !owns(state, start, end.as_deref()) {
+            if !state.owns(start, end.as_deref()) {
                 return Ok(Err(StepError::NotOwned { start: start.clone(), end: end.clone() }));
             }
             if let Some(c) = state.captures.iter().find(|c| c.overlaps(start, end.as_deref())) {

@@ -13,7 +13,6 @@ use crate::node::Node;
 use crate::raft::{GroupRaft, ReplicaNode, SmState};
 use crate::rpc::{ExecError, NodeReply, NodeRequest};
 
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new replica waits for its group's leader before initialising
 /// the group itself.
 pub const FALLBACK_INIT: Duration = Duration::from_secs(3);
@@ -25,7 +24,7 @@ impl Node {
             return Box::pin(self.handle_node_request(req)).await;
         }
         let addr = self.raft_addr_of(id).ok_or(ExecError::Unavailable(format!("node {id} has no known address")))?;
-        self.call(&addr, req, CALL_TIMEOUT).await
+        self.call(&addr, req, crate::router::INTERNAL_TIMEOUT).await
     }
 
     /// Runs `local` here if this node leads `shard` (after a read barrier),
