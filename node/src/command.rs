@@ -18,7 +18,7 @@ pub enum Command {
     Shard(ShardCommand),
 }
 
-/// Steps of a split as seen by the shards (see `split-protocol.md`).
+/// Steps of a split as seen by the shards (see `docs/split-protocol.md`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum ShardCommand {
     /// Source: from this entry on, writes to `[start, end)` are also logged

@@ -105,7 +105,8 @@ pub struct Args {
     /// directory), in milliseconds [default: 1000].
     #[arg(long, env = "CLEAVE_NODE_HEARTBEAT_MS")]
     pub node_heartbeat_ms: Option<u64>,
-    /// Test fault point: hold operations in phases, e.g. `capturing=2000,frozen=500` (milliseconds).
+    /// Test fault point: hold operations in phases, e.g. `capturing=2000,frozen=500` (milliseconds);
+    /// `enter_joint=MS` holds a move in `Joint` before its joint configuration is entered.
     #[arg(long, env = "CLEAVE_FAULT_HOLD", hide = true)]
     pub fault_hold: Option<String>,
     /// Test fault point: serve `POST /admin/fault/isolate-meta`, which cuts
@@ -121,8 +122,8 @@ pub struct Resolved {
     pub raft: RaftSettings,
     pub listen_api: String,
     pub listen_raft: String,
-    pub split: crate::split::rebalancer::SplitPolicy,
-    pub balance: crate::moves::balance::BalancePolicy,
+    pub split: crate::balance::auto_split::SplitPolicy,
+    pub balance: crate::balance::replicas::BalancePolicy,
     pub fault_hold: Option<String>,
     pub fault_api: bool,
 }
@@ -213,14 +214,14 @@ impl Args {
             },
             listen_api,
             listen_raft,
-            split: crate::split::rebalancer::SplitPolicy {
+            split: crate::balance::auto_split::SplitPolicy {
                 split_size: self.split_size.unwrap_or(64 << 20),
                 split_qps: self.split_qps.unwrap_or(2500.0),
                 split_qps_window: Duration::from_secs(self.split_qps_window.unwrap_or(10)),
                 cooldown: Duration::from_secs(self.split_cooldown.unwrap_or(60)),
                 max_splits: self.max_splits.unwrap_or(2),
             },
-            balance: crate::moves::balance::BalancePolicy {
+            balance: crate::balance::replicas::BalancePolicy {
                 node_dead_after: Duration::from_secs(self.node_dead_after.unwrap_or(300)),
                 max_moves: self.max_moves.unwrap_or(2),
                 balance: self.balance.unwrap_or(true),

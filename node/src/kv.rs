@@ -198,7 +198,9 @@ pub struct ForwardEntry {
     pub key: String,
     /// The new stored record (encoded [`ValueRecord`]).
     pub record: Vec<u8>,
-    /// Digest change this write made to the captured range.
+    /// Digest change this write made to the captured range (for
+    /// diagnostics: verification uses `Capture::changes`, kept by apply
+    /// from the stored records).
     pub delta: u64,
 }
 

@@ -21,15 +21,16 @@
 //! - [`config`]: flags, environment and the TOML config file.
 
 pub mod api;
+pub mod balance;
 pub mod codec;
 pub mod command;
 pub mod config;
-pub mod join;
 pub mod kv;
-pub mod meta;
+pub mod leader;
 pub mod metrics;
 pub mod moves;
 pub mod node;
+pub mod ops;
 pub mod raft;
 pub mod router;
 pub mod rpc;

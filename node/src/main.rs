@@ -9,7 +9,7 @@ use cleave_node::config::Args;
 use cleave_node::node::Node;
 use cleave_node::raft::RaftContext;
 use cleave_node::rpc::{transport, ExecError, Request, Response, Transport};
-use cleave_node::{api, meta, moves, split, storage};
+use cleave_node::{api, balance, leader, ops, split, storage};
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
         cleave_node::raft::network::FAULT_API.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     if let Some(spec) = &cfg.fault_hold {
-        cleave_node::split::driver::set_fault_hold(spec)?;
+        cleave_node::ops::faults::set_fault_hold(spec)?;
     }
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cfg))
 }
@@ -70,12 +70,12 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
     tokio::spawn(transport::serve(raft_listener, handler));
 
     let node = Node::start(cfg.node.clone(), ctx, &node_slot).await?;
-    tokio::spawn(meta::heartbeat_loop(node.clone()));
+    tokio::spawn(leader::heartbeat_loop(node.clone()));
     tokio::spawn(split::forwarder::supervise(node.clone()));
-    tokio::spawn(split::driver::supervise(node.clone()));
-    tokio::spawn(split::rebalancer::run(node.clone(), cfg.split.clone()));
-    tokio::spawn(moves::rebalancer::run(node.clone(), cfg.balance.clone()));
-    tracing::info!(node = node.id, api = %cfg.listen_api, raft = %cfg.listen_raft, "serving");
+    tokio::spawn(ops::supervisor::run(node.clone()));
+    tokio::spawn(balance::run::auto_split(node.clone(), cfg.split.clone()));
+    tokio::spawn(balance::run::replicas(node.clone(), cfg.balance.clone()));
+    tracing::info!(node = node.id(), api = %cfg.listen_api, raft = %cfg.listen_raft, "serving");
 
     let app = api::router(api::AppState { node: node.clone(), metrics });
     axum::serve(api_listener, app).with_graceful_shutdown(shutdown_signal()).await?;

@@ -37,7 +37,7 @@ pub fn forget_group(group: u64) {
 
 /// Refreshes the Raft and storage gauges.
 pub fn update_gauges(node: &Node) {
-    for g in node.groups() {
+    for g in node.groups().in_service() {
         let s = g.status();
         let group = g.group.to_string();
         metrics::gauge!("cleave_raft_term", "group" => group.clone()).set(s.term as f64);
@@ -54,6 +54,6 @@ pub fn update_gauges(node: &Node) {
         metrics::gauge!("cleave_raft_voter_sets", "group" => group.clone()).set(m.configs.len() as f64);
         metrics::gauge!("cleave_raft_voters", "group" => group).set(m.voters().len() as f64);
     }
-    metrics::gauge!("cleave_rocksdb_size_bytes").set(crate::storage::approximate_size(&node.ctx.db) as f64);
-    metrics::gauge!("cleave_groups").set(node.groups().len() as f64);
+    metrics::gauge!("cleave_rocksdb_size_bytes").set(crate::storage::approximate_size(&node.ctx().db) as f64);
+    metrics::gauge!("cleave_groups").set(node.groups().in_service().len() as f64);
 }

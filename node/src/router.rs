@@ -1,12 +1,13 @@
 //! Routing a key to the replica that can serve it.
 //!
-//! The API layer calls [`Node::write`], [`Node::read`] and [`Node::scan`]
+//! The API layer calls [`Router::write`], [`Router::read`] and [`Router::scan`]
 //! with user keys. They look the key's range up in the directory, stamp the
 //! command with the range's id and epoch, and execute it on the shard:
 //! locally when this node leads the shard, otherwise forwarded (one RPC hop)
-//! to the leader. A refusal that proves nothing was applied — a stale route
-//! (421), no leader yet, a frozen range — is retried with backoff until the
-//! write deadline; an answer whose outcome is unknown is never retried.
+//! to the leader. A refusal that proves nothing was applied is retried
+//! until the request's deadline — a stale route (421) at once after a
+//! directory refresh, a frozen range every 2 ms, no leader yet with
+//! backoff; an answer whose outcome is unknown is never retried.
 //!
 //! One deadline bounds a request from end to end: every step gets the time
 //! that is left of it, not a fresh timeout — a proposal, a read barrier, a
@@ -17,13 +18,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cleave_metadata::{ShardId, META_GROUP};
+use cleave_metadata::{NodeId, ShardId, META_GROUP};
 
 use crate::command::{Command, CommandResponse, KvCommand, KvError, KvOp};
 use crate::kv;
 use crate::node::Node;
 use crate::raft::{GroupRaft, ReadError, SmState, WriteError};
-use crate::rpc::{ExecError, NodeReply, NodeRequest};
+use crate::rpc::{self, ExecError, NodeCall, Request, Response, RpcError};
 
 /// Forwarding hops allowed before giving up (a leader change in flight).
 const MAX_HOPS: u8 = 3;
@@ -83,7 +84,7 @@ fn retryable(e: &ExecError) -> bool {
 }
 
 /// Retries `attempt` with backoff while it fails retryably, until `deadline`.
-async fn with_retries<T, F, Fut>(node: &Node, deadline: Instant, mut attempt: F) -> Result<T, ExecError>
+async fn with_retries<T, F, Fut>(node: &Router<'_>, deadline: Instant, mut attempt: F) -> Result<T, ExecError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ExecError>>,
@@ -145,28 +146,98 @@ pub(crate) fn owned_snapshot<'a>(
     }
 }
 
-impl Node {
+/// Routing and serving of requests: see the module.
+pub struct Router<'a> {
+    node: &'a Node,
+}
+
+impl<'a> Router<'a> {
+    pub fn new(node: &'a Node) -> Self {
+        Router { node }
+    }
+
+    /// Sends a node-level request to another node; answers its typed reply.
+    pub async fn call<R: NodeCall>(&self, addr: &str, req: R, timeout: Duration) -> Result<R::Reply, ExecError> {
+        match self.node.ctx().transport.call(addr, Request::Node(req.request()), timeout).await {
+            Ok(Response::Node(r)) => R::reply(r?),
+            Ok(other) => Err(ExecError::Internal(format!("a node request answered with {other:?}"))),
+            Err(RpcError::Connect { addr, msg }) => Err(ExecError::Unavailable(format!("{addr}: {msg}"))),
+            Err(e @ RpcError::Timeout(_)) => Err(ExecError::Timeout(e.to_string())),
+            Err(e) => Err(ExecError::Indeterminate(e.to_string())),
+        }
+    }
+
+    /// Sends `req` to node `id` (handled in place when it is this node).
+    pub async fn node_call<R: NodeCall>(&self, id: NodeId, req: R) -> Result<R::Reply, ExecError> {
+        if id == self.node.id() {
+            return R::reply(Box::pin(self.node.handle_node_request(req.request())).await?);
+        }
+        let addr = self
+            .node
+            .dir_cache()
+            .raft_addr_of(id)
+            .ok_or(ExecError::Unavailable(format!("node {id} has no known address")))?;
+        self.call(&addr, req, INTERNAL_TIMEOUT).await
+    }
+
+    /// Runs `local` here if this node leads `shard` (after a read barrier),
+    /// else forwards `req` to the leader.
+    pub async fn at_leader<R: NodeCall, F, Fut>(
+        &self,
+        shard: ShardId,
+        hops: u8,
+        req: impl Fn(u8) -> R,
+        local: F,
+    ) -> Result<R::Reply, ExecError>
+    where
+        F: FnOnce(Arc<GroupRaft>) -> Fut,
+        Fut: std::future::Future<Output = Result<R::Reply, ExecError>>,
+    {
+        let deadline = internal_deadline();
+        let leader = match self.node.group(shard) {
+            Some(g) => match self.barrier(&g, shard, deadline).await {
+                Ok(()) => return local(g).await,
+                Err(Some(l)) => Some(l),
+                Err(None) => return Err(ExecError::NoLeader { group: shard }),
+            },
+            None => None,
+        };
+        self.forward(shard, hops, leader, deadline, req).await
+    }
+
+    /// Remembers a requested key of `shard` for load-based split points.
+    fn sample_key(&self, g: &GroupRaft, key: &str) {
+        // Sample one request in eight to keep the cost off the hot path.
+        if g.served.load(Ordering::Relaxed).is_multiple_of(8) {
+            let mut s = g.samples.lock().unwrap();
+            if s.len() >= 1024 {
+                s.pop_front();
+            }
+            s.push_back(key.to_string());
+        }
+    }
+
     /// Refreshes the directory, giving up at `deadline`.
     async fn refresh_directory_by(&self, deadline: Instant) {
-        let _ = tokio::time::timeout(left(deadline), self.refresh_directory()).await;
+        let _ = tokio::time::timeout(left(deadline), self.node.meta_leader().refresh_directory()).await;
     }
 
     /// The range of `key`, fetching the directory first if this node has none yet.
     async fn route(&self, key: &str, deadline: Instant) -> Result<cleave_metadata::RangeDescriptor, ExecError> {
         self.refresh_directory_by(deadline).await;
-        self.directory().lookup(key).cloned().ok_or(ExecError::Unavailable("directory not loaded yet".into()))
+        self.node.directory().lookup(key).cloned().ok_or(ExecError::Unavailable("directory not loaded yet".into()))
     }
 
     /// Writes one key through its shard's leader. Returns the new version.
     pub async fn write(&self, op: KvOp) -> Result<u64, ExecError> {
-        let deadline = Instant::now() + self.settings.write_timeout;
+        let deadline = Instant::now() + self.node.settings().write_timeout;
         let key = match &op {
             KvOp::Put { key, .. } | KvOp::Delete { key, .. } => key.clone(),
         };
         let started = Instant::now();
         let mut shard_label = 0;
         let r = with_retries(self, deadline, || {
-            let dir = self.directory();
+            let dir = self.node.directory();
             let op = op.clone();
             let range = dir.lookup(&key).cloned();
             if let Some(r) = &range {
@@ -189,11 +260,11 @@ impl Node {
 
     /// Reads one key. `linearizable` reads go through the shard leader.
     pub async fn read(&self, key: &str, linearizable: bool) -> Result<Option<(u64, String)>, ExecError> {
-        let deadline = Instant::now() + self.settings.write_timeout;
+        let deadline = Instant::now() + self.node.settings().write_timeout;
         let started = Instant::now();
         let mut shard_label = 0;
         let r = with_retries(self, deadline, || {
-            let range = self.directory().lookup(key).cloned();
+            let range = self.node.directory().lookup(key).cloned();
             if let Some(r) = &range {
                 shard_label = r.shard_id;
             }
@@ -218,7 +289,7 @@ impl Node {
         end: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<(String, u64, String)>, bool), ExecError> {
-        let deadline = Instant::now() + self.settings.write_timeout;
+        let deadline = Instant::now() + self.node.settings().write_timeout;
         let mut out: Vec<(String, u64, String)> = Vec::new();
         let mut cursor = start.to_string();
         loop {
@@ -231,7 +302,7 @@ impl Node {
             let want = limit - out.len();
             let cur = cursor.clone();
             let (items, range_end) = with_retries(self, deadline, || {
-                let range = self.directory().lookup(&cur).cloned();
+                let range = self.node.directory().lookup(&cur).cloned();
                 let cur = cur.clone();
                 async move {
                     let range = match range {
@@ -263,21 +334,22 @@ impl Node {
     /// Sends `req` (built for the next hop, at the moment it is sent, so a
     /// budget it carries is current) to `group`'s leader, or to each replica
     /// in turn when the leader is not known, until `deadline`.
-    pub(crate) async fn forward(
+    pub(crate) async fn forward<R: NodeCall>(
         &self,
         group: ShardId,
         hops: u8,
         leader: Option<u64>,
         deadline: Instant,
-        req: impl Fn(u8) -> NodeRequest,
-    ) -> Result<NodeReply, ExecError> {
+        req: impl Fn(u8) -> R,
+    ) -> Result<R::Reply, ExecError> {
         if hops >= MAX_HOPS {
             return Err(ExecError::NoLeader { group });
         }
-        let targets: Vec<String> = match leader.filter(|n| *n != self.id).and_then(|n| self.raft_addr_of(n)) {
-            Some(addr) => vec![addr],
-            None => self.candidates(group),
-        };
+        let targets: Vec<String> =
+            match leader.filter(|n| *n != self.node.id()).and_then(|n| self.node.dir_cache().raft_addr_of(n)) {
+                Some(addr) => vec![addr],
+                None => self.node.dir_cache().candidates(group),
+            };
         let mut last = ExecError::NoLeader { group };
         for addr in targets {
             if left(deadline) < MIN_ATTEMPT {
@@ -300,14 +372,16 @@ impl Node {
         cmd: Command,
         timeout: Duration,
     ) -> Result<Result<(Arc<GroupRaft>, CommandResponse), Option<u64>>, ExecError> {
-        let Some(g) = self.group(group) else { return Ok(Err(None)) };
+        let Some(g) = self.node.group(group) else { return Ok(Err(None)) };
         if timeout < MIN_ATTEMPT {
             return Err(out_of_time(&format!("proposing to group {group}")));
         }
         match tokio::time::timeout(timeout, g.write(cmd)).await {
             Err(_) => Err(ExecError::Timeout(format!("entry for group {group} not applied in time"))),
             Ok(Ok(resp)) => Ok(Ok((g, resp))),
-            Ok(Err(WriteError::NotLeader { leader: Some(l) })) if l.node_id != self.id => Ok(Err(Some(l.node_id))),
+            Ok(Err(WriteError::NotLeader { leader: Some(l) })) if l.node_id != self.node.id() => {
+                Ok(Err(Some(l.node_id)))
+            }
             Ok(Err(WriteError::NotLeader { .. })) => Err(ExecError::NoLeader { group }),
             Ok(Err(WriteError::Indeterminate(m))) => Err(ExecError::Indeterminate(m)),
             // The replica was stopped under the write because it was removed
@@ -324,7 +398,7 @@ impl Node {
     /// Whether `g`, a replica of `group` this node held, has since been
     /// removed from it (stopped and deleted, or replaced by a newer replica).
     fn was_removed(&self, group: u64, g: &Arc<GroupRaft>) -> bool {
-        self.group(group).is_none_or(|cur| !Arc::ptr_eq(&cur, g))
+        self.node.group(group).is_none_or(|cur| !Arc::ptr_eq(&cur, g))
     }
 
     /// Executes a write on `shard`: here if this node leads it, else at the leader.
@@ -344,16 +418,13 @@ impl Node {
             Ok((_, other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
             Err(leader) => leader,
         };
-        let req = |hops| NodeRequest::KvWrite { shard, cmd: cmd.clone(), hops, budget_ms: budget_ms(deadline) };
-        match self.forward(shard, hops, leader, deadline, req).await? {
-            NodeReply::Written(v) => Ok(v),
-            other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
-        }
+        let req = |hops| rpc::KvWrite { shard, cmd: cmd.clone(), hops, budget_ms: budget_ms(deadline) };
+        self.forward(shard, hops, leader, deadline, req).await
     }
 
     /// The leader `g` knows of, when it is another node.
     fn other_leader(&self, g: &GroupRaft) -> Option<u64> {
-        g.status().leader.map(|l| l.node_id).filter(|n| *n != self.id)
+        g.status().leader.map(|l| l.node_id).filter(|n| *n != self.node.id())
     }
 
     /// Executes a read on `shard`, locally when allowed, else at the leader.
@@ -365,17 +436,17 @@ impl Node {
         hops: u8,
         deadline: Instant,
     ) -> Result<Option<(u64, String)>, ExecError> {
-        let leader = match self.group(shard) {
+        let leader = match self.node.group(shard) {
             Some(g) => {
                 let barrier = if linearizable { self.barrier(&g, shard, deadline).await } else { Ok(()) };
                 match barrier {
                     Ok(()) => {
                         self.sample_key(&g, key);
                         g.served.fetch_add(1, Ordering::Relaxed);
-                        match owned_snapshot(&self.ctx.db, &g, key, Some(key))? {
+                        match owned_snapshot(&self.node.ctx().db, &g, key, Some(key))? {
                             None => self.other_leader(&g),
                             Some(snap) => {
-                                let rec = kv::read_at(&self.ctx.db, &snap, shard, key)
+                                let rec = kv::read_at(&self.node.ctx().db, &snap, shard, key)
                                     .map_err(|e| ExecError::Internal(e.to_string()))?;
                                 // A replica removed meanwhile may have had its
                                 // data deleted (removal from the map comes
@@ -398,12 +469,8 @@ impl Node {
             None => None,
         };
         let key = key.to_string();
-        let req =
-            |hops| NodeRequest::KvRead { shard, key: key.clone(), linearizable, hops, budget_ms: budget_ms(deadline) };
-        match self.forward(shard, hops, leader, deadline, req).await? {
-            NodeReply::Read(r) => Ok(r),
-            other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
-        }
+        let req = |hops| rpc::KvRead { shard, key: key.clone(), linearizable, hops, budget_ms: budget_ms(deadline) };
+        self.forward(shard, hops, leader, deadline, req).await
     }
 
     /// Confirms leadership for a linearizable read. `Err(Some(node))` names
@@ -416,7 +483,7 @@ impl Node {
     ) -> Result<(), Option<u64>> {
         match tokio::time::timeout(left(deadline), g.read_barrier()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(ReadError::NotLeader { leader: Some(l) })) if l.node_id != self.id => Err(Some(l.node_id)),
+            Ok(Err(ReadError::NotLeader { leader: Some(l) })) if l.node_id != self.node.id() => Err(Some(l.node_id)),
             Ok(Err(e)) => {
                 tracing::debug!(shard, "read barrier: {e}");
                 Err(None)
@@ -435,14 +502,14 @@ impl Node {
         hops: u8,
         deadline: Instant,
     ) -> Result<Vec<(String, u64, String)>, ExecError> {
-        let leader = match self.group(shard) {
+        let leader = match self.node.group(shard) {
             Some(g) => match self.barrier(&g, shard, deadline).await {
                 Ok(()) => {
                     g.served.fetch_add(1, Ordering::Relaxed);
-                    match owned_snapshot(&self.ctx.db, &g, start, end)? {
+                    match owned_snapshot(&self.node.ctx().db, &g, start, end)? {
                         None => self.other_leader(&g),
                         Some(snap) => {
-                            let items = kv::scan_at(&self.ctx.db, &snap, shard, start, end, limit)
+                            let items = kv::scan_at(&self.node.ctx().db, &snap, shard, start, end, limit)
                                 .map_err(|e| ExecError::Internal(e.to_string()))?;
                             if self.was_removed(shard, &g) {
                                 None // as for a point read: the data may have gone under the scan
@@ -464,7 +531,7 @@ impl Node {
             None => None,
         };
         let (start, end) = (start.to_string(), end.map(str::to_string));
-        let req = |hops| NodeRequest::KvScan {
+        let req = |hops| rpc::KvScan {
             shard,
             start: start.clone(),
             end: end.clone(),
@@ -472,10 +539,7 @@ impl Node {
             hops,
             budget_ms: budget_ms(deadline),
         };
-        match self.forward(shard, hops, leader, deadline, req).await? {
-            NodeReply::Scanned(items) => Ok(items),
-            other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
-        }
+        self.forward(shard, hops, leader, deadline, req).await
     }
 
     /// Proposes a directory change through the metadata leader.
@@ -484,19 +548,13 @@ impl Node {
         cmd: cleave_metadata::MetaCommand,
         hops: u8,
     ) -> Result<cleave_metadata::MetaResponse, ExecError> {
-        let deadline = Instant::now() + self.settings.write_timeout;
+        let deadline = Instant::now() + self.node.settings().write_timeout;
         let leader = match self.propose_here(META_GROUP, Command::Meta(cmd.clone()), left(deadline)).await? {
             Ok((_, CommandResponse::Meta(r))) => return r.map_err(ExecError::Meta),
             Ok((_, other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
             Err(leader) => leader,
         };
-        match self
-            .forward(META_GROUP, hops, leader, deadline, |hops| NodeRequest::MetaPropose { cmd: cmd.clone(), hops })
-            .await?
-        {
-            NodeReply::Meta(r) => Ok(r),
-            other => Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
-        }
+        self.forward(META_GROUP, hops, leader, deadline, |hops| rpc::MetaPropose { cmd: cmd.clone(), hops }).await
     }
 }
 

@@ -13,7 +13,7 @@ use super::{ApiError, AppState};
 use crate::rpc::ClusterView;
 
 async fn view(s: &AppState) -> Result<ClusterView, ApiError> {
-    Ok(s.node.cluster_view(0).await?)
+    Ok(s.node.meta_leader().cluster_view(0).await?)
 }
 
 pub async fn nodes(State(s): State<AppState>) -> Result<Json<Vec<NodeStatus>>, ApiError> {
@@ -57,7 +57,7 @@ pub async fn join(
     // Refused for an id already taken (an active node's, say a wiped one
     // rejoining with `--id`): it would inherit that node's replicas on paper.
     let cmd = MetaCommand::JoinNode { node_id: req.node_id, raft_addr: req.raft_addr, api_addr: Some(req.api_addr) };
-    match s.node.propose_meta(cmd, 0).await? {
+    match s.node.router().propose_meta(cmd, 0).await? {
         MetaResponse::Node(node_id) => Ok(Json(JoinResponse { node_id })),
         other => Err(ApiError::new(ErrorCode::Internal, format!("unexpected answer {other:?}"))),
     }
@@ -83,7 +83,7 @@ pub async fn isolate_meta(body: Result<Bytes, BytesRejection>) -> Result<Json<se
 }
 
 pub async fn health(State(s): State<AppState>) -> impl IntoResponse {
-    Json(json!({"status": "ok", "node_id": s.node.id, "uptime_ms": s.node.started.elapsed().as_millis() as u64}))
+    Json(json!({"status": "ok", "node_id": s.node.id(), "uptime_ms": s.node.started().elapsed().as_millis() as u64}))
 }
 
 pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {

@@ -75,13 +75,16 @@ pub async fn put(
     let key = key_of(path)?;
     let body = body.map_err(body_error)?;
     let req: PutBody = super::json_object(&body, r#"{"value": <json>, "if_version": n?}"#)?;
-    let max = s.node.settings.max_value_bytes;
+    let max = s.node.settings().max_value_bytes;
     let value = req.value.get();
     if value.len() > max {
         return Err(ApiError::too_large(format!("value is {} bytes of JSON; the limit is {max}", value.len())));
     }
-    let version =
-        s.node.write(KvOp::Put { key: key.clone(), value: value.to_string(), if_version: req.if_version }).await?;
+    let version = s
+        .node
+        .router()
+        .write(KvOp::Put { key: key.clone(), value: value.to_string(), if_version: req.if_version })
+        .await?;
     Ok(Json(WriteResult { key, version }))
 }
 
@@ -99,7 +102,7 @@ pub async fn get(
             return Err(ApiError::bad_request(format!("unknown consistency {other:?}: use linearizable or stale")))
         }
     };
-    match s.node.read(&key, consistency == Consistency::Linearizable).await? {
+    match s.node.router().read(&key, consistency == Consistency::Linearizable).await? {
         Some((version, json)) => Ok(Json(Item { key, value: raw(json)?, version }).into_response()),
         None => Err(ApiError::new(ErrorCode::NotFound, format!("key {key:?} not found"))),
     }
@@ -113,7 +116,7 @@ pub async fn delete(
     let key = key_of(path)?;
     let p = params(query)?;
     let if_version = parse_u64(&p, "if_version")?;
-    let version = s.node.write(KvOp::Delete { key: key.clone(), if_version }).await?;
+    let version = s.node.router().write(KvOp::Delete { key: key.clone(), if_version }).await?;
     Ok(Json(WriteResult { key, version }))
 }
 
@@ -140,7 +143,7 @@ pub async fn scan(State(s): State<AppState>, query: Params) -> Result<Json<ScanR
     if end.as_ref().is_some_and(|e| *e < start) {
         return Err(ApiError::bad_request("end must not be before start"));
     }
-    let (items, more) = s.node.scan(&start, end.as_deref(), limit).await?;
+    let (items, more) = s.node.router().scan(&start, end.as_deref(), limit).await?;
     let next = if more { items.last().map(|(k, _, _)| format!("{k}\u{0}")) } else { None };
     let items = items
         .into_iter()

@@ -59,7 +59,7 @@ pub fn json_object<T: serde::de::DeserializeOwned>(body: &[u8], shape: &str) -> 
 
 /// Builds the API router.
 pub fn router(state: AppState) -> Router {
-    let body_limit = state.node.settings.max_value_bytes + BODY_OVERHEAD;
+    let body_limit = state.node.settings().max_value_bytes + BODY_OVERHEAD;
     Router::new()
         .route("/v1/kv", get(kv::scan))
         .route("/v1/kv/", get(kv::empty_key).put(kv::empty_key).delete(kv::empty_key))

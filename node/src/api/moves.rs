@@ -22,7 +22,7 @@ pub async fn start_move(
     if req.from_node == req.to_node {
         return Err(ApiError::bad_request("from_node and to_node are the same node"));
     }
-    let op = s.node.start_move(req.shard_id, req.from_node, req.to_node, "admin".into(), 0).await?;
+    let op = crate::ops::moves::start(&s.node, req.shard_id, req.from_node, req.to_node, "admin".into(), 0).await?;
     Ok(Json(OperationStarted { operation_id: op }))
 }
 
@@ -31,7 +31,7 @@ pub async fn transfer_leader(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Json<TransferLeaderResponse>, ApiError> {
     let req: TransferLeaderRequest = super::json_object(&body(raw)?, r#"{"shard_id": n, "to_node": n}"#)?;
-    s.node.admin_transfer_leader(req.shard_id, req.to_node).await?;
+    crate::moves::calls::admin_transfer_leader(&s.node, req.shard_id, req.to_node).await?;
     Ok(Json(TransferLeaderResponse { shard_id: req.shard_id, leader: req.to_node }))
 }
 
@@ -40,8 +40,8 @@ pub async fn decommission(
     path: Result<Path<u64>, PathRejection>,
 ) -> Result<Json<NodeStatus>, ApiError> {
     let id = path.map(|Path(id)| id).map_err(|e| ApiError::bad_request(format!("node id must be a number: {e}")))?;
-    s.node.decommission(id).await?;
-    let view = s.node.cluster_view(0).await?;
+    crate::moves::calls::decommission(&s.node, id).await?;
+    let view = s.node.meta_leader().cluster_view(0).await?;
     view.nodes
         .into_iter()
         .find(|n| n.id == id)

@@ -8,7 +8,7 @@ use cleave_metadata::api::{ErrorCode, OperationStarted, OperationView, SplitRequ
 use cleave_metadata::{MetaCommand, MAX_KEY_BYTES};
 
 use super::{ApiError, AppState};
-use crate::split::driver::now_ms;
+use crate::ops::now_ms;
 
 pub async fn split(
     State(s): State<AppState>,
@@ -24,12 +24,12 @@ pub async fn split(
         (Some(k), None) if k.len() > MAX_KEY_BYTES => return Err(ApiError::too_large("split key too long")),
         _ => {}
     }
-    let op = s.node.start_split(req.range_id, req.key, "admin".into(), 0).await?;
+    let op = crate::ops::split::start(&s.node, req.range_id, req.key, "admin".into(), 0).await?;
     Ok(Json(OperationStarted { operation_id: op }))
 }
 
 async fn fresh_ops(s: &AppState) -> Result<Vec<cleave_metadata::Operation>, ApiError> {
-    let dir = s.node.cluster_view(0).await?.directory;
+    let dir = s.node.meta_leader().cluster_view(0).await?.directory;
     Ok(dir.ops.into_values().collect())
 }
 
@@ -69,6 +69,6 @@ pub async fn cancel(
         now_ms: now_ms(),
         learner_only: false,
     };
-    s.node.propose_meta(cmd, 0).await?;
+    s.node.router().propose_meta(cmd, 0).await?;
     view(&s, id).await
 }

@@ -12,7 +12,7 @@
 //! the rule is conservative: the replica must be missing from a directory
 //! just confirmed by the metadata leader (right after a heartbeat answer),
 //! continuously for [`GRACE`]; that directory must be at least as new as
-//! the newest this node has ever seen ([`Node::directory_floor`], persisted
+//! the newest this node has ever seen ([`crate::node::DirectoryCache::floor`], persisted
 //! in `cluster.json`, raised by every replica-creating request before the
 //! replica is created, so it survives kill -9 and restart); and the check
 //! is made again under the lifecycle lock right before the destroy, so a
@@ -66,35 +66,17 @@ impl Collector {
 /// Deletes the replicas that are due (call right after a heartbeat answer).
 pub async fn collect(node: &Node, collector: &mut Collector) {
     let dir = node.directory();
-    let groups = node.groups();
+    let groups = node.groups().in_service();
     let held: Vec<u64> = groups.iter().map(|g| g.group).collect();
-    for group in collector.due(&dir, node.directory_floor(), node.id, &held, Instant::now()) {
+    for group in collector.due(&dir, node.dir_cache().floor(), node.id(), &held, Instant::now()) {
         // The replica judged unlisted, by its id: a newer one created
         // meanwhile is not the one to delete.
         let Some(replica_id) = groups.iter().find(|g| g.group == group).map(|g| g.replica_id) else { continue };
-        match node.collect_replica(group, replica_id).await {
+        match node.groups().collect(&dir, node.dir_cache().floor(), node.id(), group, replica_id).await {
             Ok(true) => metrics::counter!("cleave_replicas_collected_total").increment(1),
             Ok(false) => {}
             Err(e) => tracing::warn!(group, "replica gc: {e}"),
         }
-    }
-}
-
-impl Node {
-    /// Deletes this node's replica `replica_id` of `group` if, checked again
-    /// under the lifecycle lock, it is still the replica held here and the
-    /// newest directory still does not want it. Returns whether it did.
-    pub async fn collect_replica(&self, group: u64, replica_id: u64) -> Result<bool, crate::rpc::ExecError> {
-        let _guard = self.group_lifecycle.lock().await;
-        let held = self.group(group).map(|g| g.replica_id);
-        let dir = self.directory();
-        if held != Some(replica_id) || !unwanted(&dir, self.directory_floor(), self.id, group) {
-            tracing::info!(group, replica_id, ?held, "replica gc: wanted again, or replaced; kept");
-            return Ok(false);
-        }
-        tracing::info!(group, replica_id, version = dir.version, "deleting a replica the directory no longer lists");
-        self.stop_and_destroy(group, replica_id).await?;
-        Ok(true)
     }
 }
 

@@ -12,7 +12,9 @@
 //! 3. [`GroupRaft::change_voters`]: flattens it to `{new}` (or back to
 //!    `{old}` to revert) and drops members that are no longer voters.
 //!
-//! Every change carries the [`ConfigId`] of the configuration its driver
+//! Every voter change (`EnterJoint`, `ChangeVoters`, `RemoveLearners`;
+//! not `AddLearner` or `TransferLeader`) carries the [`ConfigId`] of the
+//! configuration its driver
 //! observed (in the [`MembershipView`] it decided from) and is proposed with
 //! openraft's `LastMembershipLogId` precondition on exactly that id: a
 //! driver that decided from an older configuration — a stale metadata

@@ -1,5 +1,6 @@
 //! Raft messages between replicas of a group, carried by the node's RPC
-//! transport (one connection per peer node, shared by every group).
+//! transport (connections per peer node shared by every group: snapshot
+//! chunks on the bulk lane, every other message on the default lane).
 //!
 //! The sending half implements openraft's network traits for one group and
 //! one target; the receiving half ([`handle`]) hands a message to the local

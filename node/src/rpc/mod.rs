@@ -2,9 +2,15 @@
 //! node-to-node requests (forwarded reads and writes, metadata proposals,
 //! heartbeats).
 //!
-//! Everything travels over one persistent TCP connection per peer node as
-//! length-prefixed bincode frames tagged with a request id, so many groups
-//! and many concurrent requests share one connection ([`transport`]).
+//! Everything travels as length-prefixed bincode frames tagged with a
+//! request id over persistent TCP connections, one per peer and *lane*
+//! ([`transport`]): Raft messages and node requests share the default lane,
+//! snapshot chunks go on the bulk lane so a large transfer never queues
+//! ahead of heartbeats and votes. Many groups and many concurrent requests
+//! share each connection.
+//!
+//! Node-level requests are declared once (the `node_calls!` list below):
+//! each is a struct with its own reply type, tied together by [`NodeCall`].
 
 pub mod transport;
 
@@ -39,24 +45,75 @@ pub enum Response {
     Node(Result<NodeReply, ExecError>),
 }
 
-/// Node-level requests.
-#[derive(Serialize, Deserialize, Debug)]
-pub enum NodeRequest {
-    /// Apply a KV write through the shard's leader. `budget_ms`, here and
-    /// in the reads: the time left of the client's deadline when sent.
-    KvWrite { shard: ShardId, cmd: KvCommand, hops: u8, budget_ms: u64 },
-    /// Read one key from the shard (`linearizable`: through the leader).
-    KvRead { shard: ShardId, key: String, linearizable: bool, hops: u8, budget_ms: u64 },
+/// Declares the node-level requests: one struct per request, the wire
+/// enums [`NodeRequest`] and [`NodeReply`] (a reply variant per request,
+/// of the request's own reply type), and [`NodeCall`] tying each request to
+/// its reply — so a caller gets the reply it asked for, typed, and the one
+/// place that could meet a mismatched reply is [`NodeCall::reply`].
+macro_rules! node_calls {
+    ($( $(#[$doc:meta])* $name:ident { $( $(#[$fdoc:meta])* $field:ident : $ty:ty ),* $(,)? } -> $reply:ty; )*) => {
+        $(
+            $(#[$doc])*
+            #[derive(Serialize, Deserialize, Debug, Clone)]
+            pub struct $name { $( $(#[$fdoc])* pub $field: $ty ),* }
+
+            impl NodeCall for $name {
+                type Reply = $reply;
+                fn request(self) -> NodeRequest {
+                    NodeRequest::$name(self)
+                }
+                fn reply(r: NodeReply) -> Result<$reply, ExecError> {
+                    match r {
+                        NodeReply::$name(v) => Ok(v),
+                        #[allow(unreachable_patterns)]
+                        other => Err(ExecError::Internal(format!(
+                            "{} answered with {other:?}",
+                            stringify!($name)
+                        ))),
+                    }
+                }
+            }
+        )*
+
+        /// A node-level request, as it travels.
+        #[derive(Serialize, Deserialize, Debug)]
+        pub enum NodeRequest { $( $name($name), )* }
+
+        /// The answer to a [`NodeRequest`]: the variant of the same name.
+        #[derive(Serialize, Deserialize, Debug)]
+        #[allow(clippy::large_enum_variant)] // short-lived, serialised at once
+        pub enum NodeReply { $( $name($reply), )* }
+    };
+}
+
+/// A node-level request and the type of its answer.
+pub trait NodeCall: Send + 'static {
+    type Reply: Send;
+    /// The request as it travels.
+    fn request(self) -> NodeRequest;
+    /// The typed answer out of a reply (an error if it is another's).
+    fn reply(r: NodeReply) -> Result<Self::Reply, ExecError>;
+}
+
+node_calls! {
+    /// Apply a KV write through the shard's leader; answers its version.
+    /// `budget_ms`, here and in the reads: the time left of the client's
+    /// deadline when sent.
+    KvWrite { shard: ShardId, cmd: KvCommand, hops: u8, budget_ms: u64 } -> u64;
+    /// Read one key from the shard (`linearizable`: through the leader):
+    /// `(version, json)` of a live key, or nothing.
+    KvRead { shard: ShardId, key: String, linearizable: bool, hops: u8, budget_ms: u64 } -> Option<(u64, String)>;
     /// Read live items in `[start, end)` from the shard's leader.
-    KvScan { shard: ShardId, start: String, end: Option<String>, limit: usize, hops: u8, budget_ms: u64 },
+    KvScan { shard: ShardId, start: String, end: Option<String>, limit: usize, hops: u8, budget_ms: u64 }
+        -> Vec<(String, u64, String)>;
     /// Propose a directory change through the metadata leader.
-    MetaPropose { cmd: MetaCommand, hops: u8 },
+    MetaPropose { cmd: MetaCommand, hops: u8 } -> MetaResponse;
     /// A node's periodic report to the metadata leader.
-    Heartbeat { hb: Heartbeat, hops: u8 },
+    Heartbeat { hb: NodeReport, hops: u8 } -> HeartbeatAck;
     /// The metadata leader's view of the cluster.
-    ClusterView { hops: u8 },
-    /// Apply a split step through the shard's leader.
-    ShardStep { shard: ShardId, cmd: ShardCommand, hops: u8 },
+    GetClusterView { hops: u8 } -> ClusterView;
+    /// Apply a split step through the shard's leader; answers the step's index.
+    ShardStep { shard: ShardId, cmd: ShardCommand, hops: u8 } -> u64;
     /// Create (and initialise) a local replica of a new group; `campaign`
     /// makes it stand for election at once. With no `members` the replica
     /// joins an existing group: it waits, uninitialised, for the leader to
@@ -70,55 +127,43 @@ pub enum NodeRequest {
         state: SmState,
         campaign: bool,
         dir_version: u64,
-    },
+    } -> ();
     /// The state a group started from (see `tag::GENESIS`), from any replica.
-    Genesis { group: u64, hops: u8 },
-    /// A membership step (or just a look) at the group's leader.
-    Membership { group: u64, change: MembershipChange, hops: u8 },
-    /// Ask the metadata leader to start a replica move.
-    StartMove { shard_id: ShardId, from_node: NodeId, to_node: NodeId, reason: String, hops: u8 },
+    Genesis { group: u64, hops: u8 } -> SmState;
+    /// A membership step (or just a look) at the group's leader; answers the
+    /// configuration afterwards.
+    Membership { group: u64, change: MembershipChange, hops: u8 } -> MembershipView;
+    /// Ask the metadata leader to start a replica move; answers its id.
+    StartMove { shard_id: ShardId, from_node: NodeId, to_node: NodeId, reason: String, hops: u8 } -> OpId;
     /// Remove the local replica `replica_id` of `group` and all its data (a
     /// different replica held there is left alone).
-    DestroyGroup { group: u64, replica_id: u64 },
+    DestroyGroup { group: u64, replica_id: u64 } -> ();
     /// A split target's receiving state, from its leader.
-    IncomingStatus { shard: ShardId, hops: u8 },
+    IncomingStatus { shard: ShardId, hops: u8 } -> TargetStatus;
     /// A split source's forwarding progress for one operation, from its leader.
-    SplitStatus { shard: ShardId, op_id: OpId, hops: u8 },
+    SplitStatus { shard: ShardId, op_id: OpId, hops: u8 } -> ForwardStatus;
     /// A key near the middle of `[start, end)` of the shard: by key count, or
     /// (`by_load`) of recently requested keys.
-    MedianKey { shard: ShardId, start: String, end: Option<String>, by_load: bool, hops: u8 },
+    MedianKey { shard: ShardId, start: String, end: Option<String>, by_load: bool, hops: u8 } -> Option<String>;
     /// Ask the metadata leader to start a split (at `key`, or at the median
-    /// of range `range_id`).
-    StartSplit { range_id: Option<u64>, key: Option<String>, reason: String, hops: u8 },
+    /// of range `range_id`); answers its id.
+    StartSplit { range_id: Option<u64>, key: Option<String>, reason: String, hops: u8 } -> OpId;
 }
 
-/// Node-level answers.
-#[derive(Serialize, Deserialize, Debug)]
-pub enum NodeReply {
-    Written(u64),
-    /// `(version, json)` of a live key, or nothing.
-    Read(Option<(u64, String)>),
-    Scanned(Vec<(String, u64, String)>),
-    Meta(MetaResponse),
-    Heartbeat(HeartbeatAck),
-    ClusterView(ClusterView),
-    Index(u64),
-    Done,
-    Incoming {
-        incoming: Option<Incoming>,
-        active: bool,
-        keys: u64,
-        bytes: u64,
-    },
-    SplitStatus(ForwardStatus),
-    Key(Option<String>),
-    Genesis(SmState),
-    Membership(MembershipView),
+/// A split target's receiving state (`None` once it no longer receives),
+/// whether it serves ranges, and its live keys and bytes.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct TargetStatus {
+    pub incoming: Option<Incoming>,
+    pub active: bool,
+    pub keys: u64,
+    pub bytes: u64,
 }
 
 /// A membership step carried out by a group's leader (see `raft::membership`).
-/// The changes carry the configuration id of the view their driver decided
-/// from; the leader refuses them if the group's configuration is another.
+/// The voter changes (`EnterJoint`, `ChangeVoters`, `RemoveLearners`) carry
+/// the configuration id of the view their driver decided from; the leader
+/// refuses them if the group's configuration is another.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum MembershipChange {
     /// Change nothing; answer with the current configuration.
@@ -163,9 +208,9 @@ pub struct ForwardStatus {
     pub frozen_at: Option<u64>,
 }
 
-/// What a node reports every second.
+/// What a node reports every `--node-heartbeat-ms` (1 s by default).
 #[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct Heartbeat {
+pub struct NodeReport {
     pub node_id: NodeId,
     pub raft_addr: String,
     pub api_addr: String,

@@ -284,7 +284,9 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let handler: Handler = Arc::new(|req| {
             Box::pin(async move {
-                let Request::Node(NodeRequest::KvRead { key, .. }) = req else { panic!("unexpected {req:?}") };
+                let Request::Node(NodeRequest::KvRead(crate::rpc::KvRead { key, .. })) = req else {
+                    panic!("unexpected {req:?}")
+                };
                 let delay = match key.as_str() {
                     "slow" => Duration::from_millis(1000),
                     "install" => Duration::from_millis(3000),
@@ -292,7 +294,7 @@ mod tests {
                     _ => Duration::ZERO,
                 };
                 tokio::time::sleep(delay).await; // the peer's work, not synchronisation
-                Response::Node(Ok(NodeReply::Read(Some((1, key)))))
+                Response::Node(Ok(NodeReply::KvRead(Some((1, key)))))
             })
         });
         tokio::spawn(serve(listener, handler));
@@ -300,12 +302,18 @@ mod tests {
     }
 
     fn read(key: &str) -> Request {
-        Request::Node(NodeRequest::KvRead { shard: 1, key: key.into(), linearizable: false, hops: 0, budget_ms: 0 })
+        Request::Node(NodeRequest::KvRead(crate::rpc::KvRead {
+            shard: 1,
+            key: key.into(),
+            linearizable: false,
+            hops: 0,
+            budget_ms: 0,
+        }))
     }
 
     fn answered(r: Result<Response, RpcError>, key: &str) {
         match r {
-            Ok(Response::Node(Ok(NodeReply::Read(Some((1, k)))))) if k == key => {}
+            Ok(Response::Node(Ok(NodeReply::KvRead(Some((1, k)))))) if k == key => {}
             other => panic!("{key}: {other:?}"),
         }
     }

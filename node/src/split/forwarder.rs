@@ -10,10 +10,12 @@
 //! watermark, so backfill and forwarding may overlap and a new forwarder
 //! (after a leader change) may resend anything.
 //!
-//! The forwarder also keeps the source's digest of the range current:
-//! `digest(s) + Σ delta` over forward-log entries after `s`. Once the range
-//! is frozen and every entry is shipped, that digest must equal the
-//! target's, which it computed from what it actually stored.
+//! Verification: the source's digest of the range is the digest of the
+//! data it holds, `capture_base + changes` — `changes` is kept by
+//! `kv::apply` from the stored records of every write to the captured
+//! range, `capture_base` is the digest when the capture began. Once the
+//! range is frozen and every entry is shipped, it must equal the target's,
+//! which the target computed from what it actually stored.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,11 +23,12 @@ use std::time::Duration;
 
 use cleave_metadata::OpId;
 
+use super::steps;
 use crate::command::ShardCommand;
 use crate::kv::{self, Capture, ForwardEntry};
 use crate::node::Node;
 use crate::raft::SmState;
-use crate::rpc::{ExecError, ForwardStatus, NodeReply, NodeRequest};
+use crate::rpc::{self, ExecError, ForwardStatus, TargetStatus};
 use crate::split::digest;
 use crate::storage::{self, data_key, state_key, tag, ValueRecord};
 
@@ -54,7 +57,7 @@ pub async fn supervise(node: Arc<Node>) {
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     loop {
         tick.tick().await;
-        for g in node.groups() {
+        for g in node.groups().in_service() {
             let captures: Vec<Capture> = match &*g.state.read().unwrap() {
                 SmState::Shard(s) => s.captures.clone(),
                 SmState::Meta(_) => continue,
@@ -65,7 +68,7 @@ pub async fn supervise(node: Arc<Node>) {
             for cap in captures {
                 let key = (g.group, cap.op_id);
                 let status = {
-                    let mut running = node.forwarders.running.lock().unwrap();
+                    let mut running = node.forwarders().running.lock().unwrap();
                     if running.contains_key(&key) {
                         continue;
                     }
@@ -79,7 +82,7 @@ pub async fn supervise(node: Arc<Node>) {
                     if let Err(e) = run(&node, group, &cap, &status).await {
                         tracing::debug!(group, op = cap.op_id, "forwarder stopped: {e}");
                     }
-                    node.forwarders.running.lock().unwrap().remove(&key);
+                    node.forwarders().running.lock().unwrap().remove(&key);
                 });
             }
         }
@@ -107,13 +110,10 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
     // runs again, so any directory that shows it ended is proof enough.
     if node.directory().ops.get(&cap.op_id).is_some_and(|o| o.phase.is_terminal()) {
         tracing::warn!(group, op = cap.op_id, "ending the capture of an operation that has ended");
-        node.shard_step(group, ShardCommand::EndCapture { op_id: cap.op_id }, 0).await?;
+        steps::shard_step(node, group, ShardCommand::EndCapture { op_id: cap.op_id }, 0).await?;
         return Ok(());
     }
-    let (incoming, active) = match node.incoming_status(cap.target, 0).await? {
-        NodeReply::Incoming { incoming, active, .. } => (incoming, active),
-        other => return Err(ExecError::Internal(format!("unexpected reply {other:?}"))),
-    };
+    let TargetStatus { incoming, active, .. } = steps::incoming_status(node, cap.target, 0).await?;
     let Some(incoming) = incoming.filter(|i| i.op_id == cap.op_id) else {
         // The target is already serving (activated): nothing left to ship.
         return if active { Ok(()) } else { Err(ExecError::Unavailable("target is not receiving".into())) };
@@ -141,7 +141,7 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
                 keys,
                 bytes,
             };
-            node.shard_step(cap.target, cmd, 0).await?;
+            steps::shard_step(node, cap.target, cmd, 0).await?;
             base
         }
     };
@@ -154,7 +154,7 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
         if let Some((last, _)) = entries.last() {
             let batch = entries.iter().map(|(_, e)| (e.key.clone(), e.record.clone())).collect();
             let cmd = ShardCommand::Ingest { op_id: cap.op_id, source_index: Some(*last), records: batch };
-            node.shard_step(cap.target, cmd, 0).await?;
+            steps::shard_step(node, cap.target, cmd, 0).await?;
             metrics::counter!("cleave_split_forwarded_total").increment(entries.len() as u64);
             shipped = *last;
         }
@@ -180,7 +180,7 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
 /// Forward-log entries of `op` from index `from` on (at most a batch), and
 /// the index of the newest entry in the log.
 fn read_forward(node: &Node, group: u64, op: OpId, from: u64) -> Result<(Vec<(u64, ForwardEntry)>, u64), ExecError> {
-    let db = &node.ctx.db;
+    let db = &node.ctx().db;
     let cf = storage::cf(db, storage::CF_DATA);
     let internal = |e: rocksdb::Error| ExecError::Internal(e.to_string());
     let mut opts = rocksdb::ReadOptions::default();
@@ -221,7 +221,7 @@ async fn backfill(
     status: &Mutex<ForwardStatus>,
 ) -> Result<(u64, u64, u64), ExecError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(String, Vec<u8>)>>(2);
-    let db = node.ctx.db.clone();
+    let db = node.ctx().db.clone();
     let (start, end) = (cap.start.clone(), cap.end.clone());
     let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64)));
     let totals_in = totals.clone();
@@ -293,7 +293,8 @@ async fn backfill(
             return Err(ExecError::Unavailable("capture ended or leadership lost".into()));
         }
         let (n, b) = (records.len() as u64, records.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() as u64);
-        node.shard_step(cap.target, ShardCommand::Ingest { op_id: cap.op_id, source_index: None, records }, 0).await?;
+        steps::shard_step(node, cap.target, ShardCommand::Ingest { op_id: cap.op_id, source_index: None, records }, 0)
+            .await?;
         metrics::counter!("cleave_split_backfill_bytes_total").increment(b);
         let (kt, bt, _) = *totals.lock().unwrap();
         let mut st = status.lock().unwrap();
@@ -305,20 +306,18 @@ async fn backfill(
     reader.await.map_err(|e| ExecError::Internal(e.to_string()))?.map_err(ExecError::Internal)
 }
 
-impl Node {
-    /// Answers `SplitStatus` as the source shard's leader.
-    pub async fn split_status(&self, shard: u64, op: OpId, hops: u8) -> Result<NodeReply, ExecError> {
-        self.at_leader(
+/// Answers `SplitStatus` as the source shard's leader.
+pub async fn status(node: &Node, shard: u64, op: OpId, hops: u8) -> Result<ForwardStatus, ExecError> {
+    node.router()
+        .at_leader(
             shard,
             hops,
-            |hops| NodeRequest::SplitStatus { shard, op_id: op, hops },
+            |hops| rpc::SplitStatus { shard, op_id: op, hops },
             |_| async move {
-                self.forwarders
+                node.forwarders()
                     .status(shard, op)
-                    .map(NodeReply::SplitStatus)
                     .ok_or(ExecError::Unavailable(format!("no forwarder for operation {op} on shard {shard} yet")))
             },
         )
         .await
-    }
 }

@@ -1,20 +1,22 @@
-//! Live splits: a range `[a, c)` of shard A is split at `b`, and `[b, c)`
-//! moves to a new Raft group B while clients keep reading and writing.
+//! Live splits, the shards' side: a range `[a, c)` of shard A is split at
+//! `b`, and `[b, c)` moves to a new Raft group B while clients keep reading
+//! and writing (`docs/split-protocol.md`).
 //!
-//! The protocol (`split-protocol.md`) is carried out by three cooperating
-//! parts, each resumable because every decision is a Raft entry:
-//! - [`driver`], run by the metadata leader, walks each operation through
-//!   its phases (create B, begin capture, freeze, verify, commit, activate).
+//! The metadata leader walks each split through its phases (`ops::split`,
+//! planned by the pure `ops::split_plan`); here is what the shards and
+//! their leaders do:
 //! - [`forwarder`], run by A's leader for each capture, streams the range
 //!   from a RocksDB snapshot into B (backfill) and ships A's forward log of
 //!   writes to B in order (catch-up), keeping the verification digest.
-//! - [`apply`] is what the shards do when those steps reach their logs.
+//! - [`apply`] is what the shards do when the split's steps reach their logs.
+//! - [`digest`]: the order-independent content digest both sides compare.
+//! - [`steps`]: the node-to-node calls the split makes (a step at a shard's
+//!   leader, a target's receiving state, the median key, creating and
+//!   destroying replicas).
 //!
-//! [`rebalancer`] decides when to split on its own (size and load).
+//! When to split on its own is decided by `balance::auto_split`.
 
 pub mod apply;
 pub mod digest;
-pub mod driver;
 pub mod forwarder;
-pub mod rebalancer;
 pub mod steps;

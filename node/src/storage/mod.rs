@@ -11,7 +11,7 @@
 //! | `raft_log`   | group · index            | a bincode log entry |
 //! | `raft_state` | group · tag              | vote, committed, last purged |
 //! | `data`       | group · user key         | [`ValueRecord`]: version, tombstone flag, JSON |
-//! | `group_meta` | group · tag              | applied log id, membership, state-machine state, descriptor |
+//! | `group_meta` | group · tag              | applied log id, membership, state-machine state, descriptor, install marker, key/byte counts, genesis state, tombstone |
 //!
 //! Writes never fsync on their own: durability comes from the [`Syncer`],
 //! which batches WAL syncs across all groups (group commit).

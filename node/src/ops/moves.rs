@@ -1,6 +1,7 @@
 //! The metadata leader's side of a replica move: one step per call, each
 //! idempotent, resumed from the phase recorded in the directory (the loop
-//! around it is the operations supervisor in `split::driver`).
+//! around it is [`super::supervisor`]; the next membership step is decided
+//! by the pure [`super::move_plan`]).
 //!
 //! - `Planned`: create the new replica, empty, on the target node; it starts
 //!   from the group's genesis state and waits for the leader.
@@ -14,23 +15,27 @@
 //!   entered, the replica stays a learner that never catches up: while it
 //!   is still only a learner the move is aborted ([`learner_stuck`]), so it
 //!   does not hold its group and a `--max-moves` slot forever.
-//!
-//! Every membership change carries the configuration id of the view it was
-//! decided from, and the group's leader refuses it if the configuration has
-//! changed since (`raft::membership`).
 //! - `Committed`: delete the leaving replica and its data.
 //! - `Aborted`: revert the configuration and delete the new replica.
+//!
+//! Every voter change (entering and flattening the joint configuration,
+//! removing learners) carries the configuration id of the view it was
+//! decided from, and the group's leader refuses it if the configuration has
+//! changed since (`raft::membership`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cleave_metadata::{MetaCommand, OpKind, Operation, Phase, Progress, Replica, ShardId};
+use cleave_metadata::{MetaCommand, MetaResponse, NodeId, OpId, OpKind, Operation, Phase, Progress, Replica, ShardId};
 
-use super::plan::{self, Step};
+use super::faults::{hold_ms, hold_named_ms};
+use super::move_plan::{self as plan, Step};
+use super::supervisor::{abort, advance, now_ms};
+use crate::moves::calls;
 use crate::node::Node;
 use crate::raft::membership::MembershipView;
-use crate::rpc::{ExecError, MembershipChange, NodeRequest};
-use crate::split::driver::{advance, hold_ms, now_ms};
+use crate::rpc::{self, ExecError, MembershipChange};
+use crate::split::steps;
 
 /// How long creating and adding the new replica may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -57,26 +62,15 @@ pub fn learner_stuck(target_up: bool, target_silent: Duration, in_phase: Duratio
 }
 
 async fn meta(node: &Node, cmd: MetaCommand) -> Result<(), ExecError> {
-    crate::split::driver::meta(node, cmd).await.map(|_| ())
-}
-
-/// Abandons the move. `learner_only`: the driver just saw the group outside
-/// any joint configuration with the new replica only a learner (the only
-/// case in which a move in `Joint` may be abandoned).
-async fn abort(node: &Node, op: &Operation, reason: &str, learner_only: bool) -> Result<bool, ExecError> {
-    tracing::warn!(op = op.op_id, phase = ?op.phase, "aborting move: {reason}");
-    let cmd = MetaCommand::AbortOp { op_id: op.op_id, reason: reason.to_string(), now_ms: now_ms(), learner_only };
-    meta(node, cmd).await?;
-    metrics::counter!("cleave_moves_aborted_total").increment(1);
-    Ok(true)
+    super::supervisor::meta(node, cmd).await.map(|_| ())
 }
 
 async fn observe(node: &Node, shard: ShardId) -> Result<MembershipView, ExecError> {
-    node.membership_step(shard, MembershipChange::Observe, 0).await
+    calls::membership_step(node, shard, MembershipChange::Observe, 0).await
 }
 
 async fn change(node: &Node, shard: ShardId, change: MembershipChange) -> Result<(), ExecError> {
-    node.membership_step(shard, change, 0).await.map(|_| ())
+    calls::membership_step(node, shard, change, 0).await.map(|_| ())
 }
 
 /// Does the work of a move's current phase. `Ok(true)`: it moved on;
@@ -99,8 +93,8 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
     }
     match op.phase {
         Phase::Planned => {
-            let state = node.genesis(shard, 0).await?;
-            let req = NodeRequest::CreateGroup {
+            let state = calls::genesis(node, shard, 0).await?;
+            let req = rpc::CreateGroup {
                 group: shard,
                 replica_id: to.replica_id,
                 members: Vec::new(),
@@ -108,7 +102,7 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
                 campaign: false,
                 dir_version: node.directory().version,
             };
-            node.node_call(to.node_id, req).await?;
+            node.router().node_call(to.node_id, req).await?;
             metrics::counter!("cleave_moves_started_total").increment(1);
             advance(node, op, Phase::Created).await?;
             Ok(true)
@@ -148,7 +142,7 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
             }
         }
         Phase::Joint => {
-            let enter_hold = crate::split::driver::hold_named_ms("enter_joint");
+            let enter_hold = hold_named_ms("enter_joint");
             if enter_hold > 0 && in_phase_ms < enter_hold {
                 return Ok(false);
             }
@@ -158,7 +152,10 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
                 Step::WaitCommit => Ok(false),
                 // Not joint, and the new replica only a learner (or not even that).
                 Step::WaitCatchUp { .. } | Step::AddLearner => {
-                    let (up, silent) = (node.tracker.is_up(to.node_id), node.tracker.silent_for(to.node_id));
+                    let (up, silent) = (
+                        node.meta_leader().tracker().is_up(to.node_id),
+                        node.meta_leader().tracker().silent_for(to.node_id),
+                    );
                     if let Some(why) = learner_stuck(up, silent, Duration::from_millis(in_phase_ms)) {
                         return abort(node, op, why, true).await;
                     }
@@ -187,9 +184,9 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
             }
         }
         Phase::Committed => {
-            node.destroy_replica_at(from.node_id, shard, from.replica_id).await?;
+            steps::destroy_replica_at(node, from.node_id, shard, from.replica_id).await?;
             meta(node, MetaCommand::FinishOp { op_id: op.op_id, write_pause_ms: None, now_ms: now_ms() }).await?;
-            node.refresh_directory().await;
+            node.meta_leader().refresh_directory().await;
             Ok(true)
         }
         Phase::Aborted => {
@@ -212,7 +209,7 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
                     _ => return Ok(false),
                 }
             }
-            node.destroy_replica_at(to.node_id, shard, to.replica_id).await?;
+            steps::destroy_replica_at(node, to.node_id, shard, to.replica_id).await?;
             meta(node, MetaCommand::MarkCleaned { op_id: op.op_id }).await?;
             Ok(true)
         }
@@ -221,8 +218,10 @@ pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant)
 }
 
 async fn add_learner(node: &Node, shard: ShardId, to: &Replica) -> Result<(), ExecError> {
-    let raft_addr =
-        node.raft_addr_of(to.node_id).ok_or(ExecError::Unavailable(format!("node {} has no address", to.node_id)))?;
+    let raft_addr = node
+        .dir_cache()
+        .raft_addr_of(to.node_id)
+        .ok_or(ExecError::Unavailable(format!("node {} has no address", to.node_id)))?;
     let c = MembershipChange::AddLearner { replica: to.replica_id, node_id: to.node_id, raft_addr };
     change(node, shard, c).await
 }
@@ -237,8 +236,12 @@ async fn report_progress(
     to: &Replica,
     lag: Option<u64>,
 ) -> Result<(), ExecError> {
-    let leader = node.tracker.leader_report(shard).or_else(|| node.tracker.report(from.node_id, shard));
-    let target = node.tracker.report(to.node_id, shard);
+    let leader = node
+        .meta_leader()
+        .tracker()
+        .leader_report(shard)
+        .or_else(|| node.meta_leader().tracker().report(from.node_id, shard));
+    let target = node.meta_leader().tracker().report(to.node_id, shard);
     let progress = Progress {
         keys_copied: target.as_ref().and_then(|r| r.keys).unwrap_or(0),
         bytes_copied: target.as_ref().and_then(|r| r.size_bytes).unwrap_or(0),
@@ -250,6 +253,27 @@ async fn report_progress(
         meta(node, MetaCommand::ReportProgress { op_id: op.op_id, progress }).await?;
     }
     Ok(())
+}
+
+/// Starts moving `shard_id`'s replica from `from_node` to `to_node`, as
+/// metadata leader (forwarding there if needed).
+pub async fn start(
+    node: &Node,
+    shard_id: ShardId,
+    from_node: NodeId,
+    to_node: NodeId,
+    reason: String,
+    hops: u8,
+) -> Result<OpId, ExecError> {
+    if !node.meta_leader().is_leader() {
+        let req = |hops| rpc::StartMove { shard_id, from_node, to_node, reason: reason.clone(), hops };
+        return node.meta_leader().forward_to_leader(hops, req).await;
+    }
+    let cmd = MetaCommand::PlanMove { shard_id, from_node, to_node, reason, now_ms: now_ms() };
+    match node.router().propose_meta(cmd, 0).await? {
+        MetaResponse::Op(op) => Ok(op),
+        other => Err(ExecError::Internal(format!("unexpected answer {other:?}"))),
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use cleave_metadata::api::{JoinRequest, JoinResponse};
 use cleave_metadata::Directory;
 
-use crate::node::{Identity, NodeSettings};
+use super::{Identity, NodeSettings};
 
 /// Registers this node with the cluster reachable at `addr` (an API address).
 pub async fn join(settings: &NodeSettings, addr: &str) -> anyhow::Result<Identity> {

@@ -1,6 +1,6 @@
-//! What the rebalancer should do next, decided from the directory, node
-//! liveness and shard leadership. Pure, so every rule is tested on its own;
-//! [`super::rebalancer`] feeds it and carries the answer out.
+//! The replica balancer: what to change next, decided from the directory,
+//! node liveness and shard leadership. Pure, so every rule is tested on its
+//! own; [`super::run::replicas`] feeds it and carries the answer out.
 //!
 //! In order of urgency:
 //! 1. **Heal**: a replica on a node silent for longer than `node_dead_after`
@@ -43,7 +43,7 @@ pub struct BalancePolicy {
     pub slack: usize,
 }
 
-/// What the rebalancer knows of one node.
+/// What the replica balancer knows of one node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeHealth {
     pub id: NodeId,

@@ -1,5 +1,5 @@
 //! The next membership step of a replica move, decided from what the group's
-//! leader reports. Pure: the driver ([`super::driver`]) observes the group,
+//! leader reports. Pure: the driver ([`super::moves`]) observes the group,
 //! asks [`forward`] (or [`revert`] for an aborted move) what to do, does it,
 //! and observes again. Because the decision depends only on the observed
 //! configuration, a driver that restarts anywhere — after a crash, on a new

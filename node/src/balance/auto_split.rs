@@ -1,4 +1,5 @@
-//! Automatic splits, decided by the metadata leader from heartbeat figures.
+//! The automatic split planner: which ranges the metadata leader splits on
+//! its own, decided from heartbeat figures.
 //!
 //! A range is split when its shard holds more than `split_size` bytes, or
 //! when its request rate stays above `split_qps` for `split_qps_window`
@@ -6,15 +7,13 @@
 //! divides). One operation per range, at most `max_splits` at once, and no
 //! split of a range that a split created less than `cooldown` ago.
 //!
-//! The decision ([`plan`]) is pure and tested on its own; [`run`] feeds it.
+//! The decision ([`plan`]) is pure and tested on its own;
+//! [`super::run::auto_split`] feeds it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use cleave_metadata::{Directory, OpKind, Phase, RangeId, RangeState};
-
-use crate::node::Node;
 
 /// Thresholds for automatic splits.
 #[derive(Clone, Debug)]
@@ -26,7 +25,7 @@ pub struct SplitPolicy {
     pub max_splits: usize,
 }
 
-/// A split the rebalancer wants.
+/// A split the planner wants.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Want {
     pub range_id: RangeId,
@@ -34,7 +33,7 @@ pub struct Want {
     pub reason: &'static str,
 }
 
-/// What the rebalancer knows of one shard.
+/// What the planner knows of one shard.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ShardLoad {
     pub size_bytes: u64,
@@ -79,43 +78,6 @@ fn recently_split(dir: &Directory, range: RangeId, cooldown: Duration, now_ms: u
         (*range_id == range || *new_range_id == range)
             && op.entered(Phase::Done).is_some_and(|t| now_ms.saturating_sub(t) < cooldown.as_millis() as u64)
     })
-}
-
-/// Runs the rebalancer while this node leads the metadata group.
-pub async fn run(node: Arc<Node>, policy: SplitPolicy) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut hot_since: HashMap<u64, std::time::Instant> = HashMap::new();
-    loop {
-        tick.tick().await;
-        if !node.confirmed_meta_leader().await {
-            hot_since.clear();
-            continue;
-        }
-        let dir = node.directory();
-        let mut loads = HashMap::new();
-        for shard in dir.shards.keys() {
-            let Some(report) = node.tracker.leader_report(*shard) else { continue };
-            let hot = report.qps > policy.split_qps;
-            let hot_for = if hot {
-                hot_since.entry(*shard).or_insert_with(std::time::Instant::now).elapsed()
-            } else {
-                hot_since.remove(shard);
-                Duration::ZERO
-            };
-            loads.insert(*shard, ShardLoad { size_bytes: report.size_bytes.unwrap_or(0), hot_for });
-        }
-        for want in plan(&dir, &loads, &policy, crate::split::driver::now_ms()) {
-            match node.start_split(Some(want.range_id), None, want.reason.to_string(), 0).await {
-                Ok(op) => {
-                    tracing::info!(range = want.range_id, reason = want.reason, op, "automatic split started");
-                    if let Some(shard) = dir.range(want.range_id).map(|r| r.shard_id) {
-                        hot_since.remove(&shard);
-                    }
-                }
-                Err(e) => tracing::debug!(range = want.range_id, "automatic split not started: {e}"),
-            }
-        }
-    }
 }
 
 #[cfg(test)]

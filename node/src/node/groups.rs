@@ -1,0 +1,245 @@
+//! The replicas a node holds, and their life cycle: opened at start-up,
+//! created when the metadata leader places a replica here (a split's new
+//! shard, a move's target), destroyed when a split is abandoned, a move
+//! leaves, or replica GC finds a replica the directory no longer lists.
+//!
+//! Creating and destroying are serialised by one lock, taken before the
+//! node is published to the RPC server, so a request can never race with
+//! the opening of the very group it names. Replica ids are never reused and
+//! grow, and a destroyed replica leaves a tombstone, so a delayed or
+//! duplicated request can neither bring a deleted replica back nor delete
+//! a newer one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use cleave_metadata::{Directory, NodeId};
+
+use super::directory::DirectoryCache;
+use crate::raft::{GroupRaft, RaftContext, ReplicaNode};
+use crate::rpc::{self, ExecError};
+
+/// How long a new replica waits for its group's leader before initialising
+/// the group itself.
+pub const FALLBACK_INIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// See the module.
+pub struct Groups {
+    ctx: RaftContext,
+    map: RwLock<HashMap<u64, Arc<GroupRaft>>>,
+    /// Serialises creating and destroying local replicas.
+    lifecycle: tokio::sync::Mutex<()>,
+}
+
+impl Groups {
+    pub(super) fn new(ctx: RaftContext) -> Groups {
+        Groups { ctx, map: RwLock::default(), lifecycle: Default::default() }
+    }
+
+    /// This node's replica of group `id`, unless a storage error stopped it
+    /// (a failed replica is out of service: see `GroupSm::fail`).
+    pub fn get(&self, id: u64) -> Option<Arc<GroupRaft>> {
+        self.map.read().unwrap().get(&id).filter(|g| !g.is_failed()).cloned()
+    }
+
+    /// The replica of group `id` held here, failed or not (for creating and
+    /// destroying replicas, which must see every replica on disk).
+    pub fn held(&self, id: u64) -> Option<Arc<GroupRaft>> {
+        self.map.read().unwrap().get(&id).cloned()
+    }
+
+    /// The replicas in service, by group id.
+    pub fn in_service(&self) -> Vec<Arc<GroupRaft>> {
+        let mut v: Vec<_> = self.map.read().unwrap().values().filter(|g| !g.is_failed()).cloned().collect();
+        v.sort_by_key(|g| g.group);
+        v
+    }
+
+    /// Takes the lifecycle lock (see the module).
+    pub(super) async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.lifecycle.lock().await
+    }
+
+    pub(super) fn insert(&self, g: GroupRaft) {
+        self.map.write().unwrap().insert(g.group, Arc::new(g));
+    }
+
+    /// Opens every replica recorded on disk (call with the lifecycle lock).
+    pub(super) async fn open_all(&self) -> anyhow::Result<()> {
+        let held = GroupRaft::list(&self.ctx.db)?;
+        GroupRaft::remove_orphan_snapshots(&self.ctx, &held)?;
+        for desc in held {
+            let g = GroupRaft::open(&self.ctx, desc.clone())
+                .await
+                .with_context(|| format!("opening group {}", desc.group))?;
+            self.insert(g);
+        }
+        Ok(())
+    }
+
+    /// Creates this node's replica `replica_id` of a group and initialises it
+    /// with `members` (with none, it waits to be added to an existing group).
+    /// Does nothing if that replica exists. A request for a replica older
+    /// than the one held here, or than one already deleted here (the
+    /// tombstone), is stale — delayed, or from a metadata leader that lost
+    /// its post — and refused.
+    pub async fn create(&self, cache: &DirectoryCache, req: rpc::CreateGroup) -> Result<(), ExecError> {
+        let rpc::CreateGroup { group, replica_id, members, state, campaign, dir_version } = req;
+        let _guard = self.lifecycle.lock().await;
+        let internal = |e: anyhow::Error| ExecError::Internal(format!("{e:#}"));
+        let held = self.held(group);
+        let tombstone = GroupRaft::tombstone(&self.ctx, group).map_err(internal)?;
+        match create_decision(held.as_ref().map(|g| g.replica_id), tombstone, replica_id) {
+            CreateDecision::Exists => return Ok(()),
+            CreateDecision::Stale(newer) => {
+                return Err(ExecError::Refused(format!(
+                    "replica {replica_id} of group {group} is stale: replica {newer} is held or was deleted here"
+                )))
+            }
+            CreateDecision::Create => {}
+            CreateDecision::Replace(old) => {
+                // The metadata leader only places a new replica here when the
+                // directory lists none of this group on this node: what is
+                // here is a leftover of an earlier membership (say a move
+                // away while this node was down). Replace it.
+                tracing::info!(group, old, new = replica_id, "replacing a leftover replica");
+                self.stop_and_destroy(group, old).await?;
+            }
+        }
+        // The sender's directory lists this replica: from now on replica GC
+        // trusts no older directory (persisted, so a restart keeps it too).
+        cache.raise_floor(dir_version).map_err(internal)?;
+        let raft = GroupRaft::create(&self.ctx, group, replica_id, state).await.map_err(internal)?;
+        let members: BTreeMap<u64, ReplicaNode> =
+            members.into_iter().map(|(r, node_id, raft_addr)| (r, ReplicaNode { node_id, raft_addr })).collect();
+        if members.is_empty() {
+            // Joins an existing group as a learner: never initialises.
+        } else if campaign {
+            raft.initialize(members).await.map_err(|e| ExecError::Internal(e.to_string()))?;
+        } else {
+            raft.initialize_later(members, FALLBACK_INIT);
+        }
+        self.insert(raft);
+        tracing::info!(group, replica_id, "created replica");
+        Ok(())
+    }
+
+    /// Stops and deletes this node's replica `replica_id` of `group`. A
+    /// different replica held here is left alone (the request is stale, or
+    /// meant one already replaced): the one it names is gone either way, and
+    /// is remembered as deleted so that a delayed create cannot bring it back.
+    pub async fn destroy(&self, group: u64, replica_id: u64) -> Result<(), ExecError> {
+        let _guard = self.lifecycle.lock().await;
+        match self.held(group) {
+            Some(g) if g.replica_id != replica_id => {
+                tracing::info!(group, held = g.replica_id, replica_id, "not destroying: another replica is held here");
+                if replica_id
+                    > GroupRaft::tombstone(&self.ctx, group).map_err(|e| ExecError::Internal(e.to_string()))?
+                {
+                    self.record_tombstone(group, replica_id).await?;
+                }
+                Ok(())
+            }
+            _ => self.stop_and_destroy(group, replica_id).await,
+        }
+    }
+
+    /// Deletes this node's replica `replica_id` of `group` if, checked again
+    /// under the lifecycle lock, it is still the replica held here and the
+    /// newest directory (`dir`, not older than `floor`) still does not want
+    /// it (`moves::gc`). Returns whether it did.
+    pub async fn collect(
+        &self,
+        dir: &Directory,
+        floor: u64,
+        me: NodeId,
+        group: u64,
+        replica_id: u64,
+    ) -> Result<bool, ExecError> {
+        let _guard = self.lifecycle.lock().await;
+        let held = self.get(group).map(|g| g.replica_id);
+        if held != Some(replica_id) || !crate::moves::gc::unwanted(dir, floor, me, group) {
+            tracing::info!(group, replica_id, ?held, "replica gc: wanted again, or replaced; kept");
+            return Ok(false);
+        }
+        tracing::info!(group, replica_id, version = dir.version, "deleting a replica the directory no longer lists");
+        self.stop_and_destroy(group, replica_id).await?;
+        Ok(true)
+    }
+
+    /// Records `replica_id` as deleted without touching the group's data.
+    async fn record_tombstone(&self, group: u64, replica_id: u64) -> Result<(), ExecError> {
+        let cf = crate::storage::cf(&self.ctx.db, crate::storage::CF_GROUP_META);
+        let key = crate::storage::state_key(group, crate::storage::tag::TOMBSTONE);
+        let internal = |e: &dyn std::fmt::Display| ExecError::Internal(e.to_string());
+        self.ctx.db.put_cf(cf, key, replica_id.to_be_bytes()).map_err(|e| internal(&e))?;
+        // Durable before the answer, as destroy's batch is.
+        self.ctx.syncer.sync().await.map_err(|e| internal(&e))
+    }
+
+    /// Removes the local replica of `group` (if any) from the node, stops it
+    /// so no task of it writes again, and deletes its data. Call with the
+    /// lifecycle lock held.
+    async fn stop_and_destroy(&self, group: u64, replica_id: u64) -> Result<(), ExecError> {
+        let removed = self.map.write().unwrap().remove(&group);
+        if let Some(g) = removed {
+            g.shutdown().await;
+        }
+        GroupRaft::destroy(&self.ctx, group, replica_id).map_err(|e| ExecError::Internal(format!("{e:#}")))?;
+        crate::metrics::forget_group(group);
+        tracing::info!(group, replica_id, "destroyed replica");
+        Ok(())
+    }
+
+    /// Stops every replica cleanly.
+    pub async fn shutdown(&self) {
+        for g in self.in_service() {
+            g.shutdown().await;
+        }
+    }
+}
+
+/// What a request to create replica `requested` of a group does, given the
+/// replica `held` here (if any) and the group's tombstone.
+#[derive(Debug, PartialEq, Eq)]
+enum CreateDecision {
+    /// That very replica is here: nothing to do (the request is a retry).
+    Exists,
+    Create,
+    /// An older replica is here: delete it, then create.
+    Replace(u64),
+    /// The request is older than a replica held or deleted here: refuse it.
+    Stale(u64),
+}
+
+fn create_decision(held: Option<u64>, tombstone: u64, requested: u64) -> CreateDecision {
+    match held {
+        Some(h) if h == requested => CreateDecision::Exists,
+        Some(h) if h > requested => CreateDecision::Stale(h),
+        _ if requested <= tombstone => CreateDecision::Stale(tombstone),
+        Some(h) => CreateDecision::Replace(h),
+        None => CreateDecision::Create,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_create_request_older_than_what_the_node_holds_or_deleted_is_refused() {
+        use CreateDecision::*;
+        assert_eq!(create_decision(None, 0, 5), Create);
+        assert_eq!(create_decision(Some(5), 0, 5), Exists, "a retry");
+        assert_eq!(create_decision(Some(3), 0, 5), Replace(3), "a leftover of an older membership");
+        // A delayed request for replica 3 after replica 5 came here: it must
+        // not destroy the newer replica.
+        assert_eq!(create_decision(Some(5), 0, 3), Stale(5));
+        // Replica 5 was deleted here: a delayed create must not bring it back.
+        assert_eq!(create_decision(None, 5, 5), Stale(5));
+        assert_eq!(create_decision(None, 5, 4), Stale(5));
+        assert_eq!(create_decision(None, 5, 6), Create);
+        assert_eq!(create_decision(Some(6), 5, 6), Exists);
+    }
+}

@@ -1,0 +1,63 @@
+//! Fault points for tests: `--fault-hold capturing=2000,frozen=500` keeps
+//! every operation in the named phases for at least that many milliseconds
+//! (from when it entered the phase, as recorded in the directory, so the
+//! hold survives a change of metadata leader). Tests use it to kill nodes
+//! at a chosen phase. Besides phase names, `enter_joint=MS` holds a move
+//! in `Joint` *before* its joint configuration is entered (a hold of
+//! `joint` holds it inside the joint configuration).
+
+use cleave_metadata::Phase;
+
+static HOLDS: std::sync::OnceLock<Vec<(String, u64)>> = std::sync::OnceLock::new();
+
+/// Hold points that are not phases.
+const EXTRA_HOLDS: [&str; 1] = ["enter_joint"];
+
+/// Parses a fault-point spec (`PHASE=MS,...`).
+pub fn parse(spec: &str) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut holds = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, ms) = part.split_once('=').ok_or_else(|| anyhow::anyhow!("{part:?} is not PHASE=MS"))?;
+        let name = name.trim();
+        if !EXTRA_HOLDS.contains(&name) {
+            serde_json::from_value::<Phase>(serde_json::Value::String(name.into()))
+                .map_err(|_| anyhow::anyhow!("unknown phase {name:?}"))?;
+        }
+        holds.push((name.to_string(), ms.trim().parse()?));
+    }
+    Ok(holds)
+}
+
+/// Parses and installs the fault-point spec; call once at start-up.
+pub fn set_fault_hold(spec: &str) -> anyhow::Result<()> {
+    let _ = HOLDS.set(parse(spec)?);
+    Ok(())
+}
+
+/// The hold of a named point (a phase's name, or one of [`EXTRA_HOLDS`]).
+pub fn hold_named_ms(name: &str) -> u64 {
+    HOLDS.get().and_then(|h| h.iter().find(|(p, _)| p == name)).map_or(0, |(_, ms)| *ms)
+}
+
+/// The hold of a phase.
+pub fn hold_ms(phase: Phase) -> u64 {
+    match serde_json::to_value(phase) {
+        Ok(serde_json::Value::String(name)) => hold_named_ms(&name),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_holds_name_phases_or_known_points() {
+        assert_eq!(parse("capturing=2000, frozen=5").unwrap(), vec![("capturing".into(), 2000), ("frozen".into(), 5)]);
+        assert_eq!(parse("enter_joint=10").unwrap(), vec![("enter_joint".into(), 10)]);
+        assert!(parse("nonsense=1").is_err(), "an unknown phase is refused");
+        assert!(parse("frozen").is_err(), "a hold needs a duration");
+        assert!(parse("frozen=abc").is_err());
+        assert!(parse("").unwrap().is_empty());
+    }
+}

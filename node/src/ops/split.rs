@@ -1,0 +1,264 @@
+//! The metadata leader's side of a live split: observe the two shards,
+//! ask the planner ([`super::split_plan`]) what to do, do it. Each action is
+//! idempotent, so a step cut short (a failed call, a new metadata leader)
+//! is simply done again.
+//!
+//! Also the admin entry point that starts a split (`Node::start_split`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cleave_metadata::{MetaCommand, MetaResponse, OpId, OpKind, Operation, Phase, RangeState};
+
+use super::faults::hold_ms;
+use super::split_plan::{self, Observed, Step};
+use super::supervisor::{abort, advance, meta, now_ms};
+use crate::command::ShardCommand;
+use crate::kv::{Incoming, ShardState};
+use crate::node::Node;
+use crate::raft::SmState;
+use crate::rpc::{self, ExecError, TargetStatus};
+use crate::split::forwarder;
+use crate::split::steps;
+
+/// Does the work of a split's current phase. `Ok(true)`: it moved on;
+/// `Ok(false)`: nothing to do yet.
+pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> Result<bool, ExecError> {
+    let OpKind::Split { source, target, .. } = &op.kind else {
+        return Err(ExecError::Internal("not a split".into()));
+    };
+    let mut obs = Observed {
+        now_ms: now_ms(),
+        hold_ms: hold_ms(op.phase),
+        since_report: last_progress.elapsed(),
+        source: None,
+        target: None,
+    };
+    // Observations are made as the planner asks for them: the target's
+    // state from any replica first (no read barrier, which keeps the frozen
+    // window short), from its leader if that one was behind.
+    let mut target_looks = 0;
+    loop {
+        match split_plan::next(op, &obs) {
+            Step::Wait => return Ok(false),
+            Step::Abort(reason) => return abort(node, op, &reason, false).await,
+            Step::ObserveSource => obs.source = Some(forwarder::status(node, *source, op.op_id, 0).await?),
+            Step::ObserveTarget if target_looks == 2 => return Ok(false),
+            Step::ObserveTarget => {
+                let status = if target_looks == 0 {
+                    steps::incoming_status_any(node, *target).await?
+                } else {
+                    steps::incoming_status(node, *target, 0).await?
+                };
+                target_looks += 1;
+                let Some(i) = status.incoming else {
+                    return Err(ExecError::Internal("target is not receiving".into()));
+                };
+                obs.target = Some(i);
+            }
+            Step::CreateTarget => return create_target(node, op).await,
+            Step::BeginCapture => return begin_capture(node, op).await,
+            Step::Capture { report, freeze } => {
+                if let Some(progress) = report {
+                    *last_progress = Instant::now();
+                    meta(node, MetaCommand::ReportProgress { op_id: op.op_id, progress }).await?;
+                }
+                if !freeze {
+                    return Ok(false);
+                }
+                // The freeze and its record are independent (both
+                // idempotent): run them together to keep the pause short.
+                let (frozen, recorded) = tokio::join!(
+                    steps::shard_step(node, *source, ShardCommand::Freeze { op_id: op.op_id }, 0),
+                    advance(node, op, Phase::Frozen)
+                );
+                frozen?;
+                recorded?;
+                return Ok(true);
+            }
+            Step::ResendFreeze => {
+                *last_progress = Instant::now();
+                steps::shard_step(node, *source, ShardCommand::Freeze { op_id: op.op_id }, 0).await?;
+                return Ok(false);
+            }
+            Step::Commit => {
+                meta(node, MetaCommand::CommitSplit { op_id: op.op_id, now_ms: now_ms() }).await?;
+                metrics::counter!("cleave_splits_committed_total").increment(1);
+                return Ok(true);
+            }
+            Step::Cutover => return cutover(node, op).await,
+            Step::Cleanup => return cleanup(node, op).await,
+        }
+    }
+}
+
+/// `Planned`: creates the new shard's replicas, receiving, empty.
+async fn create_target(node: &Node, op: &Operation) -> Result<bool, ExecError> {
+    let OpKind::Split { range_id, split_key, source, target, target_replicas, .. } = &op.kind else {
+        return Err(ExecError::Internal("not a split".into()));
+    };
+    let dir = node.directory();
+    let range = dir.range(*range_id).ok_or(ExecError::Internal(format!("range {range_id} vanished")))?;
+    let state = SmState::Shard(ShardState {
+        incoming: Some(Incoming {
+            op_id: op.op_id,
+            start: split_key.clone(),
+            end: range.end.clone(),
+            watermark: 0,
+            digest: 0,
+            backfill: None,
+            backfill_copied: (0, 0),
+            capture_base: 0,
+        }),
+        ..Default::default()
+    });
+    let members: Vec<(u64, u64, String)> = target_replicas
+        .iter()
+        .map(|r| (r.replica_id, r.node_id, dir.nodes.get(&r.node_id).map(|n| n.raft_addr.clone()).unwrap_or_default()))
+        .collect();
+    // The replica next to the source's leader campaigns, so the new group
+    // has a leader at once, close to where its data comes from.
+    let source_leader = node.dir_cache().leader_hint(*source);
+    let campaigner = target_replicas
+        .iter()
+        .find(|r| Some(r.node_id) == source_leader)
+        .or(target_replicas.first())
+        .map(|r| r.replica_id);
+    // Create the campaigner last: its election needs the others to exist.
+    let mut order: Vec<_> = target_replicas.iter().collect();
+    order.sort_by_key(|r| Some(r.replica_id) == campaigner);
+    for r in order {
+        let req = rpc::CreateGroup {
+            group: *target,
+            replica_id: r.replica_id,
+            members: members.clone(),
+            state: state.clone(),
+            campaign: Some(r.replica_id) == campaigner,
+            dir_version: dir.version,
+        };
+        node.router().node_call(r.node_id, req).await?;
+    }
+    metrics::counter!("cleave_splits_started_total").increment(1);
+    advance(node, op, Phase::Created).await?;
+    Ok(true)
+}
+
+/// `Created`: the source begins capturing writes to the moving range.
+async fn begin_capture(node: &Node, op: &Operation) -> Result<bool, ExecError> {
+    let OpKind::Split { range_id, split_key, source, target, .. } = &op.kind else {
+        return Err(ExecError::Internal("not a split".into()));
+    };
+    let dir = node.directory();
+    let range = dir.range(*range_id).ok_or(ExecError::Internal(format!("range {range_id} vanished")))?;
+    let cmd = ShardCommand::BeginCapture {
+        op_id: op.op_id,
+        start: split_key.clone(),
+        end: range.end.clone(),
+        target: *target,
+    };
+    steps::shard_step(node, *source, cmd, 0).await?;
+    advance(node, op, Phase::Capturing).await?;
+    Ok(true)
+}
+
+/// `Committed`: the source gives the range up, the target takes it.
+async fn cutover(node: &Node, op: &Operation) -> Result<bool, ExecError> {
+    let OpKind::Split { range_id, source, target, new_range_id, .. } = &op.kind else {
+        return Err(ExecError::Internal("not a split".into()));
+    };
+    let dir = node.directory();
+    let left = dir.range(*range_id).cloned().ok_or(ExecError::Internal("left range missing".into()))?;
+    let right = dir.range(*new_range_id).cloned().ok_or(ExecError::Internal("right range missing".into()))?;
+    let TargetStatus { keys, bytes, .. } = steps::incoming_status(node, *target, 0).await?;
+    let done =
+        ShardCommand::SplitDone { op_id: op.op_id, left, moved: right.clone(), moved_keys: keys, moved_bytes: bytes };
+    steps::shard_step(node, *source, done, 0).await?;
+    steps::shard_step(node, *target, ShardCommand::Activate { op_id: op.op_id, ranges: vec![right] }, 0).await?;
+    let pause = op.entered(Phase::Frozen).map(|f| now_ms().saturating_sub(f));
+    if let Some(p) = pause {
+        metrics::histogram!("cleave_split_write_pause_seconds").record(p as f64 / 1000.0);
+    }
+    meta(node, MetaCommand::FinishOp { op_id: op.op_id, write_pause_ms: pause, now_ms: now_ms() }).await?;
+    node.meta_leader().refresh_directory().await;
+    Ok(true)
+}
+
+/// `Aborted`: the capture ends and the new shard's replicas are deleted.
+async fn cleanup(node: &Node, op: &Operation) -> Result<bool, ExecError> {
+    let OpKind::Split { source, target, target_replicas, .. } = &op.kind else {
+        return Err(ExecError::Internal("not a split".into()));
+    };
+    // EndCapture always applies; it also makes the source refuse a
+    // BeginCapture of this operation that arrives late.
+    steps::shard_step(node, *source, ShardCommand::EndCapture { op_id: op.op_id }, 0).await?;
+    for r in target_replicas {
+        steps::destroy_replica_at(node, r.node_id, *target, r.replica_id).await?;
+    }
+    meta(node, MetaCommand::MarkCleaned { op_id: op.op_id }).await?;
+    Ok(true)
+}
+
+/// The nodes for a new shard's replicas: nodes this metadata leader heard
+/// from recently (a node it has not heard from is never taken for the
+/// emptiest), fewest replicas first; refused when too few are live.
+pub fn place(node: &Node, count: usize) -> Result<Vec<u64>, ExecError> {
+    Ok(node.directory().place_new_group(&node.meta_leader().tracker().live_nodes(), count)?)
+}
+
+/// Starts a split as metadata leader (forwarding there if needed).
+pub async fn start(
+    node: &Node,
+    range_id: Option<u64>,
+    key: Option<String>,
+    reason: String,
+    hops: u8,
+) -> Result<OpId, ExecError> {
+    if !node.meta_leader().is_leader() {
+        let req = |hops| rpc::StartSplit { range_id, key: key.clone(), reason: reason.clone(), hops };
+        return node.meta_leader().forward_to_leader(hops, req).await;
+    }
+    let dir = node.directory();
+    let range = match (range_id, &key) {
+        (Some(id), _) => dir.range(id).cloned().ok_or(ExecError::Meta(cleave_metadata::MetaError::UnknownRange(id)))?,
+        (None, Some(k)) => dir.lookup(k).cloned().ok_or(ExecError::Unavailable("directory not loaded".into()))?,
+        (None, None) => return Err(ExecError::Internal("a split needs a key or a range".into())),
+    };
+    if let RangeState::Busy { op_id } = range.state {
+        return Err(ExecError::Meta(cleave_metadata::MetaError::RangeBusy { range_id: range.range_id, op_id }));
+    }
+    let split_key = match key {
+        Some(k) => k,
+        None => {
+            let req = rpc::MedianKey {
+                shard: range.shard_id,
+                start: range.start.clone(),
+                end: range.end.clone(),
+                by_load: reason == "load",
+                hops: 0,
+            };
+            steps::median_key(node, req).await?.ok_or(ExecError::Meta(cleave_metadata::MetaError::BadSplitKey {
+                range_id: range.range_id,
+                key: String::new(),
+            }))?
+        }
+    };
+    let replication = dir.shards.get(&range.shard_id).map_or(3, |s| s.replicas.len()).max(1);
+    let targets = place(node, replication)?;
+    match node
+        .router()
+        .propose_meta(
+            MetaCommand::PlanSplit {
+                range_id: range.range_id,
+                split_key,
+                target_nodes: targets,
+                reason,
+                now_ms: now_ms(),
+            },
+            0,
+        )
+        .await?
+    {
+        MetaResponse::Op(op) => Ok(op),
+        other => Err(ExecError::Internal(format!("unexpected answer {other:?}"))),
+    }
+}

@@ -1,0 +1,120 @@
+//! The operations supervisor: while this node is the (confirmed) metadata
+//! leader, one task per unfinished operation walks it through its phases.
+//!
+//! A task loops: read the operation from the directory, do the work of its
+//! phase ([`super::split::step`] or [`super::moves::step`], each idempotent),
+//! and let the step record the next phase with a compare-and-set entry.
+//! The task ends when the operation is finished or this node stops leading;
+//! a new metadata leader starts the loop again for every operation that is
+//! not finished, from the phase the directory records.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cleave_metadata::{MetaCommand, MetaResponse, OpId, OpKind, Operation, Phase};
+
+use crate::node::Node;
+use crate::rpc::ExecError;
+
+/// Wall-clock milliseconds, as operations record them in the directory.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The operations this node is driving.
+#[derive(Default)]
+pub struct Supervisor {
+    running: Mutex<HashSet<OpId>>,
+}
+
+impl Supervisor {
+    /// Takes `op` on, unless a task already drives it.
+    fn claim(&self, op: OpId) -> bool {
+        self.running.lock().unwrap().insert(op)
+    }
+
+    fn release(&self, op: OpId) {
+        self.running.lock().unwrap().remove(&op);
+    }
+}
+
+/// While this node leads the metadata group, drives every active operation.
+pub async fn run(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if !node.meta_leader().confirmed().await {
+            continue;
+        }
+        let ops: Vec<OpId> = node.directory().active_ops().map(|o| o.op_id).collect();
+        for op in ops {
+            if !node.supervisor().claim(op) {
+                continue;
+            }
+            let node = node.clone();
+            tokio::spawn(async move {
+                drive(&node, op).await;
+                node.supervisor().release(op);
+            });
+        }
+    }
+}
+
+async fn drive(node: &Arc<Node>, op_id: OpId) {
+    // When the step last made progress (or last did a periodic action such
+    // as reporting progress): steps pace themselves with it.
+    let mut last_progress = Instant::now();
+    let mut failures = 0u32;
+    loop {
+        if !node.meta_leader().confirmed().await {
+            return;
+        }
+        let Some(op) = node.directory().ops.get(&op_id).cloned() else { return };
+        if op.phase == Phase::Done || (op.phase == Phase::Aborted && op.cleaned) {
+            return;
+        }
+        let stepped = match &op.kind {
+            OpKind::Split { .. } => super::split::step(node, &op, &mut last_progress).await,
+            OpKind::Move { .. } => super::moves::step(node, &op, &mut last_progress).await,
+        };
+        match stepped {
+            Ok(true) => failures = 0,
+            Ok(false) => {
+                tokio::time::sleep(Duration::from_millis(if op.phase == Phase::Frozen { 1 } else { 20 })).await
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::debug!(op = op_id, kind = op.kind.name(), phase = ?op.phase, "step failed: {e}");
+                tokio::time::sleep(Duration::from_millis((20 * failures as u64).min(500))).await;
+            }
+        }
+    }
+}
+
+/// Proposes `cmd` to the metadata group (this node leads it).
+pub(crate) async fn meta(node: &Node, cmd: MetaCommand) -> Result<MetaResponse, ExecError> {
+    node.router().propose_meta(cmd, 0).await
+}
+
+/// Records that `op` moved from its current phase to `to` (compare-and-set).
+pub(crate) async fn advance(node: &Node, op: &Operation, to: Phase) -> Result<(), ExecError> {
+    meta(node, MetaCommand::AdvanceOp { op_id: op.op_id, from: op.phase, to, now_ms: now_ms() }).await?;
+    Ok(())
+}
+
+/// Records that `op` is abandoned, for `reason`. `learner_only`: the driver
+/// of a move just saw the group outside any joint configuration with the
+/// new replica only a learner (the only case in which a move in `Joint`
+/// may be abandoned).
+pub(crate) async fn abort(node: &Node, op: &Operation, reason: &str, learner_only: bool) -> Result<bool, ExecError> {
+    tracing::warn!(op = op.op_id, kind = op.kind.name(), phase = ?op.phase, "aborting: {reason}");
+    let cmd = MetaCommand::AbortOp { op_id: op.op_id, reason: reason.to_string(), now_ms: now_ms(), learner_only };
+    meta(node, cmd).await?;
+    let counter = match op.kind {
+        OpKind::Split { .. } => "cleave_splits_aborted_total",
+        OpKind::Move { .. } => "cleave_moves_aborted_total",
+    };
+    metrics::counter!(counter).increment(1);
+    Ok(true)
+}
