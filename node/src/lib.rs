@@ -5,18 +5,29 @@
 //! user data. It serves the HTTP JSON API on one port and internal RPC
 //! (Raft traffic, forwarding, heartbeats) on another.
 //!
-//! Module map, from the disk up:
+//! Module map, from the disk up (the design: `docs/architecture.md`):
 //! - [`storage`]: the shared RocksDB, key layout, group commit of WAL syncs.
-//! - [`raft`]: the openraft wrapper — log store, state machine, snapshots,
-//!   Raft network — the only module that uses openraft directly.
 //! - [`codec`]: the bounded bincode encoding of frames, entries and records.
-//! - [`kv`], [`command`]: what a shard applies and how it fences stale routes.
-//! - [`rpc`]: the multiplexed node-to-node transport and its messages.
-//! - [`node`], [`router`], [`meta`], [`join`]: the running node, request
-//!   routing and forwarding, heartbeats and the metadata leader's duties.
-//! - [`split`]: live range splits (dual-write, backfill, cutover).
-//! - [`moves`]: replica moves, leader transfers, decommissioning, healing
-//!   and balancing, replica garbage collection.
+//! - [`command`], [`kv`]: what a shard applies (typed refusals apart from
+//!   storage failures) and how it fences stale routes.
+//! - [`raft`]: the openraft wrapper — log store, state machine, snapshots,
+//!   Raft network, membership changes — the only module that uses openraft.
+//! - [`rpc`]: the node-to-node transport and the typed node requests.
+//! - [`node`]: the running node and its parts — the replicas held and their
+//!   life cycle (`Groups`), what it knows of the cluster (`DirectoryCache`),
+//!   start-up, joining, and the dispatch of node requests.
+//! - [`router`]: routing a request to the replica that serves it, within one
+//!   deadline, and serving it there.
+//! - [`leader`]: the metadata leader's duties — confirmed leadership,
+//!   heartbeats and liveness, cluster views.
+//! - [`ops`]: the operations supervisor: live splits and replica moves,
+//!   each decided by a pure planner and carried out step by step.
+//! - [`split`]: the shards' side of a split (forwarder, apply steps,
+//!   digest, calls to a shard's leader).
+//! - [`moves`]: membership steps at a group's leader, leader transfers,
+//!   decommissioning, replica garbage collection.
+//! - [`balance`]: the automatic split planner and the replica balancer
+//!   (pure) and the loops that feed them.
 //! - [`api`], [`metrics`]: HTTP handlers and Prometheus metrics.
 //! - [`config`]: flags, environment and the TOML config file.
 

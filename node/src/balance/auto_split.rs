@@ -4,8 +4,9 @@
 //! A range is split when its shard holds more than `split_size` bytes, or
 //! when its request rate stays above `split_qps` for `split_qps_window`
 //! seconds (then at the median of recently requested keys, so the load
-//! divides). One operation per range, at most `max_splits` at once, and no
-//! split of a range that a split created less than `cooldown` ago.
+//! divides). Only a range alone in its shard is split (it carries the
+//! shard's figures), one operation at a time, at most `max_splits` at
+//! once, and no range that a split created or cut less than `cooldown` ago.
 //!
 //! The decision ([`plan`]) is pure and tested on its own;
 //! [`super::run::auto_split`] feeds it.

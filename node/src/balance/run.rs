@@ -1,5 +1,5 @@
 //! The two balancing loops on the metadata leader (confirmed: see
-//! `Node::confirmed_meta_leader`), each feeding a pure planner:
+//! `MetaLeader::confirmed`), each feeding a pure planner:
 //!
 //! - [`replicas`]: every tick it gathers liveness, leadership and which
 //!   listed replicas live nodes do not report holding from the heartbeat

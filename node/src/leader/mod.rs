@@ -61,7 +61,7 @@ pub struct MetaLeader<'a> {
 }
 
 impl<'a> MetaLeader<'a> {
-    pub fn new(node: &'a Node, state: &'a LeaderState) -> Self {
+    pub(crate) fn new(node: &'a Node, state: &'a LeaderState) -> Self {
         MetaLeader { node, state }
     }
 

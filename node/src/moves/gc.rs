@@ -72,7 +72,7 @@ pub async fn collect(node: &Node, collector: &mut Collector) {
         // The replica judged unlisted, by its id: a newer one created
         // meanwhile is not the one to delete.
         let Some(replica_id) = groups.iter().find(|g| g.group == group).map(|g| g.replica_id) else { continue };
-        match node.groups().collect(&dir, node.dir_cache().floor(), node.id(), group, replica_id).await {
+        match node.collect_replica(group, replica_id).await {
             Ok(true) => metrics::counter!("cleave_replicas_collected_total").increment(1),
             Ok(false) => {}
             Err(e) => tracing::warn!(group, "replica gc: {e}"),

@@ -45,7 +45,7 @@ impl Groups {
 
     /// The replica of group `id` held here, failed or not (for creating and
     /// destroying replicas, which must see every replica on disk).
-    pub fn held(&self, id: u64) -> Option<Arc<GroupRaft>> {
+    pub(super) fn held(&self, id: u64) -> Option<Arc<GroupRaft>> {
         self.map.read().unwrap().get(&id).cloned()
     }
 
@@ -54,6 +54,11 @@ impl Groups {
         let mut v: Vec<_> = self.map.read().unwrap().values().filter(|g| !g.is_failed()).cloned().collect();
         v.sort_by_key(|g| g.group);
         v
+    }
+
+    /// Whether no replica at all is held here, failed ones included.
+    pub(super) fn is_empty(&self) -> bool {
+        self.map.read().unwrap().is_empty()
     }
 
     /// Takes the lifecycle lock (see the module).
@@ -84,7 +89,7 @@ impl Groups {
     /// than the one held here, or than one already deleted here (the
     /// tombstone), is stale — delayed, or from a metadata leader that lost
     /// its post — and refused.
-    pub async fn create(&self, cache: &DirectoryCache, req: rpc::CreateGroup) -> Result<(), ExecError> {
+    pub(super) async fn create(&self, cache: &DirectoryCache, req: rpc::CreateGroup) -> Result<(), ExecError> {
         let rpc::CreateGroup { group, replica_id, members, state, campaign, dir_version } = req;
         let _guard = self.lifecycle.lock().await;
         let internal = |e: anyhow::Error| ExecError::Internal(format!("{e:#}"));
@@ -129,7 +134,7 @@ impl Groups {
     /// different replica held here is left alone (the request is stale, or
     /// meant one already replaced): the one it names is gone either way, and
     /// is remembered as deleted so that a delayed create cannot bring it back.
-    pub async fn destroy(&self, group: u64, replica_id: u64) -> Result<(), ExecError> {
+    pub(super) async fn destroy(&self, group: u64, replica_id: u64) -> Result<(), ExecError> {
         let _guard = self.lifecycle.lock().await;
         match self.held(group) {
             Some(g) if g.replica_id != replica_id => {
@@ -147,19 +152,21 @@ impl Groups {
 
     /// Deletes this node's replica `replica_id` of `group` if, checked again
     /// under the lifecycle lock, it is still the replica held here and the
-    /// newest directory (`dir`, not older than `floor`) still does not want
-    /// it (`moves::gc`). Returns whether it did.
-    pub async fn collect(
+    /// newest directory still does not want it (`moves::gc`). `newest`
+    /// gives the node's newest directory and its directory floor; both are
+    /// read under the lock, so a `CreateGroup` that landed meanwhile (it
+    /// raised the floor) is never destroyed. Returns whether it did.
+    pub(super) async fn collect(
         &self,
-        dir: &Directory,
-        floor: u64,
+        newest: impl FnOnce() -> (Arc<Directory>, u64),
         me: NodeId,
         group: u64,
         replica_id: u64,
     ) -> Result<bool, ExecError> {
         let _guard = self.lifecycle.lock().await;
         let held = self.get(group).map(|g| g.replica_id);
-        if held != Some(replica_id) || !crate::moves::gc::unwanted(dir, floor, me, group) {
+        let (dir, floor) = newest();
+        if held != Some(replica_id) || !crate::moves::gc::unwanted(&dir, floor, me, group) {
             tracing::info!(group, replica_id, ?held, "replica gc: wanted again, or replaced; kept");
             return Ok(false);
         }
@@ -226,6 +233,72 @@ fn create_decision(held: Option<u64>, tombstone: u64, requested: u64) -> CreateD
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use crate::kv::ShardState;
+    use crate::raft::SmState;
+
+    /// A directory of nodes 1–3 (no replica of group 7 anywhere).
+    fn dir() -> Arc<Directory> {
+        Arc::new(Directory::bootstrap(&[(1, "a".into()), (2, "b".into()), (3, "c".into())], 3))
+    }
+
+    #[tokio::test]
+    async fn gc_judges_by_the_directory_and_floor_read_under_the_lifecycle_lock() {
+        let (_d, ctx) = crate::testing::temp_ctx();
+        let groups = Arc::new(Groups::new(ctx.clone()));
+        let g = GroupRaft::create(&ctx, 7, 4, SmState::Shard(ShardState::default())).await.unwrap();
+        groups.insert(g);
+        let version = dir().version;
+        let floor = Arc::new(AtomicU64::new(version));
+        // A create request holds the lock and raises the floor (its
+        // directory lists the replica) while GC waits for the lock.
+        let lock = groups.lock().await;
+        let gc = {
+            let (groups, floor) = (groups.clone(), floor.clone());
+            tokio::spawn(async move { groups.collect(|| (dir(), floor.load(Ordering::SeqCst)), 1, 7, 4).await })
+        };
+        tokio::task::yield_now().await;
+        floor.store(version + 2, Ordering::SeqCst);
+        drop(lock);
+        assert!(!gc.await.unwrap().unwrap(), "judged with the floor raised meanwhile: kept");
+        assert!(groups.get(7).is_some());
+        // With nothing newer than the directory at hand, it goes.
+        assert!(groups.collect(|| (dir(), version), 1, 7, 4).await.unwrap());
+        assert!(groups.get(7).is_none() && groups.is_empty());
+        assert!(!groups.collect(|| (dir(), version), 1, 7, 4).await.unwrap(), "gone already");
+    }
+
+    #[tokio::test]
+    async fn a_destroy_naming_another_replica_leaves_the_held_one_and_blocks_a_late_create() {
+        let (_d, ctx) = crate::testing::temp_ctx();
+        let groups = Groups::new(ctx.clone());
+        let hints = ctx.snapshot_root.with_file_name("cluster.json");
+        let cache = DirectoryCache::new(1, "a".into(), vec![], hints, ctx.addresses.clone()).unwrap();
+        let create = |replica_id| rpc::CreateGroup {
+            group: 9,
+            replica_id,
+            members: vec![],
+            state: SmState::Shard(ShardState::default()),
+            campaign: false,
+            dir_version: 5,
+        };
+        groups.create(&cache, create(3)).await.unwrap();
+        assert_eq!(cache.floor(), 5, "the floor is raised before the replica exists");
+        groups.create(&cache, create(3)).await.unwrap();
+        assert_eq!(groups.get(9).map(|g| g.replica_id), Some(3), "a retried create is a no-op");
+        // A delayed destroy of a later replica id leaves replica 3 alone...
+        groups.destroy(9, 4).await.unwrap();
+        assert_eq!(groups.get(9).map(|g| g.replica_id), Some(3));
+        // ...and a create of that replica, arriving after, is refused.
+        groups.destroy(9, 3).await.unwrap();
+        assert!(groups.get(9).is_none());
+        assert!(matches!(groups.create(&cache, create(4)).await, Err(ExecError::Refused(_))));
+        assert!(matches!(groups.create(&cache, create(3)).await, Err(ExecError::Refused(_))));
+        groups.create(&cache, create(5)).await.unwrap();
+        assert_eq!(groups.get(9).map(|g| g.replica_id), Some(5));
+        groups.shutdown().await;
+    }
 
     #[test]
     fn a_create_request_older_than_what_the_node_holds_or_deleted_is_refused() {

@@ -117,7 +117,7 @@ impl Node {
         let lifecycle = node.groups.lock().await;
         let _ = published.set(node.clone());
         node.groups.open_all().await?;
-        if fresh && node.groups.in_service().is_empty() {
+        if fresh && node.groups.is_empty() {
             node.bootstrap().await?;
         }
         drop(lifecycle);
@@ -187,13 +187,23 @@ impl Node {
         self.groups.get(id)
     }
 
-    /// What this node knows of the cluster's layout.
+    /// What this node knows of the cluster's layout — brought up to date
+    /// first with the local metadata replica's directory, if newer (see
+    /// [`Node::directory`]), so addresses and candidates are never older.
     pub fn dir_cache(&self) -> &DirectoryCache {
+        self.directory();
         &self.cache
     }
 
+    /// Deletes this node's replica `replica_id` of `group` if, checked under
+    /// the lifecycle lock against the newest directory and the directory
+    /// floor, the directory no longer wants it (replica GC).
+    pub async fn collect_replica(&self, group: u64, replica_id: u64) -> Result<bool, ExecError> {
+        self.groups.collect(|| (self.directory(), self.cache.floor()), self.id, group, replica_id).await
+    }
+
     /// The newest directory this node knows: its own metadata replica's, or
-    /// the last one the metadata leader sent.
+    /// the last one the metadata leader sent (installed in the cache).
     pub fn directory(&self) -> Arc<Directory> {
         if let Some(meta) = self.group(META_GROUP) {
             let newer = match &*meta.state.read().unwrap() {

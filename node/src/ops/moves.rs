@@ -75,7 +75,7 @@ async fn change(node: &Node, shard: ShardId, change: MembershipChange) -> Result
 
 /// Does the work of a move's current phase. `Ok(true)`: it moved on;
 /// `Ok(false)`: nothing to do yet.
-pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> Result<bool, ExecError> {
+pub(super) async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> Result<bool, ExecError> {
     let OpKind::Move { shard_id, from, to, .. } = &op.kind else {
         return Err(ExecError::Internal("not a move".into()));
     };

@@ -23,7 +23,7 @@ use crate::split::steps;
 
 /// Does the work of a split's current phase. `Ok(true)`: it moved on;
 /// `Ok(false)`: nothing to do yet.
-pub async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> Result<bool, ExecError> {
+pub(super) async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> Result<bool, ExecError> {
     let OpKind::Split { source, target, .. } = &op.kind else {
         return Err(ExecError::Internal("not a split".into()));
     };

@@ -62,8 +62,9 @@ pub async fn run(node: Arc<Node>) {
 }
 
 async fn drive(node: &Arc<Node>, op_id: OpId) {
-    // When the step last made progress (or last did a periodic action such
-    // as reporting progress): steps pace themselves with it.
+    // When the step last did a periodic action (a split's progress report
+    // or freeze re-send, a move's catch-up progress): steps pace themselves
+    // with it.
     let mut last_progress = Instant::now();
     let mut failures = 0u32;
     loop {
