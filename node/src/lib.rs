@@ -24,6 +24,8 @@ pub mod api;
 pub mod codec;
 pub mod command;
 pub mod config;
+#[cfg(test)]
+mod golden;
 pub mod join;
 pub mod kv;
 pub mod meta;
