@@ -160,6 +160,18 @@ impl Runner {
         Ok(self.stored(group, start, end)?.iter().fold(0u64, |d, (k, r)| d.wrapping_add(digest::record_hash(k, r))))
     }
 
+    /// The digest of `[start, end)` of shard `name` as its open batch (if
+    /// any) sees it: the database overlaid with what the batch wrote.
+    fn digest_now(&self, name: &str, start: &str, end: Option<&str>) -> Res<u64> {
+        let s = self.shard(name)?;
+        let mut records: BTreeMap<String, ValueRecord> = self.stored(s.group, start, end)?.into_iter().collect();
+        if let Some(b) = &s.batch {
+            let inside = |k: &str| k >= start && end.is_none_or(|e| k < e);
+            records.extend(b.overlay.iter().filter(|(k, _)| inside(k)).map(|(k, r)| (k.clone(), r.clone())));
+        }
+        Ok(records.iter().fold(0u64, |d, (k, r)| d.wrapping_add(digest::record_hash(k, r))))
+    }
+
     /// Forward-log entries of `op` in group `group` with index in `(after, upto]`.
     fn forward_log(&self, group: u64, op: OpId, after: u64, upto: u64) -> Res<Vec<(u64, ForwardEntry)>> {
         let mut opts = rocksdb::ReadOptions::default();
@@ -215,10 +227,7 @@ impl Runner {
     fn apply_step(&mut self, name: &str, cmd: &ShardCommand, watch: &[String]) -> Res<StepApplied> {
         let db = self.db.clone();
         let base = match cmd {
-            ShardCommand::BeginCapture { start, end, .. } => {
-                let group = self.shard(name)?.group;
-                Some(self.digest(group, start, end.as_deref())?)
-            }
+            ShardCommand::BeginCapture { start, end, .. } => Some(self.digest_now(name, start, end.as_deref())?),
             _ => None,
         };
         let s = self.shard_mut(name)?;
@@ -728,6 +737,7 @@ scripts!(split_steps:
     a_gap_in_the_forwarded_log_fails_verification,
     a_redelivered_batch_is_applied_once,
     a_split_moves_every_record_and_tombstone,
+    a_step_applies_to_the_next_entry_of_the_same_batch,
     after_split_done_the_moved_range_is_refused_as_a_stale_route,
     backfill_and_forwarding_bring_the_target_level_with_the_source,
     end_capture_drops_the_forward_log_and_unfreezes,
