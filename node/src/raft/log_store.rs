@@ -303,6 +303,36 @@ mod tests {
     }
 
     #[test]
+    fn entries_read_back_after_a_restart_are_those_appended() {
+        use crate::command::{Command, KvCommand, KvOp, ShardCommand};
+        let dir = tempfile::tempdir().unwrap();
+        let voters = openraft::Membership::new_with_defaults(vec![[1, 2].into()], [3]);
+        let put = KvOp::Put { key: "k".into(), value: "{\"a\":[1,2]}".into(), if_version: Some(4) };
+        let entries = vec![
+            EntryOf::<TypeConfig>::new_blank(log_id(1, 1)),
+            EntryOf::<TypeConfig>::new_membership(log_id(1, 2), voters),
+            EntryOf::<TypeConfig>::new_normal(log_id(1, 3), Command::Kv(KvCommand { range_id: 2, epoch: 3, op: put })),
+            EntryOf::<TypeConfig>::new_normal(
+                log_id(2, 4),
+                Command::Shard(ShardCommand::Ingest {
+                    op_id: 5,
+                    source_index: Some(9),
+                    records: vec![("k".into(), vec![0, 255, 7])],
+                }),
+            ),
+        ];
+        let appended = entries.clone();
+        session(dir.path(), |db, sy| async move {
+            append(&mut store(&db, &sy, 3), appended).await;
+        });
+        session(dir.path(), |db, sy| async move {
+            let mut s = store(&db, &sy, 3);
+            assert_eq!(s.try_get_log_entries(1..=4).await.unwrap(), entries);
+            assert_eq!(s.try_get_log_entries(2..4).await.unwrap(), entries[1..3].to_vec());
+        });
+    }
+
+    #[test]
     fn a_stopped_replica_appends_and_votes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         session(dir.path(), |db, sy| async move {

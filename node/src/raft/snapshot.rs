@@ -585,6 +585,22 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_of_a_group_that_applied_nothing_empties_the_replica() {
+        let (_s, src) = temp_db();
+        let root = tempfile::tempdir().unwrap();
+        src.put_cf(storage::cf(&src, CF_GROUP_META), state_key(7, tag::SM_STATE), b"{}").unwrap();
+        let (meta, file) = build(&src, 7, root.path(), &Incarnation::default()).unwrap();
+        assert_eq!(meta.last_log_id, None);
+        let (_d, db) = temp_db();
+        fill_old(&db, 7);
+        let (_, stats) = install(&db, 7, &file, &Incarnation::default()).unwrap();
+        assert_eq!(stats, (0, 0));
+        assert!(group_data(&db, 7).is_empty(), "no old key is left");
+        assert_eq!(group_meta(&db, 7, tag::APPLIED), None, "the old applied id is gone with the data");
+        assert_eq!(group_meta(&db, 7, tag::SM_STATE).as_deref(), Some(&b"{}"[..]));
+    }
+
+    #[test]
     fn a_received_snapshot_becomes_the_current_one_once_installed() {
         let b = built(9);
         let (_d, db) = temp_db();

@@ -372,6 +372,29 @@ mod tests {
         assert_eq!(b.stats.get(), (3, 8 + 2));
     }
 
+    #[tokio::test]
+    async fn a_replica_that_catches_up_by_snapshot_mid_split_goes_on_logging_for_the_target() {
+        let (d, db) = temp_db();
+        let mut a = machine(db.clone(), d.path().join("snapshots"), SmState::Shard(whole_shard()));
+        apply(&mut a, history()).await;
+        let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let (d2, db2) = temp_db();
+        let mut b = machine(db2.clone(), d2.path().join("snapshots"), SmState::Shard(whole_shard()));
+        b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+        // The same entries after the snapshot reach both replicas.
+        let after = || vec![put(9, "o", "3"), put(10, "b", "4")];
+        apply(&mut a, after()).await;
+        apply(&mut b, after()).await;
+        let forward = |db: &Db| {
+            let from = crate::kv::forward_key(G, OP, 0);
+            group_data(db, G).into_iter().filter(|(k, _)| *k >= from).map(|(k, _)| k).collect::<Vec<_>>()
+        };
+        assert_eq!(forward(&db2), vec![crate::kv::forward_key(G, OP, 6), crate::kv::forward_key(G, OP, 9)]);
+        assert_eq!(forward(&db2), forward(&db));
+        assert_eq!(shard_state(&b).captures, shard_state(&a).captures, "the capture's changes too");
+        assert_eq!(group_data(&db2, G), group_data(&db, G));
+    }
+
     /// A node's context over the database in `dir` (needs a runtime).
     fn context(db: Arc<Db>, root: PathBuf) -> RaftContext {
         RaftContext {
