@@ -36,6 +36,8 @@ pub mod balance;
 pub mod codec;
 pub mod command;
 pub mod config;
+#[cfg(test)]
+mod golden;
 pub mod kv;
 pub mod leader;
 pub mod metrics;

@@ -86,3 +86,27 @@ pub fn forward_indexes(db: &Db, op: u64) -> Vec<u64> {
         })
         .collect()
 }
+
+/// Every `data` record of `group`, user keys and internal ones, in order.
+pub fn group_data(db: &Db, group: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let cf = storage::cf(db, storage::CF_DATA);
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_iterate_upper_bound(storage::group_range_end(group));
+    let from = storage::group_prefix(group);
+    db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward))
+        .map(|i| {
+            let (k, v) = i.expect("read");
+            (k.to_vec(), v.to_vec())
+        })
+        .collect()
+}
+
+/// The `group_meta` record `tag` of `group`.
+pub fn group_meta(db: &Db, group: u64, tag: u8) -> Option<Vec<u8>> {
+    db.get_cf(storage::cf(db, storage::CF_GROUP_META), storage::state_key(group, tag)).expect("read")
+}
+
+/// A committed log id of `term` (leader 1) at `index`.
+pub fn log_id(term: u64, index: u64) -> openraft::alias::LogIdOf<crate::raft::TypeConfig> {
+    openraft::testing::log_id::<crate::raft::TypeConfig>(term, 1, index)
+}

@@ -29,7 +29,41 @@ use crate::storage::{self, data_key, io_err, state_key, tag, Db, CF_DATA, CF_GRO
 const MAGIC: &[u8; 8] = b"CLVSNAP1";
 const END: u32 = u32::MAX;
 /// Records per write batch when installing.
+#[cfg(not(test))]
 const INSTALL_BATCH_BYTES: usize = 4 << 20;
+/// Small in tests, so that a small snapshot installs in several batches.
+#[cfg(test)]
+const INSTALL_BATCH_BYTES: usize = 4 << 10;
+
+/// Test seam: a crash in the middle of an install on this thread.
+#[cfg(test)]
+pub(crate) mod crash {
+    use std::cell::Cell;
+
+    thread_local! {
+        static BATCHES_LEFT: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    /// The next install on this thread writes `batches` write batches after
+    /// its marker, then stops as if the process had died.
+    pub fn after_batches(batches: usize) {
+        BATCHES_LEFT.with(|b| b.set(Some(batches)));
+    }
+
+    /// Called before each install batch: fails once the budget is spent.
+    pub(super) fn before_batch() -> std::io::Result<()> {
+        BATCHES_LEFT.with(|b| match b.get() {
+            Some(0) => {
+                b.set(None);
+                Err(std::io::Error::other("simulated crash"))
+            }
+            left => {
+                b.set(left.map(|n| n - 1));
+                Ok(())
+            }
+        })
+    }
+}
 
 /// The data openraft passes around for a snapshot: a file on disk.
 #[derive(Debug, Clone)]
@@ -237,7 +271,11 @@ pub fn install(db: &Db, group: u64, file: &SnapshotFile, inc: &Incarnation) -> i
     let meta_cf = storage::cf(db, CF_GROUP_META);
     let data_cf = storage::cf(db, CF_DATA);
     let marker = file.path.to_string_lossy().as_bytes().to_vec();
-    let write = |batch: rocksdb::WriteBatch| inc.write(|| db.write(batch).map_err(io_err));
+    let write = |batch: rocksdb::WriteBatch| {
+        #[cfg(test)]
+        crash::before_batch()?;
+        inc.write(|| db.write(batch).map_err(io_err))
+    };
     inc.write(|| {
         db.put_cf(meta_cf, state_key(group, tag::INSTALLING), &marker).map_err(io_err)?;
         db.flush_wal(true).map_err(io_err)
@@ -347,5 +385,241 @@ mod tests {
         let root2 = tempfile::tempdir().unwrap();
         assert!(build(&db, 7, root2.path(), &old).is_err());
         assert!(latest(root2.path(), 7).unwrap().is_none(), "no snapshot file published");
+    }
+
+    use crate::storage::ValueRecord;
+    use crate::testing::{group_data, group_meta, log_id};
+
+    /// Fills `group` as a state machine leaves it: 300 user records, every
+    /// tenth a tombstone, a forward-log record, the applied log id at
+    /// `applied`, a membership and a state. Returns the live keys and bytes.
+    fn fill(db: &Db, group: u64, applied: u64) -> (u64, u64) {
+        let data = storage::cf(db, CF_DATA);
+        let mut live = (0, 0);
+        for i in 0..300u64 {
+            let key = format!("key{i:04}");
+            let rec = match i % 10 {
+                0 => ValueRecord { version: 2, tombstone: true, json: vec![] },
+                _ => {
+                    let json = format!("\"value {i} as of {applied}, padded to span several install batches\"");
+                    ValueRecord { version: 1, tombstone: false, json: json.into() }
+                }
+            };
+            if !rec.tombstone {
+                live = (live.0 + 1, live.1 + (key.len() + rec.json.len()) as u64);
+            }
+            db.put_cf(data, data_key(group, key.as_bytes()), rec.encode()).unwrap();
+        }
+        db.put_cf(data, crate::kv::forward_key(group, 5, 42), b"a forwarded write").unwrap();
+        let meta = storage::cf(db, CF_GROUP_META);
+        db.put_cf(meta, state_key(group, tag::APPLIED), bincode_encode(&log_id(2, applied)).unwrap()).unwrap();
+        let voters = openraft::Membership::new_with_defaults(vec![[1, 2, 3].into()], []);
+        let membership = StoredMembershipOf::<TypeConfig>::new(Some(log_id(1, 1)), voters);
+        db.put_cf(meta, state_key(group, tag::MEMBERSHIP), bincode_encode(&membership).unwrap()).unwrap();
+        db.put_cf(meta, state_key(group, tag::SM_STATE), format!("{{\"applied\":{applied}}}")).unwrap();
+        live
+    }
+
+    /// What a replica of `group` held before a snapshot replaces it: keys
+    /// the snapshot does not have, one it has with another value, an older
+    /// applied id and state.
+    fn fill_old(db: &Db, group: u64) {
+        let data = storage::cf(db, CF_DATA);
+        for key in ["key0001", "old1", "old2", "zzz"] {
+            let rec = ValueRecord { version: 9, tombstone: false, json: b"\"old\"".to_vec() };
+            db.put_cf(data, data_key(group, key.as_bytes()), rec.encode()).unwrap();
+        }
+        let meta = storage::cf(db, CF_GROUP_META);
+        db.put_cf(meta, state_key(group, tag::APPLIED), bincode_encode(&log_id(1, 3)).unwrap()).unwrap();
+        db.put_cf(meta, state_key(group, tag::SM_STATE), b"{\"applied\":3}").unwrap();
+    }
+
+    /// The state-machine records a snapshot carries.
+    fn sm_records(db: &Db, group: u64) -> Vec<Option<Vec<u8>>> {
+        [tag::APPLIED, tag::MEMBERSHIP, tag::SM_STATE].iter().map(|t| group_meta(db, group, *t)).collect()
+    }
+
+    /// A built snapshot of group 7 (filled by [`fill`] at `applied`), the
+    /// database it came from and the folder of its files.
+    struct Built {
+        _dirs: (tempfile::TempDir, tempfile::TempDir),
+        src: std::sync::Arc<Db>,
+        root: PathBuf,
+        meta: SnapshotMetaOf<TypeConfig>,
+        file: SnapshotFile,
+        live: (u64, u64),
+    }
+
+    fn built(applied: u64) -> Built {
+        let (d, src) = temp_db();
+        let root = tempfile::tempdir().unwrap();
+        let live = fill(&src, 7, applied);
+        let (meta, file) = build(&src, 7, root.path(), &Incarnation::default()).unwrap();
+        Built { root: root.path().to_path_buf(), _dirs: (d, root), src, meta, file, live }
+    }
+
+    /// Group 7 of `db` holds exactly what the snapshot of `b` carries.
+    fn assert_installed(db: &Db, b: &Built) {
+        assert_eq!(group_data(db, 7), group_data(&b.src, 7), "the data, forward log included");
+        assert_eq!(sm_records(db, 7), sm_records(&b.src, 7), "applied id, membership, state");
+        let keys = group_meta(db, 7, tag::KEYS).map(|k| super::super::GroupStats::decode(&k));
+        assert_eq!(keys, Some(b.live), "live user keys and bytes: no tombstone, no forward log");
+        assert_eq!(group_meta(db, 7, tag::INSTALLING), None, "no install marker left");
+    }
+
+    #[test]
+    fn an_installed_snapshot_replaces_the_group_exactly_and_nothing_else() {
+        let b = built(9);
+        assert_eq!(b.meta.last_log_id, Some(log_id(2, 9)));
+        assert_eq!(read_meta(&b.file.path).unwrap(), b.meta);
+        let (_d, db) = temp_db();
+        fill_old(&db, 7);
+        fill(&db, 6, 4);
+        fill(&db, 8, 4);
+        let neighbours = [6, 8].map(|g| (group_data(&db, g), sm_records(&db, g)));
+        let (sm_state, stats) = install(&db, 7, &b.file, &Incarnation::default()).unwrap();
+        assert_eq!(Some(sm_state), group_meta(&b.src, 7, tag::SM_STATE));
+        assert_eq!(stats, b.live);
+        assert_installed(&db, &b);
+        assert_eq!([6, 8].map(|g| (group_data(&db, g), sm_records(&db, g))), neighbours, "other groups untouched");
+    }
+
+    #[test]
+    fn an_install_cut_short_by_a_crash_is_redone_on_open() {
+        let b = built(9);
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = storage::open(dir.path()).unwrap();
+            fill_old(&db, 7);
+            let old = group_data(&db, 7);
+            crash::after_batches(2);
+            let e = install(&db, 7, &b.file, &Incarnation::default()).unwrap_err();
+            assert!(e.to_string().contains("simulated crash"), "{e}");
+            // Half done: the old data is gone, part of the new is in.
+            let now = group_data(&db, 7);
+            assert!(now != old && !now.is_empty() && now.len() < group_data(&b.src, 7).len());
+            assert_eq!(group_meta(&db, 7, tag::APPLIED), Some(bincode_encode(&log_id(1, 3)).unwrap()));
+            assert!(group_meta(&db, 7, tag::INSTALLING).is_some(), "the marker says an install is under way");
+        }
+        let db = storage::open(dir.path()).unwrap();
+        recover_install(&db, &b.root, 7).unwrap();
+        assert_installed(&db, &b);
+        let (meta, _) = latest(&b.root, 7).unwrap().expect("the installed snapshot is the current one");
+        assert_eq!(meta, b.meta);
+    }
+
+    #[test]
+    fn a_crash_before_the_first_batch_leaves_the_old_data_until_the_redo() {
+        let b = built(9);
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = storage::open(dir.path()).unwrap();
+            fill_old(&db, 7);
+            let old = (group_data(&db, 7), sm_records(&db, 7));
+            crash::after_batches(0);
+            install(&db, 7, &b.file, &Incarnation::default()).unwrap_err();
+            assert_eq!((group_data(&db, 7), sm_records(&db, 7)), old, "nothing deleted yet");
+            assert!(group_meta(&db, 7, tag::INSTALLING).is_some());
+        }
+        let db = storage::open(dir.path()).unwrap();
+        recover_install(&db, &b.root, 7).unwrap();
+        assert_installed(&db, &b);
+    }
+
+    #[test]
+    fn a_crash_while_redoing_an_install_is_redone_again() {
+        let b = built(9);
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = storage::open(dir.path()).unwrap();
+            fill_old(&db, 7);
+            crash::after_batches(1);
+            install(&db, 7, &b.file, &Incarnation::default()).unwrap_err();
+        }
+        {
+            let db = storage::open(dir.path()).unwrap();
+            crash::after_batches(1);
+            recover_install(&db, &b.root, 7).unwrap_err();
+            assert!(group_meta(&db, 7, tag::INSTALLING).is_some());
+        }
+        let db = storage::open(dir.path()).unwrap();
+        recover_install(&db, &b.root, 7).unwrap();
+        assert_installed(&db, &b);
+    }
+
+    #[test]
+    fn opening_a_group_without_an_install_marker_changes_nothing() {
+        let (_d, db) = temp_db();
+        fill_old(&db, 7);
+        let old = (group_data(&db, 7), sm_records(&db, 7));
+        let other_root = tempfile::tempdir().unwrap();
+        recover_install(&db, other_root.path(), 7).unwrap();
+        assert_eq!((group_data(&db, 7), sm_records(&db, 7)), old);
+        assert!(latest(other_root.path(), 7).unwrap().is_none(), "nothing adopted");
+    }
+
+    #[test]
+    fn a_snapshot_cut_short_is_not_taken_for_a_whole_one() {
+        let b = built(9);
+        let bytes = fs::read(&b.file.path).unwrap();
+        let cut = b.root.join("cut.snap");
+        fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+        let (_d, db) = temp_db();
+        fill_old(&db, 7);
+        let e = install(&db, 7, &SnapshotFile { path: cut }, &Incarnation::default()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        assert_eq!(group_meta(&db, 7, tag::APPLIED), Some(bincode_encode(&log_id(1, 3)).unwrap()));
+        assert!(group_meta(&db, 7, tag::INSTALLING).is_some(), "the half-replaced group must not open as it is");
+    }
+
+    #[test]
+    fn a_newer_snapshot_replaces_the_older_file() {
+        let b = built(5);
+        fill(&b.src, 7, 9);
+        let (meta, file) = build(&b.src, 7, &b.root, &Incarnation::default()).unwrap();
+        let (latest_meta, latest_file) = latest(&b.root, 7).unwrap().unwrap();
+        assert_eq!((latest_meta, latest_file.path), (meta, file.path));
+        let files: Vec<_> = fs::read_dir(group_dir(&b.root, 7)).unwrap().flatten().collect();
+        assert_eq!(files.len(), 1, "the older snapshot file is removed");
+        assert!(!b.file.path.exists());
+    }
+
+    #[test]
+    fn a_snapshot_of_a_group_that_applied_nothing_empties_the_replica() {
+        let (_s, src) = temp_db();
+        let root = tempfile::tempdir().unwrap();
+        src.put_cf(storage::cf(&src, CF_GROUP_META), state_key(7, tag::SM_STATE), b"{}").unwrap();
+        let (meta, file) = build(&src, 7, root.path(), &Incarnation::default()).unwrap();
+        assert_eq!(meta.last_log_id, None);
+        let (_d, db) = temp_db();
+        fill_old(&db, 7);
+        let (_, stats) = install(&db, 7, &file, &Incarnation::default()).unwrap();
+        assert_eq!(stats, (0, 0));
+        assert!(group_data(&db, 7).is_empty(), "no old key is left");
+        assert_eq!(group_meta(&db, 7, tag::APPLIED), None, "the old applied id is gone with the data");
+        assert_eq!(group_meta(&db, 7, tag::SM_STATE).as_deref(), Some(&b"{}"[..]));
+    }
+
+    #[test]
+    fn a_received_snapshot_becomes_the_current_one_once_installed() {
+        let b = built(9);
+        let (_d, db) = temp_db();
+        let root = tempfile::tempdir().unwrap();
+        let part = receive_path(root.path(), 7, 1).unwrap();
+        fs::copy(&b.file.path, &part).unwrap();
+        let received = finish_receive(&part).unwrap();
+        assert!(latest(root.path(), 7).unwrap().is_none(), "not current before it is installed");
+        install(&db, 7, &received, &Incarnation::default()).unwrap();
+        adopt(root.path(), 7, &received).unwrap();
+        assert_installed(&db, &b);
+        let (meta, file) = latest(root.path(), 7).unwrap().unwrap();
+        assert_eq!((meta, fs::read(&file.path).unwrap()), (b.meta.clone(), fs::read(&b.file.path).unwrap()));
+        // A transfer that broke off leaves a partial file; it is removed,
+        // the current snapshot is not.
+        let broken = receive_path(root.path(), 7, 2).unwrap();
+        fs::write(&broken, b"CLVSNAP1").unwrap();
+        remove_partial(root.path(), 7);
+        assert!(!broken.exists() && !part.exists());
+        assert!(file.path.exists());
     }
 }

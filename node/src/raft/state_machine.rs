@@ -238,3 +238,239 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use cleave_metadata::OpId;
+    use openraft::alias::EntryOf;
+    use openraft::entry::RaftEntry;
+
+    use super::*;
+    use crate::command::{KvCommand, KvOp, ShardCommand};
+    use crate::kv::ShardState;
+    use crate::raft::{GroupRaft, GroupStats, RaftContext};
+    use crate::storage::ValueRecord;
+    use crate::testing::{group_data, group_meta, log_id, temp_db, whole_shard};
+
+    const G: u64 = 7;
+
+    /// A state machine of group `G` over `db`, as `GroupRaft::open` makes it
+    /// (the group's state is recorded first, as `GroupRaft::create` does).
+    fn machine(db: Arc<Db>, root: PathBuf, state: SmState) -> GroupSm {
+        db.put_cf(storage::cf(&db, CF_GROUP_META), state_key(G, tag::SM_STATE), state.to_json().unwrap()).unwrap();
+        GroupSm {
+            db,
+            group: G,
+            state: Arc::new(RwLock::new(state)),
+            snapshot_root: root,
+            stats: Arc::default(),
+            incarnation: Arc::default(),
+            installing: Arc::default(),
+            failed: Arc::default(),
+        }
+    }
+
+    fn kv(index: u64, range_epoch: u64, op: KvOp) -> EntryOf<TypeConfig> {
+        EntryOf::<TypeConfig>::new_normal(
+            log_id(1, index),
+            Command::Kv(KvCommand { range_id: 1, epoch: range_epoch, op }),
+        )
+    }
+
+    fn put(index: u64, key: &str, value: &str) -> EntryOf<TypeConfig> {
+        kv(index, 1, KvOp::Put { key: key.into(), value: value.into(), if_version: None })
+    }
+
+    fn step(index: u64, cmd: ShardCommand) -> EntryOf<TypeConfig> {
+        EntryOf::<TypeConfig>::new_normal(log_id(1, index), Command::Shard(cmd))
+    }
+
+    fn voters() -> openraft::Membership<u64, crate::raft::ReplicaNode> {
+        openraft::Membership::new_with_defaults(vec![BTreeSet::from([1, 2, 3])], [])
+    }
+
+    /// Applies `entries` as openraft does, in one call, without responders.
+    async fn apply(sm: &mut GroupSm, entries: Vec<EntryOf<TypeConfig>>) {
+        sm.apply(futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))))).await.unwrap();
+    }
+
+    const OP: OpId = 5;
+
+    /// A history touching every kind of entry: blank, membership, puts, a
+    /// capture (state change), a logged write, a delete, a refused write.
+    fn history() -> Vec<EntryOf<TypeConfig>> {
+        vec![
+            EntryOf::<TypeConfig>::new_blank(log_id(1, 1)),
+            EntryOf::<TypeConfig>::new_membership(log_id(1, 2), voters()),
+            put(3, "a", "1"),
+            put(4, "b", "\"bee\""),
+            step(5, ShardCommand::BeginCapture { op_id: OP, start: "m".into(), end: None, target: 9 }),
+            put(6, "n", "2"),
+            kv(7, 1, KvOp::Delete { key: "a".into(), if_version: None }),
+            kv(8, 2, KvOp::Put { key: "x".into(), value: "1".into(), if_version: None }),
+        ]
+    }
+
+    fn shard_state(sm: &GroupSm) -> ShardState {
+        match &*sm.state.read().unwrap() {
+            SmState::Shard(s) => s.clone(),
+            SmState::Meta(_) => panic!("not a shard"),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_apply_call_stores_data_state_stats_and_applied_id_together() {
+        let (d, db) = temp_db();
+        let mut sm = machine(db.clone(), d.path().join("snapshots"), SmState::Shard(whole_shard()));
+        apply(&mut sm, history()).await;
+        let (applied, membership) = sm.applied_state().await.unwrap();
+        assert_eq!(applied, Some(log_id(1, 8)), "a refused write still counts as applied");
+        assert_eq!(membership, StoredMembershipOf::<TypeConfig>::new(Some(log_id(1, 2)), voters()));
+        // The state in memory, with the capture, is the one stored.
+        let state = shard_state(&sm);
+        assert_eq!(state.captures.iter().map(|c| c.op_id).collect::<Vec<_>>(), vec![OP]);
+        let stored = SmState::from_json(&group_meta(&db, G, tag::SM_STATE).unwrap()).unwrap();
+        assert_eq!(stored, SmState::Shard(state));
+        // b and n are live ("b" + "\"bee\"", "n" + "2"); a is a tombstone;
+        // the write on the stale route (epoch 2) stored nothing.
+        assert_eq!(sm.stats.get(), (2, 6 + 2));
+        assert_eq!(group_meta(&db, G, tag::KEYS).map(|k| GroupStats::decode(&k)), Some((2, 8)));
+        assert_eq!(
+            crate::kv::read(&db, G, "a").unwrap(),
+            Some(ValueRecord { version: 2, tombstone: true, json: vec![] })
+        );
+        assert_eq!(crate::kv::read(&db, G, "x").unwrap(), None);
+        let forward = crate::kv::forward_key(G, OP, 6);
+        assert!(group_data(&db, G).iter().any(|(k, _)| *k == forward), "the write to [m, ∞) is logged");
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_built_by_one_replica_installs_into_another() {
+        let (d, db) = temp_db();
+        let mut a = machine(db.clone(), d.path().join("snapshots"), SmState::Shard(whole_shard()));
+        apply(&mut a, history()).await;
+        let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_eq!(snap.meta.last_log_id, Some(log_id(1, 8)));
+
+        // A lagging replica elsewhere, with data of its own.
+        let (d2, db2) = temp_db();
+        let mut b = machine(db2.clone(), d2.path().join("snapshots"), SmState::Shard(whole_shard()));
+        apply(&mut b, vec![put(1, "stale", "1"), put(2, "a", "7")]).await;
+        b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+
+        assert_eq!(shard_state(&b), shard_state(&a));
+        assert_eq!(b.stats.get(), a.stats.get());
+        assert_eq!(b.applied_state().await.unwrap(), a.applied_state().await.unwrap());
+        assert_eq!(group_data(&db2, G), group_data(&db, G), "the data, tombstones and forward log included");
+        assert!(!b.installing.load(Ordering::SeqCst), "serves again once installed");
+        let current = b.get_current_snapshot().await.unwrap().expect("kept to send on");
+        assert_eq!(current.meta, snap.meta);
+        // And it goes on applying from there.
+        apply(&mut b, vec![put(9, "c", "3")]).await;
+        assert_eq!(b.stats.get(), (3, 8 + 2));
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_catches_up_by_snapshot_mid_split_goes_on_logging_for_the_target() {
+        let (d, db) = temp_db();
+        let mut a = machine(db.clone(), d.path().join("snapshots"), SmState::Shard(whole_shard()));
+        apply(&mut a, history()).await;
+        let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let (d2, db2) = temp_db();
+        let mut b = machine(db2.clone(), d2.path().join("snapshots"), SmState::Shard(whole_shard()));
+        b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+        // The same entries after the snapshot reach both replicas.
+        let after = || vec![put(9, "o", "3"), put(10, "b", "4")];
+        apply(&mut a, after()).await;
+        apply(&mut b, after()).await;
+        let forward = |db: &Db| {
+            let from = crate::kv::forward_key(G, OP, 0);
+            group_data(db, G).into_iter().filter(|(k, _)| *k >= from).map(|(k, _)| k).collect::<Vec<_>>()
+        };
+        assert_eq!(forward(&db2), vec![crate::kv::forward_key(G, OP, 6), crate::kv::forward_key(G, OP, 9)]);
+        assert_eq!(forward(&db2), forward(&db));
+        assert_eq!(shard_state(&b).captures, shard_state(&a).captures, "the capture's changes too");
+        assert_eq!(group_data(&db2, G), group_data(&db, G));
+    }
+
+    /// A node's context over the database in `dir` (needs a runtime).
+    fn context(db: Arc<Db>, root: PathBuf) -> RaftContext {
+        RaftContext {
+            addresses: Default::default(),
+            syncer: storage::Syncer::start(db.clone()),
+            db,
+            transport: crate::rpc::Transport::new(),
+            snapshot_root: root,
+            settings: crate::raft::RaftSettings {
+                heartbeat_ms: 100,
+                election_timeout_ms: 1000,
+                snapshot_logs: 1000,
+                keep_logs: 100,
+            },
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn a_replica_reopened_after_a_crash_mid_install_serves_the_snapshot() {
+        // The snapshot a leader sends, from a replica that applied the history.
+        let (d, src) = temp_db();
+        let rt = runtime();
+        let (snap, expected) = rt.block_on(async {
+            let mut a = machine(src.clone(), d.path().join("snapshots"), SmState::Shard(whole_shard()));
+            apply(&mut a, history()).await;
+            // Enough data for the install to take several write batches.
+            let padding = "p".repeat(100);
+            apply(&mut a, (9..209).map(|i| put(i, &format!("k{i:03}"), &format!("\"{padding}\""))).collect()).await;
+            let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+            (snap, (SmState::Shard(shard_state(&a)), a.stats.get()))
+        });
+        drop(rt);
+
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("snapshots");
+        let db_dir = dir.path().join("db");
+        {
+            // The follower receives the snapshot into a transfer file and
+            // dies in the middle of installing it.
+            let db = storage::open(&db_dir).unwrap();
+            let rt = runtime();
+            rt.block_on(async {
+                let ctx = context(db.clone(), root.clone());
+                let g = GroupRaft::create(&ctx, G, 1, SmState::Shard(whole_shard())).await.unwrap();
+                let stale = ValueRecord { version: 1, tombstone: false, json: b"1".to_vec() };
+                db.put_cf(storage::cf(&db, storage::CF_DATA), storage::data_key(G, b"stale"), stale.encode()).unwrap();
+                g.shutdown().await;
+                let part = snapshot::receive_path(&root, G, 1).unwrap();
+                std::fs::copy(&snap.snapshot.path, &part).unwrap();
+                let file = snapshot::finish_receive(&part).unwrap();
+                snapshot::crash::after_batches(1);
+                snapshot::install(&db, G, &file, &Incarnation::default()).unwrap_err();
+                assert!(group_meta(&db, G, tag::INSTALLING).is_some());
+                let now = group_data(&db, G);
+                assert!(!now.is_empty() && now.len() < group_data(&src, G).len(), "stopped half way");
+            });
+            drop(rt);
+            assert_eq!(Arc::strong_count(&db), 1, "the database closes before the restart");
+        }
+
+        let db = storage::open(&db_dir).unwrap();
+        let rt = runtime();
+        rt.block_on(async {
+            let ctx = context(db.clone(), root.clone());
+            let desc = GroupRaft::list(&db).unwrap().into_iter().find(|d| d.group == G).unwrap();
+            let g = GroupRaft::open(&ctx, desc).await.unwrap();
+            assert_eq!((g.state.read().unwrap().clone(), g.stats.get()), expected);
+            assert_eq!(group_data(&db, G), group_data(&src, G));
+            assert_eq!(group_meta(&db, G, tag::INSTALLING), None);
+            let (meta, _) = snapshot::latest(&root, G).unwrap().expect("the received file is kept as current");
+            assert_eq!(meta, snap.meta);
+            g.shutdown().await;
+        });
+    }
+}
