@@ -9,7 +9,7 @@ use cleave_node::config::Args;
 use cleave_node::node::Node;
 use cleave_node::raft::RaftContext;
 use cleave_node::rpc::{transport, ExecError, Request, Response, Transport};
-use cleave_node::{api, balance, leader, ops, split, storage};
+use cleave_node::{api, balance, ops, split, storage};
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -70,7 +70,7 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
     tokio::spawn(transport::serve(raft_listener, handler));
 
     let node = Node::start(cfg.node.clone(), ctx, &node_slot).await?;
-    tokio::spawn(leader::heartbeat_loop(node.clone()));
+    tokio::spawn(cleave_node::node::heartbeat_loop(node.clone()));
     tokio::spawn(split::forwarder::supervise(node.clone()));
     tokio::spawn(ops::supervisor::run(node.clone()));
     tokio::spawn(balance::run::auto_split(node.clone(), cfg.split.clone()));

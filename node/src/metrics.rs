@@ -9,7 +9,10 @@ use std::time::Instant;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::node::Node;
+use std::sync::Arc;
+
+use crate::raft::GroupRaft;
+use crate::storage::Db;
 
 /// Installs the global recorder; returns the handle `/metrics` renders.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -35,9 +38,10 @@ pub fn forget_group(group: u64) {
     }
 }
 
-/// Refreshes the Raft and storage gauges.
-pub fn update_gauges(node: &Node) {
-    for g in node.groups().in_service() {
+/// Refreshes the Raft gauges of `groups` (the replicas in service) and the
+/// storage gauges of `db`.
+pub fn update_gauges(groups: &[Arc<GroupRaft>], db: &Db) {
+    for g in groups {
         let s = g.status();
         let group = g.group.to_string();
         metrics::gauge!("cleave_raft_term", "group" => group.clone()).set(s.term as f64);
@@ -54,6 +58,6 @@ pub fn update_gauges(node: &Node) {
         metrics::gauge!("cleave_raft_voter_sets", "group" => group.clone()).set(m.configs.len() as f64);
         metrics::gauge!("cleave_raft_voters", "group" => group).set(m.voters().len() as f64);
     }
-    metrics::gauge!("cleave_rocksdb_size_bytes").set(crate::storage::approximate_size(&node.ctx().db) as f64);
-    metrics::gauge!("cleave_groups").set(node.groups().in_service().len() as f64);
+    metrics::gauge!("cleave_rocksdb_size_bytes").set(crate::storage::approximate_size(db) as f64);
+    metrics::gauge!("cleave_groups").set(groups.len() as f64);
 }

@@ -87,7 +87,7 @@ pub async fn health(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    crate::metrics::update_gauges(&s.node);
+    crate::metrics::update_gauges(&s.node.groups().in_service(), &s.node.ctx().db);
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
 }
 

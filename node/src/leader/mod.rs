@@ -23,7 +23,7 @@ mod tracker;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cleave_metadata::api::{NodeCondition, NodeStatus, ShardStatus};
@@ -301,28 +301,5 @@ impl MetaLeader<'_> {
             })
             .collect();
         Ok(ClusterView { directory, nodes, shards, leaders, liveness })
-    }
-}
-
-/// Sends this node's heartbeat every `--node-heartbeat-ms`, forever; with
-/// the directory just confirmed by the metadata leader, collects replicas it
-/// no longer lists.
-pub async fn heartbeat_loop(node: Arc<Node>) {
-    let mut tick = tokio::time::interval(node.settings().heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut collector = crate::moves::gc::Collector::default();
-    loop {
-        tick.tick().await;
-        match node.meta_leader().beat().await {
-            Ok(()) => {
-                // Persisted before GC acts on it: the floor GC trusts from.
-                match node.dir_cache().remember(&node.directory()) {
-                    Ok(()) => crate::moves::gc::collect(&node, &mut collector).await,
-                    Err(e) => tracing::warn!("persisting cluster.json: {e:#}"),
-                }
-            }
-            Err(e) => tracing::debug!("heartbeat: {e}"),
-        }
-        crate::metrics::update_gauges(&node);
     }
 }

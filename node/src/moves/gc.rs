@@ -23,17 +23,10 @@ use std::time::{Duration, Instant};
 
 use cleave_metadata::{Directory, NodeId};
 
-use crate::node::Node;
+use crate::node::{unwanted, Node};
 
 /// How long a replica must stay unlisted before it is deleted.
 pub const GRACE: Duration = Duration::from_secs(10);
-
-/// Whether `dir` says `node` may delete its replica of `group`: the
-/// directory is known, not older than `floor` (the newest version this
-/// node has seen), and neither lists the replica nor creates one there.
-pub fn unwanted(dir: &Directory, floor: u64, node: NodeId, group: u64) -> bool {
-    dir.version > 0 && dir.version >= floor && !dir.expects_replica(node, group)
-}
 
 /// Replicas seen unlisted, and since when.
 #[derive(Default)]

@@ -166,7 +166,7 @@ impl Groups {
         let _guard = self.lifecycle.lock().await;
         let held = self.get(group).map(|g| g.replica_id);
         let (dir, floor) = newest();
-        if held != Some(replica_id) || !crate::moves::gc::unwanted(&dir, floor, me, group) {
+        if held != Some(replica_id) || !unwanted(&dir, floor, me, group) {
             tracing::info!(group, replica_id, ?held, "replica gc: wanted again, or replaced; kept");
             return Ok(false);
         }
@@ -205,6 +205,13 @@ impl Groups {
             g.shutdown().await;
         }
     }
+}
+
+/// Whether `dir` says `node` may delete its replica of `group`: the
+/// directory is known, not older than `floor` (the newest version this
+/// node has seen), and neither lists the replica nor creates one there.
+pub fn unwanted(dir: &Directory, floor: u64, node: NodeId, group: u64) -> bool {
+    dir.version > 0 && dir.version >= floor && !dir.expects_replica(node, group)
 }
 
 /// What a request to create replica `requested` of a group does, given the

@@ -20,6 +20,7 @@
 
 mod directory;
 mod groups;
+mod heartbeat;
 mod identity;
 pub mod join;
 
@@ -31,7 +32,8 @@ use anyhow::{bail, Context};
 use cleave_metadata::{Directory, NodeId, META_GROUP};
 
 pub use directory::DirectoryCache;
-pub use groups::{Groups, FALLBACK_INIT};
+pub use groups::{unwanted, Groups, FALLBACK_INIT};
+pub use heartbeat::heartbeat_loop;
 pub use identity::{ClusterHints, Identity, NodeSettings};
 
 use crate::kv::ShardState;
