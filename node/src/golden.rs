@@ -533,19 +533,7 @@ impl Runner {
         let start = args.lookup("start").map(|a| a.value.clone()).unwrap_or_default();
         let end = end_of(args.lookup("end").map(|a| a.value.as_str()));
         let state = match args.lookup_parse::<u64>("incoming")? {
-            Some(op_id) => ShardState {
-                incoming: Some(Incoming {
-                    op_id,
-                    start,
-                    end,
-                    watermark: 0,
-                    digest: 0,
-                    backfill: None,
-                    backfill_copied: (0, 0),
-                    capture_base: 0,
-                }),
-                ..Default::default()
-            },
+            Some(op_id) => ShardState { incoming: Some(Incoming::new(op_id, start, end)), ..Default::default() },
             None => {
                 let range_id = args.lookup_parse::<u64>("range")?.unwrap_or(1);
                 let epoch = args.lookup_parse::<u64>("epoch")?.unwrap_or(1);

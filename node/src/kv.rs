@@ -69,6 +69,23 @@ pub struct Incoming {
     pub capture_base: u64,
 }
 
+impl Incoming {
+    /// A split target's state when it is created: receiving `[start, end)`
+    /// for operation `op_id`, nothing received yet.
+    pub fn new(op_id: OpId, start: String, end: Option<String>) -> Incoming {
+        Incoming {
+            op_id,
+            start,
+            end,
+            watermark: 0,
+            digest: 0,
+            backfill: None,
+            backfill_copied: (0, 0),
+            capture_base: 0,
+        }
+    }
+}
+
 /// The ranges a shard owns, and its split bookkeeping.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct ShardState {
@@ -428,16 +445,7 @@ mod tests {
         let mut s = ShardState { ranges: vec![r], ..Default::default() };
         assert!(s.check_route("k", 1, 1).is_ok());
         assert!(matches!(s.check_route("k", 1, 2), Err(KvError::WrongRange { .. })));
-        s.incoming = Some(Incoming {
-            op_id: 1,
-            start: "j".into(),
-            end: None,
-            watermark: 0,
-            digest: 0,
-            backfill: None,
-            backfill_copied: (0, 0),
-            capture_base: 0,
-        });
+        s.incoming = Some(Incoming::new(1, "j".into(), None));
         assert_eq!(s.check_route("k", 1, 1), Err(KvError::RangeMoving));
         assert!(s.check_route("a", 1, 1).is_ok());
     }

@@ -100,16 +100,7 @@ async fn create_target(node: &Node, op: &Operation) -> Result<bool, ExecError> {
     let dir = node.directory();
     let range = dir.range(*range_id).ok_or(ExecError::Internal(format!("range {range_id} vanished")))?;
     let state = SmState::Shard(ShardState {
-        incoming: Some(Incoming {
-            op_id: op.op_id,
-            start: split_key.clone(),
-            end: range.end.clone(),
-            watermark: 0,
-            digest: 0,
-            backfill: None,
-            backfill_copied: (0, 0),
-            capture_base: 0,
-        }),
+        incoming: Some(Incoming::new(op.op_id, split_key.clone(), range.end.clone())),
         ..Default::default()
     });
     let members: Vec<(u64, u64, String)> = target_replicas

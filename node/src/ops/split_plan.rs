@@ -191,16 +191,7 @@ mod tests {
     }
 
     fn incoming(op_id: u64, watermark: u64, digest: u64) -> Incoming {
-        Incoming {
-            op_id,
-            start: "m".into(),
-            end: None,
-            watermark,
-            digest,
-            backfill: None,
-            backfill_copied: (0, 0),
-            capture_base: 0,
-        }
+        Incoming { watermark, digest, ..Incoming::new(op_id, "m".into(), None) }
     }
 
     #[test]
