@@ -175,7 +175,7 @@ impl<'a> Router<'a> {
         let addr = self
             .node
             .dir_cache()
-            .raft_addr_of(id)
+            .raft_addr_of(&self.node.directory(), id)
             .ok_or(ExecError::Unavailable(format!("node {id} has no known address")))?;
         self.call(&addr, req, INTERNAL_TIMEOUT).await
     }
@@ -345,10 +345,11 @@ impl<'a> Router<'a> {
         if hops >= MAX_HOPS {
             return Err(ExecError::NoLeader { group });
         }
+        let (dir, cache) = (self.node.directory(), self.node.dir_cache());
         let targets: Vec<String> =
-            match leader.filter(|n| *n != self.node.id()).and_then(|n| self.node.dir_cache().raft_addr_of(n)) {
+            match leader.filter(|n| *n != self.node.id()).and_then(|n| cache.raft_addr_of(&dir, n)) {
                 Some(addr) => vec![addr],
-                None => self.node.dir_cache().candidates(group),
+                None => cache.candidates(&dir, group),
             };
         let mut last = ExecError::NoLeader { group };
         for addr in targets {

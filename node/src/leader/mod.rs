@@ -204,12 +204,10 @@ impl MetaLeader<'_> {
         // The leader named first, then every other place the metadata
         // group may be (a leader that lost its quorum answers with an
         // error, and the next one is tried).
-        let mut targets: Vec<String> = leader
-            .filter(|n| *n != self.node.id())
-            .and_then(|n| self.node.dir_cache().raft_addr_of(n))
-            .into_iter()
-            .collect();
-        for a in self.node.dir_cache().candidates(META_GROUP) {
+        let (dir, cache) = (self.node.directory(), self.node.dir_cache());
+        let mut targets: Vec<String> =
+            leader.filter(|n| *n != self.node.id()).and_then(|n| cache.raft_addr_of(&dir, n)).into_iter().collect();
+        for a in cache.candidates(&dir, META_GROUP) {
             if !targets.contains(&a) {
                 targets.push(a);
             }

@@ -120,21 +120,22 @@ impl DirectoryCache {
         self.leader_hints.read().unwrap().get(&group).copied()
     }
 
-    /// The RPC address of `node`, from the directory.
-    pub fn raft_addr_of(&self, node: NodeId) -> Option<String> {
+    /// The RPC address of `node`, from `dir` (the node's newest directory:
+    /// `Node::directory`, which also adopts its metadata replica's).
+    pub fn raft_addr_of(&self, dir: &Directory, node: NodeId) -> Option<String> {
         if node == self.me {
             return Some(self.my_raft_addr.clone());
         }
-        self.current().nodes.get(&node).map(|n| n.raft_addr.clone())
+        dir.nodes.get(&node).map(|n| n.raft_addr.clone())
     }
 
     /// Where to send a request for `group` that this node cannot serve:
     /// the hinted leader first, then every replica, then (for the metadata
-    /// group) where it was last seen, any node known, and the seeds.
-    pub fn candidates(&self, group: u64) -> Vec<String> {
-        let dir = self.current();
+    /// group) where it was last seen, any node known, and the seeds; all
+    /// from `dir` (as for [`DirectoryCache::raft_addr_of`]) and the hints.
+    pub fn candidates(&self, dir: &Directory, group: u64) -> Vec<String> {
         let mut out = Vec::new();
-        if let Some(addr) = self.leader_hint(group).filter(|n| *n != self.me).and_then(|n| self.raft_addr_of(n)) {
+        if let Some(addr) = self.leader_hint(group).filter(|n| *n != self.me).and_then(|n| self.raft_addr_of(dir, n)) {
             out.push(addr);
         }
         // Committed groups, and a split's new shard before it is committed.
@@ -174,8 +175,8 @@ mod tests {
         assert_eq!(c.current().version, d.version);
         c.install(Directory::default());
         assert_eq!(c.current().version, d.version, "an older directory is ignored");
-        assert_eq!(c.raft_addr_of(2).as_deref(), Some("b:9"));
-        assert_eq!(c.raft_addr_of(1).as_deref(), Some("me:9"));
+        assert_eq!(c.raft_addr_of(&c.current(), 2).as_deref(), Some("b:9"));
+        assert_eq!(c.raft_addr_of(&c.current(), 1).as_deref(), Some("me:9"));
     }
 
     #[test]
@@ -194,7 +195,7 @@ mod tests {
         // No directory installed after the restart: the metadata group is
         // looked for where it was, then at the other nodes, then the seeds —
         // never at this node itself.
-        let cands = c.candidates(META_GROUP);
+        let cands = c.candidates(&c.current(), META_GROUP);
         assert!(cands.contains(&"b:9".to_string()) && cands.contains(&"c:9".to_string()), "{cands:?}");
         assert_eq!(cands.last().map(String::as_str), Some("seed:1"));
         assert!(!cands.contains(&"me:9".to_string()));
@@ -211,7 +212,7 @@ mod tests {
         let shard = d.shards.keys().copied().find(|s| *s != META_GROUP).unwrap();
         c.install(d);
         c.set_leader_hints(&[(shard, 3)]);
-        assert_eq!(c.candidates(shard).first().map(String::as_str), Some("c:9"));
+        assert_eq!(c.candidates(&c.current(), shard).first().map(String::as_str), Some("c:9"));
         assert_eq!(c.leader_hint(shard), Some(3));
     }
 }

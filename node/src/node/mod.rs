@@ -189,11 +189,8 @@ impl Node {
         self.groups.get(id)
     }
 
-    /// What this node knows of the cluster's layout — brought up to date
-    /// first with the local metadata replica's directory, if newer (see
-    /// [`Node::directory`]), so addresses and candidates are never older.
+    /// What this node knows of the cluster's layout.
     pub fn dir_cache(&self) -> &DirectoryCache {
-        self.directory();
         &self.cache
     }
 

@@ -220,7 +220,7 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut I
 async fn add_learner(node: &Node, shard: ShardId, to: &Replica) -> Result<(), ExecError> {
     let raft_addr = node
         .dir_cache()
-        .raft_addr_of(to.node_id)
+        .raft_addr_of(&node.directory(), to.node_id)
         .ok_or(ExecError::Unavailable(format!("node {} has no address", to.node_id)))?;
     let c = MembershipChange::AddLearner { replica: to.replica_id, node_id: to.node_id, raft_addr };
     change(node, shard, c).await
