@@ -14,6 +14,8 @@
 #
 # Env (defaults):
 #   CHAOS_SEEDS="1 2"                 one run per seed (replay one with --seed)
+#   CHAOS_IDLE_SEED=2 CHAOS_IDLE_SHARDS=200   that seed's cluster first gets that
+#                                    many more (idle, quiet) shards: --idle-shards
 #   CHAOS_NODES=4                    nodes per run
 #   CHAOS_DURATION=40s               load + faults per run
 #   CHAOS_NEMESIS=kill,pause,partition,split,move,transfer,split-cancel,meta-isolate
@@ -47,7 +49,11 @@ for seed in ${CHAOS_SEEDS:-1 2}; do
     # Four nodes, so a replica always has somewhere to move to. Exit status
     # 1 is invalid, 3 inconclusive: both fail the run.
     status=0
-    "$bin" --seed "$seed" --duration "${CHAOS_DURATION:-40s}" --nemesis "$nemesis" --nodes "${CHAOS_NODES:-4}" \
+    idle=()
+    if [[ "$seed" == "${CHAOS_IDLE_SEED:-2}" ]]; then
+        idle=(--idle-shards "${CHAOS_IDLE_SHARDS:-200}")
+    fi
+    "$bin" --seed "$seed" "${idle[@]}" --duration "${CHAOS_DURATION:-40s}" --nemesis "$nemesis" --nodes "${CHAOS_NODES:-4}" \
         --dir "$dir/seed-$seed" --out "$dir/seed-$seed.json" "$@" || status=$?
     if ((status == 3)); then
         echo "chaos: seed $seed INCONCLUSIVE (undecided register keys): not a pass" >&2

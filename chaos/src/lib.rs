@@ -29,6 +29,7 @@ pub mod monotonic;
 pub mod nemesis;
 pub mod netns;
 pub mod nodes;
+pub mod presplit;
 pub mod register;
 pub mod runner;
 pub mod scan;

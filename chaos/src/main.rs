@@ -111,6 +111,10 @@ struct Args {
     /// --check-history.
     #[arg(long, hide = true)]
     stale_reads: bool,
+    /// Split off this many more shards, above the workloads' keys, before
+    /// the load starts: most groups are then idle (quiet) while the faults run.
+    #[arg(long, default_value_t = 0)]
+    idle_shards: usize,
     /// Only check a saved history.jsonl (the set check needs a live run and is skipped).
     #[arg(long)]
     check_history: Option<PathBuf>,
@@ -241,6 +245,7 @@ async fn run_chaos(args: Args) -> anyhow::Result<ExitCode> {
         ready_timeout: args.ready_timeout,
         replay: replay_command(seed),
         stale_reads: args.stale_reads,
+        idle_shards: args.idle_shards,
     };
     eprintln!("cleave-chaos: seed {seed}, {:?}, nemeses {}, run dir {}", args.duration, args.nemesis, dir.display());
 

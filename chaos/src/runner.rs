@@ -72,6 +72,8 @@ pub struct RunConfig {
     /// Workload reads with `consistency=stale` (recorded in the history and
     /// checked as stale reads).
     pub stale_reads: bool,
+    /// Shards to add above the workloads' keys before the load (`presplit`).
+    pub idle_shards: usize,
 }
 
 /// Hold of split phases on every node when the split-cancel nemesis runs
@@ -247,6 +249,9 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
     tracing::info!("cluster: {cluster_desc}");
     wait_ready(&api, &endpoints, local.as_ref(), cfg.ready_timeout).await?;
     tracing::info!("cluster is ready");
+    if cfg.idle_shards > 0 {
+        crate::presplit::run(&api, &endpoints[0], cfg.idle_shards, cfg.ready_timeout * 5).await?;
+    }
 
     // 2. Load and faults.
     let recorder = Arc::new(Recorder::new());

@@ -56,10 +56,11 @@ pub struct Args {
     /// Replicas per shard and of the metadata group [default: 3].
     #[arg(long, env = "CLEAVE_REPLICATION")]
     pub replication: Option<usize>,
-    /// Raft heartbeat interval in milliseconds [default: 200].
+    /// Raft heartbeat interval of awake groups, in milliseconds [default: 100] (quiet groups send none).
     #[arg(long, env = "CLEAVE_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
-    /// Minimum Raft election timeout in milliseconds (the maximum is twice it) [default: 1000].
+    /// Minimum Raft election timeout in milliseconds (the maximum, twice it, is also the leader lease)
+    /// [default: 500].
     #[arg(long, env = "CLEAVE_ELECTION_TIMEOUT_MS")]
     pub election_timeout_ms: Option<u64>,
     /// Build a Raft snapshot after this many log entries [default: 10000].
@@ -187,8 +188,8 @@ impl Args {
             Some(s) => parse_initial_cluster(s)?,
             None => Vec::new(),
         };
-        let election_timeout_ms = self.election_timeout_ms.unwrap_or(1000);
-        let heartbeat_ms = self.heartbeat_ms.unwrap_or(200);
+        let election_timeout_ms = self.election_timeout_ms.unwrap_or(500);
+        let heartbeat_ms = self.heartbeat_ms.unwrap_or(100);
         let snapshot_logs = self.snapshot_logs.unwrap_or(10_000).max(1);
         if heartbeat_ms == 0 || heartbeat_ms >= election_timeout_ms {
             bail!("--heartbeat-ms must be positive and below --election-timeout-ms");

@@ -72,6 +72,8 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
     let node = Node::start(cfg.node.clone(), ctx, &node_slot).await?;
     tokio::spawn(cleave_node::node::heartbeat_loop(node.clone()));
     tokio::spawn(split::forwarder::supervise(node.clone()));
+    tokio::spawn(cleave_node::node::quiescer::run(node.clone()));
+    tokio::spawn(cleave_node::node::liveness::run(node.clone()));
     tokio::spawn(ops::supervisor::run(node.clone()));
     tokio::spawn(balance::run::auto_split(node.clone(), cfg.split.clone()));
     tokio::spawn(balance::run::replicas(node.clone(), cfg.balance.clone()));

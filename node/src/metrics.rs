@@ -3,7 +3,9 @@
 //!
 //! Counters and histograms are recorded where things happen through the
 //! `metrics` macros; gauges are refreshed from Raft metrics on every
-//! heartbeat tick and just before `/metrics` renders.
+//! heartbeat tick and just before `/metrics` renders — only those of
+//! groups whose Raft state changed since, so thousands of quiet groups
+//! cost a look each, not nine gauge updates.
 
 use std::time::Instant;
 
@@ -32,8 +34,15 @@ pub fn record_request(shard: u64, op: &'static str, started: Instant, ok: bool) 
 /// Zeroes the gauges of a replica deleted from this node (the exporter keeps
 /// a series once it exists; a stale `is_leader 1` would mislead).
 pub fn forget_group(group: u64) {
+    STAMPS.lock().unwrap().remove(&group);
     let group = group.to_string();
-    for name in ["cleave_raft_is_leader", "cleave_raft_voter_sets", "cleave_raft_voters", "cleave_raft_leader_node"] {
+    for name in [
+        "cleave_raft_is_leader",
+        "cleave_raft_quiet",
+        "cleave_raft_voter_sets",
+        "cleave_raft_voters",
+        "cleave_raft_leader_node",
+    ] {
         metrics::gauge!(name, "group" => group.clone()).set(0.0);
     }
 }
@@ -41,10 +50,26 @@ pub fn forget_group(group: u64) {
 /// Refreshes the Raft gauges of `groups` (the replicas in service) and the
 /// storage gauges of `db`.
 pub fn update_gauges(groups: &[Arc<GroupRaft>], db: &Db) {
+    let mut stamps = STAMPS.lock().unwrap();
+    let mut quiet = 0;
     for g in groups {
+        quiet += usize::from(g.is_quiet());
         let s = g.status();
+        let m = g.membership();
+        // Unchanged since the last refresh (every quiet group): nothing to set.
+        let stamp = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (s.term, s.is_leader, s.leader.as_ref().map(|l| l.node_id), s.committed, s.applied, s.purged).hash(&mut h);
+            (s.last_log_index, &m.configs, g.is_quiet()).hash(&mut h);
+            h.finish()
+        };
+        if stamps.insert(g.group, stamp) == Some(stamp) {
+            continue;
+        }
         let group = g.group.to_string();
         metrics::gauge!("cleave_raft_term", "group" => group.clone()).set(s.term as f64);
+        metrics::gauge!("cleave_raft_quiet", "group" => group.clone()).set(if g.is_quiet() { 1.0 } else { 0.0 });
         metrics::gauge!("cleave_raft_is_leader", "group" => group.clone()).set(if s.is_leader { 1.0 } else { 0.0 });
         metrics::gauge!("cleave_raft_leader_node", "group" => group.clone())
             .set(s.leader.map_or(0.0, |l| l.node_id as f64));
@@ -53,11 +78,15 @@ pub fn update_gauges(groups: &[Arc<GroupRaft>], db: &Db) {
         metrics::gauge!("cleave_raft_purged_index", "group" => group.clone()).set(s.purged.unwrap_or(0) as f64);
         metrics::gauge!("cleave_raft_last_log_index", "group" => group.clone())
             .set(s.last_log_index.unwrap_or(0) as f64);
-        let m = g.membership();
         // 1 when uniform, 2 during a joint membership change.
         metrics::gauge!("cleave_raft_voter_sets", "group" => group.clone()).set(m.configs.len() as f64);
         metrics::gauge!("cleave_raft_voters", "group" => group).set(m.voters().len() as f64);
     }
     metrics::gauge!("cleave_rocksdb_size_bytes").set(crate::storage::approximate_size(db) as f64);
     metrics::gauge!("cleave_groups").set(groups.len() as f64);
+    metrics::gauge!("cleave_raft_groups_quiet").set(quiet as f64);
 }
+
+/// What the Raft gauges of each group were last set from (a hash).
+static STAMPS: std::sync::Mutex<std::collections::BTreeMap<u64, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());

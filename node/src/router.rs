@@ -104,7 +104,7 @@ where
                     ExecError::Kv(KvError::RangeMoving) => tokio::time::sleep(Duration::from_millis(2)).await,
                     _ => {
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                        backoff = (backoff * 2).min(Duration::from_millis(100));
                     }
                 }
             }

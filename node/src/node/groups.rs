@@ -56,6 +56,18 @@ impl Groups {
         v
     }
 
+    /// The replicas in service that are awake (not quiet), in no order: the
+    /// ones background loops need to look at. A quiet replica costs a
+    /// relaxed load here, nothing more.
+    pub fn awake(&self) -> Vec<Arc<GroupRaft>> {
+        self.map.read().unwrap().values().filter(|g| !g.is_quiet() && !g.is_failed()).cloned().collect()
+    }
+
+    /// Groups whose replica here a storage error stopped.
+    pub fn failed(&self) -> Vec<u64> {
+        self.map.read().unwrap().values().filter(|g| g.is_failed()).map(|g| g.group).collect()
+    }
+
     /// Whether no replica at all is held here, failed ones included.
     pub(super) fn is_empty(&self) -> bool {
         self.map.read().unwrap().is_empty()

@@ -23,6 +23,8 @@ mod groups;
 mod heartbeat;
 mod identity;
 pub mod join;
+pub mod liveness;
+pub mod quiescer;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -55,6 +57,7 @@ pub struct Node {
     leader: LeaderState,
     supervisor: Supervisor,
     forwarders: Forwarders,
+    liveness: liveness::Liveness,
 }
 
 impl Node {
@@ -110,6 +113,7 @@ impl Node {
             leader: LeaderState::default(),
             supervisor: Supervisor::default(),
             forwarders: Forwarders::default(),
+            liveness: liveness::Liveness::default(),
         });
         // Requests to create or destroy a replica can arrive as soon as the
         // node is published; they wait until every recorded group is open
@@ -236,6 +240,11 @@ impl Node {
         &self.forwarders
     }
 
+    /// Which peer nodes are up (node-level liveness).
+    pub fn liveness(&self) -> &liveness::Liveness {
+        &self.liveness
+    }
+
     /// Answers an RPC from another node.
     pub async fn handle_rpc(self: Arc<Self>, req: Request) -> Response {
         match req {
@@ -292,6 +301,7 @@ impl Node {
                 NodeReply::SplitStatus(crate::split::forwarder::status(self, shard, op_id, hops).await?)
             }
             NodeRequest::MedianKey(req) => NodeReply::MedianKey(crate::split::steps::median_key(self, req).await?),
+            NodeRequest::Ping(rpc::Ping { .. }) => NodeReply::Ping(rpc::Pong { failed: self.groups.failed() }),
             NodeRequest::StartSplit(rpc::StartSplit { range_id, key, reason, hops }) => {
                 NodeReply::StartSplit(crate::ops::split::start(self, range_id, key, reason, hops).await?)
             }

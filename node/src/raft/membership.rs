@@ -117,7 +117,8 @@ fn check_expected(current: ConfigId, expected: ConfigId) -> Result<(), Membershi
 impl GroupRaft {
     /// The group's configuration as this replica sees it.
     pub fn membership(&self) -> MembershipView {
-        let m = self.raft.metrics().borrow_watched().clone();
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
         let stored = &m.membership_config;
         let membership = stored.membership();
         let committed = m.last_applied.as_ref().is_some_and(|a| stored.log_id().as_ref().is_none_or(|l| l <= a));
@@ -134,7 +135,9 @@ impl GroupRaft {
         }
     }
 
+    /// Wakes the replica (a membership step is activity) and checks it leads.
     fn ensure_leader(&self) -> Result<(), MembershipError> {
+        self.wake();
         let s = self.status();
         if s.is_leader {
             Ok(())

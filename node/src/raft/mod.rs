@@ -12,6 +12,7 @@ pub mod incarnation;
 pub mod log_store;
 pub mod membership;
 pub mod network;
+pub mod quiesce;
 pub mod snapshot;
 pub mod state_machine;
 
@@ -219,6 +220,8 @@ pub struct GroupRaft {
     pub served: AtomicU64,
     /// A sample of recently requested keys, for load-based split points.
     pub samples: std::sync::Mutex<std::collections::VecDeque<String>>,
+    /// Whether the replica is quiet (see [`quiesce`]).
+    quiescence: Arc<quiesce::Quiescence>,
 }
 
 impl GroupRaft {
@@ -358,6 +361,14 @@ impl GroupRaft {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(s.snapshot_logs),
             max_in_snapshot_log_to_keep: s.keep_logs,
             install_snapshot_timeout: 10_000,
+            // Replicas open quiet (see `quiesce`): a restarted node must not
+            // start an election in every group whose leader is quiet. The
+            // metadata group is always awake.
+            enable_tick: group == cleave_metadata::META_GROUP,
+            // An awake replica cut off from its leader asks before it bumps
+            // the term, so it does not depose a healthy quiet leader.
+            enable_pre_vote: Some(true),
+            log_stage_capacity: Some(1),
             ..Default::default()
         }
         .validate()?;
@@ -377,6 +388,7 @@ impl GroupRaft {
         };
         let net = network::NetworkFactory { group, transport: ctx.transport.clone(), addresses: ctx.addresses.clone() };
         let raft = Raft::new(desc.replica_id, Arc::new(config), net, log, sm).await?;
+        let quiescence = Arc::new(quiesce::Quiescence::new(group == cleave_metadata::META_GROUP));
         Ok(GroupRaft {
             group,
             replica_id: desc.replica_id,
@@ -388,12 +400,14 @@ impl GroupRaft {
             failed,
             served: AtomicU64::new(0),
             samples: Default::default(),
+            quiescence,
         })
     }
 
     /// Makes `members` the group's first membership. Harmless (and ignored)
     /// when the group was already initialised here or elsewhere.
     pub async fn initialize(&self, members: BTreeMap<ReplicaId, ReplicaNode>) -> anyhow::Result<()> {
+        self.wake();
         match self.raft.initialize(members).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(e)) => {
@@ -410,6 +424,7 @@ impl GroupRaft {
     /// others only as a fallback (when that one is down), to avoid split votes.
     pub fn initialize_later(&self, members: BTreeMap<ReplicaId, ReplicaNode>, delay: std::time::Duration) {
         let raft = self.raft.clone();
+        let quiescence = self.quiescence.clone();
         let group = self.group;
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -417,6 +432,7 @@ impl GroupRaft {
                 return;
             }
             tracing::info!(group, "no leader reached this new replica; initialising the group from here");
+            quiescence.wake(&raft);
             if let Err(e) = raft.initialize(members).await {
                 tracing::debug!(group, "fallback initialize: {e}");
             }
@@ -425,6 +441,7 @@ impl GroupRaft {
 
     /// Proposes `cmd` and waits until it is applied here.
     pub async fn write(&self, cmd: Command) -> Result<CommandResponse, WriteError> {
+        self.wake();
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -440,6 +457,7 @@ impl GroupRaft {
     /// Returns once this replica, as leader, has confirmed with a quorum that
     /// it still leads and has applied everything committed before the call.
     pub async fn read_barrier(&self) -> Result<(), ReadError> {
+        self.wake();
         match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
@@ -454,7 +472,8 @@ impl GroupRaft {
 
     /// The current Raft status of this replica.
     pub fn status(&self) -> GroupStatus {
-        let m = self.raft.metrics().borrow_watched().clone();
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
         let membership = m.membership_config.membership();
         let leader = m.current_leader.and_then(|l| membership.get_node(&l).cloned());
         GroupStatus {

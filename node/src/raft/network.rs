@@ -57,6 +57,8 @@ pub enum RaftRpc {
         done: Option<VoteOf<TypeConfig>>,
     },
     TransferLeader(TransferLeaderRequest<TypeConfig>),
+    /// The leader asks the replica to go quiet (see `raft::quiesce`).
+    Quiesce(super::quiesce::Quiesce),
 }
 
 /// The answer to a [`RaftRpc`].
@@ -67,6 +69,8 @@ pub enum RaftReply {
     ChunkStored,
     Snapshot(SnapshotResponse<TypeConfig>),
     TransferLeader(TransferLeaderResponse<TypeConfig>),
+    /// Whether the replica went quiet.
+    Quiesced(bool),
 }
 
 /// Creates per-target clients for one group.
@@ -227,10 +231,27 @@ pub async fn handle(g: &GroupRaft, snapshot_root: &Path, msg: RaftRpc) -> Result
     }
     let raft = &g.raft;
     match msg {
-        RaftRpc::Append(req) => raft.append_entries(req).await.map(RaftReply::Append).map_err(|e| e.to_string()),
+        RaftRpc::Append(req) => {
+            // Entries wake a quiet follower (its timer then starts from this
+            // contact); a bare heartbeat — a quiet leader's read-index round —
+            // only counts as contact.
+            let carries_entries = !req.entries.is_empty();
+            let resp = raft.append_entries(req).await.map_err(|e| e.to_string())?;
+            if !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
+                g.note_leader_contact();
+                if carries_entries {
+                    g.wake_follower();
+                }
+            }
+            Ok(RaftReply::Append(resp))
+        }
+        RaftRpc::Quiesce(req) => Ok(RaftReply::Quiesced(g.quiesce_follower(&req))),
         RaftRpc::Vote(req) => raft.vote(req).await.map(RaftReply::Vote).map_err(|e| e.to_string()),
         RaftRpc::PreVote(req) => raft.pre_vote(req).await.map(RaftReply::Vote).map_err(|e| e.to_string()),
         RaftRpc::TransferLeader(req) => {
+            // Handed leadership, the replica campaigns: with its tick on, so
+            // a failed campaign is retried.
+            g.wake();
             raft.handle_transfer_leader(req).await.map(RaftReply::TransferLeader).map_err(|e| e.to_string())
         }
         RaftRpc::SnapshotChunk { transfer, offset, data, done } => {
@@ -258,7 +279,10 @@ pub async fn handle(g: &GroupRaft, snapshot_root: &Path, msg: RaftRpc) -> Result
                 .map_err(|e| e.to_string())?;
             let meta = snapshot::read_meta(&file.path).map_err(|e| e.to_string())?;
             let snap = SnapshotOf::<TypeConfig, SnapshotFile> { meta, snapshot: file };
-            raft.install_full_snapshot(vote, snap).await.map(RaftReply::Snapshot).map_err(|e| e.to_string())
+            let resp = raft.install_full_snapshot(vote, snap).await.map_err(|e| e.to_string())?;
+            g.note_leader_contact();
+            g.wake_follower();
+            Ok(RaftReply::Snapshot(resp))
         }
     }
 }

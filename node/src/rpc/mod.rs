@@ -148,6 +148,17 @@ node_calls! {
     /// Ask the metadata leader to start a split (at `key`, or at the median
     /// of range `range_id`); answers its id.
     StartSplit { range_id: Option<u64>, key: Option<String>, reason: String, hops: u8 } -> OpId;
+    /// Node-level liveness probe (`node::liveness`), one per pair of nodes
+    /// instead of Raft heartbeats per group.
+    Ping { from: NodeId } -> Pong;
+}
+
+/// The answer to a [`Ping`]: the groups whose replica on the answering node
+/// a storage error stopped (a quiet group whose leader failed there must
+/// elect another, as if the node were dead).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pong {
+    pub failed: Vec<u64>,
 }
 
 /// A split target's receiving state (`None` once it no longer receives),

@@ -57,7 +57,8 @@ pub async fn supervise(node: Arc<Node>) {
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     loop {
         tick.tick().await;
-        for g in node.groups().in_service() {
+        // A shard with a capture is awake: it never goes quiet while it has one.
+        for g in node.groups().awake() {
             let captures: Vec<Capture> = match &*g.state.read().unwrap() {
                 SmState::Shard(s) => s.captures.clone(),
                 SmState::Meta(_) => continue,

@@ -1,0 +1,66 @@
+//! The quiescer: puts this node's idle leaders to sleep (`raft::quiesce`).
+//!
+//! Every [`EVERY`] it looks at the awake replicas only — a quiet one costs
+//! a relaxed load — and, for each leader that may go quiet
+//! (`GroupRaft::propose_quiescence`), asks its followers on live nodes to
+//! go quiet and, with every one agreeing, puts the leader to sleep. Every
+//! [`SWEEP_EVERY`] it also wakes any quiet replica that leads without
+//! having quiesced as leader (a leader restored at start-up opens quiet).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Node;
+use crate::raft::network::{RaftReply, RaftRpc};
+use crate::raft::quiesce::Proposal;
+use crate::raft::GroupRaft;
+use crate::rpc::{Request, Response};
+
+/// How often awake leaders are looked at.
+pub const EVERY: Duration = Duration::from_millis(250);
+/// How often quiet replicas are checked for unannounced leadership.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// How long a follower may take to answer a request to go quiet.
+const ASK_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Runs the quiescer forever.
+pub async fn run(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sweep = Instant::now();
+    loop {
+        tick.tick().await;
+        let awake = node.groups().awake();
+        metrics::gauge!("cleave_raft_groups_awake").set(awake.len() as f64);
+        for g in awake {
+            if let Some(p) = g.propose_quiescence(|n| node.liveness().is_live(n)) {
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let agreed = ask_followers(&node, &g, &p).await;
+                    g.complete_quiescence(&p, agreed);
+                });
+            }
+        }
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = Instant::now();
+            for g in node.groups().in_service() {
+                if g.wake_if_leading() {
+                    tracing::debug!(group = g.group, "woke a quiet replica that leads");
+                }
+            }
+        }
+    }
+}
+
+/// Asks every follower in `p` to go quiet; answers whether all agreed.
+async fn ask_followers(node: &Node, g: &GroupRaft, p: &Proposal) -> bool {
+    let asks = p.ask.iter().map(|&(_, peer)| async move {
+        let Some(addr) = node.dir_cache().raft_addr_of(&node.directory(), peer) else { return false };
+        let req = Request::Raft { group: g.group, msg: RaftRpc::Quiesce(p.request.clone()) };
+        matches!(
+            node.ctx().transport.call(&addr, req, ASK_TIMEOUT).await,
+            Ok(Response::Raft(Ok(RaftReply::Quiesced(true))))
+        )
+    });
+    futures::future::join_all(asks).await.into_iter().all(|ok| ok)
+}
