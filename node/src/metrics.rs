@@ -52,8 +52,15 @@ pub fn forget_group(group: u64) {
 pub fn update_gauges(groups: &[Arc<GroupRaft>], db: &Db) {
     let mut stamps = STAMPS.lock().unwrap();
     let mut quiet = 0;
+    // A quiet replica's state does not move (a vote it grants while quiet
+    // may, rarely): look at it again only every tenth refresh.
+    let full = ROUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(10);
     for g in groups {
-        quiet += usize::from(g.is_quiet());
+        let is_quiet = g.is_quiet();
+        quiet += usize::from(is_quiet);
+        if is_quiet && !full && stamps.get(&g.group).is_some_and(|(_, was_quiet)| *was_quiet) {
+            continue;
+        }
         let s = g.status();
         let m = g.membership();
         // Unchanged since the last refresh (every quiet group): nothing to set.
@@ -61,15 +68,15 @@ pub fn update_gauges(groups: &[Arc<GroupRaft>], db: &Db) {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             (s.term, s.is_leader, s.leader.as_ref().map(|l| l.node_id), s.committed, s.applied, s.purged).hash(&mut h);
-            (s.last_log_index, &m.configs, g.is_quiet()).hash(&mut h);
+            (s.last_log_index, &m.configs, is_quiet).hash(&mut h);
             h.finish()
         };
-        if stamps.insert(g.group, stamp) == Some(stamp) {
+        if stamps.insert(g.group, (stamp, is_quiet)).is_some_and(|(old, _)| old == stamp) {
             continue;
         }
         let group = g.group.to_string();
         metrics::gauge!("cleave_raft_term", "group" => group.clone()).set(s.term as f64);
-        metrics::gauge!("cleave_raft_quiet", "group" => group.clone()).set(if g.is_quiet() { 1.0 } else { 0.0 });
+        metrics::gauge!("cleave_raft_quiet", "group" => group.clone()).set(if is_quiet { 1.0 } else { 0.0 });
         metrics::gauge!("cleave_raft_is_leader", "group" => group.clone()).set(if s.is_leader { 1.0 } else { 0.0 });
         metrics::gauge!("cleave_raft_leader_node", "group" => group.clone())
             .set(s.leader.map_or(0.0, |l| l.node_id as f64));
@@ -87,6 +94,9 @@ pub fn update_gauges(groups: &[Arc<GroupRaft>], db: &Db) {
     metrics::gauge!("cleave_raft_groups_quiet").set(quiet as f64);
 }
 
-/// What the Raft gauges of each group were last set from (a hash).
-static STAMPS: std::sync::Mutex<std::collections::BTreeMap<u64, u64>> =
+/// What the Raft gauges of each group were last set from (a hash), and
+/// whether the replica was quiet then.
+static STAMPS: std::sync::Mutex<std::collections::BTreeMap<u64, (u64, bool)>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
+/// Refreshes so far (every tenth looks at quiet groups too).
+static ROUND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

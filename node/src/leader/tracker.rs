@@ -4,7 +4,7 @@
 //! be written through Raft — and started afresh whenever this node leads
 //! group 0 in a new term or after a lapse in confirmed leadership.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,9 @@ const DOWN_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct TrackerInner {
-    seen: HashMap<NodeId, (Instant, Vec<GroupReport>)>,
+    /// node → when last heard, and its replicas' reports by group (a map:
+    /// the balancers look a group up for every group, every second).
+    seen: HashMap<NodeId, (Instant, BTreeMap<u64, GroupReport>)>,
     /// group → (term, node) of the newest leader claim.
     leaders: HashMap<u64, (u64, NodeId)>,
     since: Option<Instant>,
@@ -79,7 +81,8 @@ impl Tracker {
                 t.leaders.remove(&g.group);
             }
         }
-        t.seen.insert(hb.node_id, (Instant::now(), hb.groups.clone()));
+        let groups = hb.groups.iter().map(|g| (g.group, g.clone())).collect();
+        t.seen.insert(hb.node_id, (Instant::now(), groups));
     }
 
     pub fn leaders(&self) -> Vec<(u64, NodeId)> {
@@ -143,14 +146,14 @@ impl Tracker {
 
     pub fn report(&self, node: NodeId, group: u64) -> Option<GroupReport> {
         let t = self.inner.lock().unwrap();
-        t.seen.get(&node).and_then(|(_, gs)| gs.iter().find(|g| g.group == group).cloned())
+        t.seen.get(&node).and_then(|(_, gs)| gs.get(&group).cloned())
     }
 
     /// The replicas `node` said it holds, `(group, replica)`, in its newest
     /// heartbeat of this term, if it reported at all.
     pub fn held(&self, node: NodeId) -> Option<Vec<(u64, u64)>> {
         let t = self.inner.lock().unwrap();
-        t.seen.get(&node).map(|(_, gs)| gs.iter().map(|g| (g.group, g.replica_id)).collect())
+        t.seen.get(&node).map(|(_, gs)| gs.values().map(|g| (g.group, g.replica_id)).collect())
     }
 }
 
