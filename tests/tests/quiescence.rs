@@ -13,6 +13,10 @@ use serde_json::json;
 /// surviving node.
 const FAILOVER_BOUND: Duration = Duration::from_secs(2);
 
+fn no_balancer() -> ClusterOpts {
+    ClusterOpts { extra_args: vec!["--balance".into(), "false".into()], ..ClusterOpts::default() }
+}
+
 /// Node `id`'s gauge `name` for `group` (absent: `None`).
 async fn group_gauge(c: &Cluster, id: NodeId, name: &str, group: u64) -> Option<f64> {
     let r = c.http.get_path(&c.api(id), "/metrics").await.ok()?;
@@ -59,7 +63,8 @@ async fn kill_leader_and_time_first_write(c: &Cluster, group: u64, key: &str) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_group_wakes_for_a_write_and_a_linearizable_read_and_goes_quiet_again() {
-    let c = Cluster::start(3, ClusterOpts::default()).await;
+    // No balancer: its leader moves would change the term this test watches.
+    let c = Cluster::start(3, no_balancer()).await;
     let all = c.ids();
     assert_eq!(c.put_ok(1, "q/a", &json!("one")).await, 1);
     wait_quiet(&c, FIRST_SHARD, &all, secs(20)).await;
@@ -71,11 +76,23 @@ async fn a_quiet_group_wakes_for_a_write_and_a_linearizable_read_and_goes_quiet_
 
     // A write through a follower and a linearizable read wake it and are served.
     let leader = c.wait_for_group_leader(FIRST_SHARD, None, secs(5)).await;
+    let term = group_gauge(&c, leader, "cleave_raft_term", FIRST_SHARD).await;
     let follower = c.follower_of(leader);
     assert_eq!(c.put_ok(follower, "q/a", &json!("two")).await, 2);
     let r = c.read_retry(follower, "q/a", Some("linearizable"), secs(5)).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.item().version, 2);
+    // Woken through a follower, the group keeps its leader: the follower
+    // must not campaign against its quiet leader. (Give a campaign the time
+    // it would take: two election timeouts.)
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    for &id in &all {
+        assert_eq!(
+            group_gauge(&c, id, "cleave_raft_term", FIRST_SHARD).await,
+            term,
+            "term of group {FIRST_SHARD} on node {id} after a write through node {follower}"
+        );
+    }
     assert!(
         cleave_tests::ops::metric_sum(&c, "cleave_raft_wakeups_total").await > woken_before,
         "the write must have woken the group's replicas"
@@ -183,8 +200,7 @@ async fn a_group_with_a_lagging_member_is_not_quiet_until_it_caught_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_groups_split_and_move() {
     // No automatic balancing: the test moves the replica itself.
-    let opts = ClusterOpts { extra_args: vec!["--balance".into(), "false".into()], ..ClusterOpts::default() };
-    let c = Cluster::start(4, opts).await;
+    let c = Cluster::start(4, no_balancer()).await;
     for i in 0..20 {
         c.put_ok(1 + (i % 4) as NodeId, &format!("sm/{i:02}"), &json!(i)).await;
     }

@@ -58,6 +58,8 @@ pub struct Liveness {
     peers: Mutex<HashMap<NodeId, Peer>>,
     /// Groups in failover here: group → when it was first seen leaderless.
     failing: Mutex<HashMap<u64, Instant>>,
+    /// A failover pass is running.
+    passing: std::sync::atomic::AtomicBool,
 }
 
 /// What one ping round changed.
@@ -151,9 +153,17 @@ pub async fn run(node: Arc<Node>) {
         }
         if node.liveness().anything_down() {
             let fast = last_death.is_some_and(|t| t.elapsed() < FAST_PASSES_FOR);
-            if fast || last_slow_pass.elapsed() >= Duration::from_secs(1) {
+            let idle = !node.liveness().passing.swap(true, std::sync::atomic::Ordering::SeqCst);
+            if idle && (fast || last_slow_pass.elapsed() >= Duration::from_secs(1)) {
                 last_slow_pass = Instant::now();
-                failover_pass(&node).await;
+                // Its own task: a long pass over many groups never delays pings.
+                let node = node.clone();
+                tokio::spawn(async move {
+                    failover_pass(&node).await;
+                    node.liveness().passing.store(false, std::sync::atomic::Ordering::SeqCst);
+                });
+            } else if idle {
+                node.liveness().passing.store(false, std::sync::atomic::Ordering::SeqCst);
             }
         } else {
             node.liveness().failing.lock().unwrap().clear();
@@ -166,7 +176,7 @@ fn wake_groups_with_members_on(node: &Node, nodes: &[NodeId]) {
     for g in node.groups().in_service() {
         if g.is_quiet()
             && g.known_leader().1 == ServerState::Leader
-            && g.voter_nodes().iter().any(|(_, n)| nodes.contains(n))
+            && g.member_nodes().iter().any(|(_, n)| nodes.contains(n))
         {
             g.wake();
         }
@@ -179,6 +189,11 @@ pub async fn failover_pass(node: &Node) {
     let liveness = node.liveness();
     let mut still_failing = HashSet::new();
     for g in node.groups().in_service() {
+        // The metadata group is always awake: openraft's own timers (with
+        // pre-vote) elect its leaders.
+        if g.group == cleave_metadata::META_GROUP {
+            continue;
+        }
         let (leader, state) = g.known_leader();
         if state == ServerState::Leader || state == ServerState::Learner {
             continue;
@@ -194,8 +209,11 @@ pub async fn failover_pass(node: &Node) {
             *failing.entry(g.group).or_insert_with(Instant::now)
         };
         still_failing.insert(g.group);
-        let voters = g.voter_nodes();
-        let Some(rank) = failover_rank(&voters, g.replica_id, |n| liveness.is_live(n)) else { continue };
+        // Candidates: the voters whose replica is in service, not the leader's.
+        let voters: Vec<_> = g.voter_nodes().into_iter().filter(|(r, _)| leader.is_none_or(|(l, _)| l != *r)).collect();
+        let Some(rank) = failover_rank(&voters, g.replica_id, |n| !liveness.replica_down(n, g.group)) else {
+            continue;
+        };
         if first.elapsed() >= NEXT_CANDIDATE_AFTER * rank as u32 && g.campaign(lease_ms).await {
             tracing::info!(group = g.group, rank, "leader's node is down: campaigning");
         }

@@ -5,7 +5,9 @@
 //! (`GroupRaft::propose_quiescence`), asks its followers on live nodes to
 //! go quiet and, with every one agreeing, puts the leader to sleep. Every
 //! [`SWEEP_EVERY`] it also wakes any quiet replica that leads without
-//! having quiesced as leader (a leader restored at start-up opens quiet).
+//! having quiesced as leader (a leader restored at start-up opens quiet),
+//! and any quiet voter that has known no leader for two leases (it voted
+//! for a candidate that never won): its timer then elects one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,8 +20,9 @@ use crate::rpc::{Request, Response};
 
 /// How often awake leaders are looked at.
 pub const EVERY: Duration = Duration::from_millis(250);
-/// How often quiet replicas are checked for unannounced leadership.
-const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// How often quiet replicas are checked for unannounced leadership and for
+/// a missing leader (a relaxed load for most, a metrics read for some).
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
 /// How long a follower may take to answer a request to go quiet.
 const ASK_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -27,7 +30,10 @@ const ASK_TIMEOUT: Duration = Duration::from_millis(500);
 pub async fn run(node: Arc<Node>) {
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_sweep = Instant::now();
+    let lease_ms = node.ctx().settings.election_timeout_ms * 2;
+    // The first sweep at once: a leader restored at start-up opened quiet
+    // and must heartbeat before its busy groups' followers time out.
+    let mut last_sweep = Instant::now() - SWEEP_EVERY;
     loop {
         tick.tick().await;
         let awake = node.groups().awake();
@@ -46,6 +52,8 @@ pub async fn run(node: Arc<Node>) {
             for g in node.groups().in_service() {
                 if g.wake_if_leading() {
                     tracing::debug!(group = g.group, "woke a quiet replica that leads");
+                } else if g.wake_if_leaderless(lease_ms) {
+                    tracing::info!(group = g.group, "woke a quiet voter that knows no leader");
                 }
             }
         }

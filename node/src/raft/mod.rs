@@ -407,7 +407,7 @@ impl GroupRaft {
     /// Makes `members` the group's first membership. Harmless (and ignored)
     /// when the group was already initialised here or elsewhere.
     pub async fn initialize(&self, members: BTreeMap<ReplicaId, ReplicaNode>) -> anyhow::Result<()> {
-        self.wake();
+        self.force_wake();
         match self.raft.initialize(members).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(e)) => {
@@ -432,7 +432,7 @@ impl GroupRaft {
                 return;
             }
             tracing::info!(group, "no leader reached this new replica; initialising the group from here");
-            quiescence.wake(&raft);
+            quiescence.force_wake(&raft);
             if let Err(e) = raft.initialize(members).await {
                 tracing::debug!(group, "fallback initialize: {e}");
             }

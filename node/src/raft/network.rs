@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use openraft::alias::{SnapshotOf, VoteOf};
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
@@ -249,9 +250,14 @@ pub async fn handle(g: &GroupRaft, snapshot_root: &Path, msg: RaftRpc) -> Result
         RaftRpc::Vote(req) => raft.vote(req).await.map(RaftReply::Vote).map_err(|e| e.to_string()),
         RaftRpc::PreVote(req) => raft.pre_vote(req).await.map(RaftReply::Vote).map_err(|e| e.to_string()),
         RaftRpc::TransferLeader(req) => {
-            // Handed leadership, the replica campaigns: with its tick on, so
-            // a failed campaign is retried.
-            g.wake();
+            // openraft sends this to every voter; the target, handed
+            // leadership by its current leader, campaigns: with its tick on,
+            // so a failed campaign is retried. The others (and a stale
+            // request) stay as they are.
+            let current = raft.metrics().borrow_watched().vote;
+            if *req.to_node_id() == g.replica_id && *req.from_leader() == current {
+                g.force_wake();
+            }
             raft.handle_transfer_leader(req).await.map(RaftReply::TransferLeader).map_err(|e| e.to_string())
         }
         RaftRpc::SnapshotChunk { transfer, offset, data, done } => {
@@ -280,8 +286,11 @@ pub async fn handle(g: &GroupRaft, snapshot_root: &Path, msg: RaftRpc) -> Result
             let meta = snapshot::read_meta(&file.path).map_err(|e| e.to_string())?;
             let snap = SnapshotOf::<TypeConfig, SnapshotFile> { meta, snapshot: file };
             let resp = raft.install_full_snapshot(vote, snap).await.map_err(|e| e.to_string())?;
-            g.note_leader_contact();
-            g.wake_follower();
+            // Refused (a deposed leader's late snapshot): no contact, no wake.
+            if resp.vote == vote {
+                g.note_leader_contact();
+                g.wake_follower();
+            }
             Ok(RaftReply::Snapshot(resp))
         }
     }

@@ -80,6 +80,8 @@ pub struct Quiescence {
     /// Last message from the leader this replica follows ([`now_ms`]; 0:
     /// none since it opened).
     last_leader_contact: AtomicU64,
+    /// When this replica last stood for election on its own ([`now_ms`]).
+    last_campaign: AtomicU64,
     switch: Mutex<()>,
 }
 
@@ -119,9 +121,11 @@ impl Quiescence {
         self.mode.load(Ordering::SeqCst)
     }
 
-    /// Records activity and wakes `raft` if it is quiet or on its way there.
-    pub(super) fn wake(&self, raft: &Raft<TypeConfig, GroupSm>) {
-        self.last_activity.store(now_ms(), Ordering::Relaxed);
+    /// Records activity and turns `raft`'s tick on whatever its role: for a
+    /// replica about to campaign (initialising a group, handed leadership,
+    /// failing over), whose timer must retry a failed campaign.
+    pub(super) fn force_wake(&self, raft: &Raft<TypeConfig, GroupSm>) {
+        self.last_activity.store(now_ms(), Ordering::SeqCst);
         self.wake_quietly(raft);
     }
 
@@ -145,11 +149,29 @@ impl GroupRaft {
         matches!(self.quiescence.mode(), QUIET | QUIET_LEADER)
     }
 
-    /// Records activity and wakes the replica if it is quiet or on its way
-    /// there (which aborts the quiescence). Called before every proposal,
-    /// read barrier and membership step, so a quiet group serves them at once.
+    /// Records activity and wakes the replica if it leads and is quiet or
+    /// on its way there (which aborts the quiescence). Called before every
+    /// proposal, read barrier and membership step, so a quiet group serves
+    /// them at once. A quiet *follower* stays quiet: its election timer,
+    /// switched on long after its leader's last heartbeat, would make it
+    /// campaign at the first tick and depose the healthy quiet leader. The
+    /// request goes on to the leader, whose entries wake the follower.
     pub fn wake(&self) {
-        self.quiescence.wake(&self.raft);
+        let q = &self.quiescence;
+        // SeqCst, paired with `propose_quiescence`: either it sees this
+        // activity, or this sees its `Quiescing`.
+        q.last_activity.store(now_ms(), Ordering::SeqCst);
+        match q.mode() {
+            AWAKE => {}
+            QUIESCING => q.wake_quietly(&self.raft),
+            _ if self.raft.metrics().borrow_watched().state == ServerState::Leader => q.wake_quietly(&self.raft),
+            _ => {}
+        }
+    }
+
+    /// Wakes the replica whatever its role (see [`Quiescence::force_wake`]).
+    pub fn force_wake(&self) {
+        self.quiescence.force_wake(&self.raft);
     }
 
     /// Wakes a follower (entries or a snapshot arrived): it takes up its
@@ -224,10 +246,15 @@ impl GroupRaft {
             Proposal { request: Quiesce { leader: self.replica_id, vote: m.vote, last_log }, ask }
         };
         let _g = q.switch.lock().unwrap();
-        if q.mode() != AWAKE || self.ms_since_activity() < QUIESCE_AFTER.as_millis() as u64 {
+        if q.mode() != AWAKE {
             return None;
         }
         q.mode.store(QUIESCING, Ordering::SeqCst);
+        // After the store (see `wake`): a proposal that raced with it aborts.
+        if self.ms_since_activity() < QUIESCE_AFTER.as_millis() as u64 {
+            q.mode.store(AWAKE, Ordering::SeqCst);
+            return None;
+        }
         Some(proposal)
     }
 
@@ -246,7 +273,8 @@ impl GroupRaft {
             m.state == ServerState::Leader
                 && m.vote == proposal.request.vote
                 && m.last_applied == proposal.request.last_log
-        };
+                && m.last_log_index == proposal.request.last_log.map(|l| l.index)
+        } && self.ms_since_activity() >= QUIESCE_AFTER.as_millis() as u64;
         if !all_agreed || !unchanged {
             q.mode.store(AWAKE, Ordering::SeqCst);
             return false;
@@ -312,12 +340,21 @@ impl GroupRaft {
     /// died), if this replica has not heard from a leader for the lease
     /// (`election_timeout_max`); wakes it either way, so a failed campaign
     /// is retried by its own timer. Answers whether it campaigned.
+    ///
+    /// A campaign of its own started less than a lease ago is left to run
+    /// (its timer retries it); the campaign asks for pre-votes first, so a
+    /// replica that is wrong about its leader's death cannot depose a leader
+    /// the other voters still follow.
     pub async fn campaign(&self, lease_ms: u64) -> bool {
-        self.wake();
-        if self.ms_since_leader_contact() <= lease_ms {
+        self.force_wake();
+        let q = &self.quiescence;
+        if self.ms_since_leader_contact() <= lease_ms
+            || now_ms().saturating_sub(q.last_campaign.load(Ordering::Relaxed)) <= lease_ms
+        {
             return false;
         }
-        match self.raft.trigger().elect(false).await {
+        q.last_campaign.store(now_ms(), Ordering::Relaxed);
+        match self.raft.trigger().elect(true).await {
             Ok(()) => {
                 metrics::counter!("cleave_failover_elections_total").increment(1);
                 true
@@ -337,9 +374,37 @@ impl GroupRaft {
         }
         let leads = self.raft.metrics().borrow_watched().state == ServerState::Leader;
         if leads {
-            self.wake();
+            self.quiescence.wake_quietly(&self.raft);
         }
         leads
+    }
+
+    /// Wakes this replica if it is a quiet voter that knows no leader and
+    /// has heard from none for `2 × lease_ms` (it granted its vote to a
+    /// candidate that never won, say): with its timer on, openraft elects
+    /// one. Answers whether it did.
+    pub fn wake_if_leaderless(&self, lease_ms: u64) -> bool {
+        if !self.is_quiet() || self.ms_since_leader_contact() <= 2 * lease_ms {
+            return false;
+        }
+        let stranded = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            m.current_leader.is_none()
+                && m.state != ServerState::Leader
+                && m.membership_config.membership().voter_ids().any(|r| r == self.replica_id)
+        };
+        if stranded {
+            self.force_wake();
+        }
+        stranded
+    }
+
+    /// Every member (voters and learners): replica → node.
+    pub fn member_nodes(&self) -> Vec<(ReplicaId, NodeId)> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        m.membership_config.membership().nodes().map(|(r, n)| (*r, n.node_id)).collect()
     }
 }
 
