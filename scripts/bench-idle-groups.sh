@@ -15,7 +15,7 @@
 #
 # Env (defaults):
 #   GROUPS_SHARDS=1000    shards wanted in the end (GROUPS_SHARDS-1 splits from one range)
-#   GROUPS_PARALLEL=4     splits in flight at once
+#   GROUPS_PARALLEL=8     splits in flight at once (with quiet groups the cluster keeps up: 16/s at first, 11/s by 3,000 shards)
 #   GROUPS_PREFIX=idle/   split-key prefix
 #   GROUPS_TIMEOUT=1800   stop starting splits after this many seconds (the
 #                         ones in flight are still awaited); the figures say how far it got
@@ -30,7 +30,7 @@ import collections, json, os, sys, time, urllib.error, urllib.request
 
 ep = os.environ["GROUPS_EP"]
 shards = int(os.environ.get("GROUPS_SHARDS", "1000"))
-par = int(os.environ.get("GROUPS_PARALLEL", "4"))
+par = int(os.environ.get("GROUPS_PARALLEL", "8"))
 prefix = os.environ.get("GROUPS_PREFIX", "idle/")
 timeout = float(os.environ.get("GROUPS_TIMEOUT", "1800"))
 report = int(os.environ.get("GROUPS_REPORT", "50"))

@@ -70,6 +70,7 @@ pids=()
 stop() {
     local rc=$? deadline=$((SECONDS + 5))
     trap - EXIT INT TERM
+    [[ -n ${splitter:-} ]] && kill "$splitter" 2>/dev/null || true
     # our nodes only: TERM, up to 5 s of grace (kill -0 succeeds while any is alive), then KILL
     ((${#pids[@]})) && kill "${pids[@]}" 2>/dev/null || true
     while ((${#pids[@]})) && kill -0 "${pids[@]}" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
@@ -124,7 +125,13 @@ print(d["nodes"][str(ld[0])]["api_addr"] if ld and ld[0] is not None else "")' |
 }
 
 if ((shards > 1)); then
-    GROUPS_SHARDS=$shards bash scripts/bench-idle-groups.sh "$host:$((api_base + 1))"
+    # In the background, so a TERM stops it with the nodes (bash runs its
+    # trap only once a foreground child ends: a killed run left the
+    # splitter splitting the next run's cluster).
+    GROUPS_SHARDS=$shards bash scripts/bench-idle-groups.sh "$host:$((api_base + 1))" &
+    splitter=$!
+    wait "$splitter"
+    splitter=
     echo "bench-vs-etcd: letting the cluster settle 10 s"
     sleep 10
 fi
