@@ -159,8 +159,15 @@ pub async fn run(node: Arc<Node>) {
                 // Its own task: a long pass over many groups never delays pings.
                 let node = node.clone();
                 tokio::spawn(async move {
+                    /// Clears `passing` however the pass ends (a panic too).
+                    struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+                    impl Drop for Done<'_> {
+                        fn drop(&mut self) {
+                            self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                    let _done = Done(&node.liveness().passing);
                     failover_pass(&node).await;
-                    node.liveness().passing.store(false, std::sync::atomic::Ordering::SeqCst);
                 });
             } else if idle {
                 node.liveness().passing.store(false, std::sync::atomic::Ordering::SeqCst);

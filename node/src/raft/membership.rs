@@ -136,8 +136,8 @@ impl GroupRaft {
     }
 
     /// Wakes the replica (a membership step is activity) and checks it leads.
-    fn ensure_leader(&self) -> Result<(), MembershipError> {
-        self.wake();
+    async fn ensure_leader(&self) -> Result<(), MembershipError> {
+        self.wake_for_write().await;
         let s = self.status();
         if s.is_leader {
             Ok(())
@@ -149,7 +149,7 @@ impl GroupRaft {
     /// Adds `replica` on `node` as a learner (returns once the entry is
     /// committed; catching up happens in the background).
     pub async fn add_learner(&self, replica: ReplicaId, node: ReplicaNode) -> Result<(), MembershipError> {
-        self.ensure_leader()?;
+        self.ensure_leader().await?;
         self.raft.add_learner(replica, node, false).await.map(|_| ()).map_err(write_err)
     }
 
@@ -157,7 +157,7 @@ impl GroupRaft {
     /// uniform `{old}`, in one entry, if the configuration is still
     /// `expected`. `to` must already be a learner.
     pub async fn enter_joint(&self, from: ReplicaId, to: ReplicaId, expected: ConfigId) -> Result<(), MembershipError> {
-        self.ensure_leader()?;
+        self.ensure_leader().await?;
         let stored = self.raft.metrics().borrow_watched().membership_config.clone();
         check_expected(*stored.log_id(), expected)?;
         let membership = stored.membership();
@@ -199,7 +199,7 @@ impl GroupRaft {
         change: ChangeMembers<ReplicaId, ReplicaNode>,
         expected: ConfigId,
     ) -> Result<(), MembershipError> {
-        self.ensure_leader()?;
+        self.ensure_leader().await?;
         let stored = self.raft.metrics().borrow_watched().membership_config.clone();
         check_expected(*stored.log_id(), expected)?;
         let guard = Precondition::LastMembershipLogId { last_membership_log_id: expected };
@@ -209,7 +209,7 @@ impl GroupRaft {
     /// Asks this leader to hand leadership to voter `to`; the new leader is
     /// elected at once (no election timeout).
     pub async fn transfer_leader(&self, to: ReplicaId) -> Result<(), MembershipError> {
-        self.ensure_leader()?;
+        self.ensure_leader().await?;
         self.raft.trigger().transfer_leader(to).await.map_err(|e| MembershipError::Fatal(e.to_string()))
     }
 }

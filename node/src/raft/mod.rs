@@ -441,7 +441,7 @@ impl GroupRaft {
 
     /// Proposes `cmd` and waits until it is applied here.
     pub async fn write(&self, cmd: Command) -> Result<CommandResponse, WriteError> {
-        self.wake();
+        self.wake_for_write().await;
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -457,6 +457,7 @@ impl GroupRaft {
     /// Returns once this replica, as leader, has confirmed with a quorum that
     /// it still leads and has applied everything committed before the call.
     pub async fn read_barrier(&self) -> Result<(), ReadError> {
+        // A read-index round needs no lease: it runs its own quorum round.
         self.wake();
         match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(_) => Ok(()),

@@ -250,12 +250,13 @@ pub async fn handle(g: &GroupRaft, snapshot_root: &Path, msg: RaftRpc) -> Result
         RaftRpc::Vote(req) => raft.vote(req).await.map(RaftReply::Vote).map_err(|e| e.to_string()),
         RaftRpc::PreVote(req) => raft.pre_vote(req).await.map(RaftReply::Vote).map_err(|e| e.to_string()),
         RaftRpc::TransferLeader(req) => {
-            // openraft sends this to every voter; the target, handed
-            // leadership by its current leader, campaigns: with its tick on,
-            // so a failed campaign is retried. The others (and a stale
-            // request) stay as they are.
+            // openraft sends this to every voter, and the leader stops
+            // heartbeating: from the current leader (not a stale request),
+            // every voter wakes — the target to campaign (its timer retries
+            // a failed campaign), the others so that, should the target
+            // never get elected, their timers elect someone.
             let current = raft.metrics().borrow_watched().vote;
-            if *req.to_node_id() == g.replica_id && *req.from_leader() == current {
+            if *req.from_leader() == current {
                 g.force_wake();
             }
             raft.handle_transfer_leader(req).await.map(RaftReply::TransferLeader).map_err(|e| e.to_string())

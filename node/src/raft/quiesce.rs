@@ -156,16 +156,38 @@ impl GroupRaft {
     /// switched on long after its leader's last heartbeat, would make it
     /// campaign at the first tick and depose the healthy quiet leader. The
     /// request goes on to the leader, whose entries wake the follower.
-    pub fn wake(&self) {
+    ///
+    /// Answers whether it woke a quiet leader: its quorum-ack lease has
+    /// lapsed, and openraft refuses a write until a quorum answered again —
+    /// see [`Self::wake_for_write`].
+    pub fn wake(&self) -> bool {
         let q = &self.quiescence;
         // SeqCst, paired with `propose_quiescence`: either it sees this
         // activity, or this sees its `Quiescing`.
         q.last_activity.store(now_ms(), Ordering::SeqCst);
         match q.mode() {
-            AWAKE => {}
-            QUIESCING => q.wake_quietly(&self.raft),
-            _ if self.raft.metrics().borrow_watched().state == ServerState::Leader => q.wake_quietly(&self.raft),
-            _ => {}
+            AWAKE => false,
+            QUIESCING => {
+                q.wake_quietly(&self.raft);
+                false
+            }
+            _ if self.raft.metrics().borrow_watched().state == ServerState::Leader => {
+                q.wake_quietly(&self.raft);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Wakes the replica before a proposal. A leader that was quiet has no
+    /// valid quorum-ack lease (openraft refuses writes without one), so it
+    /// first runs one heartbeat round to a quorum: the first write to a
+    /// quiet group pays that one round trip, not a refusal and a retry.
+    pub(super) async fn wake_for_write(&self) {
+        if self.wake() {
+            if let Err(e) = self.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex).await {
+                tracing::debug!(group = self.group, "renewing the lease of a woken leader: {e}");
+            }
         }
     }
 
@@ -193,7 +215,7 @@ impl GroupRaft {
 
     /// Milliseconds since the last client or management use here.
     pub fn ms_since_activity(&self) -> u64 {
-        now_ms().saturating_sub(self.quiescence.last_activity.load(Ordering::Relaxed))
+        now_ms().saturating_sub(self.quiescence.last_activity.load(Ordering::SeqCst))
     }
 
     /// The leader's side, step 1: if this awake leader may go quiet, marks it
