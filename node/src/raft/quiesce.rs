@@ -23,10 +23,11 @@
 //!
 //! **Waking** is immediate and local: a proposal, a read barrier or a
 //! membership step at the leader ([`GroupRaft::wake`]), entries or a
-//! snapshot arriving at a follower, a leadership transfer received, a
-//! replica becoming leader. A quiet leader still replicates a new entry at
-//! once (openraft replicates on append, not on tick), so the first request
-//! pays nothing extra; its entries wake the followers.
+//! snapshot arriving at a follower, a leadership transfer from the current
+//! leader, a replica becoming leader. A woken leader's quorum-ack lease has
+//! lapsed and openraft refuses writes without one, so before a proposal it
+//! runs one read-index round ([`GroupRaft::wake_for_write`]): the first
+//! request pays one round trip more. Its entries then wake the followers.
 //!
 //! **Failover** does not rely on timers of quiet replicas (they have none):
 //! node-level liveness (`node::liveness`) tells which nodes died, and for
