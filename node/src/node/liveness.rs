@@ -86,12 +86,6 @@ impl Liveness {
         self.peers.lock().unwrap().values().any(|p| p.dead || !p.failed.is_empty())
     }
 
-    /// Dead peers and how long since they were last heard.
-    pub fn dead(&self) -> Vec<(NodeId, Duration)> {
-        let now = Instant::now();
-        self.peers.lock().unwrap().iter().filter(|(_, p)| p.dead).map(|(n, p)| (*n, now - p.last_heard)).collect()
-    }
-
     /// Records the answers of one ping round to the peers in `answers`
     /// (`None`: no answer) at `now`; peers no longer pinged are forgotten.
     pub fn record(&self, now: Instant, answers: &BTreeMap<NodeId, Option<Pong>>) -> Changes {
@@ -181,10 +175,10 @@ pub async fn run(node: Arc<Node>) {
 /// Wakes the quiet groups this node leads that have a member on one of `nodes`.
 fn wake_groups_with_members_on(node: &Node, nodes: &[NodeId]) {
     for g in node.groups().in_service() {
-        if g.is_quiet()
-            && g.known_leader().1 == ServerState::Leader
-            && g.member_nodes().iter().any(|(_, n)| nodes.contains(n))
-        {
+        if g.is_quiet() && {
+            let s = g.status();
+            s.is_leader && s.members.values().any(|n| nodes.contains(n))
+        } {
             g.wake();
         }
     }
@@ -216,8 +210,9 @@ pub async fn failover_pass(node: &Node) {
             *failing.entry(g.group).or_insert_with(Instant::now)
         };
         still_failing.insert(g.group);
-        // Candidates: the voters whose replica is in service, not the leader's.
-        let voters: Vec<_> = g.voter_nodes().into_iter().filter(|(r, _)| leader.is_none_or(|(l, _)| l != *r)).collect();
+        // Candidates: the voters whose replica is in service (the down
+        // leader's is not: its node is down or reports it failed).
+        let voters = g.voter_nodes();
         let Some(rank) = failover_rank(&voters, g.replica_id, |n| !liveness.replica_down(n, g.group)) else {
             continue;
         };

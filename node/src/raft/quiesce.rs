@@ -422,13 +422,6 @@ impl GroupRaft {
         }
         stranded
     }
-
-    /// Every member (voters and learners): replica → node.
-    pub fn member_nodes(&self) -> Vec<(ReplicaId, NodeId)> {
-        let m = self.raft.metrics();
-        let m = m.borrow_watched();
-        m.membership_config.membership().nodes().map(|(r, n)| (*r, n.node_id)).collect()
-    }
 }
 
 /// The order in which the surviving voters of a group whose leader died
