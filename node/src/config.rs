@@ -71,6 +71,10 @@ pub struct Args {
     /// the leader kept instead of being sent the whole shard again].
     #[arg(long, env = "CLEAVE_KEEP_LOGS")]
     pub keep_logs: Option<u64>,
+    /// A quiet replica idle this long drops its Raft instance to save memory; the next use reopens
+    /// it (0: never) [default: 15000].
+    #[arg(long, env = "CLEAVE_DORMANT_AFTER_MS")]
+    pub dormant_after_ms: Option<u64>,
     /// Largest value accepted, in bytes of JSON text [default: 1048576].
     #[arg(long, env = "CLEAVE_MAX_VALUE_BYTES")]
     pub max_value_bytes: Option<usize>,
@@ -212,6 +216,7 @@ impl Args {
                 election_timeout_ms,
                 snapshot_logs,
                 keep_logs: self.keep_logs.unwrap_or(2 * snapshot_logs),
+                dormant_after_ms: self.dormant_after_ms.unwrap_or(crate::raft::instance::DORMANT_AFTER_MS),
             },
             listen_api,
             listen_raft,

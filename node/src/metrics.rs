@@ -1,5 +1,6 @@
 //! Prometheus metrics: per-shard request counts and latencies, Raft state of
-//! every local replica, and the size of the node's RocksDB.
+//! every local replica, the size of the node's RocksDB, and where its
+//! memory goes (the Rust heap, RocksDB's memtables, tables and cache).
 //!
 //! Counters and histograms are recorded where things happen through the
 //! `metrics` macros; gauges are refreshed from Raft metrics on every
@@ -90,8 +91,26 @@ pub fn update_gauges(groups: &[Arc<GroupRaft>], db: &Db) {
         metrics::gauge!("cleave_raft_voters", "group" => group).set(m.voters().len() as f64);
     }
     metrics::gauge!("cleave_rocksdb_size_bytes").set(crate::storage::approximate_size(db) as f64);
+    let rocks = crate::storage::memory_bytes(db);
+    metrics::gauge!("cleave_rocksdb_memtable_bytes").set(rocks.memtables as f64);
+    metrics::gauge!("cleave_rocksdb_table_readers_bytes").set(rocks.table_readers as f64);
+    metrics::gauge!("cleave_rocksdb_block_cache_bytes").set(rocks.block_cache as f64);
+    let (allocated, resident) = heap();
+    metrics::gauge!("cleave_heap_allocated_bytes").set(allocated as f64);
+    metrics::gauge!("cleave_heap_resident_bytes").set(resident as f64);
     metrics::gauge!("cleave_groups").set(groups.len() as f64);
     metrics::gauge!("cleave_raft_groups_quiet").set(quiet as f64);
+}
+
+/// The Rust heap (jemalloc; RocksDB's C++ allocations are not in it): bytes
+/// the program has allocated, and bytes of the heap resident in memory
+/// (allocated plus what jemalloc keeps for reuse). Zeros if unreadable.
+pub fn heap() -> (u64, u64) {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    if epoch::advance().is_err() {
+        return (0, 0);
+    }
+    (stats::allocated::read().unwrap_or(0) as u64, stats::resident::read().unwrap_or(0) as u64)
 }
 
 /// What the Raft gauges of each group were last set from (a hash), and

@@ -78,8 +78,8 @@ impl Groups {
         self.lifecycle.lock().await
     }
 
-    pub(super) fn insert(&self, g: GroupRaft) {
-        self.map.write().unwrap().insert(g.group, Arc::new(g));
+    pub(super) fn insert(&self, g: Arc<GroupRaft>) {
+        self.map.write().unwrap().insert(g.group, g);
     }
 
     /// Opens every replica recorded on disk (call with the lifecycle lock).
@@ -90,7 +90,7 @@ impl Groups {
             let g = GroupRaft::open(&self.ctx, desc.clone())
                 .await
                 .with_context(|| format!("opening group {}", desc.group))?;
-            self.insert(g);
+            self.insert(Arc::new(g));
         }
         Ok(())
     }
@@ -127,7 +127,7 @@ impl Groups {
         // The sender's directory lists this replica: from now on replica GC
         // trusts no older directory (persisted, so a restart keeps it too).
         cache.raise_floor(dir_version).map_err(internal)?;
-        let raft = GroupRaft::create(&self.ctx, group, replica_id, state).await.map_err(internal)?;
+        let raft = Arc::new(GroupRaft::create(&self.ctx, group, replica_id, state).await.map_err(internal)?);
         let members: BTreeMap<u64, ReplicaNode> =
             members.into_iter().map(|(r, node_id, raft_addr)| (r, ReplicaNode { node_id, raft_addr })).collect();
         if members.is_empty() {
@@ -267,7 +267,7 @@ mod tests {
         let (_d, ctx) = crate::testing::temp_ctx();
         let groups = Arc::new(Groups::new(ctx.clone()));
         let g = GroupRaft::create(&ctx, 7, 4, SmState::Shard(ShardState::default())).await.unwrap();
-        groups.insert(g);
+        groups.insert(Arc::new(g));
         let version = dir().version;
         let floor = Arc::new(AtomicU64::new(version));
         // A create request holds the lock and raises the floor (its

@@ -179,7 +179,7 @@ fn wake_groups_with_members_on(node: &Node, nodes: &[NodeId]) {
             let s = g.status();
             s.is_leader && s.members.values().any(|n| nodes.contains(n))
         } {
-            g.wake();
+            tokio::spawn(async move { g.rouse().await });
         }
     }
 }

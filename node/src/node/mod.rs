@@ -141,7 +141,7 @@ impl Node {
             } else {
                 SmState::Shard(ShardState { ranges: dir.ranges_of(g.shard_id), ..Default::default() })
             };
-            let raft = GroupRaft::create(&self.ctx, g.shard_id, replica, state).await?;
+            let raft = Arc::new(GroupRaft::create(&self.ctx, g.shard_id, replica, state).await?);
             let members: BTreeMap<_, _> = g
                 .replicas
                 .iter()

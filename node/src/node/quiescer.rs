@@ -8,6 +8,11 @@
 //! having quiesced as leader (a leader restored at start-up opens quiet),
 //! and any quiet voter that has known no leader for two leases (it voted
 //! for a candidate that never won): its timer then elects one.
+//!
+//! Beside it runs the hibernator: every [`HIBERNATE_EVERY`] it drops the
+//! openraft instance of replicas quiet and idle for `--dormant-after-ms`
+//! (`raft::instance`), one after the other, so a wave of groups going
+//! dormant never holds up the quiescer.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +28,8 @@ pub const EVERY: Duration = Duration::from_millis(250);
 /// How often quiet replicas are checked for unannounced leadership and for
 /// a missing leader (a relaxed load for most, a metrics read for some).
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// How often the hibernator looks for replicas to make dormant.
+const HIBERNATE_EVERY: Duration = Duration::from_secs(1);
 /// How long a follower may take to answer a request to go quiet.
 const ASK_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -34,6 +41,7 @@ pub async fn run(node: Arc<Node>) {
     // The first sweep at once: a leader restored at start-up opened quiet
     // and must heartbeat before its busy groups' followers time out.
     let mut last_sweep = Instant::now() - SWEEP_EVERY;
+    tokio::spawn(hibernate(node.clone()));
     loop {
         tick.tick().await;
         let awake = node.groups().awake();
@@ -57,6 +65,27 @@ pub async fn run(node: Arc<Node>) {
                 }
             }
         }
+    }
+}
+
+/// Runs the hibernator forever (see the module).
+async fn hibernate(node: Arc<Node>) {
+    if node.ctx().settings.dormant_after_ms == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(HIBERNATE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let groups = node.groups().in_service();
+        let mut dormant = 0;
+        for g in groups {
+            if g.may_hibernate() && g.hibernate().await {
+                tracing::debug!(group = g.group, "dropped the instance of an idle replica");
+            }
+            dormant += usize::from(g.is_dormant());
+        }
+        metrics::gauge!("cleave_raft_groups_dormant").set(dormant as f64);
     }
 }
 

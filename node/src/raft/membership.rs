@@ -24,6 +24,7 @@
 //! the next step; the decision itself is pure (`moves::plan`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use cleave_metadata::{NodeId, ReplicaId};
 use openraft::async_runtime::WatchReceiver;
@@ -32,6 +33,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Membership, Precondition, ServerState};
 use serde::{Deserialize, Serialize};
 
+use super::instance::Instance;
 use super::{GroupRaft, ReplicaNode, TypeConfig};
 
 /// Which configuration a view showed: the log id of the membership entry
@@ -117,8 +119,7 @@ fn check_expected(current: ConfigId, expected: ConfigId) -> Result<(), Membershi
 impl GroupRaft {
     /// The group's configuration as this replica sees it.
     pub fn membership(&self) -> MembershipView {
-        let m = self.raft.metrics();
-        let m = m.borrow_watched();
+        self.with_metrics(|m| {
         let stored = &m.membership_config;
         let membership = stored.membership();
         let committed = m.last_applied.as_ref().is_some_and(|a| stored.log_id().as_ref().is_none_or(|l| l <= a));
@@ -133,14 +134,17 @@ impl GroupRaft {
             matched: m.replication.iter().flatten().map(|(r, l)| (*r, l.as_ref().map_or(0, |l| l.index))).collect(),
             config_id: *stored.log_id(),
         }
+        })
     }
 
-    /// Wakes the replica (a membership step is activity) and checks it leads.
-    async fn ensure_leader(&self) -> Result<(), MembershipError> {
-        self.wake_for_write().await;
+    /// Wakes the replica (a membership step is activity) and checks it
+    /// leads; answers its instance.
+    async fn ensure_leader(&self) -> Result<Arc<Instance>, MembershipError> {
+        let i = self.live().await.map_err(|e| MembershipError::Fatal(e.to_string()))?;
+        self.wake_for_write(&i.raft).await;
         let s = self.status();
         if s.is_leader {
-            Ok(())
+            Ok(i)
         } else {
             Err(MembershipError::NotLeader { leader: s.leader })
         }
@@ -149,16 +153,16 @@ impl GroupRaft {
     /// Adds `replica` on `node` as a learner (returns once the entry is
     /// committed; catching up happens in the background).
     pub async fn add_learner(&self, replica: ReplicaId, node: ReplicaNode) -> Result<(), MembershipError> {
-        self.ensure_leader().await?;
-        self.raft.add_learner(replica, node, false).await.map(|_| ()).map_err(write_err)
+        let i = self.ensure_leader().await?;
+        i.raft.add_learner(replica, node, false).await.map(|_| ()).map_err(write_err)
     }
 
     /// Enters the joint configuration `{old} ∧ {old - from + to}` from the
     /// uniform `{old}`, in one entry, if the configuration is still
     /// `expected`. `to` must already be a learner.
     pub async fn enter_joint(&self, from: ReplicaId, to: ReplicaId, expected: ConfigId) -> Result<(), MembershipError> {
-        self.ensure_leader().await?;
-        let stored = self.raft.metrics().borrow_watched().membership_config.clone();
+        let i = self.ensure_leader().await?;
+        let stored = i.raft.metrics().borrow_watched().membership_config.clone();
         check_expected(*stored.log_id(), expected)?;
         let membership = stored.membership();
         let configs = membership.get_joint_config();
@@ -173,7 +177,7 @@ impl GroupRaft {
         let joint = Membership::new(vec![old, new], nodes).map_err(|e| MembershipError::Refused(e.to_string()))?;
         let guard = Precondition::LastMembershipLogId { last_membership_log_id: expected };
         let payload = <openraft::alias::PayloadOf<TypeConfig> as RaftPayload>::blank();
-        self.raft.append_membership(joint, payload, [guard]).await.map(|_| ()).map_err(write_err)
+        i.raft.append_membership(joint, payload, [guard]).await.map(|_| ()).map_err(write_err)
     }
 
     /// Makes `voters` the (uniform) voter set, passing through a joint
@@ -199,17 +203,17 @@ impl GroupRaft {
         change: ChangeMembers<ReplicaId, ReplicaNode>,
         expected: ConfigId,
     ) -> Result<(), MembershipError> {
-        self.ensure_leader().await?;
-        let stored = self.raft.metrics().borrow_watched().membership_config.clone();
+        let i = self.ensure_leader().await?;
+        let stored = i.raft.metrics().borrow_watched().membership_config.clone();
         check_expected(*stored.log_id(), expected)?;
         let guard = Precondition::LastMembershipLogId { last_membership_log_id: expected };
-        self.raft.change_membership_if(change, false, [guard]).await.map(|_| ()).map_err(write_err)
+        i.raft.change_membership_if(change, false, [guard]).await.map(|_| ()).map_err(write_err)
     }
 
     /// Asks this leader to hand leadership to voter `to`; the new leader is
     /// elected at once (no election timeout).
     pub async fn transfer_leader(&self, to: ReplicaId) -> Result<(), MembershipError> {
-        self.ensure_leader().await?;
-        self.raft.trigger().transfer_leader(to).await.map_err(|e| MembershipError::Fatal(e.to_string()))
+        let i = self.ensure_leader().await?;
+        i.raft.trigger().transfer_leader(to).await.map_err(|e| MembershipError::Fatal(e.to_string()))
     }
 }

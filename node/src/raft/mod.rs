@@ -9,6 +9,7 @@
 //! [`GroupStatus`].
 
 pub mod incarnation;
+pub mod instance;
 pub mod log_store;
 pub mod membership;
 pub mod network;
@@ -22,7 +23,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use cleave_metadata::{Directory, NodeId, ReplicaId};
-use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::{Config, Raft, ReadPolicy, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
@@ -78,6 +78,9 @@ pub struct RaftSettings {
     pub snapshot_logs: u64,
     /// Entries kept behind a snapshot for slow followers.
     pub keep_logs: u64,
+    /// A quiet replica idle this long drops its openraft instance (0:
+    /// never; see [`instance`]).
+    pub dormant_after_ms: u64,
 }
 
 /// Live keys and bytes of a shard, kept exact by the state machine and
@@ -207,11 +210,13 @@ pub struct GroupStatus {
 pub struct GroupRaft {
     pub group: u64,
     pub replica_id: ReplicaId,
-    raft: Raft<TypeConfig, GroupSm>,
+    /// The openraft instance, live or dormant (see [`instance`]).
+    instance: instance::InstanceSlot,
+    /// What reopening a dormant instance needs.
+    ctx: RaftContext,
+    config: Arc<Config>,
     pub state: Arc<RwLock<SmState>>,
     pub stats: Arc<GroupStats>,
-    /// Storage writes of this replica's tasks stop when it ends (`shutdown`).
-    incarnation: Arc<incarnation::Incarnation>,
     /// A snapshot install is replacing the data (read under `state`'s lock).
     installing: Arc<AtomicBool>,
     /// A storage error stopped this replica (set by its state machine).
@@ -342,8 +347,9 @@ impl GroupRaft {
     /// Opens a group recorded on this node.
     pub async fn open(ctx: &RaftContext, desc: GroupDescriptor) -> anyhow::Result<GroupRaft> {
         let group = desc.group;
+        // An install a crash interrupted is redone first: it rewrites the
+        // stats and the state read below.
         snapshot::recover_install(&ctx.db, &ctx.snapshot_root, group)?;
-        snapshot::remove_partial(&ctx.snapshot_root, group);
         let cf = storage::cf(&ctx.db, CF_GROUP_META);
         let (keys, bytes) = ctx.db.get_cf(cf, state_key(group, tag::KEYS))?.map_or((0, 0), |b| GroupStats::decode(&b));
         let stats = Arc::new(GroupStats::default());
@@ -372,43 +378,82 @@ impl GroupRaft {
             ..Default::default()
         }
         .validate()?;
-        let incarnation = Arc::new(incarnation::Incarnation::default());
-        let installing = Arc::new(AtomicBool::new(false));
-        let failed = Arc::new(AtomicBool::new(false));
-        let log = log_store::LogStore::new(ctx.db.clone(), group, ctx.syncer.clone(), incarnation.clone());
-        let sm = GroupSm {
-            db: ctx.db.clone(),
-            group,
-            state: state.clone(),
-            snapshot_root: ctx.snapshot_root.clone(),
-            stats: stats.clone(),
-            incarnation: incarnation.clone(),
-            installing: installing.clone(),
-            failed: failed.clone(),
-        };
-        let net = network::NetworkFactory { group, transport: ctx.transport.clone(), addresses: ctx.addresses.clone() };
-        let raft = Raft::new(desc.replica_id, Arc::new(config), net, log, sm).await?;
-        let quiescence = Arc::new(quiesce::Quiescence::new(group == cleave_metadata::META_GROUP));
-        Ok(GroupRaft {
+        let g = GroupRaft {
             group,
             replica_id: desc.replica_id,
-            raft,
+            instance: instance::InstanceSlot::unopened(desc.replica_id),
+            ctx: ctx.clone(),
+            config: Arc::new(config),
             state,
             stats,
-            incarnation,
-            installing,
-            failed,
+            installing: Arc::new(AtomicBool::new(false)),
+            failed: Arc::new(AtomicBool::new(false)),
             served: AtomicU64::new(0),
             samples: Default::default(),
-            quiescence,
-        })
+            quiescence: Arc::new(quiesce::Quiescence::new(group == cleave_metadata::META_GROUP)),
+        };
+        g.live().await?;
+        Ok(g)
+    }
+
+    /// Starts an openraft instance over this replica's storage and its
+    /// in-memory state (at open, and when a dormant replica wakes).
+    async fn start_instance(&self) -> anyhow::Result<instance::Instance> {
+        let ctx = &self.ctx;
+        snapshot::remove_partial(&ctx.snapshot_root, self.group);
+        let incarnation = Arc::new(incarnation::Incarnation::default());
+        let log = log_store::LogStore::new(ctx.db.clone(), self.group, ctx.syncer.clone(), incarnation.clone());
+        let sm = GroupSm {
+            db: ctx.db.clone(),
+            group: self.group,
+            state: self.state.clone(),
+            snapshot_root: ctx.snapshot_root.clone(),
+            stats: self.stats.clone(),
+            incarnation: incarnation.clone(),
+            installing: self.installing.clone(),
+            failed: self.failed.clone(),
+        };
+        let net = network::NetworkFactory { group: self.group, transport: ctx.transport.clone(), addresses: ctx.addresses.clone() };
+        let raft = Raft::new(self.replica_id, self.config.clone(), net, log, sm).await?;
+        Ok(instance::Instance { raft, incarnation })
+    }
+
+    /// The replica's live openraft instance, reopened if it was dormant.
+    async fn live(&self) -> Result<Arc<instance::Instance>, instance::Unavailable> {
+        self.instance
+            .get(|| async {
+                if self.is_failed() {
+                    return Err(instance::Unavailable::Stopped);
+                }
+                let i = self.start_instance().await.map_err(|e| {
+                    // A storage error stops the replica (see `GroupSm::fail`).
+                    tracing::error!(group = self.group, "starting the replica's Raft instance: {e:#}");
+                    self.failed.store(true, Ordering::SeqCst);
+                    instance::Unavailable::Reopen(e.to_string())
+                })?;
+                self.quiescence.reopened();
+                Ok(i)
+            })
+            .await
+    }
+
+    /// Runs `f` on this replica's Raft metrics (the live instance's, or the
+    /// last ones of a dormant or stopped replica).
+    fn with_metrics<R>(&self, f: impl FnOnce(&instance::Metrics) -> R) -> R {
+        self.instance.with_metrics(f)
+    }
+
+    /// Whether the replica has dropped its openraft instance (see [`instance`]).
+    pub fn is_dormant(&self) -> bool {
+        self.instance.is_dormant()
     }
 
     /// Makes `members` the group's first membership. Harmless (and ignored)
     /// when the group was already initialised here or elsewhere.
     pub async fn initialize(&self, members: BTreeMap<ReplicaId, ReplicaNode>) -> anyhow::Result<()> {
-        self.force_wake();
-        match self.raft.initialize(members).await {
+        let i = self.live().await?;
+        self.quiescence.force_wake(&i.raft);
+        match i.raft.initialize(members).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(e)) => {
                 tracing::debug!(group = self.group, "initialize: {e}");
@@ -422,27 +467,27 @@ impl GroupRaft {
     /// within `delay`. Initialising makes a replica stand for election at
     /// once, so a new group has exactly one replica do it right away and the
     /// others only as a fallback (when that one is down), to avoid split votes.
-    pub fn initialize_later(&self, members: BTreeMap<ReplicaId, ReplicaNode>, delay: std::time::Duration) {
-        let raft = self.raft.clone();
-        let quiescence = self.quiescence.clone();
-        let group = self.group;
+    pub fn initialize_later(self: &Arc<Self>, members: BTreeMap<ReplicaId, ReplicaNode>, delay: std::time::Duration) {
+        let g = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            if raft.is_initialized().await.unwrap_or(true) {
+            let Ok(i) = g.live().await else { return };
+            if i.raft.is_initialized().await.unwrap_or(true) {
                 return;
             }
-            tracing::info!(group, "no leader reached this new replica; initialising the group from here");
-            quiescence.force_wake(&raft);
-            if let Err(e) = raft.initialize(members).await {
-                tracing::debug!(group, "fallback initialize: {e}");
+            tracing::info!(group = g.group, "no leader reached this new replica; initialising the group from here");
+            g.quiescence.force_wake(&i.raft);
+            if let Err(e) = i.raft.initialize(members).await {
+                tracing::debug!(group = g.group, "fallback initialize: {e}");
             }
         });
     }
 
     /// Proposes `cmd` and waits until it is applied here.
     pub async fn write(&self, cmd: Command) -> Result<CommandResponse, WriteError> {
-        self.wake_for_write().await;
-        match self.raft.client_write(cmd).await {
+        let i = self.live().await.map_err(|e| WriteError::Fatal(e.to_string()))?;
+        self.wake_for_write(&i.raft).await;
+        match i.raft.client_write(cmd).await {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(WriteError::NotLeader { leader: f.leader_node })
@@ -458,8 +503,9 @@ impl GroupRaft {
     /// it still leads and has applied everything committed before the call.
     pub async fn read_barrier(&self) -> Result<(), ReadError> {
         // A read-index round needs no lease: it runs its own quorum round.
-        self.wake();
-        match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+        let i = self.live().await.map_err(|e| ReadError::Fatal(e.to_string()))?;
+        self.wake(&i.raft);
+        match i.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
                 Err(ReadError::NotLeader { leader: f.leader_node })
@@ -473,8 +519,7 @@ impl GroupRaft {
 
     /// The current Raft status of this replica.
     pub fn status(&self) -> GroupStatus {
-        let m = self.raft.metrics();
-        let m = m.borrow_watched();
+        self.with_metrics(|m| {
         let membership = m.membership_config.membership();
         let leader = m.current_leader.and_then(|l| membership.get_node(&l).cloned());
         GroupStatus {
@@ -489,6 +534,7 @@ impl GroupRaft {
             purged: m.purged.map(|l| l.index),
             members: membership.nodes().map(|(r, n)| (*r, n.node_id)).collect(),
         }
+        })
     }
 
     /// Live keys in this replica's state machine.
@@ -515,15 +561,7 @@ impl GroupRaft {
     /// worker and snapshot builder are fenced by the incarnation), so its
     /// data may be deleted or replaced.
     pub async fn shutdown(&self) {
-        if let Err(e) = self.raft.shutdown().await {
-            tracing::warn!(group = self.group, "shutdown: {e}");
-        }
-        let inc = self.incarnation.clone();
-        // `end` waits for a write in progress: off the async workers.
-        if let Err(e) = tokio::task::spawn_blocking(move || inc.end()).await {
-            tracing::warn!(group = self.group, "ending the incarnation: {e}");
-            self.incarnation.end();
-        }
+        self.instance.stop().await;
     }
 
     /// Whether a storage error stopped this replica: it is out of service.
@@ -608,13 +646,73 @@ mod tests {
         g.shutdown().await;
     }
 
+    /// Polls `f` every 20 ms until it holds; panics after `secs`.
+    async fn until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_quiet_replica_drops_its_instance_and_reopens_on_first_use() {
+        use crate::command::{KvCommand, KvOp};
+        let (_d, mut ctx) = temp_ctx();
+        ctx.settings.dormant_after_ms = 1;
+        let g = GroupRaft::create(&ctx, 7, 3, SmState::Shard(crate::testing::whole_shard())).await.unwrap();
+        let me = ReplicaNode { node_id: 1, raft_addr: "127.0.0.1:9".into() };
+        g.initialize(BTreeMap::from([(3, me)])).await.unwrap();
+        until(10, "leadership", || g.status().is_leader).await;
+        let put = |v: &str| {
+            Command::Kv(KvCommand {
+                range_id: 1,
+                epoch: 1,
+                op: KvOp::Put { key: "k".into(), value: v.into(), if_version: None },
+            })
+        };
+        g.write(put("1")).await.unwrap();
+        assert!(!g.hibernate().await, "an awake replica keeps its instance");
+        // A single voter has no one to ask: it goes quiet once idle.
+        until(10, "quiescence", || {
+            if let Some(p) = g.propose_quiescence(|_| true) {
+                g.complete_quiescence(&p, true);
+            }
+            g.is_quiet()
+        })
+        .await;
+        let before = g.status();
+        assert!(g.hibernate().await, "quiet, idle and settled: dormant");
+        assert!(g.is_dormant() && g.instance.live().is_none());
+        let frozen = g.status();
+        assert_eq!(
+            (frozen.is_leader, frozen.term, frozen.applied, frozen.members.clone()),
+            (before.is_leader, before.term, before.applied, before.members.clone()),
+            "a dormant replica reports what it last was"
+        );
+        assert!(!g.hibernate().await, "dormant once");
+        // The next write reopens it; the leader is restored and serves.
+        let resp = g.write(put("2")).await.unwrap();
+        assert_eq!(resp, CommandResponse::Kv(Ok(2)), "the second version of k");
+        assert!(!g.is_dormant());
+        let after = g.status();
+        assert!(after.is_leader && after.term == before.term, "restored as leader in the same term");
+        assert!(after.applied > before.applied);
+        g.read_barrier().await.unwrap();
+        g.shutdown().await;
+        assert!(!g.is_dormant() && g.instance.live().is_none(), "stopped");
+    }
+
     #[tokio::test]
     async fn a_stopped_replica_has_ended_its_incarnation() {
         let (_d, ctx) = temp_ctx();
         let g = GroupRaft::create(&ctx, 7, 3, SmState::Shard(Default::default())).await.unwrap();
-        assert!(!g.incarnation.has_ended());
+        let inc = g.instance.live_incarnation().expect("a live instance");
+        assert!(!inc.has_ended());
         g.shutdown().await;
-        assert!(g.incarnation.has_ended(), "shutdown must fence the state-machine worker");
+        assert!(inc.has_ended(), "shutdown must fence the state-machine worker");
+        assert!(g.read_barrier().await.is_err(), "a stopped replica does not reopen");
+        assert!(!g.is_dormant());
     }
 }
 

@@ -230,7 +230,19 @@ pub async fn handle(g: &GroupRaft, snapshot_root: &Path, msg: RaftRpc) -> Result
     if meta_isolated(g.group) {
         return Err("fault point: metadata group traffic cut".into());
     }
-    let raft = &g.raft;
+    // A request to go quiet is answered from the metrics (a dormant
+    // replica is quiet already), and a snapshot's chunks are files: neither
+    // needs the instance. Everything else does, reopening a dormant one.
+    let msg = match msg {
+        RaftRpc::Quiesce(req) => return Ok(RaftReply::Quiesced(g.quiesce_follower(&req))),
+        RaftRpc::SnapshotChunk { transfer, offset, data, done: None } => {
+            store_chunk(snapshot_root, g.group, transfer, offset, data).await?;
+            return Ok(RaftReply::ChunkStored);
+        }
+        msg => msg,
+    };
+    let instance = g.live().await.map_err(|e| e.to_string())?;
+    let raft = &instance.raft;
     match msg {
         RaftRpc::Append(req) => {
             // Entries wake a quiet follower (its timer then starts from this
@@ -241,7 +253,7 @@ pub async fn handle(g: &GroupRaft, snapshot_root: &Path, msg: RaftRpc) -> Result
             if !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
                 g.note_leader_contact();
                 if carries_entries {
-                    g.wake_follower();
+                    g.wake_follower(raft);
                 }
             }
             Ok(RaftReply::Append(resp))
@@ -257,28 +269,12 @@ pub async fn handle(g: &GroupRaft, snapshot_root: &Path, msg: RaftRpc) -> Result
             // never get elected, their timers elect someone.
             let current = raft.metrics().borrow_watched().vote;
             if *req.from_leader() == current {
-                g.force_wake();
+                g.quiescence.force_wake(raft);
             }
             raft.handle_transfer_leader(req).await.map(RaftReply::TransferLeader).map_err(|e| e.to_string())
         }
         RaftRpc::SnapshotChunk { transfer, offset, data, done } => {
-            let part = snapshot::receive_path(snapshot_root, g.group, transfer).map_err(|e| e.to_string())?;
-            let part2 = part.clone();
-            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                let mut f = if offset == 0 {
-                    std::fs::File::create(&part2)?
-                } else {
-                    std::fs::OpenOptions::new().write(true).open(&part2)?
-                };
-                let len = f.seek(std::io::SeekFrom::End(0))?;
-                if len != offset {
-                    return Err(std::io::Error::other(format!("snapshot chunk at {offset}, file has {len}")));
-                }
-                f.write_all(&data)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            let part = store_chunk(snapshot_root, g.group, transfer, offset, data).await?;
             let Some(vote) = done else { return Ok(RaftReply::ChunkStored) };
             let file = tokio::task::spawn_blocking(move || snapshot::finish_receive(&part))
                 .await
@@ -290,9 +286,38 @@ pub async fn handle(g: &GroupRaft, snapshot_root: &Path, msg: RaftRpc) -> Result
             // Refused (a deposed leader's late snapshot): no contact, no wake.
             if resp.vote == vote {
                 g.note_leader_contact();
-                g.wake_follower();
+                g.wake_follower(raft);
             }
             Ok(RaftReply::Snapshot(resp))
         }
     }
+}
+
+/// Appends a snapshot chunk received for `group` to its partial file, which
+/// must hold exactly `offset` bytes already (0: a new file). Answers the path.
+async fn store_chunk(
+    root: &Path,
+    group: u64,
+    transfer: u64,
+    offset: u64,
+    data: Vec<u8>,
+) -> Result<std::path::PathBuf, String> {
+    let part = snapshot::receive_path(root, group, transfer).map_err(|e| e.to_string())?;
+    let path = part.clone();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut f = if offset == 0 {
+            std::fs::File::create(&path)?
+        } else {
+            std::fs::OpenOptions::new().write(true).open(&path)?
+        };
+        let len = f.seek(std::io::SeekFrom::End(0))?;
+        if len != offset {
+            return Err(std::io::Error::other(format!("snapshot chunk at {offset}, file has {len}")));
+        }
+        f.write_all(&data)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    Ok(part)
 }

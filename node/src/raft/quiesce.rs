@@ -48,10 +48,11 @@ use std::time::{Duration, Instant};
 use cleave_metadata::{NodeId, ReplicaId};
 use openraft::alias::{LogIdOf, VoteOf};
 use openraft::async_runtime::WatchReceiver;
-use openraft::{Raft, ServerState};
+use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 
-use super::{state_machine::GroupSm, GroupRaft, SmState, TypeConfig};
+use super::instance::{Metrics, RaftHandle};
+use super::{GroupRaft, SmState, TypeConfig};
 
 /// A group without activity for this long may go quiet (longer than the
 /// leader lease, so a group quiesced is one whose voters' leases lapse
@@ -104,7 +105,7 @@ pub struct Proposal {
 }
 
 /// Turns `raft`'s tick (and heartbeats) on.
-fn tick_on(raft: &Raft<TypeConfig, GroupSm>) {
+fn tick_on(raft: &RaftHandle) {
     let rc = raft.runtime_config();
     rc.heartbeat(true);
     rc.tick(true);
@@ -125,14 +126,14 @@ impl Quiescence {
     /// Records activity and turns `raft`'s tick on whatever its role: for a
     /// replica about to campaign (initialising a group, handed leadership,
     /// failing over), whose timer must retry a failed campaign.
-    pub(super) fn force_wake(&self, raft: &Raft<TypeConfig, GroupSm>) {
+    pub(super) fn force_wake(&self, raft: &RaftHandle) {
         self.last_activity.store(now_ms(), Ordering::SeqCst);
         self.wake_quietly(raft);
     }
 
     /// Wakes `raft` without counting it as activity (a follower receiving
     /// entries: the leader decides when the group is idle).
-    fn wake_quietly(&self, raft: &Raft<TypeConfig, GroupSm>) {
+    fn wake_quietly(&self, raft: &RaftHandle) {
         if self.mode() == AWAKE {
             return;
         }
@@ -142,6 +143,33 @@ impl Quiescence {
             metrics::counter!("cleave_raft_wakeups_total").increment(1);
         }
     }
+
+    /// A fresh instance replaced a dormant one: it opened quiet, and
+    /// openraft restores a leader as leader without telling anyone — the
+    /// quiescer's sweep wakes it, as at start-up.
+    pub(super) fn reopened(&self) {
+        let _g = self.switch.lock().unwrap();
+        let _ = self.mode.compare_exchange(QUIET_LEADER, QUIET, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+/// Whether a quiet replica with metrics `m` may drop its instance (see
+/// `instance`): settled — its log applied, its configuration uniform and
+/// committed, its vote committed — and either the leader that put the
+/// group to sleep, or a follower that knows its leader.
+fn may_go_dormant(m: &Metrics, went_quiet_as_leader: bool) -> bool {
+    let stored = &m.membership_config;
+    let settled = m.vote.committed
+        && m.last_log_index == m.last_applied.map(|l| l.index)
+        && stored.membership().get_joint_config().len() == 1
+        && stored.log_id().as_ref() <= m.last_applied.as_ref()
+        && m.running_state.is_ok();
+    let role = if went_quiet_as_leader {
+        m.state == ServerState::Leader
+    } else {
+        matches!(m.state, ServerState::Follower | ServerState::Learner) && m.current_leader.is_some()
+    };
+    settled && role
 }
 
 impl GroupRaft {
@@ -161,7 +189,7 @@ impl GroupRaft {
     /// Answers whether it woke a quiet leader: its quorum-ack lease has
     /// lapsed, and openraft refuses a write until a quorum answered again —
     /// see [`Self::wake_for_write`].
-    pub fn wake(&self) -> bool {
+    pub(super) fn wake(&self, raft: &RaftHandle) -> bool {
         let q = &self.quiescence;
         // SeqCst, paired with `propose_quiescence`: either it sees this
         // activity, or this sees its `Quiescing`.
@@ -169,11 +197,11 @@ impl GroupRaft {
         match q.mode() {
             AWAKE => false,
             QUIESCING => {
-                q.wake_quietly(&self.raft);
+                q.wake_quietly(raft);
                 false
             }
-            _ if self.raft.metrics().borrow_watched().state == ServerState::Leader => {
-                q.wake_quietly(&self.raft);
+            _ if raft.metrics().borrow_watched().state == ServerState::Leader => {
+                q.wake_quietly(raft);
                 true
             }
             _ => false,
@@ -184,23 +212,27 @@ impl GroupRaft {
     /// valid quorum-ack lease (openraft refuses writes without one), so it
     /// first runs one heartbeat round to a quorum: the first write to a
     /// quiet group pays that one round trip, not a refusal and a retry.
-    pub(super) async fn wake_for_write(&self) {
-        if self.wake() {
-            if let Err(e) = self.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex).await {
+    pub(super) async fn wake_for_write(&self, raft: &RaftHandle) {
+        if self.wake(raft) {
+            if let Err(e) = raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex).await {
                 tracing::debug!(group = self.group, "renewing the lease of a woken leader: {e}");
             }
         }
     }
 
-    /// Wakes the replica whatever its role (see [`Quiescence::force_wake`]).
-    pub fn force_wake(&self) {
-        self.quiescence.force_wake(&self.raft);
+    /// Records activity and wakes the replica if it leads (see
+    /// [`Self::wake`]), reopening it if it was dormant: for a node that came
+    /// back, which groups that went quiet without it must bring up to date.
+    pub async fn rouse(&self) {
+        if let Ok(i) = self.live().await {
+            self.wake(&i.raft);
+        }
     }
 
     /// Wakes a follower (entries or a snapshot arrived): it takes up its
     /// election timer again, which starts from the contact just made.
-    pub(super) fn wake_follower(&self) {
-        self.quiescence.wake_quietly(&self.raft);
+    pub(super) fn wake_follower(&self, raft: &RaftHandle) {
+        self.quiescence.wake_quietly(raft);
     }
 
     /// Records a message from the current leader (see [`Self::ms_since_leader_contact`]).
@@ -237,8 +269,9 @@ impl GroupRaft {
                 return None; // a split in progress: its driver polls the group
             }
         }
+        let instance = self.instance.live()?;
         let proposal = {
-            let m = self.raft.metrics();
+            let m = instance.raft.metrics();
             let m = m.borrow_watched();
             let stored = &m.membership_config;
             let membership = stored.membership();
@@ -290,8 +323,12 @@ impl GroupRaft {
         if q.mode() != QUIESCING {
             return false;
         }
+        let Some(instance) = self.instance.live() else {
+            q.mode.store(AWAKE, Ordering::SeqCst);
+            return false;
+        };
         let unchanged = {
-            let m = self.raft.metrics();
+            let m = instance.raft.metrics();
             let m = m.borrow_watched();
             m.state == ServerState::Leader
                 && m.vote == proposal.request.vote
@@ -302,7 +339,7 @@ impl GroupRaft {
             q.mode.store(AWAKE, Ordering::SeqCst);
             return false;
         }
-        let rc = self.raft.runtime_config();
+        let rc = instance.raft.runtime_config();
         rc.heartbeat(false);
         rc.tick(false);
         q.mode.store(QUIET_LEADER, Ordering::SeqCst);
@@ -318,9 +355,7 @@ impl GroupRaft {
     pub fn quiesce_follower(&self, req: &Quiesce) -> bool {
         let q = &self.quiescence;
         let _g = q.switch.lock().unwrap();
-        let matches = {
-            let m = self.raft.metrics();
-            let m = m.borrow_watched();
+        let matches = self.with_metrics(|m| {
             let stored = &m.membership_config;
             matches!(m.state, ServerState::Follower | ServerState::Learner)
                 && m.vote == req.vote
@@ -330,12 +365,15 @@ impl GroupRaft {
                 && m.last_log_index == req.last_log.map(|l| l.index)
                 && stored.membership().get_joint_config().len() == 1
                 && stored.log_id().as_ref() <= m.last_applied.as_ref()
-        };
+        });
         if !matches {
             return false;
         }
+        // A dormant replica is quiet already: nothing to switch off.
         if matches!(q.mode.swap(QUIET, Ordering::SeqCst), AWAKE | QUIESCING) {
-            self.raft.runtime_config().tick(false);
+            if let Some(i) = self.instance.live() {
+                i.raft.runtime_config().tick(false);
+            }
         }
         true
     }
@@ -343,20 +381,20 @@ impl GroupRaft {
     /// The leader this replica knows (replica, node), and whether it is
     /// this replica.
     pub fn known_leader(&self) -> (Option<(ReplicaId, NodeId)>, ServerState) {
-        let m = self.raft.metrics();
-        let m = m.borrow_watched();
-        let leader =
-            m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| (l, n.node_id)));
-        (leader, m.state)
+        self.with_metrics(|m| {
+            let leader =
+                m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| (l, n.node_id)));
+            (leader, m.state)
+        })
     }
 
     /// The voters of the current configuration (every set while joint):
     /// replica → node.
     pub fn voter_nodes(&self) -> Vec<(ReplicaId, NodeId)> {
-        let m = self.raft.metrics();
-        let m = m.borrow_watched();
-        let membership = m.membership_config.membership();
-        membership.voter_ids().filter_map(|r| membership.get_node(&r).map(|n| (r, n.node_id))).collect()
+        self.with_metrics(|m| {
+            let membership = m.membership_config.membership();
+            membership.voter_ids().filter_map(|r| membership.get_node(&r).map(|n| (r, n.node_id))).collect()
+        })
     }
 
     /// Stands for election now (failover of a group whose leader's node
@@ -369,15 +407,16 @@ impl GroupRaft {
     /// replica that is wrong about its leader's death cannot depose a leader
     /// the other voters still follow.
     pub async fn campaign(&self, lease_ms: u64) -> bool {
-        self.force_wake();
+        let Ok(i) = self.live().await else { return false };
         let q = &self.quiescence;
+        q.force_wake(&i.raft);
         if self.ms_since_leader_contact() <= lease_ms
             || now_ms().saturating_sub(q.last_campaign.load(Ordering::Relaxed)) <= lease_ms
         {
             return false;
         }
         q.last_campaign.store(now_ms(), Ordering::Relaxed);
-        match self.raft.trigger().elect(true).await {
+        match i.raft.trigger().elect(true).await {
             Ok(()) => {
                 metrics::counter!("cleave_failover_elections_total").increment(1);
                 true
@@ -395,9 +434,10 @@ impl GroupRaft {
         if self.quiescence.mode() != QUIET {
             return false;
         }
-        let leads = self.raft.metrics().borrow_watched().state == ServerState::Leader;
+        let Some(i) = self.instance.live() else { return false };
+        let leads = i.raft.metrics().borrow_watched().state == ServerState::Leader;
         if leads {
-            self.quiescence.wake_quietly(&self.raft);
+            self.quiescence.wake_quietly(&i.raft);
         }
         leads
     }
@@ -410,17 +450,60 @@ impl GroupRaft {
         if !self.is_quiet() || self.ms_since_leader_contact() <= 2 * lease_ms {
             return false;
         }
+        // A dormant replica knows its leader (see `may_go_dormant`).
+        let Some(i) = self.instance.live() else { return false };
         let stranded = {
-            let m = self.raft.metrics();
+            let m = i.raft.metrics();
             let m = m.borrow_watched();
             m.current_leader.is_none()
                 && m.state != ServerState::Leader
                 && m.membership_config.membership().voter_ids().any(|r| r == self.replica_id)
         };
         if stranded {
-            self.force_wake();
+            self.quiescence.force_wake(&i.raft);
         }
         stranded
+    }
+
+    /// Whether this replica looks ready to drop its instance (quiet and
+    /// idle for `dormant_after_ms`, not dormant yet): a cheap pre-check of
+    /// [`Self::hibernate`].
+    pub fn may_hibernate(&self) -> bool {
+        let idle = self.ctx.settings.dormant_after_ms;
+        idle > 0
+            && self.is_quiet()
+            && self.ms_since_activity() >= idle
+            && self.ms_since_leader_contact() >= idle
+            && !self.is_dormant()
+            && !self.is_failed()
+    }
+
+    /// Drops this replica's openraft instance if it is quiet, idle for
+    /// `dormant_after_ms` and settled, with no split under way and no caller
+    /// using it (see `instance`); the next use reopens it. Answers whether it did.
+    pub async fn hibernate(&self) -> bool {
+        if !self.may_hibernate() || self.is_installing() {
+            return false;
+        }
+        if let SmState::Shard(s) = &*self.state.read().unwrap() {
+            if !s.captures.is_empty() || s.incoming.is_some() {
+                return false;
+            }
+        }
+        let q = &self.quiescence;
+        self.instance
+            .hibernate(|m| {
+                // Called with the instance unused (see `InstanceSlot::hibernate`):
+                // a wake needs the instance, so the mode cannot change under
+                // this look. (The switch is not taken: it is taken before the
+                // slot elsewhere.)
+                match q.mode() {
+                    QUIET => may_go_dormant(m, false),
+                    QUIET_LEADER => may_go_dormant(m, true),
+                    _ => false,
+                }
+            })
+            .await
     }
 }
 

@@ -408,6 +408,7 @@ mod tests {
                 election_timeout_ms: 1000,
                 snapshot_logs: 1000,
                 keep_logs: 100,
+                dormant_after_ms: 0,
             },
         }
     }

@@ -115,3 +115,24 @@ pub fn approximate_size(db: &Db) -> u64 {
         })
         .sum()
 }
+
+/// Bytes RocksDB holds in memory, summed over the column families: its
+/// memtables, its open tables' indexes and filters, and its block cache.
+pub fn memory_bytes(db: &Db) -> MemoryUse {
+    let sum = |prop: &str| -> u64 {
+        ALL_CFS.iter().map(|name| db.property_int_value_cf(cf(db, name), prop).ok().flatten().unwrap_or(0)).sum()
+    };
+    MemoryUse {
+        memtables: sum("rocksdb.cur-size-all-mem-tables"),
+        table_readers: sum("rocksdb.estimate-table-readers-mem"),
+        block_cache: db.property_int_value("rocksdb.block-cache-usage").ok().flatten().unwrap_or(0),
+    }
+}
+
+/// See [`memory_bytes`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MemoryUse {
+    pub memtables: u64,
+    pub table_readers: u64,
+    pub block_cache: u64,
+}
