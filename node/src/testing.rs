@@ -32,7 +32,7 @@ pub fn temp_ctx() -> (tempfile::TempDir, crate::raft::RaftContext) {
             election_timeout_ms: 1000,
             snapshot_logs: 1000,
             keep_logs: 100,
-                dormant_after_ms: 0,
+            dormant_after_ms: 0,
         },
     };
     (dir, ctx)

@@ -129,6 +129,61 @@ async fn a_quiet_group_whose_leader_is_killed_serves_again_within_the_failover_b
     assert_eq!(r.status, 200, "the restarted node caught up: {r:?}");
 }
 
+/// Whether every node in `on` reports a dormant replica (the cluster's one
+/// shard: the metadata group is never quiet, so never dormant).
+async fn dormant_on(c: &Cluster, on: &[NodeId]) -> bool {
+    for &id in on {
+        if c.metric(id, "cleave_raft_groups_dormant").await < 1.0 {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dormant_group_reopens_for_writes_reads_and_failover() {
+    let opts = ClusterOpts {
+        extra_args: vec!["--balance".into(), "false".into(), "--dormant-after-ms".into(), "300".into()],
+        ..ClusterOpts::default()
+    };
+    let c = Cluster::start(3, opts).await;
+    let all = c.ids();
+    assert_eq!(c.put_ok(1, "d/a", &json!("one")).await, 1);
+    wait_until(secs(30), "the shard's replicas to go dormant", || dormant_on(&c, &all)).await;
+    let started = cleave_tests::ops::metric_sum(&c, "cleave_raft_instances_started_total").await;
+    // A dormant leader still reports itself (from its last metrics).
+    let leader = c.wait_for_group_leader(FIRST_SHARD, None, secs(5)).await;
+
+    // A write through a follower and linearizable reads through every node
+    // reopen the replicas and see the write.
+    assert_eq!(c.put_ok(c.follower_of(leader), "d/a", &json!("two")).await, 2);
+    for &id in &all {
+        let r = c.read_retry(id, "d/a", Some("linearizable"), secs(5)).await;
+        assert_eq!((r.status, r.item().version), (200, 2), "linearizable read through node {id}: {r:?}");
+    }
+    assert!(
+        cleave_tests::ops::metric_sum(&c, "cleave_raft_instances_started_total").await > started,
+        "the write must have reopened dormant replicas"
+    );
+
+    // Dormant again; the leader's node dies; a survivor takes over in time.
+    wait_until(secs(30), "the shard's replicas to go dormant again", || dormant_on(&c, &all)).await;
+    let (old, took) = kill_leader_and_time_first_write(&c, FIRST_SHARD, "d/after").await;
+    println!("dormant group: first write {took:?} after killing leader node {old}");
+    assert!(took <= FAILOVER_BOUND, "dormant group: first write {took:?} after the leader was killed");
+    let r = c.read_retry(c.follower_of(old), "d/a", Some("linearizable"), secs(5)).await;
+    assert_eq!((r.status, r.item().version), (200, 2), "nothing acknowledged is lost: {r:?}");
+    // The node comes back; the group's leader (dormant, say) is roused and
+    // brings it up to date.
+    c.restart_and_wait(old).await;
+    wait_for(secs(10), "the restarted node to catch up", || async {
+        let r = c.http.get(&c.api(old), "d/after", Some("stale")).await.ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    wait_until(secs(30), "dormant everywhere after the restart", || dormant_on(&c, &all)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_group_whose_leader_is_killed_serves_again_within_the_failover_bound() {
     let c = Cluster::start(3, ClusterOpts::default()).await;

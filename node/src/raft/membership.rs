@@ -120,20 +120,20 @@ impl GroupRaft {
     /// The group's configuration as this replica sees it.
     pub fn membership(&self) -> MembershipView {
         self.with_metrics(|m| {
-        let stored = &m.membership_config;
-        let membership = stored.membership();
-        let committed = m.last_applied.as_ref().is_some_and(|a| stored.log_id().as_ref().is_none_or(|l| l <= a));
-        MembershipView {
-            replica_id: self.replica_id,
-            is_leader: m.state == ServerState::Leader,
-            leader: m.current_leader,
-            configs: membership.get_joint_config().clone(),
-            nodes: membership.nodes().map(|(r, n)| (*r, n.node_id)).collect(),
-            committed,
-            last_log_index: m.last_log_index,
-            matched: m.replication.iter().flatten().map(|(r, l)| (*r, l.as_ref().map_or(0, |l| l.index))).collect(),
-            config_id: *stored.log_id(),
-        }
+            let stored = &m.membership_config;
+            let membership = stored.membership();
+            let committed = m.last_applied.as_ref().is_some_and(|a| stored.log_id().as_ref().is_none_or(|l| l <= a));
+            MembershipView {
+                replica_id: self.replica_id,
+                is_leader: m.state == ServerState::Leader,
+                leader: m.current_leader,
+                configs: membership.get_joint_config().clone(),
+                nodes: membership.nodes().map(|(r, n)| (*r, n.node_id)).collect(),
+                committed,
+                last_log_index: m.last_log_index,
+                matched: m.replication.iter().flatten().map(|(r, l)| (*r, l.as_ref().map_or(0, |l| l.index))).collect(),
+                config_id: *stored.log_id(),
+            }
         })
     }
 

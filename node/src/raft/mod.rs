@@ -413,7 +413,11 @@ impl GroupRaft {
             installing: self.installing.clone(),
             failed: self.failed.clone(),
         };
-        let net = network::NetworkFactory { group: self.group, transport: ctx.transport.clone(), addresses: ctx.addresses.clone() };
+        let net = network::NetworkFactory {
+            group: self.group,
+            transport: ctx.transport.clone(),
+            addresses: ctx.addresses.clone(),
+        };
         let raft = Raft::new(self.replica_id, self.config.clone(), net, log, sm).await?;
         Ok(instance::Instance { raft, incarnation })
     }
@@ -520,20 +524,20 @@ impl GroupRaft {
     /// The current Raft status of this replica.
     pub fn status(&self) -> GroupStatus {
         self.with_metrics(|m| {
-        let membership = m.membership_config.membership();
-        let leader = m.current_leader.and_then(|l| membership.get_node(&l).cloned());
-        GroupStatus {
-            group: self.group,
-            replica_id: self.replica_id,
-            is_leader: m.state == ServerState::Leader,
-            leader,
-            term: m.current_term,
-            last_log_index: m.last_log_index,
-            committed: m.cluster_committed.map(|l| l.index),
-            applied: m.last_applied.map(|l| l.index),
-            purged: m.purged.map(|l| l.index),
-            members: membership.nodes().map(|(r, n)| (*r, n.node_id)).collect(),
-        }
+            let membership = m.membership_config.membership();
+            let leader = m.current_leader.and_then(|l| membership.get_node(&l).cloned());
+            GroupStatus {
+                group: self.group,
+                replica_id: self.replica_id,
+                is_leader: m.state == ServerState::Leader,
+                leader,
+                term: m.current_term,
+                last_log_index: m.last_log_index,
+                committed: m.cluster_committed.map(|l| l.index),
+                applied: m.last_applied.map(|l| l.index),
+                purged: m.purged.map(|l| l.index),
+                members: membership.nodes().map(|(r, n)| (*r, n.node_id)).collect(),
+            }
         })
     }
 
