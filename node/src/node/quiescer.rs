@@ -80,7 +80,7 @@ async fn hibernate(node: Arc<Node>) {
         let groups = node.groups().in_service();
         let mut dormant = 0;
         for g in groups {
-            if g.may_hibernate() && g.hibernate().await {
+            if g.hibernate().await {
                 tracing::debug!(group = g.group, "dropped the instance of an idle replica");
             }
             dormant += usize::from(g.is_dormant());

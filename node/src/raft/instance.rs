@@ -8,8 +8,8 @@
 //! That is ~0.1–0.5 MiB a replica, the bulk of a node's memory once it holds
 //! thousands of idle shards.
 //!
-//! So a replica quiet and idle for `--dormant-after-ms` ([`DORMANT_AFTER_MS`]) drops its instance and keeps
-//! only what the node reads of an idle group — its last Raft metrics, which
+//! So a replica quiet and idle for `--dormant-after-ms` ([`DORMANT_AFTER_MS`])
+//! drops its instance and keeps only what the node reads of an idle group — its last Raft metrics, which
 //! do not move while it is quiet — and reopens it from storage, as at
 //! start-up, the moment anything needs Raft: a client request, a Raft
 //! message, a membership step, a failover campaign. CockroachDB does the
@@ -23,7 +23,7 @@
 //!   clone it under the slot's mutex, so the check and the swap cannot
 //!   miss one. The old instance is shut down and its incarnation ended
 //!   before the lock is released, so a reopened one never runs beside it.
-//! - **Dormant** → **Live** ([`GroupRaft::instance`]): a fresh instance
+//! - **Dormant** → **Live** (`GroupRaft::live`): a fresh instance
 //!   over the same storage and the same in-memory state (nothing wrote
 //!   either meanwhile). It opens quiet, as at start-up; openraft restores a
 //!   leader as leader, and the quiescer's sweep wakes it.

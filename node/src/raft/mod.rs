@@ -350,6 +350,7 @@ impl GroupRaft {
         // An install a crash interrupted is redone first: it rewrites the
         // stats and the state read below.
         snapshot::recover_install(&ctx.db, &ctx.snapshot_root, group)?;
+        snapshot::remove_partial(&ctx.snapshot_root, group);
         let cf = storage::cf(&ctx.db, CF_GROUP_META);
         let (keys, bytes) = ctx.db.get_cf(cf, state_key(group, tag::KEYS))?.map_or((0, 0), |b| GroupStats::decode(&b));
         let stats = Arc::new(GroupStats::default());
@@ -400,7 +401,6 @@ impl GroupRaft {
     /// in-memory state (at open, and when a dormant replica wakes).
     async fn start_instance(&self) -> anyhow::Result<instance::Instance> {
         let ctx = &self.ctx;
-        snapshot::remove_partial(&ctx.snapshot_root, self.group);
         let incarnation = Arc::new(incarnation::Incarnation::default());
         let log = log_store::LogStore::new(ctx.db.clone(), self.group, ctx.syncer.clone(), incarnation.clone());
         let sm = GroupSm {

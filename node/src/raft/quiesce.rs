@@ -468,7 +468,7 @@ impl GroupRaft {
     /// Whether this replica looks ready to drop its instance (quiet and
     /// idle for `dormant_after_ms`, not dormant yet): a cheap pre-check of
     /// [`Self::hibernate`].
-    pub fn may_hibernate(&self) -> bool {
+    fn may_hibernate(&self) -> bool {
         let idle = self.ctx.settings.dormant_after_ms;
         idle > 0
             && self.is_quiet()
