@@ -618,10 +618,16 @@ impl Directory {
     /// succeeds (a refusal found half way through a command can then never
     /// leave a half-applied change behind).
     pub fn apply(&mut self, cmd: &MetaCommand) -> Result<MetaResponse, MetaError> {
+        self.apply_keeping_previous(cmd).map(|(resp, _)| resp)
+    }
+
+    /// Applies `cmd` like [`Self::apply`] and, when it changed the
+    /// directory, also answers the directory as it was before (what a store
+    /// of the directory compares with to write only what changed).
+    pub fn apply_keeping_previous(&mut self, cmd: &MetaCommand) -> Result<(MetaResponse, Directory), MetaError> {
         let mut next = self.clone();
         let resp = next.apply_in_place(cmd)?;
-        *self = next;
-        Ok(resp)
+        Ok((resp, std::mem::replace(self, next)))
     }
 
     fn apply_in_place(&mut self, cmd: &MetaCommand) -> Result<MetaResponse, MetaError> {

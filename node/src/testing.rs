@@ -56,6 +56,17 @@ pub fn whole_shard() -> ShardState {
 
 pub const GROUP: u64 = 1;
 
+/// The metadata command planning a split of range 1 at `key` onto nodes 1–3.
+pub fn plan_split(key: &str) -> cleave_metadata::MetaCommand {
+    cleave_metadata::MetaCommand::PlanSplit {
+        range_id: 1,
+        split_key: key.into(),
+        target_nodes: vec![1, 2, 3],
+        reason: "test".into(),
+        now_ms: 1,
+    }
+}
+
 /// Applies a put of `key` (range 1, epoch 1) at `index` and writes the batch.
 pub fn put(db: &Db, state: &mut ShardState, index: u64, key: &str, json: &str) -> Result<u64, KvError> {
     let cmd =

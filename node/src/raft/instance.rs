@@ -15,7 +15,9 @@
 //! message, a membership step, a failover campaign. CockroachDB does the
 //! same: a replica's Raft group is created lazily, on first use.
 //!
-//! The states and their transitions, each under the `transition` lock:
+//! The states and their transitions, each under the `transition` lock and
+//! each run to its end in a task of its own (a caller's timeout cannot cut
+//! one short):
 //!
 //! - **Live** → **Dormant** ([`GroupRaft::hibernate`]): only while quiet,
 //!   long idle, settled (a leader that went quiet as leader, or a follower
@@ -25,14 +27,19 @@
 //!   before the lock is released, so a reopened one never runs beside it.
 //! - **Dormant** → **Live** (`GroupRaft::live`): a fresh instance
 //!   over the same storage and the same in-memory state (nothing wrote
-//!   either meanwhile). It opens quiet, as at start-up; openraft restores a
-//!   leader as leader, and the quiescer's sweep wakes it.
-//! - any → **Stopped** ([`GroupRaft::shutdown`]): for good.
+//!   either meanwhile — except a snapshot install the old instance was
+//!   running when it ended: the reopen finishes it from storage, as start-up
+//!   does after a crash, and reloads the state it left). It opens quiet, as
+//!   at start-up; openraft restores a leader as leader, and the quiescer's
+//!   sweep wakes it.
+//! - any → **Stopped** ([`GroupRaft::shutdown`]): for good. A stopped
+//!   replica reports itself shut down and leaderless, agrees to nothing and
+//!   stores no snapshot chunk.
 
 use std::sync::{Arc, Mutex};
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::{Raft, RaftMetrics};
+use openraft::{Raft, RaftMetrics, ServerState};
 
 use super::incarnation::Incarnation;
 use super::state_machine::GroupSm;
@@ -58,6 +65,8 @@ enum Slot {
     Live(Arc<Instance>),
     /// No instance; the metrics it had when it was dropped.
     Dormant(Arc<Metrics>),
+    /// No instance, for good; the last metrics, marked shut down and
+    /// leaderless (a stopped replica leads and follows no one).
     Stopped(Arc<Metrics>),
 }
 
@@ -71,17 +80,22 @@ pub enum Unavailable {
 }
 
 /// The slot holding a replica's instance; see the module.
+///
+/// Every transition runs to its end in a task of its own, holding the
+/// `transition` lock: a caller that gives up half way (a request's
+/// timeout) must not leave a half-started instance that no slot owns, nor
+/// release the lock before the old instance has ended.
 pub(super) struct InstanceSlot {
     slot: Mutex<Slot>,
     /// Serialises the transitions.
-    transition: tokio::sync::Mutex<()>,
+    transition: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl InstanceSlot {
     /// A slot with no instance yet: the first [`Self::get`] starts one.
-    pub(super) fn unopened(id: super::ReplicaId) -> InstanceSlot {
+    pub(super) fn unopened(id: super::ReplicaId) -> Arc<InstanceSlot> {
         let m = Metrics::new_initial(id);
-        InstanceSlot { slot: Mutex::new(Slot::Dormant(Arc::new(m))), transition: Default::default() }
+        Arc::new(InstanceSlot { slot: Mutex::new(Slot::Dormant(Arc::new(m))), transition: Default::default() })
     }
 
     /// The live instance, if any (no reopening).
@@ -94,6 +108,10 @@ impl InstanceSlot {
 
     pub(super) fn is_dormant(&self) -> bool {
         matches!(&*self.slot.lock().unwrap(), Slot::Dormant(_))
+    }
+
+    pub(super) fn is_stopped(&self) -> bool {
+        matches!(&*self.slot.lock().unwrap(), Slot::Stopped(_))
     }
 
     /// Runs `f` on the replica's metrics: the live instance's, or those it
@@ -113,32 +131,37 @@ impl InstanceSlot {
         }
     }
 
-    /// The live instance, started by `reopen` if dormant (or not opened yet).
-    pub(super) async fn get<F, Fut>(&self, reopen: F) -> Result<Arc<Instance>, Unavailable>
+    /// The live instance, started by `reopen` if dormant (or not opened
+    /// yet). The reopen runs to its end even if the caller gives up.
+    pub(super) async fn get<Fut>(self: &Arc<Self>, reopen: impl FnOnce() -> Fut) -> Result<Arc<Instance>, Unavailable>
     where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<Instance, Unavailable>>,
+        Fut: std::future::Future<Output = Result<Instance, Unavailable>> + Send + 'static,
     {
         if let Some(i) = self.live() {
             return Ok(i);
         }
-        let _t = self.transition.lock().await;
+        let t = self.transition.clone().lock_owned().await;
         match &*self.slot.lock().unwrap() {
             Slot::Live(i) => return Ok(i.clone()),
             Slot::Stopped(_) => return Err(Unavailable::Stopped),
             Slot::Dormant(_) => {}
         }
-        let instance = Arc::new(reopen().await?);
-        *self.slot.lock().unwrap() = Slot::Live(instance.clone());
-        metrics::counter!("cleave_raft_instances_started_total").increment(1);
-        Ok(instance)
+        let (this, reopen) = (self.clone(), reopen());
+        let task = tokio::spawn(async move {
+            let instance = Arc::new(reopen.await?);
+            *this.slot.lock().unwrap() = Slot::Live(instance.clone());
+            drop(t);
+            metrics::counter!("cleave_raft_instances_started_total").increment(1);
+            Ok(instance)
+        });
+        task.await.map_err(|e| Unavailable::Reopen(format!("the reopening task failed: {e}")))?
     }
 
     /// Drops the live instance if `may(&metrics)` holds while no one else
     /// holds it; answers whether it did. Returns at once if a transition is
     /// under way.
     pub(super) async fn hibernate(&self, may: impl FnOnce(&Metrics) -> bool) -> bool {
-        let Ok(_t) = self.transition.try_lock() else { return false };
+        let Ok(t) = self.transition.clone().try_lock_owned() else { return false };
         let instance = {
             let mut slot = self.slot.lock().unwrap();
             let Slot::Live(i) = &*slot else { return false };
@@ -154,25 +177,25 @@ impl InstanceSlot {
             *slot = Slot::Dormant(Arc::new(m));
             i
         };
-        end(instance).await;
+        end_holding(instance, t).await;
         metrics::counter!("cleave_raft_dormant_total").increment(1);
         true
     }
 
     /// Stops the replica for good (see `GroupRaft::shutdown`).
     pub(super) async fn stop(&self) {
-        let _t = self.transition.lock().await;
+        let t = self.transition.clone().lock_owned().await;
         let live = {
             let mut slot = self.slot.lock().unwrap();
-            let (live, frozen) = match &*slot {
-                Slot::Live(i) => (Some(i.clone()), Arc::new(i.raft.metrics().borrow_watched().clone())),
-                Slot::Dormant(m) | Slot::Stopped(m) => (None, m.clone()),
+            let (live, last) = match &*slot {
+                Slot::Live(i) => (Some(i.clone()), i.raft.metrics().borrow_watched().clone()),
+                Slot::Dormant(m) | Slot::Stopped(m) => (None, (**m).clone()),
             };
-            *slot = Slot::Stopped(frozen);
+            *slot = Slot::Stopped(Arc::new(stopped(last)));
             live
         };
         if let Some(i) = live {
-            end(i).await;
+            end_holding(i, t).await;
         }
     }
 
@@ -180,6 +203,27 @@ impl InstanceSlot {
     #[cfg(test)]
     pub(super) fn live_incarnation(&self) -> Option<Arc<Incarnation>> {
         self.live().map(|i| i.incarnation.clone())
+    }
+}
+
+/// What a stopped replica reports: its last metrics, shut down, with no
+/// leader (so nothing takes it for a leader or a follower of one).
+fn stopped(mut m: Metrics) -> Metrics {
+    m.state = ServerState::Shutdown;
+    m.current_leader = None;
+    m.replication = None;
+    m
+}
+
+/// Ends `i` (see [`end`]) in a task of its own that holds the transition
+/// lock `t` until the instance has ended, whether or not the caller waits.
+async fn end_holding(i: Arc<Instance>, t: tokio::sync::OwnedMutexGuard<()>) {
+    let task = tokio::spawn(async move {
+        end(i).await;
+        drop(t);
+    });
+    if let Err(e) = task.await {
+        tracing::error!("ending a replica's instance: {e}");
     }
 }
 

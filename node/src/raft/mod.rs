@@ -8,6 +8,7 @@
 //! the node sees only our own types: [`WriteError`], [`ReadError`],
 //! [`GroupStatus`].
 
+pub mod directory_store;
 pub mod incarnation;
 pub mod instance;
 pub mod log_store;
@@ -66,6 +67,25 @@ impl SmState {
 
     pub fn from_json(b: &[u8]) -> std::io::Result<SmState> {
         serde_json::from_slice(b).map_err(io_err)
+    }
+
+    /// The form stored under `tag::SM_STATE`: a shard's whole state, the
+    /// metadata group's directory header (see [`directory_store`]).
+    pub fn stored_json(&self) -> std::io::Result<Vec<u8>> {
+        match self {
+            SmState::Meta(d) => SmState::Meta(directory_store::header(d)).to_json(),
+            shard => shard.to_json(),
+        }
+    }
+
+    /// The state of `group` whose stored form (`tag::SM_STATE`) is `raw`:
+    /// a shard's as it is, the metadata group's joined with its directory
+    /// records.
+    pub fn read(db: &Db, group: u64, raw: &[u8]) -> std::io::Result<SmState> {
+        Ok(match SmState::from_json(raw)? {
+            SmState::Meta(h) => SmState::Meta(directory_store::load(db, group, h)?),
+            shard => shard,
+        })
     }
 }
 
@@ -211,7 +231,7 @@ pub struct GroupRaft {
     pub group: u64,
     pub replica_id: ReplicaId,
     /// The openraft instance, live or dormant (see [`instance`]).
-    instance: instance::InstanceSlot,
+    instance: Arc<instance::InstanceSlot>,
     /// What reopening a dormant instance needs.
     ctx: RaftContext,
     config: Arc<Config>,
@@ -227,6 +247,72 @@ pub struct GroupRaft {
     pub samples: std::sync::Mutex<std::collections::VecDeque<String>>,
     /// Whether the replica is quiet (see [`quiesce`]).
     quiescence: Arc<quiesce::Quiescence>,
+}
+
+/// The parts of a [`GroupRaft`] that starting its openraft instance needs.
+struct Opener {
+    ctx: RaftContext,
+    group: u64,
+    replica_id: ReplicaId,
+    config: Arc<Config>,
+    state: Arc<RwLock<SmState>>,
+    stats: Arc<GroupStats>,
+    installing: Arc<AtomicBool>,
+    failed: Arc<AtomicBool>,
+    quiescence: Arc<quiesce::Quiescence>,
+}
+
+impl Opener {
+    /// Starts an instance over the replica's storage and in-memory state (at
+    /// open, and when a dormant replica wakes). A storage error stops the
+    /// replica (see `GroupSm::fail`).
+    async fn start(self) -> Result<instance::Instance, instance::Unavailable> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(instance::Unavailable::Stopped);
+        }
+        let (group, failed, quiescence) = (self.group, self.failed.clone(), self.quiescence.clone());
+        match self.start_instance().await {
+            Ok(i) => {
+                quiescence.reopened();
+                Ok(i)
+            }
+            Err(e) => {
+                tracing::error!(group, "starting the replica's Raft instance: {e:#}");
+                failed.store(true, Ordering::SeqCst);
+                Err(instance::Unavailable::Reopen(e.to_string()))
+            }
+        }
+    }
+
+    async fn start_instance(self) -> anyhow::Result<instance::Instance> {
+        let ctx = &self.ctx;
+        // An install the previous instance was running when it ended is
+        // finished first, and the state it left is what the replica holds.
+        let (db, root, group) = (ctx.db.clone(), ctx.snapshot_root.clone(), self.group);
+        let redone = tokio::task::spawn_blocking(move || snapshot::recover_install(&db, &root, group)).await??;
+        if redone || self.installing.load(Ordering::SeqCst) {
+            let (sm_state, (keys, bytes)) = GroupRaft::load_state(ctx, group)?;
+            let mut state = self.state.write().map_err(|_| anyhow::anyhow!("state lock poisoned"))?;
+            self.stats.set(keys, bytes);
+            *state = sm_state;
+            self.installing.store(false, Ordering::SeqCst);
+        }
+        let incarnation = Arc::new(incarnation::Incarnation::default());
+        let log = log_store::LogStore::new(ctx.db.clone(), group, ctx.syncer.clone(), incarnation.clone());
+        let sm = GroupSm {
+            db: ctx.db.clone(),
+            group,
+            state: self.state,
+            snapshot_root: ctx.snapshot_root.clone(),
+            stats: self.stats,
+            incarnation: incarnation.clone(),
+            installing: self.installing,
+            failed: self.failed,
+        };
+        let net = network::NetworkFactory { group, transport: ctx.transport.clone(), addresses: ctx.addresses.clone() };
+        let raft = Raft::new(self.replica_id, self.config, net, log, sm).await?;
+        Ok(instance::Instance { raft, incarnation })
+    }
 }
 
 impl GroupRaft {
@@ -344,6 +430,16 @@ impl GroupRaft {
         Ok(out)
     }
 
+    /// The state-machine state and the stats stored for `group`.
+    fn load_state(ctx: &RaftContext, group: u64) -> anyhow::Result<(SmState, (u64, u64))> {
+        let cf = storage::cf(&ctx.db, CF_GROUP_META);
+        let stats = ctx.db.get_cf(cf, state_key(group, tag::KEYS))?.map_or((0, 0), |b| GroupStats::decode(&b));
+        let raw = ctx.db.get_cf(cf, state_key(group, tag::SM_STATE))?.ok_or_else(|| {
+            anyhow::anyhow!("group {group} has no state-machine state ({})", Self::describe(ctx, group))
+        })?;
+        Ok((SmState::read(&ctx.db, group, &raw)?, stats))
+    }
+
     /// Opens a group recorded on this node.
     pub async fn open(ctx: &RaftContext, desc: GroupDescriptor) -> anyhow::Result<GroupRaft> {
         let group = desc.group;
@@ -351,14 +447,10 @@ impl GroupRaft {
         // stats and the state read below.
         snapshot::recover_install(&ctx.db, &ctx.snapshot_root, group)?;
         snapshot::remove_partial(&ctx.snapshot_root, group);
-        let cf = storage::cf(&ctx.db, CF_GROUP_META);
-        let (keys, bytes) = ctx.db.get_cf(cf, state_key(group, tag::KEYS))?.map_or((0, 0), |b| GroupStats::decode(&b));
+        let (sm_state, (keys, bytes)) = Self::load_state(ctx, group)?;
         let stats = Arc::new(GroupStats::default());
         stats.set(keys, bytes);
-        let raw = ctx.db.get_cf(cf, state_key(group, tag::SM_STATE))?.ok_or_else(|| {
-            anyhow::anyhow!("group {group} has no state-machine state ({})", Self::describe(ctx, group))
-        })?;
-        let state = Arc::new(RwLock::new(SmState::from_json(&raw)?));
+        let state = Arc::new(RwLock::new(sm_state));
         let s = &ctx.settings;
         let config = Config {
             cluster_name: format!("cleave-g{group}"),
@@ -397,48 +489,26 @@ impl GroupRaft {
         Ok(g)
     }
 
-    /// Starts an openraft instance over this replica's storage and its
-    /// in-memory state (at open, and when a dormant replica wakes).
-    async fn start_instance(&self) -> anyhow::Result<instance::Instance> {
-        let ctx = &self.ctx;
-        let incarnation = Arc::new(incarnation::Incarnation::default());
-        let log = log_store::LogStore::new(ctx.db.clone(), self.group, ctx.syncer.clone(), incarnation.clone());
-        let sm = GroupSm {
-            db: ctx.db.clone(),
+    /// What starting this replica's openraft instance needs, owned: a
+    /// reopen runs in a task of its own (see [`instance`]).
+    fn opener(&self) -> Opener {
+        Opener {
+            ctx: self.ctx.clone(),
             group: self.group,
+            replica_id: self.replica_id,
+            config: self.config.clone(),
             state: self.state.clone(),
-            snapshot_root: ctx.snapshot_root.clone(),
             stats: self.stats.clone(),
-            incarnation: incarnation.clone(),
             installing: self.installing.clone(),
             failed: self.failed.clone(),
-        };
-        let net = network::NetworkFactory {
-            group: self.group,
-            transport: ctx.transport.clone(),
-            addresses: ctx.addresses.clone(),
-        };
-        let raft = Raft::new(self.replica_id, self.config.clone(), net, log, sm).await?;
-        Ok(instance::Instance { raft, incarnation })
+            quiescence: self.quiescence.clone(),
+        }
     }
 
     /// The replica's live openraft instance, reopened if it was dormant.
     async fn live(&self) -> Result<Arc<instance::Instance>, instance::Unavailable> {
-        self.instance
-            .get(|| async {
-                if self.is_failed() {
-                    return Err(instance::Unavailable::Stopped);
-                }
-                let i = self.start_instance().await.map_err(|e| {
-                    // A storage error stops the replica (see `GroupSm::fail`).
-                    tracing::error!(group = self.group, "starting the replica's Raft instance: {e:#}");
-                    self.failed.store(true, Ordering::SeqCst);
-                    instance::Unavailable::Reopen(e.to_string())
-                })?;
-                self.quiescence.reopened();
-                Ok(i)
-            })
-            .await
+        let opener = self.opener();
+        self.instance.get(move || opener.start()).await
     }
 
     /// Runs `f` on this replica's Raft metrics (the live instance's, or the
@@ -705,6 +775,151 @@ mod tests {
         g.read_barrier().await.unwrap();
         g.shutdown().await;
         assert!(!g.is_dormant() && g.instance.live().is_none(), "stopped");
+    }
+
+    fn put(key: &str, v: &str) -> Command {
+        use crate::command::{KvCommand, KvOp};
+        Command::Kv(KvCommand {
+            range_id: 1,
+            epoch: 1,
+            op: KvOp::Put { key: key.into(), value: v.into(), if_version: None },
+        })
+    }
+
+    /// A single-voter group 7 (replica 3) holding `keys` keys, with a
+    /// snapshot of all of it built: the group, its snapshot's bytes and the
+    /// leader's vote.
+    async fn leader_with_snapshot(
+        ctx: &RaftContext,
+        keys: usize,
+    ) -> (GroupRaft, Vec<u8>, openraft::alias::VoteOf<TypeConfig>) {
+        use openraft::async_runtime::WatchReceiver;
+        let g = GroupRaft::create(ctx, 7, 3, SmState::Shard(crate::testing::whole_shard())).await.unwrap();
+        g.initialize(BTreeMap::from([(3, ReplicaNode { node_id: 1, raft_addr: "127.0.0.1:9".into() })])).await.unwrap();
+        until(10, "leadership", || g.status().is_leader).await;
+        for k in 0..keys {
+            g.write(put(&format!("k{k:03}"), "1")).await.unwrap();
+        }
+        let i = g.live().await.unwrap();
+        i.raft.trigger().snapshot().await.unwrap();
+        let applied = g.status().applied;
+        until(10, "the snapshot", || {
+            snapshot::latest(&ctx.snapshot_root, 7)
+                .unwrap()
+                .is_some_and(|(m, _)| m.last_log_id.map(|l| l.index) == applied)
+        })
+        .await;
+        let (_, file) = snapshot::latest(&ctx.snapshot_root, 7).unwrap().unwrap();
+        let vote = i.raft.metrics().borrow_watched().vote;
+        (g, std::fs::read(&file.path).unwrap(), vote)
+    }
+
+    /// A fresh replica 4 of group 7, dormant.
+    async fn dormant_replica(ctx: &RaftContext) -> GroupRaft {
+        let g = GroupRaft::create(ctx, 7, 4, SmState::Shard(Default::default())).await.unwrap();
+        assert!(g.instance.hibernate(|_| true).await);
+        assert!(g.is_dormant());
+        g
+    }
+
+    #[tokio::test]
+    async fn a_dormant_replica_stores_snapshot_chunks_and_installs_the_snapshot() {
+        use network::{RaftReply, RaftRpc};
+        let (_a, ctx_a) = temp_ctx();
+        let (a, bytes, vote) = leader_with_snapshot(&ctx_a, 40).await;
+        let (_b, ctx_b) = temp_ctx();
+        let b = dormant_replica(&ctx_b).await;
+        let third = bytes.len() / 3;
+        let parts = [&bytes[..third], &bytes[third..2 * third], &bytes[2 * third..]];
+        let mut offset = 0;
+        for (n, part) in parts.iter().enumerate() {
+            let last = n == parts.len() - 1;
+            let msg = RaftRpc::SnapshotChunk { transfer: 42, offset, data: part.to_vec(), done: last.then_some(vote) };
+            let reply = network::handle(&b, &ctx_b.snapshot_root, msg).await.unwrap();
+            if last {
+                let RaftReply::Snapshot(resp) = reply else { panic!("the last chunk installs: {reply:?}") };
+                assert_eq!(resp.vote, vote);
+            } else {
+                assert!(matches!(reply, RaftReply::ChunkStored));
+                assert!(b.is_dormant(), "a chunk before the last is stored without reopening the replica");
+            }
+            offset += part.len() as u64;
+        }
+        assert!(!b.is_dormant(), "the last chunk reopened it");
+        assert_eq!(b.keys(), 40);
+        assert_eq!((b.keys(), b.size_bytes()), (a.keys(), a.size_bytes()));
+        assert_eq!(b.status().applied, a.status().applied);
+        assert_eq!(*b.state.read().unwrap(), *a.state.read().unwrap());
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_reopen_finishes_an_install_its_previous_instance_left_half_done() {
+        let (_a, ctx_a) = temp_ctx();
+        let (a, bytes, _) = leader_with_snapshot(&ctx_a, 25).await;
+        let (_b, ctx_b) = temp_ctx();
+        let b = dormant_replica(&ctx_b).await;
+        // The instance ended in the middle of an install: the marker is
+        // stored, the flag set, the in-memory state the old one.
+        let file = ctx_b.snapshot_root.join("incoming.snap");
+        std::fs::create_dir_all(&ctx_b.snapshot_root).unwrap();
+        std::fs::write(&file, &bytes).unwrap();
+        let cf = storage::cf(&ctx_b.db, CF_GROUP_META);
+        ctx_b.db.put_cf(cf, state_key(7, tag::INSTALLING), file.to_string_lossy().as_bytes()).unwrap();
+        b.set_installing(true);
+        b.rouse().await;
+        assert!(!b.is_dormant());
+        assert!(!b.is_installing(), "the reopen finished the install");
+        assert_eq!((b.keys(), b.size_bytes()), (a.keys(), a.size_bytes()));
+        assert_eq!(*b.state.read().unwrap(), *a.state.read().unwrap(), "the state the install left");
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_reopen_whose_caller_gave_up_still_completes() {
+        let (_d, ctx) = temp_ctx();
+        let (g, _, _) = leader_with_snapshot(&ctx, 3).await;
+        assert!(g.instance.hibernate(|_| true).await);
+        // The caller polls once — the reopen has begun — then gives up.
+        let mut barrier = Box::pin(g.read_barrier());
+        assert!(futures::poll!(&mut barrier).is_pending(), "the reopen is under way");
+        drop(barrier);
+        until(10, "the abandoned reopen to finish", || g.instance.live().is_some()).await;
+        let inc = g.instance.live_incarnation().unwrap();
+        assert_eq!(g.write(put("k000", "2")).await.unwrap(), CommandResponse::Kv(Ok(2)));
+        assert!(Arc::ptr_eq(&inc, &g.instance.live_incarnation().unwrap()), "one instance, not a second");
+        g.shutdown().await;
+        assert!(inc.has_ended());
+    }
+
+    #[tokio::test]
+    async fn a_stopped_replica_reports_no_role_agrees_to_nothing_and_stores_no_chunk() {
+        use openraft::async_runtime::WatchReceiver;
+        let (_a, ctx) = temp_ctx();
+        let (g, bytes, vote) = leader_with_snapshot(&ctx, 2).await;
+        let last = g.live().await.unwrap().raft.metrics().borrow_watched().last_applied;
+        g.shutdown().await;
+        let st = g.status();
+        assert!(!st.is_leader && st.leader.is_none(), "stopped: neither leader nor follower of one");
+        let req = quiesce::Quiesce { leader: 3, vote, last_log: last };
+        assert!(!g.quiesce_follower(&req), "a stopped replica does not agree to go quiet");
+        let before: Vec<_> = std::fs::read_dir(snapshot::group_dir(&ctx.snapshot_root, 7))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        for done in [None, Some(vote)] {
+            let msg = network::RaftRpc::SnapshotChunk { transfer: 9, offset: 0, data: bytes.clone(), done };
+            assert!(network::handle(&g, &ctx.snapshot_root, msg).await.is_err());
+        }
+        let after: Vec<_> = std::fs::read_dir(snapshot::group_dir(&ctx.snapshot_root, 7))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert_eq!(before, after, "no chunk stored for a stopped replica");
     }
 
     #[tokio::test]

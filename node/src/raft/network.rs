@@ -231,10 +231,14 @@ pub async fn handle(g: &GroupRaft, snapshot_root: &Path, msg: RaftRpc) -> Result
         return Err("fault point: metadata group traffic cut".into());
     }
     // A request to go quiet is answered from the metrics (a dormant
-    // replica is quiet already), and a snapshot's chunks are files: neither
-    // needs the instance. Everything else does, reopening a dormant one.
+    // replica is quiet already; a stopped one refuses), and a snapshot's
+    // chunks are files: neither needs the instance. Everything else does,
+    // reopening a dormant one.
     let msg = match msg {
         RaftRpc::Quiesce(req) => return Ok(RaftReply::Quiesced(g.quiesce_follower(&req))),
+        RaftRpc::SnapshotChunk { .. } if g.instance.is_stopped() || g.is_failed() => {
+            return Err(format!("replica {} of group {} is out of service", g.replica_id, g.group));
+        }
         RaftRpc::SnapshotChunk { transfer, offset, data, done: None } => {
             store_chunk(snapshot_root, g.group, transfer, offset, data).await?;
             return Ok(RaftReply::ChunkStored);

@@ -482,7 +482,7 @@ impl GroupRaft {
     /// `dormant_after_ms` and settled, with no split under way and no caller
     /// using it (see `instance`); the next use reopens it. Answers whether it did.
     pub async fn hibernate(&self) -> bool {
-        if !self.may_hibernate() || self.is_installing() {
+        if !self.may_hibernate() {
             return false;
         }
         if let SmState::Shard(s) = &*self.state.read().unwrap() {
@@ -495,13 +495,17 @@ impl GroupRaft {
             .hibernate(|m| {
                 // Called with the instance unused (see `InstanceSlot::hibernate`):
                 // a wake needs the instance, so the mode cannot change under
-                // this look. (The switch is not taken: it is taken before the
-                // slot elsewhere.)
-                match q.mode() {
-                    QUIET => may_go_dormant(m, false),
-                    QUIET_LEADER => may_go_dormant(m, true),
-                    _ => false,
-                }
+                // this look. (Neither the switch nor the state lock is taken:
+                // both are taken before the slot elsewhere.) An install under
+                // way keeps the instance; should one start regardless — a
+                // message openraft had queued — the reopen finishes it (see
+                // `Opener::start_instance`).
+                !self.is_installing()
+                    && match q.mode() {
+                        QUIET => may_go_dormant(m, false),
+                        QUIET_LEADER => may_go_dormant(m, true),
+                        _ => false,
+                    }
             })
             .await
     }

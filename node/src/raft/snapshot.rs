@@ -316,18 +316,20 @@ pub fn install(db: &Db, group: u64, file: &SnapshotFile, inc: &Incarnation) -> i
     Ok((header.sm_state, (keys, bytes)))
 }
 
-/// Finishes an install that a crash interrupted, if one was under way.
-pub fn recover_install(db: &Db, root: &Path, group: u64) -> io::Result<()> {
+/// Finishes an install that a crash (or the end of the instance running
+/// it) interrupted, if one was under way; answers whether there was one.
+pub fn recover_install(db: &Db, root: &Path, group: u64) -> io::Result<bool> {
     let meta_cf = storage::cf(db, CF_GROUP_META);
     if let Some(path) = db.get_cf(meta_cf, state_key(group, tag::INSTALLING)).map_err(io_err)? {
         let path = PathBuf::from(String::from_utf8_lossy(&path).into_owned());
         tracing::warn!(group, path = %path.display(), "redoing an interrupted snapshot install");
         let file = SnapshotFile { path };
-        // Runs before the group opens: no other incarnation exists yet.
+        // Runs before the group's instance starts: no other incarnation runs.
         install(db, group, &file, &Incarnation::default())?;
         adopt(root, group, &file)?;
+        return Ok(true);
     }
-    Ok(())
+    Ok(false)
 }
 
 #[cfg(test)]

@@ -69,19 +69,23 @@ impl GroupSm {
         b: &mut kv::ApplyBatch,
         index: u64,
         cmd: &Command,
-    ) -> Result<CommandResponse, rocksdb::Error> {
+    ) -> io::Result<CommandResponse> {
         Ok(match (cmd, state) {
             (Command::Kv(c), SmState::Shard(s)) => {
-                CommandResponse::Kv(kv::apply(&self.db, self.group, index, s, b, c)?)
+                CommandResponse::Kv(kv::apply(&self.db, self.group, index, s, b, c).map_err(io_err)?)
             }
-            (Command::Shard(c), SmState::Shard(s)) => {
-                CommandResponse::Shard(crate::split::apply::apply(&self.db, self.group, index, s, b, c)?)
-            }
-            (Command::Meta(c), SmState::Meta(d)) => {
-                let r = d.apply(c);
-                b.changed |= r.is_ok();
-                CommandResponse::Meta(r)
-            }
+            (Command::Shard(c), SmState::Shard(s)) => CommandResponse::Shard(
+                crate::split::apply::apply(&self.db, self.group, index, s, b, c).map_err(io_err)?,
+            ),
+            (Command::Meta(c), SmState::Meta(d)) => CommandResponse::Meta(match d.apply_keeping_previous(c) {
+                Ok((resp, before)) => {
+                    // The records that changed; the header is written with the batch.
+                    super::directory_store::write_changes(&self.db, &mut b.write, self.group, &before, d)?;
+                    b.changed = true;
+                    Ok(resp)
+                }
+                Err(e) => Err(e),
+            }),
             (cmd, _) => CommandResponse::Rejected(format!("group {} cannot apply {cmd:?}", self.group)),
         })
     }
@@ -138,9 +142,8 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
                 let resp = match &entry.payload {
                     EntryPayload::Blank => CommandResponse::None,
                     EntryPayload::Normal(cmd) => {
-                        self.apply_command(&mut state, &mut b, log_id.index, cmd).map_err(|e| {
-                            self.fail(&format!("applying entry {}", log_id.index), &e);
-                            io_err(e)
+                        self.apply_command(&mut state, &mut b, log_id.index, cmd).inspect_err(|e| {
+                            self.fail(&format!("applying entry {}", log_id.index), e);
                         })?
                     }
                     EntryPayload::Membership(m) => {
@@ -160,7 +163,7 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
                 b.write.put_cf(meta_cf, state_key(self.group, tag::MEMBERSHIP), encode(m)?);
             }
             if b.changed {
-                b.write.put_cf(meta_cf, state_key(self.group, tag::SM_STATE), state.to_json()?);
+                b.write.put_cf(meta_cf, state_key(self.group, tag::SM_STATE), state.stored_json()?);
             }
             let (keys, bytes) = self.stats.get();
             let keys = (keys as i64 + b.stats.keys).max(0) as u64;
@@ -213,7 +216,7 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
         .await
         .map_err(io_err)
         .and_then(|r| r)
-        .and_then(|(sm_state, stats)| Ok((SmState::from_json(&sm_state)?, stats)));
+        .and_then(|(sm_state, stats)| Ok((SmState::read(&self.db, self.group, &sm_state)?, stats)));
         let mut state = self.state.write().map_err(|_| io::Error::other("state lock poisoned"))?;
         // A failed install leaves the flag set: the replica stops (openraft
         // treats the error as fatal) and serves nothing more.
@@ -370,6 +373,65 @@ mod tests {
         // And it goes on applying from there.
         apply(&mut b, vec![put(9, "c", "3")]).await;
         assert_eq!(b.stats.get(), (3, 8 + 2));
+    }
+
+    fn meta(index: u64, cmd: cleave_metadata::MetaCommand) -> EntryOf<TypeConfig> {
+        EntryOf::<TypeConfig>::new_normal(log_id(1, index), Command::Meta(cmd))
+    }
+
+    fn directory(sm: &GroupSm) -> cleave_metadata::Directory {
+        match &*sm.state.read().unwrap() {
+            SmState::Meta(d) => d.clone(),
+            SmState::Shard(_) => panic!("not the metadata group"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_metadata_group_stores_its_directory_by_record_and_ships_it_in_snapshots() {
+        use cleave_metadata::{Directory, MetaCommand, Phase};
+        let boot = || Directory::bootstrap(&[(1, "a:1".into()), (2, "a:2".into()), (3, "a:3".into())], 3);
+        let (d, db) = temp_db();
+        let mut a = machine(db.clone(), d.path().join("snapshots"), SmState::Meta(boot()));
+        // What `GroupRaft::open` reads: the whole state, rewritten by record.
+        let raw = group_meta(&db, G, tag::SM_STATE).unwrap();
+        assert_eq!(SmState::read(&db, G, &raw).unwrap(), SmState::Meta(boot()));
+        let plan = crate::testing::plan_split("m");
+        let advance = |i, from, to| meta(i, MetaCommand::AdvanceOp { op_id: 1, from, to, now_ms: 2 });
+        apply(
+            &mut a,
+            vec![
+                meta(1, plan),
+                advance(2, Phase::Planned, Phase::Created),
+                advance(3, Phase::Created, Phase::Capturing),
+                advance(4, Phase::Capturing, Phase::Frozen),
+                meta(5, MetaCommand::CommitSplit { op_id: 1, now_ms: 3 }),
+                // Refused: the operation is past its planning.
+                advance(6, Phase::Planned, Phase::Created),
+            ],
+        )
+        .await;
+        let dir = directory(&a);
+        assert_eq!(dir.ranges.len(), 2);
+        let raw = group_meta(&db, G, tag::SM_STATE).unwrap();
+        let SmState::Meta(header) = SmState::from_json(&raw).unwrap() else { panic!("meta") };
+        assert!(header.ranges.is_empty() && header.shards.is_empty(), "the header alone is one record");
+        assert_eq!(
+            SmState::read(&db, G, &raw).unwrap(),
+            SmState::Meta(dir.clone()),
+            "records and header are the state"
+        );
+
+        // A replica elsewhere, behind, catches up by snapshot.
+        let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let (d2, db2) = temp_db();
+        let mut b = machine(db2.clone(), d2.path().join("snapshots"), SmState::Meta(boot()));
+        let join = MetaCommand::RegisterNode { node_id: Some(4), raft_addr: "a:4".into(), api_addr: None };
+        apply(&mut b, vec![meta(1, join)]).await;
+        assert_eq!(directory(&b).nodes.len(), 4, "b's own history");
+        b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+        assert_eq!(directory(&b), dir);
+        let raw = group_meta(&db2, G, tag::SM_STATE).unwrap();
+        assert_eq!(SmState::read(&db2, G, &raw).unwrap(), SmState::Meta(dir), "stored as installed");
     }
 
     #[tokio::test]
