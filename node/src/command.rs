@@ -41,6 +41,23 @@ pub enum ShardCommand {
     BackfillDone { op_id: OpId, snapshot_index: u64, digest: u64, capture_base: u64, keys: u64, bytes: u64 },
     /// Target, after commit: start serving `ranges`.
     Activate { op_id: OpId, ranges: Vec<RangeDescriptor> },
+    /// Target: the backfill arrived as table files (`split::sst`), staged
+    /// on every replica: ingest `files` of `attempt` and record the
+    /// backfill as [`ShardCommand::BackfillDone`] does. `live` is the
+    /// live keys and bytes the files hold (the target's stats grow by
+    /// them); `keys` and `bytes` are what was copied, tombstones included.
+    /// Last in the enum, so entries written before it decode as before.
+    BackfillFiles {
+        op_id: OpId,
+        snapshot_index: u64,
+        digest: u64,
+        capture_base: u64,
+        keys: u64,
+        bytes: u64,
+        live: (u64, u64),
+        attempt: u64,
+        files: Vec<crate::split::sst::SstFile>,
+    },
 }
 
 /// A write to one key, stamped with the route it was sent on.

@@ -96,6 +96,14 @@ pub struct Args {
     /// Most splits running at once [default: 2].
     #[arg(long, env = "CLEAVE_MAX_SPLITS")]
     pub max_splits: Option<usize>,
+    /// Most a split's backfill copies per second, in MiB (0: no limit) [default: 128]. The copy
+    /// shares the node with client traffic; this keeps its share bounded.
+    #[arg(long, env = "CLEAVE_SPLIT_BACKFILL_RATE")]
+    pub split_backfill_rate: Option<u64>,
+    /// Abandon a split whose capture (backfill, forwarding) makes no progress for this many
+    /// milliseconds (0: never) [default: 60000].
+    #[arg(long, env = "CLEAVE_SPLIT_STALL_TIMEOUT_MS")]
+    pub split_stall_timeout_ms: Option<u64>,
     /// Replace the replicas of a node silent for this many seconds [default: 300].
     #[arg(long, env = "CLEAVE_NODE_DEAD_AFTER")]
     pub node_dead_after: Option<u64>,
@@ -119,6 +127,10 @@ pub struct Args {
     /// without its quorum).
     #[arg(long, env = "CLEAVE_FAULT_API", hide = true)]
     pub fault_api: Option<bool>,
+    /// Test fault point: damage one byte of every split backfill chunk this node sends (tests of
+    /// the receivers' checksum).
+    #[arg(long, env = "CLEAVE_FAULT_CORRUPT_BACKFILL", hide = true)]
+    pub fault_corrupt_backfill: Option<bool>,
 }
 
 /// Everything the node needs, resolved.
@@ -131,6 +143,7 @@ pub struct Resolved {
     pub balance: crate::balance::replicas::BalancePolicy,
     pub fault_hold: Option<String>,
     pub fault_api: bool,
+    pub fault_corrupt_backfill: bool,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -210,6 +223,8 @@ impl Args {
                 max_value_bytes: self.max_value_bytes.unwrap_or(cleave_metadata::DEFAULT_MAX_VALUE_BYTES),
                 write_timeout: Duration::from_millis(self.request_timeout_ms.unwrap_or(10_000)),
                 heartbeat: Duration::from_millis(self.node_heartbeat_ms.unwrap_or(1000).max(10)),
+                backfill_bytes_per_s: self.split_backfill_rate.unwrap_or(128).saturating_mul(1 << 20),
+                split_stall: Duration::from_millis(self.split_stall_timeout_ms.unwrap_or(60_000)),
             },
             raft: RaftSettings {
                 heartbeat_ms,
@@ -235,6 +250,7 @@ impl Args {
             },
             fault_hold: self.fault_hold,
             fault_api: self.fault_api.unwrap_or(false),
+            fault_corrupt_backfill: self.fault_corrupt_backfill.unwrap_or(false),
         })
     }
 }

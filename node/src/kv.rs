@@ -194,6 +194,7 @@ impl StatsDelta {
 /// sorts after all of them.
 const INTERNAL: u8 = 0xff;
 const FORWARD: u8 = b'F';
+const BACKFILL: u8 = b'B';
 
 /// Exclusive upper bound of the user keys of `group`.
 pub fn user_data_end(group: u64) -> Vec<u8> {
@@ -205,6 +206,14 @@ pub fn forward_key(group: u64, op: OpId, index: u64) -> Vec<u8> {
     let mut k = vec![INTERNAL, FORWARD];
     k.extend_from_slice(&op.to_be_bytes());
     k.extend_from_slice(&index.to_be_bytes());
+    data_key(group, &k)
+}
+
+/// Key of the marker a split's backfill files carry (`split::sst`): its
+/// value names the attempt whose files were ingested into `group`.
+pub fn backfill_marker_key(group: u64, op: OpId) -> Vec<u8> {
+    let mut k = vec![INTERNAL, BACKFILL];
+    k.extend_from_slice(&op.to_be_bytes());
     data_key(group, &k)
 }
 

@@ -32,6 +32,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(spec) = &cfg.fault_hold {
         cleave_node::ops::faults::set_fault_hold(spec)?;
     }
+    if cfg.fault_corrupt_backfill {
+        cleave_node::ops::faults::CORRUPT_BACKFILL.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cfg))
 }
 

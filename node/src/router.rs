@@ -24,7 +24,7 @@ use crate::command::{Command, CommandResponse, KvCommand, KvError, KvOp};
 use crate::kv;
 use crate::node::Node;
 use crate::raft::{GroupRaft, ReadError, SmState, WriteError};
-use crate::rpc::{self, ExecError, NodeCall, Request, Response, RpcError};
+use crate::rpc::{self, ExecError, Lane, NodeCall, Request, Response, RpcError};
 
 /// Forwarding hops allowed before giving up (a leader change in flight).
 const MAX_HOPS: u8 = 3;
@@ -158,7 +158,18 @@ impl<'a> Router<'a> {
 
     /// Sends a node-level request to another node; answers its typed reply.
     pub async fn call<R: NodeCall>(&self, addr: &str, req: R, timeout: Duration) -> Result<R::Reply, ExecError> {
-        match self.node.ctx().transport.call(addr, Request::Node(req.request()), timeout).await {
+        self.call_on(Lane::Default, addr, req, timeout).await
+    }
+
+    /// [`Router::call`] on the connection of `lane`.
+    async fn call_on<R: NodeCall>(
+        &self,
+        lane: Lane,
+        addr: &str,
+        req: R,
+        timeout: Duration,
+    ) -> Result<R::Reply, ExecError> {
+        match self.node.ctx().transport.call_on(lane, addr, Request::Node(req.request()), timeout).await {
             Ok(Response::Node(r)) => R::reply(r?),
             Ok(other) => Err(ExecError::Internal(format!("a node request answered with {other:?}"))),
             Err(RpcError::Connect { addr, msg }) => Err(ExecError::Unavailable(format!("{addr}: {msg}"))),
@@ -169,6 +180,16 @@ impl<'a> Router<'a> {
 
     /// Sends `req` to node `id` (handled in place when it is this node).
     pub async fn node_call<R: NodeCall>(&self, id: NodeId, req: R) -> Result<R::Reply, ExecError> {
+        self.node_call_on(Lane::Default, id, req).await
+    }
+
+    /// Sends `req` to node `id` on the bulk lane: bulk data, which must not
+    /// queue ahead of Raft traffic (handled in place when it is this node).
+    pub async fn bulk_call<R: NodeCall>(&self, id: NodeId, req: R) -> Result<R::Reply, ExecError> {
+        self.node_call_on(Lane::Bulk, id, req).await
+    }
+
+    async fn node_call_on<R: NodeCall>(&self, lane: Lane, id: NodeId, req: R) -> Result<R::Reply, ExecError> {
         if id == self.node.id() {
             return R::reply(Box::pin(self.node.handle_node_request(req.request())).await?);
         }
@@ -177,7 +198,7 @@ impl<'a> Router<'a> {
             .dir_cache()
             .raft_addr_of(&self.node.directory(), id)
             .ok_or(ExecError::Unavailable(format!("node {id} has no known address")))?;
-        self.call(&addr, req, INTERNAL_TIMEOUT).await
+        self.call_on(lane, &addr, req, INTERNAL_TIMEOUT).await
     }
 
     /// Runs `local` here if this node leads `shard` (after a read barrier),

@@ -77,6 +77,33 @@ pub fn put(db: &Db, state: &mut ShardState, index: u64, key: &str, json: &str) -
     r
 }
 
+/// A split source: shard `GROUP` with `n` keys of 500 random letters spread over
+/// the alphabet, capturing `[m, ∞)` for operation `op` into `target`, its
+/// state stored as the apply would.
+pub fn split_source(n: usize, op: u64, target: u64) -> (tempfile::TempDir, Arc<Db>) {
+    let (dir, db) = temp_db();
+    let mut s = whole_shard();
+    // Incompressible values, so that files fill by size as they would.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..n {
+        let key = format!("{}{i:04}", (b'a' + (i % 26) as u8) as char);
+        let value: String = (0..500)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'a' + (x % 26) as u8)
+            })
+            .collect();
+        put(&db, &mut s, i as u64 + 1, &key, &format!("\"{value}\"")).unwrap();
+    }
+    s.captures.push(kv::Capture { op_id: op, start: "m".into(), end: None, target, frozen_at: None, changes: 0 });
+    let meta = storage::cf(&db, storage::CF_GROUP_META);
+    let state = crate::raft::SmState::Shard(s).to_json().unwrap();
+    db.put_cf(meta, storage::state_key(GROUP, storage::tag::SM_STATE), state).unwrap();
+    (dir, db)
+}
+
 /// Applies a split step at `index` and writes the batch.
 pub fn step(db: &Db, state: &mut ShardState, index: u64, cmd: ShardCommand) -> Result<u64, StepError> {
     let mut b = ApplyBatch::default();

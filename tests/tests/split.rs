@@ -418,6 +418,85 @@ async fn freeze_past_its_deadline_aborts_and_the_source_serves_again() {
 }
 
 // ---------------------------------------------------------------------------
+// 3b. The backfill as files
+// ---------------------------------------------------------------------------
+
+/// Every backfill chunk a node sends arrives damaged: each receiver refuses
+/// the file by its checksum, nothing is ingested, the capture stands still,
+/// and the split is abandoned at the stall deadline with the source
+/// untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_backfill_file_is_refused_and_the_split_aborts_without_touching_the_source() {
+    let args = ["--fault-corrupt-backfill", "true", "--split-stall-timeout-ms", "3000"];
+    let opts = ClusterOpts { extra_args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+    let c = Cluster::start(3, opts).await;
+    let ledger = Arc::new(Ledger::default());
+    let keys: Vec<String> = (0..200).map(|i| format!("{}{i:03}", ["f", "t"][i % 2])).collect();
+    preload(&c, &ledger, &keys, 200).await;
+    let before = ranges(&c).await;
+    let groups_before = groups_per_node(&c).await;
+    let load = Load::start(&c, &ledger, &keys, &c.ids(), 2, 1);
+    let id = start_split(&c, 1, json!({"key": "m"})).await;
+    let v = wait_ended(&c, id, secs(60)).await;
+    load.stop().await;
+    println!("{}; load: {}", describe(&v), ledger.summary());
+    assert_eq!(v.op.phase, Phase::Aborted, "{}", describe(&v));
+    assert!(
+        v.op.error.as_deref().is_some_and(|e| e.contains("no progress")),
+        "aborted for another reason: {}",
+        describe(&v)
+    );
+    assert!(metric_sum(&c, "cleave_split_backfill_refused_total").await >= 1.0, "no file was refused");
+    ledger.assert_no_violations();
+    assert_split_outcome(&c, &v, &before[0]).await;
+    assert_eq!(ranges(&c).await, before);
+    wait_until(secs(10), format!("cleave_groups back to {groups_before:?}"), || async {
+        groups_per_node(&c).await == groups_before
+    })
+    .await;
+    for id in c.ids() {
+        verify_ledger(&c, &ledger, id).await;
+    }
+    verify_scan(&c, &ledger, 1, 64).await;
+}
+
+/// A node that holds a replica of the new shard is killed while the
+/// backfill is being copied (slowed to 1 MiB/s, ~4 MiB to copy) and comes
+/// back: the copy starts over with a new attempt, and the split finishes
+/// with every acknowledged write in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_node_killed_during_the_backfill_comes_back_and_the_split_completes() {
+    let opts = ClusterOpts { extra_args: vec!["--split-backfill-rate".into(), "1".into()], ..Default::default() };
+    let c = Cluster::start(3, opts).await;
+    let ledger = Arc::new(Ledger::default());
+    let keys: Vec<String> = (0..400).map(|i| format!("{}{i:03}", ["f", "t"][i % 2])).collect();
+    preload(&c, &ledger, &keys, 20_000).await;
+    let before = ranges(&c).await;
+    let load = Load::start(&c, &ledger, &keys, &c.ids(), 2, 1);
+    let id = start_split(&c, 1, json!({"key": "m"})).await;
+    let v = wait_phase(&c, id, Phase::Capturing, secs(20)).await;
+    let source_leader = c.wait_for_group_leader(FIRST_SHARD, None, secs(10)).await;
+    let OpKind::Split { target_replicas, .. } = &v.op.kind else { panic!("not a split: {}", describe(&v)) };
+    let victim = target_replicas.iter().map(|r| r.node_id).find(|n| *n != source_leader).expect("a target elsewhere");
+    c.kill(victim);
+    println!("killed node {victim} (a target replica) while capturing: {}", describe(&v));
+    let v = try_op(&c, id).await.expect("op");
+    assert_eq!(v.op.phase, Phase::Capturing, "the backfill was over before the kill: {}", describe(&v));
+    c.restart_and_wait(victim).await;
+    let v = wait_ended(&c, id, secs(90)).await;
+    load.stop().await;
+    println!("{}; load: {}", describe(&v), ledger.summary());
+    assert_eq!(v.op.phase, Phase::Done, "{}", describe(&v));
+    assert_split_outcome(&c, &v, &before[0]).await;
+    ledger.assert_no_violations();
+    wait_all_shards_led(&c, secs(20)).await;
+    for id in c.ids() {
+        verify_ledger(&c, &ledger, id).await;
+    }
+    verify_scan(&c, &ledger, 2, 64).await;
+}
+
+// ---------------------------------------------------------------------------
 // 4. Repeated splits
 // ---------------------------------------------------------------------------
 

@@ -27,6 +27,11 @@ pub struct NodeSettings {
     pub write_timeout: Duration,
     /// How often the node reports to the metadata leader.
     pub heartbeat: Duration,
+    /// Most bytes per second a split's backfill copies (0: no limit).
+    pub backfill_bytes_per_s: u64,
+    /// How long a split's capture may make no progress before the split is
+    /// abandoned (zero: never).
+    pub split_stall: Duration,
 }
 
 /// The persisted identity in `node.json`.

@@ -305,6 +305,9 @@ impl Node {
             NodeRequest::StartSplit(rpc::StartSplit { range_id, key, reason, hops }) => {
                 NodeReply::StartSplit(crate::ops::split::start(self, range_id, key, reason, hops).await?)
             }
+            NodeRequest::SplitChunk(rpc::SplitChunk { chunk }) => {
+                NodeReply::SplitChunk(crate::split::forwarder::receive_chunk(self, chunk).await?)
+            }
         })
     }
 

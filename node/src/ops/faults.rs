@@ -5,8 +5,14 @@
 //! at a chosen phase. Besides phase names, `enter_joint=MS` holds a move
 //! in `Joint` *before* its joint configuration is entered (a hold of
 //! `joint` holds it inside the joint configuration).
+//!
+//! `--fault-corrupt-backfill` damages every split backfill chunk the node
+//! sends ([`CORRUPT_BACKFILL`]): the receivers must refuse the file.
 
 use cleave_metadata::Phase;
+
+/// Damage the split backfill chunks this node sends (tests).
+pub static CORRUPT_BACKFILL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 static HOLDS: std::sync::OnceLock<Vec<(String, u64)>> = std::sync::OnceLock::new();
 

@@ -12,7 +12,7 @@ use cleave_metadata::{MetaCommand, MetaResponse, OpId, OpKind, Operation, Phase,
 
 use super::faults::hold_ms;
 use super::split_plan::{self, Observed, Step};
-use super::supervisor::{abort, advance, meta, now_ms};
+use super::supervisor::{abort, advance, meta, now_ms, Pace};
 use crate::command::ShardCommand;
 use crate::kv::{Incoming, ShardState};
 use crate::node::Node;
@@ -23,14 +23,17 @@ use crate::split::steps;
 
 /// Does the work of a split's current phase. `Ok(true)`: it moved on;
 /// `Ok(false)`: nothing to do yet.
-pub(super) async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut Instant) -> Result<bool, ExecError> {
+pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> Result<bool, ExecError> {
     let OpKind::Split { source, target, .. } = &op.kind else {
         return Err(ExecError::Internal("not a split".into()));
     };
+    pace.enter(op.phase);
     let mut obs = Observed {
         now_ms: now_ms(),
         hold_ms: hold_ms(op.phase),
-        since_report: last_progress.elapsed(),
+        since_report: pace.last_report.elapsed(),
+        stalled_for: pace.moved_at.elapsed(),
+        stall_limit: node.settings().split_stall,
         source: None,
         target: None,
     };
@@ -42,7 +45,11 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut I
         match split_plan::next(op, &obs) {
             Step::Wait => return Ok(false),
             Step::Abort(reason) => return abort(node, op, &reason, false).await,
-            Step::ObserveSource => obs.source = Some(forwarder::status(node, *source, op.op_id, 0).await?),
+            Step::ObserveSource => {
+                let st = forwarder::status(node, *source, op.op_id, 0).await?;
+                pace.saw((st.backfill_done, st.bytes_copied, st.shipped));
+                obs.source = Some(st);
+            }
             Step::ObserveTarget if target_looks == 2 => return Ok(false),
             Step::ObserveTarget => {
                 let status = if target_looks == 0 {
@@ -60,7 +67,7 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut I
             Step::BeginCapture => return begin_capture(node, op).await,
             Step::Capture { report, freeze } => {
                 if let Some(progress) = report {
-                    *last_progress = Instant::now();
+                    pace.last_report = Instant::now();
                     meta(node, MetaCommand::ReportProgress { op_id: op.op_id, progress }).await?;
                 }
                 if !freeze {
@@ -77,7 +84,7 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut I
                 return Ok(true);
             }
             Step::ResendFreeze => {
-                *last_progress = Instant::now();
+                pace.last_report = Instant::now();
                 steps::shard_step(node, *source, ShardCommand::Freeze { op_id: op.op_id }, 0).await?;
                 return Ok(false);
             }
@@ -160,11 +167,21 @@ async fn cutover(node: &Node, op: &Operation) -> Result<bool, ExecError> {
     let dir = node.directory();
     let left = dir.range(*range_id).cloned().ok_or(ExecError::Internal("left range missing".into()))?;
     let right = dir.range(*new_range_id).cloned().ok_or(ExecError::Internal("right range missing".into()))?;
+    // The target's figures as received (it serves nothing before it is
+    // activated, so they are exactly what moved).
     let TargetStatus { keys, bytes, .. } = steps::incoming_status(node, *target, 0).await?;
     let done =
         ShardCommand::SplitDone { op_id: op.op_id, left, moved: right.clone(), moved_keys: keys, moved_bytes: bytes };
-    steps::shard_step(node, *source, done, 0).await?;
-    steps::shard_step(node, *target, ShardCommand::Activate { op_id: op.op_id, ranges: vec![right] }, 0).await?;
+    // The two sides at once: the source has refused writes to the range
+    // since the freeze and the commit has decided the owner, so the target
+    // may serve before the source lets go, and the write pause is one
+    // round shorter.
+    let (done, activated) = tokio::join!(
+        steps::shard_step(node, *source, done, 0),
+        steps::shard_step(node, *target, ShardCommand::Activate { op_id: op.op_id, ranges: vec![right] }, 0)
+    );
+    done?;
+    activated?;
     let pause = op.entered(Phase::Frozen).map(|f| now_ms().saturating_sub(f));
     if let Some(p) = pause {
         metrics::histogram!("cleave_split_write_pause_seconds").record(p as f64 / 1000.0);

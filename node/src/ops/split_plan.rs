@@ -8,7 +8,8 @@
 //!   capture at the source. Both are abandoned after [`SETUP_TIMEOUT`].
 //! - `Capturing`: the source's leader backfills and forwards; once the
 //!   backfill is done and the target lags by at most [`FREEZE_BACKLOG`]
-//!   forward-log entries, freeze. Progress is reported on the way.
+//!   forward-log entries, freeze. Progress is reported on the way. A
+//!   capture that stands still longer than the stall limit is abandoned.
 //! - `Frozen`: writes to the moving range are refused; once the target has
 //!   applied the whole forward log, compare the digests: equal → commit,
 //!   different → abort. A freeze the source has not shown is sent again
@@ -45,6 +46,12 @@ pub struct Observed {
     pub hold_ms: u64,
     /// Since the last progress report or freeze re-send.
     pub since_report: Duration,
+    /// Since the capture last moved on (bytes backfilled, forward log
+    /// shipped) or, until the source answers, since it began.
+    pub stalled_for: Duration,
+    /// How long a capture may stand still before the split is abandoned
+    /// (`--split-stall-timeout-ms`; zero: never).
+    pub stall_limit: Duration,
     /// The source leader's forwarding status (`Capturing`, `Frozen`).
     pub source: Option<ForwardStatus>,
     /// The target's receiving state (`Frozen`), once looked at.
@@ -93,6 +100,12 @@ pub fn next(op: &Operation, obs: &Observed) -> Step {
         Phase::Planned => Step::CreateTarget,
         Phase::Created => Step::BeginCapture,
         Phase::Capturing => {
+            // A capture that stands still (a target its files never reach,
+            // a forwarder that cannot start) would keep the range busy for
+            // good: give it up, as a user's cancel would.
+            if !obs.stall_limit.is_zero() && obs.stalled_for > obs.stall_limit {
+                return Step::Abort(format!("the capture made no progress for {} s", obs.stalled_for.as_secs()));
+            }
             let Some(st) = &obs.source else { return Step::ObserveSource };
             let freeze = st.backfill_done && st.last_seq.saturating_sub(st.shipped) <= FREEZE_BACKLOG;
             let report = (freeze || obs.since_report > REPORT_EVERY).then(|| progress(&op.progress, st));
@@ -229,6 +242,23 @@ mod tests {
         let due = Observed { source: Some(status(false, 10, 2)), since_report: REPORT_EVERY * 2, ..at(1100) };
         let Step::Capture { report: Some(p), freeze: false } = next(&phase, &due) else { panic!("expected a report") };
         assert_eq!(p.forward_backlog, 8);
+    }
+
+    #[test]
+    fn a_capture_that_stands_still_past_the_stall_limit_is_abandoned() {
+        let phase = op(Phase::Capturing, 1000);
+        let limit = Duration::from_secs(60);
+        let moving = Observed { stalled_for: limit / 2, stall_limit: limit, ..at(100_000) };
+        assert_eq!(next(&phase, &moving), Step::ObserveSource, "long, but still moving");
+        // Stalled: abandoned even before the source answers (a forwarder
+        // that cannot start answers nothing at all).
+        let stalled = Observed { stalled_for: limit * 2, stall_limit: limit, ..at(100_000) };
+        assert!(matches!(next(&phase, &stalled), Step::Abort(r) if r.contains("no progress")));
+        let never = Observed { stalled_for: limit * 2, stall_limit: Duration::ZERO, ..at(100_000) };
+        assert_eq!(next(&phase, &never), Step::ObserveSource, "a zero limit never abandons");
+        // The freeze has its own deadline: the stall limit is the capture's.
+        let frozen = Observed { stalled_for: limit * 2, stall_limit: limit, ..at(1100) };
+        assert_eq!(next(&op(Phase::Frozen, 1000), &frozen), Step::ObserveSource);
     }
 
     #[test]

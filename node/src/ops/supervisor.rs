@@ -61,11 +61,49 @@ pub async fn run(node: Arc<Node>) {
     }
 }
 
+/// What a driver remembers between steps of one operation.
+pub(super) struct Pace {
+    /// When the step last did a periodic action (a split's progress report
+    /// or freeze re-send, a move's catch-up progress): steps pace
+    /// themselves with it.
+    pub last_report: Instant,
+    /// The phase, and since when the work in it last moved on (a split's
+    /// capture: the backfill's bytes, the forward log shipped), with the
+    /// furthest it was seen to get.
+    pub phase: Phase,
+    pub moved_at: Instant,
+    pub best: (bool, u64, u64),
+}
+
+impl Pace {
+    fn new() -> Pace {
+        Pace { last_report: Instant::now(), phase: Phase::Planned, moved_at: Instant::now(), best: (false, 0, 0) }
+    }
+
+    /// Notes the phase the operation is in (a new one starts the clock).
+    pub fn enter(&mut self, phase: Phase) {
+        if self.phase != phase {
+            (self.phase, self.moved_at, self.best) = (phase, Instant::now(), (false, 0, 0));
+        }
+    }
+
+    /// Notes how far the work got; getting further than ever before
+    /// restarts the clock. Only further counts: a copy that starts over
+    /// after each failure, and fails at the same place, is not progress.
+    /// Answers whether it did.
+    pub fn saw(&mut self, now: (bool, u64, u64)) -> bool {
+        let best = self.best;
+        let further = (now.0 && !best.0) || now.1 > best.1 || now.2 > best.2;
+        if further {
+            self.moved_at = Instant::now();
+            self.best = (best.0 || now.0, best.1.max(now.1), best.2.max(now.2));
+        }
+        further
+    }
+}
+
 async fn drive(node: &Arc<Node>, op_id: OpId) {
-    // When the step last did a periodic action (a split's progress report
-    // or freeze re-send, a move's catch-up progress): steps pace themselves
-    // with it.
-    let mut last_progress = Instant::now();
+    let mut pace = Pace::new();
     let mut failures = 0u32;
     loop {
         if !node.meta_leader().confirmed().await {
@@ -76,8 +114,8 @@ async fn drive(node: &Arc<Node>, op_id: OpId) {
             return;
         }
         let stepped = match &op.kind {
-            OpKind::Split { .. } => super::split::step(node, &op, &mut last_progress).await,
-            OpKind::Move { .. } => super::moves::step(node, &op, &mut last_progress).await,
+            OpKind::Split { .. } => super::split::step(node, &op, &mut pace).await,
+            OpKind::Move { .. } => super::moves::step(node, &op, &mut pace.last_report).await,
         };
         match stepped {
             Ok(true) => failures = 0,
@@ -118,4 +156,26 @@ pub(crate) async fn abort(node: &Node, op: &Operation, reason: &str, learner_onl
     };
     metrics::counter!(counter).increment(1);
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_getting_further_than_ever_counts_as_progress() {
+        let mut p = Pace::new();
+        p.enter(Phase::Capturing);
+        assert!(!p.saw((false, 0, 0)), "nothing done yet");
+        assert!(p.saw((false, 100, 0)));
+        // A copy that starts over and fails at the same place again.
+        assert!(!p.saw((false, 0, 0)));
+        assert!(!p.saw((false, 100, 0)), "starting over is not progress");
+        assert!(p.saw((false, 100, 5)), "the forward log shipped further");
+        assert!(p.saw((true, 0, 5)), "the backfill done (a new forwarder knows no copy figures)");
+        assert!(!p.saw((true, 100, 5)));
+        // A new phase starts the clock and the record afresh.
+        p.enter(Phase::Frozen);
+        assert_eq!(p.best, (false, 0, 0));
+    }
 }

@@ -107,24 +107,26 @@ fn diff<K: Ord, V: PartialEq + Serialize>(
     Ok(())
 }
 
-/// The directory stored for `group` with header `h`, read from its
-/// records. A header that holds records of its own (see the module) is the
-/// whole directory: it is rewritten in this layout first (one batch), so
-/// that the changes applied to it from now on, written record by record,
-/// add up to it.
-pub fn load(db: &Db, group: u64, mut h: Directory) -> io::Result<Directory> {
-    if is_whole(&h) {
-        let mut batch = rocksdb::WriteBatch::default();
-        write_all(db, &mut batch, group, &h)?;
-        let stored = super::SmState::Meta(header(&h)).to_json()?;
-        batch.put_cf(
-            storage::cf(db, storage::CF_GROUP_META),
-            storage::state_key(group, storage::tag::SM_STATE),
-            stored,
-        );
-        db.write(batch).map_err(io_err)?;
-        return Ok(h);
+/// The directory of `group` stored in the form of before this layout
+/// (`d`, tagged `Meta`): a directory that holds records of its own is
+/// whole, and is rewritten in this layout first (one batch), so that the
+/// changes applied to it from now on, written record by record, add up to
+/// it; one without any is a header the first version of this layout wrote
+/// under the old tag.
+pub fn load_or_migrate(db: &Db, group: u64, d: Directory) -> io::Result<Directory> {
+    if !is_whole(&d) {
+        return load(db, group, d);
     }
+    let mut batch = rocksdb::WriteBatch::default();
+    write_all(db, &mut batch, group, &d)?;
+    let stored = super::SmState::Meta(d.clone()).stored_json()?;
+    batch.put_cf(storage::cf(db, storage::CF_GROUP_META), storage::state_key(group, storage::tag::SM_STATE), stored);
+    db.write(batch).map_err(io_err)?;
+    Ok(d)
+}
+
+/// The directory stored for `group` with header `h`, read from its records.
+pub fn load(db: &Db, group: u64, mut h: Directory) -> io::Result<Directory> {
     h.shards = read_kind(db, group, SHARD, |id| id.try_into().ok().map(u64::from_be_bytes))?;
     h.ranges = read_kind(db, group, RANGE, |id| String::from_utf8(id.to_vec()).ok())?;
     h.ops = read_kind(db, group, OP, |id| id.try_into().ok().map(u64::from_be_bytes))?;
@@ -233,11 +235,19 @@ mod tests {
         // As a node written before this layout stored it, or `create` does.
         let cf = storage::cf(&db, storage::CF_GROUP_META);
         let key = storage::state_key(0, storage::tag::SM_STATE);
-        db.put_cf(cf, key, super::super::SmState::Meta(d.clone()).to_json().unwrap()).unwrap();
-        assert_eq!(load(&db, 0, d.clone()).unwrap(), d);
+        let old = super::super::SmState::Meta(d.clone()).to_json().unwrap();
+        db.put_cf(cf, key, &old).unwrap();
+        assert_eq!(super::super::SmState::read(&db, 0, &old).unwrap(), super::super::SmState::Meta(d.clone()));
         let raw = db.get_cf(cf, key).unwrap().unwrap();
-        let super::super::SmState::Meta(h) = super::super::SmState::from_json(&raw).unwrap() else { panic!("meta") };
+        let h = super::super::stored_header(&raw).expect("a tagged header");
         assert_eq!(h, header(&d), "the header alone is stored now");
-        assert_eq!(load(&db, 0, h).unwrap(), d, "and the records hold the rest");
+        assert_eq!(load(&db, 0, h.clone()).unwrap(), d, "and the records hold the rest");
+        // A header the first version of this layout stored under the old
+        // tag is read as a header, not taken for an empty directory.
+        let untagged = super::super::SmState::Meta(h).to_json().unwrap();
+        assert_eq!(super::super::SmState::read(&db, 0, &untagged).unwrap(), super::super::SmState::Meta(d.clone()));
+        // A binary from before this layout cannot read the header: it stops
+        // instead of serving a directory without shards.
+        assert!(serde_json::from_slice::<super::super::SmState>(&raw).is_err());
     }
 }

@@ -70,22 +70,54 @@ impl SmState {
     }
 
     /// The form stored under `tag::SM_STATE`: a shard's whole state, the
-    /// metadata group's directory header (see [`directory_store`]).
+    /// metadata group's directory header (see [`directory_store`]). The
+    /// header is tagged `MetaHeader`, not `Meta`, so that a binary from
+    /// before this layout fails to read it and stops, rather than take the
+    /// header for a directory with no shards and serve from it.
     pub fn stored_json(&self) -> std::io::Result<Vec<u8>> {
         match self {
-            SmState::Meta(d) => SmState::Meta(directory_store::header(d)).to_json(),
-            shard => shard.to_json(),
+            SmState::Meta(d) => serde_json::to_vec(&StoredRef::MetaHeader(&directory_store::header(d))),
+            SmState::Shard(s) => serde_json::to_vec(&StoredRef::Shard(s)),
         }
+        .map_err(io_err)
     }
 
     /// The state of `group` whose stored form (`tag::SM_STATE`) is `raw`:
     /// a shard's as it is, the metadata group's joined with its directory
-    /// records.
+    /// records. A whole directory (stored before this layout) is rewritten
+    /// in it first.
     pub fn read(db: &Db, group: u64, raw: &[u8]) -> std::io::Result<SmState> {
-        Ok(match SmState::from_json(raw)? {
-            SmState::Meta(h) => SmState::Meta(directory_store::load(db, group, h)?),
-            shard => shard,
+        Ok(match serde_json::from_slice::<Stored>(raw).map_err(io_err)? {
+            Stored::MetaHeader(h) => SmState::Meta(directory_store::load(db, group, h)?),
+            Stored::Meta(d) => SmState::Meta(directory_store::load_or_migrate(db, group, d)?),
+            Stored::Shard(s) => SmState::Shard(s),
         })
+    }
+}
+
+/// [`SmState`] as stored under `tag::SM_STATE` (see [`SmState::stored_json`]).
+#[derive(Serialize)]
+enum StoredRef<'a> {
+    MetaHeader(&'a Directory),
+    Shard(&'a ShardState),
+}
+
+/// [`StoredRef`] as read back; `Meta` is a whole directory, as stored
+/// before the record layout (or a header written by the first version of
+/// it, which had no tag of its own).
+#[derive(Deserialize)]
+enum Stored {
+    Meta(Directory),
+    MetaHeader(Directory),
+    Shard(ShardState),
+}
+
+/// The directory header in a stored `tag::SM_STATE` (tests).
+#[cfg(test)]
+pub(crate) fn stored_header(raw: &[u8]) -> Option<Directory> {
+    match serde_json::from_slice::<Stored>(raw).ok()? {
+        Stored::MetaHeader(h) => Some(h),
+        _ => None,
     }
 }
 
@@ -369,8 +401,11 @@ impl GroupRaft {
     }
 
     /// Removes the snapshot folders of groups this node does not hold (left
-    /// by a crash in the middle of [`GroupRaft::destroy`]).
+    /// by a crash in the middle of [`GroupRaft::destroy`]), and the split
+    /// backfill files a source was shipping when it stopped (a new
+    /// forwarder writes its own).
     pub fn remove_orphan_snapshots(ctx: &RaftContext, held: &[GroupDescriptor]) -> anyhow::Result<()> {
+        crate::split::sst::remove_dir(&crate::split::sst::outbox_root(&ctx.snapshot_root))?;
         let Ok(entries) = std::fs::read_dir(&ctx.snapshot_root) else { return Ok(()) };
         for e in entries.flatten() {
             let name = e.file_name();
@@ -507,8 +542,8 @@ impl GroupRaft {
 
     /// The replica's live openraft instance, reopened if it was dormant.
     async fn live(&self) -> Result<Arc<instance::Instance>, instance::Unavailable> {
-        let opener = self.opener();
-        self.instance.get(move || opener.start()).await
+        // The opener is built only for a reopen (it clones a dozen handles).
+        self.instance.get(|| self.opener().start()).await
     }
 
     /// Runs `f` on this replica's Raft metrics (the live instance's, or the

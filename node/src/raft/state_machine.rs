@@ -91,6 +91,64 @@ impl GroupSm {
     }
 }
 
+impl GroupSm {
+    /// Writes one apply batch: the entries' changes with the applied log
+    /// id, the membership, the state and the stats they leave, atomically.
+    /// Called inside the incarnation (see `apply`).
+    fn write_batch(
+        &self,
+        state: &SmState,
+        mut b: kv::ApplyBatch,
+        last_applied: Option<&LogIdOf<TypeConfig>>,
+        membership: Option<StoredMembershipOf<TypeConfig>>,
+    ) -> io::Result<()> {
+        let meta_cf = storage::cf(&self.db, CF_GROUP_META);
+        if let Some(l) = last_applied {
+            b.write.put_cf(meta_cf, state_key(self.group, tag::APPLIED), encode(l)?);
+        }
+        if let Some(m) = &membership {
+            b.write.put_cf(meta_cf, state_key(self.group, tag::MEMBERSHIP), encode(m)?);
+        }
+        if b.changed {
+            b.write.put_cf(meta_cf, state_key(self.group, tag::SM_STATE), state.stored_json()?);
+        }
+        let (keys, bytes) = self.stats.get();
+        let keys = (keys as i64 + b.stats.keys).max(0) as u64;
+        let bytes = (bytes as i64 + b.stats.bytes).max(0) as u64;
+        if b.stats != kv::StatsDelta::default() {
+            b.write.put_cf(meta_cf, state_key(self.group, tag::KEYS), super::GroupStats::encode(keys, bytes));
+        }
+        self.db.write(b.write).map_err(io_err).inspect_err(|e| self.fail("writing an apply batch", e))?;
+        self.stats.set(keys, bytes);
+        Ok(())
+    }
+
+    /// Before `cmd` is applied: if it is a split's backfill files this
+    /// replica waits for (`split::sst`), write what the batch holds so far
+    /// (the entries before it, applied index and all), then ingest the
+    /// files. Ingested data lies over everything written before it, so
+    /// nothing that precedes the entry may still be pending; the entry's
+    /// own changes and those after it follow in the next batch. A crash
+    /// in between replays the entry, and the files' marker stops a second
+    /// ingest. Files missing or unlike the entry stop the replica.
+    fn ingest_before(
+        &self,
+        state: &SmState,
+        b: &mut kv::ApplyBatch,
+        last_applied: Option<&LogIdOf<TypeConfig>>,
+        membership: &mut Option<StoredMembershipOf<TypeConfig>>,
+        cmd: &Command,
+    ) -> io::Result<()> {
+        let (Command::Shard(step), SmState::Shard(s)) = (cmd, state) else { return Ok(()) };
+        let Some((op, attempt, files)) = crate::split::apply::backfill_files_to_ingest(s, step) else {
+            return Ok(());
+        };
+        self.write_batch(state, std::mem::take(b), last_applied, membership.take())?;
+        crate::split::sst::ingest_staged(&self.db, &self.snapshot_root, self.group, op, attempt, files)
+            .inspect_err(|e| self.fail("ingesting a split's backfill files", e))
+    }
+}
+
 /// Builds snapshots in the background from a consistent RocksDB snapshot.
 pub struct SnapshotBuilder {
     db: Arc<Db>,
@@ -124,7 +182,6 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
-        let meta_cf = storage::cf(&self.db, CF_GROUP_META);
         let mut b = kv::ApplyBatch::default();
         let mut responses = Vec::new();
         let mut last_applied = None;
@@ -135,13 +192,19 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
         while let Some(item) = entries.try_next().await? {
             items.push(item);
         }
-        {
+        // The whole apply runs inside the incarnation: an instance that has
+        // ended (a dormant replica's old state-machine worker, still running
+        // a batch queued before its shutdown) changes neither the storage
+        // nor the state and stats it shares with the instance that
+        // replaced it. Nothing below may take the incarnation again.
+        self.incarnation.write(|| {
             let mut state = self.state.write().map_err(|_| io::Error::other("state lock poisoned"))?;
             for (entry, responder) in items {
                 let log_id = entry.log_id;
                 let resp = match &entry.payload {
                     EntryPayload::Blank => CommandResponse::None,
                     EntryPayload::Normal(cmd) => {
+                        self.ingest_before(&state, &mut b, last_applied.as_ref(), &mut membership, cmd)?;
                         self.apply_command(&mut state, &mut b, log_id.index, cmd).inspect_err(|e| {
                             self.fail(&format!("applying entry {}", log_id.index), e);
                         })?
@@ -156,28 +219,8 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
                     responses.push((r, resp));
                 }
             }
-            if let Some(l) = &last_applied {
-                b.write.put_cf(meta_cf, state_key(self.group, tag::APPLIED), encode(l)?);
-            }
-            if let Some(m) = &membership {
-                b.write.put_cf(meta_cf, state_key(self.group, tag::MEMBERSHIP), encode(m)?);
-            }
-            if b.changed {
-                b.write.put_cf(meta_cf, state_key(self.group, tag::SM_STATE), state.stored_json()?);
-            }
-            let (keys, bytes) = self.stats.get();
-            let keys = (keys as i64 + b.stats.keys).max(0) as u64;
-            let bytes = (bytes as i64 + b.stats.bytes).max(0) as u64;
-            if b.stats != kv::StatsDelta::default() {
-                b.write.put_cf(meta_cf, state_key(self.group, tag::KEYS), super::GroupStats::encode(keys, bytes));
-            }
-            self.incarnation.write(|| self.db.write(b.write).map_err(io_err)).inspect_err(|e| {
-                if !self.incarnation.has_ended() {
-                    self.fail("writing an apply batch", e)
-                }
-            })?;
-            self.stats.set(keys, bytes);
-        }
+            self.write_batch(&state, std::mem::take(&mut b), last_applied.as_ref(), membership.take())
+        })?;
         for (responder, resp) in responses {
             responder.send(resp);
         }
@@ -203,32 +246,36 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
         let root = self.snapshot_root.clone();
         // Readers of this replica's data (stale reads) look at this flag under
         // the state lock: from here until the new state is in place the data
-        // is half old, half new.
-        {
+        // is half old, half new. The flag and the state are shared with any
+        // later instance of this replica (a dormant one reopened): an
+        // instance that has ended touches neither (the incarnation).
+        self.incarnation.write(|| {
             let _state = self.state.write().map_err(|_| io::Error::other("state lock poisoned"))?;
             self.installing.store(true, Ordering::SeqCst);
-        }
+            Ok(())
+        })?;
         let installed = tokio::task::spawn_blocking(move || {
-            let r = snapshot::install(&db, group, &file, &inc)?;
-            inc.write(|| snapshot::adopt(&root, group, &file))?;
-            Ok::<_, io::Error>(r)
+            let (sm_state, stats) = snapshot::install(&db, group, &file, &inc)?;
+            inc.write(|| {
+                snapshot::adopt(&root, group, &file)?;
+                // Reading a directory stored in the old form rewrites it:
+                // a write, so inside the incarnation too.
+                Ok((SmState::read(&db, group, &sm_state)?, stats))
+            })
         })
         .await
         .map_err(io_err)
-        .and_then(|r| r)
-        .and_then(|(sm_state, stats)| Ok((SmState::read(&self.db, self.group, &sm_state)?, stats)));
-        let mut state = self.state.write().map_err(|_| io::Error::other("state lock poisoned"))?;
-        // A failed install leaves the flag set: the replica stops (openraft
-        // treats the error as fatal) and serves nothing more.
-        let (new_state, (keys, bytes)) = installed.inspect_err(|e| {
-            if !self.incarnation.has_ended() {
-                self.fail("installing a snapshot", e)
-            }
-        })?;
-        self.stats.set(keys, bytes);
-        *state = new_state;
-        self.installing.store(false, Ordering::SeqCst);
-        Ok(())
+        .and_then(|r| r);
+        self.incarnation.write(|| {
+            let mut state = self.state.write().map_err(|_| io::Error::other("state lock poisoned"))?;
+            // A failed install leaves the flag set: the replica stops
+            // (openraft treats the error as fatal) and serves nothing more.
+            let (new_state, (keys, bytes)) = installed.inspect_err(|e| self.fail("installing a snapshot", e))?;
+            self.stats.set(keys, bytes);
+            *state = new_state;
+            self.installing.store(false, Ordering::SeqCst);
+            Ok(())
+        })
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>, io::Error> {
@@ -413,7 +460,7 @@ mod tests {
         let dir = directory(&a);
         assert_eq!(dir.ranges.len(), 2);
         let raw = group_meta(&db, G, tag::SM_STATE).unwrap();
-        let SmState::Meta(header) = SmState::from_json(&raw).unwrap() else { panic!("meta") };
+        let header = crate::raft::stored_header(&raw).expect("a directory header");
         assert!(header.ranges.is_empty() && header.shards.is_empty(), "the header alone is one record");
         assert_eq!(
             SmState::read(&db, G, &raw).unwrap(),
@@ -535,5 +582,146 @@ mod tests {
             assert_eq!(meta, snap.meta);
             g.shutdown().await;
         });
+    }
+
+    /// A stored record: user key, stored bytes.
+    type Record = (Vec<u8>, Vec<u8>);
+
+    /// Backfill files of a split into `G` (operation `OP`, attempt 3),
+    /// staged under `root` as a target replica's node stages them. Returns
+    /// the command naming them and the records they hold.
+    fn staged_backfill(root: &std::path::Path) -> (ShardCommand, Vec<Record>, tempfile::TempDir) {
+        use crate::split::sst;
+        let (src_dir, src) = crate::testing::split_source(120, OP, G);
+        let out = tempfile::tempdir().unwrap();
+        let mut files = Vec::new();
+        let w = sst::write_files(
+            &src,
+            crate::testing::GROUP,
+            G,
+            OP,
+            3,
+            ("m", None),
+            out.path(),
+            &mut sst::RateLimit::new(0),
+            |n, p, f, _| {
+                sst::stage_local(root, G, OP, 3, n, &p)?;
+                files.push(f);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let moving: Vec<_> = group_data(&src, crate::testing::GROUP)
+            .into_iter()
+            .filter(|(k, _)| &k[8..] >= b"m".as_slice() && *k < crate::kv::user_data_end(crate::testing::GROUP))
+            .map(|(k, v)| (k[8..].to_vec(), v))
+            .collect();
+        let cmd = ShardCommand::BackfillFiles {
+            op_id: OP,
+            snapshot_index: w.snapshot_index,
+            digest: w.digest,
+            capture_base: w.capture_base,
+            keys: w.records,
+            bytes: w.bytes,
+            live: (w.live_keys, w.live_bytes),
+            attempt: 3,
+            files,
+        };
+        (cmd, moving, src_dir)
+    }
+
+    fn receiving() -> SmState {
+        SmState::Shard(ShardState {
+            incoming: Some(crate::kv::Incoming::new(OP, "m".into(), None)),
+            ..Default::default()
+        })
+    }
+
+    fn user_data(db: &Db) -> Vec<Record> {
+        group_data(db, G)
+            .into_iter()
+            .filter(|(k, _)| *k < crate::kv::user_data_end(G))
+            .map(|(k, v)| (k[8..].to_vec(), v))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn backfill_files_are_ingested_in_log_order_and_recorded() {
+        let (d, db) = temp_db();
+        let root = d.path().join("snapshots");
+        let (cmd, moving, _src) = staged_backfill(&root);
+        let mut sm = machine(db.clone(), root.clone(), receiving());
+        let ShardCommand::BackfillFiles { digest, live, .. } = cmd.clone() else { unreachable!() };
+        // A forwarded write after the backfill (a newer version of a copied
+        // key) lands over the ingested record, never under it.
+        let (key, _) = &moving[0];
+        let key = String::from_utf8(key.clone()).unwrap();
+        let newer = ValueRecord { version: 1000, tombstone: false, json: b"\"new\"".to_vec() };
+        let ingest =
+            ShardCommand::Ingest { op_id: OP, source_index: Some(500), records: vec![(key.clone(), newer.encode())] };
+        apply(&mut sm, vec![EntryOf::<TypeConfig>::new_blank(log_id(1, 1)), step(2, cmd.clone()), step(3, ingest)])
+            .await;
+        let mut expect = moving.clone();
+        expect[0].1 = newer.encode();
+        assert_eq!(user_data(&db), expect, "the files' records, then the forwarded write over them");
+        let inc = match &*sm.state.read().unwrap() {
+            SmState::Shard(s) => s.incoming.clone().unwrap(),
+            _ => unreachable!(),
+        };
+        assert!(inc.backfill.is_some() && inc.watermark == 500);
+        let old = ValueRecord::decode(&moving[0].1).unwrap();
+        assert_eq!(inc.digest, digest.wrapping_add(crate::split::digest::delta(&key, Some(&old), &newer)));
+        assert_eq!(sm.stats.get().0, live.0, "the live keys the files hold");
+        assert!(
+            db.get_cf(storage::cf(&db, storage::CF_DATA), crate::kv::backfill_marker_key(G, OP)).unwrap().is_none(),
+            "the marker goes with the entry's batch"
+        );
+        // The entry again (a second attempt's, or a redelivery): recorded
+        // already, nothing ingested, nothing needed.
+        apply(&mut sm, vec![step(4, cmd)]).await;
+        assert_eq!(user_data(&db), expect);
+        assert!(!sm.failed.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_replay_after_a_crash_between_ingest_and_batch_ingests_nothing_twice() {
+        let (d, db) = temp_db();
+        let root = d.path().join("snapshots");
+        let (cmd, moving, _src) = staged_backfill(&root);
+        let ShardCommand::BackfillFiles { files, .. } = &cmd else { unreachable!() };
+        // The ingest landed, the batch recording the entry did not.
+        crate::split::sst::ingest_staged(&db, &root, G, OP, 3, files).unwrap();
+        let mut sm = machine(db.clone(), root, receiving());
+        apply(&mut sm, vec![step(2, cmd.clone())]).await;
+        assert_eq!(user_data(&db), moving);
+        assert!(
+            matches!(&*sm.state.read().unwrap(), SmState::Shard(s) if s.incoming.as_ref().unwrap().backfill.is_some())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replica_without_the_files_stops_rather_than_apply_the_entry() {
+        let (d, db) = temp_db();
+        let other = tempfile::tempdir().unwrap();
+        let (cmd, _, _src) = staged_backfill(other.path());
+        let mut sm = machine(db.clone(), d.path().join("snapshots"), receiving());
+        let r = sm.apply(futures::stream::iter(vec![Ok((step(2, cmd), None))])).await;
+        assert!(r.is_err(), "the entry cannot be applied here");
+        assert!(sm.failed.load(Ordering::SeqCst), "the replica stops");
+        assert!(
+            matches!(&*sm.state.read().unwrap(), SmState::Shard(s) if s.incoming.as_ref().unwrap().backfill.is_none())
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ended_incarnation_changes_neither_storage_nor_the_shared_state() {
+        let (d, db) = temp_db();
+        let mut sm = machine(db.clone(), d.path().join("snapshots"), SmState::Shard(whole_shard()));
+        sm.incarnation.end();
+        let r = sm.apply(futures::stream::iter(vec![Ok((put(1, "a", "1"), None))])).await;
+        assert!(r.is_err());
+        assert!(group_data(&db, G).is_empty(), "nothing written");
+        assert_eq!(sm.stats.get(), (0, 0), "the stats it shares are untouched");
+        assert!(!sm.failed.load(Ordering::SeqCst), "an ended instance is not a failed replica");
     }
 }

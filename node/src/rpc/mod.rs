@@ -151,6 +151,9 @@ node_calls! {
     /// Node-level liveness probe (`node::liveness`), one per pair of nodes
     /// instead of Raft heartbeats per group.
     Ping { from: NodeId } -> Pong;
+    /// One chunk of a split's backfill file for the local replica of a
+    /// receiving shard (`split::sst`); sent on the bulk lane.
+    SplitChunk { chunk: crate::split::sst::Chunk } -> ();
 }
 
 /// The answer to a [`Ping`]: the groups whose replica on the answering node

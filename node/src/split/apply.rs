@@ -19,6 +19,24 @@ fn drop_forward_log(db: &Db, group: u64, op: u64, batch: &mut rocksdb::WriteBatc
     batch.delete_range_cf(cf, kv::forward_key(group, op, 0), kv::forward_key(group, op.wrapping_add(1), 0));
 }
 
+/// The backfill files an entry asks this replica to ingest before it is
+/// applied: `(op, attempt, files)` of a `BackfillFiles` the replica is
+/// waiting for (an entry of an earlier attempt, after the backfill was
+/// recorded, ingests nothing). Decided from the state alone, like any apply.
+pub fn backfill_files_to_ingest<'a>(
+    state: &ShardState,
+    cmd: &'a ShardCommand,
+) -> Option<(u64, u64, &'a [crate::split::sst::SstFile])> {
+    match cmd {
+        ShardCommand::BackfillFiles { op_id, attempt, files, .. }
+            if state.incoming.as_ref().is_some_and(|i| i.op_id == *op_id && i.backfill.is_none()) =>
+        {
+            Some((*op_id, *attempt, files))
+        }
+        _ => None,
+    }
+}
+
 /// Applies one split step at log `index`. Answers the entry index (for
 /// `Freeze`, the freeze index).
 pub fn apply(
@@ -131,6 +149,31 @@ pub fn apply(
                 inc.backfill = Some((*snapshot_index, *digest));
                 inc.capture_base = *capture_base;
                 inc.backfill_copied = (*keys, *bytes);
+                *changed = true;
+            }
+            Ok(Ok(index))
+        }
+        ShardCommand::BackfillFiles {
+            op_id,
+            snapshot_index,
+            digest,
+            capture_base,
+            keys,
+            bytes,
+            live: (live_keys, live_bytes),
+            ..
+        } => {
+            // The files were ingested just before (`backfill_files_to_ingest`,
+            // the state machine): record them. The marker they carried has
+            // done its work (a replay of this entry would find it) once this
+            // batch lands with the applied index past the entry.
+            if let Some(inc) = state.incoming.as_mut().filter(|i| i.op_id == *op_id && i.backfill.is_none()) {
+                inc.backfill = Some((*snapshot_index, *digest));
+                inc.digest = inc.digest.wrapping_add(*digest);
+                inc.capture_base = *capture_base;
+                inc.backfill_copied = (*keys, *bytes);
+                stats.add(StatsDelta { keys: *live_keys as i64, bytes: *live_bytes as i64 });
+                batch.delete_cf(storage::cf(db, storage::CF_DATA), kv::backfill_marker_key(group, *op_id));
                 *changed = true;
             }
             Ok(Ok(index))

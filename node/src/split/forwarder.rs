@@ -2,8 +2,10 @@
 //! copy the moving range into the target shard and keep it caught up.
 //!
 //! A forwarder task first makes sure the target has a backfill — a copy of
-//! the range read from one RocksDB snapshot of the source, together with the
-//! snapshot's log index `s` and content digest — then ships the source's
+//! the range read from one RocksDB snapshot of the source, shipped as table
+//! files to every target replica and ingested there ([`sst`]), recorded in
+//! the target's log with the snapshot's log index `s` and content digest —
+//! then ships the source's
 //! forward log (every write to the range since the capture began) to the
 //! target in log order. The target applies each record only if its version
 //! is newer than what it has, and ignores forwarded batches at or below its
@@ -21,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cleave_metadata::OpId;
+use cleave_metadata::{OpId, OpKind, Replica};
 
 use super::steps;
 use crate::command::ShardCommand;
@@ -29,8 +31,8 @@ use crate::kv::{self, Capture, ForwardEntry};
 use crate::node::Node;
 use crate::raft::SmState;
 use crate::rpc::{self, ExecError, ForwardStatus, TargetStatus};
-use crate::split::digest;
-use crate::storage::{self, data_key, state_key, tag, ValueRecord};
+use crate::split::sst;
+use crate::storage;
 
 /// Records per backfill or forward batch, and bytes per batch.
 const BATCH_RECORDS: usize = 2000;
@@ -129,21 +131,26 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
             incoming.capture_base
         }
         None => {
-            let (s, d, base) = backfill(node, group, cap, status).await?;
-            let (keys, bytes) = {
-                let st = status.lock().unwrap();
-                (st.keys_copied, st.bytes_copied)
-            };
-            let cmd = ShardCommand::BackfillDone {
+            let attempt = rand::random::<u64>();
+            let dir = sst::outbox_dir(&node.ctx().snapshot_root, group, cap.op_id, attempt);
+            let copied = backfill(node, group, cap, attempt, &dir, status).await;
+            // The files are staged at every replica (or the copy failed):
+            // this node's copies are of no more use either way.
+            let _ = tokio::task::spawn_blocking(move || sst::remove_dir(&dir)).await;
+            let (w, files) = copied?;
+            let cmd = ShardCommand::BackfillFiles {
                 op_id: cap.op_id,
-                snapshot_index: s,
-                digest: d,
-                capture_base: base,
-                keys,
-                bytes,
+                snapshot_index: w.snapshot_index,
+                digest: w.digest,
+                capture_base: w.capture_base,
+                keys: w.records,
+                bytes: w.bytes,
+                live: (w.live_keys, w.live_bytes),
+                attempt,
+                files,
             };
             steps::shard_step(node, cap.target, cmd, 0).await?;
-            base
+            w.capture_base
         }
     };
     tracing::debug!(group, op = cap.op_id, "forwarder: backfill done");
@@ -211,100 +218,157 @@ fn read_forward(node: &Node, group: u64, op: OpId, from: u64) -> Result<(Vec<(u6
     Ok((out, last))
 }
 
-/// Copies the captured range from one RocksDB snapshot into the target.
-/// Returns the snapshot's applied index, the content digest it copied, and
-/// the range's digest when the capture began (that digest less the
-/// capture's changes up to the snapshot, read from the same snapshot).
+/// Copies the captured range from one RocksDB snapshot to every replica
+/// of the target, as table files staged beside each (`sst`): written
+/// here under `dir`, each file shipped to all replicas as soon as it is
+/// closed (a replica on this node links it instead). Returns what was
+/// copied and the files, once every replica has every file.
 async fn backfill(
     node: &Arc<Node>,
     group: u64,
     cap: &Capture,
+    attempt: u64,
+    dir: &std::path::Path,
     status: &Mutex<ForwardStatus>,
-) -> Result<(u64, u64, u64), ExecError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(String, Vec<u8>)>>(2);
+) -> Result<(sst::Written, Vec<sst::SstFile>), ExecError> {
+    let replicas = match node.directory().ops.get(&cap.op_id).map(|o| &o.kind) {
+        Some(OpKind::Split { target_replicas, .. }) => target_replicas.clone(),
+        _ => return Err(ExecError::Unavailable(format!("operation {} is not in the directory here", cap.op_id))),
+    };
     let db = node.ctx().db.clone();
-    let (start, end) = (cap.start.clone(), cap.end.clone());
-    let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64)));
-    let totals_in = totals.clone();
-    let op_id = cap.op_id;
-    let reader = tokio::task::spawn_blocking(move || -> Result<(u64, u64, u64), String> {
-        let snap = db.snapshot();
-        let meta_cf = storage::cf(&db, storage::CF_GROUP_META);
-        let s = snap
-            .get_cf(meta_cf, state_key(group, tag::APPLIED))
-            .map_err(|e| e.to_string())?
-            .and_then(|b| crate::raft::decode_applied_index(&b))
-            .unwrap_or(0);
-        let sm_state = snap.get_cf(meta_cf, state_key(group, tag::SM_STATE)).map_err(|e| e.to_string())?;
-        let changes_at_s = match sm_state.map(|b| SmState::from_json(&b)).transpose().map_err(|e| e.to_string())? {
-            Some(SmState::Shard(st)) => st.captures.iter().find(|c| c.op_id == op_id).map(|c| c.changes),
-            _ => None,
-        }
-        .ok_or_else(|| format!("the backfill snapshot at {s} holds no capture of operation {op_id}"))?;
+    {
+        // The range's size on disk, for progress (tables only: an estimate).
         let cf = storage::cf(&db, storage::CF_DATA);
-        let upper = match &end {
-            Some(e) => data_key(group, e.as_bytes()),
-            None => kv::user_data_end(group),
-        };
-        let iter = |snap: &rocksdb::SnapshotWithThreadMode<'_, rocksdb::DB>| {
-            let mut opts = rocksdb::ReadOptions::default();
-            opts.set_iterate_upper_bound(upper.clone());
-            opts.set_snapshot(snap);
-            opts.fill_cache(false);
-            db.iterator_cf_opt(
-                cf,
-                opts,
-                rocksdb::IteratorMode::From(&data_key(group, start.as_bytes()), rocksdb::Direction::Forward),
-            )
-        };
-        // Totals first (keys only), for progress reporting.
-        let (mut keys_total, mut bytes_total) = (0u64, 0u64);
-        for item in iter(&snap) {
-            let (k, v) = item.map_err(|e| e.to_string())?;
-            keys_total += 1;
-            bytes_total += (k.len() - 8 + v.len()) as u64;
-        }
-        totals_in.lock().unwrap().0 = keys_total;
-        totals_in.lock().unwrap().1 = bytes_total;
-        let mut digest = 0u64;
-        let mut batch = Vec::new();
-        let mut bytes = 0usize;
-        for item in iter(&snap) {
-            let (k, v) = item.map_err(|e| e.to_string())?;
-            let key = String::from_utf8_lossy(storage::user_key_of(&k)).into_owned();
-            if let Some(rec) = ValueRecord::decode(&v) {
-                digest = digest.wrapping_add(digest::record_hash(&key, &rec));
-            }
-            bytes += key.len() + v.len();
-            batch.push((key, v.to_vec()));
-            if batch.len() >= BATCH_RECORDS || bytes >= BATCH_BYTES {
-                if tx.blocking_send(std::mem::take(&mut batch)).is_err() {
-                    return Err("backfill receiver gone".into());
-                }
-                bytes = 0;
-            }
-        }
-        if !batch.is_empty() && tx.blocking_send(batch).is_err() {
-            return Err("backfill receiver gone".into());
-        }
-        Ok((s, digest, digest.wrapping_sub(changes_at_s)))
+        let upper = cap.end.as_ref().map_or(kv::user_data_end(group), |e| storage::data_key(group, e.as_bytes()));
+        let lower = storage::data_key(group, cap.start.as_bytes());
+        let estimate = db.get_approximate_sizes_cf(cf, &[rocksdb::Range::new(&lower, &upper)]).first().copied();
+        let estimate = estimate.unwrap_or(0);
+        status.lock().unwrap().bytes_total = estimate;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, std::path::PathBuf, sst::SstFile, (u64, u64))>(1);
+    let (start, end, target, op_id) = (cap.start.clone(), cap.end.clone(), cap.target, cap.op_id);
+    let (out, rate) = (dir.to_path_buf(), node.settings().backfill_bytes_per_s);
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut limit = sst::RateLimit::new(rate);
+        let range = (start.as_str(), end.as_deref());
+        sst::write_files(&db, group, target, op_id, attempt, range, &out, &mut limit, |n, p, f, so_far| {
+            tx.blocking_send((n, p, f, so_far)).map_err(|_| std::io::Error::other("the backfill shipper stopped"))
+        })
     });
-    while let Some(records) = rx.recv().await {
+    let mut files = Vec::new();
+    while let Some((n, path, file, (records, bytes))) = rx.recv().await {
         if current_capture(node, group, cap.op_id).is_none() {
             return Err(ExecError::Unavailable("capture ended or leadership lost".into()));
         }
-        let (n, b) = (records.len() as u64, records.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() as u64);
-        steps::shard_step(node, cap.target, ShardCommand::Ingest { op_id: cap.op_id, source_index: None, records }, 0)
-            .await?;
-        metrics::counter!("cleave_split_backfill_bytes_total").increment(b);
-        let (kt, bt, _) = *totals.lock().unwrap();
+        let sends = replicas.iter().map(|r| ship_file(node, cap, attempt, r, n, &path, &file));
+        futures::future::try_join_all(sends).await?;
+        metrics::counter!("cleave_split_backfill_bytes_total").increment(file.len);
         let mut st = status.lock().unwrap();
-        st.keys_copied += n;
-        st.bytes_copied += b;
-        st.keys_total = kt;
-        st.bytes_total = bt;
+        (st.keys_copied, st.bytes_copied) = (records, bytes);
+        (st.keys_total, st.bytes_total) = (st.keys_total.max(records), st.bytes_total.max(bytes));
+        files.push(file);
     }
-    reader.await.map_err(|e| ExecError::Internal(e.to_string()))?.map_err(ExecError::Internal)
+    let written = writer
+        .await
+        .map_err(|e| ExecError::Internal(e.to_string()))?
+        .map_err(|e| ExecError::Internal(format!("writing the backfill files: {e}")))?;
+    let mut st = status.lock().unwrap();
+    (st.keys_copied, st.keys_total) = (written.records, written.records);
+    (st.bytes_copied, st.bytes_total) = (written.bytes, written.bytes);
+    Ok((written, files))
+}
+
+/// Ships file `n` of a backfill to one target replica: linked in place if
+/// the replica is on this node, else in chunks on the bulk lane.
+async fn ship_file(
+    node: &Arc<Node>,
+    cap: &Capture,
+    attempt: u64,
+    r: &Replica,
+    n: u32,
+    path: &std::path::Path,
+    file: &sst::SstFile,
+) -> Result<(), ExecError> {
+    let root = node.ctx().snapshot_root.clone();
+    let blocking = |e: tokio::task::JoinError| ExecError::Internal(e.to_string());
+    if r.node_id == node.id() {
+        check_receiving(node, cap.target, r.replica_id, cap.op_id)?;
+        let (path, target, op) = (path.to_path_buf(), cap.target, cap.op_id);
+        return tokio::task::spawn_blocking(move || sst::stage_local(&root, target, op, attempt, n, &path))
+            .await
+            .map_err(blocking)?
+            .map_err(|e| ExecError::Internal(format!("staging backfill file {n}: {e}")));
+    }
+    let mut offset = 0u64;
+    loop {
+        let (p, at) = (path.to_path_buf(), offset);
+        let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            use std::io::{Read, Seek};
+            let mut f = std::fs::File::open(p)?;
+            f.seek(std::io::SeekFrom::Start(at))?;
+            let mut buf = Vec::with_capacity(sst::CHUNK_BYTES);
+            f.take(sst::CHUNK_BYTES as u64).read_to_end(&mut buf)?;
+            Ok(buf)
+        })
+        .await
+        .map_err(blocking)?
+        .map_err(|e| ExecError::Internal(format!("reading backfill file {n}: {e}")))?;
+        let len = data.len() as u64;
+        let mut data = data;
+        if crate::ops::faults::CORRUPT_BACKFILL.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(b) = data.last_mut() {
+                *b ^= 0x5a;
+            }
+        }
+        let chunk = sst::Chunk {
+            group: cap.target,
+            replica_id: r.replica_id,
+            op_id: cap.op_id,
+            attempt,
+            file: n,
+            offset,
+            file_len: file.len,
+            hash: file.hash,
+            data,
+        };
+        node.router().bulk_call(r.node_id, rpc::SplitChunk { chunk }).await?;
+        offset += len;
+        if offset >= file.len || len == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Refuses unless this node holds replica `replica_id` of `group`, and it
+/// is receiving operation `op` and has not recorded its backfill yet.
+fn check_receiving(node: &Node, group: u64, replica_id: u64, op: OpId) -> Result<(), ExecError> {
+    let g = node
+        .group(group)
+        .filter(|g| g.replica_id == replica_id)
+        .ok_or_else(|| ExecError::Unavailable(format!("no replica {replica_id} of group {group} here")))?;
+    let waiting = matches!(&*g.state.read().unwrap(),
+        SmState::Shard(s) if s.incoming.as_ref().is_some_and(|i| i.op_id == op && i.backfill.is_none()));
+    if !waiting {
+        return Err(ExecError::Unavailable(format!("group {group} is not waiting for the backfill of operation {op}")));
+    }
+    Ok(())
+}
+
+/// Stages one chunk of a backfill file for a local replica (a target
+/// replica's side of [`ship_file`]).
+pub async fn receive_chunk(node: &Node, chunk: sst::Chunk) -> Result<(), ExecError> {
+    check_receiving(node, chunk.group, chunk.replica_id, chunk.op_id)?;
+    let root = node.ctx().snapshot_root.clone();
+    tokio::task::spawn_blocking(move || sst::receive_chunk(&root, &chunk))
+        .await
+        .map_err(|e| ExecError::Internal(e.to_string()))?
+        .map_err(|e| {
+            if matches!(e, sst::ChunkError::Checksum { .. }) {
+                tracing::warn!("refusing a split backfill file: {e}");
+                metrics::counter!("cleave_split_backfill_refused_total").increment(1);
+            }
+            ExecError::Internal(e.to_string())
+        })
 }
 
 /// Answers `SplitStatus` as the source shard's leader.

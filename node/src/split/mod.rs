@@ -5,9 +5,10 @@
 //! The metadata leader walks each split through its phases (`ops::split`,
 //! planned by the pure `ops::split_plan`); here is what the shards and
 //! their leaders do:
-//! - [`forwarder`], run by A's leader for each capture, streams the range
-//!   from a RocksDB snapshot into B (backfill) and ships A's forward log of
-//!   writes to B in order (catch-up), keeping the verification digest.
+//! - [`forwarder`], run by A's leader for each capture, copies the range
+//!   from a RocksDB snapshot into B (backfill, as table files: [`sst`]) and
+//!   ships A's forward log of writes to B in order (catch-up), keeping the
+//!   verification digest.
 //! - [`apply`] is what the shards do when the split's steps reach their logs.
 //! - [`digest`]: the order-independent content digest both sides compare.
 //! - [`steps`]: the node-to-node calls the split makes (a step at a shard's
@@ -19,4 +20,5 @@
 pub mod apply;
 pub mod digest;
 pub mod forwarder;
+pub mod sst;
 pub mod steps;

@@ -69,16 +69,22 @@ pub fn open(dir: &Path) -> Result<Arc<Db>, rocksdb::Error> {
     opts.set_keep_log_file_num(4);
     let mut log_opts = rocksdb::Options::default();
     log_opts.set_write_buffer_size(32 << 20);
-    let mut data_opts = rocksdb::Options::default();
-    data_opts.set_write_buffer_size(64 << 20);
-    data_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     let cfs = vec![
         rocksdb::ColumnFamilyDescriptor::new(CF_RAFT_LOG, log_opts),
         rocksdb::ColumnFamilyDescriptor::new(CF_RAFT_STATE, rocksdb::Options::default()),
-        rocksdb::ColumnFamilyDescriptor::new(CF_DATA, data_opts),
+        rocksdb::ColumnFamilyDescriptor::new(CF_DATA, data_cf_options()),
         rocksdb::ColumnFamilyDescriptor::new(CF_GROUP_META, rocksdb::Options::default()),
     ];
     Ok(Arc::new(Db::open_cf_descriptors(&opts, dir, cfs)?))
+}
+
+/// Options of the `data` family; table files made outside the database
+/// for it (a split's backfill, `split::sst`) are written with them too.
+pub fn data_cf_options() -> rocksdb::Options {
+    let mut data_opts = rocksdb::Options::default();
+    data_opts.set_write_buffer_size(64 << 20);
+    data_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    data_opts
 }
 
 /// A column family handle by name. The four families always exist once
