@@ -120,6 +120,10 @@ pub enum StepError {
     NoCapture { op_id: OpId },
     #[error("this shard is not receiving operation {op_id}")]
     NotReceiving { op_id: OpId },
+    /// Forwarded writes, or a backfill without files, before the backfill
+    /// of the operation is recorded.
+    #[error("operation {op_id}: not before its backfill is recorded")]
+    BeforeBackfill { op_id: OpId },
 }
 
 /// The result of applying one entry.

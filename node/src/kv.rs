@@ -106,6 +106,12 @@ pub struct ShardState {
     /// shard at a time and allocates ids in order, so the floor loses nothing.
     #[serde(default)]
     pub ended_below: OpId,
+    /// The log index of the entry that recorded this shard's backfill as
+    /// files (`split::sst`): a replica added later must not replay it (its
+    /// files were staged only at the replicas of that time), so before a
+    /// learner is added the leader's log is purged past it.
+    #[serde(default)]
+    pub files_at: Option<u64>,
 }
 
 /// How many ended operations a shard remembers one by one.

@@ -2,11 +2,12 @@
 //! leads, tracking node liveness and shard leadership from heartbeats, and
 //! answering for the cluster as a whole.
 //!
-//! Every node sends a [`NodeReport`] about once a second. Whichever node
+//! Every node sends a [`NodeReport`] about once a second — by difference
+//! with the last one the leader acknowledged ([`delta`]). Whichever node
 //! receives it forwards it to the metadata leader, which records it in its
 //! [`Tracker`], registers new addresses in the directory, and answers with
 //! the directory (when the sender's copy is older) and the current shard
-//! leaders. A new metadata leader starts with an empty tracker and fills it
+//! leaders (when the sender's copy is another). A new metadata leader starts with an empty tracker and fills it
 //! within one heartbeat interval.
 //!
 //! openraft keeps a leader in `ServerState::Leader` for as long as a
@@ -19,6 +20,7 @@
 //! a confirmation comes in a new term of group 0, so a node that leads again
 //! after a while never judges liveness from what it heard in an older term.
 
+pub mod delta;
 mod tracker;
 
 use std::collections::HashMap;
@@ -42,6 +44,8 @@ pub struct LeaderState {
     confirm: tokio::sync::Mutex<()>,
     /// When this node last built a heartbeat (for request rates).
     last_report: Mutex<Instant>,
+    /// What this node told the metadata leader (reports by difference).
+    reporter: Mutex<delta::Reporter>,
 }
 
 impl Default for LeaderState {
@@ -50,6 +54,7 @@ impl Default for LeaderState {
             tracker: Tracker::default(),
             confirm: Default::default(),
             last_report: Mutex::new(Instant::now()),
+            reporter: Mutex::default(),
         }
     }
 }
@@ -120,7 +125,7 @@ impl MetaLeader<'_> {
         }
     }
 
-    /// This node's heartbeat.
+    /// This node's heartbeat, whole (see [`delta::Reporter`] for what is sent).
     pub fn report(&self) -> NodeReport {
         let elapsed = {
             let mut last = self.state.last_report.lock().unwrap();
@@ -156,6 +161,10 @@ impl MetaLeader<'_> {
             api_addr: self.node.settings().api_addr.clone(),
             directory_version: self.node.directory().version,
             groups,
+            seq: 0,
+            base: None,
+            gone: Vec::new(),
+            leaders_version: 0,
         }
     }
 
@@ -167,7 +176,7 @@ impl MetaLeader<'_> {
             let leader = self.node.group(META_GROUP).and_then(|g| g.status().leader).map(|l| l.node_id);
             return self.forward(hops, leader, |hops| rpc::Heartbeat { hb: hb.clone(), hops }).await;
         }
-        self.state.tracker.record(&hb);
+        let recorded = self.state.tracker.record(&hb);
         let dir = self.node.directory();
         let known = dir.nodes.get(&hb.node_id);
         let changed =
@@ -185,9 +194,18 @@ impl MetaLeader<'_> {
             }
         }
         let dir = self.node.directory();
+        let leaders_version = self.state.tracker.leaders_version();
+        let (leaders_version, leaders) = if leaders_version == hb.leaders_version {
+            (leaders_version, None)
+        } else {
+            let (v, l) = self.state.tracker.leaders_versioned();
+            (v, Some(l))
+        };
         Ok(HeartbeatAck {
             directory: (dir.version > hb.directory_version).then(|| (*dir).clone()),
-            leaders: self.state.tracker.leaders(),
+            leaders,
+            leaders_version,
+            need_full: !recorded,
         })
     }
 
@@ -233,11 +251,17 @@ impl MetaLeader<'_> {
 
     /// Sends a heartbeat now and adopts what the answer carries.
     pub async fn beat(&self) -> Result<(), ExecError> {
-        let ack = self.handle_heartbeat(self.report(), 0).await?;
+        let (report, pending) = self.state.reporter.lock().unwrap().prepare(self.report());
+        let ack = self.handle_heartbeat(report, 0).await?;
+        let mut reporter = self.state.reporter.lock().unwrap();
+        reporter.answered(pending, ack.need_full);
         if let Some(d) = ack.directory {
             self.node.dir_cache().install(d);
         }
-        self.node.dir_cache().set_leader_hints(&ack.leaders);
+        if let Some(leaders) = &ack.leaders {
+            self.node.dir_cache().set_leader_hints(leaders);
+            reporter.leaders_version = ack.leaders_version;
+        }
         Ok(())
     }
 
@@ -255,7 +279,9 @@ impl MetaLeader<'_> {
             return self.forward(hops, leader, |hops| rpc::GetClusterView { hops }).await;
         }
         // Our own report is always current.
-        self.state.tracker.record(&self.report());
+        if let Err(e) = self.beat().await {
+            tracing::debug!("own heartbeat for a cluster view: {e}");
+        }
         let directory = (*self.node.directory()).clone();
         let leaders = self.state.tracker.leaders();
         let leader_of: HashMap<u64, NodeId> = leaders.iter().copied().collect();

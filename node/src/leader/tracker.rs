@@ -20,15 +20,48 @@ const DOWN_AFTER: Duration = Duration::from_secs(10);
 #[derive(Default)]
 struct TrackerInner {
     /// node → when last heard, and its replicas' reports by group (a map:
-    /// the balancers look a group up for every group, every second).
-    seen: HashMap<NodeId, (Instant, BTreeMap<u64, GroupReport>)>,
+    /// the balancers look a group up for every group, every second), as
+    /// of its report number `seq` (reports come by difference: `delta`).
+    seen: HashMap<NodeId, Seen>,
     /// group → (term, node) of the newest leader claim.
     leaders: HashMap<u64, (u64, NodeId)>,
+    /// The number of `leaders`: a random epoch per tracker (high half),
+    /// bumped with every change.
+    leaders_version: u64,
     since: Option<Instant>,
     /// The term of group 0 in which this tracker records (this node leads).
     term: Option<u64>,
     /// When the newest read-index round confirming leadership in `term` started.
     confirmed_at: Option<Instant>,
+}
+
+/// What the tracker holds of one node.
+struct Seen {
+    at: Instant,
+    seq: u64,
+    groups: BTreeMap<u64, GroupReport>,
+}
+
+impl TrackerInner {
+    fn fresh(term: Option<u64>) -> TrackerInner {
+        TrackerInner {
+            term,
+            since: Some(Instant::now()),
+            leaders_version: u64::from(rand::random::<u32>()) << 32,
+            ..Default::default()
+        }
+    }
+
+    /// Sets the leader of `group` (or forgets it), counting a change.
+    fn set_leader(&mut self, group: u64, leader: Option<(u64, NodeId)>) {
+        let changed = match leader {
+            Some(l) => self.leaders.insert(group, l).is_none_or(|old| old.1 != l.1),
+            None => self.leaders.remove(&group).is_some(),
+        };
+        if changed {
+            self.leaders_version = self.leaders_version.wrapping_add(1);
+        }
+    }
 }
 
 /// Heartbeat bookkeeping of the metadata leader.
@@ -61,28 +94,55 @@ impl Tracker {
         let lapsed = t.confirmed_at.is_some_and(|at| started.saturating_duration_since(at) > lapse);
         if t.term != Some(term) || lapsed {
             tracing::info!(term, lapsed, "leading the metadata group anew: liveness starts afresh");
-            *t = TrackerInner { term: Some(term), since: Some(Instant::now()), ..Default::default() };
+            *t = TrackerInner::fresh(Some(term));
         }
         if t.confirmed_at.is_none_or(|at| at < started) {
             t.confirmed_at = Some(started);
         }
     }
 
-    pub(super) fn record(&self, hb: &NodeReport) {
+    /// Records a heartbeat: the node is alive, and its replicas' figures
+    /// are those of the report (whole, or applied to the one recorded
+    /// before). Answers `false` when the report builds on a report not
+    /// recorded here: the node must send a whole one.
+    pub(super) fn record(&self, hb: &NodeReport) -> bool {
         let mut t = self.inner.lock().unwrap();
         t.since.get_or_insert_with(Instant::now);
+        let before = t.seen.get(&hb.node_id).map(|s| (s.seq, &s.groups));
+        let Some(groups) = super::delta::apply(before, hb) else {
+            if let Some(s) = t.seen.get_mut(&hb.node_id) {
+                s.at = Instant::now();
+            }
+            return false;
+        };
         for g in &hb.groups {
             if g.is_leader {
-                let e = t.leaders.entry(g.group).or_insert((g.term, hb.node_id));
-                if g.term >= e.0 {
-                    *e = (g.term, hb.node_id);
+                let newer = t.leaders.get(&g.group).is_none_or(|(term, _)| g.term >= *term);
+                if newer {
+                    t.set_leader(g.group, Some((g.term, hb.node_id)));
                 }
             } else if t.leaders.get(&g.group).is_some_and(|(_, n)| *n == hb.node_id) {
-                t.leaders.remove(&g.group);
+                t.set_leader(g.group, None);
             }
         }
-        let groups = hb.groups.iter().map(|g| (g.group, g.clone())).collect();
-        t.seen.insert(hb.node_id, (Instant::now(), groups));
+        for id in &hb.gone {
+            if t.leaders.get(id).is_some_and(|(_, n)| *n == hb.node_id) {
+                t.set_leader(*id, None);
+            }
+        }
+        t.seen.insert(hb.node_id, Seen { at: Instant::now(), seq: hb.seq, groups });
+        true
+    }
+
+    /// The shard-leader map and its number.
+    pub fn leaders_versioned(&self) -> (u64, Vec<(u64, NodeId)>) {
+        let version = self.inner.lock().unwrap().leaders_version;
+        (version, self.leaders())
+    }
+
+    /// The number of the shard-leader map.
+    pub fn leaders_version(&self) -> u64 {
+        self.inner.lock().unwrap().leaders_version
     }
 
     pub fn leaders(&self) -> Vec<(u64, NodeId)> {
@@ -95,7 +155,7 @@ impl Tracker {
     pub(super) fn liveness(&self, node: NodeId) -> (Liveness, Option<u64>) {
         let t = self.inner.lock().unwrap();
         match t.seen.get(&node) {
-            Some((at, _)) => {
+            Some(Seen { at, .. }) => {
                 let age = at.elapsed();
                 let l = if age < SUSPECT_AFTER {
                     Liveness::Up
@@ -122,7 +182,7 @@ impl Tracker {
     pub fn silent_for(&self, node: NodeId) -> Duration {
         let t = self.inner.lock().unwrap();
         match t.seen.get(&node) {
-            Some((at, _)) => at.elapsed(),
+            Some(s) => s.at.elapsed(),
             None => t.since.map_or(Duration::ZERO, |s| s.elapsed()),
         }
     }
@@ -135,7 +195,7 @@ impl Tracker {
     /// Nodes heard from recently.
     pub fn live_nodes(&self) -> Vec<NodeId> {
         let t = self.inner.lock().unwrap();
-        t.seen.iter().filter(|(_, (at, _))| at.elapsed() < SUSPECT_AFTER).map(|(n, _)| *n).collect()
+        t.seen.iter().filter(|(_, s)| s.at.elapsed() < SUSPECT_AFTER).map(|(n, _)| *n).collect()
     }
 
     /// The latest report of `group` from its leader, if known.
@@ -146,14 +206,14 @@ impl Tracker {
 
     pub fn report(&self, node: NodeId, group: u64) -> Option<GroupReport> {
         let t = self.inner.lock().unwrap();
-        t.seen.get(&node).and_then(|(_, gs)| gs.get(&group).cloned())
+        t.seen.get(&node).and_then(|s| s.groups.get(&group).cloned())
     }
 
     /// The replicas `node` said it holds, `(group, replica)`, in its newest
     /// heartbeat of this term, if it reported at all.
     pub fn held(&self, node: NodeId) -> Option<Vec<(u64, u64)>> {
         let t = self.inner.lock().unwrap();
-        t.seen.get(&node).map(|(_, gs)| gs.values().map(|g| (g.group, g.replica_id)).collect())
+        t.seen.get(&node).map(|s| s.groups.values().map(|g| (g.group, g.replica_id)).collect())
     }
 }
 
@@ -168,6 +228,10 @@ mod tests {
             api_addr: String::new(),
             directory_version: 0,
             groups: vec![],
+            seq: 0,
+            base: None,
+            gone: vec![],
+            leaders_version: 0,
         }
     }
 

@@ -34,6 +34,7 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
         since_report: pace.last_report.elapsed(),
         stalled_for: pace.moved_at.elapsed(),
         stall_limit: node.settings().split_stall,
+        attempts: pace.attempts,
         source: None,
         target: None,
     };
@@ -47,7 +48,9 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
             Step::Abort(reason) => return abort(node, op, &reason, false).await,
             Step::ObserveSource => {
                 let st = forwarder::status(node, *source, op.op_id, 0).await?;
+                pace.attempt(st.attempt);
                 pace.saw((st.backfill_done, st.bytes_copied, st.shipped));
+                obs.attempts = pace.attempts;
                 obs.source = Some(st);
             }
             Step::ObserveTarget if target_looks == 2 => return Ok(false),
@@ -172,16 +175,12 @@ async fn cutover(node: &Node, op: &Operation) -> Result<bool, ExecError> {
     let TargetStatus { keys, bytes, .. } = steps::incoming_status(node, *target, 0).await?;
     let done =
         ShardCommand::SplitDone { op_id: op.op_id, left, moved: right.clone(), moved_keys: keys, moved_bytes: bytes };
-    // The two sides at once: the source has refused writes to the range
-    // since the freeze and the commit has decided the owner, so the target
-    // may serve before the source lets go, and the write pause is one
-    // round shorter.
-    let (done, activated) = tokio::join!(
-        steps::shard_step(node, *source, done, 0),
-        steps::shard_step(node, *target, ShardCommand::Activate { op_id: op.op_id, ranges: vec![right] }, 0)
-    );
-    done?;
-    activated?;
+    // The source lets go first: a frozen source refuses writes to the
+    // range but still serves reads of it, so a target serving (and taking
+    // writes) before the source's `SplitDone` would let a reader with an
+    // old route read an old value at the source.
+    steps::shard_step(node, *source, done, 0).await?;
+    steps::shard_step(node, *target, ShardCommand::Activate { op_id: op.op_id, ranges: vec![right] }, 0).await?;
     let pause = op.entered(Phase::Frozen).map(|f| now_ms().saturating_sub(f));
     if let Some(p) = pause {
         metrics::histogram!("cleave_split_write_pause_seconds").record(p as f64 / 1000.0);

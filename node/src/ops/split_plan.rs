@@ -34,6 +34,9 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const FREEZE_RESEND: Duration = Duration::from_millis(250);
 /// How long writes may stay frozen before the split is abandoned.
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Backfill attempts (each a new copy from a new snapshot, after a failed
+/// one) before the split is abandoned.
+pub const MAX_BACKFILL_ATTEMPTS: u32 = 8;
 /// How often progress is reported while capturing.
 pub const REPORT_EVERY: Duration = Duration::from_millis(500);
 
@@ -52,6 +55,8 @@ pub struct Observed {
     /// How long a capture may stand still before the split is abandoned
     /// (`--split-stall-timeout-ms`; zero: never).
     pub stall_limit: Duration,
+    /// Backfill attempts seen in this phase (by this driver).
+    pub attempts: u32,
     /// The source leader's forwarding status (`Capturing`, `Frozen`).
     pub source: Option<ForwardStatus>,
     /// The target's receiving state (`Frozen`), once looked at.
@@ -107,6 +112,9 @@ pub fn next(op: &Operation, obs: &Observed) -> Step {
                 return Step::Abort(format!("the capture made no progress for {} s", obs.stalled_for.as_secs()));
             }
             let Some(st) = &obs.source else { return Step::ObserveSource };
+            if !st.backfill_done && obs.attempts > MAX_BACKFILL_ATTEMPTS {
+                return Step::Abort(format!("the backfill failed {} times", obs.attempts - 1));
+            }
             let freeze = st.backfill_done && st.last_seq.saturating_sub(st.shipped) <= FREEZE_BACKLOG;
             let report = (freeze || obs.since_report > REPORT_EVERY).then(|| progress(&op.progress, st));
             if report.is_none() && !freeze {
@@ -256,6 +264,11 @@ mod tests {
         assert!(matches!(next(&phase, &stalled), Step::Abort(r) if r.contains("no progress")));
         let never = Observed { stalled_for: limit * 2, stall_limit: Duration::ZERO, ..at(100_000) };
         assert_eq!(next(&phase, &never), Step::ObserveSource, "a zero limit never abandons");
+        // A backfill that keeps failing is abandoned after so many attempts.
+        let failing = Observed { source: Some(status(false, 0, 0)), attempts: MAX_BACKFILL_ATTEMPTS + 1, ..at(1100) };
+        assert!(matches!(next(&phase, &failing), Step::Abort(r) if r.contains("backfill failed")));
+        let retrying = Observed { source: Some(status(false, 0, 0)), attempts: MAX_BACKFILL_ATTEMPTS, ..at(1100) };
+        assert_eq!(next(&phase, &retrying), Step::Wait);
         // The freeze has its own deadline: the stall limit is the capture's.
         let frozen = Observed { stalled_for: limit * 2, stall_limit: limit, ..at(1100) };
         assert_eq!(next(&op(Phase::Frozen, 1000), &frozen), Step::ObserveSource);

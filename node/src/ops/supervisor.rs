@@ -73,17 +73,38 @@ pub(super) struct Pace {
     pub phase: Phase,
     pub moved_at: Instant,
     pub best: (bool, u64, u64),
+    /// The backfill attempt seen last, and how many were seen in the phase.
+    pub attempt: u64,
+    pub attempts: u32,
 }
 
 impl Pace {
     fn new() -> Pace {
-        Pace { last_report: Instant::now(), phase: Phase::Planned, moved_at: Instant::now(), best: (false, 0, 0) }
+        Pace {
+            last_report: Instant::now(),
+            phase: Phase::Planned,
+            moved_at: Instant::now(),
+            best: (false, 0, 0),
+            attempt: 0,
+            attempts: 0,
+        }
     }
 
     /// Notes the phase the operation is in (a new one starts the clock).
     pub fn enter(&mut self, phase: Phase) {
         if self.phase != phase {
             (self.phase, self.moved_at, self.best) = (phase, Instant::now(), (false, 0, 0));
+            (self.attempt, self.attempts) = (0, 0);
+        }
+    }
+
+    /// Notes the backfill attempt under way (0: none). A new one starts
+    /// its copy figures from zero, so the furthest point is kept per
+    /// attempt; the number of attempts is bounded on its own.
+    pub fn attempt(&mut self, attempt: u64) {
+        if attempt != 0 && attempt != self.attempt {
+            (self.attempt, self.attempts) = (attempt, self.attempts + 1);
+            (self.moved_at, self.best) = (Instant::now(), (self.best.0, 0, self.best.2));
         }
     }
 
@@ -174,6 +195,18 @@ mod tests {
         assert!(p.saw((false, 100, 5)), "the forward log shipped further");
         assert!(p.saw((true, 0, 5)), "the backfill done (a new forwarder knows no copy figures)");
         assert!(!p.saw((true, 100, 5)));
+        // A new backfill attempt copies from zero again: progress within it
+        // counts, and the attempts are counted.
+        let mut p = Pace::new();
+        p.enter(Phase::Capturing);
+        p.attempt(7);
+        assert!(p.saw((false, 100, 0)));
+        p.attempt(7);
+        assert!(!p.saw((false, 100, 0)));
+        p.attempt(8);
+        assert!(p.saw((false, 50, 0)), "the retry moves on");
+        p.attempt(0);
+        assert_eq!(p.attempts, 2, "no attempt (0) is not one");
         // A new phase starts the clock and the record afresh.
         p.enter(Phase::Frozen);
         assert_eq!(p.best, (false, 0, 0));

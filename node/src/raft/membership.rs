@@ -25,6 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use cleave_metadata::{NodeId, ReplicaId};
 use openraft::async_runtime::WatchReceiver;
@@ -34,7 +35,7 @@ use openraft::{ChangeMembers, Membership, Precondition, ServerState};
 use serde::{Deserialize, Serialize};
 
 use super::instance::Instance;
-use super::{GroupRaft, ReplicaNode, TypeConfig};
+use super::{GroupRaft, ReplicaNode, SmState, TypeConfig};
 
 /// Which configuration a view showed: the log id of the membership entry
 /// (`None` before any). Opaque outside this module.
@@ -154,7 +155,46 @@ impl GroupRaft {
     /// committed; catching up happens in the background).
     pub async fn add_learner(&self, replica: ReplicaId, node: ReplicaNode) -> Result<(), MembershipError> {
         let i = self.ensure_leader().await?;
+        self.purge_past_backfill_files(&i).await?;
         i.raft.add_learner(replica, node, false).await.map(|_| ()).map_err(write_err)
+    }
+
+    /// A new replica starts from the group's genesis and replays the log,
+    /// unless the part it needs was purged (then it is sent a snapshot).
+    /// The entry that recorded a split's backfill as files names files only
+    /// the replicas of that time staged: a replica added later must never
+    /// replay it. So if this shard's log may still hold it, build a snapshot
+    /// past it and purge the log up to it before a learner joins.
+    async fn purge_past_backfill_files(&self, i: &Instance) -> Result<(), MembershipError> {
+        let at = match &*self.state.read().unwrap() {
+            SmState::Shard(s) => s.files_at,
+            SmState::Meta(_) => None,
+        };
+        let Some(at) = at else { return Ok(()) };
+        let past = |l: &Option<openraft::alias::LogIdOf<TypeConfig>>| l.as_ref().is_some_and(|l| l.index >= at);
+        if past(&i.raft.metrics().borrow_watched().purged) {
+            return Ok(());
+        }
+        let wait = Duration::from_secs(30);
+        let refused = |what: &str, e: &dyn std::fmt::Display| {
+            MembershipError::Refused(format!("{what} past the backfill entry {at}: {e}"))
+        };
+        if !past(&i.raft.metrics().borrow_watched().snapshot) {
+            i.raft.trigger().snapshot().await.map_err(|e| refused("building a snapshot", &e))?;
+            i.raft
+                .wait(Some(wait))
+                .metrics(|m| past(&m.snapshot), "a snapshot past the backfill entry")
+                .await
+                .map_err(|e| refused("building a snapshot", &e))?;
+        }
+        i.raft.trigger().purge_log(at).await.map_err(|e| refused("purging the log", &e))?;
+        i.raft
+            .wait(Some(wait))
+            .metrics(|m| past(&m.purged), "the log purged past the backfill entry")
+            .await
+            .map_err(|e| refused("purging the log", &e))?;
+        tracing::info!(group = self.group, at, "log purged past the backfill entry before adding a learner");
+        Ok(())
     }
 
     /// Enters the joint configuration `{old} ∧ {old - from + to}` from the

@@ -23,7 +23,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use super::incarnation::Incarnation;
 use super::snapshot::{self, SnapshotFile};
 use super::{SmState, TypeConfig};
-use crate::command::{Command, CommandResponse};
+use crate::command::{Command, CommandResponse, ShardCommand};
 use crate::kv;
 use crate::storage::{self, io_err, state_key, tag, Db, CF_GROUP_META};
 
@@ -140,6 +140,10 @@ impl GroupSm {
         cmd: &Command,
     ) -> io::Result<()> {
         let (Command::Shard(step), SmState::Shard(s)) = (cmd, state) else { return Ok(()) };
+        if matches!(step, ShardCommand::Activate { .. }) {
+            // Files a late chunk staged after the ingest: nothing needs them.
+            crate::split::sst::remove_staged(&self.snapshot_root, self.group);
+        }
         let Some((op, attempt, files)) = crate::split::apply::backfill_files_to_ingest(s, step) else {
             return Ok(());
         };
@@ -272,6 +276,13 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
             // (openraft treats the error as fatal) and serves nothing more.
             let (new_state, (keys, bytes)) = installed.inspect_err(|e| self.fail("installing a snapshot", e))?;
             self.stats.set(keys, bytes);
+            // Backfill files staged here and never ingested are of no use
+            // once the snapshot brought the data (or the split went by).
+            let waiting = matches!(&new_state,
+                SmState::Shard(s) if s.incoming.as_ref().is_some_and(|i| i.backfill.is_none()));
+            if !waiting {
+                crate::split::sst::remove_staged(&self.snapshot_root, self.group);
+            }
             *state = new_state;
             self.installing.store(false, Ordering::SeqCst);
             Ok(())

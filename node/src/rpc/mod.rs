@@ -208,6 +208,8 @@ pub enum MembershipChange {
 /// How far a split source's leader has got with one capture.
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
 pub struct ForwardStatus {
+    /// The backfill attempt under way (0: none, or done by an earlier forwarder).
+    pub attempt: u64,
     pub backfill_done: bool,
     pub keys_copied: u64,
     pub bytes_copied: u64,
@@ -230,11 +232,21 @@ pub struct NodeReport {
     pub api_addr: String,
     /// The directory version the node already has.
     pub directory_version: u64,
+    /// Its replicas' figures: all of them, or (`base` set) those that
+    /// changed since report `base` (see `leader::delta`).
     pub groups: Vec<GroupReport>,
+    /// This report's number, per node run.
+    pub seq: u64,
+    /// The report this one builds on; `None`: a whole report.
+    pub base: Option<u64>,
+    /// Groups held at `base` and no longer.
+    pub gone: Vec<u64>,
+    /// The number of the shard-leader map the node holds.
+    pub leaders_version: u64,
 }
 
 /// Per-replica figures in a heartbeat.
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct GroupReport {
     pub group: u64,
     /// The replica held (the metadata leader compares it with the directory).
@@ -257,8 +269,12 @@ pub struct GroupReport {
 pub struct HeartbeatAck {
     /// Present when newer than the version the node reported.
     pub directory: Option<Directory>,
-    /// Known shard leaders: group → node.
-    pub leaders: Vec<(u64, NodeId)>,
+    /// Known shard leaders, group → node: present when the node's copy
+    /// (`NodeReport::leaders_version`) is not `leaders_version`.
+    pub leaders: Option<Vec<(u64, NodeId)>>,
+    pub leaders_version: u64,
+    /// The report built on one the leader does not hold: send a whole one.
+    pub need_full: bool,
 }
 
 /// The cluster as the metadata leader sees it.

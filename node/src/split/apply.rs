@@ -29,7 +29,8 @@ pub fn backfill_files_to_ingest<'a>(
 ) -> Option<(u64, u64, &'a [crate::split::sst::SstFile])> {
     match cmd {
         ShardCommand::BackfillFiles { op_id, attempt, files, .. }
-            if state.incoming.as_ref().is_some_and(|i| i.op_id == *op_id && i.backfill.is_none()) =>
+            if !files.is_empty()
+                && state.incoming.as_ref().is_some_and(|i| i.op_id == *op_id && i.backfill.is_none()) =>
         {
             Some((*op_id, *attempt, files))
         }
@@ -122,6 +123,11 @@ pub fn apply(
             if source_index.is_some_and(|i| i <= inc.watermark) {
                 return Ok(Ok(index));
             }
+            if source_index.is_some() && inc.backfill.is_none() {
+                // Forwarded writes come after the backfill: ingested files
+                // would otherwise lie over them.
+                return Ok(Err(StepError::BeforeBackfill { op_id: *op_id }));
+            }
             let cf = storage::cf(db, storage::CF_DATA);
             for (key, bytes) in records {
                 let inside = key.as_str() >= inc.start.as_str() && inc.end.as_deref().is_none_or(|e| key.as_str() < e);
@@ -161,18 +167,25 @@ pub fn apply(
             keys,
             bytes,
             live: (live_keys, live_bytes),
+            files,
             ..
         } => {
             // The files were ingested just before (`backfill_files_to_ingest`,
             // the state machine): record them. The marker they carried has
             // done its work (a replay of this entry would find it) once this
             // batch lands with the applied index past the entry.
+            if files.is_empty() {
+                // Every backfill has a file (the marker's): one without any
+                // was not made by a forwarder, and ingests nothing.
+                return Ok(Err(StepError::BeforeBackfill { op_id: *op_id }));
+            }
             if let Some(inc) = state.incoming.as_mut().filter(|i| i.op_id == *op_id && i.backfill.is_none()) {
                 inc.backfill = Some((*snapshot_index, *digest));
                 inc.digest = inc.digest.wrapping_add(*digest);
                 inc.capture_base = *capture_base;
                 inc.backfill_copied = (*keys, *bytes);
                 stats.add(StatsDelta { keys: *live_keys as i64, bytes: *live_bytes as i64 });
+                state.files_at = Some(index);
                 batch.delete_cf(storage::cf(db, storage::CF_DATA), kv::backfill_marker_key(group, *op_id));
                 *changed = true;
             }

@@ -131,7 +131,8 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
             incoming.capture_base
         }
         None => {
-            let attempt = rand::random::<u64>();
+            let attempt = rand::random::<u64>().max(1);
+            status.lock().unwrap().attempt = attempt;
             let dir = sst::outbox_dir(&node.ctx().snapshot_root, group, cap.op_id, attempt);
             let copied = backfill(node, group, cap, attempt, &dir, status).await;
             // The files are staged at every replica (or the copy failed):

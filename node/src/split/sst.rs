@@ -20,8 +20,11 @@
 //!    appended in order to a staging file; the last chunk checks the
 //!    file's hash (a mismatch deletes the file and refuses — wrong bytes
 //!    are never ingested), then syncs it. A replica that restarts
-//!    mid-transfer has a partial file that the next attempt starts over;
-//!    the files of attempts idle for a while are removed.
+//!    mid-transfer has a partial file that the next attempt starts over.
+//!    Attempts are kept side by side (two forwarders may overlap when the
+//!    source's leader changes, and either's files may be the ones the log
+//!    names) until the backfill is recorded, the replica installs a
+//!    snapshot, or the target is deleted.
 //! 3. [`ingest_staged`] (every target replica, when it applies the
 //!    `BackfillFiles` entry that names the attempt and its files): the
 //!    staged files are checked against the entry's lengths and ingested
@@ -324,10 +327,7 @@ pub fn receive_chunk(root: &Path, c: &Chunk) -> Result<(), ChunkError> {
     }
     let io = |e: io::Error| ChunkError::Io(e.to_string());
     let dir = attempt_dir(root, c.group, c.op_id, c.attempt);
-    if c.offset == 0 && c.file == 0 {
-        remove_stale_attempts(root, c.group, &dir).map_err(io)?;
-    }
-    fs::create_dir_all(&dir).map_err(io)?;
+    create_dir_synced(&dir).map_err(io)?;
     let path = file_path(&dir, c.file);
     let mut f = if c.offset == 0 {
         File::create(&path).map_err(io)?
@@ -357,35 +357,29 @@ pub fn receive_chunk(root: &Path, c: &Chunk) -> Result<(), ChunkError> {
     Ok(())
 }
 
-/// How long the files of an attempt are kept after they last changed, once
-/// another attempt of the same group has begun.
-const STALE_ATTEMPT: Duration = Duration::from_secs(30);
-
-/// Removes the staged files of earlier attempts of `group` (all but
-/// `keep`) that have not changed for [`STALE_ATTEMPT`]. Not at once: two
-/// forwarders may overlap for a moment when the source's leader changes,
-/// and the old one may have staged every file and be proposing the entry
-/// that names them; deleting its files then would leave the replicas
-/// unable to apply it. A split that cannot finish is abandoned within the
-/// stall deadline and its target deleted, files and all, which bounds what
-/// piles up here.
-fn remove_stale_attempts(root: &Path, group: u64, keep: &Path) -> io::Result<()> {
-    let Ok(entries) = fs::read_dir(staging_dir(root, group)) else { return Ok(()) };
-    for e in entries.flatten() {
-        let dir = e.path();
-        if dir == keep {
-            continue;
-        }
-        let newest = fs::read_dir(&dir)?
-            .flatten()
-            .filter_map(|f| f.metadata().and_then(|m| m.modified()).ok())
-            .chain(e.metadata().and_then(|m| m.modified()).ok())
-            .max();
-        if newest.is_none_or(|t| t.elapsed().unwrap_or_default() > STALE_ATTEMPT) {
-            remove_dir(&dir)?;
+/// Creates `dir` and its missing parents, each made durable in its own
+/// parent: a staged file is acknowledged only once a crash cannot lose it.
+fn create_dir_synced(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dir_synced(parent)?;
+        match fs::create_dir(dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => File::open(parent)?.sync_all()?,
         }
     }
     Ok(())
+}
+
+/// Removes the staged files of `group` once they can no longer be needed
+/// (the backfill is recorded, or never will be here): best effort, a
+/// leftover goes with the group's folder.
+pub fn remove_staged(root: &Path, group: u64) {
+    if let Err(e) = remove_dir(&staging_dir(root, group)) {
+        tracing::warn!(group, "removing staged backfill files: {e}");
+    }
 }
 
 /// Links a file the source wrote on this node into the local replica's
@@ -393,10 +387,13 @@ fn remove_stale_attempts(root: &Path, group: u64, keep: &Path) -> io::Result<()>
 /// source. Blocking.
 pub fn stage_local(root: &Path, group: u64, op: OpId, attempt: u64, n: u32, from: &Path) -> io::Result<()> {
     let dir = attempt_dir(root, group, op, attempt);
-    fs::create_dir_all(&dir)?;
+    create_dir_synced(&dir)?;
     let to = file_path(&dir, n);
     let _ = fs::remove_file(&to);
-    fs::hard_link(from, &to).or_else(|_| fs::copy(from, &to).map(|_| ()))?;
+    if fs::hard_link(from, &to).is_err() {
+        fs::copy(from, &to)?;
+        File::open(&to)?.sync_all()?;
+    }
     File::open(&dir)?.sync_all()
 }
 
@@ -435,7 +432,8 @@ pub fn ingest_staged(db: &Db, root: &Path, group: u64, op: OpId, attempt: u64, f
     let mut opts = rocksdb::IngestExternalFileOptions::default();
     opts.set_move_files(true);
     db.ingest_external_file_cf_opts(cf, &opts, paths).map_err(storage::io_err)?;
-    remove_dir(&staging_dir(root, group))
+    remove_staged(root, group);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -582,24 +580,31 @@ mod tests {
     }
 
     #[test]
-    fn a_new_attempt_clears_older_ones_only_once_they_are_idle() {
+    fn attempts_are_staged_side_by_side_until_the_backfill_is_recorded() {
+        // Two forwarders may overlap for a moment (a change of the source's
+        // leader): the files of either may be the ones the log names.
         let root = tempfile::tempdir().unwrap();
-        let (recent, idle) = (attempt_dir(root.path(), TARGET, OP, 1), attempt_dir(root.path(), TARGET, OP, 3));
-        for d in [&recent, &idle] {
-            fs::create_dir_all(d).unwrap();
-            fs::write(file_path(d, 0), b"staged").unwrap();
-        }
-        let long_ago = std::time::SystemTime::now() - STALE_ATTEMPT * 2;
-        File::options().write(true).open(file_path(&idle, 0)).unwrap().set_modified(long_ago).unwrap();
-        File::open(&idle).unwrap().set_modified(long_ago).unwrap();
         let data = b"x".to_vec();
         let hash = xxhash_rust::xxh3::xxh3_64(&data);
-        let c =
-            Chunk { group: TARGET, replica_id: 1, op_id: OP, attempt: 2, file: 0, offset: 0, file_len: 1, hash, data };
-        receive_chunk(root.path(), &c).unwrap();
-        assert!(!idle.exists(), "an idle attempt's files are gone");
-        assert!(file_path(&recent, 0).exists(), "a recent attempt may still be named by an entry: kept");
-        assert!(file_path(&attempt_dir(root.path(), TARGET, OP, 2), 0).exists());
+        for attempt in [1, 2] {
+            let c = Chunk {
+                group: TARGET,
+                replica_id: 1,
+                op_id: OP,
+                attempt,
+                file: 0,
+                offset: 0,
+                file_len: 1,
+                hash,
+                data: data.clone(),
+            };
+            receive_chunk(root.path(), &c).unwrap();
+        }
+        for attempt in [1, 2] {
+            assert!(file_path(&attempt_dir(root.path(), TARGET, OP, attempt), 0).exists());
+        }
+        remove_staged(root.path(), TARGET);
+        assert!(!staging_dir(root.path(), TARGET).exists());
     }
 
     #[test]
