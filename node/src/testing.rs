@@ -77,6 +77,23 @@ pub fn put(db: &Db, state: &mut ShardState, index: u64, key: &str, json: &str) -
     r
 }
 
+/// A starting state for [`noise`].
+pub const NOISE_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// `len` pseudo-random lowercase letters (xorshift from `state`, which
+/// moves on): an incompressible value, so table files fill as real data
+/// would.
+pub fn noise(state: &mut u64, len: usize) -> String {
+    (0..len)
+        .map(|_| {
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            char::from(b'a' + (*state % 26) as u8)
+        })
+        .collect()
+}
+
 /// A split source: shard `GROUP` with `n` keys of 500 random letters spread over
 /// the alphabet, capturing `[m, ∞)` for operation `op` into `target`, its
 /// state stored as the apply would.
@@ -84,18 +101,10 @@ pub fn split_source(n: usize, op: u64, target: u64) -> (tempfile::TempDir, Arc<D
     let (dir, db) = temp_db();
     let mut s = whole_shard();
     // Incompressible values, so that files fill by size as they would.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut x = NOISE_SEED;
     for i in 0..n {
         let key = format!("{}{i:04}", (b'a' + (i % 26) as u8) as char);
-        let value: String = (0..500)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                char::from(b'a' + (x % 26) as u8)
-            })
-            .collect();
-        put(&db, &mut s, i as u64 + 1, &key, &format!("\"{value}\"")).unwrap();
+        put(&db, &mut s, i as u64 + 1, &key, &format!("\"{}\"", noise(&mut x, 500))).unwrap();
     }
     s.captures.push(kv::Capture { op_id: op, start: "m".into(), end: None, target, frozen_at: None, changes: 0 });
     let meta = storage::cf(&db, storage::CF_GROUP_META);

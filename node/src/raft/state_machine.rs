@@ -627,18 +627,7 @@ mod tests {
             .filter(|(k, _)| &k[8..] >= b"m".as_slice() && *k < crate::kv::user_data_end(crate::testing::GROUP))
             .map(|(k, v)| (k[8..].to_vec(), v))
             .collect();
-        let cmd = ShardCommand::BackfillFiles {
-            op_id: OP,
-            snapshot_index: w.snapshot_index,
-            digest: w.digest,
-            capture_base: w.capture_base,
-            keys: w.records,
-            bytes: w.bytes,
-            live: (w.live_keys, w.live_bytes),
-            attempt: 3,
-            files,
-        };
-        (cmd, moving, src_dir)
+        (w.command(OP, 3, files), moving, src_dir)
     }
 
     fn receiving() -> SmState {

@@ -330,15 +330,8 @@ mod tests {
             let mut s = whole_shard();
             // An incompressible value, so the data block spans the first
             // few KiB of the table file.
-            let mut x = 0x9e37_79b9_7f4a_7c15u64;
-            let noise: String = (0..8000)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    char::from(b'a' + (x % 26) as u8)
-                })
-                .collect();
+            let mut seed = crate::testing::NOISE_SEED;
+            let noise = crate::testing::noise(&mut seed, 8000);
             put(&db, &mut s, 1, "k", &format!("\"{noise}\"")).unwrap();
             db.flush_cf(storage::cf(&db, storage::CF_DATA)).unwrap();
         }

@@ -139,18 +139,7 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
             // this node's copies are of no more use either way.
             let _ = tokio::task::spawn_blocking(move || sst::remove_dir(&dir)).await;
             let (w, files) = copied?;
-            let cmd = ShardCommand::BackfillFiles {
-                op_id: cap.op_id,
-                snapshot_index: w.snapshot_index,
-                digest: w.digest,
-                capture_base: w.capture_base,
-                keys: w.records,
-                bytes: w.bytes,
-                live: (w.live_keys, w.live_bytes),
-                attempt,
-                files,
-            };
-            steps::shard_step(node, cap.target, cmd, 0).await?;
+            steps::shard_step(node, cap.target, w.command(cap.op_id, attempt, files), 0).await?;
             w.capture_base
         }
     };

@@ -89,6 +89,24 @@ pub struct Written {
     pub bytes: u64,
 }
 
+impl Written {
+    /// The entry that records this backfill in the target's log: the copy's
+    /// figures and the files of `attempt`.
+    pub fn command(&self, op_id: OpId, attempt: u64, files: Vec<SstFile>) -> crate::command::ShardCommand {
+        crate::command::ShardCommand::BackfillFiles {
+            op_id,
+            snapshot_index: self.snapshot_index,
+            digest: self.digest,
+            capture_base: self.capture_base,
+            keys: self.records,
+            bytes: self.bytes,
+            live: (self.live_keys, self.live_bytes),
+            attempt,
+            files,
+        }
+    }
+}
+
 /// Staging directory of one group's incoming backfills: inside the
 /// group's snapshot folder, so it goes with the replica when the replica
 /// is created, destroyed or collected.
