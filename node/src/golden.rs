@@ -721,7 +721,7 @@ scripts!(split_steps:
     a_batch_older_than_the_watermark_is_ignored,
     a_begin_capture_after_its_operation_ended_is_refused,
     a_capture_begins_once_and_only_on_a_range_the_shard_owns,
-    a_frozen_range_refuses_writes_but_not_reads,
+    a_frozen_range_refuses_writes_and_keeps_its_data,
     a_gap_in_the_forwarded_log_fails_verification,
     a_redelivered_batch_is_applied_once,
     a_split_moves_every_record_and_tombstone,

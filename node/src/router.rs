@@ -128,6 +128,11 @@ where
 /// the state that was checked: a `SplitDone` applied after the check cannot
 /// delete the data under the read. `Ok(None)`: a snapshot install is
 /// replacing this replica's data; read elsewhere.
+///
+/// A range frozen for a split is refused (`RangeMoving`, retried in
+/// milliseconds) for reads as for writes: the split's target may take
+/// writes as soon as the split commits, before this shard lets go of the
+/// range, and a read here would miss them.
 pub(crate) fn owned_snapshot<'a>(
     db: &'a crate::storage::Db,
     g: &GroupRaft,
@@ -139,10 +144,14 @@ pub(crate) fn owned_snapshot<'a>(
     if g.is_installing() {
         return Ok(None);
     }
-    if s.owns(start, end) {
-        Ok(Some(db.snapshot()))
+    if !s.owns(start, end) {
+        return Err(ExecError::Kv(KvError::WrongRange { ranges: s.ranges.clone() }));
+    }
+    // `covers(start)` for a point read, whose empty `[key, key)` overlaps nothing.
+    if s.captures.iter().any(|c| c.frozen_at.is_some() && (c.covers(start) || c.overlaps(start, end))) {
+        Err(ExecError::Kv(KvError::RangeMoving))
     } else {
-        Err(ExecError::Kv(KvError::WrongRange { ranges: s.ranges.clone() }))
+        Ok(Some(db.snapshot()))
     }
 }
 
@@ -624,6 +633,45 @@ mod tests {
         g.set_installing(true);
         assert!(owned_snapshot(&ctx.db, &g, "a", Some("b")).unwrap().is_none(), "no read of a replica mid-install");
         g.set_installing(false);
+        g.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_range_frozen_for_a_split_is_refused_to_reads_until_the_capture_ends() {
+        let (_d, ctx) = temp_ctx();
+        let g = GroupRaft::create(&ctx, GROUP, 1, SmState::Shard(whole_shard())).await.unwrap();
+        let with_state = |f: &dyn Fn(&crate::storage::Db, &mut kv::ShardState)| {
+            let mut state = g.state.write().unwrap();
+            let SmState::Shard(s) = &mut *state else { unreachable!() };
+            f(&ctx.db, s);
+        };
+        let capture = ShardCommand::BeginCapture { op_id: 5, start: "m".into(), end: Some("t".into()), target: 2 };
+        with_state(&|db, s| {
+            crate::testing::step(db, s, 1, capture.clone()).unwrap();
+        });
+        let moving = |start: &str, end: Option<&str>| {
+            matches!(owned_snapshot(&ctx.db, &g, start, end), Err(ExecError::Kv(KvError::RangeMoving)))
+        };
+        assert!(!moving("m", Some("m")), "captured but not frozen: served");
+        with_state(&|db, s| {
+            crate::testing::step(db, s, 2, ShardCommand::Freeze { op_id: 5 }).unwrap();
+        });
+        // Point reads (start = end = key) at the range's first key, inside, at its end.
+        assert!(moving("m", Some("m")), "the split key itself");
+        assert!(moving("s", Some("s")));
+        assert!(!moving("t", Some("t")), "the range's end is not in it");
+        assert!(!moving("l", Some("l")));
+        // Scans that overlap the frozen range, and one that stops short of it.
+        assert!(moving("a", None));
+        assert!(moving("a", Some("n")));
+        assert!(!moving("a", Some("m")));
+        assert!(!moving("t", None));
+        // An abandoned split ends the capture: reads are served again.
+        with_state(&|db, s| {
+            crate::testing::step(db, s, 3, ShardCommand::EndCapture { op_id: 5 }).unwrap();
+        });
+        assert!(!moving("m", Some("m")));
+        assert!(owned_snapshot(&ctx.db, &g, "m", Some("m")).unwrap().is_some());
         g.shutdown().await;
     }
 }

@@ -42,6 +42,9 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
     // state from any replica first (no read barrier, which keeps the frozen
     // window short), from its leader if that one was behind.
     let mut target_looks = 0;
+    // The target's live keys and bytes as last observed (exact once it has
+    // applied the whole forward log of a frozen source).
+    let mut figures = None;
     loop {
         match split_plan::next(op, &obs) {
             Step::Wait => return Ok(false),
@@ -64,6 +67,7 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
                 let Some(i) = status.incoming else {
                     return Err(ExecError::Internal("target is not receiving".into()));
                 };
+                figures = Some((status.keys, status.bytes));
                 obs.target = Some(i);
             }
             Step::CreateTarget => return create_target(node, op).await,
@@ -94,9 +98,12 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
             Step::Commit => {
                 meta(node, MetaCommand::CommitSplit { op_id: op.op_id, now_ms: now_ms() }).await?;
                 metrics::counter!("cleave_splits_committed_total").increment(1);
-                return Ok(true);
+                // Writes are still paused: cut over at once, with the
+                // figures just observed (the planner commits only after
+                // seeing a target that applied the whole forward log).
+                return cutover(node, op, figures).await;
             }
-            Step::Cutover => return cutover(node, op).await,
+            Step::Cutover => return cutover(node, op, None).await,
             Step::Cleanup => return cleanup(node, op).await,
         }
     }
@@ -163,7 +170,9 @@ async fn begin_capture(node: &Node, op: &Operation) -> Result<bool, ExecError> {
 }
 
 /// `Committed`: the source gives the range up, the target takes it.
-async fn cutover(node: &Node, op: &Operation) -> Result<bool, ExecError> {
+/// `figures`: the target's live keys and bytes once it had everything
+/// (looked up again when the cutover is resumed after a failure).
+async fn cutover(node: &Node, op: &Operation, figures: Option<(u64, u64)>) -> Result<bool, ExecError> {
     let OpKind::Split { range_id, source, target, new_range_id, .. } = &op.kind else {
         return Err(ExecError::Internal("not a split".into()));
     };
@@ -172,15 +181,24 @@ async fn cutover(node: &Node, op: &Operation) -> Result<bool, ExecError> {
     let right = dir.range(*new_range_id).cloned().ok_or(ExecError::Internal("right range missing".into()))?;
     // The target's figures as received (it serves nothing before it is
     // activated, so they are exactly what moved).
-    let TargetStatus { keys, bytes, .. } = steps::incoming_status(node, *target, 0).await?;
+    let (keys, bytes) = match figures {
+        Some(f) => f,
+        None => {
+            let TargetStatus { keys, bytes, .. } = steps::incoming_status(node, *target, 0).await?;
+            (keys, bytes)
+        }
+    };
     let done =
         ShardCommand::SplitDone { op_id: op.op_id, left, moved: right.clone(), moved_keys: keys, moved_bytes: bytes };
-    // The source lets go first: a frozen source refuses writes to the
-    // range but still serves reads of it, so a target serving (and taking
-    // writes) before the source's `SplitDone` would let a reader with an
-    // old route read an old value at the source.
-    steps::shard_step(node, *source, done, 0).await?;
-    steps::shard_step(node, *target, ShardCommand::Activate { op_id: op.op_id, ranges: vec![right] }, 0).await?;
+    let activate = ShardCommand::Activate { op_id: op.op_id, ranges: vec![right] };
+    // Both at once, one consensus round: the frozen source refuses reads of
+    // the range as well as writes (`router::owned_snapshot`), so a target
+    // that serves (and takes writes) before the source's `SplitDone`
+    // applies cannot leave a reader with an old route an old value there.
+    let (done, active) =
+        tokio::join!(steps::shard_step(node, *source, done, 0), steps::shard_step(node, *target, activate, 0));
+    done?;
+    active?;
     let pause = op.entered(Phase::Frozen).map(|f| now_ms().saturating_sub(f));
     if let Some(p) = pause {
         metrics::histogram!("cleave_split_write_pause_seconds").record(p as f64 / 1000.0);
