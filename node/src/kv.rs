@@ -349,7 +349,7 @@ pub struct ScannedItem {
 }
 
 /// Iterates the stored records of `group` in `[start, end)` (user keys only).
-fn records<'a>(
+pub(crate) fn records<'a>(
     db: &'a Db,
     snap: Option<&Snapshot<'_>>,
     group: u64,
@@ -397,31 +397,6 @@ pub fn scan_at(
     Ok(out)
 }
 
-/// The live key in the middle of `[start, end)` of `group`, by count. Two
-/// passes over the range, holding one key at a time (blocking: call it off
-/// the async workers).
-pub fn median_key(db: &Db, group: u64, start: &str, end: Option<&str>) -> Result<Option<String>, rocksdb::Error> {
-    let snap = db.snapshot();
-    let live = |v: &[u8]| ValueRecord::decode(v).is_some_and(|r| !r.tombstone);
-    let mut count = 0usize;
-    for item in records(db, Some(&snap), group, start, end) {
-        let (_, v) = item?;
-        count += usize::from(live(&v));
-    }
-    let mut seen = 0usize;
-    for item in records(db, Some(&snap), group, start, end) {
-        let (k, v) = item?;
-        if !live(&v) {
-            continue;
-        }
-        if seen == count / 2 {
-            return Ok(Some(String::from_utf8_lossy(storage::user_key_of(&k)).into_owned()));
-        }
-        seen += 1;
-    }
-    Ok(None)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,22 +438,5 @@ mod tests {
         s.incoming = Some(Incoming::new(1, "j".into(), None));
         assert_eq!(s.check_route("k", 1, 1), Err(KvError::RangeMoving));
         assert!(s.check_route("a", 1, 1).is_ok());
-    }
-
-    #[test]
-    fn the_median_key_counts_live_keys_only() {
-        let (_d, db) = crate::testing::temp_db();
-        let mut s = crate::testing::whole_shard();
-        for (i, k) in ["a", "b", "c", "d", "e", "f"].iter().enumerate() {
-            crate::testing::put(&db, &mut s, i as u64 + 1, k, "1").unwrap();
-        }
-        let del = KvCommand { range_id: 1, epoch: 1, op: KvOp::Delete { key: "a".into(), if_version: None } };
-        let mut b = ApplyBatch::default();
-        apply(&db, 1, 7, &mut s, &mut b, &del).unwrap().unwrap();
-        db.write(b.write).unwrap();
-        // Live: b c d e f → the third.
-        assert_eq!(median_key(&db, 1, "", None).unwrap().as_deref(), Some("d"));
-        assert_eq!(median_key(&db, 1, "e", None).unwrap().as_deref(), Some("f"));
-        assert_eq!(median_key(&db, 1, "g", None).unwrap(), None);
     }
 }

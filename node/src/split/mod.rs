@@ -11,8 +11,9 @@
 //!   verification digest.
 //! - [`apply`] is what the shards do when the split's steps reach their logs.
 //! - [`digest`]: the order-independent content digest both sides compare.
+//! - [`split_key`]: where to split a range (by file boundaries when large).
 //! - [`steps`]: the node-to-node calls the split makes (a step at a shard's
-//!   leader, a target's receiving state, the median key, creating and
+//!   leader, a target's receiving state, the split key, creating and
 //!   destroying replicas).
 //!
 //! When to split on its own is decided by `balance::auto_split`.
@@ -20,5 +21,6 @@
 pub mod apply;
 pub mod digest;
 pub mod forwarder;
+pub mod split_key;
 pub mod sst;
 pub mod steps;

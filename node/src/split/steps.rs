@@ -9,6 +9,7 @@ use crate::node::Node;
 use crate::raft::{GroupRaft, SmState};
 use crate::router::{internal_deadline, left};
 use crate::rpc::{self, ExecError, TargetStatus};
+use crate::split::split_key;
 
 /// Applies a split step through `shard`'s leader; returns the entry's answer.
 pub async fn shard_step(node: &Node, shard: ShardId, cmd: ShardCommand, hops: u8) -> Result<u64, ExecError> {
@@ -38,7 +39,8 @@ pub async fn incoming_status_any(node: &Node, shard: ShardId) -> Result<TargetSt
     }
 }
 
-/// A key near the middle of `[start, end)` of `shard`, at its leader.
+/// A key near the middle of `[start, end)` of `shard` (by load: of the
+/// sampled requests; else by size or count, [`split_key`]), at its leader.
 pub async fn median_key(node: &Node, req: rpc::MedianKey) -> Result<Option<String>, ExecError> {
     let rpc::MedianKey { shard, ref start, ref end, by_load, hops } = req;
     let (start, end) = (start.as_str(), end.as_deref());
@@ -55,13 +57,15 @@ pub async fn median_key(node: &Node, req: rpc::MedianKey) -> Result<Option<Strin
                     keys.sort();
                     keys.get(keys.len() / 2).map(|k| (*k).clone())
                 } else {
-                    // Streams the range twice (count, then walk to the middle):
+                    // Reads file metadata, or scans a small range once:
                     // blocking work, kept off the async workers.
                     let (db, start, end) = (node.ctx().db.clone(), start.to_string(), end.map(str::to_string));
-                    tokio::task::spawn_blocking(move || crate::kv::median_key(&db, shard, &start, end.as_deref()))
-                        .await
-                        .map_err(|e| ExecError::Internal(e.to_string()))?
-                        .map_err(|e| ExecError::Internal(e.to_string()))?
+                    tokio::task::spawn_blocking(move || {
+                        split_key::split_key(&db, shard, &start, end.as_deref(), split_key::BY_FILES_MIN_BYTES)
+                    })
+                    .await
+                    .map_err(|e| ExecError::Internal(e.to_string()))?
+                    .map_err(|e| ExecError::Internal(e.to_string()))?
                 };
                 // The range start itself cannot be a split point.
                 Ok(key.filter(|k| k.as_str() > start))
