@@ -81,23 +81,28 @@ impl Reporter {
     }
 }
 
-/// The tracker's side: the groups a node holds after `report`, given the
-/// ones recorded from it last (`seq` and groups); `None` when the report
-/// builds on something else (the node must send a whole one).
-pub fn apply(
-    recorded: Option<(u64, &BTreeMap<u64, GroupReport>)>,
-    report: &NodeReport,
-) -> Option<BTreeMap<u64, GroupReport>> {
-    let mut groups = match (report.base, recorded) {
-        (None, _) => BTreeMap::new(),
-        (Some(base), Some((seq, groups))) if base == seq => groups.clone(),
-        (Some(_), _) => return None,
+/// The tracker's side: brings `recorded` — the number and groups of the
+/// report recorded from the node last — to what the node holds after
+/// `report`, in place (a copy of every group, from every node, every
+/// second was the metadata leader's own idle cost at 10,000 shards).
+/// `false`, leaving it as it was, when the report builds on something
+/// else: the node must send a whole one.
+pub fn apply(recorded: &mut Option<(u64, BTreeMap<u64, GroupReport>)>, report: &NodeReport) -> bool {
+    let whole = match (report.base, recorded.as_ref()) {
+        (None, _) => true,
+        (Some(base), Some((seq, _))) if base == *seq => false,
+        (Some(_), _) => return false,
     };
+    let (seq, groups) = recorded.get_or_insert_with(Default::default);
+    if whole {
+        groups.clear();
+    }
+    *seq = report.seq;
     for id in &report.gone {
         groups.remove(id);
     }
     groups.extend(report.groups.iter().map(|g| (g.group, g.clone())));
-    Some(groups)
+    true
 }
 
 #[cfg(test)]
@@ -139,14 +144,14 @@ mod tests {
     }
 
     impl Leader {
+        /// Whether the leader needs a whole report next.
         fn receive(&mut self, r: &NodeReport) -> bool {
-            match apply(self.recorded.as_ref().map(|(s, g)| (*s, g)), r) {
-                Some(groups) => {
-                    self.recorded = Some((r.seq, groups));
-                    false
-                }
-                None => true,
+            let before = self.recorded.clone();
+            let applied = apply(&mut self.recorded, r);
+            if !applied {
+                assert_eq!(self.recorded, before, "a refused report changes nothing");
             }
+            !applied
         }
 
         fn groups(&self) -> Vec<GroupReport> {

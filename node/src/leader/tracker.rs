@@ -108,13 +108,16 @@ impl Tracker {
     pub(super) fn record(&self, hb: &NodeReport) -> bool {
         let mut t = self.inner.lock().unwrap();
         t.since.get_or_insert_with(Instant::now);
-        let before = t.seen.get(&hb.node_id).map(|s| (s.seq, &s.groups));
-        let Some(groups) = super::delta::apply(before, hb) else {
-            if let Some(s) = t.seen.get_mut(&hb.node_id) {
-                s.at = Instant::now();
+        // Taken out and put back: the groups are brought up to date in place.
+        let mut recorded = t.seen.remove(&hb.node_id).map(|s| (s.seq, s.groups));
+        if !super::delta::apply(&mut recorded, hb) {
+            // Alive all the same, its figures as they were.
+            if let Some((seq, groups)) = recorded {
+                t.seen.insert(hb.node_id, Seen { at: Instant::now(), seq, groups });
             }
             return false;
-        };
+        }
+        let (seq, groups) = recorded.expect("applied");
         for g in &hb.groups {
             if g.is_leader {
                 let newer = t.leaders.get(&g.group).is_none_or(|(term, _)| g.term >= *term);
@@ -130,7 +133,7 @@ impl Tracker {
                 t.set_leader(*id, None);
             }
         }
-        t.seen.insert(hb.node_id, Seen { at: Instant::now(), seq: hb.seq, groups });
+        t.seen.insert(hb.node_id, Seen { at: Instant::now(), seq, groups });
         true
     }
 
