@@ -51,6 +51,7 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
         transport,
         snapshot_root: cfg.node.data_dir.join("snapshots"),
         settings: cfg.raft.clone(),
+        awake: Default::default(),
     };
     // Bind both ports before anything else so a taken port fails fast.
     let raft_listener = tokio::net::TcpListener::bind(&cfg.listen_raft)

@@ -34,6 +34,7 @@ pub fn temp_ctx() -> (tempfile::TempDir, crate::raft::RaftContext) {
             keep_logs: 100,
             dormant_after_ms: 0,
         },
+        awake: Default::default(),
     };
     (dir, ctx)
 }

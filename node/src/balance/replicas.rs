@@ -65,6 +65,9 @@ struct View<'a> {
     dir: &'a Directory,
     health: BTreeMap<NodeId, NodeHealth>,
     counts: BTreeMap<NodeId, usize>,
+    /// Groups an active operation holds (looked up once per plan: asking
+    /// the directory per group walked every operation for every group).
+    busy: std::collections::HashSet<ShardId>,
     policy: &'a BalancePolicy,
 }
 
@@ -95,7 +98,7 @@ impl View<'_> {
     }
 
     fn busy(&self, group: ShardId) -> bool {
-        self.dir.group_busy(group).is_some()
+        self.busy.contains(&group)
     }
 }
 
@@ -128,6 +131,7 @@ pub fn plan(
         dir,
         health: health.iter().map(|h| (h.id, *h)).collect(),
         counts: dir.nodes.keys().map(|n| (*n, dir.replica_count(*n))).collect(),
+        busy: dir.active_ops().flat_map(|op| op.kind.groups()).collect(),
         policy,
     };
     let running = dir.active_ops().filter(|op| matches!(op.kind, OpKind::Move { .. })).count();

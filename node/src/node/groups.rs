@@ -30,11 +30,16 @@ pub struct Groups {
     map: RwLock<HashMap<u64, Arc<GroupRaft>>>,
     /// Serialises creating and destroying local replicas.
     lifecycle: tokio::sync::Mutex<()>,
+    /// The failed replicas' groups as last looked up, and when.
+    failed: std::sync::Mutex<(Option<std::time::Instant>, Vec<u64>)>,
 }
+
+/// How stale the list of failed replicas may be.
+const FAILED_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Groups {
     pub(super) fn new(ctx: RaftContext) -> Groups {
-        Groups { ctx, map: RwLock::default(), lifecycle: Default::default() }
+        Groups { ctx, map: RwLock::default(), lifecycle: Default::default(), failed: Default::default() }
     }
 
     /// This node's replica of group `id`, unless a storage error stopped it
@@ -57,15 +62,24 @@ impl Groups {
     }
 
     /// The replicas in service that are awake (not quiet), in no order: the
-    /// ones background loops need to look at. A quiet replica costs a
-    /// relaxed load here, nothing more.
+    /// ones background loops need to look at. A quiet replica costs nothing
+    /// here (`ctx.awake` lists only groups that may be awake).
     pub fn awake(&self) -> Vec<Arc<GroupRaft>> {
-        self.map.read().unwrap().values().filter(|g| !g.is_quiet() && !g.is_failed()).cloned().collect()
+        let map = self.map.read().unwrap();
+        let awake = self.ctx.awake.awake(|id| map.get(&id).map(|g| (g.clone(), !g.is_quiet())));
+        awake.into_iter().filter(|g| !g.is_failed()).collect()
     }
 
-    /// Groups whose replica here a storage error stopped.
+    /// Groups whose replica here a storage error stopped (asked by every
+    /// peer's liveness ping, ten times a second each: looked up at most
+    /// every [`FAILED_EVERY`]).
     pub fn failed(&self) -> Vec<u64> {
-        self.map.read().unwrap().values().filter(|g| g.is_failed()).map(|g| g.group).collect()
+        let mut cached = self.failed.lock().unwrap();
+        if cached.0.is_none_or(|at| at.elapsed() >= FAILED_EVERY) {
+            let failed = self.map.read().unwrap().values().filter(|g| g.is_failed()).map(|g| g.group).collect();
+            *cached = (Some(std::time::Instant::now()), failed);
+        }
+        cached.1.clone()
     }
 
     /// Whether no replica at all is held here, failed ones included.
@@ -79,7 +93,13 @@ impl Groups {
     }
 
     pub(super) fn insert(&self, g: Arc<GroupRaft>) {
-        self.map.write().unwrap().insert(g.group, g);
+        let (group, awake) = (g.group, !g.is_quiet());
+        self.map.write().unwrap().insert(group, g);
+        // Listed when it opened, but possibly dropped by a look before it
+        // was in the map: list it again (after the insert).
+        if awake {
+            self.ctx.awake.insert(group);
+        }
     }
 
     /// Opens every replica recorded on disk (call with the lifecycle lock).

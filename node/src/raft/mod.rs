@@ -201,6 +201,8 @@ pub struct RaftContext {
     pub transport: Transport,
     pub snapshot_root: PathBuf,
     pub settings: RaftSettings,
+    /// The groups whose replica here may be awake.
+    pub awake: Arc<quiesce::AwakeSet>,
 }
 
 /// Removes `group`'s snapshot folder, if any.
@@ -518,7 +520,11 @@ impl GroupRaft {
             failed: Arc::new(AtomicBool::new(false)),
             served: AtomicU64::new(0),
             samples: Default::default(),
-            quiescence: Arc::new(quiesce::Quiescence::new(group == cleave_metadata::META_GROUP)),
+            quiescence: Arc::new(quiesce::Quiescence::new(
+                group == cleave_metadata::META_GROUP,
+                ctx.awake.clone(),
+                group,
+            )),
         };
         g.live().await?;
         Ok(g)

@@ -530,6 +530,7 @@ mod tests {
                 keep_logs: 100,
                 dormant_after_ms: 0,
             },
+            awake: Default::default(),
         }
     }
 
