@@ -515,9 +515,13 @@ impl Runner {
         let incoming = st.incoming.iter().map(|i: &Incoming| {
             let backfill = i.backfill.map_or("no backfill yet".to_string(), |(s, _)| format!("backfilled from #{s}"));
             let range = format!("[{:?}, {})", i.start, show_end(i.end.as_deref()));
-            format!("op={} {range}, watermark #{}, {backfill}", i.op_id, i.watermark)
+            let (keys, bytes) = i.live;
+            format!("op={} {range}, watermark #{}, {backfill}, live {keys} keys {bytes} bytes", i.op_id, i.watermark)
         });
         writeln!(out, "incoming: {}", list(incoming.collect()))?;
+        if let Some(r) = &st.received {
+            writeln!(out, "received: op={}, {} keys {} bytes", r.op_id, r.keys, r.bytes)?;
+        }
         let mut ended = list(st.ended_ops.iter().map(u64::to_string).collect());
         if st.ended_below > 0 {
             write!(ended, " (and all up to {})", st.ended_below)?;
@@ -607,6 +611,10 @@ impl Runner {
             if let Some(inc) = &s.state.incoming {
                 if inc.digest != self.digest(s.group, &inc.start, inc.end.as_deref())? {
                     return Err(format!("{name}: incoming digest differs from what is stored").into());
+                }
+                // A target holds nothing but what it received.
+                if (inc.live.0 as i64, inc.live.1 as i64) != s.stats {
+                    return Err(format!("{name}: received {:?} but stats {:?}", inc.live, s.stats).into());
                 }
             }
             for c in &s.state.captures {

@@ -67,6 +67,11 @@ pub struct Incoming {
     /// snapshot's digest less the capture's changes up to that snapshot).
     #[serde(default)]
     pub capture_base: u64,
+    /// Live keys and bytes received so far (the backfill's and every
+    /// forwarded record's): what the source gives away, read under the same
+    /// lock as the watermark, so the two always agree.
+    #[serde(default)]
+    pub live: (u64, u64),
 }
 
 impl Incoming {
@@ -82,8 +87,27 @@ impl Incoming {
             backfill: None,
             backfill_copied: (0, 0),
             capture_base: 0,
+            live: (0, 0),
         }
     }
+
+    /// Counts a change of the received live keys and bytes.
+    pub fn add_live(&mut self, d: StatsDelta) {
+        self.live.0 = (self.live.0 as i64 + d.keys).max(0) as u64;
+        self.live.1 = (self.live.1 as i64 + d.bytes).max(0) as u64;
+    }
+}
+
+/// What a split target had received when it was activated: the figures its
+/// source lowers its own counts by. Kept after activation, since the
+/// target takes writes from then on and its own counts move on, while a
+/// cutover cut short (the source's step failed, the driver died) needs them
+/// again.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub op_id: OpId,
+    pub keys: u64,
+    pub bytes: u64,
 }
 
 /// The ranges a shard owns, and its split bookkeeping.
@@ -112,6 +136,10 @@ pub struct ShardState {
     /// learner is added the leader's log is purged past it.
     #[serde(default)]
     pub files_at: Option<u64>,
+    /// Set when this shard was activated as a split's target (boxed: the
+    /// state travels inside node requests, kept small).
+    #[serde(default)]
+    pub received: Option<Box<Received>>,
 }
 
 /// How many ended operations a shard remembers one by one.

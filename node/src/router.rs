@@ -73,6 +73,10 @@ pub fn deadline_of(budget_ms: u64, max: Duration) -> Instant {
     Instant::now() + Duration::from_millis(budget_ms).min(max)
 }
 
+/// How long a range may answer "moving" before a retry refreshes the
+/// directory first.
+const MOVING_REFRESH: Duration = Duration::from_millis(50);
+
 /// Whether retrying after `e` is safe and useful.
 fn retryable(e: &ExecError) -> bool {
     matches!(
@@ -90,6 +94,8 @@ where
     Fut: std::future::Future<Output = Result<T, ExecError>>,
 {
     let mut backoff = Duration::from_millis(10);
+    // Since when the range has answered "moving" without a directory refresh.
+    let mut moving_since: Option<Instant> = None;
     loop {
         match attempt().await {
             Err(e) if retryable(&e) && Instant::now() + backoff < deadline => {
@@ -100,8 +106,19 @@ where
                         metrics::counter!("cleave_router_stale_routes_total").increment(1);
                         node.refresh_directory_by(deadline).await
                     }
-                    // A cutover in progress lasts milliseconds: poll closely.
-                    ExecError::Kv(KvError::RangeMoving) => tokio::time::sleep(Duration::from_millis(2)).await,
+                    // A cutover in progress lasts milliseconds: poll closely,
+                    // and now and then learn the directory anew (a source
+                    // still frozen while its target already serves: the
+                    // source's last step of the cutover was cut short).
+                    ExecError::Kv(KvError::RangeMoving) => {
+                        let since = *moving_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= MOVING_REFRESH {
+                            moving_since = None;
+                            node.refresh_directory_by(deadline).await;
+                        } else {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                    }
                     _ => {
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_millis(100));
@@ -129,15 +146,16 @@ where
 /// delete the data under the read. `Ok(None)`: a snapshot install is
 /// replacing this replica's data; read elsewhere.
 ///
-/// A range frozen for a split is refused (`RangeMoving`, retried in
-/// milliseconds) for reads as for writes: the split's target may take
-/// writes as soon as the split commits, before this shard lets go of the
-/// range, and a read here would miss them.
+/// With `linearizable`, a range frozen for a split is refused
+/// (`RangeMoving`, retried in milliseconds) for reads as for writes: the
+/// split's target may take writes as soon as the split commits, before this
+/// shard lets go of the range, and a read here would miss them. A stale
+/// read promises no such thing and is served.
 pub(crate) fn owned_snapshot<'a>(
     db: &'a crate::storage::Db,
     g: &GroupRaft,
-    start: &str,
-    end: Option<&str>,
+    (start, end): (&str, Option<&str>),
+    linearizable: bool,
 ) -> Result<Option<kv::Snapshot<'a>>, ExecError> {
     let state = g.state.read().unwrap();
     let SmState::Shard(s) = &*state else { return Err(ExecError::Internal("not a shard".into())) };
@@ -148,7 +166,8 @@ pub(crate) fn owned_snapshot<'a>(
         return Err(ExecError::Kv(KvError::WrongRange { ranges: s.ranges.clone() }));
     }
     // `covers(start)` for a point read, whose empty `[key, key)` overlaps nothing.
-    if s.captures.iter().any(|c| c.frozen_at.is_some() && (c.covers(start) || c.overlaps(start, end))) {
+    let frozen = |c: &kv::Capture| c.frozen_at.is_some() && (c.covers(start) || c.overlaps(start, end));
+    if linearizable && s.captures.iter().any(frozen) {
         Err(ExecError::Kv(KvError::RangeMoving))
     } else {
         Ok(Some(db.snapshot()))
@@ -474,7 +493,7 @@ impl<'a> Router<'a> {
                     Ok(()) => {
                         self.sample_key(&g, key);
                         g.served.fetch_add(1, Ordering::Relaxed);
-                        match owned_snapshot(&self.node.ctx().db, &g, key, Some(key))? {
+                        match owned_snapshot(&self.node.ctx().db, &g, (key, Some(key)), linearizable)? {
                             None => self.other_leader(&g),
                             Some(snap) => {
                                 let rec = kv::read_at(&self.node.ctx().db, &snap, shard, key)
@@ -537,7 +556,7 @@ impl<'a> Router<'a> {
             Some(g) => match self.barrier(&g, shard, deadline).await {
                 Ok(()) => {
                     g.served.fetch_add(1, Ordering::Relaxed);
-                    match owned_snapshot(&self.node.ctx().db, &g, start, end)? {
+                    match owned_snapshot(&self.node.ctx().db, &g, (start, end), true)? {
                         None => self.other_leader(&g),
                         Some(snap) => {
                             let items = kv::scan_at(&self.node.ctx().db, &snap, shard, start, end, limit)
@@ -608,7 +627,7 @@ mod tests {
         }
         // The router checks ownership of the whole key space and gets its
         // snapshot; then the split's cutover applies before it reads.
-        let snap = owned_snapshot(&ctx.db, &g, "", None).unwrap().expect("not installing");
+        let snap = owned_snapshot(&ctx.db, &g, ("", None), true).unwrap().expect("not installing");
         {
             let mut state = g.state.write().unwrap();
             let SmState::Shard(s) = &mut *state else { unreachable!() };
@@ -627,11 +646,17 @@ mod tests {
         assert!(kv::read_at(&ctx.db, &snap, GROUP, "z").unwrap().is_some());
         drop(snap);
         // Checked after the cutover, the same read is a stale route.
-        assert!(matches!(owned_snapshot(&ctx.db, &g, "", None), Err(ExecError::Kv(KvError::WrongRange { .. }))));
-        assert!(owned_snapshot(&ctx.db, &g, "a", Some("b")).unwrap().is_some());
+        assert!(matches!(
+            owned_snapshot(&ctx.db, &g, ("", None), true),
+            Err(ExecError::Kv(KvError::WrongRange { .. }))
+        ));
+        assert!(owned_snapshot(&ctx.db, &g, ("a", Some("b")), true).unwrap().is_some());
         // Half old, half new data while a snapshot installs: read elsewhere.
         g.set_installing(true);
-        assert!(owned_snapshot(&ctx.db, &g, "a", Some("b")).unwrap().is_none(), "no read of a replica mid-install");
+        assert!(
+            owned_snapshot(&ctx.db, &g, ("a", Some("b")), true).unwrap().is_none(),
+            "no read of a replica mid-install"
+        );
         g.set_installing(false);
         g.shutdown().await;
     }
@@ -650,7 +675,7 @@ mod tests {
             crate::testing::step(db, s, 1, capture.clone()).unwrap();
         });
         let moving = |start: &str, end: Option<&str>| {
-            matches!(owned_snapshot(&ctx.db, &g, start, end), Err(ExecError::Kv(KvError::RangeMoving)))
+            matches!(owned_snapshot(&ctx.db, &g, (start, end), true), Err(ExecError::Kv(KvError::RangeMoving)))
         };
         assert!(!moving("m", Some("m")), "captured but not frozen: served");
         with_state(&|db, s| {
@@ -666,12 +691,14 @@ mod tests {
         assert!(moving("a", Some("n")));
         assert!(!moving("a", Some("m")));
         assert!(!moving("t", None));
+        // A stale read promises nothing about the split's target: served.
+        assert!(owned_snapshot(&ctx.db, &g, ("m", Some("m")), false).unwrap().is_some());
         // An abandoned split ends the capture: reads are served again.
         with_state(&|db, s| {
             crate::testing::step(db, s, 3, ShardCommand::EndCapture { op_id: 5 }).unwrap();
         });
         assert!(!moving("m", Some("m")));
-        assert!(owned_snapshot(&ctx.db, &g, "m", Some("m")).unwrap().is_some());
+        assert!(owned_snapshot(&ctx.db, &g, ("m", Some("m")), true).unwrap().is_some());
         g.shutdown().await;
     }
 }

@@ -98,6 +98,11 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
             Step::Commit => {
                 meta(node, MetaCommand::CommitSplit { op_id: op.op_id, now_ms: now_ms() }).await?;
                 metrics::counter!("cleave_splits_committed_total").increment(1);
+                // A test's hold of `Committed` (`--fault-hold`): cut over
+                // in the next step, once it has passed.
+                if hold_ms(Phase::Committed) > 0 {
+                    return Ok(true);
+                }
                 // Writes are still paused: cut over at once, with the
                 // figures just observed (the planner commits only after
                 // seeing a target that applied the whole forward log).
@@ -179,8 +184,9 @@ async fn cutover(node: &Node, op: &Operation, figures: Option<(u64, u64)>) -> Re
     let dir = node.directory();
     let left = dir.range(*range_id).cloned().ok_or(ExecError::Internal("left range missing".into()))?;
     let right = dir.range(*new_range_id).cloned().ok_or(ExecError::Internal("right range missing".into()))?;
-    // The target's figures as received (it serves nothing before it is
-    // activated, so they are exactly what moved).
+    // The target's figures as received (kept as they were at its
+    // activation: a cutover resumed after `Activate` went through and
+    // `SplitDone` did not must not count the writes the target took since).
     let (keys, bytes) = match figures {
         Some(f) => f,
         None => {

@@ -165,7 +165,8 @@ pub struct Pong {
 }
 
 /// A split target's receiving state (`None` once it no longer receives),
-/// whether it serves ranges, and its live keys and bytes.
+/// whether it serves ranges, and the live keys and bytes it received for
+/// the split (so far, or when it was activated).
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct TargetStatus {
     pub incoming: Option<Incoming>,

@@ -140,7 +140,9 @@ pub fn apply(
                     continue;
                 }
                 inc.digest = inc.digest.wrapping_add(digest::delta(key, cur.as_ref(), &new));
-                stats.add(StatsDelta::replace(key, cur.as_ref(), &new));
+                let d = StatsDelta::replace(key, cur.as_ref(), &new);
+                inc.add_live(d);
+                stats.add(d);
                 batch.put_cf(cf, data_key(group, key.as_bytes()), bytes);
                 overlay.insert(key.clone(), new);
             }
@@ -184,7 +186,9 @@ pub fn apply(
                 inc.digest = inc.digest.wrapping_add(*digest);
                 inc.capture_base = *capture_base;
                 inc.backfill_copied = (*keys, *bytes);
-                stats.add(StatsDelta { keys: *live_keys as i64, bytes: *live_bytes as i64 });
+                let live = StatsDelta { keys: *live_keys as i64, bytes: *live_bytes as i64 };
+                inc.add_live(live);
+                stats.add(live);
                 state.files_at = Some(index);
                 batch.delete_cf(storage::cf(db, storage::CF_DATA), kv::backfill_marker_key(group, *op_id));
                 *changed = true;
@@ -194,6 +198,8 @@ pub fn apply(
         ShardCommand::Activate { op_id, ranges } => {
             match &state.incoming {
                 Some(inc) if inc.op_id == *op_id => {
+                    state.received =
+                        Some(Box::new(kv::Received { op_id: *op_id, keys: inc.live.0, bytes: inc.live.1 }));
                     state.ranges = ranges.clone();
                     state.incoming = None;
                     *changed = true;

@@ -23,6 +23,10 @@ use crate::storage::{self, data_key, user_key_of, Db, ValueRecord};
 /// is cut by file boundaries, without reading its data.
 pub const BY_FILES_MIN_BYTES: u64 = 64 << 20;
 
+/// Boundaries tried, and records read from each for a live key.
+const MAX_TRIES: usize = 8;
+const MAX_WALK: usize = 10_000;
+
 /// Live keys kept while scanning: the scan's median is exact up to twice
 /// this many keys, and within `count / SAMPLE` places beyond.
 const SAMPLE: usize = 4096;
@@ -44,8 +48,8 @@ pub fn split_key(
 }
 
 /// The first live key at or after a table-file boundary near the middle of
-/// the range by size, or `None` (too small, or no boundary between a
-/// quarter and three quarters of it).
+/// the range by size, or `None` (too small, no boundary between a quarter
+/// and three quarters of it, or only tombstones after the nearest ones).
 pub fn middle_by_files(
     db: &Db,
     group: u64,
@@ -75,20 +79,26 @@ pub fn middle_by_files(
     candidates.dedup();
     let ranges: Vec<rocksdb::Range> = candidates.iter().map(|c| rocksdb::Range::new(&lo, c)).collect();
     let sizes = db.get_approximate_sizes_cf(cf, &ranges);
-    let half = total / 2;
-    let Some((best, before)) = candidates.iter().zip(sizes).min_by_key(|(_, before)| before.abs_diff(half)) else {
-        return Ok(None);
-    };
-    if before < total / 4 || before > total - total / 4 {
-        return Ok(None);
-    }
-    // Boundaries are keys of this group's user data (between `lo` and
-    // `hi`), so they are the UTF-8 keys clients wrote.
-    let Ok(from) = std::str::from_utf8(user_key_of(best)) else { return Ok(None) };
-    for item in kv::records(db, None, group, from, end) {
-        let (k, v) = item?;
-        if live(&v) {
-            return Ok(Some(String::from_utf8_lossy(user_key_of(&k)).into_owned()));
+    // Boundaries between a quarter and three quarters of the range, nearest
+    // the middle first; from each, a bounded walk to a live key (a run of
+    // tombstones, which count in file sizes, moves on to the next one).
+    let (half, quarter) = (total / 2, total / 4);
+    let mut near: Vec<(u64, &Vec<u8>)> = candidates
+        .iter()
+        .zip(sizes)
+        .filter(|(_, before)| (quarter..=total - quarter).contains(before))
+        .map(|(c, before)| (before.abs_diff(half), c))
+        .collect();
+    near.sort_unstable();
+    for (_, boundary) in near.into_iter().take(MAX_TRIES) {
+        // Boundaries are keys of this group's user data (between `lo` and
+        // `hi`), so they are the UTF-8 keys clients wrote.
+        let Ok(from) = std::str::from_utf8(user_key_of(boundary)) else { continue };
+        for item in kv::records(db, None, group, from, end).take(MAX_WALK) {
+            let (k, v) = item?;
+            if live(&v) {
+                return Ok(Some(String::from_utf8_lossy(user_key_of(&k)).into_owned()));
+            }
         }
     }
     Ok(None)
@@ -190,5 +200,35 @@ mod tests {
         assert!(by_count.starts_with('a'), "{by_count}");
         // A part of the range no file boundary cuts near its middle.
         assert_eq!(middle_by_files(&db, 1, "m0005", Some("m0015"), 1).unwrap(), None);
+    }
+
+    #[test]
+    fn a_boundary_followed_only_by_tombstones_gives_way_to_the_next_nearest() {
+        let (_d, db) = temp_db();
+        let mut s = whole_shard();
+        let cf = storage::cf(&db, storage::CF_DATA);
+        let mut seed = crate::testing::NOISE_SEED;
+        let value = format!("\"{}\"", crate::testing::noise(&mut seed, 50_000));
+        let mut index = 0;
+        for prefix in ["a", "m"] {
+            for i in 0..20 {
+                index += 1;
+                put(&db, &mut s, index, &format!("{prefix}{i:04}"), &value).unwrap();
+            }
+            db.flush_cf(cf).unwrap();
+        }
+        // Every "m" key deleted: the files still hold their old values, so
+        // the boundary at "m0000" is the middle by size, but nothing after
+        // it is live.
+        for i in 0..20 {
+            index += 1;
+            let del =
+                KvCommand { range_id: 1, epoch: 1, op: KvOp::Delete { key: format!("m{i:04}"), if_version: None } };
+            let mut b = kv::ApplyBatch::default();
+            kv::apply(&db, 1, index, &mut s, &mut b, &del).unwrap().unwrap();
+            db.write(b.write).unwrap();
+        }
+        db.flush_cf(cf).unwrap();
+        assert_eq!(middle_by_files(&db, 1, "", None, 1).unwrap().as_deref(), Some("a0019"));
     }
 }

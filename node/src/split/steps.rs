@@ -88,11 +88,18 @@ pub async fn destroy_replica_at(node: &Node, target: NodeId, group: u64, replica
     }
 }
 
-/// The receiving state of a replica as applied here.
+/// The receiving state of a replica as applied here, with the live keys
+/// and bytes it received — so far while receiving, at its activation once
+/// active — all read under one lock, so they go with the watermark.
 fn incoming_of(g: &GroupRaft) -> Result<TargetStatus, ExecError> {
-    let (keys, bytes) = g.stats.get();
     match &*g.state.read().unwrap() {
         SmState::Shard(s) => {
+            let (keys, bytes) = match (&s.incoming, &s.received) {
+                (Some(inc), _) => inc.live,
+                (None, Some(r)) => (r.keys, r.bytes),
+                // Activated before targets kept their figures: its counts.
+                (None, None) => g.stats.get(),
+            };
             Ok(TargetStatus { incoming: s.incoming.clone(), active: !s.ranges.is_empty(), keys, bytes })
         }
         SmState::Meta(_) => Err(ExecError::Internal("not a shard".into())),
