@@ -254,6 +254,40 @@ impl<'a> Router<'a> {
         self.forward(shard, hops, leader, deadline, req).await
     }
 
+    /// Like [`Router::at_leader`], without confirming leadership first:
+    /// answered by the replica that believes it leads (or forwarded to the
+    /// leader it knows of). For answers that are right whoever gives them,
+    /// asked often — a split driver polls its source's forwarder every
+    /// millisecond while writes are paused, and a read-index round per poll
+    /// both slowed the poll and loaded the paused shard.
+    pub async fn at_known_leader<R: NodeCall, F, Fut>(
+        &self,
+        shard: ShardId,
+        hops: u8,
+        req: impl Fn(u8) -> R,
+        local: F,
+    ) -> Result<R::Reply, ExecError>
+    where
+        F: FnOnce(Arc<GroupRaft>) -> Fut,
+        Fut: std::future::Future<Output = Result<R::Reply, ExecError>>,
+    {
+        let deadline = internal_deadline();
+        let leader = match self.node.group(shard) {
+            Some(g) => {
+                let s = g.status();
+                if s.is_leader {
+                    return local(g).await;
+                }
+                match s.leader {
+                    Some(l) if l.node_id != self.node.id() => Some(l.node_id),
+                    _ => return Err(ExecError::NoLeader { group: shard }),
+                }
+            }
+            None => None,
+        };
+        self.forward(shard, hops, leader, deadline, req).await
+    }
+
     /// Remembers a requested key of `shard` for load-based split points.
     fn sample_key(&self, g: &GroupRaft, key: &str) {
         // Sample one request in eight to keep the cost off the hot path.

@@ -76,6 +76,9 @@ pub(super) struct Pace {
     /// The backfill attempt seen last, and how many were seen in the phase.
     pub attempt: u64,
     pub attempts: u32,
+    /// Since when the split target's nearest replica was seen behind the
+    /// frozen source (its leader is asked only if it stays behind).
+    pub target_behind: Option<Instant>,
 }
 
 impl Pace {
@@ -87,6 +90,7 @@ impl Pace {
             best: (false, 0, 0),
             attempt: 0,
             attempts: 0,
+            target_behind: None,
         }
     }
 
@@ -94,7 +98,7 @@ impl Pace {
     pub fn enter(&mut self, phase: Phase) {
         if self.phase != phase {
             (self.phase, self.moved_at, self.best) = (phase, Instant::now(), (false, 0, 0));
-            (self.attempt, self.attempts) = (0, 0);
+            (self.attempt, self.attempts, self.target_behind) = (0, 0, None);
         }
     }
 

@@ -157,6 +157,12 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
             shipped = *last;
         }
         let complete = cap_now.frozen_at.is_some() && shipped >= last_seq;
+        // The backlog as it is now, not as it was when the batch was read:
+        // writes went on while it was shipped, and a driver that froze on
+        // the older figure froze with a round's worth of writes still to
+        // ship (629 at 256 MiB under load: 100 ms of the write pause).
+        let last_seq =
+            if entries.is_empty() { last_seq } else { last_seq.max(newest_forward(&node.ctx().db, group, cap.op_id)) };
         {
             let mut st = status.lock().unwrap();
             st.last_seq = last_seq;
@@ -196,16 +202,20 @@ fn read_forward(node: &Node, group: u64, op: OpId, from: u64) -> Result<(Vec<(u6
             break;
         }
     }
-    let mut it = db.raw_iterator_cf(cf);
+    let last = newest_forward(db, group, op).max(out.last().map_or(0, |(s, _)| *s));
+    Ok((out, last))
+}
+
+/// The index of the newest entry in `op`'s forward log (0: none).
+fn newest_forward(db: &storage::Db, group: u64, op: OpId) -> u64 {
+    let mut it = db.raw_iterator_cf(storage::cf(db, storage::CF_DATA));
     it.seek_for_prev(kv::forward_key(group, op, u64::MAX));
-    let last = match it.key() {
+    match it.key() {
         Some(k) if k.len() == 8 + 2 + 16 && k[..k.len() - 8] == kv::forward_key(group, op, 0)[..k.len() - 8] => {
             u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"))
         }
         _ => 0,
-    };
-    let last = last.max(out.last().map_or(0, |(s, _)| *s));
-    Ok((out, last))
+    }
 }
 
 /// Copies the captured range from one RocksDB snapshot to every replica
@@ -361,10 +371,13 @@ pub async fn receive_chunk(node: &Node, chunk: sst::Chunk) -> Result<(), ExecErr
         })
 }
 
-/// Answers `SplitStatus` as the source shard's leader.
+/// Answers `SplitStatus` as the source shard's leader — the replica that
+/// believes it leads, unconfirmed: a forwarder runs only there, and what it
+/// reports holds whoever reports it (a frozen capture's digest and forward
+/// log are final in every replica that applied the freeze).
 pub async fn status(node: &Node, shard: u64, op: OpId, hops: u8) -> Result<ForwardStatus, ExecError> {
     node.router()
-        .at_leader(
+        .at_known_leader(
             shard,
             hops,
             |hops| rpc::SplitStatus { shard, op_id: op, hops },
