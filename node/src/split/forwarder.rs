@@ -144,8 +144,16 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
         }
     };
     tracing::debug!(group, op = cap.op_id, "forwarder: backfill done");
-    status.lock().unwrap().backfill_done = true;
     let mut shipped = incoming.watermark;
+    {
+        // With the backlog as it stands: reported done with none, the
+        // driver would freeze before the first catch-up round, with every
+        // write made during the backfill still to ship.
+        let mut st = status.lock().unwrap();
+        st.last_seq = newest_forward(&node.ctx().db, group, cap.op_id).max(shipped);
+        st.shipped = shipped;
+        st.backfill_done = true;
+    }
     loop {
         let Some(cap_now) = current_capture(node, group, cap.op_id) else { return Ok(()) };
         let (entries, last_seq) = read_forward(node, group, cap.op_id, shipped + 1)?;
