@@ -74,8 +74,9 @@ pub fn deadline_of(budget_ms: u64, max: Duration) -> Instant {
 }
 
 /// How long a range may answer "moving" before a retry refreshes the
-/// directory first.
-const MOVING_REFRESH: Duration = Duration::from_millis(50);
+/// directory first (a refresh is a whole heartbeat: not every few
+/// milliseconds; a cutover normally ends well within this).
+const MOVING_REFRESH: Duration = Duration::from_millis(250);
 
 /// Whether retrying after `e` is safe and useful.
 fn retryable(e: &ExecError) -> bool {
