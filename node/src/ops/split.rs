@@ -21,10 +21,6 @@ use crate::rpc::{self, ExecError, TargetStatus};
 use crate::split::forwarder;
 use crate::split::steps;
 
-/// How long the split target's nearest replica may be seen behind the
-/// frozen source before its leader is asked instead.
-const TARGET_LEADER_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
-
 /// Does the work of a split's current phase. `Ok(true)`: it moved on;
 /// `Ok(false)`: nothing to do yet.
 pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> Result<bool, ExecError> {
@@ -39,13 +35,13 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
         stalled_for: pace.moved_at.elapsed(),
         stall_limit: node.settings().split_stall,
         attempts: pace.attempts,
+        catching_up_for: std::time::Duration::ZERO,
         source: None,
         target: None,
     };
     // Observations are made as the planner asks for them: the target's
     // state from any replica first (no read barrier, which keeps the frozen
-    // window short), from its leader (a read-index round) only if that one
-    // stays behind for a while — it normally catches up in milliseconds.
+    // window short), from its leader if that one was behind.
     let mut target_looks = 0;
     // The target's live keys and bytes as last observed (exact once it has
     // applied the whole forward log of a frozen source).
@@ -58,6 +54,9 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
                 let st = forwarder::status(node, *source, op.op_id, 0).await?;
                 pace.attempt(st.attempt);
                 pace.saw((st.backfill_done, st.bytes_copied, st.shipped));
+                if st.backfill_done {
+                    obs.catching_up_for = pace.catching_up_since.get_or_insert_with(Instant::now).elapsed();
+                }
                 obs.attempts = pace.attempts;
                 obs.source = Some(st);
             }
@@ -66,11 +65,6 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
                 let status = if target_looks == 0 {
                     steps::incoming_status_any(node, *target).await?
                 } else {
-                    let behind = *pace.target_behind.get_or_insert_with(Instant::now);
-                    if behind.elapsed() < TARGET_LEADER_AFTER {
-                        return Ok(false);
-                    }
-                    pace.target_behind = None;
                     steps::incoming_status(node, *target, 0).await?
                 };
                 target_looks += 1;

@@ -37,6 +37,10 @@ pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Backfill attempts (each a new copy from a new snapshot, after a failed
 /// one) before the split is abandoned.
 pub const MAX_BACKFILL_ATTEMPTS: u32 = 8;
+/// How long the forward log's catch-up may try to get the target within
+/// [`FREEZE_BACKLOG`] before the source freezes after any round that
+/// shipped all it found.
+pub const CATCH_UP_PATIENCE: Duration = Duration::from_secs(2);
 /// How often progress is reported while capturing.
 pub const REPORT_EVERY: Duration = Duration::from_millis(500);
 
@@ -57,6 +61,9 @@ pub struct Observed {
     pub stall_limit: Duration,
     /// Backfill attempts seen in this phase (by this driver).
     pub attempts: u32,
+    /// How long the forward log's catch-up has run (since the backfill was
+    /// first seen done in this phase).
+    pub catching_up_for: Duration,
     /// The source leader's forwarding status (`Capturing`, `Frozen`).
     pub source: Option<ForwardStatus>,
     /// The target's receiving state (`Frozen`), once looked at.
@@ -115,7 +122,13 @@ pub fn next(op: &Operation, obs: &Observed) -> Step {
             if !st.backfill_done && obs.attempts > MAX_BACKFILL_ATTEMPTS {
                 return Step::Abort(format!("the backfill failed {} times", obs.attempts - 1));
             }
-            let freeze = st.backfill_done && st.last_seq.saturating_sub(st.shipped) <= FREEZE_BACKLOG;
+            // Freeze once the target is close; under writes too fast for
+            // that (each round ships what came during the last one), once a
+            // round has drained what it found and the catch-up has had its
+            // time — the tail is then one round's writes.
+            let close = st.last_seq.saturating_sub(st.shipped) <= FREEZE_BACKLOG;
+            let patience = st.drained && obs.catching_up_for >= CATCH_UP_PATIENCE;
+            let freeze = st.backfill_done && (close || patience);
             let report = (freeze || obs.since_report > REPORT_EVERY).then(|| progress(&op.progress, st));
             if report.is_none() && !freeze {
                 return Step::Wait;
@@ -242,6 +255,20 @@ mod tests {
         assert_eq!(next(&phase, &behind), Step::Wait);
         let close = Observed { source: Some(status(true, 1000, 1000 - FREEZE_BACKLOG)), ..at(1100) };
         assert!(matches!(next(&phase, &close), Step::Capture { report: Some(_), freeze: true }));
+    }
+
+    #[test]
+    fn writes_too_fast_to_get_close_freeze_after_a_drained_round_once_the_catch_up_had_its_time() {
+        let phase = op(Phase::Capturing, 1000);
+        // Each round ships all it found, and as much again came meanwhile.
+        let far = |drained, catching_up_for| Observed {
+            source: Some(ForwardStatus { drained, ..status(true, 1000, 1000 - 5 * FREEZE_BACKLOG) }),
+            catching_up_for,
+            ..at(1100)
+        };
+        assert_eq!(next(&phase, &far(true, CATCH_UP_PATIENCE / 2)), Step::Wait, "still catching up");
+        assert_eq!(next(&phase, &far(false, CATCH_UP_PATIENCE * 2)), Step::Wait, "a round left entries behind");
+        assert!(matches!(next(&phase, &far(true, CATCH_UP_PATIENCE)), Step::Capture { freeze: true, .. }));
     }
 
     #[test]

@@ -76,9 +76,9 @@ pub(super) struct Pace {
     /// The backfill attempt seen last, and how many were seen in the phase.
     pub attempt: u64,
     pub attempts: u32,
-    /// Since when the split target's nearest replica was seen behind the
-    /// frozen source (its leader is asked only if it stays behind).
-    pub target_behind: Option<Instant>,
+    /// Since when the split's backfill was seen done in this phase (the
+    /// forward log's catch-up has run since).
+    pub catching_up_since: Option<Instant>,
 }
 
 impl Pace {
@@ -90,7 +90,7 @@ impl Pace {
             best: (false, 0, 0),
             attempt: 0,
             attempts: 0,
-            target_behind: None,
+            catching_up_since: None,
         }
     }
 
@@ -98,7 +98,7 @@ impl Pace {
     pub fn enter(&mut self, phase: Phase) {
         if self.phase != phase {
             (self.phase, self.moved_at, self.best) = (phase, Instant::now(), (false, 0, 0));
-            (self.attempt, self.attempts, self.target_behind) = (0, 0, None);
+            (self.attempt, self.attempts, self.catching_up_since) = (0, 0, None);
         }
     }
 

@@ -220,6 +220,9 @@ pub struct ForwardStatus {
     pub last_seq: u64,
     /// Newest forward-log entry the target has acknowledged.
     pub shipped: u64,
+    /// The last shipping round shipped every entry there was when it began
+    /// (`last_seq` above is newer: the writes made while it shipped).
+    pub drained: bool,
     /// The source's content digest of the range, once frozen and complete.
     pub digest: Option<u64>,
     pub frozen_at: Option<u64>,

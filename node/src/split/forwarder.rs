@@ -149,9 +149,14 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
         // With the backlog as it stands: reported done with none, the
         // driver would freeze before the first catch-up round, with every
         // write made during the backfill still to ship.
+        // (As a distance: `shipped` is where the entries still to ship
+        // begin, not the watermark, which is 0 after a fresh backfill.)
+        let db = &node.ctx().db;
+        let newest = newest_forward(db, group, cap.op_id).max(shipped);
+        let first = first_forward(db, group, cap.op_id, shipped + 1);
         let mut st = status.lock().unwrap();
-        st.last_seq = newest_forward(&node.ctx().db, group, cap.op_id).max(shipped);
-        st.shipped = shipped;
+        st.last_seq = newest;
+        st.shipped = first.map_or(newest, |f| f - 1).max(shipped);
         st.backfill_done = true;
     }
     loop {
@@ -169,10 +174,12 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
         // writes went on while it was shipped, and a driver that froze on
         // the older figure froze with a round's worth of writes still to
         // ship (629 at 256 MiB under load: 100 ms of the write pause).
+        let drained = shipped >= last_seq;
         let last_seq =
             if entries.is_empty() { last_seq } else { last_seq.max(newest_forward(&node.ctx().db, group, cap.op_id)) };
         {
             let mut st = status.lock().unwrap();
+            st.drained = drained;
             st.last_seq = last_seq;
             st.shipped = shipped;
             st.frozen_at = cap_now.frozen_at;
@@ -214,15 +221,27 @@ fn read_forward(node: &Node, group: u64, op: OpId, from: u64) -> Result<(Vec<(u6
     Ok((out, last))
 }
 
+/// The index of the first entry of `op`'s forward log at or after `from`.
+fn first_forward(db: &storage::Db, group: u64, op: OpId, from: u64) -> Option<u64> {
+    let mut it = db.raw_iterator_cf(storage::cf(db, storage::CF_DATA));
+    it.seek(kv::forward_key(group, op, from));
+    forward_index(it.key(), group, op)
+}
+
 /// The index of the newest entry in `op`'s forward log (0: none).
 fn newest_forward(db: &storage::Db, group: u64, op: OpId) -> u64 {
     let mut it = db.raw_iterator_cf(storage::cf(db, storage::CF_DATA));
     it.seek_for_prev(kv::forward_key(group, op, u64::MAX));
-    match it.key() {
+    forward_index(it.key(), group, op).unwrap_or(0)
+}
+
+/// The log index in `key`, if it is a key of `op`'s forward log.
+fn forward_index(key: Option<&[u8]>, group: u64, op: OpId) -> Option<u64> {
+    match key {
         Some(k) if k.len() == 8 + 2 + 16 && k[..k.len() - 8] == kv::forward_key(group, op, 0)[..k.len() - 8] => {
-            u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"))
+            Some(u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes")))
         }
-        _ => 0,
+        _ => None,
     }
 }
 
@@ -380,9 +399,11 @@ pub async fn receive_chunk(node: &Node, chunk: sst::Chunk) -> Result<(), ExecErr
 }
 
 /// Answers `SplitStatus` as the source shard's leader — the replica that
-/// believes it leads, unconfirmed: a forwarder runs only there, and what it
-/// reports holds whoever reports it (a frozen capture's digest and forward
-/// log are final in every replica that applied the freeze).
+/// believes it leads, unconfirmed. A deposed leader's forwarder may answer
+/// until it sees it lost the lead; what it reports holds all the same: a
+/// digest only once its replica applied the freeze (the capture's digest
+/// and forward log are then final, the same in every replica), and the
+/// target's own state decides the commit.
 pub async fn status(node: &Node, shard: u64, op: OpId, hops: u8) -> Result<ForwardStatus, ExecError> {
     node.router()
         .at_known_leader(
