@@ -243,16 +243,7 @@ impl<'a> Router<'a> {
         F: FnOnce(Arc<GroupRaft>) -> Fut,
         Fut: std::future::Future<Output = Result<R::Reply, ExecError>>,
     {
-        let deadline = internal_deadline();
-        let leader = match self.node.group(shard) {
-            Some(g) => match self.barrier(&g, shard, deadline).await {
-                Ok(()) => return local(g).await,
-                Err(Some(l)) => Some(l),
-                Err(None) => return Err(ExecError::NoLeader { group: shard }),
-            },
-            None => None,
-        };
-        self.forward(shard, hops, leader, deadline, req).await
+        self.at_leader_confirming(true, shard, hops, req, local).await
     }
 
     /// Like [`Router::at_leader`], without confirming leadership first:
@@ -272,21 +263,47 @@ impl<'a> Router<'a> {
         F: FnOnce(Arc<GroupRaft>) -> Fut,
         Fut: std::future::Future<Output = Result<R::Reply, ExecError>>,
     {
+        self.at_leader_confirming(false, shard, hops, req, local).await
+    }
+
+    /// [`Router::at_leader`] (`confirm`: with a read barrier) and
+    /// [`Router::at_known_leader`].
+    async fn at_leader_confirming<R: NodeCall, F, Fut>(
+        &self,
+        confirm: bool,
+        shard: ShardId,
+        hops: u8,
+        req: impl Fn(u8) -> R,
+        local: F,
+    ) -> Result<R::Reply, ExecError>
+    where
+        F: FnOnce(Arc<GroupRaft>) -> Fut,
+        Fut: std::future::Future<Output = Result<R::Reply, ExecError>>,
+    {
         let deadline = internal_deadline();
         let leader = match self.node.group(shard) {
             Some(g) => {
-                let s = g.status();
-                if s.is_leader {
-                    return local(g).await;
-                }
-                match s.leader {
-                    Some(l) if l.node_id != self.node.id() => Some(l.node_id),
-                    _ => return Err(ExecError::NoLeader { group: shard }),
+                let here = if confirm { self.barrier(&g, shard, deadline).await } else { self.believed_leader(&g) };
+                match here {
+                    Ok(()) => return local(g).await,
+                    Err(Some(l)) => Some(l),
+                    Err(None) => return Err(ExecError::NoLeader { group: shard }),
                 }
             }
             None => None,
         };
         self.forward(shard, hops, leader, deadline, req).await
+    }
+
+    /// Whether replica `g` believes it leads, in [`Router::barrier`]'s terms:
+    /// `Err(Some(node))` names another leader, `Err(None)` none known.
+    fn believed_leader(&self, g: &GroupRaft) -> Result<(), Option<u64>> {
+        let s = g.status();
+        match s.leader {
+            _ if s.is_leader => Ok(()),
+            Some(l) if l.node_id != self.node.id() => Err(Some(l.node_id)),
+            _ => Err(None),
+        }
     }
 
     /// Remembers a requested key of `shard` for load-based split points.
