@@ -6,7 +6,7 @@
 //! Also the admin entry point that starts a split (`Node::start_split`).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cleave_metadata::{MetaCommand, MetaResponse, OpId, OpKind, Operation, Phase, RangeState};
 
@@ -46,12 +46,16 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
     // The target's live keys and bytes as last observed (exact once it has
     // applied the whole forward log of a frozen source).
     let mut figures = None;
+    // While frozen, no observation may outlast the freeze deadline: one
+    // that hangs (a node gone quiet mid-call) ends with the deadline, so
+    // the planner can abandon the split then, not a call timeout later.
+    let budget = split_plan::frozen_budget(op, obs.now_ms);
     loop {
         match split_plan::next(op, &obs) {
             Step::Wait => return Ok(false),
             Step::Abort(reason) => return abort(node, op, &reason, false).await,
             Step::ObserveSource => {
-                let st = forwarder::status(node, *source, op.op_id, 0).await?;
+                let st = within(budget, forwarder::status(node, *source, op.op_id, 0)).await?;
                 pace.attempt(st.attempt);
                 pace.saw((st.backfill_done, st.bytes_copied, st.shipped));
                 if st.backfill_done {
@@ -63,9 +67,9 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
             Step::ObserveTarget if target_looks == 2 => return Ok(false),
             Step::ObserveTarget => {
                 let status = if target_looks == 0 {
-                    steps::incoming_status_any(node, *target).await?
+                    within(budget, steps::incoming_status_any(node, *target)).await?
                 } else {
-                    steps::incoming_status(node, *target, 0).await?
+                    within(budget, steps::incoming_status(node, *target, 0)).await?
                 };
                 target_looks += 1;
                 let Some(i) = status.incoming else {
@@ -96,7 +100,8 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
             }
             Step::ResendFreeze => {
                 pace.last_report = Instant::now();
-                steps::shard_step(node, *source, ShardCommand::Freeze { op_id: op.op_id }, 0).await?;
+                let freeze = steps::shard_step(node, *source, ShardCommand::Freeze { op_id: op.op_id }, 0);
+                within(budget, freeze).await?;
                 return Ok(false);
             }
             Step::Commit => {
@@ -115,6 +120,20 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
             Step::Cutover => return cutover(node, op, None).await,
             Step::Cleanup => return cleanup(node, op).await,
         }
+    }
+}
+
+/// Runs `call`, giving up after `budget` (if any). Only for observations
+/// and idempotent re-sends: a call cut short is simply made again.
+async fn within<T>(
+    budget: Option<Duration>,
+    call: impl std::future::Future<Output = Result<T, ExecError>>,
+) -> Result<T, ExecError> {
+    match budget {
+        None => call.await,
+        Some(b) => tokio::time::timeout(b, call)
+            .await
+            .unwrap_or_else(|_| Err(ExecError::Unavailable("the freeze deadline passed during the call".into()))),
     }
 }
 

@@ -172,6 +172,15 @@ fn frozen(op: &Operation, obs: &Observed, frozen_for_ms: u64) -> Step {
     Step::Commit
 }
 
+/// What is left of the freeze deadline, and a little over (for the planner
+/// to see it passed), when `op` is frozen; `None` otherwise. The driver
+/// bounds its calls in `Frozen` with it.
+pub fn frozen_budget(op: &Operation, now_ms: u64) -> Option<Duration> {
+    let frozen_at = op.entered(Phase::Frozen).filter(|_| op.phase == Phase::Frozen)?;
+    let left = FREEZE_TIMEOUT.saturating_sub(Duration::from_millis(now_ms.saturating_sub(frozen_at)));
+    Some(left + Duration::from_millis(20))
+}
+
 /// The copy figures to record: the source's, never going backwards (a
 /// forwarder restarted after the backfill knows no copy figures).
 pub fn progress(old: &Progress, st: &ForwardStatus) -> Progress {
@@ -226,6 +235,21 @@ mod tests {
 
     fn incoming(op_id: u64, watermark: u64, digest: u64) -> Incoming {
         Incoming { watermark, digest, ..Incoming::new(op_id, "m".into(), None) }
+    }
+
+    #[test]
+    fn calls_while_frozen_are_bounded_by_what_is_left_of_the_freeze_deadline() {
+        let margin = Duration::from_millis(20);
+        assert_eq!(frozen_budget(&op(Phase::Frozen, 1000), 1000), Some(FREEZE_TIMEOUT + margin));
+        assert_eq!(
+            frozen_budget(&op(Phase::Frozen, 1000), 4000),
+            Some(FREEZE_TIMEOUT - Duration::from_secs(3) + margin)
+        );
+        assert_eq!(frozen_budget(&op(Phase::Frozen, 1000), 60_000), Some(margin), "past the deadline: just the margin");
+        assert_eq!(frozen_budget(&op(Phase::Frozen, 5000), 1000), Some(FREEZE_TIMEOUT + margin), "a clock behind");
+        for phase in [Phase::Capturing, Phase::Committed, Phase::Planned] {
+            assert_eq!(frozen_budget(&op(phase, 1000), 4000), None, "{phase:?}: not bounded");
+        }
     }
 
     #[test]

@@ -150,7 +150,10 @@ async fn drive(node: &Arc<Node>, op_id: OpId) {
             Err(e) => {
                 failures += 1;
                 tracing::debug!(op = op_id, kind = op.kind.name(), phase = ?op.phase, "step failed: {e}");
-                tokio::time::sleep(Duration::from_millis((20 * failures as u64).min(500))).await;
+                // While frozen, writes wait on every retry: back off
+                // little (the freeze deadline bounds the whole phase).
+                let (step, most) = if op.phase == Phase::Frozen { (5, 20) } else { (20, 500) };
+                tokio::time::sleep(Duration::from_millis((step * failures as u64).min(most))).await;
             }
         }
     }

@@ -151,12 +151,9 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
         // write made during the backfill still to ship.
         // (As a distance: `shipped` is where the entries still to ship
         // begin, not the watermark, which is 0 after a fresh backfill.)
-        let db = &node.ctx().db;
-        let newest = newest_forward(db, group, cap.op_id).max(shipped);
-        let first = first_forward(db, group, cap.op_id, shipped + 1);
+        let (last_seq, from) = backlog(&node.ctx().db, group, cap.op_id, shipped);
         let mut st = status.lock().unwrap();
-        st.last_seq = newest;
-        st.shipped = first.map_or(newest, |f| f - 1).max(shipped);
+        (st.last_seq, st.shipped) = (last_seq, from);
         st.backfill_done = true;
     }
     loop {
@@ -219,6 +216,17 @@ fn read_forward(node: &Node, group: u64, op: OpId, from: u64) -> Result<(Vec<(u6
     }
     let last = newest_forward(db, group, op).max(out.last().map_or(0, |(s, _)| *s));
     Ok((out, last))
+}
+
+/// The backlog of `op`'s forward log beyond `shipped` (the target's
+/// watermark), as (newest entry, index just before the first entry still
+/// to ship): their difference is how many log indexes the target lags. A
+/// fresh backfill has watermark 0 while the log may begin far on, so the
+/// distance is measured from the first entry, not from 0.
+fn backlog(db: &storage::Db, group: u64, op: OpId, shipped: u64) -> (u64, u64) {
+    let newest = newest_forward(db, group, op).max(shipped);
+    let first = first_forward(db, group, op, shipped + 1);
+    (newest, first.map_or(newest, |f| f - 1).max(shipped))
 }
 
 /// The index of the first entry of `op`'s forward log at or after `from`.
@@ -417,4 +425,56 @@ pub async fn status(node: &Node, shard: u64, op: OpId, hops: u8) -> Result<Forwa
             },
         )
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::temp_db;
+
+    const GROUP: u64 = 4;
+    const OP: OpId = 9;
+
+    /// Writes forward-log entries of `op` at `indexes` (empty values: only
+    /// the keys matter here).
+    fn log(db: &storage::Db, group: u64, op: OpId, indexes: impl IntoIterator<Item = u64>) {
+        let cf = storage::cf(db, storage::CF_DATA);
+        for i in indexes {
+            db.put_cf(cf, kv::forward_key(group, op, i), b"").unwrap();
+        }
+    }
+
+    #[test]
+    fn the_backlog_is_a_distance_from_the_first_entry_still_to_ship() {
+        let (_d, db) = temp_db();
+        assert_eq!(backlog(&db, GROUP, OP, 0), (0, 0), "no forward log: nothing to ship");
+        // The capture began long after the shard's first index: a fresh
+        // backfill (watermark 0) lags by the entries there are, not by 150.
+        log(&db, GROUP, OP, 100..=150);
+        // Neighbours in the key space must not count: another operation's
+        // log on the same shard, the same operation on the next shard.
+        log(&db, GROUP, OP + 1, [10, 500]);
+        log(&db, GROUP, OP - 1, [1, 900]);
+        log(&db, GROUP + 1, OP, [1, 900]);
+        let (newest, from) = backlog(&db, GROUP, OP, 0);
+        assert_eq!((newest, from), (150, 99));
+        assert_eq!(newest - from, 51, "51 entries still to ship");
+        // Part of it shipped: the distance shrinks with it.
+        assert_eq!(backlog(&db, GROUP, OP, 120), (150, 120));
+        // All of it shipped.
+        assert_eq!(backlog(&db, GROUP, OP, 150), (150, 150));
+        // A watermark past the log's end (entries trimmed after shipping)
+        // is never reported as a negative lag.
+        assert_eq!(backlog(&db, GROUP, OP, 170), (170, 170));
+    }
+
+    #[test]
+    fn forward_index_reads_only_keys_of_its_own_log() {
+        let key = kv::forward_key(GROUP, OP, 42);
+        assert_eq!(forward_index(Some(&key), GROUP, OP), Some(42));
+        assert_eq!(forward_index(Some(&key), GROUP, OP + 1), None);
+        assert_eq!(forward_index(Some(&key), GROUP + 1, OP), None);
+        assert_eq!(forward_index(Some(&key[..key.len() - 1]), GROUP, OP), None, "a cut key");
+        assert_eq!(forward_index(None, GROUP, OP), None);
+    }
 }
