@@ -9,6 +9,8 @@
 #   CLEAVE_API_BASE=7000         node N serves its API on CLEAVE_API_BASE+N (7001..)
 #   CLEAVE_RAFT_BASE=7100        node N's Raft/RPC port is CLEAVE_RAFT_BASE+N (7101..)
 #   CLEAVE_HOST=127.0.0.1        address to bind (loopback by default)
+#   CLEAVE_SECURE=0              1: tokens and a cluster secret (generated into the data dir on
+#                                first start: tokens.toml, secret), see README "Security"
 #   RUST_LOG                     node log filter (default: the node's own, quiet)
 #   CARGO_TARGET_DIR=~/.cache/cleavedb/target
 # Extra arguments are passed to every node (e.g. --snapshot-logs 500).
@@ -29,6 +31,29 @@ host="${CLEAVE_HOST:-127.0.0.1}"
 export NO_COLOR=1 # plain log files
 mkdir -p "$data"
 data="$(cd "$data" && pwd)"
+
+secure_args=()
+auth=()
+if [[ "${CLEAVE_SECURE:-0}" == 1 ]]; then
+    if [[ ! -f "$data/secret" ]]; then
+        (umask 077 && head -c 32 /dev/urandom | base64 >"$data/secret")
+    fi
+    if [[ ! -f "$data/tokens.toml" ]]; then
+        (
+            umask 077
+            for t in admin:admin app:write reader:read; do
+                echo "[[token]]"
+                echo "name = \"${t%%:*}\""
+                echo "secret = \"$(head -c 24 /dev/urandom | base64 | tr -d '/+=')\""
+                echo "role = \"${t##*:}\""
+                echo
+            done
+        ) >"$data/tokens.toml"
+    fi
+    secure_args=(--tokens-file "$data/tokens.toml" --cluster-secret-file "$data/secret")
+    admin_token=$(awk '/^secret/ { gsub(/"/, "", $3); print $3; exit }' "$data/tokens.toml")
+    auth=(-H "Authorization: Bearer $admin_token")
+fi
 
 initial=""
 for i in $(seq 1 "$nodes"); do
@@ -62,7 +87,7 @@ for i in $(seq 1 "$nodes"); do
     echo "===== $(date -Is) starting node $i" >>"$data/node$i.log"
     "$bin" --id "$i" --data-dir "$data/node$i" \
         --listen-api "$host:$((api_base + i))" --listen-raft "$host:$((raft_base + i))" \
-        --initial-cluster "$initial" "$@" </dev/null >>"$data/node$i.log" 2>&1 &
+        --initial-cluster "$initial" "${secure_args[@]}" "$@" </dev/null >>"$data/node$i.log" 2>&1 &
     pids+=($!)
 done
 
@@ -87,13 +112,18 @@ echo "CleaveDB cluster of $nodes nodes is up (data and logs in $data):"
 for i in $(seq 1 "$nodes"); do
     echo "  node $i: API http://$host:$((api_base + i))  raft $host:$((raft_base + i))  pid ${pids[$((i - 1))]}"
 done
+h=""
+if ((${#auth[@]})); then
+    echo "Secured: tokens in $data/tokens.toml (the first is admin), cluster secret in $data/secret"
+    h=" -H '${auth[1]}'"
+fi
 cat <<EXAMPLE
 
 Try:
-  curl -X PUT http://$host:$((api_base + 1))/v1/kv/hello -H 'content-type: application/json' -d '{"value": {"greeting": "hi"}}'
-  curl http://$host:$((api_base + 2))/v1/kv/hello
-  curl 'http://$host:$((api_base + 3))/v1/kv?start=&limit=10'
-  curl http://$host:$((api_base + 1))/admin/shards
+  curl$h -X PUT http://$host:$((api_base + 1))/v1/kv/hello -H 'content-type: application/json' -d '{"value": {"greeting": "hi"}}'
+  curl$h http://$host:$((api_base + 2))/v1/kv/hello
+  curl$h 'http://$host:$((api_base + 3))/v1/kv?start=&limit=10'
+  curl$h http://$host:$((api_base + 1))/admin/shards
 Press Ctrl-C to stop the cluster.
 EXAMPLE
 

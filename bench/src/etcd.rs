@@ -45,6 +45,7 @@ impl Etcd {
             })
             .collect();
         anyhow::ensure!(!urls.is_empty(), "--endpoints lists no etcd member");
+        cleave_client::tls::install_provider();
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .tcp_nodelay(true)

@@ -118,6 +118,12 @@ struct Common {
     /// Give up on one request after this long, retries included.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Bearer token for a CleaveDB whose nodes check tokens (--tokens-file).
+    #[arg(long, env = "CLEAVE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) of a CleaveDB serving its API over HTTPS: speak HTTPS, trust only it.
+    #[arg(long, env = "CLEAVE_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -254,7 +260,11 @@ async fn run(scenario: Scenario) -> Result<bool> {
 }
 
 fn cleave_client(c: &Common) -> Result<Client> {
-    let options = ClientOptions::default().with_deadline(c.timeout);
+    let ca = match &c.ca_cert {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading --ca-cert {}", p.display()))?),
+        None => None,
+    };
+    let options = ClientOptions::default().with_deadline(c.timeout).with_token(c.token.clone()).with_ca_cert(ca);
     Client::with_options(&c.endpoints, options).context("invalid --endpoints")
 }
 

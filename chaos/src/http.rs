@@ -112,14 +112,32 @@ pub struct Api {
     stale_reads: bool,
 }
 
-fn build(timeout: Duration) -> Result<reqwest::Client> {
-    reqwest::Client::builder()
+/// Credentials for a secured cluster (`--token`, `--ca-cert`).
+#[derive(Clone, Default, Debug)]
+pub struct Auth {
+    pub token: Option<String>,
+    /// PEM of the CA of nodes that serve HTTPS.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+fn build(timeout: Duration, auth: &Auth) -> Result<reqwest::Client> {
+    cleave_client::tls::install_provider();
+    let mut builder = reqwest::Client::builder()
         .no_proxy()
         .timeout(timeout)
         .connect_timeout(Duration::from_secs(1).min(timeout))
-        .pool_idle_timeout(Duration::from_secs(5))
-        .build()
-        .map_err(|e| Error::Http(format!("cannot build client: {e}")))
+        .pool_idle_timeout(Duration::from_secs(5));
+    if let Some(token) = &auth.token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| Error::Http("--token: visible ASCII without spaces".into()))?;
+        value.set_sensitive(true);
+        builder = builder.default_headers([(reqwest::header::AUTHORIZATION, value)].into_iter().collect());
+    }
+    if let Some(pem) = &auth.ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| Error::Http(format!("--ca-cert: {e}")))?;
+        builder = builder.tls_certs_only(certs);
+    }
+    builder.build().map_err(|e| Error::Http(format!("cannot build client: {e}")))
 }
 
 /// The value of a raw JSON text, if it is one of ours (an unsigned integer).
@@ -170,8 +188,8 @@ fn status_outcome(status: u16, body: &str) -> Outcome {
 impl Api {
     /// `op_timeout`: how long a workload request may take before the client
     /// gives up on it (it is then indeterminate).
-    pub fn new(op_timeout: Duration) -> Result<Api> {
-        Ok(Api { client: build(op_timeout)?, admin: build(Duration::from_secs(3))?, stale_reads: false })
+    pub fn new(op_timeout: Duration, auth: &Auth) -> Result<Api> {
+        Ok(Api { client: build(op_timeout, auth)?, admin: build(Duration::from_secs(3), auth)?, stale_reads: false })
     }
 
     /// Workload reads served by whichever replica gets them, which may lag

@@ -45,6 +45,13 @@ struct Args {
     /// instead of starting one; only split/move/transfer faults then.
     #[arg(long, value_delimiter = ',')]
     endpoints: Vec<String>,
+    /// Bearer token for an --endpoints cluster whose nodes check tokens (a write or admin token:
+    /// the faults split and move).
+    #[arg(long, env = "CLEAVE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) of an --endpoints cluster serving HTTPS.
+    #[arg(long, env = "CLEAVE_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// The cleave-node binary [default: next to this one, else $CARGO_TARGET_DIR/release/cleave-node].
     #[arg(long, env = "CLEAVE_NODE_BIN")]
     node_bin: Option<PathBuf>,
@@ -210,8 +217,21 @@ async fn run_chaos(args: Args) -> anyhow::Result<ExitCode> {
     let endpoints: Vec<String> = args
         .endpoints
         .iter()
-        .map(|e| if e.starts_with("http") { e.trim_end_matches('/').to_string() } else { format!("http://{e}") })
+        .map(|e| {
+            if e.starts_with("http") {
+                e.trim_end_matches('/').to_string()
+            } else {
+                format!("{}://{e}", if args.ca_cert.is_some() { "https" } else { "http" })
+            }
+        })
         .collect();
+    let auth = cleave_chaos::http::Auth {
+        token: args.token.clone(),
+        ca_pem: match &args.ca_cert {
+            Some(p) => Some(std::fs::read(p).with_context(|| format!("reading --ca-cert {}", p.display()))?),
+            None => None,
+        },
+    };
     let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from(format!("/tmp/cleave-chaos-{}", std::process::id())));
     let mut node_args = args.node_arg.clone();
     node_args.push(format!("--request-timeout-ms={}", args.server_timeout.as_millis()));
@@ -233,6 +253,7 @@ async fn run_chaos(args: Args) -> anyhow::Result<ExitCode> {
         monotonic_clients: args.monotonic_clients,
         scan_clients: args.scan_clients,
         library_clients: args.library_clients,
+        auth,
         register_slots: args.keys,
         rotate: args.rotate,
         schedule: ScheduleOpts {

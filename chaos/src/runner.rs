@@ -74,6 +74,8 @@ pub struct RunConfig {
     pub stale_reads: bool,
     /// Shards to add above the workloads' keys before the load (`presplit`).
     pub idle_shards: usize,
+    /// Credentials of a secured cluster (`--endpoints` with `--token`, `--ca-cert`).
+    pub auth: crate::http::Auth,
 }
 
 /// Hold of split phases on every node when the split-cancel nemesis runs
@@ -216,7 +218,7 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
         Network::probe()?;
     }
     std::fs::create_dir_all(&cfg.dir).map_err(|e| Error::io(&cfg.dir, e))?;
-    let api = Api::new(cfg.op_timeout)?;
+    let api = Api::new(cfg.op_timeout, &cfg.auth)?;
     let workload_api = if cfg.stale_reads { api.clone().with_stale_reads() } else { api.clone() };
 
     // 1. The cluster.
@@ -275,6 +277,7 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
             monotonic_clients: cfg.monotonic_clients,
             scan_clients: cfg.scan_clients,
             library_clients: cfg.library_clients,
+            auth: cfg.auth.clone(),
             register_slots: cfg.register_slots,
             rotate: cfg.rotate,
             monotonic_keys: 3,

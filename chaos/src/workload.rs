@@ -59,6 +59,8 @@ pub struct WorkloadOpts {
     pub scan_clients: usize,
     /// Clients of the client workload (sharing one `cleave_client::Client`).
     pub library_clients: usize,
+    /// Credentials of a secured cluster.
+    pub auth: crate::http::Auth,
     /// Register keys in use at a time.
     pub register_slots: usize,
     /// How long one register key is used.
@@ -347,8 +349,10 @@ async fn monotonic_client(ctx: Ctx, opts: Arc<WorkloadOpts>, client: u32) {
 /// own timeout (`--server-timeout`, 3 s by default): a paused or cut-off
 /// leader then leaves the library with writes whose outcome it does not
 /// know, which is the case it must not get wrong.
-pub fn library_client(endpoints: &[String], op_timeout: Duration) -> crate::Result<Client> {
+pub fn library_client(endpoints: &[String], op_timeout: Duration, auth: &crate::http::Auth) -> crate::Result<Client> {
     let options = ClientOptions::default()
+        .with_token(auth.token.clone())
+        .with_ca_cert(auth.ca_pem.clone())
         .with_attempt_timeout(op_timeout / 2)
         .with_deadline(op_timeout * 2)
         .with_connect_timeout(Duration::from_secs(1).min(op_timeout))
@@ -361,7 +365,7 @@ pub fn library_client(endpoints: &[String], op_timeout: Duration) -> crate::Resu
 pub fn spawn_clients(ctx: &Ctx, opts: WorkloadOpts) -> crate::Result<Vec<JoinHandle<()>>> {
     let opts = Arc::new(opts);
     let lib = if opts.workloads.contains(&Workload::Client) {
-        Some(library_client(&ctx.endpoints, opts.op_timeout)?)
+        Some(library_client(&ctx.endpoints, opts.op_timeout, &opts.auth)?)
     } else {
         None
     };

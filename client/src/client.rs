@@ -29,7 +29,7 @@ use cleave_metadata::{Directory, NodeId, OpId, RangeDescriptor, RangeId, ShardId
 use reqwest::Method;
 use serde::Serialize;
 
-use crate::endpoint::{base_url, check_key, key_path, with_query};
+use crate::endpoint::{base_url_with, check_key, key_path, with_query};
 use crate::error::{Error, Result};
 use crate::options::ClientOptions;
 use crate::retry::RequestKind;
@@ -69,9 +69,10 @@ impl Client {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
+        let https = options.ca_cert.is_some();
         let mut urls: Vec<String> = Vec::new();
         for seed in seeds {
-            let url = base_url(seed.as_ref())?;
+            let url = base_url_with(seed.as_ref(), https)?;
             if !urls.contains(&url) {
                 urls.push(url);
             }
@@ -79,11 +80,29 @@ impl Client {
         if urls.is_empty() {
             return Err(Error::InvalidArgument("at least one endpoint is needed".into()));
         }
-        let http = reqwest::Client::builder()
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = &options.token {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.0))
+                .ok()
+                .filter(|_| !token.0.is_empty() && token.0.bytes().all(|b| b.is_ascii_graphic()))
+                .ok_or_else(|| Error::InvalidArgument("a token is visible ASCII without spaces".into()))?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        crate::tls::install_provider();
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true)
-            .build()
-            .map_err(Error::Transport)?;
+            .default_headers(headers);
+        if let Some(pem) = &options.ca_cert {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| Error::InvalidArgument(format!("the CA certificate does not load: {e}")))?;
+            if certs.is_empty() {
+                return Err(Error::InvalidArgument("the CA certificate file holds no certificate".into()));
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        let http = builder.build().map_err(Error::Transport)?;
         Ok(Client { inner: Arc::new(Inner::new(http, options, urls)) })
     }
 
@@ -367,7 +386,7 @@ impl Client {
     /// One `GET /health` to the node at `endpoint`, without retries.
     /// Connection failures come back as [`Error::Transport`].
     pub async fn health_at(&self, endpoint: &str) -> Result<()> {
-        let base = base_url(endpoint)?;
+        let base = base_url_with(endpoint, self.inner.table().https())?;
         self.inner.get_once(&base, "/health", self.inner.options.attempt_timeout).await.map(drop)
     }
 
@@ -768,9 +787,23 @@ mod tests {
     #[test]
     fn construction_checks_the_endpoints() {
         assert!(matches!(Client::new(Vec::<String>::new()), Err(Error::InvalidArgument(_))));
-        assert!(matches!(Client::new(["https://a:1"]), Err(Error::InvalidArgument(_))));
+        assert!(matches!(Client::new(["ftp://a:1"]), Err(Error::InvalidArgument(_))));
         let c = Client::new(["a:1", "http://a:1/", "b:2"]).unwrap();
         assert_eq!(c.routing_table().seeds(), ["http://a:1", "http://b:2"]);
         assert!(!c.routing_table().has_directory());
+        assert!(!c.routing_table().https());
+        // With a CA certificate, bare addresses are HTTPS (and the nodes the
+        // directory names too); a CA file without a certificate is refused.
+        let opts = |pem: &[u8]| ClientOptions::default().with_ca_cert(Some(pem.to_vec()));
+        let bad = Client::with_options(["a:1"], opts(b"no certificate here"));
+        assert!(matches!(bad, Err(Error::InvalidArgument(_))), "{bad:?}");
+        let c = Client::new(["https://a:1"]).unwrap();
+        assert!(c.routing_table().https());
+        // A token that cannot travel in a header is refused up front.
+        let t = |tok: &str| ClientOptions::default().with_token(Some(tok.to_string()));
+        assert!(matches!(Client::with_options(["a:1"], t("has space")), Err(Error::InvalidArgument(_))));
+        assert!(matches!(Client::with_options(["a:1"], t("")), Err(Error::InvalidArgument(_))));
+        assert!(Client::with_options(["a:1"], t("fine-token")).is_ok());
+        assert_eq!(format!("{:?}", t("s3cret").token), "Some(BearerToken(..))", "never printed");
     }
 }

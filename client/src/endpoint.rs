@@ -26,21 +26,27 @@ const NOT_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').re
 /// Normalises an API address (`host:port`, `http://host:port/`) to a base URL
 /// `http://host:port`. TLS is not supported, so `https://` is refused.
 pub fn base_url(addr: &str) -> Result<String> {
+    base_url_with(addr, false)
+}
+
+/// Like [`base_url`]; an address without a scheme gets `https://` when
+/// `https` (a cluster serving its API over TLS), `http://` otherwise.
+pub fn base_url_with(addr: &str, https: bool) -> Result<String> {
     let addr = addr.trim();
-    let rest = if let Some(rest) = addr.strip_prefix("http://") {
-        rest
-    } else if addr.starts_with("https://") {
-        return Err(Error::InvalidArgument(format!("{addr}: https is not supported (the client speaks plain HTTP)")));
+    let (scheme, rest) = if let Some(rest) = addr.strip_prefix("http://") {
+        ("http", rest)
+    } else if let Some(rest) = addr.strip_prefix("https://") {
+        ("https", rest)
     } else if addr.contains("://") {
         return Err(Error::InvalidArgument(format!("{addr}: unsupported scheme")));
     } else {
-        addr
+        (if https { "https" } else { "http" }, addr)
     };
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() || rest.contains('/') {
         return Err(Error::InvalidArgument(format!("{addr:?} is not a host:port address")));
     }
-    let url = format!("http://{rest}");
+    let url = format!("{scheme}://{rest}");
     reqwest::Url::parse(&url).map_err(|e| Error::InvalidArgument(format!("{addr:?}: {e}")))?;
     Ok(url)
 }
@@ -89,7 +95,9 @@ mod tests {
         assert_eq!(base_url("127.0.0.1:7001").unwrap(), "http://127.0.0.1:7001");
         assert_eq!(base_url(" http://localhost:7001/ ").unwrap(), "http://localhost:7001");
         assert_eq!(base_url("[::1]:7001").unwrap(), "http://[::1]:7001");
-        assert!(base_url("https://a:1").is_err());
+        assert_eq!(base_url("https://a:1").unwrap(), "https://a:1");
+        assert_eq!(base_url_with("a:1", true).unwrap(), "https://a:1");
+        assert_eq!(base_url_with("http://a:1", true).unwrap(), "http://a:1", "a scheme given is kept");
         assert!(base_url("ftp://a:1").is_err());
         assert!(base_url("").is_err());
         assert!(base_url("a:1/v1").is_err());

@@ -34,6 +34,7 @@ mod mock;
 pub mod options;
 pub mod retry;
 pub mod routing;
+pub mod tls;
 mod transport;
 
 pub use client::{Client, MAX_SCAN_LIMIT};

@@ -40,6 +40,23 @@ pub struct ClientOptions {
     /// load the cache: the right choice for a one-shot tool. Either way the
     /// cache is refreshed after a failure, to discover other nodes.
     pub smart_routing: bool,
+    /// The bearer token sent with every request (a node started with
+    /// `--tokens-file` answers 401 without one).
+    pub token: Option<BearerToken>,
+    /// PEM of the CA that signed the nodes' certificates: the client then
+    /// speaks HTTPS (to `host:port` endpoints and to every node the
+    /// directory names) and trusts only that CA.
+    pub ca_cert: Option<Vec<u8>>,
+}
+
+/// A bearer token: never printed (`Debug` shows only that there is one).
+#[derive(Clone, PartialEq, Eq)]
+pub struct BearerToken(pub String);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(..)")
+    }
 }
 
 impl Default for ClientOptions {
@@ -52,6 +69,8 @@ impl Default for ClientOptions {
             cache_ttl: Duration::from_secs(10),
             retry: RetryPolicy::default(),
             smart_routing: true,
+            token: None,
+            ca_cert: None,
         }
     }
 }
@@ -95,6 +114,18 @@ impl ClientOptions {
 
     pub fn with_smart_routing(mut self, on: bool) -> Self {
         self.smart_routing = on;
+        self
+    }
+
+    /// Speaks HTTPS, trusting only the CA whose PEM is `pem` (`None`: plain HTTP).
+    pub fn with_ca_cert(mut self, pem: Option<Vec<u8>>) -> Self {
+        self.ca_cert = pem;
+        self
+    }
+
+    /// Sends `token` (`None`: no token) as `Authorization: Bearer <token>`.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token.map(BearerToken);
         self
     }
 }

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use cleave_metadata::api::ShardStatus;
 use cleave_metadata::{Directory, NodeId, NodeState, RangeDescriptor, RangeId, ShardId};
 
-use crate::endpoint::base_url;
+use crate::endpoint::base_url_with;
 
 /// Where a key lives according to the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +60,7 @@ pub struct RoutingTable {
 
 impl RoutingTable {
     /// An empty table that knows only the seed addresses (already normalised
-    /// with [`base_url`]).
+    /// with [`crate::endpoint::base_url`]).
     pub fn new(seeds: Vec<String>) -> RoutingTable {
         RoutingTable { seeds, ..Default::default() }
     }
@@ -68,6 +68,12 @@ impl RoutingTable {
     /// The seed base URLs.
     pub fn seeds(&self) -> &[String] {
         &self.seeds
+    }
+
+    /// Whether the cluster's API is HTTPS (as its seeds are): the nodes
+    /// the directory names are reached the same way.
+    pub fn https(&self) -> bool {
+        self.seeds.first().is_some_and(|s| s.starts_with("https://"))
     }
 
     /// The cached directory, if one was ever installed.
@@ -174,7 +180,7 @@ impl RoutingTable {
         if n.state == NodeState::Removed {
             return None;
         }
-        base_url(n.api_addr.as_deref()?).ok()
+        base_url_with(n.api_addr.as_deref()?, self.https()).ok()
     }
 
     /// Patches in the range descriptors carried by a 421 answer. Each one

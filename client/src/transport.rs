@@ -428,6 +428,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_for_the_refresh_lock_ends_at_the_deadline() {
+        crate::tls::install_provider();
         let http = reqwest::Client::new();
         let inner = Inner::new(http, ClientOptions::default(), vec!["http://127.0.0.1:1".into()]);
         let _held = inner.refresh_lock.lock().await; // a refresh that never ends

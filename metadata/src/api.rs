@@ -75,6 +75,10 @@ pub enum ErrorCode {
     RangeMoving,
     Timeout,
     Internal,
+    /// No credentials, or credentials the node does not know (401).
+    Unauthenticated,
+    /// Known credentials whose role does not allow the request (403).
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -89,6 +93,8 @@ impl ErrorCode {
             ErrorCode::Unavailable | ErrorCode::RangeMoving => 503,
             ErrorCode::Timeout => 504,
             ErrorCode::Internal => 500,
+            ErrorCode::Unauthenticated => 401,
+            ErrorCode::Forbidden => 403,
         }
     }
 
@@ -269,10 +275,13 @@ pub struct JoinRequest {
     pub api_addr: String,
 }
 
-/// Answer to a join: the node's id and the cluster's directory.
+/// Answer to a join: the node's id, and the RPC addresses of the metadata
+/// group's replicas (where its heartbeats go first).
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct JoinResponse {
     pub node_id: NodeId,
+    #[serde(default)]
+    pub seeds: Vec<String>,
 }
 
 #[cfg(test)]

@@ -118,6 +118,26 @@ pub struct Args {
     /// directory), in milliseconds [default: 1000].
     #[arg(long, env = "CLEAVE_NODE_HEARTBEAT_MS")]
     pub node_heartbeat_ms: Option<u64>,
+    /// Bearer tokens and their roles (TOML, `[[token]]` tables of name, secret, role =
+    /// read|write|admin): with it, every HTTP request but `GET /health` needs
+    /// `Authorization: Bearer <secret>`. Re-read on SIGHUP.
+    #[arg(long, env = "CLEAVE_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// File holding the cluster secret (at least 16 bytes, readable by this user only): every RPC
+    /// connection between nodes proves both ends hold it, and so does a node joining.
+    #[arg(long, env = "CLEAVE_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// This node's certificate (PEM, chain first): with --tls-key, the API is served over HTTPS
+    /// only. Re-read on SIGHUP.
+    #[arg(long, env = "CLEAVE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "CLEAVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that signed every node's --tls-cert: the RPC port becomes mutual TLS
+    /// (each node presents its certificate and accepts only peers the CA signed).
+    #[arg(long, env = "CLEAVE_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
     /// Test fault point: hold operations in phases, e.g. `capturing=2000,frozen=500` (milliseconds);
     /// `enter_joint=MS` holds a move in `Joint` before its joint configuration is entered.
     #[arg(long, env = "CLEAVE_FAULT_HOLD", hide = true)]
@@ -144,6 +164,9 @@ pub struct Resolved {
     pub fault_hold: Option<String>,
     pub fault_api: bool,
     pub fault_corrupt_backfill: bool,
+    pub tokens_file: Option<PathBuf>,
+    pub cluster_secret_file: Option<PathBuf>,
+    pub tls: Option<crate::security::tls::TlsFiles>,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -211,6 +234,12 @@ impl Args {
         if heartbeat_ms == 0 || heartbeat_ms >= election_timeout_ms {
             bail!("--heartbeat-ms must be positive and below --election-timeout-ms");
         }
+        // (Also checked by clap, but not for settings from the TOML file.)
+        let tls = match (self.tls_cert, self.tls_key, self.tls_ca) {
+            (Some(cert), Some(key), ca) => Some(crate::security::tls::TlsFiles { cert, key, ca }),
+            (None, None, None) => None,
+            _ => bail!("--tls-cert and --tls-key go together, and --tls-ca needs both"),
+        };
         Ok(Resolved {
             node: NodeSettings {
                 id: self.id,
@@ -225,6 +254,7 @@ impl Args {
                 heartbeat: Duration::from_millis(self.node_heartbeat_ms.unwrap_or(1000).max(10)),
                 backfill_bytes_per_s: self.split_backfill_rate.unwrap_or(128).saturating_mul(1 << 20),
                 split_stall: Duration::from_millis(self.split_stall_timeout_ms.unwrap_or(60_000)),
+                join_https: tls.as_ref().map(|t| t.ca.clone()),
             },
             raft: RaftSettings {
                 heartbeat_ms,
@@ -251,6 +281,9 @@ impl Args {
             fault_hold: self.fault_hold,
             fault_api: self.fault_api.unwrap_or(false),
             fault_corrupt_backfill: self.fault_corrupt_backfill.unwrap_or(false),
+            tokens_file: self.tokens_file,
+            cluster_secret_file: self.cluster_secret_file,
+            tls,
         })
     }
 }

@@ -29,6 +29,8 @@
 //! - [`balance`]: the automatic split planner and the replica balancer
 //!   (pure) and the loops that feed them.
 //! - [`api`], [`metrics`]: HTTP handlers and Prometheus metrics.
+//! - [`security`]: bearer tokens and roles for the API, the cluster secret
+//!   and the handshake of the RPC port.
 //! - [`config`]: flags, environment and the TOML config file.
 
 pub mod api;
@@ -47,6 +49,7 @@ pub mod ops;
 pub mod raft;
 pub mod router;
 pub mod rpc;
+pub mod security;
 pub mod split;
 pub mod storage;
 #[cfg(test)]

@@ -9,6 +9,8 @@ use cleave_node::config::Args;
 use cleave_node::node::Node;
 use cleave_node::raft::RaftContext;
 use cleave_node::rpc::{transport, ExecError, Request, Response, Transport};
+use cleave_node::security::tls::{self, Tls};
+use cleave_node::security::{Access, Secret};
 use cleave_node::{api, balance, ops, split, storage};
 
 /// jemalloc, as TiKV uses: it hands freed memory back to the system (glibc's
@@ -40,10 +42,16 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.node.data_dir).with_context(|| format!("creating {}", cfg.node.data_dir.display()))?;
+    // Security files first: a node never starts less protected than meant.
+    tls::install_default_provider();
+    let secret = cfg.cluster_secret_file.as_deref().map(Secret::from_file).transpose()?;
+    let access = Arc::new(Access::load(cfg.tokens_file.clone(), secret.clone())?);
+    let tls = cfg.tls.clone().map(Tls::load).transpose()?.map(Arc::new);
+    let security = transport::Security::new(secret, tls.clone());
     let metrics = cleave_node::metrics::install()?;
     let db = storage::open(&cfg.node.data_dir.join("db")).context("opening RocksDB")?;
     let syncer = storage::Syncer::start(db.clone());
-    let transport = Transport::new();
+    let transport = Transport::with_security(security.clone());
     let ctx = RaftContext {
         addresses: Default::default(),
         db,
@@ -77,7 +85,7 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
             }
         })
     });
-    tokio::spawn(transport::serve(raft_listener, handler));
+    tokio::spawn(transport::serve(raft_listener, handler, security));
 
     let node = Node::start(cfg.node.clone(), ctx, &node_slot).await?;
     tokio::spawn(cleave_node::node::heartbeat_loop(node.clone()));
@@ -89,10 +97,29 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
     tokio::spawn(balance::run::replicas(node.clone(), cfg.balance.clone()));
     tracing::info!(node = node.id(), api = %cfg.listen_api, raft = %cfg.listen_raft, "serving");
 
-    let app = api::router(api::AppState { node: node.clone(), metrics });
-    axum::serve(api_listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    tokio::spawn(reload_on_hangup(access.clone(), tls.clone()));
+    let app = api::router(api::AppState { node: node.clone(), metrics, access });
+    match tls {
+        Some(tls) => api::https::serve(api_listener, app, tls, shutdown_signal()).await,
+        None => axum::serve(api_listener, app).with_graceful_shutdown(shutdown_signal()).await?,
+    }
     node.shutdown().await;
     Ok(())
+}
+
+/// Re-reads the tokens file and the TLS certificates on every SIGHUP
+/// (they rotate without a restart).
+async fn reload_on_hangup(access: Arc<Access>, tls: Option<Arc<Tls>>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("no SIGHUP handler: tokens reload only on restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        access.reload();
+        if let Some(t) = &tls {
+            t.reload();
+        }
+    }
 }
 
 async fn shutdown_signal() {

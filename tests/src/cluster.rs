@@ -32,6 +32,12 @@ pub struct ClusterOpts {
     pub extra_args: Vec<String>,
     /// Further arguments given to one node only (after `extra_args`).
     pub node_args: Vec<(NodeId, Vec<String>)>,
+    /// Bearer token the harness's own requests carry (nodes started with
+    /// `--tokens-file`: an admin token, for the readiness checks).
+    pub token: Option<String>,
+    /// PEM of the CA the nodes' certificates come from, when their API is
+    /// HTTPS (`--tls-cert`): the harness speaks HTTPS and trusts it.
+    pub https_ca: Option<Vec<u8>>,
 }
 
 impl ClusterOpts {
@@ -45,6 +51,8 @@ impl ClusterOpts {
 /// One node of a test cluster: its addresses, data dir, log file and process.
 pub struct NodeHandle {
     pub id: NodeId,
+    /// `http` or `https`.
+    pub scheme: &'static str,
     pub api_port: u16,
     pub raft_port: u16,
     pub data_dir: PathBuf,
@@ -54,9 +62,9 @@ pub struct NodeHandle {
 }
 
 impl NodeHandle {
-    /// Base URL of the HTTP API, `http://127.0.0.1:PORT`.
+    /// Base URL of the HTTP API, `http://127.0.0.1:PORT` (or `https://`).
     pub fn api(&self) -> String {
-        format!("http://{}", self.api_addr())
+        format!("{}://{}", self.scheme, self.api_addr())
     }
 
     pub fn api_addr(&self) -> String {
@@ -145,6 +153,7 @@ impl Cluster {
                 std::fs::create_dir_all(&data_dir).expect("create data dir");
                 NodeHandle {
                     id,
+                    scheme: if opts.https_ca.is_some() { "https" } else { "http" },
                     api_port: ports[2 * i],
                     raft_port: ports[2 * i + 1],
                     data_dir,
@@ -155,7 +164,12 @@ impl Cluster {
             })
             .collect();
         let initial_cluster = nodes.iter().map(|n| format!("{}={}", n.id, n.raft_addr())).collect::<Vec<_>>().join(",");
-        let cluster = Cluster { nodes, initial_cluster, opts, bin, http: Http::new(), dir: Some(dir) };
+        let http = match &opts.https_ca {
+            Some(ca) => Http::with_ca(ca),
+            None => Http::new(),
+        }
+        .with_token(opts.token.as_deref());
+        let cluster = Cluster { nodes, initial_cluster, opts, bin, http, dir: Some(dir) };
         for id in cluster.ids() {
             cluster.spawn(id);
         }
@@ -233,6 +247,11 @@ impl Cluster {
         let pid = self.node(id).child().as_ref().map(|c| c.id()).unwrap_or_else(|| panic!("node {id} is not running"));
         let ok = std::process::Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status();
         assert!(ok.is_ok_and(|s| s.success()), "kill -{signal} {pid} (node {id}) failed");
+    }
+
+    /// Sends SIGHUP to node `id` (it reloads its tokens file).
+    pub fn hangup(&self, id: NodeId) {
+        self.signal(id, "HUP");
     }
 
     /// Freezes node `id` (SIGSTOP): its sockets stay open and say nothing,
@@ -643,6 +662,21 @@ impl ExtraNode {
         let log = OpenOptions::new().create(true).append(true).open(&log_path).expect("open node log");
         let child = spawn_from_spawner_thread(node_command(&node_binary(), args, log)).expect("start cleave-node");
         ExtraNode { child, log_path }
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own; its
+    /// status, or `None` if it is still running.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await; // polling the process, with a deadline
+        }
     }
 
     /// The last `lines` lines of its log.

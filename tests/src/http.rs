@@ -126,6 +126,8 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
 #[derive(Clone)]
 pub struct Http {
     client: reqwest::Client,
+    /// `Authorization` header sent with every request, if any.
+    auth: Option<String>,
 }
 
 impl Default for Http {
@@ -141,14 +143,38 @@ impl Http {
 
     /// A client whose requests give up after `timeout`.
     pub fn with_timeout(timeout: Duration) -> Self {
-        let client = reqwest::Client::builder()
+        Self::build(timeout, None)
+    }
+
+    /// A client that speaks HTTPS to nodes whose certificates the CA of
+    /// `ca_pem` signed (and trusts nothing else).
+    pub fn with_ca(ca_pem: &[u8]) -> Self {
+        Self::build(REQUEST_TIMEOUT, Some(ca_pem))
+    }
+
+    fn build(timeout: Duration, ca_pem: Option<&[u8]>) -> Self {
+        cleave_client::tls::install_provider();
+        let mut builder = reqwest::Client::builder()
             .no_proxy()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(5))
-            .build()
-            .expect("build HTTP client");
-        Http { client }
+            .pool_idle_timeout(Duration::from_secs(5));
+        if let Some(pem) = ca_pem {
+            builder = builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(pem).expect("CA certificate"));
+        }
+        Http { client: builder.build().expect("build HTTP client"), auth: None }
+    }
+
+    /// The same client sending `Authorization: Bearer <token>` (`None`: no
+    /// header).
+    pub fn with_token(&self, token: Option<&str>) -> Self {
+        Http { client: self.client.clone(), auth: token.map(|t| format!("Bearer {t}")) }
+    }
+
+    /// The same client sending `value` as the `Authorization` header, as
+    /// is (tests of malformed headers).
+    pub fn with_authorization(&self, value: &str) -> Self {
+        Http { client: self.client.clone(), auth: Some(value.to_string()) }
     }
 
     /// `base` + a literal path and query, sent as is (no encoding).
@@ -165,6 +191,9 @@ impl Http {
     pub async fn send(&self, method: Method, url: Url, body: Option<String>) -> anyhow::Result<Resp> {
         let what = format!("{method} {url}");
         let mut req = self.client.request(method, url);
+        if let Some(auth) = &self.auth {
+            req = req.header(reqwest::header::AUTHORIZATION, auth);
+        }
         if let Some(body) = body {
             req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
         }

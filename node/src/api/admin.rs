@@ -50,17 +50,44 @@ pub async fn directory(State(s): State<AppState>) -> Result<Json<Directory>, Api
 
 pub async fn join(
     State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<JoinResponse>, ApiError> {
     let body = body.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+    // In a cluster with a secret, the joining node proves it holds it (the
+    // authentication middleware leaves this request to us): a node that
+    // cannot take part in the RPC handshake is never registered.
+    if let Some(secret) = s.access.secret() {
+        let proof = headers.get(crate::security::secret::JOIN_PROOF_HEADER).and_then(|v| v.to_str().ok());
+        if !proof.is_some_and(|p| secret.check_join_proof(&body, p)) {
+            metrics::counter!("cleave_http_auth_refused_total", "reason" => "join_proof").increment(1);
+            return Err(ApiError::new(
+                ErrorCode::Unauthenticated,
+                "joining this cluster needs its cluster secret (--cluster-secret-file)",
+            ));
+        }
+    }
     let req: JoinRequest = super::json_object(&body, r#"{"node_id": n?, "raft_addr": "...", "api_addr": "..."}"#)?;
     // Refused for an id already taken (an active node's, say a wiped one
     // rejoining with `--id`): it would inherit that node's replicas on paper.
     let cmd = MetaCommand::JoinNode { node_id: req.node_id, raft_addr: req.raft_addr, api_addr: Some(req.api_addr) };
-    match s.node.router().propose_meta(cmd, 0).await? {
-        MetaResponse::Node(node_id) => Ok(Json(JoinResponse { node_id })),
-        other => Err(ApiError::new(ErrorCode::Internal, format!("unexpected answer {other:?}"))),
+    let node_id = match s.node.router().propose_meta(cmd, 0).await? {
+        MetaResponse::Node(node_id) => node_id,
+        other => return Err(ApiError::new(ErrorCode::Internal, format!("unexpected answer {other:?}"))),
+    };
+    // Where the new node finds the metadata group: the RPC addresses of its
+    // replicas (of every node while none is known).
+    let dir = fresh_directory(&s).await?;
+    let mut seeds: Vec<String> = dir
+        .meta
+        .iter()
+        .flat_map(|m| m.replicas.iter())
+        .filter_map(|r| dir.nodes.get(&r.node_id).map(|n| n.raft_addr.clone()))
+        .collect();
+    if seeds.is_empty() {
+        seeds = dir.nodes.values().map(|n| n.raft_addr.clone()).collect();
     }
+    Ok(Json(JoinResponse { node_id, seeds }))
 }
 
 /// `POST /admin/fault/isolate-meta {"isolated": bool}`: a test fault point

@@ -8,6 +8,7 @@
 
 mod admin;
 mod error;
+pub mod https;
 mod kv;
 mod moves;
 mod ops;
@@ -28,6 +29,8 @@ use crate::node::Node;
 pub struct AppState {
     pub node: Arc<Node>,
     pub metrics: PrometheusHandle,
+    /// Who may do what (`security`): tokens, and the cluster secret joins prove.
+    pub access: Arc<crate::security::Access>,
 }
 
 /// Slack above the value limit for the rest of a PUT body.
@@ -83,5 +86,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(admin::not_found)
         .method_not_allowed_fallback(admin::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        // Outermost: a refused request reaches no handler, not even the
+        // not-found fallback (an unknown path answers 404 only to a caller
+        // the node knows).
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::security::http::authorize))
         .with_state(state)
 }

@@ -32,6 +32,9 @@ pub struct NodeSettings {
     /// How long a split's capture may make no progress before the split is
     /// abandoned (zero: never).
     pub split_stall: Duration,
+    /// The cluster's API is HTTPS: a join is sent over HTTPS, trusting
+    /// this CA (`Some(None)`: the system's roots).
+    pub join_https: Option<Option<PathBuf>>,
 }
 
 /// The persisted identity in `node.json`.

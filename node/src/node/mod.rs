@@ -92,7 +92,7 @@ impl Node {
                 (Identity { node_id: id, seeds }, true)
             }
             None => match &settings.join {
-                Some(addr) => (join::join(&settings, addr).await?, false),
+                Some(addr) => (join::join(&settings, ctx.transport.secret(), addr).await?, false),
                 None => bail!("a new node needs --initial-cluster or --join"),
             },
         };

@@ -13,6 +13,10 @@
 //! the connection, and the next call dials afresh; TCP keepalive reaps what
 //! the server side holds.
 //!
+//! With a cluster secret, each connection starts with the mutual handshake
+//! of `security::handshake` on both sides before any frame: a peer that
+//! fails it, or later sends a frame that does not decode, is disconnected.
+//!
 //! Bulk transfers (Raft snapshot chunks, 1 MiB each) take a second
 //! connection per peer, [`Lane::Bulk`], as TiKV sends snapshots apart from
 //! its Raft messages: queued behind chunks, heartbeats and appends would
@@ -27,15 +31,48 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Request, Response};
+use crate::security::tls::{self, Tls};
+use crate::security::{handshake, Secret};
+
+/// The two halves of a connection, plain TCP or TLS alike.
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+fn plain_halves(stream: TcpStream) -> (Reader, Writer) {
+    let (r, w) = stream.into_split();
+    (Box::new(r), Box::new(w))
+}
+
+fn halves<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(stream: S) -> (Reader, Writer) {
+    let (r, w) = tokio::io::split(stream);
+    (Box::new(r), Box::new(w))
+}
+
+/// What a node's RPC connections prove: the cluster secret, mutual TLS,
+/// both or neither.
+#[derive(Clone, Default)]
+pub struct Security {
+    pub secret: Option<Arc<Secret>>,
+    pub tls: Option<Arc<Tls>>,
+}
+
+impl Security {
+    pub fn new(secret: Option<Secret>, tls: Option<Arc<Tls>>) -> Security {
+        Security { secret: secret.map(Arc::new), tls: tls.filter(|t| t.mutual()) }
+    }
+}
 
 /// Largest frame accepted (snapshot chunks are 1 MiB; log batches are bounded).
 const MAX_FRAME: usize = crate::codec::DECODE_LIMIT;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bound on a whole dial: connecting, then TLS and the secret's handshake
+/// (a peer that accepts but never answers, e.g. a paused process).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// A connection silent this long when a call on it times out is dropped.
 /// Not shortened for calls with a short timeout: a busy peer that misses a
 /// heartbeat's few hundred milliseconds is not a dead connection.
@@ -68,6 +105,10 @@ pub enum RpcError {
     Timeout(String),
     #[error("codec: {0}")]
     Codec(String),
+    #[error("handshake with {addr}: {err}")]
+    Handshake { addr: String, err: handshake::HandshakeError },
+    #[error("TLS with {addr}: {err}")]
+    Tls { addr: String, err: String },
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, RpcError> {
@@ -82,6 +123,8 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
 /// Open connections by peer address, one slot per lane (indexed by
 /// `Lane as usize`, so a lookup needs no owned key).
 type Conns = HashMap<String, [Option<Arc<Conn>>; 2]>;
+/// The dial in progress per (peer address, lane), one at a time.
+type DialGates = HashMap<(String, usize), Arc<tokio::sync::Mutex<()>>>;
 
 struct Conn {
     tx: mpsc::UnboundedSender<(u64, Vec<u8>)>,
@@ -107,11 +150,16 @@ impl Conn {
 /// Client side: cheap to clone, shared by every group on the node.
 #[derive(Clone, Default)]
 pub struct Transport {
-    conns: Arc<tokio::sync::Mutex<Conns>>,
+    conns: Arc<Mutex<Conns>>,
+    /// One dial at a time per peer and lane, without holding `conns`: a
+    /// peer slow to connect or to handshake delays only its own calls.
+    dialling: Arc<Mutex<DialGates>>,
     next_id: Arc<AtomicU64>,
+    /// What every connection proves (see [`Security`]).
+    security: Security,
 }
 
-async fn write_loop(stream: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<(u64, Vec<u8>)>) {
+async fn write_loop(stream: Writer, mut rx: mpsc::UnboundedReceiver<(u64, Vec<u8>)>) {
     let mut w = BufWriter::with_capacity(256 << 10, stream);
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 256).await > 0 {
@@ -130,7 +178,7 @@ async fn write_loop(stream: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Unbou
     }
 }
 
-async fn read_frame(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::io::Result<(u64, Vec<u8>)> {
+async fn read_frame(r: &mut BufReader<Reader>) -> std::io::Result<(u64, Vec<u8>)> {
     let len = r.read_u32().await? as usize;
     if !(8..=MAX_FRAME).contains(&len) {
         return Err(std::io::Error::other(format!("bad frame length {len}")));
@@ -152,13 +200,18 @@ impl Transport {
         Transport::default()
     }
 
-    async fn conn(&self, addr: &str, lane: Lane) -> Result<Arc<Conn>, RpcError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(addr).and_then(|slots| slots[lane as usize].as_ref()) {
-            if !c.closed.load(Ordering::Acquire) {
-                return Ok(c.clone());
-            }
-        }
+    /// A transport whose connections prove what `security` holds.
+    pub fn with_security(security: Security) -> Transport {
+        Transport { security, ..Transport::default() }
+    }
+
+    /// The cluster secret this transport's connections prove.
+    pub fn secret(&self) -> Option<&Secret> {
+        self.security.secret.as_deref()
+    }
+
+    /// Opens a connection to `addr` and proves what it must.
+    async fn dial(&self, addr: &str) -> Result<(Reader, Writer), RpcError> {
         let connect_err = |msg: String| RpcError::Connect { addr: addr.to_string(), msg };
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
@@ -166,7 +219,56 @@ impl Transport {
             .map_err(|e| connect_err(e.to_string()))?;
         stream.set_nodelay(true).ok();
         keepalive(&stream);
-        let (r, w) = stream.into_split();
+        let refused = |err: handshake::HandshakeError| {
+            tracing::warn!(addr, "rpc handshake: {err}");
+            RpcError::Handshake { addr: addr.to_string(), err }
+        };
+        match self.security.tls.as_ref().and_then(|t| t.rpc_connector()) {
+            Some(connector) => {
+                let tls_err = |err: String| {
+                    tracing::warn!(addr, "rpc TLS: {err}");
+                    RpcError::Tls { addr: addr.to_string(), err }
+                };
+                let name = tls::server_name(addr).map_err(|e| tls_err(e.to_string()))?;
+                let mut s = tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, connector.connect(name, stream))
+                    .await
+                    .map_err(|_| tls_err("timed out".into()))?
+                    .map_err(|e| tls_err(e.to_string()))?;
+                if let Some(secret) = &self.security.secret {
+                    handshake::dial(&mut s, secret).await.map_err(refused)?;
+                }
+                Ok(halves(s))
+            }
+            None => {
+                let mut s = stream;
+                if let Some(secret) = &self.security.secret {
+                    handshake::dial(&mut s, secret).await.map_err(refused)?;
+                }
+                Ok(plain_halves(s))
+            }
+        }
+    }
+
+    /// The open connection to `addr` on `lane`, if there is one.
+    fn open_conn(&self, addr: &str, lane: Lane) -> Option<Arc<Conn>> {
+        let conns = self.conns.lock().unwrap();
+        conns.get(addr).and_then(|slots| slots[lane as usize].clone()).filter(|c| !c.closed.load(Ordering::Acquire))
+    }
+
+    async fn conn(&self, addr: &str, lane: Lane) -> Result<Arc<Conn>, RpcError> {
+        if let Some(c) = self.open_conn(addr, lane) {
+            return Ok(c);
+        }
+        let gate = self.dialling.lock().unwrap().entry((addr.to_string(), lane as usize)).or_default().clone();
+        let _dialling = gate.lock().await;
+        // Another call may have dialled while this one waited.
+        if let Some(c) = self.open_conn(addr, lane) {
+            return Ok(c);
+        }
+        let (r, w) = tokio::time::timeout(DIAL_TIMEOUT, self.dial(addr)).await.map_err(|_| RpcError::Connect {
+            addr: addr.to_string(),
+            msg: "connected, but the handshake timed out".into(),
+        })??;
         let (tx, rx) = mpsc::unbounded_channel();
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
@@ -189,7 +291,7 @@ impl Transport {
             .abort_handle()
         };
         let conn = Arc::new(Conn { tx, pending, closed, last_recv, tasks: [writer, reader] });
-        conns.entry(addr.to_string()).or_default()[lane as usize] = Some(conn.clone());
+        self.conns.lock().unwrap().entry(addr.to_string()).or_default()[lane as usize] = Some(conn.clone());
         Ok(conn)
     }
 
@@ -225,12 +327,37 @@ impl Transport {
     }
 }
 
+/// The listening side of [`Transport::dial`]: TLS (verifying the peer's
+/// certificate), then the secret's handshake, as configured.
+async fn accept(stream: TcpStream, security: &Security) -> Result<(Reader, Writer), String> {
+    match security.tls.as_ref().and_then(|t| t.rpc_acceptor()) {
+        Some(acceptor) => {
+            let mut s = tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                .await
+                .map_err(|_| "TLS handshake timed out".to_string())?
+                .map_err(|e| format!("TLS: {e}"))?;
+            if let Some(secret) = &security.secret {
+                handshake::accept(&mut s, secret).await.map_err(|e| e.to_string())?;
+            }
+            Ok(halves(s))
+        }
+        None => {
+            let mut s = stream;
+            if let Some(secret) = &security.secret {
+                handshake::accept(&mut s, secret).await.map_err(|e| e.to_string())?;
+            }
+            Ok(plain_halves(s))
+        }
+    }
+}
+
 /// Handles one request on the server side.
 pub type Handler = Arc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync>;
 
 /// Accepts connections on `listener` forever, answering each request with
-/// `handler`. Requests on one connection are handled concurrently.
-pub async fn serve(listener: TcpListener, handler: Handler) {
+/// `handler`. Requests on one connection are handled concurrently. A
+/// connection is served only once its peer proved what `security` asks.
+pub async fn serve(listener: TcpListener, handler: Handler, security: Security) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -242,9 +369,16 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
         };
         stream.set_nodelay(true).ok();
         keepalive(&stream);
-        let handler = handler.clone();
+        let (handler, security) = (handler.clone(), security.clone());
         tokio::spawn(async move {
-            let (r, w) = stream.into_split();
+            let (r, w) = match accept(stream, &security).await {
+                Ok(halves) => halves,
+                Err(e) => {
+                    metrics::counter!("cleave_rpc_handshakes_refused_total").increment(1);
+                    tracing::warn!(%peer, "rpc connection refused: {e}");
+                    return;
+                }
+            };
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(write_loop(w, rx));
             let mut r = BufReader::with_capacity(256 << 10, r);
@@ -297,7 +431,7 @@ mod tests {
                 Response::Node(Ok(NodeReply::KvRead(Some((1, key)))))
             })
         });
-        tokio::spawn(serve(listener, handler));
+        tokio::spawn(serve(listener, handler, Security::default()));
         addr
     }
 

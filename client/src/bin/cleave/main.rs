@@ -62,6 +62,15 @@ struct Cli {
     #[arg(long, global = true, default_value = "15s", value_parser = parse_duration)]
     timeout: Duration,
 
+    /// Bearer token for a cluster whose nodes check tokens (--tokens-file).
+    #[arg(long, global = true, env = "CLEAVE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// CA certificate (PEM) of a cluster serving its API over HTTPS (--tls-cert): speak HTTPS and
+    /// trust only this CA.
+    #[arg(long, global = true, env = "CLEAVE_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -241,7 +250,15 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 async fn run(cli: Cli) -> Result<()> {
     // One request per run: sending it to a seed (which forwards it) is
     // cheaper than first loading the routing cache.
-    let options = ClientOptions::default().with_deadline(cli.timeout).with_smart_routing(false);
+    let ca = match &cli.ca_cert {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading --ca-cert {}", p.display()))?),
+        None => None,
+    };
+    let options = ClientOptions::default()
+        .with_deadline(cli.timeout)
+        .with_smart_routing(false)
+        .with_token(cli.token.clone())
+        .with_ca_cert(ca);
     let client = Client::with_options(&cli.endpoints, options).context("invalid --endpoints")?;
     let out = cli.output;
     match cli.command {
