@@ -113,11 +113,20 @@ pub struct Api {
 }
 
 /// Credentials for a secured cluster (`--token`, `--ca-cert`).
-#[derive(Clone, Default, Debug)]
+#[derive(Clone, Default)]
 pub struct Auth {
     pub token: Option<String>,
     /// PEM of the CA of nodes that serve HTTPS.
     pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("token", &self.token.as_ref().map(|_| ".."))
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
+            .finish()
+    }
 }
 
 fn build(timeout: Duration, auth: &Auth) -> Result<reqwest::Client> {

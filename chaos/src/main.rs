@@ -152,7 +152,23 @@ fn replay_command(seed: u64) -> String {
     if !args.iter().any(|a| a == "--seed" || a.starts_with("--seed=")) {
         args.push(format!("--seed={seed}"));
     }
+    redact_token(&mut args);
     args.join(" ")
+}
+
+/// Hides the value of `--token` (the summary is saved and printed).
+fn redact_token(args: &mut [String]) {
+    let mut next = false;
+    for a in args.iter_mut() {
+        if next {
+            *a = "…".into();
+            next = false;
+        } else if a == "--token" {
+            next = true;
+        } else if a.starts_with("--token=") {
+            *a = "--token=…".into();
+        }
+    }
 }
 
 fn check_only(path: &PathBuf, max_states: usize) -> anyhow::Result<ExitCode> {
@@ -332,5 +348,16 @@ fn main() -> ExitCode {
             eprintln!("cleave-chaos: error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_replay_line_never_shows_a_token() {
+        let mut args: Vec<String> =
+            ["cleave-chaos", "--token", "s3cret", "--token=s3cret2", "--seed=1"].map(String::from).to_vec();
+        super::redact_token(&mut args);
+        assert_eq!(args.join(" "), "cleave-chaos --token … --token=… --seed=1");
     }
 }

@@ -123,7 +123,7 @@ pub struct Args {
     /// `Authorization: Bearer <secret>`. Re-read on SIGHUP.
     #[arg(long, env = "CLEAVE_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
-    /// File holding the cluster secret (at least 16 bytes, readable by this user only): every RPC
+    /// File holding the cluster secret (at least 16 bytes, not readable by other users): every RPC
     /// connection between nodes proves both ends hold it, and so does a node joining.
     #[arg(long, env = "CLEAVE_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,

@@ -42,11 +42,20 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.node.data_dir).with_context(|| format!("creating {}", cfg.node.data_dir.display()))?;
+    // SIGHUP reloads (below); handled from the start, so that one sent
+    // while the node starts up does not kill it (its default action).
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
     // Security files first: a node never starts less protected than meant.
     tls::install_default_provider();
     let secret = cfg.cluster_secret_file.as_deref().map(Secret::from_file).transpose()?;
     let access = Arc::new(Access::load(cfg.tokens_file.clone(), secret.clone())?);
     let tls = cfg.tls.clone().map(Tls::load).transpose()?.map(Arc::new);
+    if access.tokens().is_some() && secret.is_none() && !tls.as_ref().is_some_and(|t| t.mutual()) {
+        tracing::warn!(
+            "--tokens-file without --cluster-secret-file or --tls-ca: the RPC port is open, and anyone who \
+             reaches it can do what tokens deny on the API; give the nodes a cluster secret"
+        );
+    }
     let security = transport::Security::new(secret, tls.clone());
     let metrics = cleave_node::metrics::install()?;
     let db = storage::open(&cfg.node.data_dir.join("db")).context("opening RocksDB")?;
@@ -97,7 +106,7 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
     tokio::spawn(balance::run::replicas(node.clone(), cfg.balance.clone()));
     tracing::info!(node = node.id(), api = %cfg.listen_api, raft = %cfg.listen_raft, "serving");
 
-    tokio::spawn(reload_on_hangup(access.clone(), tls.clone()));
+    tokio::spawn(reload_on_hangup(hup, access.clone(), tls.clone()));
     let app = api::router(api::AppState { node: node.clone(), metrics, access });
     match tls {
         Some(tls) => api::https::serve(api_listener, app, tls, shutdown_signal()).await,
@@ -109,11 +118,7 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
 
 /// Re-reads the tokens file and the TLS certificates on every SIGHUP
 /// (they rotate without a restart).
-async fn reload_on_hangup(access: Arc<Access>, tls: Option<Arc<Tls>>) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        tracing::warn!("no SIGHUP handler: tokens reload only on restart");
-        return;
-    };
+async fn reload_on_hangup(mut hup: tokio::signal::unix::Signal, access: Arc<Access>, tls: Option<Arc<Tls>>) {
     while hup.recv().await.is_some() {
         access.reload();
         if let Some(t) = &tls {

@@ -84,6 +84,23 @@ async fn every_request_needs_a_token_whose_role_covers_it() {
         Err(e) => eprintln!("a huge header: the connection was closed ({e:#})"),
     }
     assert_eq!(read.get(&base, "sec/k", None).await.unwrap().status, 404, "never written");
+    // Other methods and spellings of the same paths get nothing either.
+    let url = |p: &str| Http::url(&base, p);
+    for (method, path) in [
+        (reqwest::Method::HEAD, "/v1/kv/sec/k"),
+        (reqwest::Method::OPTIONS, "/v1/kv/sec/k"),
+        (reqwest::Method::POST, "//admin/split"),
+        (reqwest::Method::POST, "/%61dmin/split"),
+        (reqwest::Method::GET, "/admin/nodes/join"),
+        (reqwest::Method::POST, "/admin/nodes/join"),
+        (reqwest::Method::GET, "/admin//shards"),
+    ] {
+        let r = none.send(method.clone(), url(path), Some("{}".into())).await.unwrap();
+        assert_eq!(r.status, 401, "{method} {path} without a token: {r:?}");
+        let r = read.send(method.clone(), url(path), Some(r#"{"key":"sec/m"}"#.into())).await.unwrap();
+        assert!((400..500).contains(&r.status), "{method} {path} with a read token: {r:?}");
+    }
+    assert_eq!(c.http.admin_operations(&base).await.unwrap().len(), 0, "no split was started by any of them");
 
     // read: reads and scans, on any node; no writes, not even through
     // another node (the request is checked where it enters).

@@ -2,6 +2,7 @@
 //! between nodes (`--tls-ca`), with certificates made here by a test CA.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use cleave_tests::{free_ports, secs, wait_for, Cluster, ClusterOpts, ExtraNode, Http};
 use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
@@ -95,8 +96,16 @@ async fn the_api_speaks_https_only_and_the_nodes_mutual_tls() {
     let stranger_trust = Http::with_ca(other.cert.pem().as_bytes());
     assert!(stranger_trust.health(&c.api(1)).await.is_err(), "a certificate from an unknown CA must be refused");
 
-    // The client library with --ca-cert.
+    // A TLS peer without a client certificate is refused on the RPC port.
     let ca_pem = std::fs::read(files.path().join("ca.pem")).unwrap();
+    let before = c.metric(1, "cleave_rpc_handshakes_refused_total").await;
+    assert!(!peer_without_client_certificate_is_served(&c.node(1).raft_addr(), &ca_pem).await);
+    wait_for(secs(10), "the refusal to be counted", || async {
+        (c.metric(1, "cleave_rpc_handshakes_refused_total").await > before).then_some(())
+    })
+    .await;
+
+    // The client library with --ca-cert.
     let endpoints: Vec<String> = c.ids().into_iter().map(|id| c.node(id).api_addr()).collect();
     let opts = cleave_client::ClientOptions::default().with_ca_cert(Some(ca_pem));
     let client = cleave_client::Client::with_options(&endpoints, opts).unwrap();
@@ -143,10 +152,60 @@ async fn a_node_whose_certificate_another_ca_signed_cannot_take_part() {
     c.assert_running();
 }
 
+/// The certificate the API at `addr` presents (DER), to a client that
+/// trusts the CA of `ca_pem`.
+async fn served_certificate(addr: &str, ca_pem: &[u8]) -> Vec<u8> {
+    let config = client_config(ca_pem);
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// Whether a TLS client that trusts the CA but presents no certificate of
+/// its own gets any bytes back from `addr` (it must not: the RPC port
+/// requires one).
+async fn peer_without_client_certificate_is_served(addr: &str, ca_pem: &[u8]) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = client_config(ca_pem);
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let Ok(mut tls) = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await else {
+        return false; // refused during the handshake (TLS 1.2)
+    };
+    // TLS 1.3 reports the refusal after the handshake, on the next read.
+    let _ = tls.write_all(b"CLV1").await;
+    let mut buf = [0u8; 64];
+    matches!(tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await, Ok(Ok(n)) if n > 0)
+}
+
+fn client_config(ca_pem: &[u8]) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+fn der_of(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_reload_on_sighup() {
     let (c, files, ca) = tls_cluster().await;
     // New certificates from the same CA: served after SIGHUP.
+    let ca_pem = std::fs::read(files.path().join("ca.pem")).unwrap();
+    let before = served_certificate(&c.node(1).api_addr(), &ca_pem).await;
+    assert_eq!(before, der_of(&std::fs::read_to_string(files.path().join("cert.pem")).unwrap()));
     let (cert, key) = ca.node_cert();
     std::fs::write(files.path().join("cert.pem"), &cert).unwrap();
     std::fs::write(files.path().join("key.pem"), key).unwrap();
@@ -159,6 +218,10 @@ async fn certificates_reload_on_sighup() {
     .await;
     let r = c.http.put(&c.api(1), "reload/k", &json!(1), None).await.unwrap();
     assert_eq!(r.status, 200, "{r:?}");
+    for id in c.ids() {
+        let now = served_certificate(&c.node(id).api_addr(), &ca_pem).await;
+        assert_eq!(now, der_of(&cert), "node {id} serves the new certificate");
+    }
     // A broken pair is not taken: the node keeps serving with the old one.
     std::fs::write(files.path().join("key.pem"), "not a key").unwrap();
     c.hangup(2);
@@ -168,5 +231,6 @@ async fn certificates_reload_on_sighup() {
     .await;
     let r = c.http.put(&c.api(2), "reload/k", &json!(2), None).await.unwrap();
     assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(served_certificate(&c.node(2).api_addr(), &ca_pem).await, der_of(&cert), "the last good one stays");
     c.assert_running();
 }

@@ -59,7 +59,8 @@ pub async fn join(
     // cannot take part in the RPC handshake is never registered.
     if let Some(secret) = s.access.secret() {
         let proof = headers.get(crate::security::secret::JOIN_PROOF_HEADER).and_then(|v| v.to_str().ok());
-        if !proof.is_some_and(|p| secret.check_join_proof(&body, p)) {
+        let now = crate::ops::supervisor::now_ms();
+        if !proof.is_some_and(|p| secret.check_join_proof(&body, p, now)) {
             metrics::counter!("cleave_http_auth_refused_total", "reason" => "join_proof").increment(1);
             return Err(ApiError::new(
                 ErrorCode::Unauthenticated,

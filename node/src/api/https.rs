@@ -16,11 +16,14 @@ use tokio::net::TcpListener;
 use crate::security::tls::Tls;
 
 /// How long a client has to complete the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client has to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` over TLS until `shutdown` completes.
 pub async fn serve(listener: TcpListener, app: Router, tls: Arc<Tls>, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    let proving = Arc::new(tokio::sync::Semaphore::new(crate::rpc::transport::MAX_PROVING));
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => return,
@@ -34,9 +37,16 @@ pub async fn serve(listener: TcpListener, app: Router, tls: Arc<Tls>, shutdown: 
             },
         };
         stream.set_nodelay(true).ok();
+        // Handshakes in progress are bounded, as on the RPC port.
+        let Ok(permit) = proving.clone().try_acquire_owned() else {
+            metrics::counter!("cleave_http_tls_handshakes_failed_total").increment(1);
+            continue;
+        };
         let (acceptor, app) = (tls.http_acceptor(), app.clone());
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+            drop(permit);
+            let stream = match handshake {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     metrics::counter!("cleave_http_tls_handshakes_failed_total").increment(1);
@@ -46,9 +56,10 @@ pub async fn serve(listener: TcpListener, app: Router, tls: Arc<Tls>, shutdown: 
                 Err(_) => return,
             };
             let service = TowerToHyperService::new(app);
-            if let Err(e) =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-            {
+            // A client slow to send its headers (slowloris) is dropped.
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(%peer, "https connection: {e}");
             }
         });

@@ -33,7 +33,8 @@ pub async fn join(settings: &NodeSettings, secret: Option<&Secret>, addr: &str) 
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.clone());
         if let Some(s) = secret {
-            post = post.header(crate::security::secret::JOIN_PROOF_HEADER, s.join_proof(&body));
+            let now = crate::ops::supervisor::now_ms();
+            post = post.header(crate::security::secret::JOIN_PROOF_HEADER, s.join_proof(&body, now));
         }
         match post.send().await {
             Ok(r) if r.status().is_success() => break r.json().await.context("decoding join answer")?,

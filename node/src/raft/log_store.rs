@@ -50,7 +50,12 @@ impl LogStore {
 
     fn last_entry(&self) -> Result<Option<EntryOf<TypeConfig>>, io::Error> {
         let cf = storage::cf(&self.db, CF_RAFT_LOG);
-        let mut it = self.db.raw_iterator_cf(cf);
+        // Bounded below by the group's own first key: with its log purged,
+        // an unbounded seek walks back through every purged entry (and
+        // range tombstone) of the groups before it.
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_lower_bound(log_key(self.group, 0));
+        let mut it = self.db.raw_iterator_cf_opt(cf, opts);
         it.seek_for_prev(log_key(self.group, u64::MAX));
         if it.valid() {
             if let (Some(k), Some(v)) = (it.key(), it.value()) {

@@ -73,6 +73,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bound on a whole dial: connecting, then TLS and the secret's handshake
 /// (a peer that accepts but never answers, e.g. a paused process).
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most accepted connections still in their TLS or secret handshake.
+pub const MAX_PROVING: usize = 256;
 /// A connection silent this long when a call on it times out is dropped.
 /// Not shortened for calls with a short timeout: a busy peer that misses a
 /// heartbeat's few hundred milliseconds is not a dead connection.
@@ -303,7 +305,13 @@ impl Transport {
     /// [`Transport::call`] on the connection of `lane`.
     pub async fn call_on(&self, lane: Lane, addr: &str, req: Request, timeout: Duration) -> Result<Response, RpcError> {
         let body = encode(&req)?;
-        let conn = self.conn(addr, lane).await?;
+        // The call's time bounds the dial too (a paused peer accepts, then
+        // never answers the handshake).
+        let started = std::time::Instant::now();
+        let conn = tokio::time::timeout(timeout, self.conn(addr, lane))
+            .await
+            .map_err(|_| RpcError::Timeout(addr.to_string()))??;
+        let timeout = timeout.saturating_sub(started.elapsed());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().unwrap().insert(id, tx);
@@ -358,6 +366,9 @@ pub type Handler = Arc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = Response> 
 /// `handler`. Requests on one connection are handled concurrently. A
 /// connection is served only once its peer proved what `security` asks.
 pub async fn serve(listener: TcpListener, handler: Handler, security: Security) {
+    // Connections still proving themselves are bounded: strangers that
+    // connect and say nothing cannot hold every file descriptor.
+    let proving = Arc::new(tokio::sync::Semaphore::new(MAX_PROVING));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -369,9 +380,16 @@ pub async fn serve(listener: TcpListener, handler: Handler, security: Security) 
         };
         stream.set_nodelay(true).ok();
         keepalive(&stream);
+        let Ok(permit) = proving.clone().try_acquire_owned() else {
+            metrics::counter!("cleave_rpc_handshakes_refused_total").increment(1);
+            tracing::warn!(%peer, "rpc connection refused: {MAX_PROVING} others are still in their handshake");
+            continue;
+        };
         let (handler, security) = (handler.clone(), security.clone());
         tokio::spawn(async move {
-            let (r, w) = match accept(stream, &security).await {
+            let accepted = accept(stream, &security).await;
+            drop(permit);
+            let (r, w) = match accepted {
                 Ok(halves) => halves,
                 Err(e) => {
                     metrics::counter!("cleave_rpc_handshakes_refused_total").increment(1);
@@ -472,6 +490,70 @@ mod tests {
         answered(slow.await.unwrap(), "slow");
         answered(bulk.await.unwrap(), "slow");
         answered(t.call(&addr, read("after"), Duration::from_secs(5)).await, "after");
+    }
+
+    fn secured() -> Security {
+        Security::new(Some(Secret::from_bytes(b"0123456789abcdef-test").unwrap()), None)
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_accepts_but_never_answers_the_handshake_costs_each_call_only_its_own_time() {
+        // A paused process: the kernel accepts, nobody answers.
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_addr = silent.local_addr().unwrap().to_string();
+        let held = tokio::spawn(async move {
+            let mut socks = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                socks.push(s);
+            }
+        });
+        let t = Transport::with_security(secured());
+        let calls: Vec<_> = (0..4)
+            .map(|_| {
+                let (t, a) = (t.clone(), silent_addr.clone());
+                tokio::spawn(async move {
+                    let started = std::time::Instant::now();
+                    let r = t.call(&a, read("x"), Duration::from_millis(300)).await;
+                    (r, started.elapsed())
+                })
+            })
+            .collect();
+        for c in calls {
+            let (r, took) = c.await.unwrap();
+            assert!(matches!(r, Err(RpcError::Timeout(_))), "{r:?}");
+            assert!(took < Duration::from_millis(1500), "a call outlived its 300 ms by far: {took:?}");
+        }
+        // A healthy peer with the same secret is reached meanwhile.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let handler: Handler = Arc::new(|req| {
+            Box::pin(async move {
+                let Request::Node(NodeRequest::KvRead(crate::rpc::KvRead { key, .. })) = req else { unreachable!() };
+                Response::Node(Ok(NodeReply::KvRead(Some((1, key)))))
+            })
+        });
+        tokio::spawn(serve(listener, handler, secured()));
+        answered(t.call(&addr, read("ok"), Duration::from_secs(5)).await, "ok");
+        // Concurrent first calls share one connection.
+        let both = futures::future::join_all((0..8).map(|_| t.call(&addr, read("ok"), Duration::from_secs(5)))).await;
+        for r in both {
+            answered(r, "ok");
+        }
+        assert!(t.open_conn(&addr, Lane::Default).is_some());
+        held.abort();
+    }
+
+    #[tokio::test]
+    async fn a_transport_without_the_secret_is_refused_and_one_with_another_too() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let handler: Handler = Arc::new(|_| Box::pin(async { Response::Raft(Err("unexpected".into())) }));
+        tokio::spawn(serve(listener, handler, secured()));
+        let plain = Transport::new().call(&addr, read("x"), Duration::from_secs(5)).await;
+        assert!(matches!(plain, Err(RpcError::Closed(_))), "{plain:?}");
+        let other = Security::new(Some(Secret::from_bytes(b"0123456789abcdef-other").unwrap()), None);
+        let wrong = Transport::with_security(other).call(&addr, read("x"), Duration::from_secs(5)).await;
+        assert!(matches!(wrong, Err(RpcError::Handshake { .. })), "{wrong:?}");
     }
 
     #[tokio::test]

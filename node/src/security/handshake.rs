@@ -5,14 +5,16 @@
 //!
 //! ```text
 //! dialler  → listener   "CLV1" ‖ nonce_d (32 bytes)
-//! listener → dialler    "CLV1" ‖ nonce_l (32) ‖ HMAC(secret, "listener", nonce_d, nonce_l)
+//! listener → dialler    "CLV1" ‖ nonce_l (32)
 //! dialler  → listener   HMAC(secret, "dialler", nonce_d, nonce_l)
-//! listener → dialler    0x01 (accepted)
+//! listener → dialler    HMAC(secret, "listener", nonce_d, nonce_l)
 //! ```
 //!
 //! Fresh random nonces on both sides make every tag new: a recorded
 //! handshake replayed proves nothing. The two tags differ by role, so one
-//! end's answer cannot be reflected back to it. What it does not do is
+//! end's answer cannot be reflected back to it. The dialler proves itself
+//! first: a stranger who connects learns no tag at all (with one, it could
+//! guess at a weak secret offline). What it does not do is
 //! protect the frames that follow from someone who can rewrite traffic on
 //! the wire: for that, the RPC port takes mutual TLS (`--tls-ca`).
 
@@ -25,10 +27,10 @@ use super::secret::Secret;
 const MAGIC: &[u8; 4] = b"CLV1";
 const NONCE: usize = 32;
 const TAG: usize = 32;
-const ACCEPTED: u8 = 1;
 
-/// How long a peer has to complete the handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a peer has to complete the handshake (a dialler gives up on
+/// its whole dial sooner: a peer that takes this long is a stranger).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a handshake failed.
 #[derive(Debug, thiserror::Error)]
@@ -58,20 +60,17 @@ async fn dial_inner<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, secret: &Secre
     hello.extend_from_slice(&mine);
     s.write_all(&hello).await?;
     s.flush().await?;
-    let mut answer = [0u8; 4 + NONCE + TAG];
+    let mut answer = [0u8; 4 + NONCE];
     read_or(s, &mut answer, HandshakeError::NotCleave).await?;
     if &answer[..4] != MAGIC {
         return Err(HandshakeError::NotCleave);
     }
-    let theirs = &answer[4..4 + NONCE];
-    if !secret.verify(&[b"listener", &mine, theirs], &answer[4 + NONCE..]) {
-        return Err(HandshakeError::WrongSecret);
-    }
+    let theirs = &answer[4..];
     s.write_all(&secret.tag(&[b"dialler", &mine, theirs])).await?;
     s.flush().await?;
-    let mut ok = [0u8; 1];
-    read_or(s, &mut ok, HandshakeError::WrongSecret).await?;
-    if ok[0] != ACCEPTED {
+    let mut tag = [0u8; TAG];
+    read_or(s, &mut tag, HandshakeError::WrongSecret).await?;
+    if !secret.verify(&[b"listener", &mine, theirs], &tag) {
         return Err(HandshakeError::WrongSecret);
     }
     Ok(())
@@ -92,7 +91,6 @@ async fn accept_inner<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, secret: &Sec
     let mine = nonce();
     let mut answer = MAGIC.to_vec();
     answer.extend_from_slice(&mine);
-    answer.extend_from_slice(&secret.tag(&[b"listener", theirs, &mine]));
     s.write_all(&answer).await?;
     s.flush().await?;
     let mut tag = [0u8; TAG];
@@ -100,7 +98,7 @@ async fn accept_inner<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, secret: &Sec
     if !secret.verify(&[b"dialler", theirs, &mine], &tag) {
         return Err(HandshakeError::WrongSecret);
     }
-    s.write_all(&[ACCEPTED]).await?;
+    s.write_all(&secret.tag(&[b"listener", theirs, &mine])).await?;
     s.flush().await?;
     Ok(())
 }
@@ -140,9 +138,28 @@ mod tests {
     #[tokio::test]
     async fn another_secret_is_refused_on_both_sides() {
         let (d, l) = pair(secret("0123456789abcdef-one"), secret("0123456789abcdef-two")).await;
-        assert!(matches!(d, Err(HandshakeError::WrongSecret)), "{d:?}");
-        // The dialler stops at the listener's tag and never answers.
+        // The listener refuses the dialler's tag and closes without one of
+        // its own.
         assert!(matches!(l, Err(HandshakeError::WrongSecret)), "{l:?}");
+        assert!(matches!(d, Err(HandshakeError::WrongSecret)), "{d:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stranger_learns_no_tag() {
+        // A dialler without the secret says hello and waits: all it gets is
+        // the listener's nonce, never a tag over its own.
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        let listener = tokio::spawn(async move { accept(&mut b, &secret("0123456789abcdef-one")).await });
+        let mut hello = b"CLV1".to_vec();
+        hello.extend_from_slice(&[7u8; NONCE]);
+        a.write_all(&hello).await.unwrap();
+        let mut answer = [0u8; 4 + NONCE];
+        a.read_exact(&mut answer).await.unwrap();
+        a.write_all(&[0u8; TAG]).await.unwrap();
+        let mut rest = Vec::new();
+        a.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "nothing after a wrong tag: {rest:?}");
+        assert!(matches!(listener.await.unwrap(), Err(HandshakeError::WrongSecret)));
     }
 
     #[tokio::test]
@@ -166,7 +183,7 @@ mod tests {
         assert!(matches!(accept(&mut b, &s).await, Err(HandshakeError::WrongSecret)));
         // A listener without a secret (or not CleaveDB) that answers junk.
         let (mut a, mut b) = tokio::io::duplex(1024);
-        b.write_all(&[0u8; 4 + NONCE + TAG]).await.unwrap();
+        b.write_all(&[0u8; 4 + NONCE]).await.unwrap();
         assert!(matches!(dial(&mut a, &s).await, Err(HandshakeError::NotCleave)));
     }
 

@@ -84,18 +84,26 @@ impl Secret {
         self.mac(parts).verify_slice(tag).is_ok()
     }
 
-    /// The proof a joining node sends with its join request's `body`, in
-    /// the [`JOIN_PROOF_HEADER`] header: hex of the body's tag.
-    pub fn join_proof(&self, body: &[u8]) -> String {
-        self.tag(&[b"cleave-join", body]).iter().map(|b| format!("{b:02x}")).collect()
+    /// The proof a joining node sends with its join request's `body` at
+    /// wall-clock `now_ms`, in the [`JOIN_PROOF_HEADER`] header:
+    /// `<now_ms>.<hex of the tag of both>`.
+    pub fn join_proof(&self, body: &[u8], now_ms: u64) -> String {
+        let tag = self.tag(&[b"cleave-join", &now_ms.to_be_bytes(), body]);
+        format!("{now_ms}.{}", tag.iter().map(|b| format!("{b:02x}")).collect::<String>())
     }
 
-    /// Whether `proof` (hex) proves `body` came from a holder of the secret.
-    pub fn check_join_proof(&self, body: &[u8], proof: &str) -> bool {
-        let Some(tag) = from_hex(proof) else { return false };
-        self.verify(&[b"cleave-join", body], &tag)
+    /// Whether `proof` proves `body` came from a holder of the secret,
+    /// made within [`JOIN_PROOF_WINDOW_MS`] of `now_ms` (a recorded join
+    /// cannot be replayed later, say once that node was removed).
+    pub fn check_join_proof(&self, body: &[u8], proof: &str, now_ms: u64) -> bool {
+        let Some((at, hex)) = proof.split_once('.') else { return false };
+        let (Ok(at), Some(tag)) = (at.parse::<u64>(), from_hex(hex)) else { return false };
+        at.abs_diff(now_ms) <= JOIN_PROOF_WINDOW_MS && self.verify(&[b"cleave-join", &at.to_be_bytes(), body], &tag)
     }
 }
+
+/// How far a join proof's time may be from the receiver's clock.
+pub const JOIN_PROOF_WINDOW_MS: u64 = 120_000;
 
 /// Header carrying a join request's proof of the cluster secret.
 pub const JOIN_PROOF_HEADER: &str = "x-cleave-join-proof";
@@ -143,12 +151,18 @@ mod tests {
         assert!(!a.verify(&[b"onet", b"wo"], &tag), "parts are not concatenated");
         assert!(!a.verify(&[b"one", b"two"], &tag[..31]), "a cut tag");
         let body = br#"{"raft_addr":"127.0.0.1:7104"}"#;
-        let proof = a.join_proof(body);
-        assert!(a.check_join_proof(body, &proof));
-        assert!(!b.check_join_proof(body, &proof));
-        assert!(!a.check_join_proof(br#"{"raft_addr":"10.0.0.9:7104"}"#, &proof), "another body");
-        for junk in ["", "zz", &"g".repeat(64), &proof[..62], "\u{e9}\u{e9}"] {
-            assert!(!a.check_join_proof(body, junk), "{junk:?}");
+        let now = 1_700_000_000_000;
+        let proof = a.join_proof(body, now);
+        assert!(a.check_join_proof(body, &proof, now));
+        assert!(a.check_join_proof(body, &proof, now + JOIN_PROOF_WINDOW_MS), "clocks a little apart");
+        assert!(!a.check_join_proof(body, &proof, now + JOIN_PROOF_WINDOW_MS + 1), "replayed later");
+        assert!(!b.check_join_proof(body, &proof, now));
+        assert!(!a.check_join_proof(br#"{"raft_addr":"10.0.0.9:7104"}"#, &proof, now), "another body");
+        let (_, hex) = proof.split_once('.').unwrap();
+        let moved = format!("{}.{hex}", now + 1);
+        assert!(!a.check_join_proof(body, &moved, now), "the time is signed too");
+        for junk in ["", "zz", &"g".repeat(64), &proof[..proof.len() - 2], "\u{e9}\u{e9}", "x.y", hex] {
+            assert!(!a.check_join_proof(body, junk, now), "{junk:?}");
         }
     }
 }

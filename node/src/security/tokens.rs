@@ -79,6 +79,32 @@ struct Entry {
     role: Role,
 }
 
+/// A parse error's message, with its line, never quoting a value: toml
+/// quotes the offending value in some messages ("invalid type: integer
+/// `…`"), and that value may be a secret written without its quotes.
+fn describe(text: &str, e: &toml::de::Error) -> String {
+    let mut msg = String::new();
+    let mut quoted = false;
+    // (Other messages quote only names: an unknown role or field.)
+    let redact = e.message().starts_with("invalid");
+    for c in e.message().chars() {
+        if !redact {
+            msg.push(c);
+            continue;
+        }
+        match c {
+            '`' if !quoted => (quoted, msg) = (true, msg + "`"),
+            '`' => (quoted, msg) = (false, msg + "…`"),
+            c if !quoted => msg.push(c),
+            _ => {}
+        }
+    }
+    match e.span() {
+        Some(span) => format!("line {}: {msg}", text[..span.start.min(text.len())].matches('\n').count() + 1),
+        None => msg,
+    }
+}
+
 /// The tokens a node knows.
 #[derive(Debug, Clone, Default)]
 pub struct TokenSet {
@@ -98,7 +124,7 @@ fn sendable(s: &str) -> bool {
 impl TokenSet {
     /// Parses and checks a tokens file's text.
     pub fn parse(text: &str) -> Result<TokenSet, TokensError> {
-        let file: File = toml::from_str(text).map_err(|e| TokensError::Parse(e.message().to_string()))?;
+        let file: File = toml::from_str(text).map_err(|e| TokensError::Parse(describe(text, &e)))?;
         if file.token.is_empty() {
             return Err(TokensError::Empty);
         }
@@ -208,6 +234,15 @@ role = "admin"
         assert!(matches!(err(&one("x", &"s".repeat(5000), "read")), TokensError::Invalid { .. }));
         let dup_secret = format!("{}{}", one("a", "same", "read"), one("b", "same", "admin"));
         assert_eq!(err(&dup_secret), TokensError::DuplicateSecret { first: "a".into(), second: "b".into() });
+        // A secret written without quotes is never quoted back.
+        let unquoted = "[[token]]\nname = \"x\"\nsecret = 123456789012345678\nrole = \"read\"\n";
+        match err(unquoted) {
+            TokensError::Parse(m) => {
+                assert!(!m.contains("123456789012345678"), "{m}");
+                assert!(m.starts_with("line 3"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
         let dup_name = format!("{}{}", one("a", "one", "read"), one("a", "two", "admin"));
         assert_eq!(err(&dup_name), TokensError::DuplicateName("a".into()));
     }

@@ -229,17 +229,29 @@ fn backlog(db: &storage::Db, group: u64, op: OpId, shipped: u64) -> (u64, u64) {
     (newest, first.map_or(newest, |f| f - 1).max(shipped))
 }
 
+/// An iterator over `op`'s forward log alone. The bounds matter for speed,
+/// not only for correctness: the forward logs of earlier splits of the
+/// group end deleted (range tombstones until compaction), and a seek
+/// without a bound walks back through all of them (36 % of the metadata
+/// leader node's CPU while making thousands of shards).
+fn forward_log_iter(db: &storage::Db, group: u64, op: OpId) -> rocksdb::DBRawIterator<'_> {
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_iterate_lower_bound(kv::forward_key(group, op, 0));
+    opts.set_iterate_upper_bound(kv::forward_key(group, op.wrapping_add(1), 0));
+    db.raw_iterator_cf_opt(storage::cf(db, storage::CF_DATA), opts)
+}
+
 /// The index of the first entry of `op`'s forward log at or after `from`.
 fn first_forward(db: &storage::Db, group: u64, op: OpId, from: u64) -> Option<u64> {
-    let mut it = db.raw_iterator_cf(storage::cf(db, storage::CF_DATA));
+    let mut it = forward_log_iter(db, group, op);
     it.seek(kv::forward_key(group, op, from));
     forward_index(it.key(), group, op)
 }
 
 /// The index of the newest entry in `op`'s forward log (0: none).
 fn newest_forward(db: &storage::Db, group: u64, op: OpId) -> u64 {
-    let mut it = db.raw_iterator_cf(storage::cf(db, storage::CF_DATA));
-    it.seek_for_prev(kv::forward_key(group, op, u64::MAX));
+    let mut it = forward_log_iter(db, group, op);
+    it.seek_to_last();
     forward_index(it.key(), group, op).unwrap_or(0)
 }
 
