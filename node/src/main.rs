@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,cleave_node=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error,cleave_node=info")),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -15,6 +15,10 @@
 //! first at once, the next a second later if no leader emerged, and so on,
 //! so they do not split the vote. A replica campaigns only once it has not
 //! heard from that leader for the leader lease (`GroupRaft::campaign`).
+//! A pass makes at most [`CAMPAIGNS_PER_PASS`] groups campaign, and none
+//! while this node hears from less than a majority of the nodes: a node
+//! that stalled (and so missed everyone's pongs) must not stand in every
+//! group at once when it wakes.
 //!
 //! A peer that comes back wakes the quiet groups this node leads with a
 //! member there, so their leaders bring it up to date.
@@ -38,6 +42,8 @@ pub const DEAD_AFTER: Duration = Duration::from_millis(600);
 const PING_TIMEOUT: Duration = Duration::from_millis(400);
 /// The wait before the next voter in order campaigns.
 const NEXT_CANDIDATE_AFTER: Duration = Duration::from_secs(1);
+/// Most groups one failover pass makes campaign (see [`failover_pass`]).
+const CAMPAIGNS_PER_PASS: usize = 128;
 /// The failover pass runs every ping round for this long after a node
 /// died, then once a second (a node that stays dead keeps its groups'
 /// remaining members waiting only until the balancer replaces it).
@@ -84,6 +90,18 @@ impl Liveness {
     /// Whether any peer is dead or reports a failed replica.
     fn anything_down(&self) -> bool {
         self.peers.lock().unwrap().values().any(|p| p.dead || !p.failed.is_empty())
+    }
+
+    /// Whether this node and the peers it hears from are a majority of the
+    /// nodes it pings. When they are not, the likelier story is that this
+    /// node is the one cut off or stalled (it stopped hearing everyone at
+    /// once): its campaigns could not win, and a node that comes back from
+    /// a stall would otherwise stand in every group at once (seen at 9,835
+    /// shards: a storm of elections that never settled).
+    pub fn quorum_in_sight(&self) -> bool {
+        let peers = self.peers.lock().unwrap();
+        let live = 1 + peers.values().filter(|p| !p.dead).count();
+        2 * live > 1 + peers.len()
     }
 
     /// Records the answers of one ping round to the peers in `answers`
@@ -188,6 +206,14 @@ fn wake_groups_with_members_on(node: &Node, nodes: &[NodeId]) {
 pub async fn failover_pass(node: &Node) {
     let lease_ms = node.ctx().settings.election_timeout_ms * 2;
     let liveness = node.liveness();
+    if !liveness.quorum_in_sight() {
+        tracing::debug!("failover: most peers look down, no campaign from here");
+        return;
+    }
+    // Campaigns per pass (a pass runs every ping round while a death is
+    // fresh): a node with thousands of groups led by the dead node stands
+    // in them a batch at a time, not all at once.
+    let mut budget = CAMPAIGNS_PER_PASS;
     let mut still_failing = HashSet::new();
     for g in node.groups().in_service() {
         // The metadata group is always awake: openraft's own timers (with
@@ -216,7 +242,11 @@ pub async fn failover_pass(node: &Node) {
         let Some(rank) = failover_rank(&voters, g.replica_id, |n| !liveness.replica_down(n, g.group)) else {
             continue;
         };
-        if first.elapsed() >= NEXT_CANDIDATE_AFTER * rank as u32 && g.campaign(lease_ms).await {
+        if budget == 0 || first.elapsed() < NEXT_CANDIDATE_AFTER * rank as u32 {
+            continue;
+        }
+        if g.campaign(lease_ms).await {
+            budget -= 1;
             tracing::info!(group = g.group, rank, "leader's node is down: campaigning");
         }
     }
@@ -260,6 +290,26 @@ mod tests {
         assert!(l.replica_down(2, 7));
         assert!(!l.replica_down(2, 8));
         assert!(l.anything_down());
+    }
+
+    #[test]
+    fn a_node_that_stops_hearing_most_peers_sees_no_quorum() {
+        let l = Liveness::default();
+        let t0 = Instant::now();
+        assert!(l.quorum_in_sight(), "no peers known: alone, a majority of one");
+        l.record(t0, &answers(&[(2, true), (3, true)]));
+        assert!(l.quorum_in_sight());
+        l.record(t0 + DEAD_AFTER, &answers(&[(2, true), (3, false)]));
+        assert!(l.quorum_in_sight(), "one of three down: the other two are a majority");
+        l.record(t0 + DEAD_AFTER * 2, &answers(&[(2, false), (3, false)]));
+        assert!(!l.quorum_in_sight(), "every peer down at once: this node is the likelier culprit");
+        // Five nodes: two down still leaves three of five.
+        let l = Liveness::default();
+        l.record(t0, &answers(&[(2, true), (3, true), (4, true), (5, true)]));
+        l.record(t0 + DEAD_AFTER, &answers(&[(2, true), (3, true), (4, false), (5, false)]));
+        assert!(l.quorum_in_sight());
+        l.record(t0 + DEAD_AFTER * 2, &answers(&[(2, true), (3, false), (4, false), (5, false)]));
+        assert!(!l.quorum_in_sight());
     }
 
     #[test]
