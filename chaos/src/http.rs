@@ -131,21 +131,13 @@ impl std::fmt::Debug for Auth {
 
 fn build(timeout: Duration, auth: &Auth) -> Result<reqwest::Client> {
     cleave_client::tls::install_provider();
-    let mut builder = reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .no_proxy()
         .timeout(timeout)
         .connect_timeout(Duration::from_secs(1).min(timeout))
         .pool_idle_timeout(Duration::from_secs(5));
-    if let Some(token) = &auth.token {
-        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-            .map_err(|_| Error::Http("--token: visible ASCII without spaces".into()))?;
-        value.set_sensitive(true);
-        builder = builder.default_headers([(reqwest::header::AUTHORIZATION, value)].into_iter().collect());
-    }
-    if let Some(pem) = &auth.ca_pem {
-        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| Error::Http(format!("--ca-cert: {e}")))?;
-        builder = builder.tls_certs_only(certs);
-    }
+    let builder = cleave_client::tls::with_credentials(builder, auth.token.as_deref(), auth.ca_pem.as_deref())
+        .map_err(|e| Error::Http(format!("--token/--ca-cert: {e}")))?;
     builder.build().map_err(|e| Error::Http(format!("cannot build client: {e}")))
 }
 

@@ -80,28 +80,11 @@ impl Client {
         if urls.is_empty() {
             return Err(Error::InvalidArgument("at least one endpoint is needed".into()));
         }
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(token) = &options.token {
-            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.0))
-                .ok()
-                .filter(|_| !token.0.is_empty() && token.0.bytes().all(|b| b.is_ascii_graphic()))
-                .ok_or_else(|| Error::InvalidArgument("a token is visible ASCII without spaces".into()))?;
-            value.set_sensitive(true);
-            headers.insert(reqwest::header::AUTHORIZATION, value);
-        }
         crate::tls::install_provider();
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(options.connect_timeout)
-            .tcp_nodelay(true)
-            .default_headers(headers);
-        if let Some(pem) = &options.ca_cert {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| Error::InvalidArgument(format!("the CA certificate does not load: {e}")))?;
-            if certs.is_empty() {
-                return Err(Error::InvalidArgument("the CA certificate file holds no certificate".into()));
-            }
-            builder = builder.tls_certs_only(certs);
-        }
+        let builder = reqwest::Client::builder().connect_timeout(options.connect_timeout).tcp_nodelay(true);
+        let token = options.token.as_ref().map(|t| t.0.as_str());
+        let builder =
+            crate::tls::with_credentials(builder, token, options.ca_cert.as_deref()).map_err(Error::InvalidArgument)?;
         let http = builder.build().map_err(Error::Transport)?;
         Ok(Client { inner: Arc::new(Inner::new(http, options, urls)) })
     }
