@@ -59,6 +59,8 @@ pub struct RunReport {
     pub ops: Vec<OpReport>,
     /// Reads that found no value (the key was never written).
     pub misses: u64,
+    /// Transfers whose keys moved on between their read and their write.
+    pub conflicts: u64,
     /// Errors by kind.
     pub errors: BTreeMap<String, u64>,
 }
@@ -80,7 +82,14 @@ impl RunReport {
             ops.push(row(op.name(), h, errors, measured_s));
         }
         ops.push(row("total", &total, total_errors, measured_s));
-        RunReport { config, measured_s, ops, misses: rec.misses, errors: rec.error_kinds.clone() }
+        RunReport {
+            config,
+            measured_s,
+            ops,
+            misses: rec.misses,
+            conflicts: rec.conflicts,
+            errors: rec.error_kinds.clone(),
+        }
     }
 
     /// The `total` row.
@@ -94,6 +103,9 @@ impl RunReport {
         out.push('\n');
         if self.misses > 0 {
             out.push_str(&format!("reads of absent keys: {} (preload with --preload)\n", self.misses));
+        }
+        if self.conflicts > 0 {
+            out.push_str(&format!("transfers that lost a race (a key moved on): {}\n", self.conflicts));
         }
         out.push_str(&format!("errors: {}", errors_line(&self.errors)));
         out

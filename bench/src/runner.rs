@@ -121,9 +121,13 @@ async fn worker(w: usize, target: &Target, job: &Job, clock: &Clock, live: &Live
         let op = job.workload.pick(rng.random());
         let key = keys::key(job.chooser.next(&mut rng));
         let result = match op {
-            OpType::Read => target.get(&key).await.map(|found| !found),
-            OpType::Update => target.put(&key, job.values.pick(&mut rng)).await.map(|_| false),
-            OpType::Scan => target.scan(&key, job.scan_len).await.map(|_| false),
+            OpType::Read => target.get(&key).await.map(|found| (!found, false)),
+            OpType::Update => target.put(&key, job.values.pick(&mut rng)).await.map(|_| (false, false)),
+            OpType::Scan => target.scan(&key, job.scan_len).await.map(|_| (false, false)),
+            OpType::Txn => {
+                let other = keys::key(job.chooser.next(&mut rng));
+                target.transfer(&key, &other).await.map(|conflict| (false, conflict))
+            }
         };
         let done = Instant::now();
         live.count(result.is_ok());
@@ -131,8 +135,9 @@ async fn worker(w: usize, target: &Target, job: &Job, clock: &Clock, live: &Live
             continue;
         }
         match result {
-            Ok(missed) => {
+            Ok((missed, conflict)) => {
                 rec.misses += u64::from(missed);
+                rec.conflicts += u64::from(conflict);
                 rec.ok(op, done.duration_since(due).as_micros() as u64, clock.offset_us(done));
             }
             Err(kind) => rec.error(op, &kind),

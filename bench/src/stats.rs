@@ -36,12 +36,15 @@ pub struct Completion {
 /// One worker's measurements.
 #[derive(Debug, Clone)]
 pub struct Recorder {
-    latency: [Histogram<u64>; 3],
-    errors: [u64; 3],
+    latency: [Histogram<u64>; 4],
+    errors: [u64; 4],
     /// Errors by kind (`unavailable`, `http_503`, ...).
     pub error_kinds: BTreeMap<String, u64>,
     /// Reads that found no value.
     pub misses: u64,
+    /// Transfers that changed nothing: a key moved on between their read
+    /// and their write.
+    pub conflicts: u64,
     /// Successful writes, when asked for.
     pub completions: Option<Vec<Completion>>,
 }
@@ -50,10 +53,11 @@ impl Recorder {
     /// An empty recorder; with `keep_completions`, remembers every successful write.
     pub fn new(keep_completions: bool) -> Recorder {
         Recorder {
-            latency: [histogram(), histogram(), histogram()],
-            errors: [0; 3],
+            latency: [histogram(), histogram(), histogram(), histogram()],
+            errors: [0; 4],
             error_kinds: BTreeMap::new(),
             misses: 0,
+            conflicts: 0,
             completions: keep_completions.then(Vec::new),
         }
     }
@@ -96,6 +100,7 @@ impl Recorder {
             *self.error_kinds.entry(kind).or_default() += n;
         }
         self.misses += other.misses;
+        self.conflicts += other.conflicts;
         if let (Some(mine), Some(theirs)) = (&mut self.completions, other.completions) {
             mine.extend(theirs);
         }

@@ -5,7 +5,7 @@
 //! ...) for the error counts.
 
 use clap::ValueEnum;
-use cleave_client::{Client, Consistency, Error};
+use cleave_client::{Client, Consistency, Error, TxnCompare, TxnOp, TxnOpKind, TxnRequest};
 use serde_json::value::RawValue;
 
 use crate::etcd::Etcd;
@@ -54,6 +54,44 @@ impl Target {
             }
             Target::Etcd(etcd) => etcd.scan(start, limit).await,
         }
+    }
+
+    /// Moves 1 from `from` to `to` (absent or non-numeric values count as
+    /// 0): a read-only transaction of both, then a transaction that writes
+    /// both if neither changed since. Whether it lost that race.
+    pub async fn transfer(&self, from: &str, to: &str) -> Result<bool, String> {
+        let Target::Cleave { client, .. } = self else { return Err("txn_unsupported".into()) };
+        let keys: Vec<&str> = if from == to { vec![from] } else { vec![from, to] };
+        let op = |op, key: &str, value: Option<i64>| TxnOp {
+            op,
+            key: key.to_owned(),
+            value: value.map(|v| RawValue::from_string(v.to_string()).expect("a number is JSON")),
+        };
+        let read =
+            TxnRequest { success: keys.iter().map(|k| op(TxnOpKind::Get, k, None)).collect(), ..Default::default() };
+        let got = client.txn(&read).await.map_err(|e| error_kind(&e))?;
+        let state: Vec<(u64, i64)> = got
+            .results
+            .iter()
+            .map(|r| (r.version.unwrap_or(0), r.value.as_ref().and_then(|v| v.get().parse().ok()).unwrap_or(0)))
+            .collect();
+        let moved: &[i64] = if keys.len() == 1 { &[0] } else { &[-1, 1] };
+        let write = TxnRequest {
+            compare: keys
+                .iter()
+                .zip(&state)
+                .map(|(k, (v, _))| TxnCompare { key: k.to_string(), version: *v })
+                .collect(),
+            success: keys
+                .iter()
+                .zip(&state)
+                .zip(moved)
+                .map(|((k, (_, n)), d)| op(TxnOpKind::Put, k, Some(n + d)))
+                .collect(),
+            failure: vec![],
+        };
+        let done = client.txn(&write).await.map_err(|e| error_kind(&e))?;
+        Ok(!done.succeeded)
     }
 
     /// The CleaveDB client, for the scenarios that need its admin calls.

@@ -5,6 +5,9 @@
 //! tagging), C read-only (a cache). `write` is updates only, and `scan`
 //! reads `--scan-len` consecutive keys from a random start (YCSB E without
 //! its inserts). An update overwrites an existing key with a new value.
+//! `txn` is two-key transfers (CleaveDB only): a read-only transaction of
+//! two keys, then one that moves 1 from one to the other if neither
+//! changed in between — one shard or two, as the keys fall.
 
 use clap::ValueEnum;
 use serde::Serialize;
@@ -16,16 +19,18 @@ pub enum OpType {
     Read,
     Update,
     Scan,
+    Txn,
 }
 
 impl OpType {
-    pub const ALL: [OpType; 3] = [OpType::Read, OpType::Update, OpType::Scan];
+    pub const ALL: [OpType; 4] = [OpType::Read, OpType::Update, OpType::Scan, OpType::Txn];
 
     pub fn name(self) -> &'static str {
         match self {
             OpType::Read => "read",
             OpType::Update => "update",
             OpType::Scan => "scan",
+            OpType::Txn => "txn",
         }
     }
 
@@ -48,6 +53,8 @@ pub enum Workload {
     Write,
     /// Scans of --scan-len keys from a random key.
     Scan,
+    /// Two-key transfers through transactions (CleaveDB only).
+    Txn,
 }
 
 impl Workload {
@@ -57,7 +64,7 @@ impl Workload {
             Workload::A => 0.5,
             Workload::B => 0.95,
             Workload::C => 1.0,
-            Workload::Write | Workload::Scan => 0.0,
+            Workload::Write | Workload::Scan | Workload::Txn => 0.0,
         }
     }
 
@@ -65,6 +72,7 @@ impl Workload {
     pub fn pick(self, u: f64) -> OpType {
         match self {
             Workload::Scan => OpType::Scan,
+            Workload::Txn => OpType::Txn,
             w if u < w.read_share() => OpType::Read,
             _ => OpType::Update,
         }
@@ -75,8 +83,8 @@ impl Workload {
 mod tests {
     use super::*;
 
-    fn mix(w: Workload) -> [usize; 3] {
-        let mut counts = [0; 3];
+    fn mix(w: Workload) -> [usize; 4] {
+        let mut counts = [0; 4];
         for i in 0..1000 {
             counts[w.pick(i as f64 / 1000.0).index()] += 1;
         }
@@ -85,11 +93,12 @@ mod tests {
 
     #[test]
     fn mixes_match_ycsb() {
-        assert_eq!(mix(Workload::A), [500, 500, 0]);
-        assert_eq!(mix(Workload::B), [950, 50, 0]);
-        assert_eq!(mix(Workload::C), [1000, 0, 0]);
-        assert_eq!(mix(Workload::Write), [0, 1000, 0]);
-        assert_eq!(mix(Workload::Scan), [0, 0, 1000]);
-        assert_eq!(OpType::ALL.map(OpType::name), ["read", "update", "scan"]);
+        assert_eq!(mix(Workload::A), [500, 500, 0, 0]);
+        assert_eq!(mix(Workload::B), [950, 50, 0, 0]);
+        assert_eq!(mix(Workload::C), [1000, 0, 0, 0]);
+        assert_eq!(mix(Workload::Write), [0, 1000, 0, 0]);
+        assert_eq!(mix(Workload::Scan), [0, 0, 1000, 0]);
+        assert_eq!(mix(Workload::Txn), [0, 0, 0, 1000]);
+        assert_eq!(OpType::ALL.map(OpType::name), ["read", "update", "scan", "txn"]);
     }
 }

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::bank::{check_bank, BankReport};
 use crate::history::{Call, Op, Workload};
 use crate::monotonic::check_monotonic;
 use crate::register::{check_key, KeyVerdict};
@@ -66,6 +67,9 @@ pub struct CheckReport {
     pub monotonic_regressions: u64,
     #[serde(default)]
     pub scan: ScanReport,
+    /// The bank workload's figures, if it ran.
+    #[serde(default)]
+    pub bank: Option<BankReport>,
     pub anomalies: Vec<Anomaly>,
     /// Checks that ran but had nothing to decide on (a workload none of
     /// whose operations completed): the history has not passed them.
@@ -175,6 +179,24 @@ pub fn check_history(ops: &[Op], set_content: Option<&BTreeMap<String, u64>>, ma
             ops: p.ops.clone(),
         });
         report.scan.problems.push(p);
+    }
+
+    let bank: Vec<&Op> = ops.iter().filter(|o| o.workload == Workload::Bank).collect();
+    if !bank.is_empty() {
+        let mut b = check_bank(&bank);
+        if b.reads == 0 {
+            report.unchecked.push("bank: no read of every account was answered, not even the final one".into());
+        }
+        for op in std::mem::take(&mut b.wrong) {
+            report.anomalies.push(Anomaly {
+                kind: "bank_total".into(),
+                workload: Workload::Bank,
+                key: op.key.clone(),
+                message: "a transaction reading every account saw money made or lost (or an account missing)".into(),
+                ops: vec![op],
+            });
+        }
+        report.bank = Some(b);
     }
 
     let mono: Vec<&Op> = ops.iter().filter(|o| o.workload == Workload::Monotonic && !o.stale).collect();

@@ -43,11 +43,14 @@ pub enum Workload {
     /// The register workload through the Rust client (`cleave_client`),
     /// with its routing and retries: checked for linearizability.
     Client,
+    /// Transfers between accounts on several shards, and transactions
+    /// reading every account: every read must see the same total.
+    Bank,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] =
-        [Workload::Register, Workload::Set, Workload::Monotonic, Workload::Scan, Workload::Client];
+    pub const ALL: [Workload; 6] =
+        [Workload::Register, Workload::Set, Workload::Monotonic, Workload::Scan, Workload::Client, Workload::Bank];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -56,6 +59,7 @@ impl Workload {
             Workload::Monotonic => "monotonic",
             Workload::Scan => "scan",
             Workload::Client => "client",
+            Workload::Bank => "bank",
         }
     }
 
@@ -82,6 +86,11 @@ pub enum Call {
     CasDelete { expected: u64 },
     /// Every page of `GET /v1/kv?start={key}&limit=…`, following `next`.
     Scan,
+    /// `POST /v1/txn` reading every account of the bank workload.
+    ReadAll,
+    /// `POST /v1/txn` moving `amount` from account `from` to account `to`,
+    /// if neither changed since the client read them.
+    Transfer { from: u32, to: u32, amount: u32 },
 }
 
 /// One page of a scan, as the scan checker needs it: the cursor it was
@@ -115,6 +124,12 @@ pub enum Ret {
     Unparsable { text: String },
     /// Every page of a scan, in order.
     Scanned { pages: Vec<PageRecord> },
+    /// 200 to [`Call::ReadAll`]: each account's balance (`None`: absent
+    /// or not a number).
+    Balances { balances: Vec<Option<i64>> },
+    /// 200 to [`Call::Transfer`]: whether its comparisons held (it moved
+    /// the money) or not (it changed nothing).
+    Txn { succeeded: bool },
 }
 
 /// How an operation ended, from the client's point of view.
@@ -189,6 +204,8 @@ impl Op {
             Call::Delete => "delete".to_string(),
             Call::CasDelete { expected } => format!("delete if v{expected}"),
             Call::Scan => "scan from".to_string(),
+            Call::ReadAll => "read all accounts".to_string(),
+            Call::Transfer { from, to, amount } => format!("transfer {amount} from {from} to {to}"),
         };
         let call = if self.stale { format!("stale {call}") } else { call };
         let outcome = match &self.outcome {
@@ -199,6 +216,8 @@ impl Op {
                 Ret::Conflict { current: Some(c) } => format!("conflict (current v{c})"),
                 Ret::Conflict { current: None } => "conflict".to_string(),
                 Ret::Unparsable { text } => format!("unparsable value {text:?}"),
+                Ret::Balances { balances } => format!("balances {balances:?}"),
+                Ret::Txn { succeeded } => format!("succeeded {succeeded}"),
                 Ret::Scanned { pages } => {
                     let ours: usize = pages.iter().map(|p| p.ours.len()).sum();
                     format!("{} pages, {ours} keys of the scan workload", pages.len())

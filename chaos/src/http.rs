@@ -240,6 +240,18 @@ impl Api {
         }
     }
 
+    /// `POST /v1/txn` with `body`: the answer's JSON, or the outcome of a
+    /// failure (a transaction that writes may have happened if the answer
+    /// was lost or a 504).
+    pub async fn txn(&self, base: &str, body: &Value) -> std::result::Result<Value, Outcome> {
+        let (status, text) = self.exchange(self.client.post(format!("{base}/v1/txn")).json(body)).await?;
+        match status {
+            200 => serde_json::from_str(&text)
+                .map_err(|e| Outcome::Indeterminate { reason: format!("bad txn answer {text:?}: {e}") }),
+            _ => Err(status_outcome(status, &text)),
+        }
+    }
+
     /// A write, conditional if `if_version` is given.
     pub async fn write(&self, base: &str, key: &str, value: u64, if_version: Option<u64>) -> Outcome {
         let body = match if_version {

@@ -15,11 +15,12 @@
 //! |---|---|
 //! | [`history`]: operations and outcomes | [`http`]: requests and how answers are classified |
 //! | [`linearizability`]: the Wing & Gong / Porcupine search | [`workload`]: the clients |
-//! | [`register`], [`set`], [`monotonic`], [`scan`]: models and checkers | [`nodes`]: node processes |
+//! | [`register`], [`set`], [`monotonic`], [`scan`], [`bank`]: models and checkers | [`nodes`]: node processes |
 //! | [`check`]: a whole history → anomalies | [`netns`]: namespaces and packet filters |
 //! | [`schedule`]: the seeded fault schedule | [`nemesis`]: plays the schedule |
 //! | [`summary`]: the report | [`runner`]: one run, start to verdict |
 
+pub mod bank;
 pub mod check;
 pub mod error;
 pub mod history;

@@ -38,8 +38,8 @@ struct Args {
     /// meta-isolate, `all` or `none`.
     #[arg(long, default_value = "kill,pause,partition,split")]
     nemesis: String,
-    /// Workloads: register, set, monotonic, scan, client.
-    #[arg(long, default_value = "register,set,monotonic,scan,client", value_delimiter = ',')]
+    /// Workloads: register, set, monotonic, scan, client, bank.
+    #[arg(long, default_value = "register,set,monotonic,scan,client,bank", value_delimiter = ',')]
     workload: Vec<String>,
     /// Use this existing cluster (HOST:PORT of node APIs, comma-separated)
     /// instead of starting one; only split/move/transfer faults then.
@@ -92,6 +92,9 @@ struct Args {
     /// Clients of the client workload (through the Rust client library).
     #[arg(long, default_value_t = 3)]
     library_clients: usize,
+    /// Clients of the bank workload (transactions).
+    #[arg(long, default_value_t = 3)]
+    bank_clients: usize,
     /// Register keys in use at a time.
     #[arg(long, default_value_t = 6)]
     keys: usize,
@@ -269,6 +272,7 @@ async fn run_chaos(args: Args) -> anyhow::Result<ExitCode> {
         monotonic_clients: args.monotonic_clients,
         scan_clients: args.scan_clients,
         library_clients: args.library_clients,
+        bank_clients: args.bank_clients,
         auth,
         register_slots: args.keys,
         rotate: args.rotate,

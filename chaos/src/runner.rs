@@ -60,6 +60,7 @@ pub struct RunConfig {
     pub monotonic_clients: usize,
     pub scan_clients: usize,
     pub library_clients: usize,
+    pub bank_clients: usize,
     pub register_slots: usize,
     pub rotate: Duration,
     /// Timing of the schedule; its `duration` is the run's.
@@ -185,6 +186,37 @@ async fn read_set(api: &Api, endpoints: &[String], run_id: &str, timeout: Durati
     }
 }
 
+/// Reads every bank account once more after the final heal, through any
+/// node, and records it in the history (checked like the others); if no
+/// node answers in time, the failure is recorded.
+async fn final_bank_read(api: &Api, endpoints: &[String], run_id: &str, recorder: &Recorder, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let body = crate::bank::read_all_body(run_id);
+    for attempt in 0usize.. {
+        let node = endpoints[attempt % endpoints.len()].clone();
+        let (id, invoke) = (recorder.next_id(), recorder.now());
+        let outcome = crate::bank::read_all_outcome(api.txn(&node, &body).await);
+        if outcome.is_ok() || Instant::now() >= deadline {
+            let complete = recorder.now();
+            let op = Op {
+                id,
+                workload: Workload::Bank,
+                client: 0,
+                key: "bank".into(),
+                call: crate::history::Call::ReadAll,
+                invoke,
+                complete,
+                outcome,
+                node,
+                stale: false,
+            };
+            recorder.record(op);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn write_history(path: &PathBuf, ops: &[Op]) -> Result<()> {
     let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
     let mut w = std::io::BufWriter::new(file);
@@ -277,6 +309,7 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
             monotonic_clients: cfg.monotonic_clients,
             scan_clients: cfg.scan_clients,
             library_clients: cfg.library_clients,
+            bank_clients: cfg.bank_clients,
             auth: cfg.auth.clone(),
             register_slots: cfg.register_slots,
             rotate: cfg.rotate,
@@ -332,6 +365,10 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
     } else {
         (None, None)
     };
+
+    if cfg.workloads.contains(&Workload::Bank) {
+        final_bank_read(&api, &endpoints, &run_id, &recorder, cfg.ready_timeout).await;
+    }
 
     // 4. History and verdict.
     let ops = recorder.snapshot();

@@ -116,7 +116,7 @@ pub fn check_set(inserts: &[&Op], final_content: &BTreeMap<String, u64>) -> SetR
 fn value_of(op: &Op) -> Option<u64> {
     match op.call {
         Call::Write { value } | Call::Cas { value, .. } => Some(value),
-        Call::Read | Call::Delete | Call::CasDelete { .. } | Call::Scan => None,
+        Call::Read | Call::Delete | Call::CasDelete { .. } | Call::Scan | Call::ReadAll | Call::Transfer { .. } => None,
     }
 }
 

@@ -24,6 +24,9 @@
 //!   asked again, at a random node, until the scan's deadline), each scan
 //!   recorded with its pages for the scan checker.
 //!
+//! - **bank**: transfers between accounts on several shards and reads of
+//!   every account, all through transactions (see [`crate::bank`]).
+//!
 //! Written values are unique in the run (one counter), so reads say which
 //! write they saw. A client that gets no answer moves on to its next
 //! operation (its indeterminate one stays in the history as such); after a
@@ -59,6 +62,8 @@ pub struct WorkloadOpts {
     pub scan_clients: usize,
     /// Clients of the client workload (sharing one `cleave_client::Client`).
     pub library_clients: usize,
+    /// Clients of the bank workload.
+    pub bank_clients: usize,
     /// Credentials of a secured cluster.
     pub auth: crate::http::Auth,
     /// Register keys in use at a time.
@@ -134,7 +139,9 @@ impl Ctx {
             Call::Cas { expected, value } => self.api.write(&node, key, value, Some(expected)).await,
             Call::Delete => self.api.delete(&node, key, None).await,
             Call::CasDelete { expected } => self.api.delete(&node, key, Some(expected)).await,
-            Call::Scan => unreachable!("scans are made by the scanner"),
+            Call::Scan | Call::ReadAll | Call::Transfer { .. } => {
+                unreachable!("scans and transactions have loops of their own")
+            }
         };
         let stale = call == Call::Read && self.api.stale_reads();
         self.finish(
@@ -201,7 +208,9 @@ async fn library_call(lib: &Client, key: &str, call: Call, stale: bool) -> Outco
         Call::Cas { expected, value } => write(lib.put(key, &value, Some(expected)).await),
         Call::Delete => write(lib.delete(key, None).await),
         Call::CasDelete { expected } => write(lib.delete(key, Some(expected)).await),
-        Call::Scan => unreachable!("the client workload does not scan"),
+        Call::Scan | Call::ReadAll | Call::Transfer { .. } => {
+            unreachable!("the client workload neither scans nor runs transactions")
+        }
     }
 }
 
@@ -228,7 +237,7 @@ fn version_seen(call: Call, outcome: &Outcome) -> Option<u64> {
         Ret::Value { version, .. } | Ret::Written { version } => Some(*version),
         Ret::Conflict { current } => *current,
         Ret::NotFound => Some(0),
-        Ret::Unparsable { .. } | Ret::Scanned { .. } => None,
+        Ret::Unparsable { .. } | Ret::Scanned { .. } | Ret::Balances { .. } | Ret::Txn { .. } => None,
     }
 }
 
@@ -334,6 +343,64 @@ async fn scanner(ctx: Ctx, opts: Arc<WorkloadOpts>, client: u32) {
     }
 }
 
+/// A bank client: opens the accounts (if no one has), then transfers and
+/// reads every account, at random.
+async fn bank_client(ctx: Ctx, opts: Arc<WorkloadOpts>, client: u32) {
+    use crate::bank::{self, ACCOUNTS};
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ ((client as u64) << 32) ^ 0xba2);
+    let run = &opts.run_id;
+    // Open: one transaction whose comparisons ("every account absent") let
+    // exactly one opening through; an answer either way means opened.
+    while !ctx.stopped() {
+        let node = ctx.endpoints[rng.random_range(0..ctx.endpoints.len())].clone();
+        if ctx.api.txn(&node, &bank::open_body(run)).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..200))).await;
+    }
+    while !ctx.stopped() {
+        let node = ctx.endpoints[rng.random_range(0..ctx.endpoints.len())].clone();
+        let id = ctx.recorder.next_id();
+        let invoke = ctx.recorder.now();
+        let (call, outcome) = if rng.random_bool(0.3) {
+            (Call::ReadAll, bank::read_all_outcome(ctx.api.txn(&node, &bank::read_all_body(run)).await))
+        } else {
+            let from = rng.random_range(0..ACCOUNTS);
+            let to = (from + rng.random_range(1..ACCOUNTS)) % ACCOUNTS;
+            let amount = rng.random_range(1..20u32);
+            let call = Call::Transfer { from, to, amount };
+            // The read is not recorded: only the transfer changes anything.
+            let read = ctx.api.txn(&node, &bank::read_two_body(run, from, to)).await.map(|v| bank::balances(&v));
+            let seen = match read.as_deref() {
+                Ok([Some(a), Some(b)]) => [*a, *b],
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(20..100))).await;
+                    continue;
+                }
+            };
+            let body = bank::transfer_body(run, (from, to, amount as i64), seen);
+            let outcome = match ctx.api.txn(&node, &body).await {
+                Ok(v) => Outcome::ok(Ret::Txn { succeeded: v["succeeded"] == true }),
+                Err(o) => o,
+            };
+            (call, outcome)
+        };
+        let op = Op {
+            id,
+            workload: Workload::Bank,
+            client,
+            key: "bank".into(),
+            call,
+            invoke,
+            complete: 0,
+            outcome,
+            node,
+            stale: false,
+        };
+        ctx.finish(&mut rng, op).await;
+    }
+}
+
 async fn monotonic_client(ctx: Ctx, opts: Arc<WorkloadOpts>, client: u32) {
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ ((client as u64) << 32) ^ 0x303);
     while !ctx.stopped() {
@@ -378,6 +445,7 @@ pub fn spawn_clients(ctx: &Ctx, opts: WorkloadOpts) -> crate::Result<Vec<JoinHan
             Workload::Monotonic => opts.monotonic_clients,
             Workload::Scan => opts.scan_clients + 1,
             Workload::Client => opts.library_clients,
+            Workload::Bank => opts.bank_clients,
         };
         for i in 0..count {
             client += 1;
@@ -390,6 +458,7 @@ pub fn spawn_clients(ctx: &Ctx, opts: WorkloadOpts) -> crate::Result<Vec<JoinHan
                     Workload::Scan if i == 0 => scanner(ctx, opts, client).await,
                     Workload::Scan => insert_loop(ctx, opts, client, Workload::Scan).await,
                     Workload::Monotonic => monotonic_client(ctx, opts, client).await,
+                    Workload::Bank => bank_client(ctx, opts, client).await,
                 }
             }));
         }

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use cleave_metadata::api::{
     Consistency, Item, MoveRequest, NodeCondition, NodeStatus, OperationStarted, OperationView, PutBody, ScanResult,
-    ShardStatus, SplitRequest, TransferLeaderRequest, TransferLeaderResponse, WriteResult,
+    ShardStatus, SplitRequest, TransferLeaderRequest, TransferLeaderResponse, TxnOpKind, TxnRequest, TxnResponse,
+    WriteResult,
 };
 use cleave_metadata::{Directory, NodeId, OpId, RangeDescriptor, RangeId, ShardId};
 use reqwest::Method;
@@ -166,6 +167,31 @@ impl Client {
             route_key: Some(key.to_owned()),
             kind: if if_version.is_some() { RequestKind::Conditional } else { RequestKind::Delete },
             about_key: true,
+            timeout_is_final: false,
+        };
+        decode(&self.inner.execute(&call).await?)
+    }
+
+    /// Runs a transaction (`POST /v1/txn`): if every comparison of
+    /// `req.compare` holds (a key's version, 0 for absent), `req.success`
+    /// runs, else `req.failure` — all of it one atomic step over keys on any
+    /// shards, strictly serializable with every other operation. The answer
+    /// says which branch ran and gives one result per operation of it.
+    ///
+    /// A transaction that may write is, like a put, **never replayed** when
+    /// its outcome is unknown: it fails with [`Error::Indeterminate`]. One
+    /// that only reads is retried like a read.
+    pub async fn txn(&self, req: &TxnRequest) -> Result<TxnResponse> {
+        let ops = || req.success.iter().chain(&req.failure);
+        let writes = ops().any(|o| o.op != TxnOpKind::Get);
+        let first = req.compare.iter().map(|c| &c.key).chain(ops().map(|o| &o.key)).min().cloned();
+        let call = Call {
+            method: Method::POST,
+            path: "/v1/txn".into(),
+            body: Some(json_body(req)?),
+            route_key: first,
+            kind: if writes { RequestKind::Conditional } else { RequestKind::Read },
+            about_key: false,
             timeout_is_final: false,
         };
         decode(&self.inner.execute(&call).await?)

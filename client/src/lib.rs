@@ -46,7 +46,7 @@ pub use routing::{Route, RoutingTable};
 pub use cleave_metadata;
 pub use cleave_metadata::api::{
     Consistency, ErrorBody, ErrorCode, ErrorDetail, Item, Liveness, NodeCondition, NodeStatus, OperationView,
-    ScanResult, ShardStatus, WriteResult,
+    ScanResult, ShardStatus, TxnCompare, TxnOp, TxnOpKind, TxnRequest, TxnResponse, TxnResult, WriteResult,
 };
 pub use cleave_metadata::{
     Directory, NodeId, OpId, OpKind, Operation, Phase, Progress, RangeDescriptor, Replica, ShardId, META_GROUP,

@@ -48,6 +48,71 @@ pub struct ScanResult {
     pub next: Option<String>,
 }
 
+/// `POST /v1/txn` body: if every `compare` holds, `success` runs, else
+/// `failure` runs — all of it one atomic step, over keys on any shards.
+#[derive(Serialize, Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TxnRequest {
+    #[serde(default)]
+    pub compare: Vec<TxnCompare>,
+    #[serde(default)]
+    pub success: Vec<TxnOp>,
+    #[serde(default)]
+    pub failure: Vec<TxnOp>,
+}
+
+/// One comparison: the key's current version equals `version` (0: the key
+/// does not exist).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TxnCompare {
+    pub key: String,
+    pub version: u64,
+}
+
+/// What an operation of a transaction does.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TxnOpKind {
+    Put,
+    Get,
+    Delete,
+}
+
+/// One operation of a branch: `{"op": "put", "key", "value"}`,
+/// `{"op": "get", "key"}` or `{"op": "delete", "key"}`. A flat struct, not
+/// a tagged enum: serde cannot carry a raw JSON value through a tagged enum.
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TxnOp {
+    pub op: TxnOpKind,
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Box<RawValue>>,
+}
+
+/// One result, in the order of the branch's operations: a put or delete
+/// gives `{"key", "version"}`, a get `{"key", "value", "version"}` or
+/// `{"key", "found": false}`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TxnResult {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub found: Option<bool>,
+}
+
+/// Answer to `POST /v1/txn`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TxnResponse {
+    /// Whether every comparison held (the `success` branch ran).
+    pub succeeded: bool,
+    pub results: Vec<TxnResult>,
+}
+
 /// Read consistency requested with `?consistency=`.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]

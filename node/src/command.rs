@@ -16,6 +16,8 @@ pub enum Command {
     Meta(MetaCommand),
     /// Split bookkeeping applied by a shard (source or target).
     Shard(ShardCommand),
+    /// A step of a transaction on a shard (`txn::apply`).
+    Txn(crate::txn::TxnCommand),
 }
 
 /// Steps of a split as seen by the shards (see `docs/split-protocol.md`).
@@ -103,6 +105,14 @@ pub enum KvError {
     /// The key's range is frozen for a cutover; retry shortly.
     #[error("range is moving")]
     RangeMoving,
+    /// A transaction holds the key (see `txn`): the router settles the lock
+    /// with the transaction's primary and retries.
+    #[error("key {key:?} is locked by transaction {:032x}", lock.txn)]
+    Locked { key: String, lock: crate::storage::txn_info::Lock },
+    /// The transaction was aborted (by someone who found it abandoned)
+    /// before this step of it.
+    #[error("transaction aborted")]
+    TxnAborted,
 }
 
 /// Why a split step was refused when applied. Refusals change nothing and
@@ -138,6 +148,8 @@ pub enum CommandResponse {
     Shard(Result<u64, StepError>),
     /// The command did not fit this group (e.g. a KV write sent to group 0).
     Rejected(String),
+    /// A transaction step.
+    Txn(Result<crate::txn::TxnReply, KvError>),
 }
 
 impl std::fmt::Display for Command {
@@ -162,6 +174,7 @@ impl std::fmt::Display for Command {
                 write!(f, "ingest(op={op_id}, source_index={source_index:?}, {} records)", records.len())
             }
             Command::Shard(s) => write!(f, "shard({s:?})"),
+            Command::Txn(t) => write!(f, "txn({})", t.summary()),
         }
     }
 }

@@ -355,8 +355,8 @@ impl Runner {
                     let spec = a.key.as_deref().ok_or("records are KEY@VERSION=JSON")?;
                     let (key, version) = spec.rsplit_once('@').ok_or("records are KEY@VERSION=JSON")?;
                     let record = match a.value.as_str() {
-                        "tombstone" => ValueRecord { version: version.parse()?, tombstone: true, json: vec![] },
-                        json => ValueRecord { version: version.parse()?, tombstone: false, json: json.into() },
+                        "tombstone" => ValueRecord::deleted(version.parse()?),
+                        json => ValueRecord::live(version.parse()?, json.into()),
                     };
                     watch.push(key.to_string());
                     records.push((key.to_string(), record.encode()));

@@ -304,9 +304,52 @@ pub fn current(db: &Db, group: u64, overlay: &Overlay, key: &str) -> Result<Opti
 /// would apply the entry); the inner one is a deterministic refusal.
 pub type Applied<T, E> = Result<Result<T, E>, rocksdb::Error>;
 
+/// Refuses a write of `key` routed through range `range_id` at `epoch`:
+/// the shard does not own the key at that epoch, or the key's range is
+/// frozen for a cutover (by any capture covering it).
+pub fn check_writable(state: &ShardState, key: &str, range_id: u64, epoch: u64) -> Result<(), KvError> {
+    state.check_route(key, range_id, epoch)?;
+    if state.captures.iter().any(|c| c.covers(key) && c.frozen_at.is_some()) {
+        return Err(KvError::RangeMoving);
+    }
+    Ok(())
+}
+
+/// Writes `record` as `key`'s new record (replacing `current`) into the
+/// batch of the entry at log `index`: also appended to the forward log of
+/// every capture covering the key, counted in the stats and the overlay.
+/// The one way a record is written by apply; callers check
+/// [`check_writable`] first.
+#[allow(clippy::too_many_arguments)]
+pub fn store(
+    db: &Db,
+    group: u64,
+    index: u64,
+    state: &mut ShardState,
+    b: &mut ApplyBatch,
+    key: &str,
+    current: Option<&ValueRecord>,
+    record: ValueRecord,
+) {
+    let cf = storage::cf(db, storage::CF_DATA);
+    let encoded = record.encode();
+    let delta = digest::delta(key, current, &record);
+    for c in state.captures.iter_mut().filter(|c| c.covers(key)) {
+        let entry = ForwardEntry { key: key.to_string(), record: encoded.clone(), delta };
+        b.write.put_cf(cf, forward_key(group, c.op_id, index), entry.encode());
+        c.changes = c.changes.wrapping_add(delta);
+        b.changed = true;
+    }
+    b.write.put_cf(cf, data_key(group, key.as_bytes()), encoded);
+    b.stats.add(StatsDelta::replace(key, current, &record));
+    b.overlay.insert(key.to_string(), record);
+}
+
 /// Applies one KV command at log `index` into `batch`. Returns the key's new
 /// version. A write to a captured range is also appended to the forward log
 /// of *every* capture covering the key, and refused if any of them is frozen.
+/// A key locked by a transaction refuses the write (the router settles the
+/// lock and retries); outcomes a primary key keeps survive the write.
 pub fn apply(
     db: &Db,
     group: u64,
@@ -316,19 +359,17 @@ pub fn apply(
     cmd: &KvCommand,
 ) -> Applied<u64, KvError> {
     let key = cmd.key();
-    if let Err(e) = state.check_route(key, cmd.range_id, cmd.epoch) {
+    if let Err(e) = check_writable(state, key, cmd.range_id, cmd.epoch) {
         return Ok(Err(e));
     }
-    if state.captures.iter().any(|c| c.covers(key) && c.frozen_at.is_some()) {
-        return Ok(Err(KvError::RangeMoving));
-    }
     let current = current(db, group, &b.overlay, key)?;
+    if let Some(lock) = current.as_ref().and_then(ValueRecord::lock) {
+        return Ok(Err(KvError::Locked { key: key.to_string(), lock: lock.clone() }));
+    }
     let live = ValueRecord::live_version(current.as_ref());
     let last = current.as_ref().map_or(0, |r| r.version);
     let (if_version, record) = match &cmd.op {
-        KvOp::Put { value, if_version, .. } => {
-            (*if_version, ValueRecord { version: last + 1, tombstone: false, json: value.as_bytes().to_vec() })
-        }
+        KvOp::Put { value, if_version, .. } => (*if_version, ValueRecord::live(last + 1, value.as_bytes().to_vec())),
         KvOp::Delete { if_version, .. } => {
             if live == 0 {
                 return Ok(Err(if if_version.is_some_and(|v| v != 0) {
@@ -337,7 +378,7 @@ pub fn apply(
                     KvError::NotFound
                 }));
             }
-            (*if_version, ValueRecord { version: last + 1, tombstone: true, json: Vec::new() })
+            (*if_version, ValueRecord::deleted(last + 1))
         }
     };
     if let Some(expected) = if_version {
@@ -345,19 +386,9 @@ pub fn apply(
             return Ok(Err(KvError::VersionConflict { current: live }));
         }
     }
-    let cf = storage::cf(db, storage::CF_DATA);
-    let encoded = record.encode();
-    let delta = digest::delta(key, current.as_ref(), &record);
-    for c in state.captures.iter_mut().filter(|c| c.covers(key)) {
-        let entry = ForwardEntry { key: key.to_string(), record: encoded.clone(), delta };
-        b.write.put_cf(cf, forward_key(group, c.op_id, index), entry.encode());
-        c.changes = c.changes.wrapping_add(delta);
-        b.changed = true;
-    }
-    b.write.put_cf(cf, data_key(group, key.as_bytes()), encoded);
-    b.stats.add(StatsDelta::replace(key, current.as_ref(), &record));
+    let record = ValueRecord { txn: current.as_ref().and_then(|c| c.txn.clone()), ..record };
     let version = record.version;
-    b.overlay.insert(key.to_string(), record);
+    store(db, group, index, state, b, key, current.as_ref(), record);
     Ok(Ok(version))
 }
 
@@ -400,7 +431,10 @@ pub(crate) fn records<'a>(
     )
 }
 
-/// Live items of `group` in `[start, end)` as of `snap`, at most `limit`.
+/// Live items of `group` in `[start, end)` as of `snap`, at most `limit`,
+/// and, not counted against the limit, deleted or absent keys a
+/// transaction holds for writing (its commit may be creating them: the
+/// caller settles their locks before it answers, then drops tombstones).
 pub fn scan_at(
     db: &Db,
     snap: &Snapshot<'_>,
@@ -410,15 +444,17 @@ pub fn scan_at(
     limit: usize,
 ) -> Result<Vec<ScannedItem>, rocksdb::Error> {
     let mut out = Vec::new();
+    let mut live = 0;
     for item in records(db, Some(snap), group, start, end) {
         let (k, v) = item?;
         let Some(record) = ValueRecord::decode(&v) else { continue };
-        if record.tombstone {
+        if record.tombstone && !record.lock().is_some_and(|l| l.write) {
             continue;
         }
+        live += usize::from(!record.tombstone);
         let key = String::from_utf8_lossy(storage::user_key_of(&k)).into_owned();
         out.push(ScannedItem { key, record });
-        if out.len() >= limit {
+        if live >= limit {
             break;
         }
     }
@@ -442,8 +478,8 @@ mod tests {
 
     #[test]
     fn stats_follow_puts_and_deletes() {
-        let v = |json: &str| ValueRecord { version: 1, tombstone: false, json: json.as_bytes().to_vec() };
-        let t = ValueRecord { version: 2, tombstone: true, json: vec![] };
+        let v = |json: &str| ValueRecord::live(1, json.as_bytes().to_vec());
+        let t = ValueRecord::deleted(2);
         assert_eq!(StatsDelta::replace("ab", None, &v("123")), StatsDelta { keys: 1, bytes: 5 });
         assert_eq!(StatsDelta::replace("ab", Some(&v("123")), &v("1")), StatsDelta { keys: 0, bytes: -2 });
         assert_eq!(StatsDelta::replace("ab", Some(&v("1")), &t), StatsDelta { keys: -1, bytes: -3 });

@@ -54,3 +54,4 @@ pub mod split;
 pub mod storage;
 #[cfg(test)]
 pub mod testing;
+pub mod txn;

@@ -79,7 +79,7 @@ pub fn deadline_of(budget_ms: u64, max: Duration) -> Instant {
 const MOVING_REFRESH: Duration = Duration::from_millis(250);
 
 /// Whether retrying after `e` is safe and useful.
-fn retryable(e: &ExecError) -> bool {
+pub(crate) fn retryable(e: &ExecError) -> bool {
     matches!(
         e,
         ExecError::NoLeader { .. }
@@ -89,7 +89,11 @@ fn retryable(e: &ExecError) -> bool {
 }
 
 /// Retries `attempt` with backoff while it fails retryably, until `deadline`.
-async fn with_retries<T, F, Fut>(node: &Router<'_>, deadline: Instant, mut attempt: F) -> Result<T, ExecError>
+pub(crate) async fn with_retries<T, F, Fut>(
+    node: &Router<'_>,
+    deadline: Instant,
+    mut attempt: F,
+) -> Result<T, ExecError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ExecError>>,
@@ -323,6 +327,19 @@ impl<'a> Router<'a> {
         let _ = tokio::time::timeout(left(deadline), self.node.meta_leader().refresh_directory()).await;
     }
 
+    /// The range of `key` in this node's directory, fetched first if
+    /// this node has none yet.
+    pub(crate) async fn range_of(
+        &self,
+        key: &str,
+        deadline: Instant,
+    ) -> Result<cleave_metadata::RangeDescriptor, ExecError> {
+        match self.node.directory().lookup(key) {
+            Some(r) => Ok(r.clone()),
+            None => self.route(key, deadline).await,
+        }
+    }
+
     /// The range of `key`, fetching the directory first if this node has none yet.
     async fn route(&self, key: &str, deadline: Instant) -> Result<cleave_metadata::RangeDescriptor, ExecError> {
         self.refresh_directory_by(deadline).await;
@@ -337,22 +354,25 @@ impl<'a> Router<'a> {
         };
         let started = Instant::now();
         let mut shard_label = 0;
-        let r = with_retries(self, deadline, || {
-            let dir = self.node.directory();
-            let op = op.clone();
-            let range = dir.lookup(&key).cloned();
+        let shard_label_ref = &mut shard_label;
+        let (key_ref, op_ref) = (&key, &op);
+        let r = crate::txn::resolve::settling(self, deadline, || {
+            let range = self.node.directory().lookup(key_ref).cloned();
             if let Some(r) = &range {
-                shard_label = r.shard_id;
+                *shard_label_ref = r.shard_id;
             }
-            let key = &key;
-            async move {
-                let range = match range {
-                    Some(r) => r,
-                    None => self.route(key, deadline).await?,
-                };
-                let cmd = KvCommand { range_id: range.range_id, epoch: range.epoch, op };
-                self.exec_write(range.shard_id, cmd, 0, deadline).await
-            }
+            with_retries(self, deadline, move || {
+                let op = op_ref.clone();
+                let range = self.node.directory().lookup(key_ref).cloned();
+                async move {
+                    let range = match range {
+                        Some(r) => r,
+                        None => self.route(key_ref, deadline).await?,
+                    };
+                    let cmd = KvCommand { range_id: range.range_id, epoch: range.epoch, op };
+                    self.exec_write(range.shard_id, cmd, 0, deadline).await
+                }
+            })
         })
         .await;
         crate::metrics::record_request(shard_label, "write", started, r.is_ok());
@@ -364,18 +384,22 @@ impl<'a> Router<'a> {
         let deadline = Instant::now() + self.node.settings().write_timeout;
         let started = Instant::now();
         let mut shard_label = 0;
-        let r = with_retries(self, deadline, || {
+        let shard_label_ref = &mut shard_label;
+        let r = crate::txn::resolve::settling(self, deadline, || {
             let range = self.node.directory().lookup(key).cloned();
             if let Some(r) = &range {
-                shard_label = r.shard_id;
+                *shard_label_ref = r.shard_id;
             }
-            async move {
-                let range = match range {
-                    Some(r) => r,
-                    None => self.route(key, deadline).await?,
-                };
-                self.exec_read(range.shard_id, key, linearizable, 0, deadline).await
-            }
+            with_retries(self, deadline, move || {
+                let range = self.node.directory().lookup(key).cloned();
+                async move {
+                    let range = match range {
+                        Some(r) => r,
+                        None => self.route(key, deadline).await?,
+                    };
+                    self.exec_read(range.shard_id, key, linearizable, 0, deadline).await
+                }
+            })
         })
         .await;
         crate::metrics::record_request(shard_label, "read", started, r.is_ok());
@@ -402,22 +426,25 @@ impl<'a> Router<'a> {
             }
             let want = limit - out.len();
             let cur = cursor.clone();
-            let (items, range_end) = with_retries(self, deadline, || {
-                let range = self.node.directory().lookup(&cur).cloned();
-                let cur = cur.clone();
-                async move {
-                    let range = match range {
-                        Some(r) => r,
-                        None => self.route(&cur, deadline).await?,
-                    };
-                    let stop = match (&range.end, end) {
-                        (Some(a), Some(b)) => Some(a.as_str().min(b).to_string()),
-                        (Some(a), None) => Some(a.clone()),
-                        (None, b) => b.map(str::to_string),
-                    };
-                    let items = self.exec_scan(range.shard_id, &cur, stop.as_deref(), want, 0, deadline).await?;
-                    Ok((items, range.end.clone()))
-                }
+            let cur = &cur;
+            let (items, range_end) = crate::txn::resolve::settling(self, deadline, || {
+                with_retries(self, deadline, move || {
+                    let range = self.node.directory().lookup(cur).cloned();
+                    let cur = cur.clone();
+                    async move {
+                        let range = match range {
+                            Some(r) => r,
+                            None => self.route(&cur, deadline).await?,
+                        };
+                        let stop = match (&range.end, end) {
+                            (Some(a), Some(b)) => Some(a.as_str().min(b).to_string()),
+                            (Some(a), None) => Some(a.clone()),
+                            (None, b) => b.map(str::to_string),
+                        };
+                        let items = self.exec_scan(range.shard_id, &cur, stop.as_deref(), want, 0, deadline).await?;
+                        Ok((items, range.end.clone()))
+                    }
+                })
             })
             .await?;
             let got = items.len();
@@ -556,6 +583,10 @@ impl<'a> Router<'a> {
                                 if self.was_removed(shard, &g) {
                                     None
                                 } else {
+                                    drop(snap);
+                                    if linearizable {
+                                        self.check_lock(key, rec.as_ref(), deadline).await?;
+                                    }
                                     return Ok(rec
                                         .filter(|r| !r.tombstone)
                                         .map(|r| (r.version, String::from_utf8_lossy(&r.json).into_owned())));
@@ -572,6 +603,46 @@ impl<'a> Router<'a> {
         };
         let key = key.to_string();
         let req = |hops| rpc::KvRead { shard, key: key.clone(), linearizable, hops, budget_ms: budget_ms(deadline) };
+        self.forward(shard, hops, leader, deadline, req).await
+    }
+
+    /// A linearizable read found `rec` under `key`: if a transaction holds
+    /// it for writing, its primary says whether the value read is still
+    /// current. Pending: it is (the transaction commits later, if ever, and
+    /// nothing else can write the key meanwhile). Over: the read must not
+    /// answer the old value; `Locked` makes the caller finish the key and
+    /// read again.
+    async fn check_lock(
+        &self,
+        key: &str,
+        rec: Option<&crate::storage::ValueRecord>,
+        deadline: Instant,
+    ) -> Result<(), ExecError> {
+        let Some(lock) = rec.and_then(|r| r.lock()).filter(|l| l.write) else { return Ok(()) };
+        match crate::txn::resolve::ask_primary(self, lock.txn, &lock.primary, false, deadline).await? {
+            crate::txn::Status::Pending => Ok(()),
+            _ => Err(ExecError::Kv(KvError::Locked { key: key.to_string(), lock: lock.clone() })),
+        }
+    }
+
+    /// Executes a transaction step on `shard`: here if this node leads it,
+    /// else at the leader.
+    pub async fn exec_txn(
+        &self,
+        shard: ShardId,
+        cmd: crate::txn::TxnCommand,
+        hops: u8,
+        deadline: Instant,
+    ) -> Result<crate::txn::TxnReply, ExecError> {
+        let leader = match self.propose_here(shard, Command::Txn(cmd.clone()), left(deadline)).await? {
+            Ok((g, CommandResponse::Txn(r))) => {
+                g.served.fetch_add(1, Ordering::Relaxed);
+                return r.map_err(ExecError::Kv);
+            }
+            Ok((_, other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
+            Err(leader) => leader,
+        };
+        let req = |hops| rpc::TxnStep { shard, cmd: cmd.clone(), hops, budget_ms: budget_ms(deadline) };
         self.forward(shard, hops, leader, deadline, req).await
     }
 
@@ -616,8 +687,13 @@ impl<'a> Router<'a> {
                             if self.was_removed(shard, &g) {
                                 None // as for a point read: the data may have gone under the scan
                             } else {
+                                drop(snap);
+                                for i in &items {
+                                    self.check_lock(&i.key, Some(&i.record), deadline).await?;
+                                }
                                 return Ok(items
                                     .into_iter()
+                                    .filter(|i| !i.record.tombstone)
                                     .map(|i| {
                                         (i.key, i.record.version, String::from_utf8_lossy(&i.record.json).into_owned())
                                     })

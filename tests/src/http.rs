@@ -206,6 +206,11 @@ impl Http {
         Ok(Resp { status, retry_after, content_type, body })
     }
 
+    /// `POST /v1/txn` with `body` (a JSON value, sent as it is).
+    pub async fn txn(&self, base: &str, body: &Value) -> anyhow::Result<Resp> {
+        self.send(Method::POST, Self::url(base, "/v1/txn"), Some(body.to_string())).await
+    }
+
     pub async fn get_path(&self, base: &str, path_and_query: &str) -> anyhow::Result<Resp> {
         self.send(Method::GET, Self::url(base, path_and_query), None).await
     }

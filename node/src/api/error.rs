@@ -43,6 +43,8 @@ impl From<ExecError> for ApiError {
                 err
             }
             ExecError::Kv(KvError::RangeMoving) => ApiError::new(ErrorCode::RangeMoving, msg),
+            // Settled by the router; surfacing, they mean "not applied, try again".
+            ExecError::Kv(KvError::Locked { .. } | KvError::TxnAborted) => ApiError::new(ErrorCode::Unavailable, msg),
             ExecError::Meta(
                 MetaError::RangeBusy { .. }
                 | MetaError::ShardBusy { .. }

@@ -50,7 +50,7 @@ fn parse_u64(p: &HashMap<String, String>, name: &str) -> Result<Option<u64>, Api
         .transpose()
 }
 
-fn body_error(e: BytesRejection) -> ApiError {
+pub(super) fn body_error(e: BytesRejection) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::too_large(format!("request body too large: {e}"))
     } else {

@@ -12,6 +12,7 @@ pub mod https;
 mod kv;
 mod moves;
 mod ops;
+mod txn;
 
 use std::sync::Arc;
 
@@ -67,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/kv", get(kv::scan))
         .route("/v1/kv/", get(kv::empty_key).put(kv::empty_key).delete(kv::empty_key))
         .route("/v1/kv/{*key}", get(kv::get).put(kv::put).delete(kv::delete))
+        .route("/v1/txn", post(txn::txn))
         .route("/admin/nodes", get(admin::nodes))
         .route("/admin/nodes/join", post(admin::join))
         .route("/admin/shards", get(admin::shards))

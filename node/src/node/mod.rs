@@ -308,6 +308,9 @@ impl Node {
             NodeRequest::SplitChunk(rpc::SplitChunk { chunk }) => {
                 NodeReply::SplitChunk(crate::split::forwarder::receive_chunk(self, chunk).await?)
             }
+            NodeRequest::TxnStep(rpc::TxnStep { shard, cmd, hops, budget_ms }) => {
+                NodeReply::TxnStep(self.router().exec_txn(shard, cmd, hops, deadline(budget_ms)).await?)
+            }
         })
     }
 

@@ -4,7 +4,11 @@
 //! hold survives a change of metadata leader). Tests use it to kill nodes
 //! at a chosen phase. Besides phase names, `enter_joint=MS` holds a move
 //! in `Joint` *before* its joint configuration is entered (a hold of
-//! `joint` holds it inside the joint configuration).
+//! `joint` holds it inside the joint configuration). `txn_locked=MS` holds
+//! a multi-shard transaction this node coordinates once every lock is
+//! taken, before its commit; `txn_committed=MS` right after the commit
+//! point, before the answer and the other shards' commits (see
+//! [`hold_txn`]).
 //!
 //! `--fault-corrupt-backfill` damages every split backfill chunk the node
 //! sends ([`CORRUPT_BACKFILL`]): the receivers must refuse the file.
@@ -17,7 +21,7 @@ pub static CORRUPT_BACKFILL: std::sync::atomic::AtomicBool = std::sync::atomic::
 static HOLDS: std::sync::OnceLock<Vec<(String, u64)>> = std::sync::OnceLock::new();
 
 /// Hold points that are not phases.
-const EXTRA_HOLDS: [&str; 1] = ["enter_joint"];
+const EXTRA_HOLDS: [&str; 3] = ["enter_joint", "txn_locked", "txn_committed"];
 
 /// Parses a fault-point spec (`PHASE=MS,...`).
 pub fn parse(spec: &str) -> anyhow::Result<Vec<(String, u64)>> {
@@ -43,6 +47,17 @@ pub fn set_fault_hold(spec: &str) -> anyhow::Result<()> {
 /// The hold of a named point (a phase's name, or one of [`EXTRA_HOLDS`]).
 pub fn hold_named_ms(name: &str) -> u64 {
     HOLDS.get().and_then(|h| h.iter().find(|(p, _)| p == name)).map_or(0, |(_, ms)| *ms)
+}
+
+/// Holds a transaction at point `name` (`txn_locked`, `txn_committed`)
+/// for its configured time, counting it in `cleave_txn_fault_held_total`
+/// first so that a test knows when to strike.
+pub async fn hold_txn(name: &'static str) {
+    let ms = hold_named_ms(name);
+    if ms > 0 {
+        metrics::counter!("cleave_txn_fault_held_total", "point" => name).increment(1);
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
 }
 
 /// The hold of a phase.

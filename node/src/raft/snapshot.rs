@@ -352,7 +352,7 @@ mod tests {
         let meta_cf = storage::cf(&db, CF_GROUP_META);
         db.put_cf(meta_cf, state_key(7, tag::SM_STATE), b"{\"state\":1}").unwrap();
         for k in ["a", "b", "c"] {
-            let rec = storage::ValueRecord { version: 1, tombstone: false, json: b"1".to_vec() };
+            let rec = storage::ValueRecord::live(1, b"1".to_vec());
             db.put_cf(storage::cf(&db, CF_DATA), data_key(7, k.as_bytes()), rec.encode()).unwrap();
         }
         let live = Incarnation::default();
@@ -369,7 +369,7 @@ mod tests {
         let (_d, db) = temp_db();
         let root = tempfile::tempdir().unwrap();
         let meta_cf = storage::cf(&db, CF_GROUP_META);
-        let rec = storage::ValueRecord { version: 1, tombstone: false, json: b"1".to_vec() };
+        let rec = storage::ValueRecord::live(1, b"1".to_vec());
         db.put_cf(storage::cf(&db, CF_DATA), data_key(7, b"old"), rec.encode()).unwrap();
         db.put_cf(meta_cf, state_key(7, tag::SM_STATE), b"old").unwrap();
         let (_, file) = build(&db, 7, root.path(), &Incarnation::default()).unwrap();
@@ -401,10 +401,10 @@ mod tests {
         for i in 0..300u64 {
             let key = format!("key{i:04}");
             let rec = match i % 10 {
-                0 => ValueRecord { version: 2, tombstone: true, json: vec![] },
+                0 => ValueRecord::deleted(2),
                 _ => {
                     let json = format!("\"value {i} as of {applied}, padded to span several install batches\"");
-                    ValueRecord { version: 1, tombstone: false, json: json.into() }
+                    ValueRecord::live(1, json.into())
                 }
             };
             if !rec.tombstone {
@@ -428,7 +428,7 @@ mod tests {
     fn fill_old(db: &Db, group: u64) {
         let data = storage::cf(db, CF_DATA);
         for key in ["key0001", "old1", "old2", "zzz"] {
-            let rec = ValueRecord { version: 9, tombstone: false, json: b"\"old\"".to_vec() };
+            let rec = ValueRecord::live(9, b"\"old\"".to_vec());
             db.put_cf(data, data_key(group, key.as_bytes()), rec.encode()).unwrap();
         }
         let meta = storage::cf(db, CF_GROUP_META);

@@ -74,6 +74,9 @@ impl GroupSm {
             (Command::Kv(c), SmState::Shard(s)) => {
                 CommandResponse::Kv(kv::apply(&self.db, self.group, index, s, b, c).map_err(io_err)?)
             }
+            (Command::Txn(c), SmState::Shard(s)) => {
+                CommandResponse::Txn(crate::txn::apply::apply(&self.db, self.group, index, s, b, c).map_err(io_err)?)
+            }
             (Command::Shard(c), SmState::Shard(s)) => CommandResponse::Shard(
                 crate::split::apply::apply(&self.db, self.group, index, s, b, c).map_err(io_err)?,
             ),
@@ -398,10 +401,7 @@ mod tests {
         // the write on the stale route (epoch 2) stored nothing.
         assert_eq!(sm.stats.get(), (2, 6 + 2));
         assert_eq!(group_meta(&db, G, tag::KEYS).map(|k| GroupStats::decode(&k)), Some((2, 8)));
-        assert_eq!(
-            crate::kv::read(&db, G, "a").unwrap(),
-            Some(ValueRecord { version: 2, tombstone: true, json: vec![] })
-        );
+        assert_eq!(crate::kv::read(&db, G, "a").unwrap(), Some(ValueRecord::deleted(2)));
         assert_eq!(crate::kv::read(&db, G, "x").unwrap(), None);
         let forward = crate::kv::forward_key(G, OP, 6);
         assert!(group_data(&db, G).iter().any(|(k, _)| *k == forward), "the write to [m, ∞) is logged");
@@ -565,7 +565,7 @@ mod tests {
             rt.block_on(async {
                 let ctx = context(db.clone(), root.clone());
                 let g = GroupRaft::create(&ctx, G, 1, SmState::Shard(whole_shard())).await.unwrap();
-                let stale = ValueRecord { version: 1, tombstone: false, json: b"1".to_vec() };
+                let stale = ValueRecord::live(1, b"1".to_vec());
                 db.put_cf(storage::cf(&db, storage::CF_DATA), storage::data_key(G, b"stale"), stale.encode()).unwrap();
                 g.shutdown().await;
                 let part = snapshot::receive_path(&root, G, 1).unwrap();
@@ -657,7 +657,7 @@ mod tests {
         // key) lands over the ingested record, never under it.
         let (key, _) = &moving[0];
         let key = String::from_utf8(key.clone()).unwrap();
-        let newer = ValueRecord { version: 1000, tombstone: false, json: b"\"new\"".to_vec() };
+        let newer = ValueRecord::live(1000, b"\"new\"".to_vec());
         let ingest =
             ShardCommand::Ingest { op_id: OP, source_index: Some(500), records: vec![(key.clone(), newer.encode())] };
         apply(&mut sm, vec![EntryOf::<TypeConfig>::new_blank(log_id(1, 1)), step(2, cmd.clone()), step(3, ingest)])

@@ -154,6 +154,8 @@ node_calls! {
     /// One chunk of a split's backfill file for the local replica of a
     /// receiving shard (`split::sst`); sent on the bulk lane.
     SplitChunk { chunk: crate::split::sst::Chunk } -> ();
+    /// Apply a transaction step through the shard's leader (`txn`).
+    TxnStep { shard: ShardId, cmd: crate::txn::TxnCommand, hops: u8, budget_ms: u64 } -> crate::txn::TxnReply;
 }
 
 /// The answer to a [`Ping`]: the groups whose replica on the answering node

@@ -27,7 +27,7 @@ mod tests {
     use super::*;
 
     fn rec(v: u64, json: &str) -> ValueRecord {
-        ValueRecord { version: v, tombstone: false, json: json.as_bytes().to_vec() }
+        ValueRecord::live(v, json.as_bytes().to_vec())
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | `raft_log`   | group · index            | a bincode log entry |
 //! | `raft_state` | group · tag              | vote, committed, last purged |
-//! | `data`       | group · user key         | [`ValueRecord`]: version, tombstone flag, JSON |
+//! | `data`       | group · user key         | [`ValueRecord`]: version, tombstone flag, JSON, a transaction's lock or outcomes |
 //! | `group_meta` | group · tag              | applied log id, membership, state-machine state, descriptor, install marker, key/byte counts, genesis state, tombstone |
 //!
 //! Writes never fsync on their own: durability comes from the [`Syncer`],
@@ -18,6 +18,7 @@
 
 mod keys;
 mod syncer;
+pub mod txn_info;
 mod value;
 
 use std::path::Path;

@@ -5,21 +5,55 @@
 //! version never goes backwards, even across delete and re-create (and, in a
 //! split, so that a backfilled old value can never overwrite a newer delete).
 
-/// Layout: `version: u64 BE | flags: u8 | json bytes`.
+use super::txn_info::{Lock, TxnInfo};
+
+/// Layout: `version: u64 BE | flags: u8 | [txn length: u32 BE | txn] | json
+/// bytes`; the transaction part (a lock, outcomes: [`TxnInfo`]) is there
+/// only when the `TXN` flag is set, so records written before transactions
+/// existed read as they did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValueRecord {
     pub version: u64,
     pub tombstone: bool,
     pub json: Vec<u8>,
+    /// Transaction state of the key (`None`: no lock, no outcome).
+    pub txn: Option<Box<TxnInfo>>,
 }
 
 const TOMBSTONE: u8 = 1;
+const TXN: u8 = 2;
 
 impl ValueRecord {
+    /// A live value at `version`.
+    pub fn live(version: u64, json: Vec<u8>) -> ValueRecord {
+        ValueRecord { version, tombstone: false, json, txn: None }
+    }
+
+    /// A deleted key's tombstone at `version`.
+    pub fn deleted(version: u64) -> ValueRecord {
+        ValueRecord { version, tombstone: true, json: Vec::new(), txn: None }
+    }
+
+    /// The lock on the key, if a transaction holds it.
+    pub fn lock(&self) -> Option<&Lock> {
+        self.txn.as_ref().and_then(|t| t.lock.as_ref())
+    }
+
+    /// This record with `txn` as its transaction part (dropped when empty).
+    pub fn with_txn(mut self, txn: TxnInfo) -> ValueRecord {
+        self.txn = (!txn.is_empty()).then(|| Box::new(txn));
+        self
+    }
+
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(9 + self.json.len());
+        let txn = self.txn.as_ref().map(|t| crate::codec::encode(t.as_ref()).expect("txn info encodes"));
+        let mut out = Vec::with_capacity(9 + self.json.len() + txn.as_ref().map_or(0, |t| 4 + t.len()));
         out.extend_from_slice(&self.version.to_be_bytes());
-        out.push(if self.tombstone { TOMBSTONE } else { 0 });
+        out.push(if self.tombstone { TOMBSTONE } else { 0 } | if txn.is_some() { TXN } else { 0 });
+        if let Some(t) = txn {
+            out.extend_from_slice(&(t.len() as u32).to_be_bytes());
+            out.extend_from_slice(&t);
+        }
         out.extend_from_slice(&self.json);
         out
     }
@@ -30,7 +64,16 @@ impl ValueRecord {
             return None;
         }
         let version = u64::from_be_bytes(bytes[..8].try_into().ok()?);
-        Some(ValueRecord { version, tombstone: bytes[8] & TOMBSTONE != 0, json: bytes[9..].to_vec() })
+        let flags = bytes[8];
+        let (txn, json) = if flags & TXN != 0 {
+            let len = u32::from_be_bytes(bytes.get(9..13)?.try_into().ok()?) as usize;
+            let body = bytes.get(13..13usize.checked_add(len)?)?;
+            let info: TxnInfo = crate::codec::decode(body).ok()?;
+            (Some(Box::new(info)), &bytes[13 + len..])
+        } else {
+            (None, &bytes[9..])
+        };
+        Some(ValueRecord { version, tombstone: flags & TOMBSTONE != 0, json: json.to_vec(), txn })
     }
 
     /// The version of a live value, 0 for an absent key or a tombstone.
@@ -42,15 +85,36 @@ impl ValueRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::txn_info::Outcome;
 
     #[test]
     fn round_trips() {
         for r in [
-            ValueRecord { version: 7, tombstone: false, json: b"{\"a\":1}".to_vec() },
-            ValueRecord { version: u64::MAX, tombstone: true, json: vec![] },
+            ValueRecord::live(7, b"{\"a\":1}".to_vec()),
+            ValueRecord::deleted(u64::MAX),
+            ValueRecord::live(3, b"[1]".to_vec()).with_txn(TxnInfo {
+                lock: Some(Lock { txn: 9, primary: "p".into(), expires_ms: 5, write: true }),
+                outcomes: vec![Outcome { txn: 8, committed: None }],
+            }),
+            ValueRecord::deleted(0).with_txn(TxnInfo {
+                lock: Some(Lock { txn: u128::MAX, primary: "q".into(), expires_ms: 0, write: false }),
+                outcomes: vec![],
+            }),
         ] {
             assert_eq!(ValueRecord::decode(&r.encode()), Some(r));
         }
         assert_eq!(ValueRecord::decode(b"short"), None);
+        // Records from before transactions: no TXN flag, the JSON right after the flags.
+        let old = [&7u64.to_be_bytes()[..], &[0], b"{}"].concat();
+        assert_eq!(ValueRecord::decode(&old), Some(ValueRecord::live(7, b"{}".to_vec())));
+        // A transaction part that is cut short or claims more than is there.
+        let mut bad = ValueRecord::deleted(1)
+            .with_txn(TxnInfo { lock: None, outcomes: vec![Outcome { txn: 1, committed: None }] })
+            .encode();
+        bad.truncate(bad.len() - 1);
+        assert_eq!(ValueRecord::decode(&bad), None);
+        let mut huge = [&1u64.to_be_bytes()[..], &[TXN]].concat();
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(ValueRecord::decode(&huge), None);
     }
 }

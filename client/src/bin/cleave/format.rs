@@ -7,7 +7,7 @@
 //! without a cluster.
 
 use cleave_client::cleave_metadata::range::RangeState;
-use cleave_client::{Item, NodeStatus, RangeDescriptor, ShardStatus};
+use cleave_client::{Item, NodeStatus, RangeDescriptor, ShardStatus, TxnResponse};
 use serde::Serialize;
 
 use crate::nodes::node_status;
@@ -15,6 +15,22 @@ use crate::nodes::node_status;
 /// `key<TAB>version<TAB>value` for one item.
 pub fn item_line(item: &Item) -> String {
     format!("{}\t{}\t{}", item.key, item.version, item.value.get())
+}
+
+/// `succeeded` or `failed` (the branch that ran), then one line per result:
+/// `key<TAB>version<TAB>value` for a get that found the key, `key<TAB>(not
+/// found)` for one that did not, `key<TAB>version` for a put or delete.
+pub fn txn_lines(r: &TxnResponse) -> String {
+    let mut out = vec![if r.succeeded { "succeeded" } else { "failed" }.to_string()];
+    for res in &r.results {
+        out.push(match (&res.value, res.version, res.found) {
+            (Some(v), Some(ver), _) => format!("{}\t{ver}\t{}", res.key, v.get()),
+            (_, _, Some(false)) => format!("{}\t(not found)", res.key),
+            (_, Some(ver), _) => format!("{}\t{ver}", res.key),
+            _ => format!("{}\t?", res.key),
+        });
+    }
+    out.join("\n")
 }
 
 /// The nodes, shards and ranges tables of `cleave status`. A node's status

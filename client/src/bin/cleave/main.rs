@@ -127,6 +127,12 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Run a transaction: JSON {"compare": [...], "success": [...], "failure": [...]} from FILE, or from
+    /// stdin when FILE is absent or "-". Prints which branch ran and its results.
+    Txn {
+        /// File holding the transaction's JSON.
+        file: Option<std::path::PathBuf>,
+    },
     /// Show nodes, shards (with leaders) and ranges.
     Status,
     /// Split a range at KEY (the first key of the new range), or with --range at the median key of range ID.
@@ -273,6 +279,17 @@ async fn run(cli: Cli) -> Result<()> {
                 Err(_) => client.put(&key, &value, if_version).await?,
             };
             print(out, &w, || format!("ok: {} is at version {}", w.key, w.version))
+        }
+        Command::Txn { file } => {
+            let text = match file.as_deref() {
+                None => std::io::read_to_string(std::io::stdin())?,
+                Some(p) if p.as_os_str() == "-" => std::io::read_to_string(std::io::stdin())?,
+                Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            };
+            let req: cleave_client::TxnRequest = serde_json::from_str(&text)
+                .map_err(|e| Error::InvalidArgument(format!("the transaction is not valid JSON of its shape: {e}")))?;
+            let r = client.txn(&req).await?;
+            print(out, &r, || format::txn_lines(&r))
         }
         Command::Del { key, if_version } => {
             let w = client.delete(&key, if_version).await?;

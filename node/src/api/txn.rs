@@ -1,0 +1,48 @@
+//! `POST /v1/txn`: check the request, run it (`txn::coordinator`), shape
+//! the answer.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::Json;
+use cleave_metadata::api::{ErrorCode, TxnRequest, TxnResponse, TxnResult};
+use serde_json::value::RawValue;
+
+use super::kv::body_error;
+use super::{ApiError, AppState};
+use crate::txn::plan::{self, Invalid, Outcome};
+
+const SHAPE: &str = r#"{"compare": [{"key", "version"}], "success": [{"op", "key", "value"?}], "failure": [...]}"#;
+
+pub async fn txn(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<TxnResponse>, ApiError> {
+    let body = body.map_err(body_error)?;
+    let req: TxnRequest = super::json_object(&body, SHAPE)?;
+    let txn = plan::validate(req, s.node.settings().max_value_bytes).map_err(|e| match e {
+        Invalid::Bad(m) => ApiError::bad_request(m),
+        Invalid::TooLarge(m) => ApiError::too_large(m),
+    })?;
+    let decided = crate::txn::coordinator::run(&s.node, txn).await?;
+    let raw = |json: String| {
+        RawValue::from_string(json)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("stored value is not JSON: {e}")))
+    };
+    let results = decided
+        .results
+        .into_iter()
+        .map(|o| {
+            Ok(match o {
+                Outcome::Written { key, version } => {
+                    TxnResult { key, value: None, version: Some(version), found: None }
+                }
+                Outcome::Got { key, version, value } => {
+                    TxnResult { key, value: Some(raw(value)?), version: Some(version), found: None }
+                }
+                Outcome::Missing { key } => TxnResult { key, value: None, version: None, found: Some(false) },
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(Json(TxnResponse { succeeded: decided.succeeded, results }))
+}

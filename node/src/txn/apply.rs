@@ -1,0 +1,496 @@
+//! A shard applying the steps of a transaction (see `docs/plans/transactions.md`).
+//!
+//! Every step is one Raft entry, applied here deterministically: what it
+//! refuses depends only on the command and the records it finds. Every key
+//! a step names carries the range id and epoch it was routed with, and is
+//! refused at apply as a single-key write would be (`WrongRange`,
+//! `RangeMoving`), so a split or a move in between never lets a step write
+//! a range this shard no longer owns.
+//!
+//! Locks and outcomes are parts of the keys' records ([`TxnInfo`]), written
+//! with [`kv::store`] like any value: a split's forward log and backfill, a
+//! move's snapshot carry them.
+
+use cleave_metadata::RangeId;
+use serde::{Deserialize, Serialize};
+
+use super::plan::{self, Decided, Stored, Txn};
+use crate::command::KvError;
+use crate::kv::{self, Applied, ApplyBatch, ShardState};
+use crate::storage::txn_info::{Lock, Outcome, PendingWrite, TxnId, TxnInfo};
+use crate::storage::{Db, ValueRecord};
+
+/// A key and the route it was sent on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Routed {
+    pub key: String,
+    pub range_id: RangeId,
+    pub epoch: u64,
+}
+
+/// A step of a transaction on one shard.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum TxnCommand {
+    /// Every key of `txn` is on this shard: decide and write in this entry.
+    /// A key locked by any transaction refuses it (`Locked`).
+    OnePhase { keys: Vec<Routed>, txn: Txn },
+    /// Lock `keys` (each with whether `txn` may write it) for `txn`;
+    /// answers each key's stored state, in order. A key locked by another
+    /// transaction refuses the whole entry; the primary refuses if `txn`
+    /// already has an outcome there (it was aborted).
+    Lock { txn: TxnId, primary: String, expires_ms: u64, keys: Vec<(Routed, bool)> },
+    /// The commit point, on the primary's shard: only while `primary` is
+    /// still locked by `txn`, write `writes` of this shard's `keys`,
+    /// release their locks and record `Committed { writes }` (every
+    /// shard's) on the primary. Answers the outcome.
+    CommitPrimary { txn: TxnId, primary: Routed, keys: Vec<Routed>, writes: Vec<PendingWrite> },
+    /// Finishes a committed `txn` on `keys`: writes what `writes` lists for
+    /// them and releases their locks; a key not locked by `txn` is skipped
+    /// (already finished).
+    Commit { txn: TxnId, keys: Vec<Routed>, writes: Vec<PendingWrite> },
+    /// Releases the locks `txn` holds on `keys`.
+    Rollback { txn: TxnId, keys: Vec<Routed> },
+    /// Asks `txn`'s primary for its outcome. Still locked and not expired
+    /// at `now_ms` (and not `abort_if_pending`): pending. Otherwise, with no
+    /// outcome yet, `txn` is aborted here and now: the primary's lock is
+    /// released and `Aborted` recorded, so a commit can no longer land.
+    Resolve { txn: TxnId, primary: Routed, now_ms: u64, abort_if_pending: bool },
+    /// Drops the primary's record of `txn` once all its keys are finished.
+    Forget { txn: TxnId, primary: Routed },
+}
+
+/// What the primary says about a transaction.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    Pending,
+    Committed(Vec<PendingWrite>),
+    Aborted,
+}
+
+/// What a step answers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum TxnReply {
+    /// `OnePhase`.
+    Decided(Decided),
+    /// `Lock`: the keys' stored states, in the command's order.
+    Locked(Vec<Stored>),
+    /// `CommitPrimary`, `Resolve`.
+    Status(Status),
+    /// `Commit`, `Rollback`, `Forget`.
+    Done,
+}
+
+impl TxnCommand {
+    /// The step's name, transaction and keys, for logs (no values).
+    pub fn summary(&self) -> String {
+        let keys = || self.routes().iter().map(|r| r.key.as_str()).collect::<Vec<_>>().join(",");
+        match self {
+            TxnCommand::OnePhase { .. } => format!("one-phase [{}]", keys()),
+            TxnCommand::Lock { txn, .. } => format!("lock {txn:032x} [{}]", keys()),
+            TxnCommand::CommitPrimary { txn, .. } => format!("commit-primary {txn:032x} [{}]", keys()),
+            TxnCommand::Commit { txn, .. } => format!("commit {txn:032x} [{}]", keys()),
+            TxnCommand::Rollback { txn, .. } => format!("rollback {txn:032x} [{}]", keys()),
+            TxnCommand::Resolve { txn, abort_if_pending, .. } => {
+                format!("resolve {txn:032x} [{}] abort_if_pending={abort_if_pending}", keys())
+            }
+            TxnCommand::Forget { txn, .. } => format!("forget {txn:032x} [{}]", keys()),
+        }
+    }
+
+    /// Every key the step names, with its route.
+    fn routes(&self) -> Vec<&Routed> {
+        match self {
+            TxnCommand::OnePhase { keys, .. } | TxnCommand::Commit { keys, .. } | TxnCommand::Rollback { keys, .. } => {
+                keys.iter().collect()
+            }
+            TxnCommand::Lock { keys, .. } => keys.iter().map(|(r, _)| r).collect(),
+            TxnCommand::CommitPrimary { primary, keys, .. } => std::iter::once(primary).chain(keys).collect(),
+            TxnCommand::Resolve { primary, .. } | TxnCommand::Forget { primary, .. } => vec![primary],
+        }
+    }
+}
+
+/// A key's stored state for a transaction.
+pub fn stored(rec: Option<&ValueRecord>) -> Stored {
+    match rec {
+        None => Stored::default(),
+        Some(r) if r.tombstone => Stored { version: r.version, value: None },
+        Some(r) => Stored { version: r.version, value: Some(String::from_utf8_lossy(&r.json).into_owned()) },
+    }
+}
+
+/// The record `write` leaves for a key whose record was `cur`, its
+/// transaction part kept (outcomes) less the lock.
+fn written(cur: Option<&ValueRecord>, write: &PendingWrite) -> ValueRecord {
+    let rec = match &write.value {
+        Some(v) => ValueRecord::live(write.version, v.as_bytes().to_vec()),
+        None => ValueRecord::deleted(write.version),
+    };
+    rec.with_txn(TxnInfo { lock: None, ..txn_of(cur) })
+}
+
+fn txn_of(rec: Option<&ValueRecord>) -> TxnInfo {
+    rec.and_then(|r| r.txn.as_deref().cloned()).unwrap_or_default()
+}
+
+/// `cur` (an absent key: a version-0 tombstone) with its transaction part
+/// changed by `f`.
+fn with_txn(cur: Option<&ValueRecord>, f: impl FnOnce(&mut TxnInfo)) -> ValueRecord {
+    let mut info = txn_of(cur);
+    f(&mut info);
+    let base = cur.cloned().unwrap_or_else(|| ValueRecord::deleted(0));
+    base.with_txn(info)
+}
+
+fn held_by(rec: Option<&ValueRecord>, txn: TxnId) -> bool {
+    rec.and_then(ValueRecord::lock).is_some_and(|l| l.txn == txn)
+}
+
+/// Applies one transaction step at log `index` into `b`.
+pub fn apply(
+    db: &Db,
+    group: u64,
+    index: u64,
+    state: &mut ShardState,
+    b: &mut ApplyBatch,
+    cmd: &TxnCommand,
+) -> Applied<TxnReply, KvError> {
+    for r in cmd.routes() {
+        if let Err(e) = kv::check_writable(state, &r.key, r.range_id, r.epoch) {
+            return Ok(Err(e));
+        }
+    }
+    let at = At { db, group, index };
+    let cur = |b: &ApplyBatch, key: &str| at.current(b, key);
+    let put = |state: &mut ShardState, b: &mut ApplyBatch, key: &str, old: Option<&ValueRecord>, new| {
+        at.store(state, b, key, old, new)
+    };
+    Ok(Ok(match cmd {
+        TxnCommand::OnePhase { keys, txn } => {
+            let mut states = std::collections::HashMap::new();
+            for r in keys {
+                let rec = cur(b, &r.key)?;
+                if let Some(lock) = rec.as_ref().and_then(ValueRecord::lock) {
+                    return Ok(Err(KvError::Locked { key: r.key.clone(), lock: lock.clone() }));
+                }
+                states.insert(r.key.clone(), rec);
+            }
+            let decided = plan::evaluate(txn, |k| stored(states.get(k).and_then(Option::as_ref)));
+            for w in &decided.writes {
+                let old = states.get(&w.key).and_then(Option::as_ref);
+                put(state, b, &w.key, old, written(old, w));
+            }
+            TxnReply::Decided(decided)
+        }
+        TxnCommand::Lock { txn, primary, expires_ms, keys } => {
+            let mut recs = Vec::with_capacity(keys.len());
+            for (r, _) in keys {
+                let rec = cur(b, &r.key)?;
+                match rec.as_ref().and_then(ValueRecord::lock) {
+                    Some(l) if l.txn != *txn => {
+                        return Ok(Err(KvError::Locked { key: r.key.clone(), lock: l.clone() }))
+                    }
+                    _ => {}
+                }
+                if r.key == *primary && rec.as_ref().is_some_and(|c| txn_of(Some(c)).outcome(*txn).is_some()) {
+                    return Ok(Err(KvError::TxnAborted));
+                }
+                recs.push(rec);
+            }
+            let mut out = Vec::with_capacity(keys.len());
+            for ((r, write), rec) in keys.iter().zip(recs) {
+                out.push(stored(rec.as_ref()));
+                let was_write = rec.as_ref().and_then(ValueRecord::lock).is_some_and(|l| l.write);
+                let lock =
+                    Lock { txn: *txn, primary: primary.clone(), expires_ms: *expires_ms, write: *write || was_write };
+                let new = with_txn(rec.as_ref(), |t| t.lock = Some(lock));
+                put(state, b, &r.key, rec.as_ref(), new);
+            }
+            TxnReply::Locked(out)
+        }
+        TxnCommand::CommitPrimary { txn, primary, keys, writes } => {
+            let prec = cur(b, &primary.key)?;
+            if !held_by(prec.as_ref(), *txn) {
+                let outcome = txn_of(prec.as_ref()).outcome(*txn).cloned();
+                return Ok(Ok(TxnReply::Status(match outcome.and_then(|o| o.committed) {
+                    Some(w) => Status::Committed(w),
+                    None => Status::Aborted,
+                })));
+            }
+            at.finish(state, b, keys, writes, *txn)?;
+            // The primary, finished above, now records the outcome.
+            let prec = cur(b, &primary.key)?;
+            let new = with_txn(prec.as_ref(), |t| t.record(Outcome { txn: *txn, committed: Some(writes.clone()) }));
+            put(state, b, &primary.key, prec.as_ref(), new);
+            TxnReply::Status(Status::Committed(writes.clone()))
+        }
+        TxnCommand::Commit { txn, keys, writes } => {
+            at.finish(state, b, keys, writes, *txn)?;
+            TxnReply::Done
+        }
+        TxnCommand::Rollback { txn, keys } => {
+            at.finish(state, b, keys, &[], *txn)?;
+            TxnReply::Done
+        }
+        TxnCommand::Resolve { txn, primary, now_ms, abort_if_pending } => {
+            let prec = cur(b, &primary.key)?;
+            let info = txn_of(prec.as_ref());
+            match info.outcome(*txn) {
+                Some(o) => TxnReply::Status(match &o.committed {
+                    Some(w) => Status::Committed(w.clone()),
+                    None => Status::Aborted,
+                }),
+                None => {
+                    let lock = prec.as_ref().and_then(ValueRecord::lock).filter(|l| l.txn == *txn);
+                    if lock.is_some_and(|l| *now_ms < l.expires_ms) && !abort_if_pending {
+                        TxnReply::Status(Status::Pending)
+                    } else {
+                        let release = lock.is_some();
+                        let new = with_txn(prec.as_ref(), |t| {
+                            if release {
+                                t.lock = None;
+                            }
+                            t.record(Outcome { txn: *txn, committed: None });
+                        });
+                        put(state, b, &primary.key, prec.as_ref(), new);
+                        TxnReply::Status(Status::Aborted)
+                    }
+                }
+            }
+        }
+        TxnCommand::Forget { txn, primary } => {
+            let prec = cur(b, &primary.key)?;
+            if txn_of(prec.as_ref()).outcome(*txn).is_some() {
+                let new = with_txn(prec.as_ref(), |t| t.forget(*txn));
+                put(state, b, &primary.key, prec.as_ref(), new);
+            }
+            TxnReply::Done
+        }
+    }))
+}
+
+/// Where a step applies: the database, the group, the entry's log index.
+#[derive(Clone, Copy)]
+struct At<'a> {
+    db: &'a Db,
+    group: u64,
+    index: u64,
+}
+
+impl At<'_> {
+    fn current(&self, b: &ApplyBatch, key: &str) -> Result<Option<ValueRecord>, rocksdb::Error> {
+        kv::current(self.db, self.group, &b.overlay, key)
+    }
+
+    fn store(
+        &self,
+        state: &mut ShardState,
+        b: &mut ApplyBatch,
+        key: &str,
+        old: Option<&ValueRecord>,
+        new: ValueRecord,
+    ) {
+        kv::store(self.db, self.group, self.index, state, b, key, old, new)
+    }
+
+    /// For each of `keys` still locked by `txn`: write what `writes` lists
+    /// for it (if anything) and release the lock.
+    fn finish(
+        &self,
+        state: &mut ShardState,
+        b: &mut ApplyBatch,
+        keys: &[Routed],
+        writes: &[PendingWrite],
+        txn: TxnId,
+    ) -> Result<(), rocksdb::Error> {
+        for r in keys {
+            let rec = self.current(b, &r.key)?;
+            if !held_by(rec.as_ref(), txn) {
+                continue;
+            }
+            let new = match writes.iter().find(|w| w.key == r.key) {
+                Some(w) => written(rec.as_ref(), w),
+                None => with_txn(rec.as_ref(), |t| t.lock = None),
+            };
+            self.store(state, b, &r.key, rec.as_ref(), new);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{put, temp_db, whole_shard, GROUP};
+    use crate::txn::plan::Op;
+
+    struct Shard {
+        _dir: tempfile::TempDir,
+        db: std::sync::Arc<Db>,
+        state: ShardState,
+        index: u64,
+    }
+
+    impl Shard {
+        fn new() -> Shard {
+            let (dir, db) = temp_db();
+            Shard { _dir: dir, db, state: whole_shard(), index: 0 }
+        }
+
+        fn run(&mut self, cmd: TxnCommand) -> Result<TxnReply, KvError> {
+            self.index += 1;
+            let mut b = ApplyBatch::default();
+            let r = apply(&self.db, GROUP, self.index, &mut self.state, &mut b, &cmd).expect("storage");
+            self.db.write(b.write).expect("write");
+            r
+        }
+
+        fn put(&mut self, key: &str, json: &str) -> Result<u64, KvError> {
+            self.index += 1;
+            put(&self.db, &mut self.state, self.index, key, json)
+        }
+
+        fn record(&self, key: &str) -> Option<ValueRecord> {
+            kv::read(&self.db, GROUP, key).unwrap()
+        }
+    }
+
+    fn r(key: &str) -> Routed {
+        Routed { key: key.into(), range_id: 1, epoch: 1 }
+    }
+
+    fn lock(txn: TxnId, keys: &[(&str, bool)]) -> TxnCommand {
+        TxnCommand::Lock {
+            txn,
+            primary: keys[0].0.into(),
+            expires_ms: 1_000,
+            keys: keys.iter().map(|(k, w)| (r(k), *w)).collect(),
+        }
+    }
+
+    fn w(key: &str, version: u64, value: Option<&str>) -> PendingWrite {
+        PendingWrite { key: key.into(), version, value: value.map(str::to_string) }
+    }
+
+    #[test]
+    fn locks_hold_off_writers_and_other_transactions_until_commit() {
+        let mut s = Shard::new();
+        s.put("a", "1").unwrap();
+        let got = s.run(lock(7, &[("a", true), ("b", true)])).unwrap();
+        assert_eq!(
+            got,
+            TxnReply::Locked(vec![Stored { version: 1, value: Some("1".into()) }, Stored::default()]),
+            "the stored states, an absent key as version 0"
+        );
+        assert!(matches!(s.put("a", "2"), Err(KvError::Locked { ref key, ref lock }) if key == "a" && lock.txn == 7));
+        assert!(matches!(s.run(lock(8, &[("b", false)])), Err(KvError::Locked { lock, .. }) if lock.txn == 7));
+        let one = TxnCommand::OnePhase { keys: vec![r("a")], txn: Txn::default() };
+        assert!(matches!(s.run(one), Err(KvError::Locked { .. })), "the one-shard path respects locks too");
+        assert_eq!(
+            s.run(lock(7, &[("a", true)])),
+            Ok(TxnReply::Locked(vec![Stored { version: 1, value: Some("1".into()) }])),
+            "re-locking by the holder is harmless"
+        );
+
+        let writes = vec![w("a", 2, Some("10")), w("b", 1, None)];
+        let commit =
+            TxnCommand::CommitPrimary { txn: 7, primary: r("a"), keys: vec![r("a"), r("b")], writes: writes.clone() };
+        assert_eq!(s.run(commit.clone()), Ok(TxnReply::Status(Status::Committed(writes.clone()))));
+        let a = s.record("a").unwrap();
+        assert_eq!((a.version, a.json.as_slice(), a.lock()), (2, &b"10"[..], None));
+        assert_eq!(
+            a.txn.as_ref().unwrap().outcome(7).unwrap().committed.as_ref(),
+            Some(&writes),
+            "the primary remembers"
+        );
+        assert!(s.record("b").unwrap().tombstone && s.record("b").unwrap().lock().is_none());
+        // A put keeps the primary's outcome; forgetting drops it.
+        assert_eq!(s.put("a", "11"), Ok(3));
+        assert!(s.record("a").unwrap().txn.unwrap().outcome(7).is_some());
+        assert_eq!(s.run(TxnCommand::Forget { txn: 7, primary: r("a") }), Ok(TxnReply::Done));
+        assert_eq!(s.record("a").unwrap().txn, None);
+        // A replayed commit after that finds no lock and no outcome: aborted, nothing written.
+        assert_eq!(s.run(commit), Ok(TxnReply::Status(Status::Aborted)));
+        assert_eq!(s.record("a").unwrap().version, 3);
+    }
+
+    #[test]
+    fn resolving_aborts_an_expired_or_forced_transaction_and_fences_its_commit() {
+        let mut s = Shard::new();
+        s.run(lock(5, &[("p", true), ("q", true)])).unwrap();
+        let resolve =
+            |now_ms, abort_if_pending| TxnCommand::Resolve { txn: 5, primary: r("p"), now_ms, abort_if_pending };
+        assert_eq!(s.run(resolve(999, false)), Ok(TxnReply::Status(Status::Pending)));
+        assert_eq!(s.run(resolve(1_000, false)), Ok(TxnReply::Status(Status::Aborted)), "expired");
+        assert_eq!(s.record("p").unwrap().lock(), None, "the primary's lock went with the abort");
+        assert_eq!(s.run(resolve(0, false)), Ok(TxnReply::Status(Status::Aborted)), "the outcome stays");
+        // The commit can no longer land, and a late lock of the primary is refused.
+        let commit = TxnCommand::CommitPrimary {
+            txn: 5,
+            primary: r("p"),
+            keys: vec![r("p")],
+            writes: vec![w("p", 1, Some("1"))],
+        };
+        assert_eq!(s.run(commit), Ok(TxnReply::Status(Status::Aborted)));
+        assert_eq!(s.run(lock(5, &[("p", true)])), Err(KvError::TxnAborted));
+        // The secondary is rolled back by whoever met it.
+        assert_eq!(s.run(TxnCommand::Rollback { txn: 5, keys: vec![r("q")] }), Ok(TxnReply::Done));
+        assert_eq!(s.record("q").unwrap().lock(), None);
+        assert_eq!(s.put("q", "1"), Ok(1));
+
+        // No lock and no outcome (the lock never landed): aborted now, for good.
+        let never = TxnCommand::Resolve { txn: 6, primary: r("z"), now_ms: 0, abort_if_pending: false };
+        assert_eq!(s.run(never), Ok(TxnReply::Status(Status::Aborted)));
+        assert_eq!(s.run(lock(6, &[("z", true)])), Err(KvError::TxnAborted));
+        // Forced, while still valid.
+        s.run(lock(9, &[("f", false)])).unwrap();
+        let force = TxnCommand::Resolve { txn: 9, primary: r("f"), now_ms: 0, abort_if_pending: true };
+        assert_eq!(s.run(force), Ok(TxnReply::Status(Status::Aborted)));
+    }
+
+    #[test]
+    fn a_secondary_commit_skips_keys_already_finished() {
+        let mut s = Shard::new();
+        s.run(lock(3, &[("x", true), ("y", true)])).unwrap();
+        let commit = TxnCommand::Commit { txn: 3, keys: vec![r("x"), r("y")], writes: vec![w("x", 1, Some("\"v\""))] };
+        assert_eq!(s.run(commit.clone()), Ok(TxnReply::Done));
+        assert_eq!(s.record("x").unwrap().version, 1);
+        assert_eq!(s.record("y").unwrap().lock(), None, "locked, not written: released");
+        s.put("x", "2").unwrap();
+        assert_eq!(s.run(commit), Ok(TxnReply::Done));
+        assert_eq!(s.record("x").unwrap().json, b"2", "a second commit does not write again");
+    }
+
+    #[test]
+    fn one_phase_decides_and_writes_in_one_entry() {
+        let mut s = Shard::new();
+        s.put("acct/1", "100").unwrap();
+        let txn = Txn {
+            compare: vec![("acct/1".into(), 1), ("acct/9".into(), 0)],
+            success: vec![
+                Op::Put { key: "acct/1".into(), value: "90".into() },
+                Op::Put { key: "acct/9".into(), value: "10".into() },
+            ],
+            failure: vec![Op::Get { key: "acct/1".into() }],
+        };
+        let keys = vec![r("acct/1"), r("acct/9")];
+        let Ok(TxnReply::Decided(d)) = s.run(TxnCommand::OnePhase { keys: keys.clone(), txn: txn.clone() }) else {
+            panic!()
+        };
+        assert!(d.succeeded);
+        assert_eq!(s.record("acct/1").unwrap().json, b"90");
+        assert_eq!(s.record("acct/9").unwrap().version, 1);
+        let Ok(TxnReply::Decided(d)) = s.run(TxnCommand::OnePhase { keys, txn }) else { panic!() };
+        assert!(!d.succeeded, "the versions moved on");
+        assert_eq!(s.record("acct/1").unwrap().version, 2, "the failure branch only read");
+    }
+
+    #[test]
+    fn steps_are_fenced_by_route_like_writes() {
+        let mut s = Shard::new();
+        let stale = Routed { key: "a".into(), range_id: 1, epoch: 0 };
+        let cmd = TxnCommand::Lock { txn: 1, primary: "a".into(), expires_ms: 9, keys: vec![(stale, true)] };
+        assert!(matches!(s.run(cmd), Err(KvError::WrongRange { .. })));
+        assert_eq!(s.record("a"), None, "nothing locked");
+    }
+}
