@@ -4,8 +4,10 @@
 # partitions, splits, replica moves, leader transfers, a split cancelled
 # while the metadata leader is cut from the source shard's leader, and the
 # metadata leader cut from the other metadata replicas while a node
-# restarts — under register/set/monotonic/scan/client load (the client
-# workload goes through the Rust client library) — and fails if any run
+# restarts — under register/set/monotonic/scan/client/bank load (the client
+# workload goes through the Rust client library; the bank workload moves
+# money between accounts on several shards through transactions, and every
+# transaction reading all accounts must see the opening total) — and fails if any run
 # finds an anomaly, a crash, a cluster that does not recover, an operation
 # that never ends, or cannot decide (exit status 3: inconclusive).
 #

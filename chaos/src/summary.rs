@@ -169,6 +169,13 @@ impl Summary {
             let _ = writeln!(s, "operations  STUCK after the final heal: {}", self.stuck_operations.join(", "));
         }
         let _ = writeln!(s, "monotonic   {} regressions", self.checks.monotonic_regressions);
+        if let Some(bank) = &self.checks.bank {
+            let _ = writeln!(
+                s,
+                "bank        {} transfers moved money; {} reads of every account checked, the final one included",
+                bank.transfers, bank.reads
+            );
+        }
         for c in &self.nemesis.crashes {
             let _ = writeln!(s, "CRASH       node {} at {:.1}s: {}\n{}", c.node, c.at_s, c.status, c.log_tail);
         }
