@@ -451,8 +451,9 @@ impl Runner {
         let Some((last, _)) = entries.last() else { return Ok(format!("{from}: nothing to ship after #{after}\n")) };
         let first = entries[0].0;
         let seq = *last;
-        let watch: Vec<String> = entries.iter().map(|(_, e)| e.key.clone()).collect();
-        let records = entries.into_iter().map(|(_, e)| (e.key, e.record)).collect::<Vec<_>>();
+        let records =
+            entries.into_iter().flat_map(|(_, e)| e.records.into_iter().map(|r| (r.key, r.record))).collect::<Vec<_>>();
+        let watch: Vec<String> = records.iter().map(|(k, _)| k.clone()).collect();
         let n = records.len();
         let ingest = ShardCommand::Ingest { op_id: op, source_index: Some(seq), records };
         let (index, r, stored) = self.apply_step(to, &ingest, &watch)?;
@@ -492,8 +493,10 @@ impl Runner {
             writeln!(out, "{}", show_record(&k, &r))?;
         }
         for (op, seq, e) in self.forward_logs(s.group)? {
-            let r = ValueRecord::decode(&e.record).ok_or("undecodable forwarded record")?;
-            writeln!(out, "forward op={op} #{seq}: {}", show_record(&e.key, &r))?;
+            for f in &e.records {
+                let r = ValueRecord::decode(&f.record).ok_or("undecodable forwarded record")?;
+                writeln!(out, "forward op={op} #{seq}: {}", show_record(&f.key, &r))?;
+            }
         }
         if out.is_empty() {
             out = "(nothing stored)\n".into();

@@ -251,10 +251,17 @@ pub fn backfill_marker_key(group: u64, op: OpId) -> Vec<u8> {
     data_key(group, &k)
 }
 
-/// A write to a captured range, kept for the split target. Part of the
-/// shard's data, so it survives leader changes and travels in snapshots.
-#[derive(Serialize, Deserialize, Clone, Debug)]
+/// The writes one log entry made to a captured range, kept for the split
+/// target (a transaction step writes several keys in one entry). Part of
+/// the shard's data, so it survives leader changes and travels in snapshots.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
 pub struct ForwardEntry {
+    pub records: Vec<ForwardRecord>,
+}
+
+/// One key's new record in a [`ForwardEntry`].
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct ForwardRecord {
     pub key: String,
     /// The new stored record (encoded [`ValueRecord`]).
     pub record: Vec<u8>,
@@ -272,9 +279,10 @@ impl ForwardEntry {
 }
 
 /// Reads the stored record of `key` in `group`.
-pub fn read(db: &Db, group: u64, key: &str) -> Result<Option<ValueRecord>, rocksdb::Error> {
+pub fn read(db: &Db, group: u64, key: &str) -> std::io::Result<Option<ValueRecord>> {
     let cf = storage::cf(db, storage::CF_DATA);
-    Ok(db.get_pinned_cf(cf, data_key(group, key.as_bytes()))?.and_then(|v| ValueRecord::decode(&v)))
+    let stored = db.get_pinned_cf(cf, data_key(group, key.as_bytes())).map_err(storage::io_err)?;
+    stored.map(|v| storage::decode_record(key.as_bytes(), &v)).transpose()
 }
 
 /// Records written earlier in the same apply batch, which RocksDB cannot
@@ -289,10 +297,12 @@ pub struct ApplyBatch {
     pub stats: StatsDelta,
     /// The state-machine state changed and must be persisted with the batch.
     pub changed: bool,
+    /// The forward-log entries written in this batch, by (operation, index).
+    pub forwarded: HashMap<(OpId, u64), ForwardEntry>,
 }
 
 /// The current record of `key`: from this batch, else from the database.
-pub fn current(db: &Db, group: u64, overlay: &Overlay, key: &str) -> Result<Option<ValueRecord>, rocksdb::Error> {
+pub fn current(db: &Db, group: u64, overlay: &Overlay, key: &str) -> std::io::Result<Option<ValueRecord>> {
     match overlay.get(key) {
         Some(r) => Ok(Some(r.clone())),
         None => read(db, group, key),
@@ -302,7 +312,7 @@ pub fn current(db: &Db, group: u64, overlay: &Overlay, key: &str) -> Result<Opti
 /// What applying a command yields: the outer error is a storage failure,
 /// which must stop the replica (it is never an answer: the other replicas
 /// would apply the entry); the inner one is a deterministic refusal.
-pub type Applied<T, E> = Result<Result<T, E>, rocksdb::Error>;
+pub type Applied<T, E> = std::io::Result<Result<T, E>>;
 
 /// Refuses a write of `key` routed through range `range_id` at `epoch`:
 /// the shard does not own the key at that epoch, or the key's range is
@@ -335,12 +345,19 @@ pub fn store(
     let encoded = record.encode();
     let delta = digest::delta(key, current, &record);
     for c in state.captures.iter_mut().filter(|c| c.covers(key)) {
-        let entry = ForwardEntry { key: key.to_string(), record: encoded.clone(), delta };
+        // Every write of this entry to the range goes in its one forward
+        // entry: the latest put of the key in the batch is the one stored.
+        let entry = b.forwarded.entry((c.op_id, index)).or_default();
+        entry.records.push(ForwardRecord { key: key.to_string(), record: encoded.clone(), delta });
         b.write.put_cf(cf, forward_key(group, c.op_id, index), entry.encode());
         c.changes = c.changes.wrapping_add(delta);
         b.changed = true;
     }
-    b.write.put_cf(cf, data_key(group, key.as_bytes()), encoded);
+    if record.is_vacant() {
+        b.write.delete_cf(cf, data_key(group, key.as_bytes()));
+    } else {
+        b.write.put_cf(cf, data_key(group, key.as_bytes()), encoded);
+    }
     b.stats.add(StatsDelta::replace(key, current, &record));
     b.overlay.insert(key.to_string(), record);
 }
@@ -396,9 +413,10 @@ pub fn apply(
 pub type Snapshot<'a> = rocksdb::SnapshotWithThreadMode<'a, Db>;
 
 /// Reads the stored record of `key` in `group` as of `snap`.
-pub fn read_at(db: &Db, snap: &Snapshot<'_>, group: u64, key: &str) -> Result<Option<ValueRecord>, rocksdb::Error> {
+pub fn read_at(db: &Db, snap: &Snapshot<'_>, group: u64, key: &str) -> std::io::Result<Option<ValueRecord>> {
     let cf = storage::cf(db, storage::CF_DATA);
-    Ok(snap.get_pinned_cf(cf, data_key(group, key.as_bytes()))?.and_then(|v| ValueRecord::decode(&v)))
+    let stored = snap.get_pinned_cf(cf, data_key(group, key.as_bytes())).map_err(storage::io_err)?;
+    stored.map(|v| storage::decode_record(key.as_bytes(), &v)).transpose()
 }
 
 /// One live item returned by a scan.
@@ -442,12 +460,12 @@ pub fn scan_at(
     start: &str,
     end: Option<&str>,
     limit: usize,
-) -> Result<Vec<ScannedItem>, rocksdb::Error> {
+) -> std::io::Result<Vec<ScannedItem>> {
     let mut out = Vec::new();
     let mut live = 0;
     for item in records(db, Some(snap), group, start, end) {
-        let (k, v) = item?;
-        let Some(record) = ValueRecord::decode(&v) else { continue };
+        let (k, v) = item.map_err(storage::io_err)?;
+        let record = storage::decode_record(storage::user_key_of(&k), &v)?;
         if record.tombstone && !record.lock().is_some_and(|l| l.write) {
             continue;
         }

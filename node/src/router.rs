@@ -619,7 +619,7 @@ impl<'a> Router<'a> {
         deadline: Instant,
     ) -> Result<(), ExecError> {
         let Some(lock) = rec.and_then(|r| r.lock()).filter(|l| l.write) else { return Ok(()) };
-        match crate::txn::resolve::ask_primary(self, lock.txn, &lock.primary, false, deadline).await? {
+        match crate::txn::resolve::ask_primary(self, lock.txn, &lock.primary, lock.expires_ms, false, deadline).await? {
             crate::txn::Status::Pending => Ok(()),
             _ => Err(ExecError::Kv(KvError::Locked { key: key.to_string(), lock: lock.clone() })),
         }

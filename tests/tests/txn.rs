@@ -253,6 +253,101 @@ async fn a_range_holding_locks_splits_and_the_transaction_still_lands() {
     }
 }
 
+/// Transactions that add 1 to "c" and "x" together, single-key
+/// compare-and-set writes that add 1 to "c" alone, and linearizable reads
+/// of "c", all at once, while both ranges split under them (their locks
+/// change records that the splits are copying): no increment is lost or
+/// made twice, reads never go backwards, and every split completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transactions_single_key_writes_and_splits_interleave() {
+    let c = Cluster::start(3, ClusterOpts::default()).await;
+    split_at(&c, &["m"]).await;
+    c.put_ok(1, "c", &json!(0)).await;
+    c.put_ok(1, "x", &json!(0)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let apis = c.apis();
+    let mut txns = Vec::new();
+    for t in 0..2usize {
+        let (http, apis, stop) = (c.http.clone(), apis.clone(), stop.clone());
+        txns.push(tokio::spawn(async move {
+            let (mut done, mut n) = (0u64, t);
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let api = &apis[n % apis.len()];
+                let read = json!({"success": [{"op": "get", "key": "c"}, {"op": "get", "key": "x"}]});
+                let r = http.txn(api, &read).await.expect("read txn");
+                if r.status == 503 {
+                    continue;
+                }
+                assert_eq!(r.status, 200, "{r:?}");
+                let b = balances(&r.value());
+                let add = json!({
+                    "compare": [{"key": "c", "version": b[0].0}, {"key": "x", "version": b[1].0}],
+                    "success": [{"op": "put", "key": "c", "value": b[0].1 + 1},
+                                {"op": "put", "key": "x", "value": b[1].1 + 1}],
+                });
+                let r = http.txn(api, &add).await.expect("txn");
+                match r.status {
+                    200 => done += u64::from(r.value()["succeeded"] == true),
+                    503 => {}
+                    _ => panic!("{add}: {r:?}"),
+                }
+            }
+            done
+        }));
+    }
+    let single = {
+        let (http, apis, stop) = (c.http.clone(), apis.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut done, mut n, mut seen) = (0u64, 0usize, 0i64);
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let api = &apis[n % apis.len()];
+                let r = http.get(api, "c", Some("linearizable")).await.expect("get");
+                if r.status == 503 {
+                    continue;
+                }
+                let item = r.item();
+                let now = cleave_tests::value_of(&item).as_i64().expect("a number");
+                assert!(now >= seen, "a linearizable read went back from {seen} to {now}");
+                seen = now;
+                let r = http.put(api, "c", &json!(now + 1), Some(item.version)).await.expect("cas");
+                match r.status {
+                    200 => done += 1,
+                    409 | 503 => {}
+                    _ => panic!("cas of c: {r:?}"),
+                }
+            }
+            done
+        })
+    };
+    // Both ranges split while all that goes on: "c" and "x" move.
+    wait_for(secs(30), "some transactions to commit", || async {
+        let r = c.http.get(&c.api(1), "x", Some("linearizable")).await.ok()?;
+        (r.status == 200 && cleave_tests::value_of(&r.item()).as_i64()? >= 5).then_some(())
+    })
+    .await;
+    split_at(&c, &["b", "p"]).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut by_txn = 0;
+    for t in txns {
+        by_txn += t.await.expect("txn task");
+    }
+    let by_cas = single.await.expect("cas task");
+    assert!(by_txn > 0 && by_cas > 0, "both kinds of writes ran: {by_txn} / {by_cas}");
+    let read = |key: &'static str| {
+        let c = &c;
+        async move { cleave_tests::value_of(&c.read_retry(2, key, Some("linearizable"), secs(10)).await.item()) }
+    };
+    assert_eq!(read("x").await, json!(by_txn), "every committed transaction once");
+    assert_eq!(read("c").await, json!(by_txn + by_cas), "every write to c once, whichever way it came");
+    let rs = ranges(&c).await;
+    for key in ["c", "x"] {
+        let r = range_of(&rs, key);
+        assert!(r.start.as_str() == "b" || r.start.as_str() == "p", "{key} is in a split-off range: {r:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn of_two_conflicting_transactions_exactly_one_wins() {
     let c = Cluster::start(3, ClusterOpts::default()).await;

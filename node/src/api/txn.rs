@@ -24,7 +24,13 @@ pub async fn txn(
         Invalid::Bad(m) => ApiError::bad_request(m),
         Invalid::TooLarge(m) => ApiError::too_large(m),
     })?;
-    let decided = crate::txn::coordinator::run(&s.node, txn).await?;
+    // In a task of its own: a client that hangs up must not cut the
+    // coordinator off between its commit and the finishing of the other
+    // shards (their locks would wait for someone to meet them).
+    let node = s.node.clone();
+    let decided = tokio::spawn(async move { crate::txn::coordinator::run(&node, txn).await })
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("the transaction's task failed: {e}")))??;
     let raw = |json: String| {
         RawValue::from_string(json)
             .map_err(|e| ApiError::new(ErrorCode::Internal, format!("stored value is not JSON: {e}")))

@@ -11,7 +11,7 @@
 use crate::command::{ShardCommand, StepError};
 use crate::kv::{self, Applied, ApplyBatch, Capture, ShardState, StatsDelta};
 use crate::split::digest;
-use crate::storage::{self, data_key, Db, ValueRecord};
+use crate::storage::{self, data_key, Db};
 
 /// Deletes the forward log of operation `op`.
 fn drop_forward_log(db: &Db, group: u64, op: u64, batch: &mut rocksdb::WriteBatch) {
@@ -48,7 +48,7 @@ pub fn apply(
     b: &mut ApplyBatch,
     cmd: &ShardCommand,
 ) -> Applied<u64, StepError> {
-    let ApplyBatch { write: batch, overlay, stats, changed } = b;
+    let ApplyBatch { write: batch, overlay, stats, changed, .. } = b;
     match cmd {
         ShardCommand::BeginCapture { op_id, start, end, target } => {
             if state.captures.iter().any(|c| c.op_id == *op_id) {
@@ -131,19 +131,31 @@ pub fn apply(
             let cf = storage::cf(db, storage::CF_DATA);
             for (key, bytes) in records {
                 let inside = key.as_str() >= inc.start.as_str() && inc.end.as_deref().is_none_or(|e| key.as_str() < e);
-                let Some(new) = ValueRecord::decode(bytes) else { continue };
                 if !inside {
                     continue;
                 }
+                let new = storage::decode_record(key.as_bytes(), bytes)?;
                 let cur = kv::current(db, group, overlay, key)?;
-                if cur.as_ref().is_some_and(|c| c.version >= new.version) {
+                // A backfill record older than what is here is not taken (a
+                // redelivered chunk). A forwarded one is, even at the same
+                // version (a write that changes only a lock keeps it): a
+                // forwarded batch is a contiguous run of the source's log
+                // replayed in order, so it ends with every key it names as
+                // the source had it at the batch's last index, even when it
+                // begins before the backfill's snapshot.
+                let same = cur.as_ref() == Some(&new);
+                if same || source_index.is_none() && cur.as_ref().is_some_and(|c| c.version >= new.version) {
                     continue;
                 }
                 inc.digest = inc.digest.wrapping_add(digest::delta(key, cur.as_ref(), &new));
                 let d = StatsDelta::replace(key, cur.as_ref(), &new);
                 inc.add_live(d);
                 stats.add(d);
-                batch.put_cf(cf, data_key(group, key.as_bytes()), bytes);
+                if new.is_vacant() {
+                    batch.delete_cf(cf, data_key(group, key.as_bytes()));
+                } else {
+                    batch.put_cf(cf, data_key(group, key.as_bytes()), bytes);
+                }
                 overlay.insert(key.clone(), new);
             }
             if let Some(i) = source_index {
@@ -155,6 +167,7 @@ pub fn apply(
         ShardCommand::BackfillDone { op_id, snapshot_index, digest, capture_base, keys, bytes } => {
             if let Some(inc) = state.incoming.as_mut().filter(|i| i.op_id == *op_id) {
                 inc.backfill = Some((*snapshot_index, *digest));
+                inc.watermark = inc.watermark.max(*snapshot_index);
                 inc.capture_base = *capture_base;
                 inc.backfill_copied = (*keys, *bytes);
                 *changed = true;
@@ -183,6 +196,8 @@ pub fn apply(
             }
             if let Some(inc) = state.incoming.as_mut().filter(|i| i.op_id == *op_id && i.backfill.is_none()) {
                 inc.backfill = Some((*snapshot_index, *digest));
+                // What the log holds up to the snapshot is in the files.
+                inc.watermark = inc.watermark.max(*snapshot_index);
                 inc.digest = inc.digest.wrapping_add(*digest);
                 inc.capture_base = *capture_base;
                 inc.backfill_copied = (*keys, *bytes);
@@ -322,7 +337,7 @@ mod tests {
             |d, i| {
                 let (k, v) = i.unwrap();
                 let key = String::from_utf8(storage::user_key_of(&k).to_vec()).unwrap();
-                d.wrapping_add(digest::record_hash(&key, &ValueRecord::decode(&v).unwrap()))
+                d.wrapping_add(digest::record_hash(&key, &crate::storage::ValueRecord::decode(&v).unwrap()))
             },
         )
     }

@@ -8,8 +8,12 @@
 
 use crate::storage::ValueRecord;
 
-/// Hash of one stored record under its key.
+/// Hash of one stored record under its key; 0 for a vacant record (one
+/// that is not stored: the key is absent, see [`ValueRecord::is_vacant`]).
 pub fn record_hash(key: &str, record: &ValueRecord) -> u64 {
+    if record.is_vacant() {
+        return 0;
+    }
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     h.update(&(key.len() as u64).to_le_bytes());
     h.update(key.as_bytes());

@@ -6,11 +6,12 @@
 //! files to every target replica and ingested there ([`sst`]), recorded in
 //! the target's log with the snapshot's log index `s` and content digest —
 //! then ships the source's
-//! forward log (every write to the range since the capture began) to the
-//! target in log order. The target applies each record only if its version
-//! is newer than what it has, and ignores forwarded batches at or below its
-//! watermark, so backfill and forwarding may overlap and a new forwarder
-//! (after a leader change) may resend anything.
+//! forward log after `s` (every write to the range since the snapshot; a
+//! log entry's writes in one forward entry) to the target in log order.
+//! The target applies every forwarded record as it comes — even one that
+//! keeps the key's version, such as a transaction's lock — and ignores
+//! batches at or below its watermark (which the backfill sets to `s`), so a
+//! new forwarder (after a leader change) may resend anything.
 //!
 //! Verification: the source's digest of the range is the digest of the
 //! data it holds, `capture_base + changes` — `changes` is kept by
@@ -122,13 +123,15 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
         return if active { Ok(()) } else { Err(ExecError::Unavailable("target is not receiving".into())) };
     };
     tracing::debug!(group, op = cap.op_id, "forwarder: target state read");
-    let capture_base = match incoming.backfill {
-        Some(_) => {
+    // Forwarding starts after the backfill's snapshot: the entries up to it
+    // are in the backfill (the target's watermark says so too).
+    let (capture_base, snapshot_index) = match incoming.backfill {
+        Some((s, _)) => {
             // Done by an earlier forwarder: take its figures from the target.
             let (keys, bytes) = incoming.backfill_copied;
             let mut st = status.lock().unwrap();
             (st.keys_copied, st.keys_total, st.bytes_copied, st.bytes_total) = (keys, keys, bytes, bytes);
-            incoming.capture_base
+            (incoming.capture_base, s)
         }
         None => {
             let attempt = rand::random::<u64>().max(1);
@@ -140,11 +143,11 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
             let _ = tokio::task::spawn_blocking(move || sst::remove_dir(&dir)).await;
             let (w, files) = copied?;
             steps::shard_step(node, cap.target, w.command(cap.op_id, attempt, files), 0).await?;
-            w.capture_base
+            (w.capture_base, w.snapshot_index)
         }
     };
     tracing::debug!(group, op = cap.op_id, "forwarder: backfill done");
-    let mut shipped = incoming.watermark;
+    let mut shipped = incoming.watermark.max(snapshot_index);
     {
         // With the backlog as it stands: reported done with none, the
         // driver would freeze before the first catch-up round, with every
@@ -160,7 +163,8 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
         let Some(cap_now) = current_capture(node, group, cap.op_id) else { return Ok(()) };
         let (entries, last_seq) = read_forward(node, group, cap.op_id, shipped + 1)?;
         if let Some((last, _)) = entries.last() {
-            let batch = entries.iter().map(|(_, e)| (e.key.clone(), e.record.clone())).collect();
+            let batch =
+                entries.iter().flat_map(|(_, e)| e.records.iter().map(|r| (r.key.clone(), r.record.clone()))).collect();
             let cmd = ShardCommand::Ingest { op_id: cap.op_id, source_index: Some(*last), records: batch };
             steps::shard_step(node, cap.target, cmd, 0).await?;
             metrics::counter!("cleave_split_forwarded_total").increment(entries.len() as u64);
@@ -208,7 +212,7 @@ fn read_forward(node: &Node, group: u64, op: OpId, from: u64) -> Result<(Vec<(u6
         let (k, v) = item.map_err(internal)?;
         let seq = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
         let entry: ForwardEntry = crate::codec::decode(&v).map_err(|e| ExecError::Internal(e.to_string()))?;
-        bytes += entry.record.len() + entry.key.len();
+        bytes += entry.records.iter().map(|r| r.record.len() + r.key.len()).sum::<usize>();
         out.push((seq, entry));
         if out.len() >= BATCH_RECORDS || bytes >= BATCH_BYTES {
             break;

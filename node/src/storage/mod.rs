@@ -108,6 +108,19 @@ pub fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
+/// Decodes the stored record of user key `key`. Bytes that are not a
+/// record (corruption, or a format this build does not know) are a storage
+/// error — they stop whatever reads them — never an absent key: a lock or
+/// an outcome silently dropped would break a transaction.
+pub fn decode_record(key: &[u8], bytes: &[u8]) -> std::io::Result<ValueRecord> {
+    ValueRecord::decode(bytes).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the stored record of key {:?} is undecodable", String::from_utf8_lossy(key)),
+        )
+    })
+}
+
 /// Every column family, for deleting a whole group in one batch.
 pub const ALL_CFS: [&str; 4] = [CF_RAFT_LOG, CF_RAFT_STATE, CF_DATA, CF_GROUP_META];
 

@@ -34,6 +34,14 @@ impl ValueRecord {
         ValueRecord { version, tombstone: true, json: Vec::new(), txn: None }
     }
 
+    /// Whether this record says no more than an absent key would: a
+    /// version-0 tombstone with no transaction part (what releasing a lock
+    /// on a key that never existed leaves). It is not stored: the key is
+    /// deleted instead.
+    pub fn is_vacant(&self) -> bool {
+        self.tombstone && self.version == 0 && self.txn.is_none()
+    }
+
     /// The lock on the key, if a transaction holds it.
     pub fn lock(&self) -> Option<&Lock> {
         self.txn.as_ref().and_then(|t| t.lock.as_ref())
@@ -65,6 +73,9 @@ impl ValueRecord {
         }
         let version = u64::from_be_bytes(bytes[..8].try_into().ok()?);
         let flags = bytes[8];
+        if flags & !(TOMBSTONE | TXN) != 0 {
+            return None; // a format this build does not know
+        }
         let (txn, json) = if flags & TXN != 0 {
             let len = u32::from_be_bytes(bytes.get(9..13)?.try_into().ok()?) as usize;
             let body = bytes.get(13..13usize.checked_add(len)?)?;
@@ -94,11 +105,12 @@ mod tests {
             ValueRecord::deleted(u64::MAX),
             ValueRecord::live(3, b"[1]".to_vec()).with_txn(TxnInfo {
                 lock: Some(Lock { txn: 9, primary: "p".into(), expires_ms: 5, write: true }),
-                outcomes: vec![Outcome { txn: 8, committed: None }],
+                outcomes: vec![Outcome { txn: 8, committed: None, expires_ms: 5 }],
+                dropped_through_ms: 3,
             }),
             ValueRecord::deleted(0).with_txn(TxnInfo {
                 lock: Some(Lock { txn: u128::MAX, primary: "q".into(), expires_ms: 0, write: false }),
-                outcomes: vec![],
+                ..TxnInfo::default()
             }),
         ] {
             assert_eq!(ValueRecord::decode(&r.encode()), Some(r));
@@ -109,12 +121,18 @@ mod tests {
         assert_eq!(ValueRecord::decode(&old), Some(ValueRecord::live(7, b"{}".to_vec())));
         // A transaction part that is cut short or claims more than is there.
         let mut bad = ValueRecord::deleted(1)
-            .with_txn(TxnInfo { lock: None, outcomes: vec![Outcome { txn: 1, committed: None }] })
+            .with_txn(TxnInfo {
+                lock: None,
+                outcomes: vec![Outcome { txn: 1, committed: None, expires_ms: 0 }],
+                dropped_through_ms: 0,
+            })
             .encode();
         bad.truncate(bad.len() - 1);
         assert_eq!(ValueRecord::decode(&bad), None);
         let mut huge = [&1u64.to_be_bytes()[..], &[TXN]].concat();
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(ValueRecord::decode(&huge), None);
+        let unknown = [&1u64.to_be_bytes()[..], &[4], b"{}"].concat();
+        assert_eq!(ValueRecord::decode(&unknown), None, "an unknown flag is not ignored");
     }
 }

@@ -37,13 +37,16 @@ pub enum TxnCommand {
     /// Lock `keys` (each with whether `txn` may write it) for `txn`;
     /// answers each key's stored state, in order. A key locked by another
     /// transaction refuses the whole entry; the primary refuses if `txn`
-    /// already has an outcome there (it was aborted).
+    /// was aborted there (see [`TxnInfo::refuses_primary_lock`]): a lock
+    /// step that arrives after its transaction was aborted never holds it.
     Lock { txn: TxnId, primary: String, expires_ms: u64, keys: Vec<(Routed, bool)> },
     /// The commit point, on the primary's shard: only while `primary` is
     /// still locked by `txn`, write `writes` of this shard's `keys`,
     /// release their locks and record `Committed { writes }` (every
-    /// shard's) on the primary. Answers the outcome.
-    CommitPrimary { txn: TxnId, primary: Routed, keys: Vec<Routed>, writes: Vec<PendingWrite> },
+    /// shard's) on the primary. Answers the outcome. With no writes (a
+    /// transaction that only read) it records nothing: it proves that every
+    /// lock was still held, all at once, when it applied.
+    CommitPrimary { txn: TxnId, primary: Routed, keys: Vec<Routed>, writes: Vec<PendingWrite>, now_ms: u64 },
     /// Finishes a committed `txn` on `keys`: writes what `writes` lists for
     /// them and releases their locks; a key not locked by `txn` is skipped
     /// (already finished).
@@ -54,7 +57,9 @@ pub enum TxnCommand {
     /// at `now_ms` (and not `abort_if_pending`): pending. Otherwise, with no
     /// outcome yet, `txn` is aborted here and now: the primary's lock is
     /// released and `Aborted` recorded, so a commit can no longer land.
-    Resolve { txn: TxnId, primary: Routed, now_ms: u64, abort_if_pending: bool },
+    /// `expires_ms` is when `txn`'s locks expire (from a lock of it the
+    /// asker met): kept with the outcome, it says how long to keep it.
+    Resolve { txn: TxnId, primary: Routed, now_ms: u64, expires_ms: u64, abort_if_pending: bool },
     /// Drops the primary's record of `txn` once all its keys are finished.
     Forget { txn: TxnId, primary: Routed },
 }
@@ -192,7 +197,7 @@ pub fn apply(
                     }
                     _ => {}
                 }
-                if r.key == *primary && rec.as_ref().is_some_and(|c| txn_of(Some(c)).outcome(*txn).is_some()) {
+                if r.key == *primary && txn_of(rec.as_ref()).refuses_primary_lock(*txn, *expires_ms) {
                     return Ok(Err(KvError::TxnAborted));
                 }
                 recs.push(rec);
@@ -208,20 +213,25 @@ pub fn apply(
             }
             TxnReply::Locked(out)
         }
-        TxnCommand::CommitPrimary { txn, primary, keys, writes } => {
+        TxnCommand::CommitPrimary { txn, primary, keys, writes, now_ms } => {
             let prec = cur(b, &primary.key)?;
-            if !held_by(prec.as_ref(), *txn) {
+            let Some(expires_ms) =
+                prec.as_ref().and_then(ValueRecord::lock).filter(|l| l.txn == *txn).map(|l| l.expires_ms)
+            else {
                 let outcome = txn_of(prec.as_ref()).outcome(*txn).cloned();
                 return Ok(Ok(TxnReply::Status(match outcome.and_then(|o| o.committed) {
                     Some(w) => Status::Committed(w),
                     None => Status::Aborted,
                 })));
-            }
+            };
             at.finish(state, b, keys, writes, *txn)?;
-            // The primary, finished above, now records the outcome.
-            let prec = cur(b, &primary.key)?;
-            let new = with_txn(prec.as_ref(), |t| t.record(Outcome { txn: *txn, committed: Some(writes.clone()) }));
-            put(state, b, &primary.key, prec.as_ref(), new);
+            if !writes.is_empty() {
+                // The primary, finished above, now records the outcome.
+                let prec = cur(b, &primary.key)?;
+                let outcome = Outcome { txn: *txn, committed: Some(writes.clone()), expires_ms };
+                let new = with_txn(prec.as_ref(), |t| t.record(outcome, *now_ms));
+                put(state, b, &primary.key, prec.as_ref(), new);
+            }
             TxnReply::Status(Status::Committed(writes.clone()))
         }
         TxnCommand::Commit { txn, keys, writes } => {
@@ -232,7 +242,7 @@ pub fn apply(
             at.finish(state, b, keys, &[], *txn)?;
             TxnReply::Done
         }
-        TxnCommand::Resolve { txn, primary, now_ms, abort_if_pending } => {
+        TxnCommand::Resolve { txn, primary, now_ms, expires_ms, abort_if_pending } => {
             let prec = cur(b, &primary.key)?;
             let info = txn_of(prec.as_ref());
             match info.outcome(*txn) {
@@ -246,11 +256,12 @@ pub fn apply(
                         TxnReply::Status(Status::Pending)
                     } else {
                         let release = lock.is_some();
+                        let expires_ms = lock.map_or(*expires_ms, |l| l.expires_ms);
                         let new = with_txn(prec.as_ref(), |t| {
                             if release {
                                 t.lock = None;
                             }
-                            t.record(Outcome { txn: *txn, committed: None });
+                            t.record(Outcome { txn: *txn, committed: None, expires_ms }, *now_ms);
                         });
                         put(state, b, &primary.key, prec.as_ref(), new);
                         TxnReply::Status(Status::Aborted)
@@ -278,7 +289,7 @@ struct At<'a> {
 }
 
 impl At<'_> {
-    fn current(&self, b: &ApplyBatch, key: &str) -> Result<Option<ValueRecord>, rocksdb::Error> {
+    fn current(&self, b: &ApplyBatch, key: &str) -> std::io::Result<Option<ValueRecord>> {
         kv::current(self.db, self.group, &b.overlay, key)
     }
 
@@ -302,7 +313,7 @@ impl At<'_> {
         keys: &[Routed],
         writes: &[PendingWrite],
         txn: TxnId,
-    ) -> Result<(), rocksdb::Error> {
+    ) -> std::io::Result<()> {
         for r in keys {
             let rec = self.current(b, &r.key)?;
             if !held_by(rec.as_ref(), txn) {
@@ -393,8 +404,13 @@ mod tests {
         );
 
         let writes = vec![w("a", 2, Some("10")), w("b", 1, None)];
-        let commit =
-            TxnCommand::CommitPrimary { txn: 7, primary: r("a"), keys: vec![r("a"), r("b")], writes: writes.clone() };
+        let commit = TxnCommand::CommitPrimary {
+            txn: 7,
+            primary: r("a"),
+            keys: vec![r("a"), r("b")],
+            writes: writes.clone(),
+            now_ms: 500,
+        };
         assert_eq!(s.run(commit.clone()), Ok(TxnReply::Status(Status::Committed(writes.clone()))));
         let a = s.record("a").unwrap();
         assert_eq!((a.version, a.json.as_slice(), a.lock()), (2, &b"10"[..], None));
@@ -418,8 +434,13 @@ mod tests {
     fn resolving_aborts_an_expired_or_forced_transaction_and_fences_its_commit() {
         let mut s = Shard::new();
         s.run(lock(5, &[("p", true), ("q", true)])).unwrap();
-        let resolve =
-            |now_ms, abort_if_pending| TxnCommand::Resolve { txn: 5, primary: r("p"), now_ms, abort_if_pending };
+        let resolve = |now_ms, abort_if_pending| TxnCommand::Resolve {
+            txn: 5,
+            primary: r("p"),
+            now_ms,
+            expires_ms: 1_000,
+            abort_if_pending,
+        };
         assert_eq!(s.run(resolve(999, false)), Ok(TxnReply::Status(Status::Pending)));
         assert_eq!(s.run(resolve(1_000, false)), Ok(TxnReply::Status(Status::Aborted)), "expired");
         assert_eq!(s.record("p").unwrap().lock(), None, "the primary's lock went with the abort");
@@ -430,22 +451,100 @@ mod tests {
             primary: r("p"),
             keys: vec![r("p")],
             writes: vec![w("p", 1, Some("1"))],
+            now_ms: 0,
         };
         assert_eq!(s.run(commit), Ok(TxnReply::Status(Status::Aborted)));
         assert_eq!(s.run(lock(5, &[("p", true)])), Err(KvError::TxnAborted));
         // The secondary is rolled back by whoever met it.
         assert_eq!(s.run(TxnCommand::Rollback { txn: 5, keys: vec![r("q")] }), Ok(TxnReply::Done));
-        assert_eq!(s.record("q").unwrap().lock(), None);
+        assert_eq!(s.record("q"), None, "released; the key never existed");
         assert_eq!(s.put("q", "1"), Ok(1));
 
         // No lock and no outcome (the lock never landed): aborted now, for good.
-        let never = TxnCommand::Resolve { txn: 6, primary: r("z"), now_ms: 0, abort_if_pending: false };
+        let never =
+            TxnCommand::Resolve { txn: 6, primary: r("z"), now_ms: 0, expires_ms: 1_000, abort_if_pending: false };
         assert_eq!(s.run(never), Ok(TxnReply::Status(Status::Aborted)));
         assert_eq!(s.run(lock(6, &[("z", true)])), Err(KvError::TxnAborted));
         // Forced, while still valid.
         s.run(lock(9, &[("f", false)])).unwrap();
-        let force = TxnCommand::Resolve { txn: 9, primary: r("f"), now_ms: 0, abort_if_pending: true };
+        let force =
+            TxnCommand::Resolve { txn: 9, primary: r("f"), now_ms: 0, expires_ms: 1_000, abort_if_pending: true };
         assert_eq!(s.run(force), Ok(TxnReply::Status(Status::Aborted)));
+    }
+
+    /// The lock of a primary delayed past its transaction's abort (the
+    /// abort found no lock there: a resolver met a secondary first), and
+    /// past the time the abort is remembered, is still refused: otherwise
+    /// the transaction could commit with a secondary rolled back under it.
+    #[test]
+    fn a_late_primary_lock_is_refused_after_its_abort_is_forgotten() {
+        use crate::storage::txn_info::ABORTED_GRACE_MS;
+        let mut s = Shard::new();
+        let resolve = |txn, now_ms| TxnCommand::Resolve {
+            txn,
+            primary: r("p"),
+            now_ms,
+            expires_ms: 1_000 + txn as u64,
+            abort_if_pending: false,
+        };
+        assert_eq!(s.run(resolve(1, 500)), Ok(TxnReply::Status(Status::Aborted)));
+        // Much later another abort is recorded: the first one's is dropped.
+        assert_eq!(s.run(resolve(2, 1_002 + ABORTED_GRACE_MS)), Ok(TxnReply::Status(Status::Aborted)));
+        assert!(s.record("p").unwrap().txn.unwrap().outcome(1).is_none(), "dropped");
+        let late = TxnCommand::Lock { txn: 1, primary: "p".into(), expires_ms: 1_001, keys: vec![(r("p"), true)] };
+        assert_eq!(s.run(late), Err(KvError::TxnAborted));
+        assert_eq!(s.record("p").unwrap().lock(), None);
+        // A new transaction's lock is taken.
+        let new = TxnCommand::Lock { txn: 3, primary: "p".into(), expires_ms: 9_000, keys: vec![(r("p"), true)] };
+        assert!(matches!(s.run(new), Ok(TxnReply::Locked(_))));
+    }
+
+    /// A transaction that wrote nothing ends with a commit of no writes on
+    /// its primary: it succeeds only while the primary's lock is still its
+    /// own, and leaves no outcome behind.
+    #[test]
+    fn a_commit_without_writes_proves_the_locks_were_held() {
+        let mut s = Shard::new();
+        s.run(lock(4, &[("p", false), ("q", false)])).unwrap();
+        let fence =
+            |txn| TxnCommand::CommitPrimary { txn, primary: r("p"), keys: vec![r("p")], writes: vec![], now_ms: 0 };
+        assert_eq!(s.run(fence(4)), Ok(TxnReply::Status(Status::Committed(vec![]))));
+        assert_eq!(s.record("p"), None, "released, nothing recorded, no tombstone left");
+        assert!(s.record("q").unwrap().lock().is_some(), "the other keys are released by the coordinator");
+        s.run(TxnCommand::Rollback { txn: 4, keys: vec![r("q")] }).unwrap();
+        assert_eq!(s.record("q"), None, "locking an absent key leaves nothing once released");
+
+        s.run(lock(5, &[("p", false)])).unwrap();
+        let expired =
+            TxnCommand::Resolve { txn: 5, primary: r("p"), now_ms: 2_000, expires_ms: 1_000, abort_if_pending: false };
+        assert_eq!(s.run(expired), Ok(TxnReply::Status(Status::Aborted)));
+        assert_eq!(
+            s.run(fence(5)),
+            Ok(TxnReply::Status(Status::Aborted)),
+            "someone aborted it: its reads may be stale"
+        );
+    }
+
+    /// Bytes that are not a record stop the replica (a storage error),
+    /// never read as an absent key: a lock silently dropped would let a
+    /// writer through.
+    #[test]
+    fn an_undecodable_record_is_a_storage_error() {
+        let mut s = Shard::new();
+        let cf = crate::storage::cf(&s.db, crate::storage::CF_DATA);
+        let mut bad = ValueRecord::live(1, b"1".to_vec())
+            .with_txn(TxnInfo {
+                lock: Some(Lock { txn: 1, primary: "k".into(), expires_ms: 1, write: true }),
+                ..TxnInfo::default()
+            })
+            .encode();
+        bad.truncate(12);
+        s.db.put_cf(cf, crate::storage::data_key(GROUP, b"k"), &bad).unwrap();
+        s.index += 1;
+        let mut b = ApplyBatch::default();
+        let got = apply(&s.db, GROUP, s.index, &mut s.state, &mut b, &lock(2, &[("k", true)]));
+        assert!(got.is_err(), "a storage error, not {got:?}");
+        assert!(kv::read(&s.db, GROUP, "k").is_err());
     }
 
     #[test]
@@ -455,7 +554,7 @@ mod tests {
         let commit = TxnCommand::Commit { txn: 3, keys: vec![r("x"), r("y")], writes: vec![w("x", 1, Some("\"v\""))] };
         assert_eq!(s.run(commit.clone()), Ok(TxnReply::Done));
         assert_eq!(s.record("x").unwrap().version, 1);
-        assert_eq!(s.record("y").unwrap().lock(), None, "locked, not written: released");
+        assert_eq!(s.record("y"), None, "locked, not written: released (it never existed)");
         s.put("x", "2").unwrap();
         assert_eq!(s.run(commit), Ok(TxnReply::Done));
         assert_eq!(s.record("x").unwrap().json, b"2", "a second commit does not write again");

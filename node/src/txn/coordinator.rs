@@ -4,14 +4,16 @@
 //! decides or the request's deadline passes:
 //! - all keys on one shard: one `OnePhase` entry there;
 //! - several shards: `Lock` on each (in parallel), decide with every lock
-//!   held, `CommitPrimary` (the commit point), answer, then finish the
-//!   other shards and `Forget` the primary's record in the background.
+//!   held, `CommitPrimary` (the commit point — with no writes, the proof
+//!   that every lock was still held), answer, then finish the other shards
+//!   and `Forget` the primary's record in the background.
 //!
 //! An attempt that cannot finish (a lock held by another transaction, a
-//! shard without a leader, a route gone stale) is abandoned — aborted at
-//! its primary, its locks released — and the next attempt starts under a
-//! new transaction id. Only a commit whose outcome cannot be learned is
-//! answered "outcome unknown".
+//! shard without a leader, a route gone stale) is abandoned — its locks
+//! released, and aborted at its primary first whenever a step of it may
+//! still land — and the next attempt starts under a new transaction id.
+//! Only a commit whose outcome cannot be learned is answered "outcome
+//! unknown".
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -87,6 +89,7 @@ async fn several(
     let id: TxnId = rand::random();
     let primary = groups.values().flatten().map(|(r, _)| r).min_by(|a, b| a.key.cmp(&b.key)).expect("keys").clone();
     let expires_ms = now_ms() + LOCK_TTL.as_millis() as u64;
+    let attempt = Attempt { id, primary: primary.key.clone(), expires_ms };
     let locks = groups.iter().map(|(shard, keys)| {
         let cmd = TxnCommand::Lock { txn: id, primary: primary.key.clone(), expires_ms, keys: keys.clone() };
         router.exec_txn(*shard, cmd, 0, deadline)
@@ -95,58 +98,74 @@ async fn several(
     let all_keys: Vec<String> = groups.values().flatten().map(|(r, _)| r.key.clone()).collect();
     let mut states: HashMap<String, Stored> = HashMap::new();
     let mut failed: Option<ExecError> = None;
+    // Whether some lock step may still land (its answer was lost).
+    let mut in_doubt = false;
     for ((_, keys), answer) in groups.iter().zip(answers) {
         match answer {
             Ok(TxnReply::Locked(got)) if got.len() == keys.len() => {
                 states.extend(keys.iter().map(|(r, _)| r.key.clone()).zip(got));
             }
             Ok(other) => failed = Some(ExecError::Internal(format!("a txn lock answered {other:?}"))),
-            // A lock held by another transaction says the most: keep it.
-            Err(e) if failed.as_ref().is_none_or(|f| !is_locked(f)) => failed = Some(not_applied(e)),
-            Err(_) => {}
+            Err(e) => {
+                in_doubt |= !matches!(e, ExecError::Kv(_));
+                // A lock held by another transaction says the most: keep it.
+                if failed.as_ref().is_none_or(|f| !is_locked(f)) {
+                    failed = Some(not_applied(e));
+                }
+            }
         }
     }
     if let Some(e) = failed {
-        abandon(node, id, &primary.key, all_keys);
+        abandon(node, &attempt, in_doubt, all_keys);
         return Err(e);
     }
     let decided = plan::evaluate(txn, |k| states.get(k).cloned().unwrap_or_default());
     crate::ops::faults::hold_txn("txn_locked").await;
-    if decided.writes.is_empty() {
-        release(node, id, all_keys);
-        return Ok(decided);
-    }
     let (pshard, pkeys) = groups.iter().find(|(_, ks)| ks.iter().any(|(r, _)| r.key == primary.key)).expect("primary");
+    // With no writes this still goes to the primary: the values were read
+    // by separate steps, and only a step that finds the primary's lock
+    // still held proves no lock was taken away (an expired one aborted by
+    // someone else) in between — that all were held at once.
     let commit = TxnCommand::CommitPrimary {
         txn: id,
         primary: primary.clone(),
         keys: pkeys.iter().map(|(r, _)| r.clone()).collect(),
         writes: decided.writes.clone(),
+        now_ms: now_ms(),
     };
     let committed = match router.exec_txn(*pshard, commit, 0, deadline).await {
         Ok(TxnReply::Status(Status::Committed(_))) => true,
         Ok(TxnReply::Status(_)) => false,
         Ok(other) => return Err(ExecError::Internal(format!("a txn commit answered {other:?}"))),
-        Err(e) if router::retryable(&e) => {
-            abandon(node, id, &primary.key, all_keys);
-            return Err(e);
-        }
-        // Lost: the entry may or may not have landed. Settle it at the
-        // primary, aborting it if it did not (it then never can).
-        Err(e) => match ask_primary(router, id, &primary.key, true, Instant::now() + AFTERMATH).await {
-            Ok(Status::Committed(_)) => true,
-            Ok(_) => false,
-            Err(e2) => {
-                return Err(ExecError::Indeterminate(format!(
-                    "transaction outcome unknown: the commit ({e}) and asking its primary ({e2}) both failed"
-                )))
+        // Refused, or lost: the entry may have landed (a refusal before
+        // the proposal means it did not, and asking costs only time here).
+        // Settle it at the primary, aborting it if it did not land (then it
+        // never can: the abort releases the lock the commit needs).
+        Err(e) => {
+            let asking = deadline.max(Instant::now() + AFTERMATH);
+            match ask_primary(router, id, &primary.key, expires_ms, true, asking).await {
+                Ok(Status::Committed(_)) => true,
+                Ok(_) if router::retryable(&e) => {
+                    abandon(node, &attempt, false, all_keys);
+                    return Err(e);
+                }
+                Ok(_) => false,
+                Err(e2) => {
+                    return Err(ExecError::Indeterminate(format!(
+                        "transaction outcome unknown: the commit ({e}) and asking its primary ({e2}) both failed"
+                    )))
+                }
             }
-        },
+        }
     };
     if !committed {
         // Someone found the transaction abandoned and aborted it: try again.
-        abandon(node, id, &primary.key, all_keys);
+        abandon(node, &attempt, false, all_keys);
         return Err(ExecError::Kv(crate::command::KvError::TxnAborted));
+    }
+    if decided.writes.is_empty() {
+        release(node, id, all_keys);
+        return Ok(decided);
     }
     crate::ops::faults::hold_txn("txn_committed").await;
     let others: Vec<String> =
@@ -168,15 +187,28 @@ fn not_applied(e: ExecError) -> ExecError {
     }
 }
 
-/// In the background: aborts attempt `id` at its primary (so a lock of it
-/// still in flight can never make it commit) and releases its locks.
-fn abandon(node: &Arc<Node>, id: TxnId, primary: &str, keys: Vec<String>) {
-    let (node, primary) = (node.clone(), primary.to_string());
+/// One attempt at a transaction: its id, primary key and lock expiry.
+struct Attempt {
+    id: TxnId,
+    primary: String,
+    expires_ms: u64,
+}
+
+/// In the background: releases the locks of an attempt given up, which
+/// never sends its commit. When a lock step of it may still land
+/// (`in_doubt`: its answer was lost), it is first aborted at its primary,
+/// so that such a lock finds it over (resolved at once, not held until it
+/// expires). Otherwise releasing is enough: no commit can follow.
+fn abandon(node: &Arc<Node>, attempt: &Attempt, in_doubt: bool, keys: Vec<String>) {
+    let node = node.clone();
+    let (id, primary, expires_ms) = (attempt.id, attempt.primary.clone(), attempt.expires_ms);
     tokio::spawn(async move {
         let router = Router::new(&node);
         let deadline = Instant::now() + AFTERMATH;
-        if let Err(e) = ask_primary(&router, id, &primary, true, deadline).await {
-            tracing::debug!("abandoning txn {id:032x}: {e}");
+        if in_doubt {
+            if let Err(e) = ask_primary(&router, id, &primary, expires_ms, true, deadline).await {
+                tracing::debug!("abandoning txn {id:032x}: {e}");
+            }
         }
         if let Err(e) = finish_keys(&router, id, &keys, None, deadline).await {
             tracing::debug!("releasing txn {id:032x}: {e}");

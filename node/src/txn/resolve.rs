@@ -35,7 +35,7 @@ pub enum Settled {
 /// Settles `lock`, found on `key`: asks its primary (aborting the
 /// transaction there if the lock expired) and finishes the key if it is over.
 pub async fn settle(router: &Router<'_>, key: &str, lock: &Lock, deadline: Instant) -> Result<Settled, ExecError> {
-    let status = ask_primary(router, lock.txn, &lock.primary, false, deadline).await?;
+    let status = ask_primary(router, lock.txn, &lock.primary, lock.expires_ms, false, deadline).await?;
     let writes = match status {
         Status::Pending => return Ok(Settled::Pending),
         Status::Committed(w) => Some(w),
@@ -45,18 +45,21 @@ pub async fn settle(router: &Router<'_>, key: &str, lock: &Lock, deadline: Insta
     Ok(Settled::Finished)
 }
 
-/// The outcome of `txn` at its primary key `primary`: recorded there, or
-/// pending, or — the lock expired, or `abort_if_pending` — aborted now.
+/// The outcome of `txn` (whose locks expire at `expires_ms`) at its
+/// primary key `primary`: recorded there, or pending, or — the lock
+/// expired, or `abort_if_pending` — aborted now.
 pub async fn ask_primary(
     router: &Router<'_>,
     txn: TxnId,
     primary: &str,
+    expires_ms: u64,
     abort_if_pending: bool,
     deadline: Instant,
 ) -> Result<Status, ExecError> {
     router::with_retries(router, deadline, || async move {
         let range = router.range_of(primary, deadline).await?;
-        let cmd = TxnCommand::Resolve { txn, primary: routed(primary, &range), now_ms: now_ms(), abort_if_pending };
+        let primary = routed(primary, &range);
+        let cmd = TxnCommand::Resolve { txn, primary, now_ms: now_ms(), expires_ms, abort_if_pending };
         match router.exec_txn(range.shard_id, cmd, 0, deadline).await? {
             TxnReply::Status(s) => Ok(s),
             other => Err(ExecError::Internal(format!("a txn resolve answered {other:?}"))),
