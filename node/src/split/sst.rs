@@ -48,7 +48,7 @@ use serde::{Deserialize, Serialize};
 use crate::kv;
 use crate::raft::SmState;
 use crate::split::digest;
-use crate::storage::{self, data_key, state_key, tag, Db, ValueRecord};
+use crate::storage::{self, data_key, state_key, tag, Db};
 
 /// Target size of one file (the last record may take it a little over).
 #[cfg(not(test))]
@@ -260,7 +260,7 @@ pub fn write_files(
     for item in iter {
         let (k, v) = item.map_err(storage::io_err)?;
         let user_key = storage::user_key_of(&k);
-        let Some(rec) = ValueRecord::decode(&v) else { continue };
+        let rec = storage::decode_record(user_key, &v)?;
         let key = std::str::from_utf8(user_key).map_err(|_| io::Error::other("a stored key is not UTF-8"))?;
         if writer.as_ref().is_some_and(|(w, _)| w.file_size() >= FILE_BYTES) {
             let (w, path) = writer.take().expect("checked");
@@ -517,7 +517,10 @@ mod tests {
         assert_eq!(w.records as usize, moving.len());
         assert_eq!(w.live_keys as usize, moving.len());
         let digest = moving.iter().fold(0u64, |d, (k, v)| {
-            d.wrapping_add(digest::record_hash(std::str::from_utf8(k).unwrap(), &ValueRecord::decode(v).unwrap()))
+            d.wrapping_add(digest::record_hash(
+                std::str::from_utf8(k).unwrap(),
+                &crate::storage::ValueRecord::decode(v).unwrap(),
+            ))
         });
         assert_eq!(w.digest, digest, "the digest of exactly what the files hold");
         assert_eq!(w.capture_base, digest, "no change captured before the snapshot");

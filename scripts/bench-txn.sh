@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Transactions next to single-key puts: one fresh 3-node cluster per run
+# (--max-splits 0 --balance false), cleave-bench on it, for
+#   put  on one shard,            uniform and zipfian;
+#   txn  (two-key transfers: a read transaction, then a conditional write
+#         transaction) on one shard, and over $TXN_RANGES ranges (cleave-bench
+#         multi pre-splits them), uniform and zipfian.
+# Prints each run's cleave-bench report and a summary table (`TXN:` lines).
+# A transfer is two transactions; lost races (the compare failed) are
+# counted by cleave-bench, not as errors.
+#
+# Env (defaults):
+#   CARGO_TARGET_DIR=~/.cache/cleavedb/target   binaries from `cargo build --release --bins`
+#   CLEAVE_NODE_BIN, CLEAVE_BENCH_BIN            override the binaries
+#   TXN_PORT_BASE=28400  node N: API on BASE+N, RPC on BASE+50+N
+#   TXN_KEYS=10000  TXN_DURATION=20s  TXN_CONCURRENCY=32  TXN_RANGES=8
+#   TXN_DATA   data dir [a new /tmp/cleave-txnbench.XXXXXX]; node logs stay there
+set -euo pipefail
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cleavedb/target}"
+node_bin="${CLEAVE_NODE_BIN:-$CARGO_TARGET_DIR/release/cleave-node}"
+bench_bin="${CLEAVE_BENCH_BIN:-$CARGO_TARGET_DIR/release/cleave-bench}"
+base="${TXN_PORT_BASE:-28400}"
+keys="${TXN_KEYS:-10000}"
+duration="${TXN_DURATION:-20s}"
+conc="${TXN_CONCURRENCY:-32}"
+ranges="${TXN_RANGES:-8}"
+host=127.0.0.1
+for bin in "$node_bin" "$bench_bin"; do
+    [[ -x "$bin" ]] || { echo "bench-txn: no $bin; run cargo build --release --bins" >&2; exit 2; }
+done
+command -v curl >/dev/null || { echo "bench-txn: curl is needed" >&2; exit 2; }
+data="${TXN_DATA:-$(mktemp -d /tmp/cleave-txnbench.XXXXXX)}"
+mkdir -p "$data"
+
+pids=()
+stop_cluster() {
+    if ((${#pids[@]})); then
+        kill "${pids[@]}" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            local alive=0
+            for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+            ((alive)) || break
+            sleep 0.1
+        done
+        kill -9 "${pids[@]}" 2>/dev/null || true
+        wait 2>/dev/null || true
+    fi
+    pids=()
+}
+trap 'rc=$?; trap - EXIT; stop_cluster; echo "bench-txn: logs in $data" >&2; exit $rc' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+start_cluster() { # NAME
+    stop_cluster
+    local initial="" i
+    for i in 1 2 3; do initial+="${initial:+,}$i=$host:$((base + 50 + i))"; done
+    for i in 1 2 3; do
+        rm -rf "$data/$1-node$i"
+        NO_COLOR=1 "$node_bin" --id "$i" --data-dir "$data/$1-node$i" --listen-api "$host:$((base + i))" \
+            --listen-raft "$host:$((base + 50 + i))" --initial-cluster "$initial" --max-splits 0 --balance false \
+            </dev/null >>"$data/$1-node$i.log" 2>&1 &
+        pids+=($!)
+    done
+    local deadline=$((SECONDS + 60))
+    for i in 1 2 3; do
+        until curl -fsS -o /dev/null --max-time 2 "http://$host:$((base + i))/health" 2>/dev/null; do
+            ((SECONDS < deadline)) || { echo "bench-txn: node $i is not healthy after 60 s" >&2; exit 1; }
+            sleep 0.3
+        done
+    done
+}
+
+summary=()
+run() { # NAME WORKLOAD DISTRIBUTION [multi]
+    local name=$1 workload=$2 dist=$3 mode=${4:-run}
+    start_cluster "$name"
+    local endpoints="$host:$((base + 1)),$host:$((base + 2)),$host:$((base + 3))"
+    local args=(--endpoints "$endpoints" --workload "$workload" --distribution "$dist" --keys "$keys" --preload
+        --duration "$duration" -c "$conc")
+    [[ "$mode" == multi ]] && args=(--ranges "$ranges" "${args[@]}")
+    echo "== $name: cleave-bench $mode ${args[*]}"
+    "$bench_bin" "$mode" "${args[@]}" 2>&1 | tee "$data/$name.out"
+    summary+=("TXN: $name  $(grep -E -m1 '^total' "$data/$name.out" | tr -s ' ')")
+}
+
+run put-one-shard-uniform write uniform
+run put-one-shard-zipfian write zipfian
+run txn-one-shard-uniform txn uniform
+run txn-one-shard-zipfian txn zipfian
+run "txn-$ranges-ranges-uniform" txn uniform multi
+run "txn-$ranges-ranges-zipfian" txn zipfian multi
+printf '%s\n' "${summary[@]}"
