@@ -15,6 +15,7 @@
 #   TXN_PORT_BASE=28400  node N: API on BASE+N, RPC on BASE+50+N
 #   TXN_KEYS=10000  TXN_DURATION=20s  TXN_CONCURRENCY=32  TXN_RANGES=8
 #   TXN_DATA   data dir [a new /tmp/cleave-txnbench.XXXXXX]; node logs stay there
+#   TXN_CASES  only the runs whose names contain one of these words (e.g. "zipfian")
 set -euo pipefail
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cleavedb/target}"
@@ -75,6 +76,11 @@ start_cluster() { # NAME
 summary=()
 run() { # NAME WORKLOAD DISTRIBUTION [multi]
     local name=$1 workload=$2 dist=$3 mode=${4:-run}
+    if [[ -n "${TXN_CASES:-}" ]]; then
+        local want=0 w
+        for w in $TXN_CASES; do [[ "$name" == *"$w"* ]] && want=1; done
+        ((want)) || return 0
+    fi
     start_cluster "$name"
     local endpoints="$host:$((base + 1)),$host:$((base + 2)),$host:$((base + 3))"
     local args=(--endpoints "$endpoints" --workload "$workload" --distribution "$dist" --keys "$keys" --preload

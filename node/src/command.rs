@@ -134,6 +134,10 @@ pub enum StepError {
     /// of the operation is recorded.
     #[error("operation {op_id}: not before its backfill is recorded")]
     BeforeBackfill { op_id: OpId },
+    /// An ingested record that does not decode (corrupt at the source, or a
+    /// format this build does not know): the whole batch is refused.
+    #[error("operation {op_id}: the record of key {key:?} does not decode")]
+    BadRecord { op_id: OpId, key: String },
 }
 
 /// The result of applying one entry.

@@ -346,10 +346,9 @@ pub fn store(
     let delta = digest::delta(key, current, &record);
     for c in state.captures.iter_mut().filter(|c| c.covers(key)) {
         // Every write of this entry to the range goes in its one forward
-        // entry: the latest put of the key in the batch is the one stored.
+        // entry, written once the entry is applied ([`flush_forwarded`]).
         let entry = b.forwarded.entry((c.op_id, index)).or_default();
         entry.records.push(ForwardRecord { key: key.to_string(), record: encoded.clone(), delta });
-        b.write.put_cf(cf, forward_key(group, c.op_id, index), entry.encode());
         c.changes = c.changes.wrapping_add(delta);
         b.changed = true;
     }
@@ -360,6 +359,16 @@ pub fn store(
     }
     b.stats.add(StatsDelta::replace(key, current, &record));
     b.overlay.insert(key.to_string(), record);
+}
+
+/// Writes the forward entries the command just applied gathered (see
+/// [`store`]) into the batch: once each, before any later command of the
+/// batch (which may drop the forward log) is applied.
+pub fn flush_forwarded(db: &Db, group: u64, b: &mut ApplyBatch) {
+    let cf = storage::cf(db, storage::CF_DATA);
+    for ((op, index), entry) in b.forwarded.drain() {
+        b.write.put_cf(cf, forward_key(group, op, index), entry.encode());
+    }
 }
 
 /// Applies one KV command at log `index` into `batch`. Returns the key's new
@@ -406,6 +415,7 @@ pub fn apply(
     let record = ValueRecord { txn: current.as_ref().and_then(|c| c.txn.clone()), ..record };
     let version = record.version;
     store(db, group, index, state, b, key, current.as_ref(), record);
+    flush_forwarded(db, group, b);
     Ok(Ok(version))
 }
 

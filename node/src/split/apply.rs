@@ -11,7 +11,7 @@
 use crate::command::{ShardCommand, StepError};
 use crate::kv::{self, Applied, ApplyBatch, Capture, ShardState, StatsDelta};
 use crate::split::digest;
-use crate::storage::{self, data_key, Db};
+use crate::storage::{self, data_key, Db, ValueRecord};
 
 /// Deletes the forward log of operation `op`.
 fn drop_forward_log(db: &Db, group: u64, op: u64, batch: &mut rocksdb::WriteBatch) {
@@ -128,13 +128,22 @@ pub fn apply(
                 // would otherwise lie over them.
                 return Ok(Err(StepError::BeforeBackfill { op_id: *op_id }));
             }
-            let cf = storage::cf(db, storage::CF_DATA);
+            // The records come with the command, not from this replica's
+            // storage: one that does not decode refuses the batch (the same
+            // on every replica), it does not stop them all.
+            let mut decoded = Vec::with_capacity(records.len());
             for (key, bytes) in records {
+                match ValueRecord::decode(bytes) {
+                    Some(r) => decoded.push(r),
+                    None => return Ok(Err(StepError::BadRecord { op_id: *op_id, key: key.clone() })),
+                }
+            }
+            let cf = storage::cf(db, storage::CF_DATA);
+            for ((key, bytes), new) in records.iter().zip(decoded) {
                 let inside = key.as_str() >= inc.start.as_str() && inc.end.as_deref().is_none_or(|e| key.as_str() < e);
                 if !inside {
                     continue;
                 }
-                let new = storage::decode_record(key.as_bytes(), bytes)?;
                 let cur = kv::current(db, group, overlay, key)?;
                 // A backfill record older than what is here is not taken (a
                 // redelivered chunk). A forwarded one is, even at the same
@@ -165,7 +174,7 @@ pub fn apply(
             Ok(Ok(index))
         }
         ShardCommand::BackfillDone { op_id, snapshot_index, digest, capture_base, keys, bytes } => {
-            if let Some(inc) = state.incoming.as_mut().filter(|i| i.op_id == *op_id) {
+            if let Some(inc) = state.incoming.as_mut().filter(|i| i.op_id == *op_id && i.backfill.is_none()) {
                 inc.backfill = Some((*snapshot_index, *digest));
                 inc.watermark = inc.watermark.max(*snapshot_index);
                 inc.capture_base = *capture_base;
@@ -337,7 +346,7 @@ mod tests {
             |d, i| {
                 let (k, v) = i.unwrap();
                 let key = String::from_utf8(storage::user_key_of(&k).to_vec()).unwrap();
-                d.wrapping_add(digest::record_hash(&key, &crate::storage::ValueRecord::decode(&v).unwrap()))
+                d.wrapping_add(digest::record_hash(&key, &ValueRecord::decode(&v).unwrap()))
             },
         )
     }

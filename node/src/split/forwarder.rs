@@ -28,12 +28,12 @@ use cleave_metadata::{OpId, OpKind, Replica};
 
 use super::steps;
 use crate::command::ShardCommand;
-use crate::kv::{self, Capture, ForwardEntry};
+use crate::kv::{self, Capture, ForwardEntry, Incoming};
 use crate::node::Node;
 use crate::raft::SmState;
 use crate::rpc::{self, ExecError, ForwardStatus, TargetStatus};
 use crate::split::sst;
-use crate::storage;
+use crate::storage::{self, ValueRecord};
 
 /// Records per backfill or forward batch, and bytes per batch.
 const BATCH_RECORDS: usize = 2000;
@@ -143,7 +143,15 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
             let _ = tokio::task::spawn_blocking(move || sst::remove_dir(&dir)).await;
             let (w, files) = copied?;
             steps::shard_step(node, cap.target, w.command(cap.op_id, attempt, files), 0).await?;
-            (w.capture_base, w.snapshot_index)
+            // The backfill the target recorded, which need not be this one:
+            // another forwarder's (an earlier leader's, whose step was
+            // delayed) may have landed first, and this one then changed
+            // nothing. Forwarding goes on from the snapshot recorded.
+            let recorded = steps::incoming_status(node, cap.target, 0).await?.incoming.filter(|i| i.op_id == cap.op_id);
+            match recorded {
+                Some(Incoming { backfill: Some((s, _)), capture_base, .. }) => (capture_base, s),
+                _ => return Err(ExecError::Unavailable("the target recorded no backfill".into())),
+            }
         }
     };
     tracing::debug!(group, op = cap.op_id, "forwarder: backfill done");
@@ -212,6 +220,9 @@ fn read_forward(node: &Node, group: u64, op: OpId, from: u64) -> Result<(Vec<(u6
         let (k, v) = item.map_err(internal)?;
         let seq = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
         let entry: ForwardEntry = crate::codec::decode(&v).map_err(|e| ExecError::Internal(e.to_string()))?;
+        if let Some(bad) = entry.records.iter().find(|r| ValueRecord::decode(&r.record).is_none()) {
+            return Err(ExecError::Internal(format!("the forward log holds an undecodable record of {:?}", bad.key)));
+        }
         bytes += entry.records.iter().map(|r| r.record.len() + r.key.len()).sum::<usize>();
         out.push((seq, entry));
         if out.len() >= BATCH_RECORDS || bytes >= BATCH_BYTES {

@@ -160,6 +160,19 @@ pub fn apply(
     b: &mut ApplyBatch,
     cmd: &TxnCommand,
 ) -> Applied<TxnReply, KvError> {
+    let r = apply_step(db, group, index, state, b, cmd);
+    kv::flush_forwarded(db, group, b);
+    r
+}
+
+fn apply_step(
+    db: &Db,
+    group: u64,
+    index: u64,
+    state: &mut ShardState,
+    b: &mut ApplyBatch,
+    cmd: &TxnCommand,
+) -> Applied<TxnReply, KvError> {
     for r in cmd.routes() {
         if let Err(e) = kv::check_writable(state, &r.key, r.range_id, r.epoch) {
             return Ok(Err(e));
@@ -523,6 +536,28 @@ mod tests {
             Ok(TxnReply::Status(Status::Aborted)),
             "someone aborted it: its reads may be stale"
         );
+    }
+
+    /// A step that writes several keys of a range being split forwards
+    /// them all, in the one forward entry of its log index (the forward log
+    /// is keyed by index: an entry per key would keep only the last).
+    #[test]
+    fn a_step_writing_several_captured_keys_forwards_every_one() {
+        use crate::command::ShardCommand;
+        let mut s = Shard::new();
+        s.index += 1;
+        let begin = ShardCommand::BeginCapture { op_id: 5, start: "m".into(), end: None, target: 2 };
+        crate::testing::step(&s.db, &mut s.state, s.index, begin).unwrap();
+        s.run(lock(7, &[("a", true), ("n", true), ("p", false)])).unwrap();
+        assert_eq!(crate::testing::forward_indexes(&s.db, 5), vec![s.index], "one entry for the step");
+        let cf = crate::storage::cf(&s.db, crate::storage::CF_DATA);
+        let stored = s.db.get_cf(cf, kv::forward_key(GROUP, 5, s.index)).unwrap().unwrap();
+        let entry: kv::ForwardEntry = crate::codec::decode(&stored).unwrap();
+        let keys: Vec<&str> = entry.records.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["n", "p"], "both captured keys, not the one outside the range");
+        for r in &entry.records {
+            assert_eq!(ValueRecord::decode(&r.record).unwrap().lock().unwrap().txn, 7);
+        }
     }
 
     /// Bytes that are not a record stop the replica (a storage error),

@@ -150,6 +150,12 @@ async fn several(
                     return Err(e);
                 }
                 Ok(_) => false,
+                // Refused before it was proposed: it never lands, whatever
+                // the primary could not be asked. Not applied, retry.
+                Err(_) if router::retryable(&e) => {
+                    abandon(node, &attempt, true, all_keys);
+                    return Err(e);
+                }
                 Err(e2) => {
                     return Err(ExecError::Indeterminate(format!(
                         "transaction outcome unknown: the commit ({e}) and asking its primary ({e2}) both failed"
@@ -205,12 +211,23 @@ fn abandon(node: &Arc<Node>, attempt: &Attempt, in_doubt: bool, keys: Vec<String
     tokio::spawn(async move {
         let router = Router::new(&node);
         let deadline = Instant::now() + AFTERMATH;
+        let mut writes = None;
         if in_doubt {
-            if let Err(e) = ask_primary(&router, id, &primary, expires_ms, true, deadline).await {
-                tracing::debug!("abandoning txn {id:032x}: {e}");
+            match ask_primary(&router, id, &primary, expires_ms, true, deadline).await {
+                // Never expected (a commit is given up only when it was
+                // refused before it was proposed), but if it committed after
+                // all, its keys are finished as committed, not rolled back.
+                Ok(Status::Committed(w)) => writes = Some(w),
+                Ok(_) => {}
+                Err(e) => {
+                    // Unsettled: its locks are left to whoever meets them,
+                    // who settles them at the primary first.
+                    tracing::debug!("abandoning txn {id:032x}: {e}");
+                    return;
+                }
             }
         }
-        if let Err(e) = finish_keys(&router, id, &keys, None, deadline).await {
+        if let Err(e) = finish_keys(&router, id, &keys, writes.as_deref(), deadline).await {
             tracing::debug!("releasing txn {id:032x}: {e}");
         }
     });
