@@ -32,9 +32,12 @@
 //! - [`security`]: bearer tokens and roles for the API, the cluster secret
 //!   and the handshake of the RPC port.
 //! - [`config`]: flags, environment and the TOML config file.
+//! - [`clock`]: the hybrid logical clock a watch's cursors will use
+//!   (`docs/plans/watch.md`).
 
 pub mod api;
 pub mod balance;
+pub mod clock;
 pub mod codec;
 pub mod command;
 pub mod config;
