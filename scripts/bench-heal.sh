@@ -28,6 +28,7 @@
 #   HEAL_KEEP=0           1: keep the nodes' data too
 #   HEAL_NODE_ARGS        further arguments for every node
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/stop-pids.sh"
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cleavedb/target}"
 node_bin="${CLEAVE_NODE_BIN:-$CARGO_TARGET_DIR/release/cleave-node}"
@@ -59,17 +60,7 @@ pids=()
 stop() {
     local rc=$?
     trap - EXIT INT TERM
-    if ((${#pids[@]})); then
-        kill "${pids[@]}" 2>/dev/null || true
-        for _ in $(seq 1 50); do
-            local alive=0
-            for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-            ((alive)) || break
-            sleep 0.1
-        done
-        kill -9 "${pids[@]}" 2>/dev/null || true
-        wait 2>/dev/null || true
-    fi
+    stop_pids "${pids[@]}"
     if [[ "$keep" != 1 ]]; then
         for i in $(seq 1 "$nodes"); do rm -rf "$data/node$i"; done
     fi

@@ -17,6 +17,7 @@
 #   TXN_DATA   data dir [a new /tmp/cleave-txnbench.XXXXXX]; node logs stay there
 #   TXN_CASES  only the runs whose names contain one of these words (e.g. "zipfian")
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/stop-pids.sh"
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cleavedb/target}"
 node_bin="${CLEAVE_NODE_BIN:-$CARGO_TARGET_DIR/release/cleave-node}"
@@ -36,17 +37,7 @@ mkdir -p "$data"
 
 pids=()
 stop_cluster() {
-    if ((${#pids[@]})); then
-        kill "${pids[@]}" 2>/dev/null || true
-        for _ in $(seq 1 50); do
-            local alive=0
-            for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-            ((alive)) || break
-            sleep 0.1
-        done
-        kill -9 "${pids[@]}" 2>/dev/null || true
-        wait 2>/dev/null || true
-    fi
+    stop_pids "${pids[@]}"
     pids=()
 }
 trap 'rc=$?; trap - EXIT; stop_cluster; echo "bench-txn: logs in $data" >&2; exit $rc' EXIT

@@ -35,6 +35,7 @@
 #   BENCH_NODE_ARGS       further arguments for every node (e.g. --heartbeat-ms 500)
 #   BENCH_SECONDS, BENCH_CONNS, BENCH_THREADS, BENCH_KEYS, GROUPS_*: passed on
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/stop-pids.sh"
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
@@ -68,14 +69,11 @@ data="$(cd "$data" && pwd)"
 
 pids=()
 stop() {
-    local rc=$? deadline=$((SECONDS + 5))
+    local rc=$?
     trap - EXIT INT TERM
     [[ -n ${splitter:-} ]] && kill "$splitter" 2>/dev/null || true
-    # our nodes only: TERM, up to 5 s of grace (kill -0 succeeds while any is alive), then KILL
-    ((${#pids[@]})) && kill "${pids[@]}" 2>/dev/null || true
-    while ((${#pids[@]})) && kill -0 "${pids[@]}" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
-    ((${#pids[@]})) && kill -9 "${pids[@]}" 2>/dev/null || true
-    wait 2>/dev/null || true
+    # our nodes only
+    stop_pids "${pids[@]}"
     if [[ $keep == 1 ]]; then
         echo "bench-vs-etcd: data and logs kept in $data" >&2
     elif ((rc != 0)); then

@@ -15,6 +15,7 @@
 #   CARGO_TARGET_DIR=~/.cache/cleavedb/target
 # Extra arguments are passed to every node (e.g. --snapshot-logs 500).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/stop-pids.sh"
 cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
@@ -65,17 +66,7 @@ stop() {
     trap - EXIT INT TERM
     if ((${#pids[@]})); then
         echo "stopping nodes (pids ${pids[*]})"
-        kill "${pids[@]}" 2>/dev/null || true
-        for _ in $(seq 1 50); do
-            alive=0
-            for pid in "${pids[@]}"; do
-                kill -0 "$pid" 2>/dev/null && alive=1
-            done
-            ((alive)) || break
-            sleep 0.1
-        done
-        kill -9 "${pids[@]}" 2>/dev/null || true
-        wait 2>/dev/null || true
+        stop_pids "${pids[@]}"
     fi
 }
 trap stop EXIT
