@@ -341,7 +341,6 @@ pub fn store(
     current: Option<&ValueRecord>,
     record: ValueRecord,
 ) {
-    let cf = storage::cf(db, storage::CF_DATA);
     let encoded = record.encode();
     let delta = digest::delta(key, current, &record);
     for c in state.captures.iter_mut().filter(|c| c.covers(key)) {
@@ -352,13 +351,28 @@ pub fn store(
         c.changes = c.changes.wrapping_add(delta);
         b.changed = true;
     }
-    if record.is_vacant() {
-        b.write.delete_cf(cf, data_key(group, key.as_bytes()));
-    } else {
-        b.write.put_cf(cf, data_key(group, key.as_bytes()), encoded);
-    }
+    write_record(db, &mut b.write, group, key, &record, &encoded);
     b.stats.add(StatsDelta::replace(key, current, &record));
     b.overlay.insert(key.to_string(), record);
+}
+
+/// Puts `record` (`encoded`) as `key`'s stored record in `batch` — or, for a
+/// vacant record ([`ValueRecord::is_vacant`]), deletes the key: what says no
+/// more than absence is not stored.
+pub fn write_record(
+    db: &Db,
+    batch: &mut rocksdb::WriteBatch,
+    group: u64,
+    key: &str,
+    record: &ValueRecord,
+    encoded: &[u8],
+) {
+    let cf = storage::cf(db, storage::CF_DATA);
+    if record.is_vacant() {
+        batch.delete_cf(cf, data_key(group, key.as_bytes()));
+    } else {
+        batch.put_cf(cf, data_key(group, key.as_bytes()), encoded);
+    }
 }
 
 /// Writes the forward entries the command just applied gathered (see

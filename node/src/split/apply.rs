@@ -138,7 +138,6 @@ pub fn apply(
                     None => return Ok(Err(StepError::BadRecord { op_id: *op_id, key: key.clone() })),
                 }
             }
-            let cf = storage::cf(db, storage::CF_DATA);
             for ((key, bytes), new) in records.iter().zip(decoded) {
                 let inside = key.as_str() >= inc.start.as_str() && inc.end.as_deref().is_none_or(|e| key.as_str() < e);
                 if !inside {
@@ -160,11 +159,7 @@ pub fn apply(
                 let d = StatsDelta::replace(key, cur.as_ref(), &new);
                 inc.add_live(d);
                 stats.add(d);
-                if new.is_vacant() {
-                    batch.delete_cf(cf, data_key(group, key.as_bytes()));
-                } else {
-                    batch.put_cf(cf, data_key(group, key.as_bytes()), bytes);
-                }
+                kv::write_record(db, batch, group, key, &new, bytes);
                 overlay.insert(key.clone(), new);
             }
             if let Some(i) = source_index {
@@ -265,6 +260,21 @@ mod tests {
         assert_eq!(step(&db, &mut s, 7, begin(7, "m", None)), Ok(7));
         assert_eq!(step(&db, &mut s, 8, begin(7, "m", None)), Ok(8), "a retry is harmless");
         assert_eq!(s.captures.len(), 1);
+    }
+
+    /// Records travel inside the `Ingest` command: bytes that do not decode
+    /// refuse the whole batch, the same on every replica, and store nothing
+    /// (a storage error here would stop every replica of the target).
+    #[test]
+    fn an_ingest_with_an_undecodable_record_is_refused_whole() {
+        let (_d, db) = temp_db();
+        let mut s = ShardState { incoming: Some(kv::Incoming::new(5, "m".into(), None)), ..Default::default() };
+        let good = ValueRecord::live(1, b"1".to_vec()).encode();
+        let records = vec![("n".to_string(), good), ("o".to_string(), b"not a record".to_vec())];
+        let cmd = ShardCommand::Ingest { op_id: 5, source_index: None, records };
+        assert_eq!(step(&db, &mut s, 1, cmd), Err(StepError::BadRecord { op_id: 5, key: "o".into() }));
+        assert_eq!(kv::read(&db, GROUP, "n").unwrap(), None, "nothing of the batch stored");
+        assert_eq!(s.incoming.unwrap().digest, 0);
     }
 
     #[test]

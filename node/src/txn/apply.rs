@@ -147,8 +147,13 @@ fn with_txn(cur: Option<&ValueRecord>, f: impl FnOnce(&mut TxnInfo)) -> ValueRec
     base.with_txn(info)
 }
 
+/// The lock `txn` holds on the key whose record is `rec`, if it holds one.
+fn lock_of(rec: Option<&ValueRecord>, txn: TxnId) -> Option<&Lock> {
+    rec.and_then(ValueRecord::lock).filter(|l| l.txn == txn)
+}
+
 fn held_by(rec: Option<&ValueRecord>, txn: TxnId) -> bool {
-    rec.and_then(ValueRecord::lock).is_some_and(|l| l.txn == txn)
+    lock_of(rec, txn).is_some()
 }
 
 /// Applies one transaction step at log `index` into `b`.
@@ -228,9 +233,7 @@ fn apply_step(
         }
         TxnCommand::CommitPrimary { txn, primary, keys, writes, now_ms } => {
             let prec = cur(b, &primary.key)?;
-            let Some(expires_ms) =
-                prec.as_ref().and_then(ValueRecord::lock).filter(|l| l.txn == *txn).map(|l| l.expires_ms)
-            else {
+            let Some(expires_ms) = lock_of(prec.as_ref(), *txn).map(|l| l.expires_ms) else {
                 let outcome = txn_of(prec.as_ref()).outcome(*txn).cloned();
                 return Ok(Ok(TxnReply::Status(match outcome.and_then(|o| o.committed) {
                     Some(w) => Status::Committed(w),
@@ -264,7 +267,7 @@ fn apply_step(
                     None => Status::Aborted,
                 }),
                 None => {
-                    let lock = prec.as_ref().and_then(ValueRecord::lock).filter(|l| l.txn == *txn);
+                    let lock = lock_of(prec.as_ref(), *txn);
                     if lock.is_some_and(|l| *now_ms < l.expires_ms) && !abort_if_pending {
                         TxnReply::Status(Status::Pending)
                     } else {
