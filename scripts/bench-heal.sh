@@ -29,6 +29,7 @@
 #   HEAL_NODE_ARGS        further arguments for every node
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/stop-pids.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/start-nodes.sh"
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cleavedb/target}"
 node_bin="${CLEAVE_NODE_BIN:-$CARGO_TARGET_DIR/release/cleave-node}"
@@ -159,24 +160,9 @@ now() { date +%s.%N; }
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
 
 # 1. The cluster.
-initial=""
-for i in $(seq 1 "$nodes"); do initial+="${initial:+,}$i=$host:$((base + 50 + i))"; done
 read -r -a extra <<<"${HEAL_NODE_ARGS:-}"
-for i in $(seq 1 "$nodes"); do
-    mkdir -p "$data/node$i"
-    NO_COLOR=1 "$node_bin" --id "$i" --data-dir "$data/node$i" --listen-api "$(api "$i")" \
-        --listen-raft "$host:$((base + 50 + i))" --initial-cluster "$initial" \
-        --node-dead-after "$dead_after" --max-splits 0 "${extra[@]}" </dev/null >>"$data/node$i.log" 2>&1 &
-    pids+=($!)
-done
-deadline=$((SECONDS + 60))
-for i in $(seq 1 "$nodes"); do
-    until curl -fsS -o /dev/null --max-time 2 "http://$(api "$i")/health" 2>/dev/null; do
-        kill -0 "${pids[$((i - 1))]}" 2>/dev/null || { echo "node $i exited; see $data/node$i.log" >&2; exit 1; }
-        ((SECONDS < deadline)) || { echo "node $i is not healthy after 60 s" >&2; exit 1; }
-        sleep 0.3
-    done
-done
+for i in $(seq 1 "$nodes"); do mkdir -p "$data/node$i"; done
+start_nodes "$node_bin" "$nodes" "$host" "$base" "$data/node" --node-dead-after "$dead_after" --max-splits 0 "${extra[@]}"
 endpoints="$(api 1),$(api 2),$(api 3),$(api 4)"
 echo "cluster: 4 nodes up on $endpoints (pids ${pids[*]}), --node-dead-after $dead_after --max-splits 0, data $data"
 

@@ -18,6 +18,7 @@
 #   TXN_CASES  only the runs whose names contain one of these words (e.g. "zipfian")
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/stop-pids.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/start-nodes.sh"
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cleavedb/target}"
 node_bin="${CLEAVE_NODE_BIN:-$CARGO_TARGET_DIR/release/cleave-node}"
@@ -46,22 +47,9 @@ trap 'exit 143' TERM
 
 start_cluster() { # NAME
     stop_cluster
-    local initial="" i
-    for i in 1 2 3; do initial+="${initial:+,}$i=$host:$((base + 50 + i))"; done
-    for i in 1 2 3; do
-        rm -rf "$data/$1-node$i"
-        NO_COLOR=1 "$node_bin" --id "$i" --data-dir "$data/$1-node$i" --listen-api "$host:$((base + i))" \
-            --listen-raft "$host:$((base + 50 + i))" --initial-cluster "$initial" --max-splits 0 --balance false \
-            </dev/null >>"$data/$1-node$i.log" 2>&1 &
-        pids+=($!)
-    done
-    local deadline=$((SECONDS + 60))
-    for i in 1 2 3; do
-        until curl -fsS -o /dev/null --max-time 2 "http://$host:$((base + i))/health" 2>/dev/null; do
-            ((SECONDS < deadline)) || { echo "bench-txn: node $i is not healthy after 60 s" >&2; exit 1; }
-            sleep 0.3
-        done
-    done
+    local i
+    for i in 1 2 3; do rm -rf "$data/$1-node$i"; done
+    start_nodes "$node_bin" 3 "$host" "$base" "$data/$1-node" --max-splits 0 --balance false
 }
 
 summary=()

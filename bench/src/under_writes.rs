@@ -52,7 +52,7 @@ pub struct Settings {
 /// One window of the run (before, during or after the operation).
 #[derive(Debug, Clone, Serialize)]
 pub struct Window {
-    pub name: &'static str,
+    pub name: String,
     pub from_s: f64,
     pub to_s: f64,
     pub writes: u64,
@@ -257,12 +257,21 @@ impl Load {
             longest_gap: event(pause::longest_gap(&completions, 0, u64::MAX)),
             longest_gap_during_op: event(pause::longest_gap(&completions, requested_us, finished_us)),
             slowest_write: slowest,
-            windows: vec![
-                window("before", &completions, 0, requested_us),
-                window("during", &completions, requested_us, finished_us),
-                window("after", &completions, finished_us, stopped_us),
-                window("all", &completions, 0, stopped_us),
-            ],
+            windows: [window("before", &completions, 0, requested_us)]
+                .into_iter()
+                .chain([window("during", &completions, requested_us, finished_us)])
+                // The phases of the operation that lasted long enough to
+                // say something on their own (where "during" went).
+                .chain(phases.iter().filter(|(_, from, to)| to.min(&finished_us).saturating_sub(*from) >= 200_000).map(
+                    |(p, from, to)| {
+                        window(&format!("  {}", phase_name(*p)), &completions, *from, *to.min(&finished_us))
+                    },
+                ))
+                .chain([
+                    window("after", &completions, finished_us, stopped_us),
+                    window("all", &completions, 0, stopped_us),
+                ])
+                .collect(),
             timeline: pause::timeline(&completions, 1_000_000, stopped_us),
             errors: rec.error_kinds.clone(),
             errors_total: rec.total_errors(),
@@ -359,7 +368,7 @@ pub fn phase_at(windows: &[(Phase, u64, u64)], from_us: u64, to_us: u64) -> Opti
 }
 
 /// Writes and their latency within `[from_us, to_us)`.
-pub fn window(name: &'static str, sorted: &[Completion], from_us: u64, to_us: u64) -> Window {
+pub fn window(name: &str, sorted: &[Completion], from_us: u64, to_us: u64) -> Window {
     let mut h = histogram();
     let lo = sorted.partition_point(|c| c.at_us < from_us);
     let hi = sorted.partition_point(|c| c.at_us < to_us).max(lo);
@@ -367,7 +376,7 @@ pub fn window(name: &'static str, sorted: &[Completion], from_us: u64, to_us: u6
         h.saturating_record(c.latency_us.max(1));
     }
     Window {
-        name,
+        name: name.to_owned(),
         from_s: from_us as f64 / 1e6,
         to_s: to_us as f64 / 1e6,
         writes: h.len(),
@@ -416,7 +425,7 @@ pub fn render(r: &OpRun, what: &str, header: String, details: &[String], trailer
         .iter()
         .map(|w| {
             let mut row = vec![
-                w.name.to_owned(),
+                w.name.clone(),
                 format!("{:.1}s", w.to_s - w.from_s),
                 w.writes.to_string(),
                 fmt_rate(w.writes_per_s),

@@ -37,8 +37,17 @@ impl From<CodecError> for std::io::Error {
     }
 }
 
+/// Encodes `v` into a vector of exactly its size: measured first, so that a
+/// frame of megabytes (a backfill chunk, a snapshot chunk) is written once
+/// into memory allocated once, not copied at every doubling of its buffer.
 pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, CodecError> {
-    Ok(bincode::serde::encode_to_vec(v, bincode::config::standard())?)
+    let config = bincode::config::standard();
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(v, &mut size, config)?;
+    let mut out = vec![0u8; size.bytes_written];
+    let n = bincode::serde::encode_into_slice(v, &mut out, config)?;
+    out.truncate(n);
+    Ok(out)
 }
 
 pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, CodecError> {

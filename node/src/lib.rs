@@ -36,6 +36,7 @@
 //!   (`docs/plans/watch.md`).
 
 pub mod api;
+pub mod background;
 pub mod balance;
 pub mod clock;
 pub mod codec;

@@ -12,7 +12,9 @@
 //!   duties (confirmed leadership, heartbeats, liveness, cluster views).
 //! - [`Supervisor`](crate::ops::Supervisor): the operations this node
 //!   drives as metadata leader; [`Forwarders`](crate::split::forwarder::Forwarders):
-//!   the split forwarders it runs as a source shard's leader.
+//!   the split forwarders it runs as a source shard's leader;
+//!   [`Receiving`](crate::split::receive::Receiving): the backfill files it
+//!   receives for split targets.
 //!
 //! A node's identity (its id and how it was founded) is kept in
 //! `node.json` in the data directory, so the same command line restarts it
@@ -45,6 +47,7 @@ use crate::raft::{GroupRaft, RaftContext, ReplicaNode, SmState};
 use crate::router::Router;
 use crate::rpc::{self, ExecError, NodeReply, NodeRequest, Request, Response};
 use crate::split::forwarder::Forwarders;
+use crate::split::receive::Receiving;
 
 /// A running node, shared by the API server, the RPC server and background tasks.
 pub struct Node {
@@ -57,6 +60,7 @@ pub struct Node {
     leader: LeaderState,
     supervisor: Supervisor,
     forwarders: Forwarders,
+    receiving: Receiving,
     liveness: liveness::Liveness,
 }
 
@@ -113,6 +117,7 @@ impl Node {
             leader: LeaderState::default(),
             supervisor: Supervisor::default(),
             forwarders: Forwarders::default(),
+            receiving: Receiving::default(),
             liveness: liveness::Liveness::default(),
         });
         // Requests to create or destroy a replica can arrive as soon as the
@@ -238,6 +243,11 @@ impl Node {
     /// The split forwarders this node runs as a source shard's leader.
     pub fn forwarders(&self) -> &Forwarders {
         &self.forwarders
+    }
+
+    /// The split backfill files this node is receiving for target replicas.
+    pub fn receiving(&self) -> &Receiving {
+        &self.receiving
     }
 
     /// Which peer nodes are up (node-level liveness).

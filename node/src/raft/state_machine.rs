@@ -145,7 +145,7 @@ impl GroupSm {
         let (Command::Shard(step), SmState::Shard(s)) = (cmd, state) else { return Ok(()) };
         if matches!(step, ShardCommand::Activate { .. }) {
             // Files a late chunk staged after the ingest: nothing needs them.
-            crate::split::sst::remove_staged(&self.snapshot_root, self.group);
+            crate::split::receive::remove_staged(&self.snapshot_root, self.group);
         }
         let Some((op, attempt, files)) = crate::split::apply::backfill_files_to_ingest(s, step) else {
             return Ok(());
@@ -284,7 +284,7 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
             let waiting = matches!(&new_state,
                 SmState::Shard(s) if s.incoming.as_ref().is_some_and(|i| i.backfill.is_none()));
             if !waiting {
-                crate::split::sst::remove_staged(&self.snapshot_root, self.group);
+                crate::split::receive::remove_staged(&self.snapshot_root, self.group);
             }
             *state = new_state;
             self.installing.store(false, Ordering::SeqCst);
@@ -616,9 +616,10 @@ mod tests {
             ("m", None),
             out.path(),
             &mut sst::RateLimit::new(0),
-            |n, p, f, _| {
-                sst::stage_local(root, G, OP, 3, n, &p)?;
-                files.push(f);
+            |n, p, len, _| {
+                crate::split::receive::stage_local(root, G, OP, 3, n, &p)?;
+                let (_, hash) = sst::file_hash(&p)?;
+                files.push(sst::SstFile { len, hash });
                 Ok(())
             },
         )

@@ -153,7 +153,7 @@ node_calls! {
     Ping { from: NodeId } -> Pong;
     /// One chunk of a split's backfill file for the local replica of a
     /// receiving shard (`split::sst`); sent on the bulk lane.
-    SplitChunk { chunk: crate::split::sst::Chunk } -> ();
+    SplitChunk { chunk: crate::split::receive::Chunk } -> ();
     /// Apply a transaction step through the shard's leader (`txn`).
     TxnStep { shard: ShardId, cmd: crate::txn::TxnCommand, hops: u8, budget_ms: u64 } -> crate::txn::TxnReply;
 }

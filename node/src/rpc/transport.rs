@@ -69,6 +69,9 @@ impl Security {
 
 /// Largest frame accepted (snapshot chunks are 1 MiB; log batches are bounded).
 const MAX_FRAME: usize = crate::codec::DECODE_LIMIT;
+/// The most memory a frame's body takes before its bytes arrive: a split's
+/// backfill chunk and what goes around it.
+const FRAME_STEP: usize = crate::split::sst::CHUNK_BYTES + (64 << 10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bound on a whole dial: connecting, then TLS and the secret's handshake
 /// (a peer that accepts but never answers, e.g. a paused process).
@@ -186,13 +189,18 @@ async fn read_frame(r: &mut BufReader<Reader>) -> std::io::Result<(u64, Vec<u8>)
         return Err(std::io::Error::other(format!("bad frame length {len}")));
     }
     let id = r.read_u64().await?;
-    // Memory grows with the bytes that actually arrive, not with what the
-    // length prefix claims (a 4-byte header must not reserve 256 MiB).
+    // Memory grows with the bytes that actually arrive, in steps of at most
+    // `FRAME_STEP`, not with what the length prefix claims (a 12-byte header
+    // must not reserve 256 MiB); a frame within one step (a backfill chunk)
+    // is read into memory allocated once.
     let want = len - 8;
-    let mut body = Vec::with_capacity(want.min(1 << 20));
-    (&mut *r).take(want as u64).read_to_end(&mut body).await?;
-    if body.len() != want {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "frame cut short"));
+    let mut body = Vec::new();
+    while body.len() < want {
+        let from = body.len();
+        let step = (want - from).min(FRAME_STEP);
+        body.reserve_exact(step);
+        body.resize(from + step, 0);
+        r.read_exact(&mut body[from..]).await?;
     }
     Ok((id, body))
 }

@@ -32,7 +32,7 @@ use crate::kv::{self, Capture, ForwardEntry, Incoming};
 use crate::node::Node;
 use crate::raft::SmState;
 use crate::rpc::{self, ExecError, ForwardStatus, TargetStatus};
-use crate::split::sst;
+use crate::split::{receive, sst};
 use crate::storage;
 
 /// Records per backfill or forward batch, and bytes per batch.
@@ -304,98 +304,109 @@ async fn backfill(
         let estimate = estimate.unwrap_or(0);
         status.lock().unwrap().bytes_total = estimate;
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, std::path::PathBuf, sst::SstFile, (u64, u64))>(1);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, std::path::PathBuf, u64, (u64, u64))>(1);
     let (start, end, target, op_id) = (cap.start.clone(), cap.end.clone(), cap.target, cap.op_id);
     let (out, rate) = (dir.to_path_buf(), node.settings().backfill_bytes_per_s);
-    let writer = tokio::task::spawn_blocking(move || {
+    let writer = crate::background::run(move || {
         let mut limit = sst::RateLimit::new(rate);
         let range = (start.as_str(), end.as_deref());
-        sst::write_files(&db, group, target, op_id, attempt, range, &out, &mut limit, |n, p, f, so_far| {
-            tx.blocking_send((n, p, f, so_far)).map_err(|_| std::io::Error::other("the backfill shipper stopped"))
+        sst::write_files(&db, group, target, op_id, attempt, range, &out, &mut limit, |n, p, len, so_far| {
+            tx.blocking_send((n, p, len, so_far)).map_err(|_| std::io::Error::other("the backfill shipper stopped"))
         })
     });
     let mut files = Vec::new();
-    while let Some((n, path, file, (records, bytes))) = rx.recv().await {
+    while let Some((n, path, len, (records, bytes))) = rx.recv().await {
         if current_capture(node, group, cap.op_id).is_none() {
             return Err(ExecError::Unavailable("capture ended or leadership lost".into()));
         }
-        let sends = replicas.iter().map(|r| ship_file(node, cap, attempt, r, n, &path, &file));
-        futures::future::try_join_all(sends).await?;
+        let file = ship_file(node, cap, attempt, &replicas, n, &path).await?;
+        if file.len != len {
+            return Err(ExecError::Internal(format!("backfill file {n} changed while it was shipped")));
+        }
         metrics::counter!("cleave_split_backfill_bytes_total").increment(file.len);
         let mut st = status.lock().unwrap();
         (st.keys_copied, st.bytes_copied) = (records, bytes);
         (st.keys_total, st.bytes_total) = (st.keys_total.max(records), st.bytes_total.max(bytes));
         files.push(file);
     }
-    let written = writer
-        .await
-        .map_err(|e| ExecError::Internal(e.to_string()))?
-        .map_err(|e| ExecError::Internal(format!("writing the backfill files: {e}")))?;
+    let written =
+        writer.await.and_then(|r| r).map_err(|e| ExecError::Internal(format!("writing the backfill files: {e}")))?;
     let mut st = status.lock().unwrap();
     (st.keys_copied, st.keys_total) = (written.records, written.records);
     (st.bytes_copied, st.bytes_total) = (written.bytes, written.bytes);
     Ok((written, files))
 }
 
-/// Ships file `n` of a backfill to one target replica: linked in place if
-/// the replica is on this node, else in chunks on the bulk lane.
+/// Ships file `n` of a backfill to every target replica: linked in place
+/// for a replica on this node; for the others, read once in chunks, each
+/// chunk sent to all of them at once on the bulk lane, the file hashed as
+/// it is read (the last chunk carries the hash). Returns the file's
+/// description for the target's log.
 async fn ship_file(
     node: &Arc<Node>,
     cap: &Capture,
     attempt: u64,
-    r: &Replica,
+    replicas: &[Replica],
     n: u32,
     path: &std::path::Path,
-    file: &sst::SstFile,
-) -> Result<(), ExecError> {
-    let root = node.ctx().snapshot_root.clone();
+) -> Result<sst::SstFile, ExecError> {
     let blocking = |e: tokio::task::JoinError| ExecError::Internal(e.to_string());
-    if r.node_id == node.id() {
-        check_receiving(node, cap.target, r.replica_id, cap.op_id)?;
-        let (path, target, op) = (path.to_path_buf(), cap.target, cap.op_id);
-        return tokio::task::spawn_blocking(move || sst::stage_local(&root, target, op, attempt, n, &path))
+    let read_err = |e: std::io::Error| ExecError::Internal(format!("reading backfill file {n}: {e}"));
+    let (local, remote): (Vec<&Replica>, Vec<&Replica>) = replicas.iter().partition(|r| r.node_id == node.id());
+    let stage_local = async {
+        for r in local {
+            check_receiving(node, cap.target, r.replica_id, cap.op_id)?;
+            let (root, path, target, op) =
+                (node.ctx().snapshot_root.clone(), path.to_path_buf(), cap.target, cap.op_id);
+            tokio::task::spawn_blocking(move || receive::stage_local(&root, target, op, attempt, n, &path))
+                .await
+                .map_err(blocking)?
+                .map_err(|e| ExecError::Internal(format!("staging backfill file {n}: {e}")))?;
+        }
+        Ok::<_, ExecError>(())
+    };
+    let router = node.router();
+    let send_remote = async {
+        let p = path.to_path_buf();
+        let mut reader =
+            crate::background::run(move || sst::ChunkReader::open(&p)).await.and_then(|r| r).map_err(read_err)?;
+        loop {
+            let (r, next) = crate::background::run(move || {
+                let next = reader.next_chunk();
+                (reader, next)
+            })
             .await
-            .map_err(blocking)?
-            .map_err(|e| ExecError::Internal(format!("staging backfill file {n}: {e}")));
-    }
-    let mut offset = 0u64;
-    loop {
-        let (p, at) = (path.to_path_buf(), offset);
-        let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            use std::io::{Read, Seek};
-            let mut f = std::fs::File::open(p)?;
-            f.seek(std::io::SeekFrom::Start(at))?;
-            let mut buf = Vec::with_capacity(sst::CHUNK_BYTES);
-            f.take(sst::CHUNK_BYTES as u64).read_to_end(&mut buf)?;
-            Ok(buf)
-        })
-        .await
-        .map_err(blocking)?
-        .map_err(|e| ExecError::Internal(format!("reading backfill file {n}: {e}")))?;
-        let len = data.len() as u64;
-        let mut data = data;
-        if crate::ops::faults::CORRUPT_BACKFILL.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Some(b) = data.last_mut() {
-                *b ^= 0x5a;
+            .map_err(read_err)?;
+            reader = r;
+            let Some((offset, data)) = next.map_err(read_err)? else {
+                return Ok::<_, ExecError>(sst::SstFile { len: reader.file_len(), hash: reader.hash() });
+            };
+            let hash = reader.is_done().then(|| reader.hash());
+            let mut data = data;
+            if crate::ops::faults::CORRUPT_BACKFILL.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(b) = data.last_mut() {
+                    *b ^= 0x5a;
+                }
             }
+            let sends = remote.iter().map(|r| {
+                let chunk = receive::Chunk {
+                    group: cap.target,
+                    replica_id: r.replica_id,
+                    op_id: cap.op_id,
+                    attempt,
+                    file: n,
+                    offset,
+                    file_len: reader.file_len(),
+                    hash,
+                    data: data.clone(),
+                };
+                router.bulk_call(r.node_id, rpc::SplitChunk { chunk })
+            });
+            futures::future::try_join_all(sends).await?;
         }
-        let chunk = sst::Chunk {
-            group: cap.target,
-            replica_id: r.replica_id,
-            op_id: cap.op_id,
-            attempt,
-            file: n,
-            offset,
-            file_len: file.len,
-            hash: file.hash,
-            data,
-        };
-        node.router().bulk_call(r.node_id, rpc::SplitChunk { chunk }).await?;
-        offset += len;
-        if offset >= file.len || len == 0 {
-            return Ok(());
-        }
-    }
+    };
+    let ((), file) = futures::future::try_join(stage_local, send_remote).await?;
+    Ok(file)
 }
 
 /// Refuses unless this node holds replica `replica_id` of `group`, and it
@@ -415,14 +426,14 @@ fn check_receiving(node: &Node, group: u64, replica_id: u64, op: OpId) -> Result
 
 /// Stages one chunk of a backfill file for a local replica (a target
 /// replica's side of [`ship_file`]).
-pub async fn receive_chunk(node: &Node, chunk: sst::Chunk) -> Result<(), ExecError> {
+pub async fn receive_chunk(node: &Node, chunk: receive::Chunk) -> Result<(), ExecError> {
     check_receiving(node, chunk.group, chunk.replica_id, chunk.op_id)?;
-    let root = node.ctx().snapshot_root.clone();
-    tokio::task::spawn_blocking(move || sst::receive_chunk(&root, &chunk))
+    let (root, receiving) = (node.ctx().snapshot_root.clone(), node.receiving().clone());
+    crate::background::run(move || receive::receive_chunk(&root, &receiving, &chunk))
         .await
         .map_err(|e| ExecError::Internal(e.to_string()))?
         .map_err(|e| {
-            if matches!(e, sst::ChunkError::Checksum { .. }) {
+            if matches!(e, receive::ChunkError::Checksum { .. }) {
                 tracing::warn!("refusing a split backfill file: {e}");
                 metrics::counter!("cleave_split_backfill_refused_total").increment(1);
             }

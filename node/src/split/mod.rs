@@ -8,7 +8,8 @@
 //! - [`forwarder`], run by A's leader for each capture, copies the range
 //!   from a RocksDB snapshot into B (backfill, as table files: [`sst`]) and
 //!   ships A's forward log of writes to B in order (catch-up), keeping the
-//!   verification digest.
+//!   verification digest; [`receive`] is the target replicas' side of the
+//!   files' transfer.
 //! - [`apply`] is what the shards do when the split's steps reach their logs.
 //! - [`digest`]: the order-independent content digest both sides compare.
 //! - [`split_key`]: where to split a range (by file boundaries when large).
@@ -21,6 +22,7 @@
 pub mod apply;
 pub mod digest;
 pub mod forwarder;
+pub mod receive;
 pub mod split_key;
 pub mod sst;
 pub mod steps;

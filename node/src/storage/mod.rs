@@ -76,8 +76,23 @@ pub fn open(dir: &Path) -> Result<Arc<Db>, rocksdb::Error> {
         rocksdb::ColumnFamilyDescriptor::new(CF_DATA, data_cf_options()),
         rocksdb::ColumnFamilyDescriptor::new(CF_GROUP_META, rocksdb::Options::default()),
     ];
-    Ok(Arc::new(Db::open_cf_descriptors(&opts, dir, cfs)?))
+    let db = Db::open_cf_descriptors(&opts, dir, cfs)?;
+    // A table file moved down to the last level as it was flushed keeps its
+    // sequence numbers, and RocksDB rewrites it whole — only to zero them —
+    // as soon as any snapshot is released ("BottommostFiles" compactions,
+    // rocksdb#11701). Ours are released all the time (a Raft snapshot's
+    // build, a split's backfill): each released one had every node rewrite
+    // its newest 64 MiB files during the split, a third of their CPU. Such a
+    // file waits an hour instead; ordinary compactions take it before.
+    for name in [CF_RAFT_LOG, CF_RAFT_STATE, CF_DATA, CF_GROUP_META] {
+        db.set_options_cf(cf(&db, name), &[("bottommost_file_compaction_delay", BOTTOMMOST_DELAY_S)])?;
+    }
+    Ok(Arc::new(db))
 }
+
+/// Seconds a last-level table file waits before it may be rewritten only to
+/// drop what a released snapshot protected (see [`open`]).
+const BOTTOMMOST_DELAY_S: &str = "3600";
 
 /// Options of the `data` family; table files made outside the database
 /// for it (a split's backfill, `split::sst`) are written with them too.

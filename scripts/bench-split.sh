@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Measures one live split under write load: the figures of README "Latest
+# split figures" (issue 14).
+#
+# Starts a fresh 3-node cluster on 127.0.0.1 with --max-splits 0 --balance
+# false, then runs
+#   cleave-bench split --fill-mb $SPLIT_FILL_MB --value-size 1024
+#                      --before 10s --after 10s -c 16
+# (preload, writes before, the split of the loaded range, writes during and
+# after) and prints its report. Run once per size; each run starts over.
+#
+# Env (defaults):
+#   CARGO_TARGET_DIR=~/.cache/cleavedb/target   binaries from `cargo build --release --bins`
+#   CLEAVE_NODE_BIN, CLEAVE_BENCH_BIN            override the binaries
+#   SPLIT_FILL_MB=256     data in the range before the split
+#   SPLIT_PORT_BASE=28400 node N: API on BASE+N, RPC on BASE+50+N
+#   SPLIT_DATA            data dir [a new /tmp/cleave-split.XXXXXX]; logs nodeN.log stay there
+#   SPLIT_KEEP=0          1: keep the nodes' data dirs (RocksDB's LOG files tell what
+#                         the database did)
+#   SPLIT_NODE_ARGS       further arguments for every node (e.g. --split-backfill-rate 64)
+#   SPLIT_BENCH_ARGS      further arguments for cleave-bench split
+#   SPLIT_PERF=0          1: `perf record` every node for SPLIT_PERF_SECS (3) from the moment
+#                         the split begins (profiles in $SPLIT_DATA/perf-nodeN.data)
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/stop-pids.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/start-nodes.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/start-nodes.sh"
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cleavedb/target}"
+node_bin="${CLEAVE_NODE_BIN:-$CARGO_TARGET_DIR/release/cleave-node}"
+bench_bin="${CLEAVE_BENCH_BIN:-$CARGO_TARGET_DIR/release/cleave-bench}"
+fill_mb="${SPLIT_FILL_MB:-256}"
+base="${SPLIT_PORT_BASE:-28400}"
+perf="${SPLIT_PERF:-0}"
+host=127.0.0.1
+nodes=3
+
+command -v curl >/dev/null || { echo "bench-split: curl is needed" >&2; exit 2; }
+for bin in "$node_bin" "$bench_bin"; do
+    [[ -x "$bin" ]] || { echo "bench-split: no $bin; run cargo build --release --bins" >&2; exit 2; }
+done
+data="${SPLIT_DATA:-$(mktemp -d /tmp/cleave-split.XXXXXX)}"
+mkdir -p "$data"
+data="$(cd "$data" && pwd)"
+api() { echo "$host:$((base + $1))"; }
+
+pids=()
+perf_pids=()
+stop() {
+    local rc=$?
+    trap - EXIT INT TERM
+    [[ ${#perf_pids[@]} -gt 0 ]] && wait "${perf_pids[@]}" 2>/dev/null
+    stop_pids "${pids[@]}"
+    if [[ "${SPLIT_KEEP:-0}" != 1 ]]; then
+        for i in $(seq 1 "$nodes"); do rm -rf "$data/node$i"; done
+    fi
+    echo "bench-split: logs in $data/node{1..$nodes}.log" >&2
+    exit "$rc"
+}
+trap stop EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+read -r -a extra <<<"${SPLIT_NODE_ARGS:-}"
+for i in $(seq 1 "$nodes"); do rm -rf "$data/node$i"; done
+start_nodes "$node_bin" "$nodes" "$host" "$base" "$data/node" --max-splits 0 --balance false "${extra[@]}"
+endpoints="$(api 1),$(api 2),$(api 3)"
+echo "cluster: 3 nodes up on $endpoints, --max-splits 0 --balance false ${extra[*]}"
+
+if [[ "$perf" == 1 ]]; then
+    command -v perf >/dev/null || { echo "bench-split: perf is needed for SPLIT_PERF=1" >&2; exit 2; }
+    # Profiles from the moment the split's operation appears.
+    (
+        until curl -fsS --max-time 2 "http://$(api 1)/admin/operations" 2>/dev/null | grep -q '"kind"'; do
+            sleep 0.1
+        done
+        for i in $(seq 1 "$nodes"); do
+            perf record -F 499 -g -p "${pids[$((i - 1))]}" -o "$data/perf-node$i.data" -- sleep "${SPLIT_PERF_SECS:-3}" >/dev/null 2>&1 &
+        done
+        wait
+    ) &
+    perf_pids+=($!)
+fi
+
+read -r -a bench_extra <<<"${SPLIT_BENCH_ARGS:-}"
+"$bench_bin" split --endpoints "$endpoints" --fill-mb "$fill_mb" --value-size 1024 \
+    --before 10s --after 10s -c 16 "${bench_extra[@]}"
