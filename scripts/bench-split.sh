@@ -24,7 +24,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/stop-pids.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/lib/start-nodes.sh"
-source "$(dirname "${BASH_SOURCE[0]}")/lib/start-nodes.sh"
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cleavedb/target}"
 node_bin="${CLEAVE_NODE_BIN:-$CARGO_TARGET_DIR/release/cleave-node}"
@@ -49,8 +48,8 @@ perf_pids=()
 stop() {
     local rc=$?
     trap - EXIT INT TERM
-    [[ ${#perf_pids[@]} -gt 0 ]] && wait "${perf_pids[@]}" 2>/dev/null
     stop_pids "${pids[@]}"
+    [[ ${#perf_pids[@]} -gt 0 ]] && { kill "${perf_pids[@]}" 2>/dev/null; wait "${perf_pids[@]}" 2>/dev/null; }
     if [[ "${SPLIT_KEEP:-0}" != 1 ]]; then
         for i in $(seq 1 "$nodes"); do rm -rf "$data/node$i"; done
     fi
@@ -72,6 +71,7 @@ if [[ "$perf" == 1 ]]; then
     # Profiles from the moment the split's operation appears.
     (
         until curl -fsS --max-time 2 "http://$(api 1)/admin/operations" 2>/dev/null | grep -q '"kind"'; do
+            kill -0 "${pids[0]}" 2>/dev/null || exit 0
             sleep 0.1
         done
         for i in $(seq 1 "$nodes"); do

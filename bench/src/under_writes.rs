@@ -424,8 +424,10 @@ pub fn render(r: &OpRun, what: &str, header: String, details: &[String], trailer
         .windows
         .iter()
         .map(|w| {
+            // A phase's row sits under "during".
+            let phase = !["before", "during", "after", "all"].contains(&w.name.as_str());
             let mut row = vec![
-                w.name.clone(),
+                if phase { format!("  {}", w.name) } else { w.name.clone() },
                 format!("{:.1}s", w.to_s - w.from_s),
                 w.writes.to_string(),
                 fmt_rate(w.writes_per_s),

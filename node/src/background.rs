@@ -55,6 +55,7 @@ fn lower_priority() {}
 
 #[cfg(test)]
 mod tests {
+    #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn runs_the_work_at_a_low_priority_and_hands_back_its_result() {
         let (value, nice) = super::run(|| {
@@ -65,9 +66,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(value, 42);
-        #[cfg(target_os = "linux")]
         assert!(nice >= super::NICE, "nice {nice}");
-        let _ = nice;
     }
 
     #[tokio::test]

@@ -44,9 +44,8 @@ pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, CodecError> {
     let config = bincode::config::standard();
     let mut size = bincode::enc::write::SizeWriter::default();
     bincode::serde::encode_into_writer(v, &mut size, config)?;
-    let mut out = vec![0u8; size.bytes_written];
-    let n = bincode::serde::encode_into_slice(v, &mut out, config)?;
-    out.truncate(n);
+    let mut out = Vec::with_capacity(size.bytes_written);
+    bincode::serde::encode_into_std_write(v, &mut out, config)?;
     Ok(out)
 }
 

@@ -152,7 +152,7 @@ node_calls! {
     /// instead of Raft heartbeats per group.
     Ping { from: NodeId } -> Pong;
     /// One chunk of a split's backfill file for the local replica of a
-    /// receiving shard (`split::sst`); sent on the bulk lane.
+    /// receiving shard (`split::receive`); sent on the bulk lane.
     SplitChunk { chunk: crate::split::receive::Chunk } -> ();
     /// Apply a transaction step through the shard's leader (`txn`).
     TxnStep { shard: ShardId, cmd: crate::txn::TxnCommand, hops: u8, budget_ms: u64 } -> crate::txn::TxnReply;

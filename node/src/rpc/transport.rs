@@ -17,7 +17,8 @@
 //! of `security::handshake` on both sides before any frame: a peer that
 //! fails it, or later sends a frame that does not decode, is disconnected.
 //!
-//! Bulk transfers (Raft snapshot chunks, 1 MiB each) take a second
+//! Bulk transfers (Raft snapshot chunks of 1 MiB, split backfill chunks of
+//! 4 MiB) take a second
 //! connection per peer, [`Lane::Bulk`], as TiKV sends snapshots apart from
 //! its Raft messages: queued behind chunks, heartbeats and appends would
 //! time out, and a connection dropped for silence would take a snapshot
@@ -189,18 +190,20 @@ async fn read_frame(r: &mut BufReader<Reader>) -> std::io::Result<(u64, Vec<u8>)
         return Err(std::io::Error::other(format!("bad frame length {len}")));
     }
     let id = r.read_u64().await?;
-    // Memory grows with the bytes that actually arrive, in steps of at most
-    // `FRAME_STEP`, not with what the length prefix claims (a 12-byte header
-    // must not reserve 256 MiB); a frame within one step (a backfill chunk)
-    // is read into memory allocated once.
+    // Memory grows with the bytes that actually arrive (reserved ahead by at
+    // most `FRAME_STEP`, then doubling), not with what the length prefix
+    // claims: a 12-byte header must not make the node hold 256 MiB. A frame
+    // within one step (a backfill chunk) is read into memory allocated once.
     let want = len - 8;
-    let mut body = Vec::new();
+    let mut body = Vec::with_capacity(want.min(FRAME_STEP));
     while body.len() < want {
-        let from = body.len();
-        let step = (want - from).min(FRAME_STEP);
-        body.reserve_exact(step);
-        body.resize(from + step, 0);
-        r.read_exact(&mut body[from..]).await?;
+        if body.len() == body.capacity() {
+            body.reserve_exact(body.len().min(want - body.len()));
+        }
+        let room = (body.capacity() - body.len()).min(want - body.len());
+        if (&mut *r).take(room as u64).read_buf(&mut body).await? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "frame cut short"));
+        }
     }
     Ok((id, body))
 }

@@ -370,6 +370,11 @@ async fn ship_file(
         let p = path.to_path_buf();
         let mut reader =
             crate::background::run(move || sst::ChunkReader::open(&p)).await.and_then(|r| r).map_err(read_err)?;
+        if reader.file_len() == 0 {
+            // Never made (the last file holds the marker): it would reach
+            // no remote replica, and they could not apply the entry.
+            return Err(ExecError::Internal(format!("backfill file {n} is empty")));
+        }
         loop {
             let (r, next) = crate::background::run(move || {
                 let next = reader.next_chunk();
@@ -429,6 +434,7 @@ fn check_receiving(node: &Node, group: u64, replica_id: u64, op: OpId) -> Result
 pub async fn receive_chunk(node: &Node, chunk: receive::Chunk) -> Result<(), ExecError> {
     check_receiving(node, chunk.group, chunk.replica_id, chunk.op_id)?;
     let (root, receiving) = (node.ctx().snapshot_root.clone(), node.receiving().clone());
+    let _permit = receiving.permits.clone().acquire_owned().await.map_err(|e| ExecError::Internal(e.to_string()))?;
     crate::background::run(move || receive::receive_chunk(&root, &receiving, &chunk))
         .await
         .map_err(|e| ExecError::Internal(e.to_string()))?

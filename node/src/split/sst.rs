@@ -358,10 +358,10 @@ pub fn ingest_staged(db: &Db, root: &Path, group: u64, op: OpId, attempt: u64, f
     let dir = attempt_dir(root, group, op, attempt);
     let mut paths = Vec::with_capacity(files.len());
     for (n, want) in files.iter().enumerate() {
-        // Each file's hash was checked when it arrived, before it was
-        // acknowledged; here, that it is still the file that was (reading
-        // it all again would stall the apply), and RocksDB checks its
-        // blocks' own checksums as it reads them.
+        // Each file's bytes were hashed as they arrived and checked before
+        // the file was acknowledged (`receive`); here, that it is still the
+        // file that was (reading it all again would stall the apply), and
+        // RocksDB checks its blocks' own checksums as it reads them.
         let path = file_path(&dir, n as u32);
         let len = fs::metadata(&path)
             .map_err(|e| io::Error::other(format!("backfill file {} of operation {op}: {e}", path.display())))?
