@@ -203,7 +203,9 @@ pub fn receive_chunk(root: &Path, receiving: &Receiving, c: &Chunk) -> Result<()
     // Where the file stands: a new one, or one whose received part is
     // exactly what the hash in memory covers.
     let mut hash = if c.offset == 0 {
-        create_dir_synced(&dir, root).map_err(io)?;
+        if !dir.is_dir() {
+            create_dir_synced(&dir, root).map_err(io)?;
+        }
         File::create(&part).map_err(io)?;
         Xxh3::new()
     } else {
@@ -323,9 +325,10 @@ fn open_direct(_path: &Path) -> io::Result<Option<File>> {
 }
 
 /// Creates `dir` and its missing parents below `root`, and makes each
-/// one's entry durable in its parent — also when another thread created it and may not
-/// have synced its parent yet: a staged file is acknowledged only once a
-/// crash cannot lose it.
+/// one's entry durable in its parent — also one another thread created and
+/// may not have synced yet: a staged file is acknowledged only once a crash
+/// cannot lose it. Called once per attempt directory (its files are then
+/// synced into it one by one).
 fn create_dir_synced(dir: &Path, root: &Path) -> io::Result<()> {
     if dir == root || !dir.starts_with(root) {
         // The root's own durability is the node's to see to, at its start.
@@ -355,7 +358,9 @@ pub fn remove_staged(root: &Path, group: u64) {
 /// source. Blocking.
 pub fn stage_local(root: &Path, group: u64, op: OpId, attempt: u64, n: u32, from: &Path) -> io::Result<()> {
     let dir = attempt_dir(root, group, op, attempt);
-    create_dir_synced(&dir, root)?;
+    if !dir.is_dir() {
+        create_dir_synced(&dir, root)?;
+    }
     let to: PathBuf = file_path(&dir, n);
     let _ = fs::remove_file(&to);
     if fs::hard_link(from, &to).is_err() {
