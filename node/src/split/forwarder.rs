@@ -368,26 +368,29 @@ async fn ship_file(
     let router = node.router();
     let send_remote = async {
         let p = path.to_path_buf();
-        let mut reader =
+        let reader =
             crate::background::run(move || sst::ChunkReader::open(&p)).await.and_then(|r| r).map_err(read_err)?;
         if reader.file_len() == 0 {
             // Never made (the last file holds the marker): it would reach
             // no remote replica, and they could not apply the entry.
             return Err(ExecError::Internal(format!("backfill file {n} is empty")));
         }
-        loop {
-            let (r, next) = crate::background::run(move || {
+        let file_len = reader.file_len();
+        // The next chunk is read while this one is sent.
+        let read_next = |mut reader: sst::ChunkReader| {
+            crate::background::run(move || {
                 let next = reader.next_chunk();
                 (reader, next)
             })
-            .await
-            .map_err(read_err)?;
-            reader = r;
-            let Some((offset, data)) = next.map_err(read_err)? else {
-                return Ok::<_, ExecError>(sst::SstFile { len: reader.file_len(), hash: reader.hash() });
+        };
+        let mut reading = read_next(reader);
+        loop {
+            let (reader, next) = reading.await.map_err(read_err)?;
+            let Some((offset, mut data)) = next.map_err(read_err)? else {
+                return Err(ExecError::Internal(format!("backfill file {n} ended before its length")));
             };
-            let hash = reader.is_done().then(|| reader.hash());
-            let mut data = data;
+            let done = reader.is_done();
+            let hash = done.then(|| reader.hash());
             if crate::ops::faults::CORRUPT_BACKFILL.load(std::sync::atomic::Ordering::Relaxed) {
                 if let Some(b) = data.last_mut() {
                     *b ^= 0x5a;
@@ -401,13 +404,23 @@ async fn ship_file(
                     attempt,
                     file: n,
                     offset,
-                    file_len: reader.file_len(),
+                    file_len,
                     hash,
                     data: data.clone(),
                 };
                 router.bulk_call(r.node_id, rpc::SplitChunk { chunk })
             });
-            futures::future::try_join_all(sends).await?;
+            let sent = futures::future::try_join_all(sends);
+            match hash {
+                Some(hash) => {
+                    sent.await?;
+                    return Ok::<_, ExecError>(sst::SstFile { len: file_len, hash });
+                }
+                None => {
+                    reading = read_next(reader);
+                    sent.await?;
+                }
+            }
         }
     };
     let ((), file) = futures::future::try_join(stage_local, send_remote).await?;
