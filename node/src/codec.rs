@@ -63,6 +63,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn encoding_sized_first_gives_the_same_bytes() {
+        // A small value and one of megabytes (a backfill chunk's shape).
+        let small = ("key".to_string(), 42u64, Some(7u32));
+        let big = (9u64, serde_bytes::ByteBuf::from(vec![0xabu8; (4 << 20) + 17]), None::<u64>);
+        let config = bincode::config::standard();
+        let small_bytes = encode(&small).unwrap();
+        assert_eq!(small_bytes, bincode::serde::encode_to_vec(&small, config).unwrap());
+        let big_bytes = encode(&big).unwrap();
+        assert_eq!(big_bytes, bincode::serde::encode_to_vec(&big, config).unwrap());
+        assert_eq!(big_bytes.capacity(), big_bytes.len(), "allocated once, at its size");
+        let back: (u64, serde_bytes::ByteBuf, Option<u64>) = decode(&big_bytes).unwrap();
+        assert_eq!(back, big);
+    }
+
+    #[test]
     fn a_huge_length_prefix_is_an_error_not_an_abort() {
         // A string whose varint length prefix claims 2^62 bytes (marker 253,
         // then the u64 little-endian), followed by nothing.

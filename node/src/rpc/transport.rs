@@ -481,6 +481,51 @@ mod tests {
         }
     }
 
+    /// Writes a frame as `write_loop` does: length (id included), id, body.
+    async fn frame(w: &mut (impl AsyncWrite + Unpin), id: u64, body: &[u8]) {
+        w.write_all(&((body.len() + 8) as u32).to_be_bytes()).await.unwrap();
+        w.write_all(&id.to_be_bytes()).await.unwrap();
+        w.write_all(body).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn frames_of_every_size_are_read_whole_and_a_cut_one_is_an_error() {
+        let (mut w, r) = tokio::io::duplex(64 << 10);
+        let mut r = BufReader::new(Box::new(r) as Reader);
+        // Empty, small, a backfill chunk's size, and larger than one step
+        // of the reader's reservation (it grows past it).
+        let sizes = [0, 100, crate::split::sst::CHUNK_BYTES + 300, FRAME_STEP * 2 + 12_345];
+        let bodies: Vec<Vec<u8>> = sizes.iter().map(|&n| (0..n).map(|i| (i * 31 % 251) as u8).collect()).collect();
+        let sent = bodies.clone();
+        let writer = tokio::spawn(async move {
+            for (id, body) in sent.iter().enumerate() {
+                frame(&mut w, id as u64, body).await;
+            }
+            // A frame whose body stops short, then the connection closes.
+            w.write_all(&1008u32.to_be_bytes()).await.unwrap();
+            w.write_all(&9u64.to_be_bytes()).await.unwrap();
+            w.write_all(&[7u8; 10]).await.unwrap();
+        });
+        for (id, body) in bodies.iter().enumerate() {
+            let (got_id, got) = read_frame(&mut r).await.unwrap();
+            assert_eq!((got_id, got.len()), (id as u64, body.len()));
+            assert!(got == *body, "frame {id} read back different bytes");
+        }
+        writer.await.unwrap();
+        let err = read_frame(&mut r).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_length_prefix_past_the_largest_frame_is_refused() {
+        let (mut w, r) = tokio::io::duplex(1024);
+        let mut r = BufReader::new(Box::new(r) as Reader);
+        w.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        w.write_all(&1u64.to_be_bytes()).await.unwrap();
+        let err = read_frame(&mut r).await.unwrap_err();
+        assert!(err.to_string().contains("bad frame length"), "{err}");
+    }
+
     #[tokio::test]
     async fn a_short_timeout_on_a_busy_peer_fails_only_its_own_call() {
         let addr = slow_server().await;
