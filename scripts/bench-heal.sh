@@ -29,11 +29,9 @@
 #   HEAL_NODE_ARGS        further arguments for every node
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/stop-pids.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/bins.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/lib/start-nodes.sh"
 
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cleavedb/target}"
-node_bin="${CLEAVE_NODE_BIN:-$CARGO_TARGET_DIR/release/cleave-node}"
-bench_bin="${CLEAVE_BENCH_BIN:-$CARGO_TARGET_DIR/release/cleave-bench}"
 base="${HEAL_PORT_BASE:-28200}"
 dead_after="${HEAL_DEAD_AFTER:-10}"
 fill_mb="${HEAL_FILL_MB:-50}"
@@ -45,12 +43,8 @@ keep="${HEAL_KEEP:-0}"
 host=127.0.0.1
 nodes=4
 
-for tool in curl python3; do
-    command -v "$tool" >/dev/null || { echo "bench-heal: $tool is needed" >&2; exit 2; }
-done
-for bin in "$node_bin" "$bench_bin"; do
-    [[ -x "$bin" ]] || { echo "bench-heal: no $bin; run cargo build --release --bins" >&2; exit 2; }
-done
+need_tools bench-heal curl python3
+need_bins bench-heal "$node_bin" "$bench_bin"
 data="${HEAL_DATA:-$(mktemp -d /tmp/cleave-heal.XXXXXX)}"
 mkdir -p "$data"
 data="$(cd "$data" && pwd)"

@@ -23,21 +23,17 @@
 #                         the split begins (profiles in $SPLIT_DATA/perf-nodeN.data)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/stop-pids.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/bins.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/lib/start-nodes.sh"
 
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cleavedb/target}"
-node_bin="${CLEAVE_NODE_BIN:-$CARGO_TARGET_DIR/release/cleave-node}"
-bench_bin="${CLEAVE_BENCH_BIN:-$CARGO_TARGET_DIR/release/cleave-bench}"
 fill_mb="${SPLIT_FILL_MB:-256}"
 base="${SPLIT_PORT_BASE:-28400}"
 perf="${SPLIT_PERF:-0}"
 host=127.0.0.1
 nodes=3
 
-command -v curl >/dev/null || { echo "bench-split: curl is needed" >&2; exit 2; }
-for bin in "$node_bin" "$bench_bin"; do
-    [[ -x "$bin" ]] || { echo "bench-split: no $bin; run cargo build --release --bins" >&2; exit 2; }
-done
+need_tools bench-split curl
+need_bins bench-split "$node_bin" "$bench_bin"
 data="${SPLIT_DATA:-$(mktemp -d /tmp/cleave-split.XXXXXX)}"
 mkdir -p "$data"
 data="$(cd "$data" && pwd)"
@@ -67,7 +63,7 @@ endpoints="$(api 1),$(api 2),$(api 3)"
 echo "cluster: 3 nodes up on $endpoints, --max-splits 0 --balance false ${extra[*]}"
 
 if [[ "$perf" == 1 ]]; then
-    command -v perf >/dev/null || { echo "bench-split: perf is needed for SPLIT_PERF=1" >&2; exit 2; }
+    need_tools bench-split perf
     # Profiles from the moment the split's operation appears.
     (
         until curl -fsS --max-time 2 "http://$(api 1)/admin/operations" 2>/dev/null | grep -q '"kind"'; do

@@ -18,21 +18,17 @@
 #   TXN_CASES  only the runs whose names contain one of these words (e.g. "zipfian")
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/stop-pids.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/bins.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/lib/start-nodes.sh"
 
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cleavedb/target}"
-node_bin="${CLEAVE_NODE_BIN:-$CARGO_TARGET_DIR/release/cleave-node}"
-bench_bin="${CLEAVE_BENCH_BIN:-$CARGO_TARGET_DIR/release/cleave-bench}"
 base="${TXN_PORT_BASE:-28400}"
 keys="${TXN_KEYS:-10000}"
 duration="${TXN_DURATION:-20s}"
 conc="${TXN_CONCURRENCY:-32}"
 ranges="${TXN_RANGES:-8}"
 host=127.0.0.1
-for bin in "$node_bin" "$bench_bin"; do
-    [[ -x "$bin" ]] || { echo "bench-txn: no $bin; run cargo build --release --bins" >&2; exit 2; }
-done
-command -v curl >/dev/null || { echo "bench-txn: curl is needed" >&2; exit 2; }
+need_bins bench-txn "$node_bin" "$bench_bin"
+need_tools bench-txn curl
 data="${TXN_DATA:-$(mktemp -d /tmp/cleave-txnbench.XXXXXX)}"
 mkdir -p "$data"
 

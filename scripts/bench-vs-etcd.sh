@@ -36,11 +36,10 @@
 #   BENCH_SECONDS, BENCH_CONNS, BENCH_THREADS, BENCH_KEYS, GROUPS_*: passed on
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/stop-pids.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/bins.sh"
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cleavedb/target}"
-node_bin="${CLEAVE_NODE_BIN:-$CARGO_TARGET_DIR/release/cleave-node}"
 shards="${BENCH_SHARDS:-1}"
 runs="${BENCH_RUNS:-1}"
 idle_secs="${BENCH_IDLE_SECS:-30}"
@@ -51,10 +50,8 @@ host=127.0.0.1
 api_base=29000
 raft_base=29100
 
-for tool in curl python3; do
-    command -v "$tool" >/dev/null || { echo "bench-vs-etcd: $tool is needed" >&2; exit 2; }
-done
-[[ -x "$node_bin" ]] || { echo "bench-vs-etcd: no $node_bin; run cargo build --release --bins" >&2; exit 2; }
+need_tools bench-vs-etcd curl python3
+need_bins bench-vs-etcd "$node_bin"
 [[ -f "$vs_etcd" ]] || { echo "bench-vs-etcd: no $vs_etcd" >&2; exit 2; }
 if ! command -v wrk >/dev/null || ! command -v etcd >/dev/null; then
     apt-get update -qq && apt-get install -y -qq etcd-server wrk >/dev/null
