@@ -162,6 +162,7 @@ impl Receiving {
     }
 
     /// How many files are in flight.
+    #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.files.lock().unwrap().len()
     }
