@@ -60,6 +60,10 @@ pub enum ShardCommand {
         attempt: u64,
         files: Vec<crate::split::sst::SstFile>,
     },
+    /// Source: as [`ShardCommand::BeginCapture`], for a target whose every
+    /// replica sits beside one of the source's: each node fills its target
+    /// replica from its source replica (`split::mirror`).
+    MirrorCapture { op_id: OpId, start: String, end: Option<String>, target: ShardId },
 }
 
 /// A write to one key, stamped with the route it was sent on.

@@ -100,6 +100,11 @@ pub struct Args {
     /// shares the node with client traffic; this keeps its share bounded.
     #[arg(long, env = "CLEAVE_SPLIT_BACKFILL_RATE")]
     pub split_backfill_rate: Option<u64>,
+    /// Fill a split's new shard on each node from the source replica beside it (no copy over
+    /// the network, no forward log) when every new replica sits on a node that holds a source
+    /// replica; false: always ship the backfill and forward the writes [default: true].
+    #[arg(long, env = "CLEAVE_SPLIT_MIRROR")]
+    pub split_mirror: Option<bool>,
     /// Abandon a split whose capture (backfill, forwarding) makes no progress for this many
     /// milliseconds (0: never) [default: 60000].
     #[arg(long, env = "CLEAVE_SPLIT_STALL_TIMEOUT_MS")]
@@ -254,6 +259,7 @@ impl Args {
                 heartbeat: Duration::from_millis(self.node_heartbeat_ms.unwrap_or(1000).max(10)),
                 backfill_bytes_per_s: self.split_backfill_rate.unwrap_or(128).saturating_mul(1 << 20),
                 split_stall: Duration::from_millis(self.split_stall_timeout_ms.unwrap_or(60_000)),
+                split_mirror: self.split_mirror.unwrap_or(true),
                 join_https: tls.as_ref().map(|t| t.ca.clone()),
             },
             raft: RaftSettings {

@@ -34,6 +34,11 @@ pub struct Capture {
     /// which the target's must match at the freeze.
     #[serde(default)]
     pub changes: u64,
+    /// Every target replica sits beside a replica of this shard: writes to
+    /// the range are repeated under the target's keys on each node
+    /// (`split::mirror`) instead of going to the forward log.
+    #[serde(default)]
+    pub mirror: bool,
 }
 
 impl Capture {
@@ -72,6 +77,10 @@ pub struct Incoming {
     /// lock as the watermark, so the two always agree.
     #[serde(default)]
     pub live: (u64, u64),
+    /// Filled on each node from its replica of this source shard
+    /// (`split::mirror`), not through this shard's log.
+    #[serde(default)]
+    pub mirror_of: Option<ShardId>,
 }
 
 impl Incoming {
@@ -88,6 +97,7 @@ impl Incoming {
             backfill_copied: (0, 0),
             capture_base: 0,
             live: (0, 0),
+            mirror_of: None,
         }
     }
 
@@ -299,6 +309,12 @@ pub struct ApplyBatch {
     pub changed: bool,
     /// The forward-log entries written in this batch, by (operation, index).
     pub forwarded: HashMap<(OpId, u64), ForwardEntry>,
+    /// Writes to mirrored ranges, repeated under their targets' keys as the
+    /// batch is written (`split::mirror::Mirrors::write_with`).
+    pub mirrored: Vec<crate::split::mirror::MirrorWrite>,
+    /// A mirrored split target's figures on this node, by operation, found
+    /// before its `Activate` is applied (`GroupSm::mirror_before`).
+    pub mirror_figures: HashMap<OpId, crate::split::mirror::Figures>,
 }
 
 /// The current record of `key`: from this batch, else from the database.
@@ -344,10 +360,21 @@ pub fn store(
     let encoded = record.encode();
     let delta = digest::delta(key, current, &record);
     for c in state.captures.iter_mut().filter(|c| c.covers(key)) {
-        // Every write of this entry to the range goes in its one forward
-        // entry, written once the entry is applied ([`flush_forwarded`]).
-        let entry = b.forwarded.entry((c.op_id, index)).or_default();
-        entry.records.push(ForwardRecord { key: key.to_string(), record: encoded.clone(), delta });
+        if c.mirror {
+            b.mirrored.push(crate::split::mirror::MirrorWrite {
+                target: c.target,
+                key: key.to_string(),
+                record: record.clone(),
+                encoded: encoded.clone(),
+                live: StatsDelta::replace(key, current, &record),
+                digest: delta,
+            });
+        } else {
+            // Every write of this entry to the range goes in its one forward
+            // entry, written once the entry is applied ([`flush_forwarded`]).
+            let entry = b.forwarded.entry((c.op_id, index)).or_default();
+            entry.records.push(ForwardRecord { key: key.to_string(), record: encoded.clone(), delta });
+        }
         c.changes = c.changes.wrapping_add(delta);
         b.changed = true;
     }

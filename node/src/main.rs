@@ -69,6 +69,7 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
         snapshot_root: cfg.node.data_dir.join("snapshots"),
         settings: cfg.raft.clone(),
         awake: Default::default(),
+        mirrors: Arc::new(cleave_node::split::mirror::Mirrors::with_rate(cfg.node.backfill_bytes_per_s)),
     };
     // Bind both ports before anything else so a taken port fails fast.
     let raft_listener = tokio::net::TcpListener::bind(&cfg.listen_raft)

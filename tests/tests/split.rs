@@ -28,9 +28,48 @@ use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_under_load_keeps_every_acknowledged_write() {
+    split_under_load(Fill::Mirror).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_under_load_keeps_every_acknowledged_write_with_the_shipped_backfill() {
+    split_under_load(Fill::Shipped).await;
+}
+
+/// How a split's new shard is filled: beside the source on each node (the
+/// default when the new replicas sit on the source's nodes), or shipped
+/// (`--split-mirror false`: files over the network and the forward log).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fill {
+    Mirror,
+    Shipped,
+}
+
+impl Fill {
+    fn args(self) -> Vec<String> {
+        match self {
+            Fill::Mirror => vec![],
+            Fill::Shipped => vec!["--split-mirror".into(), "false".into()],
+        }
+    }
+
+    /// Checks that the splits so far were filled this way.
+    async fn assert_used(self, c: &Cluster) {
+        let mirrored = metric_sum(c, "cleave_split_mirror_copies_total").await;
+        let shipped = metric_sum(c, "cleave_split_backfill_bytes_total").await;
+        match self {
+            Fill::Mirror => assert!(mirrored > 0.0 && shipped == 0.0, "mirrored {mirrored}, shipped {shipped} bytes"),
+            Fill::Shipped => assert!(mirrored == 0.0 && shipped > 0.0, "mirrored {mirrored}, shipped {shipped} bytes"),
+        }
+    }
+}
+
+async fn split_under_load(fill: Fill) {
     // Capturing is held for 2 s, so writes to the moving half are forwarded
-    // to the new shard for a while before the cutover.
-    let opts = ClusterOpts { extra_args: vec!["--fault-hold".into(), "capturing=2000".into()], ..Default::default() };
+    // (or mirrored) to the new shard for a while before the cutover.
+    let mut args = vec!["--fault-hold".into(), "capturing=2000".into()];
+    args.extend(fill.args());
+    let opts = ClusterOpts { extra_args: args, ..Default::default() };
     let c = Cluster::start(3, opts).await;
     let ledger = Arc::new(Ledger::default());
     let keys: Vec<String> = (0..500).map(|i| format!("key/{i:04}")).collect();
@@ -106,6 +145,7 @@ async fn split_under_load_keeps_every_acknowledged_write() {
     assert_eq!(metric_sum(&c, "cleave_splits_started_total").await, 1.0);
     assert_eq!(metric_sum(&c, "cleave_splits_committed_total").await, 1.0);
     assert_eq!(metric_sum(&c, "cleave_splits_aborted_total").await, 0.0);
+    fill.assert_used(&c).await;
 
     // Every acknowledged write is there, through every node; a full scan
     // sees each key exactly once, in order.
@@ -427,7 +467,7 @@ async fn freeze_past_its_deadline_aborts_and_the_source_serves_again() {
 /// source untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_backfill_file_is_refused_and_the_split_aborts_without_touching_the_source() {
-    let args = ["--fault-corrupt-backfill", "true"];
+    let args = ["--fault-corrupt-backfill", "true", "--split-mirror", "false"];
     let opts = ClusterOpts { extra_args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() };
     let c = Cluster::start(3, opts).await;
     let ledger = Arc::new(Ledger::default());
@@ -462,11 +502,23 @@ async fn a_damaged_backfill_file_is_refused_and_the_split_aborts_without_touchin
 
 /// A node that holds a replica of the new shard is killed while the
 /// backfill is being copied (slowed to 1 MiB/s, ~4 MiB to copy) and comes
-/// back: the copy starts over with a new attempt, and the split finishes
-/// with every acknowledged write in place.
+/// back: the copy starts over — shipped: with a new attempt from the
+/// source's leader; mirrored: the node copies its own again — and the
+/// split finishes with every acknowledged write in place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_node_killed_during_the_backfill_comes_back_and_the_split_completes() {
-    let opts = ClusterOpts { extra_args: vec!["--split-backfill-rate".into(), "1".into()], ..Default::default() };
+    target_killed_during_backfill(Fill::Mirror).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_node_killed_during_the_shipped_backfill_comes_back_and_the_split_completes() {
+    target_killed_during_backfill(Fill::Shipped).await;
+}
+
+async fn target_killed_during_backfill(fill: Fill) {
+    let mut args = vec!["--split-backfill-rate".into(), "1".into()];
+    args.extend(fill.args());
+    let opts = ClusterOpts { extra_args: args, ..Default::default() };
     let c = Cluster::start(3, opts).await;
     let ledger = Arc::new(Ledger::default());
     let keys: Vec<String> = (0..400).map(|i| format!("{}{i:03}", ["f", "t"][i % 2])).collect();
@@ -489,6 +541,7 @@ async fn a_target_node_killed_during_the_backfill_comes_back_and_the_split_compl
     assert_eq!(v.op.phase, Phase::Done, "{}", describe(&v));
     assert_split_outcome(&c, &v, &before[0]).await;
     ledger.assert_no_violations();
+    fill.assert_used(&c).await;
     wait_all_shards_led(&c, secs(20)).await;
     for id in c.ids() {
         verify_ledger(&c, &ledger, id).await;

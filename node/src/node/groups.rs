@@ -147,7 +147,7 @@ impl Groups {
         // The sender's directory lists this replica: from now on replica GC
         // trusts no older directory (persisted, so a restart keeps it too).
         cache.raise_floor(dir_version).map_err(internal)?;
-        let raft = Arc::new(GroupRaft::create(&self.ctx, group, replica_id, state).await.map_err(internal)?);
+        let raft = Arc::new(GroupRaft::create(&self.ctx, group, replica_id, *state).await.map_err(internal)?);
         let members: BTreeMap<u64, ReplicaNode> =
             members.into_iter().map(|(r, node_id, raft_addr)| (r, ReplicaNode { node_id, raft_addr })).collect();
         if members.is_empty() {
@@ -318,7 +318,7 @@ mod tests {
             group: 9,
             replica_id,
             members: vec![],
-            state: SmState::Shard(ShardState::default()),
+            state: Box::new(SmState::Shard(ShardState::default())),
             campaign: false,
             dir_version: 5,
         };

@@ -32,6 +32,9 @@ pub struct NodeSettings {
     /// How long a split's capture may make no progress before the split is
     /// abandoned (zero: never).
     pub split_stall: Duration,
+    /// Splits whose new replicas all sit beside source replicas are filled
+    /// there (`split::mirror`).
+    pub split_mirror: bool,
     /// The cluster's API is HTTPS: a join is sent over HTTPS, trusting
     /// this CA (`Some(None)`: the system's roots).
     pub join_https: Option<Option<PathBuf>>,

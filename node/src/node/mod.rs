@@ -321,6 +321,15 @@ impl Node {
             NodeRequest::TxnStep(rpc::TxnStep { shard, cmd, hops, budget_ms }) => {
                 NodeReply::TxnStep(self.router().exec_txn(shard, cmd, hops, deadline(budget_ms)).await?)
             }
+            NodeRequest::MirrorStatus(rpc::MirrorStatus { spec }) => {
+                let (db, root) = (self.ctx().db.clone(), self.ctx().snapshot_root.clone());
+                let mirrors = self.ctx().mirrors.clone();
+                let report = tokio::task::spawn_blocking(move || mirrors.report(&db, &root, &spec))
+                    .await
+                    .map_err(|e| ExecError::Internal(e.to_string()))?
+                    .map_err(|e| ExecError::Internal(e.to_string()))?;
+                NodeReply::MirrorStatus(report)
+            }
         })
     }
 

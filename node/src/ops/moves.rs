@@ -98,7 +98,7 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut I
                 group: shard,
                 replica_id: to.replica_id,
                 members: Vec::new(),
-                state,
+                state: Box::new(state),
                 campaign: false,
                 dir_version: node.directory().version,
             };

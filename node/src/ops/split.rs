@@ -144,10 +144,9 @@ async fn create_target(node: &Node, op: &Operation) -> Result<bool, ExecError> {
     };
     let dir = node.directory();
     let range = dir.range(*range_id).ok_or(ExecError::Internal(format!("range {range_id} vanished")))?;
-    let state = SmState::Shard(ShardState {
-        incoming: Some(Incoming::new(op.op_id, split_key.clone(), range.end.clone())),
-        ..Default::default()
-    });
+    let incoming =
+        Incoming { mirror_of: mirrored(node, op), ..Incoming::new(op.op_id, split_key.clone(), range.end.clone()) };
+    let state = SmState::Shard(ShardState { incoming: Some(incoming), ..Default::default() });
     let members: Vec<(u64, u64, String)> = target_replicas
         .iter()
         .map(|r| (r.replica_id, r.node_id, dir.nodes.get(&r.node_id).map(|n| n.raft_addr.clone()).unwrap_or_default()))
@@ -168,7 +167,7 @@ async fn create_target(node: &Node, op: &Operation) -> Result<bool, ExecError> {
             group: *target,
             replica_id: r.replica_id,
             members: members.clone(),
-            state: state.clone(),
+            state: Box::new(state.clone()),
             campaign: Some(r.replica_id) == campaigner,
             dir_version: dir.version,
         };
@@ -186,15 +185,28 @@ async fn begin_capture(node: &Node, op: &Operation) -> Result<bool, ExecError> {
     };
     let dir = node.directory();
     let range = dir.range(*range_id).ok_or(ExecError::Internal(format!("range {range_id} vanished")))?;
-    let cmd = ShardCommand::BeginCapture {
-        op_id: op.op_id,
-        start: split_key.clone(),
-        end: range.end.clone(),
-        target: *target,
+    let (op_id, start, end, target) = (op.op_id, split_key.clone(), range.end.clone(), *target);
+    // As the target's replicas were created: filled beside the source or not.
+    let status = steps::incoming_status(node, target, 0).await?;
+    let cmd = match status.incoming.filter(|i| i.op_id == op_id).map(|i| i.mirror_of) {
+        Some(Some(_)) => ShardCommand::MirrorCapture { op_id, start, end, target },
+        Some(None) => ShardCommand::BeginCapture { op_id, start, end, target },
+        None => return Err(ExecError::Unavailable(format!("the target shard {target} is not receiving"))),
     };
     steps::shard_step(node, *source, cmd, 0).await?;
     advance(node, op, Phase::Capturing).await?;
     Ok(true)
+}
+
+/// The source shard, when the split's target is filled beside it on every
+/// node (`split::mirror`): mirroring is on and every target replica sits on
+/// a node holding a source replica.
+fn mirrored(node: &Node, op: &Operation) -> Option<cleave_metadata::ShardId> {
+    let OpKind::Split { source, target_replicas, .. } = &op.kind else { return None };
+    let dir = node.directory();
+    let beside = dir.shards.get(source).map(|s| s.replicas.iter().map(|r| r.node_id).collect::<Vec<_>>())?;
+    let all = target_replicas.iter().all(|r| beside.contains(&r.node_id));
+    (node.settings().split_mirror && all).then_some(*source)
 }
 
 /// `Committed`: the source gives the range up, the target takes it.

@@ -157,6 +157,9 @@ fn frozen(op: &Operation, obs: &Observed, frozen_for_ms: u64) -> Step {
         let resend = frozen_for_ms > FREEZE_RESEND.as_millis() as u64 && obs.since_report > FREEZE_RESEND;
         return if resend { Step::ResendFreeze } else { Step::Wait };
     }
+    if let Some(why) = &st.mismatch {
+        return Step::Abort(why.clone());
+    }
     let Some(source_digest) = st.digest else { return Step::Wait };
     // Any replica of the target that has applied the forward log up to the
     // last entry proves the target's log holds it.

@@ -203,6 +203,8 @@ pub struct RaftContext {
     pub settings: RaftSettings,
     /// The groups whose replica here may be awake.
     pub awake: Arc<quiesce::AwakeSet>,
+    /// Split targets filled beside their source on this node.
+    pub mirrors: Arc<crate::split::mirror::Mirrors>,
 }
 
 /// Removes `group`'s snapshot folder, if any.
@@ -342,6 +344,7 @@ impl Opener {
             incarnation: incarnation.clone(),
             installing: self.installing,
             failed: self.failed,
+            mirrors: ctx.mirrors.clone(),
         };
         let net = network::NetworkFactory { group, transport: ctx.transport.clone(), addresses: ctx.addresses.clone() };
         let raft = Raft::new(self.replica_id, self.config, net, log, sm).await?;
@@ -379,6 +382,8 @@ impl GroupRaft {
     /// batch leaves only snapshot files of a group the node no longer lists:
     /// harmless, since [`GroupRaft::create`] and start-up remove them.
     pub fn destroy(ctx: &RaftContext, group: u64, replica_id: ReplicaId) -> anyhow::Result<()> {
+        // A copy filling this replica beside its split source stops first.
+        ctx.mirrors.forget(group);
         let mut batch = rocksdb::WriteBatch::default();
         let (start, end) = (storage::group_prefix(group).to_vec(), storage::group_range_end(group));
         for name in storage::ALL_CFS {
@@ -408,6 +413,7 @@ impl GroupRaft {
     /// forwarder writes its own).
     pub fn remove_orphan_snapshots(ctx: &RaftContext, held: &[GroupDescriptor]) -> anyhow::Result<()> {
         crate::split::sst::remove_dir(&crate::split::sst::outbox_root(&ctx.snapshot_root))?;
+        crate::split::mirror::remove_leftovers(&ctx.snapshot_root)?;
         let Ok(entries) = std::fs::read_dir(&ctx.snapshot_root) else { return Ok(()) };
         for e in entries.flatten() {
             let name = e.file_name();
@@ -1005,6 +1011,7 @@ mod storage_suite {
                 incarnation,
                 installing: Arc::default(),
                 failed: Arc::default(),
+                mirrors: Arc::default(),
             };
             Ok((dir, log, sm))
         }

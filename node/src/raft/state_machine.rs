@@ -43,6 +43,8 @@ pub struct GroupSm {
     pub(super) installing: Arc<AtomicBool>,
     /// Set when a storage error stopped this replica (see [`GroupSm::fail`]).
     pub(super) failed: Arc<AtomicBool>,
+    /// The node's split mirrors (`split::mirror`).
+    pub(super) mirrors: Arc<crate::split::mirror::Mirrors>,
 }
 
 impl GroupSm {
@@ -121,7 +123,10 @@ impl GroupSm {
         if b.stats != kv::StatsDelta::default() {
             b.write.put_cf(meta_cf, state_key(self.group, tag::KEYS), super::GroupStats::encode(keys, bytes));
         }
-        self.db.write(b.write).map_err(io_err).inspect_err(|e| self.fail("writing an apply batch", e))?;
+        let mirrored = std::mem::take(&mut b.mirrored);
+        let write = |w: rocksdb::WriteBatch| self.db.write(w).map_err(io_err);
+        if mirrored.is_empty() { write(b.write) } else { self.mirrors.write_with(&self.db, b.write, mirrored, write) }
+            .inspect_err(|e| self.fail("writing an apply batch", e))?;
         self.stats.set(keys, bytes);
         Ok(())
     }
@@ -153,6 +158,74 @@ impl GroupSm {
         self.write_batch(state, std::mem::take(b), last_applied, membership.take())?;
         crate::split::sst::ingest_staged(&self.db, &self.snapshot_root, self.group, op, attempt, files)
             .inspect_err(|e| self.fail("ingesting a split's backfill files", e))
+    }
+}
+
+impl GroupSm {
+    /// Before a batch is applied: a split step that needs a mirrored range
+    /// complete on this node (`split::mirror`) waits for it — the source's
+    /// `SplitDone`, which drops the range, until the copy beside it is done;
+    /// the target's `Activate` until, besides, the source here applied the
+    /// freeze, and its figures then go with the batch. A target that should
+    /// be mirrored here and cannot be (the source replica here no longer
+    /// has the range) stops: it would serve a range it does not hold.
+    async fn mirror_before(&self, cmds: &[&ShardCommand], b: &mut kv::ApplyBatch) -> io::Result<()> {
+        use crate::split::mirror::{self, MirrorSpec};
+        for cmd in cmds {
+            let (spec, activate) = {
+                let state = self.state.read().map_err(|_| io::Error::other("state lock poisoned"))?;
+                let SmState::Shard(s) = &*state else { return Ok(()) };
+                match cmd {
+                    ShardCommand::SplitDone { op_id, .. } => {
+                        let Some(c) = s.captures.iter().find(|c| c.op_id == *op_id && c.mirror) else { continue };
+                        let spec = MirrorSpec {
+                            source: self.group,
+                            target: c.target,
+                            op: c.op_id,
+                            start: c.start.clone(),
+                            end: c.end.clone(),
+                        };
+                        (spec, false)
+                    }
+                    ShardCommand::Activate { op_id, .. } => {
+                        let Some(inc) = s.incoming.as_ref().filter(|i| i.op_id == *op_id) else { continue };
+                        let Some(source) = inc.mirror_of else { continue };
+                        let spec = MirrorSpec {
+                            source,
+                            target: self.group,
+                            op: inc.op_id,
+                            start: inc.start.clone(),
+                            end: inc.end.clone(),
+                        };
+                        (spec, true)
+                    }
+                    _ => continue,
+                }
+            };
+            loop {
+                let m = self.mirrors.wait_done(&self.db, &self.snapshot_root, &spec).await?;
+                let Some(m) = m else {
+                    if activate {
+                        let e = format!("operation {}: the range cannot be filled beside its source here", spec.op);
+                        self.fail("activating a mirrored split target", &e);
+                        return Err(io::Error::other(e));
+                    }
+                    break;
+                };
+                if !activate {
+                    break;
+                }
+                mirror::wait_source_frozen(&self.db, &spec).await?;
+                // Taken for the activation, so that no reset (a snapshot
+                // into the source) touches the keys from now on; a reset
+                // that came first means copying again.
+                if self.mirrors.claim(&m) {
+                    b.mirror_figures.insert(spec.op, m.figures());
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -198,6 +271,18 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
         let mut items = Vec::new();
         while let Some(item) = entries.try_next().await? {
             items.push(item);
+        }
+        let steps: Vec<&ShardCommand> = items
+            .iter()
+            .filter_map(|(e, _)| match &e.payload {
+                EntryPayload::Normal(Command::Shard(
+                    c @ (ShardCommand::SplitDone { .. } | ShardCommand::Activate { .. }),
+                )) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if !steps.is_empty() {
+            self.mirror_before(&steps, &mut b).await?;
         }
         // The whole apply runs inside the incarnation: an instance that has
         // ended (a dormant replica's old state-machine worker, still running
@@ -261,7 +346,11 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
             self.installing.store(true, Ordering::SeqCst);
             Ok(())
         })?;
+        let mirrors = self.mirrors.clone();
         let installed = tokio::task::spawn_blocking(move || {
+            // Targets filled from this replica's data: copied afresh from
+            // the installed data (`split::mirror`).
+            mirrors.reset_source(&db, group)?;
             let (sm_state, stats) = snapshot::install(&db, group, &file, &inc)?;
             inc.write(|| {
                 snapshot::adopt(&root, group, &file)?;
@@ -333,6 +422,7 @@ mod tests {
             incarnation: Arc::default(),
             installing: Arc::default(),
             failed: Arc::default(),
+            mirrors: Arc::default(),
         }
     }
 
@@ -531,6 +621,7 @@ mod tests {
                 dormant_after_ms: 0,
             },
             awake: Default::default(),
+            mirrors: Default::default(),
         }
     }
 

@@ -124,7 +124,7 @@ node_calls! {
         group: u64,
         replica_id: u64,
         members: Vec<(u64, NodeId, String)>,
-        state: SmState,
+        state: Box<SmState>,
         campaign: bool,
         dir_version: u64,
     } -> ();
@@ -156,6 +156,9 @@ node_calls! {
     SplitChunk { chunk: crate::split::receive::Chunk } -> ();
     /// Apply a transaction step through the shard's leader (`txn`).
     TxnStep { shard: ShardId, cmd: crate::txn::TxnCommand, hops: u8, budget_ms: u64 } -> crate::txn::TxnReply;
+    /// How far the node's copy of a mirrored split has got (starting it if
+    /// the node holds both replicas and has not begun): `split::mirror`.
+    MirrorStatus { spec: Box<crate::split::mirror::MirrorSpec> } -> Option<crate::split::mirror::MirrorReport>;
 }
 
 /// The answer to a [`Ping`]: the groups whose replica on the answering node
@@ -228,6 +231,8 @@ pub struct ForwardStatus {
     /// The source's content digest of the range, once frozen and complete.
     pub digest: Option<u64>,
     pub frozen_at: Option<u64>,
+    /// The target's copies disagree (a mirrored split): give it up.
+    pub mismatch: Option<String>,
 }
 
 /// What a node reports every `--node-heartbeat-ms` (1 s by default).

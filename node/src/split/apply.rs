@@ -48,9 +48,10 @@ pub fn apply(
     b: &mut ApplyBatch,
     cmd: &ShardCommand,
 ) -> Applied<u64, StepError> {
-    let ApplyBatch { write: batch, overlay, stats, changed, .. } = b;
+    let ApplyBatch { write: batch, overlay, stats, changed, mirror_figures, .. } = b;
     match cmd {
-        ShardCommand::BeginCapture { op_id, start, end, target } => {
+        ShardCommand::BeginCapture { op_id, start, end, target }
+        | ShardCommand::MirrorCapture { op_id, start, end, target } => {
             if state.captures.iter().any(|c| c.op_id == *op_id) {
                 return Ok(Ok(index));
             }
@@ -70,6 +71,7 @@ pub fn apply(
                 target: *target,
                 frozen_at: None,
                 changes: 0,
+                mirror: matches!(cmd, ShardCommand::MirrorCapture { .. }),
             });
             *changed = true;
             Ok(Ok(index))
@@ -215,8 +217,21 @@ pub fn apply(
             Ok(Ok(index))
         }
         ShardCommand::Activate { op_id, ranges } => {
-            match &state.incoming {
+            match &mut state.incoming {
                 Some(inc) if inc.op_id == *op_id => {
+                    if inc.mirror_of.is_some() {
+                        // Filled beside the source on this node: what is
+                        // here was found complete before the entry applied.
+                        let Some(f) = mirror_figures.get(op_id) else {
+                            return Err(std::io::Error::other(format!(
+                                "operation {op_id}: the mirrored range is not complete on this node"
+                            )));
+                        };
+                        inc.live = (f.keys, f.bytes);
+                        inc.digest = f.digest;
+                        stats.add(StatsDelta { keys: f.keys as i64, bytes: f.bytes as i64 });
+                        crate::split::mirror::delete_record(db, batch, group);
+                    }
                     state.received =
                         Some(Box::new(kv::Received { op_id: *op_id, keys: inc.live.0, bytes: inc.live.1 }));
                     state.ranges = ranges.clone();
@@ -313,6 +328,7 @@ mod tests {
                 target: 9,
                 frozen_at: None,
                 changes: 0,
+                mirror: false,
             });
         }
         put(&db, &mut s, 10, "q", "1").unwrap();

@@ -83,7 +83,12 @@ pub async fn supervise(node: Arc<Node>) {
                 let node = node.clone();
                 let group = g.group;
                 tokio::spawn(async move {
-                    if let Err(e) = run(&node, group, &cap, &status).await {
+                    let ran = if cap.mirror {
+                        super::mirror_status::run(&node, group, &cap, &status).await
+                    } else {
+                        run(&node, group, &cap, &status).await
+                    };
+                    if let Err(e) = ran {
                         tracing::debug!(group, op = cap.op_id, "forwarder stopped: {e}");
                     }
                     node.forwarders().running.lock().unwrap().remove(&key);
@@ -93,8 +98,17 @@ pub async fn supervise(node: Arc<Node>) {
     }
 }
 
+/// The size on disk of a capture's range, for progress (tables only: an
+/// estimate).
+pub fn range_size_estimate(db: &storage::Db, group: u64, cap: &Capture) -> u64 {
+    let cf = storage::cf(db, storage::CF_DATA);
+    let upper = cap.end.as_ref().map_or(kv::user_data_end(group), |e| storage::data_key(group, e.as_bytes()));
+    let lower = storage::data_key(group, cap.start.as_bytes());
+    db.get_approximate_sizes_cf(cf, &[rocksdb::Range::new(&lower, &upper)]).first().copied().unwrap_or(0)
+}
+
 /// The capture `op` of `group`, while this node leads the group.
-fn current_capture(node: &Node, group: u64, op: OpId) -> Option<Capture> {
+pub fn current_capture(node: &Node, group: u64, op: OpId) -> Option<Capture> {
     let g = node.group(group)?;
     if !g.status().is_leader {
         return None;
@@ -106,15 +120,23 @@ fn current_capture(node: &Node, group: u64, op: OpId) -> Option<Capture> {
     }
 }
 
-async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<ForwardStatus>) -> Result<(), ExecError> {
-    // A capture whose operation has ended (aborted or done) is an orphan —
-    // a BeginCapture that arrived after its abort, before shards refused
-    // those. It would grow its forward log and block every later split of
-    // the range (captures may not overlap): end it. An ended operation never
-    // runs again, so any directory that shows it ended is proof enough.
+/// Ends the capture if its operation has ended (aborted or done): it is
+/// an orphan — a BeginCapture that arrived after its abort, before shards
+/// refused those. It would grow its forward log and block every later
+/// split of the range (captures may not overlap). An ended operation never
+/// runs again, so any directory that shows it ended is proof enough.
+/// Answers whether it ended it.
+pub async fn end_orphan(node: &Node, group: u64, cap: &Capture) -> Result<bool, ExecError> {
     if node.directory().ops.get(&cap.op_id).is_some_and(|o| o.phase.is_terminal()) {
         tracing::warn!(group, op = cap.op_id, "ending the capture of an operation that has ended");
         steps::shard_step(node, group, ShardCommand::EndCapture { op_id: cap.op_id }, 0).await?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<ForwardStatus>) -> Result<(), ExecError> {
+    if end_orphan(node, group, cap).await? {
         return Ok(());
     }
     let TargetStatus { incoming, active, .. } = steps::incoming_status(node, cap.target, 0).await?;
@@ -295,15 +317,7 @@ async fn backfill(
         _ => return Err(ExecError::Unavailable(format!("operation {} is not in the directory here", cap.op_id))),
     };
     let db = node.ctx().db.clone();
-    {
-        // The range's size on disk, for progress (tables only: an estimate).
-        let cf = storage::cf(&db, storage::CF_DATA);
-        let upper = cap.end.as_ref().map_or(kv::user_data_end(group), |e| storage::data_key(group, e.as_bytes()));
-        let lower = storage::data_key(group, cap.start.as_bytes());
-        let estimate = db.get_approximate_sizes_cf(cf, &[rocksdb::Range::new(&lower, &upper)]).first().copied();
-        let estimate = estimate.unwrap_or(0);
-        status.lock().unwrap().bytes_total = estimate;
-    }
+    status.lock().unwrap().bytes_total = range_size_estimate(&db, group, cap);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, std::path::PathBuf, u64, (u64, u64))>(1);
     let (start, end, target, op_id) = (cap.start.clone(), cap.end.clone(), cap.target, cap.op_id);
     let (out, rate) = (dir.to_path_buf(), node.settings().backfill_bytes_per_s);

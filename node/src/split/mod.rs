@@ -22,6 +22,8 @@
 pub mod apply;
 pub mod digest;
 pub mod forwarder;
+pub mod mirror;
+pub mod mirror_status;
 pub mod receive;
 pub mod split_key;
 pub mod sst;

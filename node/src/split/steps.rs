@@ -9,6 +9,7 @@ use crate::node::Node;
 use crate::raft::{GroupRaft, SmState};
 use crate::router::{internal_deadline, left};
 use crate::rpc::{self, ExecError, TargetStatus};
+use crate::split::mirror::MirrorSpec;
 use crate::split::split_key;
 
 /// Applies a split step through `shard`'s leader; returns the entry's answer.
@@ -27,14 +28,14 @@ pub async fn shard_step(node: &Node, shard: ShardId, cmd: ShardCommand, hops: u8
 /// A split target's receiving state, its live keys and bytes, read at its leader.
 pub async fn incoming_status(node: &Node, shard: ShardId, hops: u8) -> Result<TargetStatus, ExecError> {
     let req = |hops| rpc::IncomingStatus { shard, hops };
-    node.router().at_leader(shard, hops, req, |g| async move { incoming_of(&g) }).await
+    node.router().at_leader(shard, hops, req, |g| async move { incoming_of(node, &g) }).await
 }
 
 /// A split target's receiving state as applied by any of its replicas
 /// (this node's if it has one, else the leader's): it may lag, never lead.
 pub async fn incoming_status_any(node: &Node, shard: ShardId) -> Result<TargetStatus, ExecError> {
     match node.group(shard) {
-        Some(g) => incoming_of(&g),
+        Some(g) => incoming_of(node, &g),
         None => incoming_status(node, shard, 0).await,
     }
 }
@@ -91,7 +92,14 @@ pub async fn destroy_replica_at(node: &Node, target: NodeId, group: u64, replica
 /// The receiving state of a replica as applied here, with the live keys
 /// and bytes it received — so far while receiving, at its activation once
 /// active — all read under one lock, so they go with the watermark.
-fn incoming_of(g: &GroupRaft) -> Result<TargetStatus, ExecError> {
+fn incoming_of(node: &Node, g: &GroupRaft) -> Result<TargetStatus, ExecError> {
+    let mirror = match &*g.state.read().unwrap() {
+        SmState::Shard(s) if s.incoming.as_ref().is_some_and(|i| i.mirror_of.is_some()) => s.incoming.clone(),
+        _ => None,
+    };
+    if let Some(inc) = mirror {
+        return mirrored(node, g.group, inc);
+    }
     match &*g.state.read().unwrap() {
         SmState::Shard(s) => {
             let (keys, bytes) = match (&s.incoming, &s.received) {
@@ -104,4 +112,28 @@ fn incoming_of(g: &GroupRaft) -> Result<TargetStatus, ExecError> {
         }
         SmState::Meta(_) => Err(ExecError::Internal("not a shard".into())),
     }
+}
+
+/// A mirrored target's receiving state on this node: what its copy beside
+/// the source holds (`split::mirror`). Its watermark is the source's freeze
+/// index once the copy is done and the source here applied the freeze
+/// (everything up to it is then in the copy), else 0.
+fn mirrored(node: &Node, group: u64, mut inc: crate::kv::Incoming) -> Result<TargetStatus, ExecError> {
+    let spec = MirrorSpec {
+        source: inc.mirror_of.expect("checked by the caller"),
+        target: group,
+        op: inc.op_id,
+        start: inc.start.clone(),
+        end: inc.end.clone(),
+    };
+    let ctx = node.ctx();
+    let report =
+        ctx.mirrors.report(&ctx.db, &ctx.snapshot_root, &spec).map_err(|e| ExecError::Internal(e.to_string()))?;
+    if let Some(r) = report {
+        inc.watermark = if r.done { r.frozen_at.unwrap_or(0) } else { 0 };
+        inc.digest = r.figures.digest;
+        inc.live = (r.figures.keys, r.figures.bytes);
+    }
+    let (keys, bytes) = inc.live;
+    Ok(TargetStatus { incoming: Some(inc), active: false, keys, bytes })
 }

@@ -57,6 +57,9 @@ pub mod tag {
     /// the group's other records are gone): a request to create that replica
     /// or an older one is stale and refused.
     pub const TOMBSTONE: u8 = 8;
+    /// A split target's finished mirror copy (`split::mirror`): what the
+    /// copy and the mirrored writes left in its keys, until it activates.
+    pub const MIRROR: u8 = 9;
 }
 
 /// Opens (or creates) the node's database under `dir`.
