@@ -177,9 +177,11 @@ const PHASES: [Phase; 5] = [Phase::Planned, Phase::Created, Phase::Capturing, Ph
 /// One cluster; five splits in a row (at "b", "c", "d", "e", "f", each on the
 /// range the previous one created, or left), the victim killed while the
 /// split is held in each phase in turn, and restarted.
-async fn kill_at_every_phase(victim: Victim) {
+async fn kill_at_every_phase(victim: Victim, fill: Fill) {
     let hold = "planned=1000,created=1000,capturing=1200,frozen=800,committed=1000";
-    let opts = ClusterOpts { extra_args: vec!["--fault-hold".into(), hold.into()], ..Default::default() };
+    let mut args = vec!["--fault-hold".into(), hold.into()];
+    args.extend(fill.args());
+    let opts = ClusterOpts { extra_args: args, ..Default::default() };
     let started = Instant::now();
     let c = Cluster::start(3, opts).await;
     let ledger = Arc::new(Ledger::default());
@@ -258,17 +260,22 @@ async fn kill_at_every_phase(victim: Victim) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_survives_kills_of_the_source_leader_at_every_phase() {
-    kill_at_every_phase(Victim::Source).await;
+    kill_at_every_phase(Victim::Source, Fill::Mirror).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_survives_kills_of_the_source_leader_at_every_phase_with_the_shipped_backfill() {
+    kill_at_every_phase(Victim::Source, Fill::Shipped).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_survives_kills_of_the_target_leader_at_every_phase() {
-    kill_at_every_phase(Victim::Target).await;
+    kill_at_every_phase(Victim::Target, Fill::Mirror).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_survives_kills_of_the_metadata_leader_at_every_phase() {
-    kill_at_every_phase(Victim::Meta).await;
+    kill_at_every_phase(Victim::Meta, Fill::Mirror).await;
 }
 
 /// The figures reported for a split (keys and bytes moved) survive a change

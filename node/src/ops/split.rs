@@ -146,7 +146,7 @@ async fn create_target(node: &Node, op: &Operation) -> Result<bool, ExecError> {
     let range = dir.range(*range_id).ok_or(ExecError::Internal(format!("range {range_id} vanished")))?;
     let incoming =
         Incoming { mirror_of: mirrored(node, op), ..Incoming::new(op.op_id, split_key.clone(), range.end.clone()) };
-    let state = SmState::Shard(ShardState { incoming: Some(incoming), ..Default::default() });
+    let mut state = SmState::Shard(ShardState { incoming: Some(incoming), ..Default::default() });
     let members: Vec<(u64, u64, String)> = target_replicas
         .iter()
         .map(|r| (r.replica_id, r.node_id, dir.nodes.get(&r.node_id).map(|n| n.raft_addr.clone()).unwrap_or_default()))
@@ -162,6 +162,17 @@ async fn create_target(node: &Node, op: &Operation) -> Result<bool, ExecError> {
     // Create the campaigner last: its election needs the others to exist.
     let mut order: Vec<_> = target_replicas.iter().collect();
     order.sort_by_key(|r| Some(r.replica_id) == campaigner);
+    // Resumed (another metadata leader, which may have been started with
+    // another `--split-mirror`): the replicas made already say how the
+    // range is filled, and the rest must start from the same state. The
+    // first replica is made first, so it exists if any does.
+    if let Some(first) = order.first() {
+        let ask = rpc::Genesis { group: *target, hops: u8::MAX };
+        let made = tokio::time::timeout(Duration::from_secs(1), node.router().node_call(first.node_id, ask)).await;
+        if let Ok(Ok(s @ SmState::Shard(_))) = made {
+            state = s;
+        }
+    }
     for r in order {
         let req = rpc::CreateGroup {
             group: *target,

@@ -169,12 +169,17 @@ impl GroupSm {
     /// freeze, and its figures then go with the batch. A target that should
     /// be mirrored here and cannot be (the source replica here no longer
     /// has the range) stops: it would serve a range it does not hold.
-    async fn mirror_before(&self, cmds: &[&ShardCommand], b: &mut kv::ApplyBatch) -> io::Result<()> {
+    async fn mirror_before(&self, cmds: &[&ShardCommand], b: &mut kv::ApplyBatch) -> io::Result<Vec<u64>> {
+        self.mirror_wait(cmds, b).await.inspect_err(|e| self.fail("waiting for a split's mirrored range", e))
+    }
+
+    async fn mirror_wait(&self, cmds: &[&ShardCommand], b: &mut kv::ApplyBatch) -> io::Result<Vec<u64>> {
         use crate::split::mirror::{self, MirrorSpec};
+        let mut activated = Vec::new();
         for cmd in cmds {
             let (spec, activate) = {
                 let state = self.state.read().map_err(|_| io::Error::other("state lock poisoned"))?;
-                let SmState::Shard(s) = &*state else { return Ok(()) };
+                let SmState::Shard(s) = &*state else { return Ok(activated) };
                 match cmd {
                     ShardCommand::SplitDone { op_id, .. } => {
                         let Some(c) = s.captures.iter().find(|c| c.op_id == *op_id && c.mirror) else { continue };
@@ -207,7 +212,6 @@ impl GroupSm {
                 let Some(m) = m else {
                     if activate {
                         let e = format!("operation {}: the range cannot be filled beside its source here", spec.op);
-                        self.fail("activating a mirrored split target", &e);
                         return Err(io::Error::other(e));
                     }
                     break;
@@ -221,11 +225,12 @@ impl GroupSm {
                 // that came first means copying again.
                 if self.mirrors.claim(&m) {
                     b.mirror_figures.insert(spec.op, m.figures());
+                    activated.push(spec.target);
                     break;
                 }
             }
         }
-        Ok(())
+        Ok(activated)
     }
 }
 
@@ -281,9 +286,7 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
                 _ => None,
             })
             .collect();
-        if !steps.is_empty() {
-            self.mirror_before(&steps, &mut b).await?;
-        }
+        let activated = if steps.is_empty() { Vec::new() } else { self.mirror_before(&steps, &mut b).await? };
         // The whole apply runs inside the incarnation: an instance that has
         // ended (a dormant replica's old state-machine worker, still running
         // a batch queued before its shutdown) changes neither the storage
@@ -313,6 +316,9 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
             }
             self.write_batch(&state, std::mem::take(&mut b), last_applied.as_ref(), membership.take())
         })?;
+        for target in activated {
+            self.mirrors.activated(target);
+        }
         for (responder, resp) in responses {
             responder.send(resp);
         }
@@ -346,12 +352,29 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
             self.installing.store(true, Ordering::SeqCst);
             Ok(())
         })?;
+        // Split targets filled from this replica's data are copied afresh
+        // from the installed data, unless the range was frozen here; a
+        // target being filled here takes its data from the snapshot
+        // (`split::mirror`).
+        let (frozen, mirrored_target) =
+            match &*self.state.read().map_err(|_| io::Error::other("state lock poisoned"))? {
+                SmState::Shard(s) => (
+                    s.captures.iter().filter(|c| c.frozen_at.is_some()).map(|c| c.op_id).collect::<Vec<_>>(),
+                    s.incoming.as_ref().is_some_and(|i| i.mirror_of.is_some()),
+                ),
+                SmState::Meta(_) => (Vec::new(), false),
+            };
         let mirrors = self.mirrors.clone();
         let installed = tokio::task::spawn_blocking(move || {
-            // Targets filled from this replica's data: copied afresh from
-            // the installed data (`split::mirror`).
-            mirrors.reset_source(&db, group)?;
-            let (sm_state, stats) = snapshot::install(&db, group, &file, &inc)?;
+            let result = (|| {
+                mirrors.reset_source(&db, group, &frozen)?;
+                if mirrored_target {
+                    mirrors.target_installing(&db, group)?;
+                }
+                snapshot::install(&db, group, &file, &inc)
+            })();
+            mirrors.installed(group);
+            let (sm_state, stats) = result?;
             inc.write(|| {
                 snapshot::adopt(&root, group, &file)?;
                 // Reading a directory stored in the old form rewrites it:

@@ -231,6 +231,10 @@ pub fn apply(
                         inc.digest = f.digest;
                         stats.add(StatsDelta { keys: f.keys as i64, bytes: f.bytes as i64 });
                         crate::split::mirror::delete_record(db, batch, group);
+                        // A replica added later has no source beside it to
+                        // replay this from: it must be sent a snapshot
+                        // (as after backfill files).
+                        state.files_at = Some(index);
                     }
                     state.received =
                         Some(Box::new(kv::Received { op_id: *op_id, keys: inc.live.0, bytes: inc.live.1 }));
@@ -290,6 +294,28 @@ mod tests {
         assert_eq!(step(&db, &mut s, 1, cmd), Err(StepError::BadRecord { op_id: 5, key: "o".into() }));
         assert_eq!(kv::read(&db, GROUP, "n").unwrap(), None, "nothing of the batch stored");
         assert_eq!(s.incoming.unwrap().digest, 0);
+    }
+
+    #[test]
+    fn a_mirrored_target_activates_with_its_copys_figures_and_only_with_them() {
+        let (_d, db) = temp_db();
+        let incoming = kv::Incoming { mirror_of: Some(1), ..kv::Incoming::new(5, "m".into(), None) };
+        let mut s = ShardState { incoming: Some(incoming), ..Default::default() };
+        let activate = ShardCommand::Activate { op_id: 5, ranges: vec![crate::testing::range(2, "m", None, 2)] };
+        // Without the figures found complete beside the source: a storage
+        // error (the replica stops), never an empty shard serving.
+        let mut b = ApplyBatch::default();
+        assert!(apply(&db, GROUP, 7, &mut s, &mut b, &activate).is_err());
+        let mut b = ApplyBatch::default();
+        let figures = crate::split::mirror::Figures { keys: 3, bytes: 40, digest: 9, copied: 50 };
+        b.mirror_figures.insert(5, figures);
+        assert_eq!(apply(&db, GROUP, 8, &mut s, &mut b, &activate).unwrap(), Ok(8));
+        assert_eq!(b.stats, StatsDelta { keys: 3, bytes: 40 }, "the copy's keys and bytes are the shard's");
+        assert_eq!(s.received.as_deref().map(|r| (r.keys, r.bytes)), Some((3, 40)));
+        assert!(s.incoming.is_none() && s.ranges.len() == 1);
+        // A replica added later cannot replay the activation (no source
+        // beside it): it is sent a snapshot past this entry.
+        assert_eq!(s.files_at, Some(8));
     }
 
     #[test]

@@ -14,10 +14,17 @@ pub fn record_hash(key: &str, record: &ValueRecord) -> u64 {
     if record.is_vacant() {
         return 0;
     }
+    stored_hash(key, &record.encode())
+}
+
+/// [`record_hash`] of a record as stored (`encoded`: what
+/// [`ValueRecord::encode`] gave; a copy that reads stored records hashes
+/// their bytes as they are, without decoding and encoding them again).
+pub fn stored_hash(key: &str, encoded: &[u8]) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     h.update(&(key.len() as u64).to_le_bytes());
     h.update(key.as_bytes());
-    h.update(&record.encode());
+    h.update(encoded);
     h.digest()
 }
 

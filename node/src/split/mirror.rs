@@ -108,6 +108,11 @@ pub struct MirrorReport {
     /// The source's freeze index as applied on that node (`u64::MAX` once
     /// the source dropped the range there: it had everything before).
     pub frozen_at: Option<u64>,
+    /// Names this copy: a copy that starts over (a restart, a reset) has a
+    /// new one, and its progress counts from zero again.
+    pub attempt: u64,
+    /// The source's applied index on that node.
+    pub applied: u64,
 }
 
 /// A write A's apply made to a mirrored range, to repeat under B's keys:
@@ -131,6 +136,9 @@ enum Cursor {
 
 struct Progress {
     cursor: Cursor,
+    /// Taken for the target's activation ([`Mirrors::claim`]): nothing
+    /// resets the copy any more.
+    claimed: bool,
     /// The start of the chunk being copied, while one is.
     chunk: Option<String>,
     /// Keys at or after `chunk` that A wrote while the chunk was in flight.
@@ -151,6 +159,8 @@ impl Progress {
 /// One mirror on this node.
 pub struct Mirror {
     pub spec: MirrorSpec,
+    /// A random name of this copy ([`MirrorReport::attempt`]).
+    attempt: u64,
     progress: Mutex<Progress>,
     /// Held by the copy for a whole chunk; a cancel takes it, so no chunk
     /// is ingested into a replica being deleted.
@@ -163,6 +173,7 @@ impl Mirror {
         let cursor = if done.is_some() { Cursor::Done } else { Cursor::At(spec.start.clone()) };
         let progress = Progress {
             cursor,
+            claimed: false,
             chunk: None,
             touched: BTreeSet::new(),
             figures: done.unwrap_or_default(),
@@ -170,6 +181,7 @@ impl Mirror {
         };
         Arc::new(Mirror {
             spec,
+            attempt: rand::random::<u64>() | 1,
             progress: Mutex::new(progress),
             gate: Mutex::new(()),
             done: tokio::sync::watch::channel(done.is_some()).0,
@@ -208,15 +220,22 @@ pub struct Mirrors {
 #[derive(Default)]
 struct Inner {
     by_target: HashMap<ShardId, Arc<Mirror>>,
-    /// Targets whose replica here was deleted: never mirrored again (group
-    /// ids are not reused).
+    /// Targets whose replica here was deleted, or replaced by a snapshot of
+    /// the target's own: never mirrored again (group ids are not reused).
     deleted: HashSet<ShardId>,
-    /// Targets claimed for activation ([`Mirrors::claim`]). The activation
-    /// deletes the record in its batch; while the record is still there
-    /// (the batch was never written: the replica stopped before), the
-    /// finished copy is still the target's to activate from.
+    /// Targets activated here (their `Activate` batch, which deletes the
+    /// record, is written).
     activated: HashSet<ShardId>,
+    /// Sources whose replica here is installing a snapshot: no copy reads
+    /// them meanwhile.
+    installing: HashSet<ShardId>,
+    /// Failed copies per target; past [`MOST_FAILURES`] the target is not
+    /// mirrored here any more (its replica stops at activation).
+    failures: HashMap<ShardId, u32>,
 }
+
+/// Failed copies of one target before this node gives it up.
+const MOST_FAILURES: u32 = 5;
 
 impl Mirrors {
     /// Mirrors whose copies read at most `bytes_per_s` (0: no limit).
@@ -238,25 +257,28 @@ impl Mirrors {
         if let Some(m) = inner.by_target.get(&spec.target) {
             return Ok((m.spec == *spec).then(|| m.clone()));
         }
-        if inner.deleted.contains(&spec.target) {
+        let t = spec.target;
+        if inner.deleted.contains(&t) || inner.activated.contains(&t) || inner.installing.contains(&spec.source) {
             return Ok(None);
         }
-        if let Some(r) = read_record(db, spec.target)? {
+        if inner.failures.get(&t).is_some_and(|n| *n >= MOST_FAILURES) {
+            return Ok(None);
+        }
+        if let Some(r) = read_record(db, t)? {
             if r.spec != *spec {
                 return Ok(None);
             }
             let m = Mirror::new(spec.clone(), Some(r.figures));
-            inner.activated.remove(&spec.target);
-            inner.by_target.insert(spec.target, m.clone());
+            inner.by_target.insert(t, m.clone());
             return Ok(Some(m));
         }
-        if inner.activated.contains(&spec.target) {
-            return Ok(None);
-        }
-        let receiving = matches!(read_state(db, spec.target)?,
-            Some(SmState::Shard(s)) if s.incoming.as_ref().is_some_and(|i| i.op_id == spec.op));
-        let mirrored = matches!(read_state(db, spec.source)?,
-            Some(SmState::Shard(s)) if s.captures.iter().any(|c| c.op_id == spec.op && c.mirror && c.target == spec.target));
+        // Only what the two replicas here agree on: the target receives
+        // this range for this operation from this source, and the source
+        // captures exactly this range for it, mirrored.
+        let receiving = matches!(read_state(db, t)?, Some(SmState::Shard(s)) if s.incoming.as_ref().is_some_and(|i|
+            i.op_id == spec.op && i.mirror_of == Some(spec.source) && i.start == spec.start && i.end == spec.end));
+        let mirrored = matches!(read_state(db, spec.source)?, Some(SmState::Shard(s)) if s.captures.iter().any(|c|
+            c.op_id == spec.op && c.mirror && c.target == t && c.start == spec.start && c.end == spec.end));
         if !receiving || !mirrored {
             return Ok(None);
         }
@@ -299,24 +321,32 @@ impl Mirrors {
     /// on its keys are the target's own, and nothing resets them. False if
     /// `m` is no longer the target's mirror (a reset replaced it).
     pub fn claim(&self, m: &Arc<Mirror>) -> bool {
-        let mut inner = self.inner.lock().unwrap();
-        let target = m.spec.target;
-        let current = inner.by_target.get(&target).is_some_and(|x| Arc::ptr_eq(x, m));
-        if current && m.is_done() && !m.progress.lock().unwrap().cancelled {
-            inner.by_target.remove(&target);
-            inner.activated.insert(target);
+        let inner = self.inner.lock().unwrap();
+        let current = inner.by_target.get(&m.spec.target).is_some_and(|x| Arc::ptr_eq(x, m));
+        let mut p = m.progress.lock().unwrap();
+        if current && m.is_done() && !p.cancelled {
+            p.claimed = true;
             return true;
         }
         false
     }
 
     /// A failed copy's mirror is dropped, so the next [`Mirrors::ensure`]
-    /// starts over.
+    /// starts over (up to [`MOST_FAILURES`] times).
     fn drop_failed(&self, m: &Arc<Mirror>) {
         let mut inner = self.inner.lock().unwrap();
         if inner.by_target.get(&m.spec.target).is_some_and(|x| Arc::ptr_eq(x, m)) {
             inner.by_target.remove(&m.spec.target);
         }
+        *inner.failures.entry(m.spec.target).or_default() += 1;
+    }
+
+    /// The target's `Activate` batch is written: its keys are its own.
+    pub fn activated(&self, target: ShardId) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.by_target.remove(&target);
+        inner.failures.remove(&target);
+        inner.activated.insert(target);
     }
 
     /// The target's replica here is being deleted: stop its copy first.
@@ -331,21 +361,62 @@ impl Mirrors {
         }
     }
 
-    /// A snapshot is about to replace `source`'s data: every mirror of it
-    /// here is cancelled and its target's keys and record deleted, so the
-    /// next [`Mirrors::ensure`] copies afresh from the installed data.
-    pub fn reset_source(&self, db: &Db, source: ShardId) -> io::Result<()> {
-        let gone: Vec<Arc<Mirror>> = {
-            let mut inner = self.inner.lock().unwrap();
-            let targets: Vec<ShardId> =
-                inner.by_target.iter().filter(|(_, m)| m.spec.source == source).map(|(t, _)| *t).collect();
-            targets.into_iter().filter_map(|t| inner.by_target.remove(&t)).collect()
-        };
-        for m in gone {
-            m.cancel();
-            clear_target(db, m.spec.target)?;
+    /// A snapshot is about to replace `source`'s data: every copy of it
+    /// here that the snapshot may make stale is cancelled and its target's
+    /// keys and record deleted, so that the next [`Mirrors::ensure`] copies
+    /// afresh from the installed data. Kept: a copy claimed for its
+    /// activation, and a finished one whose capture here was frozen (of
+    /// `frozen`): the range cannot change after the freeze. Until
+    /// [`Mirrors::installed`], no copy of `source` starts.
+    pub fn reset_source(&self, db: &Db, source: ShardId, frozen: &[OpId]) -> io::Result<()> {
+        // All under the registry's lock, so that no `ensure` sees a half
+        // reset (a record about to go, the source's old state).
+        let mut inner = self.inner.lock().unwrap();
+        inner.installing.insert(source);
+        let targets: Vec<ShardId> =
+            inner.by_target.iter().filter(|(_, m)| m.spec.source == source).map(|(t, _)| *t).collect();
+        for t in targets {
+            let m = inner.by_target[&t].clone();
+            let keep = {
+                let p = m.progress.lock().unwrap();
+                p.claimed || (p.cursor == Cursor::Done && frozen.contains(&m.spec.op))
+            };
+            if !keep {
+                inner.by_target.remove(&t);
+                m.cancel();
+                clear_target(db, t)?;
+            }
+        }
+        // Finished copies on record that nothing loaded since a restart.
+        for r in records_of(db, source)? {
+            if !inner.by_target.contains_key(&r.spec.target) && !frozen.contains(&r.spec.op) {
+                clear_target(db, r.spec.target)?;
+            }
         }
         Ok(())
+    }
+
+    /// The snapshot into `source` is in place (or failed): copies may read it.
+    pub fn installed(&self, source: ShardId) {
+        self.inner.lock().unwrap().installing.remove(&source);
+    }
+
+    /// A snapshot of the target's own group is about to replace its data:
+    /// the group's content comes from its leader from now on, and no copy
+    /// here may write into it again. Its record goes; its keys are the
+    /// install's to replace.
+    pub fn target_installing(&self, db: &Db, target: ShardId) -> io::Result<()> {
+        let m = {
+            let mut inner = self.inner.lock().unwrap();
+            inner.deleted.insert(target);
+            inner.by_target.remove(&target)
+        };
+        if let Some(m) = m {
+            m.cancel();
+        }
+        let mut batch = rocksdb::WriteBatch::default();
+        delete_record(db, &mut batch, target);
+        db.write(batch).map_err(storage::io_err)
     }
 
     /// What this node has of the mirror of `spec` (starting it if needed).
@@ -358,8 +429,14 @@ impl Mirrors {
             },
             _ => Some(u64::MAX),
         };
+        let meta = storage::cf(db, storage::CF_GROUP_META);
+        let applied = db
+            .get_pinned_cf(meta, state_key(spec.source, tag::APPLIED))
+            .map_err(storage::io_err)?
+            .and_then(|b| crate::raft::decode_applied_index(&b))
+            .unwrap_or(0);
         let done = m.is_done();
-        Ok(Some(MirrorReport { done, figures: m.figures(), frozen_at }))
+        Ok(Some(MirrorReport { done, figures: m.figures(), frozen_at, attempt: m.attempt, applied }))
     }
 
     /// Writes an apply batch holding `writes` (mirrored writes of the
@@ -410,7 +487,7 @@ impl Mirrors {
         if inner.deleted.contains(&target) || inner.activated.contains(&target) {
             return Ok(None);
         }
-        Ok(read_record(db, target)?.map(|r| {
+        Ok(read_record(db, target)?.filter(|r| !inner.installing.contains(&r.spec.source)).map(|r| {
             let m = Mirror::new(r.spec, Some(r.figures));
             inner.by_target.insert(target, m.clone());
             m
@@ -436,6 +513,22 @@ fn read_record(db: &Db, target: ShardId) -> io::Result<Option<Record>> {
         Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(io::Error::other)?)),
         None => Ok(None),
     }
+}
+
+/// The finished copies on record whose source is `source`.
+fn records_of(db: &Db, source: ShardId) -> io::Result<Vec<Record>> {
+    let meta = storage::cf(db, storage::CF_GROUP_META);
+    let mut out = Vec::new();
+    for item in db.iterator_cf(meta, rocksdb::IteratorMode::Start) {
+        let (k, v) = item.map_err(storage::io_err)?;
+        if k.len() == 9 && k[8] == tag::MIRROR {
+            let r: Record = serde_json::from_slice(&v).map_err(io::Error::other)?;
+            if r.spec.source == source {
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn put_record(db: &Db, batch: &mut rocksdb::WriteBatch, spec: &MirrorSpec, figures: &Figures) -> io::Result<()> {
@@ -510,6 +603,7 @@ fn copy_range(db: &Db, dir: &Path, m: &Mirror, limit: &mut crate::split::sst::Ra
 
 fn copy_chunks(db: &Db, dir: &Path, m: &Mirror, limit: &mut crate::split::sst::RateLimit) -> io::Result<()> {
     let spec = &m.spec;
+    let started = std::time::Instant::now();
     {
         {
             let _gate = m.gate.lock().unwrap();
@@ -587,24 +681,28 @@ fn copy_chunks(db: &Db, dir: &Path, m: &Mirror, limit: &mut crate::split::sst::R
                     }
                 }
             }
+            let done = next.is_none();
+            let p_copied = p.figures.copied;
+            if done {
+                put_record(db, &mut batch, spec, &p.figures)?;
+            }
+            db.write(batch).map_err(storage::io_err)?;
+            // Moved on only once written (a failed write ends this copy
+            // with the cursor where it was).
             p.touched.clear();
             p.chunk = None;
             p.cursor = match next {
                 Some(k) => Cursor::At(k),
                 None => Cursor::Done,
             };
-            let done = p.cursor == Cursor::Done;
-            if done {
-                put_record(db, &mut batch, spec, &p.figures)?;
-            }
-            db.write(batch).map_err(storage::io_err)?;
             if done {
                 // Durable before anyone is told: the split freezes on it.
                 db.flush_wal(true).map_err(storage::io_err)?;
                 drop(p);
                 m.done.send_replace(true);
                 metrics::counter!("cleave_split_mirror_copies_total").increment(1);
-                tracing::info!(shard = spec.target, op = spec.op, "mirror copy done");
+                let (mib, secs) = (p_copied as f64 / (1 << 20) as f64, started.elapsed().as_secs_f64());
+                tracing::info!(shard = spec.target, op = spec.op, "mirror copy done: {mib:.1} MiB in {secs:.2} s");
                 return Ok(());
             }
         }
@@ -639,8 +737,17 @@ fn write_chunk(db: &Db, spec: &MirrorSpec, from: &str, path: &Path) -> io::Resul
             finish(writer.take())?;
             return Ok((Some(key.to_string()), figures));
         }
-        let rec = storage::decode_record(user_key, &v)?;
-        figures.replace(key, None, &rec);
+        match ValueRecord::peek_plain(&v) {
+            // Most records: no transaction part, nothing to decode.
+            Some((tombstone, json_len)) => {
+                let live = match tombstone {
+                    true => StatsDelta::default(),
+                    false => StatsDelta { keys: 1, bytes: (key.len() + json_len) as i64 },
+                };
+                figures.add(live, digest::stored_hash(key, &v));
+            }
+            None => figures.replace(key, None, &storage::decode_record(user_key, &v)?),
+        }
         figures.copied += (user_key.len() + v.len()) as u64;
         if writer.is_none() {
             let w = rocksdb::SstFileWriter::create(&wopts);
@@ -807,7 +914,8 @@ mod tests {
         assert!(m.is_done());
         assert_eq!((m.figures().keys, m.figures().bytes, m.figures().digest), figures_of(&contents(&db, TARGET)));
         // A snapshot into the source: the copy's keys and record go.
-        after.reset_source(&db, GROUP).unwrap();
+        after.reset_source(&db, GROUP, &[]).unwrap();
+        after.installed(GROUP);
         assert!(contents(&db, TARGET).is_empty());
         assert_eq!(read_record(&db, TARGET).unwrap(), None);
         assert!(after.get(TARGET).is_none());

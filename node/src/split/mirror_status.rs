@@ -24,6 +24,10 @@ use crate::kv::Capture;
 use crate::node::Node;
 use crate::rpc::{self, ExecError, ForwardStatus};
 
+/// How far (in log entries) a node's source replica may be behind the
+/// newest when the copies are reported done.
+const FREEZE_LAG: u64 = 64;
+
 /// How often the target's nodes are asked while the copies run, and while
 /// writes are frozen (the driver waits on the answer then).
 const POLL: Duration = Duration::from_millis(50);
@@ -63,12 +67,17 @@ pub async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<For
 fn fold(reports: &[Option<MirrorReport>], frozen_at: Option<u64>, estimate: u64) -> ForwardStatus {
     let answered: Vec<&MirrorReport> = reports.iter().flatten().collect();
     let all = answered.len() == reports.len() && !reports.is_empty();
-    let done = all && answered.iter().all(|r| r.done);
+    // The freeze waits for every node's source replica to be close to the
+    // newest: the cutover needs each to apply the freeze in time.
+    let newest = answered.iter().map(|r| r.applied).max().unwrap_or(0);
+    let close = answered.iter().all(|r| r.applied + FREEZE_LAG >= newest);
+    let done = all && close && answered.iter().all(|r| r.done);
     // Progress is the slowest copy's.
     let slowest = answered.iter().min_by_key(|r| r.figures.copied).map(|r| r.figures);
     let copied = if all { slowest.map_or(0, |f| f.copied) } else { 0 };
     let mut st = ForwardStatus {
-        attempt: 1,
+        // A copy that starts over (a node restarted) counts from zero.
+        attempt: answered.iter().fold(0, |a, r| a ^ r.attempt).max(1),
         backfill_done: done,
         keys_copied: if all { slowest.map_or(0, |f| f.keys) } else { 0 },
         bytes_copied: copied,
@@ -106,7 +115,20 @@ mod tests {
     use crate::split::mirror::Figures;
 
     fn report(done: bool, copied: u64, digest: u64, frozen_at: Option<u64>) -> Option<MirrorReport> {
-        Some(MirrorReport { done, figures: Figures { keys: copied / 10, bytes: copied, digest, copied }, frozen_at })
+        let figures = Figures { keys: copied / 10, bytes: copied, digest, copied };
+        Some(MirrorReport { done, figures, frozen_at, attempt: 7, applied: 1000 })
+    }
+
+    #[test]
+    fn the_copies_are_not_done_while_a_source_replica_lags_and_a_new_copy_is_a_new_attempt() {
+        let lagging = MirrorReport { applied: 1000 - FREEZE_LAG - 1, ..report(true, 100, 7, None).unwrap() };
+        let st = fold(&[report(true, 100, 7, None), Some(lagging.clone())], None, 0);
+        assert!(!st.backfill_done, "a replica too far behind to apply the freeze in time");
+        let caught_up = MirrorReport { applied: 1000 - FREEZE_LAG, ..lagging };
+        let st = fold(&[report(true, 100, 7, None), Some(caught_up.clone())], None, 0);
+        assert!(st.backfill_done);
+        let again = MirrorReport { attempt: 9, ..caught_up };
+        assert_ne!(fold(&[report(true, 100, 7, None), Some(again)], None, 0).attempt, st.attempt);
     }
 
     #[test]

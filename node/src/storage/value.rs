@@ -87,6 +87,14 @@ impl ValueRecord {
         Some(ValueRecord { version, tombstone: flags & TOMBSTONE != 0, json: json.to_vec(), txn })
     }
 
+    /// Whether stored `bytes` are a record without a transaction part,
+    /// and then whether it is a tombstone and how long its JSON is: what a
+    /// bulk reader needs of most records, without decoding them.
+    pub fn peek_plain(bytes: &[u8]) -> Option<(bool, usize)> {
+        let flags = *bytes.get(8)?;
+        (flags & !TOMBSTONE == 0).then(|| (flags & TOMBSTONE != 0, bytes.len() - 9))
+    }
+
     /// The version of a live value, 0 for an absent key or a tombstone.
     pub fn live_version(rec: Option<&ValueRecord>) -> u64 {
         rec.filter(|r| !r.tombstone).map_or(0, |r| r.version)
@@ -134,5 +142,12 @@ mod tests {
         assert_eq!(ValueRecord::decode(&huge), None);
         let unknown = [&1u64.to_be_bytes()[..], &[4], b"{}"].concat();
         assert_eq!(ValueRecord::decode(&unknown), None, "an unknown flag is not ignored");
+        assert_eq!(ValueRecord::peek_plain(&unknown), None);
+        assert_eq!(ValueRecord::peek_plain(b"short"), None);
+        assert_eq!(ValueRecord::peek_plain(&ValueRecord::live(3, b"[1]".to_vec()).encode()), Some((false, 3)));
+        assert_eq!(ValueRecord::peek_plain(&ValueRecord::deleted(3).encode()), Some((true, 0)));
+        let lock = Lock { txn: 9, primary: "p".into(), expires_ms: 5, write: true };
+        let locked = ValueRecord::live(3, b"[1]".to_vec()).with_txn(TxnInfo { lock: Some(lock), ..TxnInfo::default() });
+        assert_eq!(ValueRecord::peek_plain(&locked.encode()), None, "a transaction part needs decoding");
     }
 }
