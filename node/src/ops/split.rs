@@ -164,13 +164,16 @@ async fn create_target(node: &Node, op: &Operation) -> Result<bool, ExecError> {
     order.sort_by_key(|r| Some(r.replica_id) == campaigner);
     // Resumed (another metadata leader, which may have been started with
     // another `--split-mirror`): the replicas made already say how the
-    // range is filled, and the rest must start from the same state. The
-    // first replica is made first, so it exists if any does.
-    if let Some(first) = order.first() {
+    // range is filled, and the rest must start from the same state.
+    let router = node.router();
+    let asks = target_replicas.iter().map(|r| {
         let ask = rpc::Genesis { group: *target, hops: u8::MAX };
-        let made = tokio::time::timeout(Duration::from_secs(1), node.router().node_call(first.node_id, ask)).await;
+        tokio::time::timeout(Duration::from_secs(1), router.node_call(r.node_id, ask))
+    });
+    for made in futures::future::join_all(asks).await {
         if let Ok(Ok(s @ SmState::Shard(_))) = made {
             state = s;
+            break;
         }
     }
     for r in order {

@@ -325,7 +325,14 @@ impl Opener {
         // An install the previous instance was running when it ended is
         // finished first, and the state it left is what the replica holds.
         let (db, root, group) = (ctx.db.clone(), ctx.snapshot_root.clone(), self.group);
-        let redone = tokio::task::spawn_blocking(move || snapshot::recover_install(&db, &root, group)).await??;
+        let mirrors = ctx.mirrors.clone();
+        let redone = tokio::task::spawn_blocking(move || {
+            mirrors.reset_if_interrupted(&db, group)?;
+            let redone = snapshot::recover_install(&db, &root, group)?;
+            mirrors.installed(group);
+            Ok::<_, std::io::Error>(redone)
+        })
+        .await??;
         if redone || self.installing.load(Ordering::SeqCst) {
             let (sm_state, (keys, bytes)) = GroupRaft::load_state(ctx, group)?;
             let mut state = self.state.write().map_err(|_| anyhow::anyhow!("state lock poisoned"))?;
@@ -488,7 +495,9 @@ impl GroupRaft {
         let group = desc.group;
         // An install a crash interrupted is redone first: it rewrites the
         // stats and the state read below.
+        ctx.mirrors.reset_if_interrupted(&ctx.db, group)?;
         snapshot::recover_install(&ctx.db, &ctx.snapshot_root, group)?;
+        ctx.mirrors.installed(group);
         snapshot::remove_partial(&ctx.snapshot_root, group);
         let (sm_state, (keys, bytes)) = Self::load_state(ctx, group)?;
         let stats = Arc::new(GroupStats::default());

@@ -356,24 +356,22 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
         // from the installed data, unless the range was frozen here; a
         // target being filled here takes its data from the snapshot
         // (`split::mirror`).
-        let (frozen, mirrored_target) =
-            match &*self.state.read().map_err(|_| io::Error::other("state lock poisoned"))? {
-                SmState::Shard(s) => (
-                    s.captures.iter().filter(|c| c.frozen_at.is_some()).map(|c| c.op_id).collect::<Vec<_>>(),
-                    s.incoming.as_ref().is_some_and(|i| i.mirror_of.is_some()),
-                ),
-                SmState::Meta(_) => (Vec::new(), false),
-            };
+        let mirrored_target = match &*self.state.read().map_err(|_| io::Error::other("state lock poisoned"))? {
+            SmState::Shard(s) => s.incoming.as_ref().is_some_and(|i| i.mirror_of.is_some()),
+            SmState::Meta(_) => false,
+        };
         let mirrors = self.mirrors.clone();
         let installed = tokio::task::spawn_blocking(move || {
-            let result = (|| {
-                mirrors.reset_source(&db, group, &frozen)?;
-                if mirrored_target {
-                    mirrors.target_installing(&db, group)?;
-                }
-                snapshot::install(&db, group, &file, &inc)
-            })();
-            mirrors.installed(group);
+            mirrors.reset_for_install(&db, group)?;
+            if mirrored_target {
+                mirrors.target_installing(&db, group)?;
+            }
+            let result = snapshot::install(&db, group, &file, &inc);
+            if result.is_ok() {
+                // A failed install stays announced (and on disk): it is
+                // redone when the replica opens again.
+                mirrors.installed(group);
+            }
             let (sm_state, stats) = result?;
             inc.write(|| {
                 snapshot::adopt(&root, group, &file)?;

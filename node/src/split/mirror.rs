@@ -258,7 +258,7 @@ impl Mirrors {
             return Ok((m.spec == *spec).then(|| m.clone()));
         }
         let t = spec.target;
-        if inner.deleted.contains(&t) || inner.activated.contains(&t) || inner.installing.contains(&spec.source) {
+        if inner.deleted.contains(&t) || inner.activated.contains(&t) || installing(&inner, db, spec.source)? {
             return Ok(None);
         }
         if inner.failures.get(&t).is_some_and(|n| *n >= MOST_FAILURES) {
@@ -277,9 +277,7 @@ impl Mirrors {
         // captures exactly this range for it, mirrored.
         let receiving = matches!(read_state(db, t)?, Some(SmState::Shard(s)) if s.incoming.as_ref().is_some_and(|i|
             i.op_id == spec.op && i.mirror_of == Some(spec.source) && i.start == spec.start && i.end == spec.end));
-        let mirrored = matches!(read_state(db, spec.source)?, Some(SmState::Shard(s)) if s.captures.iter().any(|c|
-            c.op_id == spec.op && c.mirror && c.target == t && c.start == spec.start && c.end == spec.end));
-        if !receiving || !mirrored {
+        if !receiving || !captured(db, spec)? {
             return Ok(None);
         }
         let m = Mirror::new(spec.clone(), None);
@@ -307,7 +305,14 @@ impl Mirrors {
         spec: &MirrorSpec,
     ) -> io::Result<Option<Arc<Mirror>>> {
         loop {
-            let Some(m) = self.ensure(db, root, spec)? else { return Ok(None) };
+            let Some(m) = self.ensure(db, root, spec)? else {
+                // A source being installed is a wait, not an answer.
+                if installing(&self.inner.lock().unwrap(), db, spec.source)? {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+                return Ok(None);
+            };
             if m.is_done() {
                 return Ok(Some(m));
             }
@@ -349,14 +354,27 @@ impl Mirrors {
         inner.activated.insert(target);
     }
 
-    /// The target's replica here is being deleted: stop its copy first.
-    pub fn forget(&self, target: ShardId) {
-        let m = {
+    /// A replica here is being deleted: as a target, its copy stops first;
+    /// as a source, every unfinished copy reading it stops, and its target
+    /// is given up here (it stops at activation).
+    pub fn forget(&self, group: ShardId) {
+        let gone: Vec<Arc<Mirror>> = {
             let mut inner = self.inner.lock().unwrap();
-            inner.deleted.insert(target);
-            inner.by_target.remove(&target)
+            inner.deleted.insert(group);
+            let mut gone: Vec<Arc<Mirror>> = inner.by_target.remove(&group).into_iter().collect();
+            let reading: Vec<ShardId> = inner
+                .by_target
+                .iter()
+                .filter(|(_, m)| m.spec.source == group && !m.is_done())
+                .map(|(t, _)| *t)
+                .collect();
+            for t in reading {
+                gone.extend(inner.by_target.remove(&t));
+                inner.failures.insert(t, MOST_FAILURES);
+            }
+            gone
         };
-        if let Some(m) = m {
+        for m in gone {
             m.cancel();
         }
     }
@@ -365,10 +383,11 @@ impl Mirrors {
     /// here that the snapshot may make stale is cancelled and its target's
     /// keys and record deleted, so that the next [`Mirrors::ensure`] copies
     /// afresh from the installed data. Kept: a copy claimed for its
-    /// activation, and a finished one whose capture here was frozen (of
-    /// `frozen`): the range cannot change after the freeze. Until
-    /// [`Mirrors::installed`], no copy of `source` starts.
-    pub fn reset_source(&self, db: &Db, source: ShardId, frozen: &[OpId]) -> io::Result<()> {
+    /// activation, and a finished one of an operation `keep` names (one
+    /// whose capture here was frozen, or ended by `SplitDone`: the range
+    /// cannot change after the freeze). Until [`Mirrors::installed`], no
+    /// copy of `source` starts.
+    pub fn reset_source(&self, db: &Db, source: ShardId, keep: impl Fn(OpId) -> bool) -> io::Result<()> {
         // All under the registry's lock, so that no `ensure` sees a half
         // reset (a record about to go, the source's old state).
         let mut inner = self.inner.lock().unwrap();
@@ -379,7 +398,7 @@ impl Mirrors {
             let m = inner.by_target[&t].clone();
             let keep = {
                 let p = m.progress.lock().unwrap();
-                p.claimed || (p.cursor == Cursor::Done && frozen.contains(&m.spec.op))
+                p.claimed || (p.cursor == Cursor::Done && keep(m.spec.op))
             };
             if !keep {
                 inner.by_target.remove(&t);
@@ -389,14 +408,43 @@ impl Mirrors {
         }
         // Finished copies on record that nothing loaded since a restart.
         for r in records_of(db, source)? {
-            if !inner.by_target.contains_key(&r.spec.target) && !frozen.contains(&r.spec.op) {
+            if !inner.by_target.contains_key(&r.spec.target) && !keep(r.spec.op) {
                 clear_target(db, r.spec.target)?;
             }
         }
         Ok(())
     }
 
-    /// The snapshot into `source` is in place (or failed): copies may read it.
+    /// [`Mirrors::reset_source`] before a snapshot is installed into
+    /// `source` (or an interrupted install is redone), keeping the copies of
+    /// operations frozen or ended in the source's state as stored now (the
+    /// state before the install).
+    pub fn reset_for_install(&self, db: &Db, source: ShardId) -> io::Result<()> {
+        let meta = storage::cf(db, storage::CF_GROUP_META);
+        let Some(raw) = db.get_pinned_cf(meta, state_key(source, tag::SM_STATE)).map_err(storage::io_err)? else {
+            return Ok(());
+        };
+        // Only a shard's state has copies; the directory's group stores its
+        // state in another form.
+        if !raw.starts_with(br#"{"Shard""#) {
+            return Ok(());
+        }
+        let SmState::Shard(state) = SmState::from_json(&raw)? else { return Ok(()) };
+        let frozen = |op: OpId| state.captures.iter().any(|c| c.op_id == op && c.frozen_at.is_some());
+        self.reset_source(db, source, |op| frozen(op) || state.has_ended(op))
+    }
+
+    /// [`Mirrors::reset_for_install`] if an install into `group` was cut
+    /// short here (its marker is on disk) and is about to be redone.
+    pub fn reset_if_interrupted(&self, db: &Db, group: ShardId) -> io::Result<()> {
+        let meta = storage::cf(db, storage::CF_GROUP_META);
+        if db.get_pinned_cf(meta, state_key(group, tag::INSTALLING)).map_err(storage::io_err)?.is_some() {
+            self.reset_for_install(db, group)?;
+        }
+        Ok(())
+    }
+
+    /// The snapshot into `source` is in place: copies may read it.
     pub fn installed(&self, source: ShardId) {
         self.inner.lock().unwrap().installing.remove(&source);
     }
@@ -487,7 +535,11 @@ impl Mirrors {
         if inner.deleted.contains(&target) || inner.activated.contains(&target) {
             return Ok(None);
         }
-        Ok(read_record(db, target)?.filter(|r| !inner.installing.contains(&r.spec.source)).map(|r| {
+        let Some(r) = read_record(db, target)? else { return Ok(None) };
+        if installing(&inner, db, r.spec.source)? {
+            return Ok(None);
+        }
+        Ok(Some(r).map(|r| {
             let m = Mirror::new(r.spec, Some(r.figures));
             inner.by_target.insert(target, m.clone());
             m
@@ -513,6 +565,15 @@ fn read_record(db: &Db, target: ShardId) -> io::Result<Option<Record>> {
         Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(io::Error::other)?)),
         None => Ok(None),
     }
+}
+
+/// Whether a snapshot is being installed into `source` here: announced
+/// ([`Mirrors::reset_source`]), or on disk (an install a stop interrupted,
+/// to be redone when the replica opens again).
+fn installing(inner: &Inner, db: &Db, source: ShardId) -> io::Result<bool> {
+    let meta = storage::cf(db, storage::CF_GROUP_META);
+    Ok(inner.installing.contains(&source)
+        || db.get_pinned_cf(meta, state_key(source, tag::INSTALLING)).map_err(storage::io_err)?.is_some())
 }
 
 /// The finished copies on record whose source is `source`.
@@ -541,6 +602,12 @@ fn put_record(db: &Db, batch: &mut rocksdb::WriteBatch, spec: &MirrorSpec, figur
 /// Deletes the finished copy's record of `target` (at its activation).
 pub fn delete_record(db: &Db, batch: &mut rocksdb::WriteBatch, target: ShardId) {
     batch.delete_cf(storage::cf(db, storage::CF_GROUP_META), state_key(target, tag::MIRROR));
+}
+
+/// Whether the source's replica here captures `spec`'s range, mirrored.
+fn captured(db: &Db, spec: &MirrorSpec) -> io::Result<bool> {
+    Ok(matches!(read_state(db, spec.source)?, Some(SmState::Shard(s)) if s.captures.iter().any(|c|
+        c.op_id == spec.op && c.mirror && c.target == spec.target && c.start == spec.start && c.end == spec.end)))
 }
 
 /// Waits until the source's replica on this node applied the freeze of
@@ -682,6 +749,12 @@ fn copy_chunks(db: &Db, dir: &Path, m: &Mirror, limit: &mut crate::split::sst::R
                 }
             }
             let done = next.is_none();
+            if done && !captured(db, spec)? {
+                // The source's replica here no longer holds the range (it
+                // was deleted, or replaced by a snapshot): what was read of
+                // it may be partial.
+                return Err(io::Error::other("the source replica here no longer captures the range"));
+            }
             let p_copied = p.figures.copied;
             if done {
                 put_record(db, &mut batch, spec, &p.figures)?;
@@ -726,7 +799,10 @@ fn write_chunk(db: &Db, spec: &MirrorSpec, from: &str, path: &Path) -> io::Resul
         opts,
         rocksdb::IteratorMode::From(&data_key(spec.source, from.as_bytes()), rocksdb::Direction::Forward),
     );
-    let wopts = storage::data_cf_options();
+    let mut wopts = storage::data_cf_options();
+    // Written back a MiB at a time as it fills, not all at the ingest's
+    // fsync: a burst of 16 MiB queues the foreground's WAL syncs behind it.
+    wopts.set_bytes_per_sync(1 << 20);
     let mut figures = Figures::default();
     let mut writer: Option<rocksdb::SstFileWriter<'_>> = None;
     for item in iter {
@@ -914,7 +990,7 @@ mod tests {
         assert!(m.is_done());
         assert_eq!((m.figures().keys, m.figures().bytes, m.figures().digest), figures_of(&contents(&db, TARGET)));
         // A snapshot into the source: the copy's keys and record go.
-        after.reset_source(&db, GROUP, &[]).unwrap();
+        after.reset_source(&db, GROUP, |_| false).unwrap();
         after.installed(GROUP);
         assert!(contents(&db, TARGET).is_empty());
         assert_eq!(read_record(&db, TARGET).unwrap(), None);

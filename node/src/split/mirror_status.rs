@@ -51,7 +51,11 @@ pub async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<For
         let calls = nodes.iter().map(|n| router.node_call(*n, rpc::MirrorStatus { spec: Box::new(spec.clone()) }));
         let reports: Vec<Option<MirrorReport>> =
             futures::future::join_all(calls).await.into_iter().map(|r| r.ok().flatten()).collect();
-        let st = fold(&reports, now.frozen_at, estimate);
+        let mut st = fold(&reports, now.frozen_at, estimate);
+        if reports.iter().any(Option::is_none) {
+            // A node that did not answer this time: not a new attempt.
+            st.attempt = status.lock().unwrap().attempt.max(1);
+        }
         if st.backfill_done {
             // What the shipped path reports while it forwards: here the
             // writes reach the target as they are applied, so none wait.
