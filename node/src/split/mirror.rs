@@ -31,7 +31,10 @@
 //! bytes and digest) in the batch that moves the cursor to the end, with the
 //! WAL synced, and from then on every mirrored batch keeps the record
 //! current. A snapshot installed into A replaces its data wholesale, so it
-//! resets the node's mirrors of A ([`Mirrors::reset_source`]).
+//! resets the node's copies of A that it can make stale — not one claimed
+//! for activation, nor a finished one of a range already frozen there
+//! ([`Mirrors::reset_source`]); one installed into B takes B out of
+//! mirroring ([`Mirrors::target_installing`]).
 //!
 //! A split whose B replicas are not all beside A replicas uses the shipped
 //! backfill and forward log instead (`forwarder`).
