@@ -183,25 +183,11 @@ impl GroupSm {
                 match cmd {
                     ShardCommand::SplitDone { op_id, .. } => {
                         let Some(c) = s.captures.iter().find(|c| c.op_id == *op_id && c.mirror) else { continue };
-                        let spec = MirrorSpec {
-                            source: self.group,
-                            target: c.target,
-                            op: c.op_id,
-                            start: c.start.clone(),
-                            end: c.end.clone(),
-                        };
-                        (spec, false)
+                        (MirrorSpec::of_capture(self.group, c), false)
                     }
                     ShardCommand::Activate { op_id, .. } => {
-                        let Some(inc) = s.incoming.as_ref().filter(|i| i.op_id == *op_id) else { continue };
-                        let Some(source) = inc.mirror_of else { continue };
-                        let spec = MirrorSpec {
-                            source,
-                            target: self.group,
-                            op: inc.op_id,
-                            start: inc.start.clone(),
-                            end: inc.end.clone(),
-                        };
+                        let inc = s.incoming.as_ref().filter(|i| i.op_id == *op_id);
+                        let Some(spec) = inc.and_then(|i| MirrorSpec::of_incoming(self.group, i)) else { continue };
                         (spec, true)
                     }
                     _ => continue,

@@ -69,6 +69,17 @@ pub struct MirrorSpec {
 }
 
 impl MirrorSpec {
+    /// The mirror of `source`'s capture `c`.
+    pub fn of_capture(source: ShardId, c: &kv::Capture) -> MirrorSpec {
+        MirrorSpec { source, target: c.target, op: c.op_id, start: c.start.clone(), end: c.end.clone() }
+    }
+
+    /// The mirror filling `target`'s incoming range, if it is filled beside its source.
+    pub fn of_incoming(target: ShardId, i: &kv::Incoming) -> Option<MirrorSpec> {
+        let source = i.mirror_of?;
+        Some(MirrorSpec { source, target, op: i.op_id, start: i.start.clone(), end: i.end.clone() })
+    }
+
     fn covers(&self, key: &str) -> bool {
         key >= self.start.as_str() && self.end.as_deref().is_none_or(|e| key < e)
     }
@@ -473,13 +484,7 @@ impl Mirrors {
     /// What this node has of the mirror of `spec` (starting it if needed).
     pub fn report(self: &Arc<Self>, db: &Arc<Db>, root: &Path, spec: &MirrorSpec) -> io::Result<Option<MirrorReport>> {
         let Some(m) = self.ensure(db, root, spec)? else { return Ok(None) };
-        let frozen_at = match read_state(db, spec.source)? {
-            Some(SmState::Shard(s)) => match s.captures.iter().find(|c| c.op_id == spec.op) {
-                Some(c) => c.frozen_at,
-                None => Some(u64::MAX),
-            },
-            _ => Some(u64::MAX),
-        };
+        let frozen_at = source_frozen_at(db, spec)?;
         let meta = storage::cf(db, storage::CF_GROUP_META);
         let applied = db
             .get_pinned_cf(meta, state_key(spec.source, tag::APPLIED))
@@ -616,18 +621,21 @@ fn captured(db: &Db, spec: &MirrorSpec) -> io::Result<bool> {
 /// Waits until the source's replica on this node applied the freeze of
 /// `spec`'s split (or already dropped the range, which comes after it).
 pub async fn wait_source_frozen(db: &Db, spec: &MirrorSpec) -> io::Result<()> {
-    loop {
-        let frozen = match read_state(db, spec.source)? {
-            Some(SmState::Shard(s)) => {
-                s.captures.iter().find(|c| c.op_id == spec.op).is_none_or(|c| c.frozen_at.is_some())
-            }
-            _ => true,
-        };
-        if frozen {
-            return Ok(());
-        }
+    while source_frozen_at(db, spec)?.is_none() {
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
+    Ok(())
+}
+
+/// The source's freeze index of `spec`'s split as applied here (`u64::MAX`
+/// once the source dropped the range: it had everything before).
+fn source_frozen_at(db: &Db, spec: &MirrorSpec) -> io::Result<Option<u64>> {
+    Ok(match read_state(db, spec.source)? {
+        Some(SmState::Shard(s)) => {
+            s.captures.iter().find(|c| c.op_id == spec.op).map_or(Some(u64::MAX), |c| c.frozen_at)
+        }
+        _ => Some(u64::MAX),
+    })
 }
 
 fn read_state(db: &Db, group: ShardId) -> io::Result<Option<SmState>> {

@@ -42,8 +42,7 @@ pub async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<For
         Some(OpKind::Split { target_replicas, .. }) => target_replicas.iter().map(|r| r.node_id).collect(),
         _ => return Err(ExecError::Unavailable(format!("operation {} is not in the directory here", cap.op_id))),
     };
-    let spec =
-        MirrorSpec { source: group, target: cap.target, op: cap.op_id, start: cap.start.clone(), end: cap.end.clone() };
+    let spec = MirrorSpec::of_capture(group, cap);
     let estimate = range_size_estimate(&node.ctx().db, group, cap);
     loop {
         let Some(now) = current_capture(node, group, cap.op_id) else { return Ok(()) };

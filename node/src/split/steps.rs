@@ -119,13 +119,7 @@ fn incoming_of(node: &Node, g: &GroupRaft) -> Result<TargetStatus, ExecError> {
 /// index once the copy is done and the source here applied the freeze
 /// (everything up to it is then in the copy), else 0.
 fn mirrored(node: &Node, group: u64, mut inc: crate::kv::Incoming) -> Result<TargetStatus, ExecError> {
-    let spec = MirrorSpec {
-        source: inc.mirror_of.expect("checked by the caller"),
-        target: group,
-        op: inc.op_id,
-        start: inc.start.clone(),
-        end: inc.end.clone(),
-    };
+    let spec = MirrorSpec::of_incoming(group, &inc).expect("checked by the caller");
     let ctx = node.ctx();
     let report =
         ctx.mirrors.report(&ctx.db, &ctx.snapshot_root, &spec).map_err(|e| ExecError::Internal(e.to_string()))?;
