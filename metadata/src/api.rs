@@ -144,6 +144,8 @@ pub enum ErrorCode {
     Unauthenticated,
     /// Known credentials whose role does not allow the request (403).
     Forbidden,
+    /// A watch's cursor is older than the history kept (410).
+    Compacted,
 }
 
 impl ErrorCode {
@@ -160,6 +162,7 @@ impl ErrorCode {
             ErrorCode::Internal => 500,
             ErrorCode::Unauthenticated => 401,
             ErrorCode::Forbidden => 403,
+            ErrorCode::Compacted => 410,
         }
     }
 

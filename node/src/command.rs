@@ -18,6 +18,34 @@ pub enum Command {
     Shard(ShardCommand),
     /// A step of a transaction on a shard (`txn::apply`).
     Txn(crate::txn::TxnCommand),
+    /// `cmd` as proposed at `ts` on its proposer's clock ([`crate::clock`]):
+    /// every proposal is stamped so ([`crate::raft::GroupRaft::write`]); a
+    /// shard's apply turns the stamp into the timestamp of the changes the
+    /// entry makes (`watch`). Last in the enum, so entries written before
+    /// stamping decode as before (unstamped).
+    At {
+        ts: crate::clock::Ts,
+        cmd: Box<Command>,
+    },
+}
+
+impl Command {
+    /// `cmd` stamped `at` by its proposer, or left to the leader's clock
+    /// (`at` = 0).
+    pub fn stamped(at: crate::clock::Ts, cmd: Command) -> Command {
+        match at {
+            0 => cmd,
+            ts => Command::At { ts, cmd: Box::new(cmd) },
+        }
+    }
+
+    /// The command without its stamp, and the stamp (0: unstamped).
+    pub fn unstamped(&self) -> (&Command, crate::clock::Ts) {
+        match self {
+            Command::At { ts, cmd } => (cmd.unstamped().0, *ts),
+            c => (c, 0),
+        }
+    }
 }
 
 /// Steps of a split as seen by the shards (see `docs/split-protocol.md`).
@@ -64,6 +92,15 @@ pub enum ShardCommand {
     /// replica sits beside one of the source's: each node fills its target
     /// replica from its source replica (`split::mirror`).
     MirrorCapture { op_id: OpId, start: String, end: Option<String>, target: ShardId },
+    /// Any shard: nothing changes at or below the entry's timestamp from
+    /// now on (it moves the shard's `last_ts` there, see `watch`): what a
+    /// watched shard that takes no writes proposes so that its watchers'
+    /// progress moves on.
+    Close,
+    /// Any shard: drop the change log at and below `through` (`watch`);
+    /// `bytes` is what the leader counted there (every replica holds the
+    /// same entries, so subtracts the same figure).
+    TrimChanges { through: crate::clock::Ts, bytes: u64 },
 }
 
 /// A write to one key, stamped with the route it was sent on.
@@ -142,6 +179,11 @@ pub enum StepError {
     /// format this build does not know): the whole batch is refused.
     #[error("operation {op_id}: the record of key {key:?} does not decode")]
     BadRecord { op_id: OpId, key: String },
+    /// A freeze while transactions hold write locks in the range: their
+    /// commits must land here, where the changes before the split are
+    /// kept (`watch`). The driver resolves them and freezes again.
+    #[error("operation {op_id}: keys of the range are locked by transactions: {keys:?}")]
+    Locked { op_id: OpId, keys: Vec<String> },
 }
 
 /// The result of applying one entry.
@@ -183,6 +225,7 @@ impl std::fmt::Display for Command {
             }
             Command::Shard(s) => write!(f, "shard({s:?})"),
             Command::Txn(t) => write!(f, "txn({})", t.summary()),
+            Command::At { ts, cmd } => write!(f, "{cmd} @{ts}"),
         }
     }
 }

@@ -105,6 +105,16 @@ pub struct Args {
     /// replica; false: always ship the backfill and forward the writes [default: true].
     #[arg(long, env = "CLEAVE_SPLIT_MIRROR")]
     pub split_mirror: Option<bool>,
+    /// Keep each shard's change log (what a watch resumes from) for at least this many
+    /// seconds [default: 600].
+    #[arg(long, env = "CLEAVE_WATCH_RETENTION")]
+    pub watch_retention: Option<u64>,
+    /// Keep at most this many MiB of change log per shard (the oldest go first) [default: 256].
+    #[arg(long, env = "CLEAVE_WATCH_RETENTION_MB")]
+    pub watch_retention_mb: Option<u64>,
+    /// Cut off a watcher that lets this many MiB of events queue up unread [default: 8].
+    #[arg(long, env = "CLEAVE_WATCH_QUEUE_MB")]
+    pub watch_queue_mb: Option<u64>,
     /// Abandon a split whose capture (backfill, forwarding) makes no progress for this many
     /// milliseconds (0: never) [default: 60000].
     #[arg(long, env = "CLEAVE_SPLIT_STALL_TIMEOUT_MS")]
@@ -260,6 +270,11 @@ impl Args {
                 backfill_bytes_per_s: self.split_backfill_rate.unwrap_or(128).saturating_mul(1 << 20),
                 split_stall: Duration::from_millis(self.split_stall_timeout_ms.unwrap_or(60_000)),
                 split_mirror: self.split_mirror.unwrap_or(true),
+                watch: crate::watch::WatchSettings {
+                    retention: Duration::from_secs(self.watch_retention.unwrap_or(600)),
+                    retention_bytes: self.watch_retention_mb.unwrap_or(256).saturating_mul(1 << 20),
+                    queue_bytes: self.watch_queue_mb.unwrap_or(8).max(1).saturating_mul(1 << 20) as usize,
+                },
                 join_https: tls.as_ref().map(|t| t.ca.clone()),
             },
             raft: RaftSettings {

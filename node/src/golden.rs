@@ -192,8 +192,8 @@ impl Runner {
     /// Every forward-log entry stored for `group`: (operation, index, entry).
     fn forward_logs(&self, group: u64) -> Res<Vec<(OpId, u64, ForwardEntry)>> {
         let mut opts = rocksdb::ReadOptions::default();
-        opts.set_iterate_upper_bound(storage::group_range_end(group));
-        let from = kv::user_data_end(group);
+        opts.set_iterate_upper_bound(kv::forward_key(group, u64::MAX, u64::MAX));
+        let from = kv::forward_key(group, 0, 0);
         let cf = storage::cf(&self.db, storage::CF_DATA);
         let mut out = Vec::new();
         for item in self.db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward)) {

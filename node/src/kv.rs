@@ -9,11 +9,12 @@
 //! replicated (it changes only through applied entries or snapshots) and kept
 //! in memory for fast checks.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use cleave_metadata::{OpId, RangeDescriptor, ShardId};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::Ts;
 use crate::command::{KvCommand, KvError, KvOp};
 use crate::split::digest;
 use crate::storage::{self, data_key, Db, ValueRecord};
@@ -27,6 +28,10 @@ pub struct Capture {
     pub target: ShardId,
     /// Log index of the `Freeze`: from then on writes to the range are refused.
     pub frozen_at: Option<u64>,
+    /// The `Freeze`'s timestamp: every change of the range here is at or
+    /// below it (`watch`).
+    #[serde(default)]
+    pub frozen_ts: crate::clock::Ts,
     /// Wrapping sum of the digest changes of every write applied to the
     /// range since the capture began, kept by apply from the stored records
     /// (not from the forward log). With the range's digest at the backfill
@@ -81,6 +86,10 @@ pub struct Incoming {
     /// (`split::mirror`), not through this shard's log.
     #[serde(default)]
     pub mirror_of: Option<ShardId>,
+    /// The split's source: where the range's changes before the target's
+    /// activation are (`watch`; [`Born`]).
+    #[serde(default)]
+    pub source: Option<ShardId>,
 }
 
 impl Incoming {
@@ -98,6 +107,7 @@ impl Incoming {
             capture_base: 0,
             live: (0, 0),
             mirror_of: None,
+            source: None,
         }
     }
 
@@ -150,6 +160,32 @@ pub struct ShardState {
     /// state travels inside node requests, kept small).
     #[serde(default)]
     pub received: Option<Box<Received>>,
+    /// The timestamp of the latest entry applied (`watch`): each entry
+    /// takes a later one ([`ShardState::next_ts`]).
+    #[serde(default)]
+    pub last_ts: Ts,
+    /// Write locks transactions hold here, by key, with the timestamp of
+    /// the entry that took each: the transaction's writes will land above
+    /// it, though maybe below `last_ts` (see [`ShardState::resolved`]).
+    #[serde(default)]
+    pub open_locks: BTreeMap<String, Ts>,
+    /// Where the changes before this shard took its range are (a split's
+    /// target; see `watch`). Boxed, like `received`.
+    #[serde(default)]
+    pub born: Option<Box<Born>>,
+    /// What this shard's change log holds (`watch::changes`).
+    #[serde(default)]
+    pub change_log: crate::watch::changes::ChangeLogState,
+}
+
+/// A split's target's lineage: the changes of `[start, end)` at or below
+/// `ts` are in shard `from`'s change log (this shard's start after `ts`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Born {
+    pub from: ShardId,
+    pub start: String,
+    pub end: Option<String>,
+    pub ts: Ts,
 }
 
 /// How many ended operations a shard remembers one by one.
@@ -173,6 +209,21 @@ impl ShardState {
             (Some(_), None) => false,
             (Some(re), Some(e)) => e <= re.as_str(),
         })
+    }
+
+    /// The timestamp of the entry being applied, given its stamp (the
+    /// proposer's clock): later than every earlier entry's.
+    pub fn next_ts(&mut self, stamp: Ts) -> Ts {
+        self.last_ts = stamp.max(self.last_ts.saturating_add(1));
+        self.last_ts
+    }
+
+    /// No change at or below this timestamp will ever be made here: the
+    /// last one, held below the oldest open write lock (its transaction
+    /// commits above the lock's timestamp, maybe below `last_ts`).
+    pub fn resolved(&self) -> Ts {
+        let below_locks = self.open_locks.values().min().map_or(Ts::MAX, |t| t.saturating_sub(1));
+        self.last_ts.min(below_locks)
     }
 
     /// Whether operation `op`'s capture has ended on this shard.
@@ -236,7 +287,7 @@ impl StatsDelta {
 /// Reserved first byte of internal keys under a shard's data prefix. It
 /// cannot start a UTF-8 string, so it never collides with a user key, and it
 /// sorts after all of them.
-const INTERNAL: u8 = 0xff;
+pub(crate) const INTERNAL: u8 = 0xff;
 const FORWARD: u8 = b'F';
 const BACKFILL: u8 = b'B';
 
@@ -315,6 +366,13 @@ pub struct ApplyBatch {
     /// A mirrored split target's figures on this node, by operation, found
     /// before its `Activate` is applied (`GroupSm::mirror_before`).
     pub mirror_figures: HashMap<OpId, crate::split::mirror::Figures>,
+    /// The timestamp of the changes the entry being applied makes (set by
+    /// the state machine per entry: [`ShardState::next_ts`], or a
+    /// transaction's commit timestamp).
+    pub ts: Ts,
+    /// The entry's stamp as proposed (0: unstamped): a transaction's
+    /// `Commit` is stamped with its commit timestamp, and writes at it.
+    pub stamp: Ts,
 }
 
 /// The current record of `key`: from this batch, else from the database.
@@ -343,7 +401,9 @@ pub fn check_writable(state: &ShardState, key: &str, range_id: u64, epoch: u64) 
 
 /// Writes `record` as `key`'s new record (replacing `current`) into the
 /// batch of the entry at log `index`: also appended to the forward log of
-/// every capture covering the key, counted in the stats and the overlay.
+/// every capture covering the key, to the change log when the key's
+/// version changes (at `b.ts`), to the open write locks when one is taken
+/// or released, counted in the stats and the overlay.
 /// The one way a record is written by apply; callers check
 /// [`check_writable`] first.
 #[allow(clippy::too_many_arguments)]
@@ -379,6 +439,24 @@ pub fn store(
         b.changed = true;
     }
     write_record(db, &mut b.write, group, key, &record, &encoded);
+    if let Some(change) = crate::watch::changes::change_of(current, &record) {
+        let (k, v) = (crate::watch::changes::change_key(group, b.ts, key), change.encode());
+        state.change_log.bytes += (k.len() + v.len()) as u64;
+        b.write.put_cf(storage::cf(db, storage::CF_DATA), k, v);
+        b.changed = true;
+    }
+    let write_lock = |r: Option<&ValueRecord>| r.and_then(ValueRecord::lock).is_some_and(|l| l.write);
+    match (write_lock(current), write_lock(Some(&record))) {
+        (false, true) => {
+            state.open_locks.insert(key.to_string(), b.ts);
+            b.changed = true;
+        }
+        (true, false) => {
+            state.open_locks.remove(key);
+            b.changed = true;
+        }
+        _ => {}
+    }
     b.stats.add(StatsDelta::replace(key, current, &record));
     b.overlay.insert(key.to_string(), record);
 }

@@ -32,8 +32,9 @@
 //! - [`security`]: bearer tokens and roles for the API, the cluster secret
 //!   and the handshake of the RPC port.
 //! - [`config`]: flags, environment and the TOML config file.
-//! - [`clock`]: the hybrid logical clock a watch's cursors will use
-//!   (`docs/plans/watch.md`).
+//! - [`clock`]: the hybrid logical clock that stamps every proposal.
+//! - [`txn`]: transactions across shards.
+//! - [`watch`]: change logs, resolved timestamps and the watch stream.
 
 pub mod api;
 pub mod background;
@@ -59,3 +60,4 @@ pub mod storage;
 #[cfg(test)]
 pub mod testing;
 pub mod txn;
+pub mod watch;

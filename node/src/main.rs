@@ -70,6 +70,7 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
         settings: cfg.raft.clone(),
         awake: Default::default(),
         mirrors: Arc::new(cleave_node::split::mirror::Mirrors::with_rate(cfg.node.backfill_bytes_per_s)),
+        clock: Default::default(),
     };
     // Bind both ports before anything else so a taken port fails fast.
     let raft_listener = tokio::net::TcpListener::bind(&cfg.listen_raft)
@@ -105,6 +106,7 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
     tokio::spawn(ops::supervisor::run(node.clone()));
     tokio::spawn(balance::run::auto_split(node.clone(), cfg.split.clone()));
     tokio::spawn(balance::run::replicas(node.clone(), cfg.balance.clone()));
+    tokio::spawn(cleave_node::watch::trim::run(node.clone()));
     tracing::info!(node = node.id(), api = %cfg.listen_api, raft = %cfg.listen_raft, "serving");
 
     tokio::spawn(reload_on_hangup(hup, access.clone(), tls.clone()));

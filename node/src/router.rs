@@ -634,7 +634,21 @@ impl<'a> Router<'a> {
         hops: u8,
         deadline: Instant,
     ) -> Result<crate::txn::TxnReply, ExecError> {
-        let leader = match self.propose_here(shard, Command::Txn(cmd.clone()), left(deadline)).await? {
+        self.exec_txn_at(shard, cmd, 0, hops, deadline).await
+    }
+
+    /// [`Router::exec_txn`] with the entry stamped `at` (0: by the leader's
+    /// clock): a commit timestamp, or a floor the step's timestamp must reach.
+    pub async fn exec_txn_at(
+        &self,
+        shard: ShardId,
+        cmd: crate::txn::TxnCommand,
+        at: crate::clock::Ts,
+        hops: u8,
+        deadline: Instant,
+    ) -> Result<crate::txn::TxnReply, ExecError> {
+        let proposal = Command::stamped(at, Command::Txn(cmd.clone()));
+        let leader = match self.propose_here(shard, proposal, left(deadline)).await? {
             Ok((g, CommandResponse::Txn(r))) => {
                 g.served.fetch_add(1, Ordering::Relaxed);
                 return r.map_err(ExecError::Kv);
@@ -642,7 +656,7 @@ impl<'a> Router<'a> {
             Ok((_, other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
             Err(leader) => leader,
         };
-        let req = |hops| rpc::TxnStep { shard, cmd: cmd.clone(), hops, budget_ms: budget_ms(deadline) };
+        let req = |hops| rpc::TxnStep { shard, cmd: cmd.clone(), at, hops, budget_ms: budget_ms(deadline) };
         self.forward(shard, hops, leader, deadline, req).await
     }
 

@@ -36,6 +36,7 @@ pub fn temp_ctx() -> (tempfile::TempDir, crate::raft::RaftContext) {
         },
         awake: Default::default(),
         mirrors: Default::default(),
+        clock: Default::default(),
     };
     (dir, ctx)
 }
@@ -73,7 +74,7 @@ pub fn plan_split(key: &str) -> cleave_metadata::MetaCommand {
 pub fn put(db: &Db, state: &mut ShardState, index: u64, key: &str, json: &str) -> Result<u64, KvError> {
     let cmd =
         KvCommand { range_id: 1, epoch: 1, op: KvOp::Put { key: key.into(), value: json.into(), if_version: None } };
-    let mut b = ApplyBatch::default();
+    let mut b = ApplyBatch { ts: state.next_ts(0), ..ApplyBatch::default() };
     let r = kv::apply(db, GROUP, index, state, &mut b, &cmd).expect("storage");
     db.write(b.write).expect("write");
     r
@@ -114,6 +115,7 @@ pub fn split_source(n: usize, op: u64, target: u64) -> (tempfile::TempDir, Arc<D
         end: None,
         target,
         frozen_at: None,
+        frozen_ts: 0,
         changes: 0,
         mirror: false,
     });

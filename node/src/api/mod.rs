@@ -1,4 +1,4 @@
-//! The HTTP JSON API (axum): `/v1/kv…` for data, `/admin/…` for the
+//! The HTTP JSON API (axum): `/v1/kv…`, `/v1/txn` and `/v1/watch` for data, `/admin/…` for the
 //! cluster, `/metrics` and `/health`.
 //!
 //! Every failure becomes an [`ApiError`]: a JSON `{"error": {…}}` body with an
@@ -13,6 +13,7 @@ mod kv;
 mod moves;
 mod ops;
 mod txn;
+mod watch;
 
 use std::sync::Arc;
 
@@ -69,6 +70,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/kv/", get(kv::empty_key).put(kv::empty_key).delete(kv::empty_key))
         .route("/v1/kv/{*key}", get(kv::get).put(kv::put).delete(kv::delete))
         .route("/v1/txn", post(txn::txn))
+        .route("/v1/watch", get(watch::watch))
         .route("/admin/nodes", get(admin::nodes))
         .route("/admin/nodes/join", post(admin::join))
         .route("/admin/shards", get(admin::shards))

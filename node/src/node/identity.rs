@@ -35,6 +35,8 @@ pub struct NodeSettings {
     /// Splits whose new replicas all sit beside source replicas are filled
     /// there (`split::mirror`).
     pub split_mirror: bool,
+    /// Change-log retention and watchers' queues (`watch`).
+    pub watch: crate::watch::WatchSettings,
     /// The cluster's API is HTTPS: a join is sent over HTTPS, trusting
     /// this CA (`Some(None)`: the system's roots).
     pub join_https: Option<Option<PathBuf>>,

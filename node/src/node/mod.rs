@@ -288,8 +288,8 @@ impl Node {
             NodeRequest::GetClusterView(rpc::GetClusterView { hops }) => {
                 NodeReply::GetClusterView(self.meta_leader().cluster_view(hops).await?)
             }
-            NodeRequest::ShardStep(rpc::ShardStep { shard, cmd, hops }) => {
-                NodeReply::ShardStep(crate::split::steps::shard_step(self, shard, cmd, hops).await?)
+            NodeRequest::ShardStep(rpc::ShardStep { shard, cmd, at, hops }) => {
+                NodeReply::ShardStep(crate::split::steps::shard_step_at(self, shard, cmd, at, hops).await?)
             }
             NodeRequest::CreateGroup(req) => NodeReply::CreateGroup(self.groups.create(&self.cache, req).await?),
             NodeRequest::Genesis(rpc::Genesis { group, hops }) => {
@@ -318,8 +318,8 @@ impl Node {
             NodeRequest::SplitChunk(rpc::SplitChunk { chunk }) => {
                 NodeReply::SplitChunk(crate::split::forwarder::receive_chunk(self, chunk).await?)
             }
-            NodeRequest::TxnStep(rpc::TxnStep { shard, cmd, hops, budget_ms }) => {
-                NodeReply::TxnStep(self.router().exec_txn(shard, cmd, hops, deadline(budget_ms)).await?)
+            NodeRequest::TxnStep(rpc::TxnStep { shard, cmd, at, hops, budget_ms }) => {
+                NodeReply::TxnStep(self.router().exec_txn_at(shard, cmd, at, hops, deadline(budget_ms)).await?)
             }
             NodeRequest::MirrorStatus(rpc::MirrorStatus { spec }) => {
                 let (db, root) = (self.ctx().db.clone(), self.ctx().snapshot_root.clone());
@@ -329,6 +329,10 @@ impl Node {
                     .map_err(|e| ExecError::Internal(e.to_string()))?
                     .map_err(|e| ExecError::Internal(e.to_string()))?;
                 NodeReply::MirrorStatus(report)
+            }
+            NodeRequest::WatchChanges(rpc::WatchChanges { shard, req }) => {
+                let g = self.group(shard).ok_or(ExecError::Unavailable(format!("no replica of shard {shard} here")))?;
+                NodeReply::WatchChanges(crate::watch::serve::changes_since(&self.ctx().db, &g, &req).await?)
             }
         })
     }

@@ -13,7 +13,7 @@ use cleave_metadata::{MetaCommand, MetaResponse, OpId, OpKind, Operation, Phase,
 use super::faults::hold_ms;
 use super::split_plan::{self, Observed, Step};
 use super::supervisor::{abort, advance, meta, now_ms, Pace};
-use crate::command::ShardCommand;
+use crate::command::{ShardCommand, StepError};
 use crate::kv::{Incoming, ShardState};
 use crate::node::Node;
 use crate::raft::SmState;
@@ -90,22 +90,28 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
                 }
                 // The freeze and its record are independent (both
                 // idempotent): run them together to keep the pause short.
-                let (frozen, recorded) = tokio::join!(
-                    steps::shard_step(node, *source, ShardCommand::Freeze { op_id: op.op_id }, 0),
-                    advance(node, op, Phase::Frozen)
-                );
+                let (frozen, recorded) =
+                    tokio::join!(freeze_source(node, *source, op.op_id), advance(node, op, Phase::Frozen));
                 frozen?;
                 recorded?;
                 return Ok(true);
             }
             Step::ResendFreeze => {
                 pace.last_report = Instant::now();
-                let freeze = steps::shard_step(node, *source, ShardCommand::Freeze { op_id: op.op_id }, 0);
-                within(budget, freeze).await?;
+                within(budget, freeze_source(node, *source, op.op_id)).await?;
                 return Ok(false);
             }
             Step::Commit => {
-                meta(node, MetaCommand::CommitSplit { op_id: op.op_id, now_ms: now_ms() }).await?;
+                // With the commit, a `Close` on the source: its answer moves
+                // this node's clock past every change the source made to the
+                // range, so the target's activation, stamped from it, comes
+                // after them all (`watch`: the target's changes follow).
+                let (committed, closed) = tokio::join!(
+                    meta(node, MetaCommand::CommitSplit { op_id: op.op_id, now_ms: now_ms() }),
+                    steps::shard_step(node, *source, ShardCommand::Close, 0)
+                );
+                committed?;
+                closed?;
                 metrics::counter!("cleave_splits_committed_total").increment(1);
                 // A test's hold of `Committed` (`--fault-hold`): cut over
                 // in the next step, once it has passed.
@@ -117,8 +123,37 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
                 // seeing a target that applied the whole forward log).
                 return cutover(node, op, figures).await;
             }
-            Step::Cutover => return cutover(node, op, None).await,
+            Step::Cutover => {
+                // Resumed: this node's clock may not have seen the source's
+                // last changes yet (see `Step::Commit`).
+                steps::shard_step(node, *source, ShardCommand::Close, 0).await?;
+                return cutover(node, op, None).await;
+            }
             Step::Cleanup => return cleanup(node, op).await,
+        }
+    }
+}
+
+/// How many times a freeze refused for open transaction locks is tried again.
+const FREEZE_TRIES: usize = 10;
+
+/// Freezes the source's range. A refusal because transactions hold write
+/// locks in it (their commits must land at the source, see
+/// `StepError::Locked`) finishes those that are over, as a reader meeting
+/// their locks would, and tries again; locks of transactions still running
+/// are short, so a few tries see them gone.
+async fn freeze_source(node: &Node, source: u64, op_id: u64) -> Result<u64, ExecError> {
+    let mut tries = 0;
+    loop {
+        match steps::shard_step(node, source, ShardCommand::Freeze { op_id }, 0).await {
+            Err(ExecError::Step(StepError::Locked { keys, .. })) if tries < FREEZE_TRIES => {
+                tries += 1;
+                for key in &keys {
+                    node.router().read(key, true).await?;
+                }
+                tokio::time::sleep(Duration::from_millis(5 * tries as u64)).await;
+            }
+            r => return r,
         }
     }
 }
@@ -144,8 +179,11 @@ async fn create_target(node: &Node, op: &Operation) -> Result<bool, ExecError> {
     };
     let dir = node.directory();
     let range = dir.range(*range_id).ok_or(ExecError::Internal(format!("range {range_id} vanished")))?;
-    let incoming =
-        Incoming { mirror_of: mirrored(node, op), ..Incoming::new(op.op_id, split_key.clone(), range.end.clone()) };
+    let incoming = Incoming {
+        mirror_of: mirrored(node, op),
+        source: Some(*source),
+        ..Incoming::new(op.op_id, split_key.clone(), range.end.clone())
+    };
     let mut state = SmState::Shard(ShardState { incoming: Some(incoming), ..Default::default() });
     let members: Vec<(u64, u64, String)> = target_replicas
         .iter()
@@ -250,8 +288,11 @@ async fn cutover(node: &Node, op: &Operation, figures: Option<(u64, u64)>) -> Re
     // the range as well as writes (`router::owned_snapshot`), so a target
     // that serves (and takes writes) before the source's `SplitDone`
     // applies cannot leave a reader with an old route an old value there.
+    // Stamped after every change the source made to the range (the caller
+    // closed the source first): the target's timestamps follow them.
+    let at = node.ctx().clock.now();
     let (done, active) =
-        tokio::join!(steps::shard_step(node, *source, done, 0), steps::shard_step(node, *target, activate, 0));
+        tokio::join!(steps::shard_step(node, *source, done, 0), steps::shard_step_at(node, *target, activate, at, 0));
     done?;
     active?;
     let pause = op.entered(Phase::Frozen).map(|f| now_ms().saturating_sub(f));

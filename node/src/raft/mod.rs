@@ -205,6 +205,9 @@ pub struct RaftContext {
     pub awake: Arc<quiesce::AwakeSet>,
     /// Split targets filled beside their source on this node.
     pub mirrors: Arc<crate::split::mirror::Mirrors>,
+    /// The node's hybrid logical clock: stamps proposals, and every
+    /// shard's apply moves it past the timestamps it gives (`watch`).
+    pub clock: Arc<crate::clock::Clock>,
 }
 
 /// Removes `group`'s snapshot folder, if any.
@@ -283,6 +286,9 @@ pub struct GroupRaft {
     pub samples: std::sync::Mutex<std::collections::VecDeque<String>>,
     /// Whether the replica is quiet (see [`quiesce`]).
     quiescence: Arc<quiesce::Quiescence>,
+    /// The replica's resolved timestamp as of its applied state (`watch`),
+    /// sent anew after every apply batch: what a watch waits on.
+    pub resolved: Arc<tokio::sync::watch::Sender<crate::clock::Ts>>,
 }
 
 /// The parts of a [`GroupRaft`] that starting its openraft instance needs.
@@ -296,6 +302,7 @@ struct Opener {
     installing: Arc<AtomicBool>,
     failed: Arc<AtomicBool>,
     quiescence: Arc<quiesce::Quiescence>,
+    resolved: Arc<tokio::sync::watch::Sender<crate::clock::Ts>>,
 }
 
 impl Opener {
@@ -352,6 +359,8 @@ impl Opener {
             installing: self.installing,
             failed: self.failed,
             mirrors: ctx.mirrors.clone(),
+            clock: ctx.clock.clone(),
+            resolved: self.resolved,
         };
         let net = network::NetworkFactory { group, transport: ctx.transport.clone(), addresses: ctx.addresses.clone() };
         let raft = Raft::new(self.replica_id, self.config, net, log, sm).await?;
@@ -502,6 +511,10 @@ impl GroupRaft {
         let (sm_state, (keys, bytes)) = Self::load_state(ctx, group)?;
         let stats = Arc::new(GroupStats::default());
         stats.set(keys, bytes);
+        let resolved = match &sm_state {
+            SmState::Shard(s) => s.resolved(),
+            SmState::Meta(_) => 0,
+        };
         let state = Arc::new(RwLock::new(sm_state));
         let s = &ctx.settings;
         let config = Config {
@@ -540,6 +553,7 @@ impl GroupRaft {
                 ctx.awake.clone(),
                 group,
             )),
+            resolved: Arc::new(tokio::sync::watch::Sender::new(resolved)),
         };
         g.live().await?;
         Ok(g)
@@ -558,6 +572,7 @@ impl GroupRaft {
             installing: self.installing.clone(),
             failed: self.failed.clone(),
             quiescence: self.quiescence.clone(),
+            resolved: self.resolved.clone(),
         }
     }
 
@@ -613,8 +628,18 @@ impl GroupRaft {
         });
     }
 
-    /// Proposes `cmd` and waits until it is applied here.
+    /// Proposes `cmd` and waits until it is applied here. The entry is
+    /// stamped with this node's clock unless its proposer stamped it
+    /// already ([`Command::At`]: a floor it needs the entry's timestamp to
+    /// reach, e.g. a transaction's commit timestamp).
     pub async fn write(&self, cmd: Command) -> Result<CommandResponse, WriteError> {
+        let cmd = match cmd {
+            Command::At { ts, cmd } => {
+                self.ctx.clock.observe(ts);
+                Command::At { ts, cmd }
+            }
+            cmd => Command::At { ts: self.ctx.clock.now(), cmd: Box::new(cmd) },
+        };
         let i = self.live().await.map_err(|e| WriteError::Fatal(e.to_string()))?;
         self.wake_for_write(&i.raft).await;
         match i.raft.client_write(cmd).await {
@@ -1021,6 +1046,8 @@ mod storage_suite {
                 installing: Arc::default(),
                 failed: Arc::default(),
                 mirrors: Arc::default(),
+                clock: Arc::default(),
+                resolved: Arc::new(tokio::sync::watch::Sender::new(0)),
             };
             Ok((dir, log, sm))
         }

@@ -45,6 +45,10 @@ pub struct GroupSm {
     pub(super) failed: Arc<AtomicBool>,
     /// The node's split mirrors (`split::mirror`).
     pub(super) mirrors: Arc<crate::split::mirror::Mirrors>,
+    /// The node's clock: moved past every timestamp a shard's apply gives.
+    pub(super) clock: Arc<crate::clock::Clock>,
+    /// The shard's resolved timestamp, sent after every batch (`watch`).
+    pub(super) resolved: Arc<tokio::sync::watch::Sender<crate::clock::Ts>>,
 }
 
 impl GroupSm {
@@ -266,9 +270,10 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
         let steps: Vec<&ShardCommand> = items
             .iter()
             .filter_map(|(e, _)| match &e.payload {
-                EntryPayload::Normal(Command::Shard(
-                    c @ (ShardCommand::SplitDone { .. } | ShardCommand::Activate { .. }),
-                )) => Some(c),
+                EntryPayload::Normal(cmd) => match cmd.unstamped().0 {
+                    Command::Shard(c @ (ShardCommand::SplitDone { .. } | ShardCommand::Activate { .. })) => Some(c),
+                    _ => None,
+                },
                 _ => None,
             })
             .collect();
@@ -285,6 +290,12 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
                 let resp = match &entry.payload {
                     EntryPayload::Blank => CommandResponse::None,
                     EntryPayload::Normal(cmd) => {
+                        let (cmd, stamp) = cmd.unstamped();
+                        if let SmState::Shard(s) = &mut *state {
+                            b.ts = s.next_ts(stamp);
+                            b.stamp = stamp;
+                            b.changed = true;
+                        }
                         self.ingest_before(&state, &mut b, last_applied.as_ref(), &mut membership, cmd)?;
                         self.apply_command(&mut state, &mut b, log_id.index, cmd).inspect_err(|e| {
                             self.fail(&format!("applying entry {}", log_id.index), e);
@@ -300,7 +311,12 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
                     responses.push((r, resp));
                 }
             }
-            self.write_batch(&state, std::mem::take(&mut b), last_applied.as_ref(), membership.take())
+            self.write_batch(&state, std::mem::take(&mut b), last_applied.as_ref(), membership.take())?;
+            if let SmState::Shard(s) = &*state {
+                self.clock.observe(s.last_ts);
+                self.resolved.send_if_modified(|r| std::mem::replace(r, s.resolved()) != s.resolved());
+            }
+            Ok(())
         })?;
         for target in activated {
             self.mirrors.activated(target);
@@ -382,6 +398,10 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
             if !waiting {
                 crate::split::receive::remove_staged(&self.snapshot_root, self.group);
             }
+            if let SmState::Shard(s) = &new_state {
+                self.clock.observe(s.last_ts);
+                self.resolved.send_replace(s.resolved());
+            }
             *state = new_state;
             self.installing.store(false, Ordering::SeqCst);
             Ok(())
@@ -430,6 +450,8 @@ mod tests {
             installing: Arc::default(),
             failed: Arc::default(),
             mirrors: Arc::default(),
+            clock: Arc::default(),
+            resolved: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
     }
 
@@ -629,6 +651,7 @@ mod tests {
             },
             awake: Default::default(),
             mirrors: Default::default(),
+            clock: Default::default(),
         }
     }
 

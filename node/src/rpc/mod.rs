@@ -113,7 +113,9 @@ node_calls! {
     /// The metadata leader's view of the cluster.
     GetClusterView { hops: u8 } -> ClusterView;
     /// Apply a split step through the shard's leader; answers the step's index.
-    ShardStep { shard: ShardId, cmd: ShardCommand, hops: u8 } -> u64;
+    /// `at`: the entry's stamp (0: the leader's clock), see `Command::At`.
+    /// Answers the entry's answer and the leader's clock after it applied.
+    ShardStep { shard: ShardId, cmd: ShardCommand, at: crate::clock::Ts, hops: u8 } -> (u64, crate::clock::Ts);
     /// Create (and initialise) a local replica of a new group; `campaign`
     /// makes it stand for election at once. With no `members` the replica
     /// joins an existing group: it waits, uninitialised, for the leader to
@@ -155,10 +157,14 @@ node_calls! {
     /// receiving shard (`split::receive`); sent on the bulk lane.
     SplitChunk { chunk: crate::split::receive::Chunk } -> ();
     /// Apply a transaction step through the shard's leader (`txn`).
-    TxnStep { shard: ShardId, cmd: crate::txn::TxnCommand, hops: u8, budget_ms: u64 } -> crate::txn::TxnReply;
+    TxnStep { shard: ShardId, cmd: crate::txn::TxnCommand, at: crate::clock::Ts, hops: u8, budget_ms: u64 }
+        -> crate::txn::TxnReply;
     /// How far the node's copy of a mirrored split has got (starting it if
     /// the node holds both replicas and has not begun): `split::mirror`.
     MirrorStatus { spec: Box<crate::split::mirror::MirrorSpec> } -> Option<crate::split::mirror::MirrorReport>;
+    /// A shard's changes after a position, from the replica on the called
+    /// node, waiting for some up to `req.wait_ms` (`watch::serve`).
+    WatchChanges { shard: ShardId, req: crate::watch::serve::ChangesRequest } -> crate::watch::serve::ChangesReply;
 }
 
 /// The answer to a [`Ping`]: the groups whose replica on the answering node

@@ -48,7 +48,7 @@ pub fn apply(
     b: &mut ApplyBatch,
     cmd: &ShardCommand,
 ) -> Applied<u64, StepError> {
-    let ApplyBatch { write: batch, overlay, stats, changed, mirror_figures, .. } = b;
+    let ApplyBatch { write: batch, overlay, stats, changed, mirror_figures, ts, .. } = b;
     match cmd {
         ShardCommand::BeginCapture { op_id, start, end, target }
         | ShardCommand::MirrorCapture { op_id, start, end, target } => {
@@ -70,6 +70,7 @@ pub fn apply(
                 end: end.clone(),
                 target: *target,
                 frozen_at: None,
+                frozen_ts: 0,
                 changes: 0,
                 mirror: matches!(cmd, ShardCommand::MirrorCapture { .. }),
             });
@@ -81,7 +82,12 @@ pub fn apply(
                 return Ok(Err(StepError::NoCapture { op_id: *op_id }));
             };
             if c.frozen_at.is_none() {
+                let locked: Vec<String> = state.open_locks.keys().filter(|k| c.covers(k)).cloned().collect();
+                if !locked.is_empty() {
+                    return Ok(Err(StepError::Locked { op_id: *op_id, keys: locked }));
+                }
                 c.frozen_at = Some(index);
+                c.frozen_ts = *ts;
                 *changed = true;
             }
             Ok(Ok(c.frozen_at.unwrap_or(index)))
@@ -238,12 +244,28 @@ pub fn apply(
                     }
                     state.received =
                         Some(Box::new(kv::Received { op_id: *op_id, keys: inc.live.0, bytes: inc.live.1 }));
+                    // Changes of the range up to now are the source's (the
+                    // driver stamps this entry above its freeze).
+                    state.born = inc.source.map(|from| {
+                        Box::new(kv::Born { from, start: inc.start.clone(), end: inc.end.clone(), ts: *ts })
+                    });
                     state.ranges = ranges.clone();
                     state.incoming = None;
                     *changed = true;
                 }
                 _ if !state.ranges.is_empty() => {}
                 _ => return Ok(Err(StepError::NotReceiving { op_id: *op_id })),
+            }
+            Ok(Ok(index))
+        }
+        // The entry's timestamp is the close: taken by the state machine.
+        ShardCommand::Close => Ok(Ok(index)),
+        ShardCommand::TrimChanges { through, bytes } => {
+            if *through > state.change_log.trimmed_through {
+                crate::watch::changes::trim(db, batch, group, *through);
+                state.change_log.trimmed_through = *through;
+                state.change_log.bytes = state.change_log.bytes.saturating_sub(*bytes);
+                *changed = true;
             }
             Ok(Ok(index))
         }
@@ -353,6 +375,7 @@ mod tests {
                 end: None,
                 target: 9,
                 frozen_at: None,
+                frozen_ts: 0,
                 changes: 0,
                 mirror: false,
             });

@@ -205,15 +205,15 @@ mod tests {
     #[test]
     fn a_boundary_followed_only_by_tombstones_gives_way_to_the_next_nearest() {
         let (_d, db) = temp_db();
-        let mut s = whole_shard();
         let cf = storage::cf(&db, storage::CF_DATA);
         let mut seed = crate::testing::NOISE_SEED;
         let value = format!("\"{}\"", crate::testing::noise(&mut seed, 50_000));
-        let mut index = 0;
+        // Records written as they are stored (not through apply, whose
+        // change log would lie in the same files, past the user keys).
+        let store = |key: String, r: ValueRecord| db.put_cf(cf, data_key(1, key.as_bytes()), r.encode()).unwrap();
         for prefix in ["a", "m"] {
             for i in 0..20 {
-                index += 1;
-                put(&db, &mut s, index, &format!("{prefix}{i:04}"), &value).unwrap();
+                store(format!("{prefix}{i:04}"), ValueRecord::live(1, value.as_bytes().to_vec()));
             }
             db.flush_cf(cf).unwrap();
         }
@@ -221,12 +221,7 @@ mod tests {
         // the boundary at "m0000" is the middle by size, but nothing after
         // it is live.
         for i in 0..20 {
-            index += 1;
-            let del =
-                KvCommand { range_id: 1, epoch: 1, op: KvOp::Delete { key: format!("m{i:04}"), if_version: None } };
-            let mut b = kv::ApplyBatch::default();
-            kv::apply(&db, 1, index, &mut s, &mut b, &del).unwrap().unwrap();
-            db.write(b.write).unwrap();
+            store(format!("m{i:04}"), ValueRecord::deleted(2));
         }
         db.flush_cf(cf).unwrap();
         assert_eq!(middle_by_files(&db, 1, "", None, 1).unwrap().as_deref(), Some("a0019"));

@@ -14,15 +14,35 @@ use crate::split::split_key;
 
 /// Applies a split step through `shard`'s leader; returns the entry's answer.
 pub async fn shard_step(node: &Node, shard: ShardId, cmd: ShardCommand, hops: u8) -> Result<u64, ExecError> {
+    shard_step_at(node, shard, cmd, 0, hops).await.map(|(index, _)| index)
+}
+
+/// [`shard_step`] with the entry stamped `at` (0: by the leader's clock).
+/// Answers the entry's answer and this node's clock once the step
+/// applied, which is past the entry's timestamp: a step stamped from it
+/// next, on any shard, is later than this one (the split's `Activate`
+/// after the source's freeze, see `watch`).
+pub async fn shard_step_at(
+    node: &Node,
+    shard: ShardId,
+    cmd: ShardCommand,
+    at: crate::clock::Ts,
+    hops: u8,
+) -> Result<(u64, crate::clock::Ts), ExecError> {
     let router = node.router();
     let deadline = internal_deadline();
-    let leader = match router.propose_here(shard, Command::Shard(cmd.clone()), left(deadline)).await? {
-        Ok((_, CommandResponse::Shard(r))) => return r.map_err(ExecError::Step),
-        Ok((_, other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
-        Err(leader) => leader,
-    };
-    let req = |hops| rpc::ShardStep { shard, cmd: cmd.clone(), hops };
-    router.forward(shard, hops, leader, deadline, req).await
+    let clock = &node.ctx().clock;
+    let leader =
+        match router.propose_here(shard, Command::stamped(at, Command::Shard(cmd.clone())), left(deadline)).await? {
+            // Applied here: the apply moved this node's clock past the entry.
+            Ok((_, CommandResponse::Shard(r))) => return r.map(|i| (i, clock.now())).map_err(ExecError::Step),
+            Ok((_, other)) => return Err(ExecError::Internal(format!("unexpected response {other:?}"))),
+            Err(leader) => leader,
+        };
+    let req = |hops| rpc::ShardStep { shard, cmd: cmd.clone(), at, hops };
+    let (index, ts) = router.forward(shard, hops, leader, deadline, req).await?;
+    clock.observe(ts);
+    Ok((index, clock.now()))
 }
 
 /// A split target's receiving state, its live keys and bytes, read at its leader.

@@ -47,6 +47,40 @@ pub struct Outcome {
     /// When the transaction's locks expire (its coordinator's clock): an
     /// aborted outcome is kept until a later step's clock is well past it.
     pub expires_ms: u64,
+    /// A committed transaction's commit timestamp: every shard writes its
+    /// keys' changes at it (`watch`). 0 in outcomes recorded before
+    /// timestamps (read from [`LegacyTxnInfo`]).
+    pub commit_ts: crate::clock::Ts,
+}
+
+/// [`TxnInfo`] as records stored it before outcomes had a commit
+/// timestamp: read, never written.
+#[derive(Deserialize)]
+pub struct LegacyTxnInfo {
+    lock: Option<Lock>,
+    outcomes: Vec<LegacyOutcome>,
+    dropped_through_ms: u64,
+}
+
+#[derive(Deserialize)]
+struct LegacyOutcome {
+    txn: TxnId,
+    committed: Option<Vec<PendingWrite>>,
+    expires_ms: u64,
+}
+
+impl From<LegacyTxnInfo> for TxnInfo {
+    fn from(l: LegacyTxnInfo) -> TxnInfo {
+        TxnInfo {
+            lock: l.lock,
+            outcomes: l
+                .outcomes
+                .into_iter()
+                .map(|o| Outcome { txn: o.txn, committed: o.committed, expires_ms: o.expires_ms, commit_ts: 0 })
+                .collect(),
+            dropped_through_ms: l.dropped_through_ms,
+        }
+    }
 }
 
 /// How long past its locks' expiry an aborted outcome is kept.
@@ -119,13 +153,13 @@ mod tests {
     use super::*;
 
     fn aborted(txn: TxnId, expires_ms: u64) -> Outcome {
-        Outcome { txn, committed: None, expires_ms }
+        Outcome { txn, committed: None, expires_ms, commit_ts: 0 }
     }
 
     #[test]
     fn aborted_outcomes_are_bounded_and_committed_ones_kept() {
         let mut t = TxnInfo::default();
-        t.record(Outcome { txn: 1, committed: Some(vec![]), expires_ms: 1 }, 1);
+        t.record(Outcome { txn: 1, committed: Some(vec![]), expires_ms: 1, commit_ts: 5 }, 1);
         let n = ABORTED_KEPT as u128 + 20;
         for i in 2..2 + n {
             t.record(aborted(i, 1_000 + i as u64), 1_000);

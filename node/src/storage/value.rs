@@ -5,12 +5,13 @@
 //! version never goes backwards, even across delete and re-create (and, in a
 //! split, so that a backfilled old value can never overwrite a newer delete).
 
-use super::txn_info::{Lock, TxnInfo};
+use super::txn_info::{LegacyTxnInfo, Lock, TxnInfo};
 
 /// Layout: `version: u64 BE | flags: u8 | [txn length: u32 BE | txn] | json
 /// bytes`; the transaction part (a lock, outcomes: [`TxnInfo`]) is there
-/// only when the `TXN` flag is set, so records written before transactions
-/// existed read as they did.
+/// only when the `TXN_TS` flag (or, written before commit timestamps, the
+/// `TXN` flag) is set, so records written before transactions existed read
+/// as they did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValueRecord {
     pub version: u64,
@@ -21,7 +22,11 @@ pub struct ValueRecord {
 }
 
 const TOMBSTONE: u8 = 1;
+/// A transaction part as written before outcomes had a commit timestamp
+/// ([`LegacyTxnInfo`]): read, never written.
 const TXN: u8 = 2;
+/// A transaction part ([`TxnInfo`]).
+const TXN_TS: u8 = 4;
 
 impl ValueRecord {
     /// A live value at `version`.
@@ -57,7 +62,7 @@ impl ValueRecord {
         let txn = self.txn.as_ref().map(|t| crate::codec::encode(t.as_ref()).expect("txn info encodes"));
         let mut out = Vec::with_capacity(9 + self.json.len() + txn.as_ref().map_or(0, |t| 4 + t.len()));
         out.extend_from_slice(&self.version.to_be_bytes());
-        out.push(if self.tombstone { TOMBSTONE } else { 0 } | if txn.is_some() { TXN } else { 0 });
+        out.push(if self.tombstone { TOMBSTONE } else { 0 } | if txn.is_some() { TXN_TS } else { 0 });
         if let Some(t) = txn {
             out.extend_from_slice(&(t.len() as u32).to_be_bytes());
             out.extend_from_slice(&t);
@@ -73,13 +78,16 @@ impl ValueRecord {
         }
         let version = u64::from_be_bytes(bytes[..8].try_into().ok()?);
         let flags = bytes[8];
-        if flags & !(TOMBSTONE | TXN) != 0 {
+        if flags & !(TOMBSTONE | TXN | TXN_TS) != 0 || flags & TXN != 0 && flags & TXN_TS != 0 {
             return None; // a format this build does not know
         }
-        let (txn, json) = if flags & TXN != 0 {
+        let (txn, json) = if flags & (TXN | TXN_TS) != 0 {
             let len = u32::from_be_bytes(bytes.get(9..13)?.try_into().ok()?) as usize;
             let body = bytes.get(13..13usize.checked_add(len)?)?;
-            let info: TxnInfo = crate::codec::decode(body).ok()?;
+            let info: TxnInfo = match flags & TXN_TS != 0 {
+                true => crate::codec::decode(body).ok()?,
+                false => crate::codec::decode::<LegacyTxnInfo>(body).ok()?.into(),
+            };
             (Some(Box::new(info)), &bytes[13 + len..])
         } else {
             (None, &bytes[9..])
@@ -113,7 +121,7 @@ mod tests {
             ValueRecord::deleted(u64::MAX),
             ValueRecord::live(3, b"[1]".to_vec()).with_txn(TxnInfo {
                 lock: Some(Lock { txn: 9, primary: "p".into(), expires_ms: 5, write: true }),
-                outcomes: vec![Outcome { txn: 8, committed: None, expires_ms: 5 }],
+                outcomes: vec![Outcome { txn: 8, committed: Some(vec![]), expires_ms: 5, commit_ts: 77 }],
                 dropped_through_ms: 3,
             }),
             ValueRecord::deleted(0).with_txn(TxnInfo {
@@ -131,7 +139,7 @@ mod tests {
         let mut bad = ValueRecord::deleted(1)
             .with_txn(TxnInfo {
                 lock: None,
-                outcomes: vec![Outcome { txn: 1, committed: None, expires_ms: 0 }],
+                outcomes: vec![Outcome { txn: 1, committed: None, expires_ms: 0, commit_ts: 0 }],
                 dropped_through_ms: 0,
             })
             .encode();
@@ -140,7 +148,21 @@ mod tests {
         let mut huge = [&1u64.to_be_bytes()[..], &[TXN]].concat();
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(ValueRecord::decode(&huge), None);
-        let unknown = [&1u64.to_be_bytes()[..], &[4], b"{}"].concat();
+        // A transaction part written before commit timestamps reads with none.
+        #[derive(serde::Serialize)]
+        struct Before {
+            lock: Option<Lock>,
+            outcomes: Vec<(u128, Option<Vec<crate::storage::txn_info::PendingWrite>>, u64)>,
+            dropped_through_ms: u64,
+        }
+        let before =
+            crate::codec::encode(&Before { lock: None, outcomes: vec![(4, Some(vec![]), 9)], dropped_through_ms: 2 });
+        let before = before.unwrap();
+        let legacy = [&3u64.to_be_bytes()[..], &[TXN], &(before.len() as u32).to_be_bytes(), &before, b"1"].concat();
+        let outcome = Outcome { txn: 4, committed: Some(vec![]), expires_ms: 9, commit_ts: 0 };
+        let info = TxnInfo { lock: None, outcomes: vec![outcome], dropped_through_ms: 2 };
+        assert_eq!(ValueRecord::decode(&legacy), Some(ValueRecord::live(3, b"1".to_vec()).with_txn(info)));
+        let unknown = [&1u64.to_be_bytes()[..], &[8], b"{}"].concat();
         assert_eq!(ValueRecord::decode(&unknown), None, "an unknown flag is not ignored");
         assert_eq!(ValueRecord::peek_plain(&unknown), None);
         assert_eq!(ValueRecord::peek_plain(b"short"), None);

@@ -15,6 +15,7 @@ use cleave_metadata::RangeId;
 use serde::{Deserialize, Serialize};
 
 use super::plan::{self, Decided, Stored, Txn};
+use crate::clock::Ts;
 use crate::command::KvError;
 use crate::kv::{self, Applied, ApplyBatch, ShardState};
 use crate::storage::txn_info::{Lock, Outcome, PendingWrite, TxnId, TxnInfo};
@@ -68,7 +69,9 @@ pub enum TxnCommand {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Status {
     Pending,
-    Committed(Vec<PendingWrite>),
+    /// Committed with these writes (every shard's), at this timestamp
+    /// (0: recorded before commit timestamps).
+    Committed(Vec<PendingWrite>, Ts),
     Aborted,
 }
 
@@ -77,8 +80,10 @@ pub enum Status {
 pub enum TxnReply {
     /// `OnePhase`.
     Decided(Decided),
-    /// `Lock`: the keys' stored states, in the command's order.
-    Locked(Vec<Stored>),
+    /// `Lock`: the keys' stored states, in the command's order, and the
+    /// timestamp the locks were taken at: the transaction must commit at
+    /// or above it (`watch`).
+    Locked(Vec<Stored>, Ts),
     /// `CommitPrimary`, `Resolve`.
     Status(Status),
     /// `Commit`, `Rollback`, `Forget`.
@@ -229,28 +234,34 @@ fn apply_step(
                 let new = with_txn(rec.as_ref(), |t| t.lock = Some(lock));
                 put(state, b, &r.key, rec.as_ref(), new);
             }
-            TxnReply::Locked(out)
+            TxnReply::Locked(out, b.ts)
         }
         TxnCommand::CommitPrimary { txn, primary, keys, writes, now_ms } => {
             let prec = cur(b, &primary.key)?;
             let Some(expires_ms) = lock_of(prec.as_ref(), *txn).map(|l| l.expires_ms) else {
                 let outcome = txn_of(prec.as_ref()).outcome(*txn).cloned();
-                return Ok(Ok(TxnReply::Status(match outcome.and_then(|o| o.committed) {
-                    Some(w) => Status::Committed(w),
-                    None => Status::Aborted,
-                })));
+                return Ok(Ok(TxnReply::Status(status_of(outcome.as_ref()))));
             };
+            // The commit timestamp: this entry's, which its coordinator
+            // stamped above every lock's (`TxnReply::Locked`).
+            let commit_ts = b.ts;
             at.finish(state, b, keys, writes, *txn)?;
             if !writes.is_empty() {
                 // The primary, finished above, now records the outcome.
                 let prec = cur(b, &primary.key)?;
-                let outcome = Outcome { txn: *txn, committed: Some(writes.clone()), expires_ms };
+                let outcome = Outcome { txn: *txn, committed: Some(writes.clone()), expires_ms, commit_ts };
                 let new = with_txn(prec.as_ref(), |t| t.record(outcome, *now_ms));
                 put(state, b, &primary.key, prec.as_ref(), new);
             }
-            TxnReply::Status(Status::Committed(writes.clone()))
+            TxnReply::Status(Status::Committed(writes.clone(), commit_ts))
         }
         TxnCommand::Commit { txn, keys, writes } => {
+            // At the transaction's commit timestamp, which the entry is
+            // stamped with (below this shard's last maybe, but above the
+            // locks it releases, so above anything a watcher was promised).
+            if b.stamp > 0 {
+                b.ts = b.stamp;
+            }
             at.finish(state, b, keys, writes, *txn)?;
             TxnReply::Done
         }
@@ -262,10 +273,7 @@ fn apply_step(
             let prec = cur(b, &primary.key)?;
             let info = txn_of(prec.as_ref());
             match info.outcome(*txn) {
-                Some(o) => TxnReply::Status(match &o.committed {
-                    Some(w) => Status::Committed(w.clone()),
-                    None => Status::Aborted,
-                }),
+                Some(o) => TxnReply::Status(status_of(Some(o))),
                 None => {
                     let lock = lock_of(prec.as_ref(), *txn);
                     if lock.is_some_and(|l| *now_ms < l.expires_ms) && !abort_if_pending {
@@ -277,7 +285,7 @@ fn apply_step(
                             if release {
                                 t.lock = None;
                             }
-                            t.record(Outcome { txn: *txn, committed: None, expires_ms }, *now_ms);
+                            t.record(Outcome { txn: *txn, committed: None, expires_ms, commit_ts: 0 }, *now_ms);
                         });
                         put(state, b, &primary.key, prec.as_ref(), new);
                         TxnReply::Status(Status::Aborted)
@@ -294,6 +302,14 @@ fn apply_step(
             TxnReply::Done
         }
     }))
+}
+
+/// What a recorded outcome (or its absence, after the lock is gone) says.
+fn status_of(outcome: Option<&Outcome>) -> Status {
+    match outcome {
+        Some(Outcome { committed: Some(w), commit_ts, .. }) => Status::Committed(w.clone(), *commit_ts),
+        _ => Status::Aborted,
+    }
 }
 
 /// Where a step applies: the database, the group, the entry's log index.
@@ -365,11 +381,28 @@ mod tests {
         }
 
         fn run(&mut self, cmd: TxnCommand) -> Result<TxnReply, KvError> {
+            self.run_at(cmd, 0)
+        }
+
+        /// As the state machine applies an entry stamped `stamp`.
+        fn run_at(&mut self, cmd: TxnCommand, stamp: Ts) -> Result<TxnReply, KvError> {
             self.index += 1;
-            let mut b = ApplyBatch::default();
+            let mut b = ApplyBatch { ts: self.state.next_ts(stamp), stamp, ..ApplyBatch::default() };
             let r = apply(&self.db, GROUP, self.index, &mut self.state, &mut b, &cmd).expect("storage");
             self.db.write(b.write).expect("write");
             r
+        }
+
+        fn changes(&self) -> Vec<(Ts, String, u64)> {
+            let w = crate::watch::changes::Window {
+                after: (0, None),
+                through: Ts::MAX,
+                start: "",
+                end: None,
+                limit: usize::MAX,
+            };
+            let (found, _) = crate::watch::changes::read(&self.db, None, GROUP, &w).unwrap();
+            found.into_iter().map(|c| (c.ts, c.key, c.version)).collect()
         }
 
         fn put(&mut self, key: &str, json: &str) -> Result<u64, KvError> {
@@ -404,18 +437,18 @@ mod tests {
         let mut s = Shard::new();
         s.put("a", "1").unwrap();
         let got = s.run(lock(7, &[("a", true), ("b", true)])).unwrap();
+        let lock_ts = s.state.last_ts;
         assert_eq!(
             got,
-            TxnReply::Locked(vec![Stored { version: 1, value: Some("1".into()) }, Stored::default()]),
-            "the stored states, an absent key as version 0"
+            TxnReply::Locked(vec![Stored { version: 1, value: Some("1".into()) }, Stored::default()], lock_ts),
+            "the stored states, an absent key as version 0, and the lock's timestamp"
         );
         assert!(matches!(s.put("a", "2"), Err(KvError::Locked { ref key, ref lock }) if key == "a" && lock.txn == 7));
         assert!(matches!(s.run(lock(8, &[("b", false)])), Err(KvError::Locked { lock, .. }) if lock.txn == 7));
         let one = TxnCommand::OnePhase { keys: vec![r("a")], txn: Txn::default() };
         assert!(matches!(s.run(one), Err(KvError::Locked { .. })), "the one-shard path respects locks too");
-        assert_eq!(
-            s.run(lock(7, &[("a", true)])),
-            Ok(TxnReply::Locked(vec![Stored { version: 1, value: Some("1".into()) }])),
+        assert!(
+            matches!(s.run(lock(7, &[("a", true)])), Ok(TxnReply::Locked(v, _)) if v == vec![Stored { version: 1, value: Some("1".into()) }]),
             "re-locking by the holder is harmless"
         );
 
@@ -427,7 +460,8 @@ mod tests {
             writes: writes.clone(),
             now_ms: 500,
         };
-        assert_eq!(s.run(commit.clone()), Ok(TxnReply::Status(Status::Committed(writes.clone()))));
+        let commit_ts = s.state.last_ts + 1;
+        assert_eq!(s.run(commit.clone()), Ok(TxnReply::Status(Status::Committed(writes.clone(), commit_ts))));
         let a = s.record("a").unwrap();
         assert_eq!((a.version, a.json.as_slice(), a.lock()), (2, &b"10"[..], None));
         assert_eq!(
@@ -444,6 +478,55 @@ mod tests {
         // A replayed commit after that finds no lock and no outcome: aborted, nothing written.
         assert_eq!(s.run(commit), Ok(TxnReply::Status(Status::Aborted)));
         assert_eq!(s.record("a").unwrap().version, 3);
+    }
+
+    /// What a watch relies on (`watch`): a write lock holds the shard's
+    /// resolved timestamp below the lock's, while other keys' writes move
+    /// the shard on; the transaction's writes land at its commit timestamp
+    /// — the primary's entry's, stamped above every lock, and the same on
+    /// the shard that commits later, below its last timestamp by then but
+    /// above anything it promised.
+    #[test]
+    fn a_transactions_changes_land_at_its_commit_timestamp_above_what_was_resolved() {
+        let mut s = Shard::new();
+        s.put("a", "1").unwrap();
+        let Ok(TxnReply::Locked(_, lock_ts)) = s.run(lock(7, &[("a", true), ("b", true)])) else { panic!() };
+        assert_eq!(s.state.open_locks.get("a"), Some(&lock_ts));
+        assert_eq!(s.state.resolved(), lock_ts - 1);
+        s.put("z", "1").unwrap();
+        s.put("y", "1").unwrap();
+        assert!(s.state.last_ts > lock_ts && s.state.resolved() == lock_ts - 1, "held below the lock");
+        // The commit comes from another shard's primary, at a timestamp
+        // between the lock and this shard's last.
+        let commit_ts = lock_ts + 1;
+        assert!(commit_ts < s.state.last_ts);
+        let writes = vec![w("a", 2, Some("2")), w("b", 1, None)];
+        let commit = TxnCommand::Commit { txn: 7, keys: vec![r("a"), r("b")], writes };
+        assert_eq!(s.run_at(commit, commit_ts), Ok(TxnReply::Done));
+        assert!(s.state.open_locks.is_empty());
+        assert_eq!(s.state.resolved(), s.state.last_ts, "released: resolved catches up");
+        let changes = s.changes();
+        let at = |key: &str| changes.iter().rfind(|(_, k, _)| k == key).map(|(ts, _, v)| (*ts, *v));
+        assert_eq!(at("a"), Some((commit_ts, 2)), "the commit's change, at the commit timestamp");
+        assert_eq!(at("b"), None, "a delete of an absent key is no change");
+        assert!(changes.iter().filter(|(_, k, _)| k == "a").count() == 2, "the put and the commit; locking is none");
+        assert!(changes.windows(2).all(|w| (w[0].0, &w[0].1) < (w[1].0, &w[1].1)), "in timestamp order");
+        // The primary's commit point answers its entry's timestamp and
+        // keeps it in the outcome, for whoever finishes the others.
+        let Ok(TxnReply::Locked(_, _)) = s.run(lock(8, &[("p", true)])) else { panic!() };
+        let commit = TxnCommand::CommitPrimary {
+            txn: 8,
+            primary: r("p"),
+            keys: vec![r("p")],
+            writes: vec![w("p", 1, Some("1"))],
+            now_ms: 1,
+        };
+        let stamp = s.state.last_ts + 100;
+        let Ok(TxnReply::Status(Status::Committed(_, ts))) = s.run_at(commit, stamp) else { panic!() };
+        assert_eq!(ts, stamp);
+        assert_eq!(s.record("p").unwrap().txn.unwrap().outcome(8).unwrap().commit_ts, stamp);
+        let resolve = TxnCommand::Resolve { txn: 8, primary: r("p"), now_ms: 2, expires_ms: 0, abort_if_pending: true };
+        assert!(matches!(s.run(resolve), Ok(TxnReply::Status(Status::Committed(_, t))) if t == stamp));
     }
 
     #[test]
@@ -512,7 +595,7 @@ mod tests {
         assert_eq!(s.record("p").unwrap().lock(), None);
         // A new transaction's lock is taken.
         let new = TxnCommand::Lock { txn: 3, primary: "p".into(), expires_ms: 9_000, keys: vec![(r("p"), true)] };
-        assert!(matches!(s.run(new), Ok(TxnReply::Locked(_))));
+        assert!(matches!(s.run(new), Ok(TxnReply::Locked(..))));
     }
 
     /// A transaction that wrote nothing ends with a commit of no writes on
@@ -524,7 +607,7 @@ mod tests {
         s.run(lock(4, &[("p", false), ("q", false)])).unwrap();
         let fence =
             |txn| TxnCommand::CommitPrimary { txn, primary: r("p"), keys: vec![r("p")], writes: vec![], now_ms: 0 };
-        assert_eq!(s.run(fence(4)), Ok(TxnReply::Status(Status::Committed(vec![]))));
+        assert!(matches!(s.run(fence(4)), Ok(TxnReply::Status(Status::Committed(w, _))) if w.is_empty()));
         assert_eq!(s.record("p"), None, "released, nothing recorded, no tombstone left");
         assert!(s.record("q").unwrap().lock().is_some(), "the other keys are released by the coordinator");
         s.run(TxnCommand::Rollback { txn: 4, keys: vec![r("q")] }).unwrap();

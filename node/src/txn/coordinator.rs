@@ -102,7 +102,9 @@ async fn several(
     let mut in_doubt = false;
     for ((_, keys), answer) in groups.iter().zip(answers) {
         match answer {
-            Ok(TxnReply::Locked(got)) if got.len() == keys.len() => {
+            Ok(TxnReply::Locked(got, lock_ts)) if got.len() == keys.len() => {
+                // The commit is stamped from this clock: above every lock.
+                node.ctx().clock.observe(lock_ts);
                 states.extend(keys.iter().map(|(r, _)| r.key.clone()).zip(got));
             }
             Ok(other) => failed = Some(ExecError::Internal(format!("a txn lock answered {other:?}"))),
@@ -133,8 +135,15 @@ async fn several(
         writes: decided.writes.clone(),
         now_ms: now_ms(),
     };
-    let committed = match router.exec_txn(*pshard, commit, 0, deadline).await {
-        Ok(TxnReply::Status(Status::Committed(_))) => true,
+    // Stamped above every lock's timestamp (observed above): the commit
+    // timestamp, at which every shard writes the transaction's changes.
+    let at = node.ctx().clock.now();
+    let mut commit_ts = 0;
+    let committed = match router.exec_txn_at(*pshard, commit, at, 0, deadline).await {
+        Ok(TxnReply::Status(Status::Committed(_, ts))) => {
+            commit_ts = ts;
+            true
+        }
         Ok(TxnReply::Status(_)) => false,
         Ok(other) => return Err(ExecError::Internal(format!("a txn commit answered {other:?}"))),
         // Refused, or lost: the entry may have landed (a refusal before
@@ -144,7 +153,10 @@ async fn several(
         Err(e) => {
             let asking = deadline.max(Instant::now() + AFTERMATH);
             match ask_primary(router, id, &primary.key, expires_ms, true, asking).await {
-                Ok(Status::Committed(_)) => true,
+                Ok(Status::Committed(_, ts)) => {
+                    commit_ts = ts;
+                    true
+                }
                 Ok(_) if router::retryable(&e) => {
                     abandon(node, &attempt, false, all_keys);
                     return Err(e);
@@ -176,7 +188,7 @@ async fn several(
     crate::ops::faults::hold_txn("txn_committed").await;
     let others: Vec<String> =
         groups.iter().filter(|(s, _)| *s != pshard).flat_map(|(_, ks)| ks.iter().map(|(r, _)| r.key.clone())).collect();
-    finish_committed(node, id, primary.key, others, decided.writes.clone());
+    finish_committed(node, id, primary.key, others, decided.writes.clone(), commit_ts);
     Ok(decided)
 }
 
@@ -217,7 +229,7 @@ fn abandon(node: &Arc<Node>, attempt: &Attempt, in_doubt: bool, keys: Vec<String
                 // Never expected (a commit is given up only when it was
                 // refused before it was proposed), but if it committed after
                 // all, its keys are finished as committed, not rolled back.
-                Ok(Status::Committed(w)) => writes = Some(w),
+                Ok(Status::Committed(w, ts)) => writes = Some((w, ts)),
                 Ok(_) => {}
                 Err(e) => {
                     // Unsettled: its locks are left to whoever meets them,
@@ -227,7 +239,8 @@ fn abandon(node: &Arc<Node>, attempt: &Attempt, in_doubt: bool, keys: Vec<String
                 }
             }
         }
-        if let Err(e) = finish_keys(&router, id, &keys, writes.as_deref(), deadline).await {
+        let writes = writes.as_ref().map(|(w, ts)| (w.as_slice(), *ts));
+        if let Err(e) = finish_keys(&router, id, &keys, writes, deadline).await {
             tracing::debug!("releasing txn {id:032x}: {e}");
         }
     });
@@ -247,12 +260,19 @@ fn release(node: &Arc<Node>, id: TxnId, keys: Vec<String>) {
 /// In the background: commits a committed transaction's other keys, then
 /// drops its record on the primary. Whatever this does not get to is
 /// finished by whoever meets the locks.
-fn finish_committed(node: &Arc<Node>, id: TxnId, primary: String, keys: Vec<String>, writes: Vec<PendingWrite>) {
+fn finish_committed(
+    node: &Arc<Node>,
+    id: TxnId,
+    primary: String,
+    keys: Vec<String>,
+    writes: Vec<PendingWrite>,
+    commit_ts: crate::clock::Ts,
+) {
     let node = node.clone();
     tokio::spawn(async move {
         let router = Router::new(&node);
         let deadline = Instant::now() + FINISH_TIMEOUT;
-        if let Err(e) = finish_keys(&router, id, &keys, Some(&writes), deadline).await {
+        if let Err(e) = finish_keys(&router, id, &keys, Some((&writes, commit_ts)), deadline).await {
             tracing::info!("finishing committed txn {id:032x}: {e} (its locks are finished when met)");
             return;
         }

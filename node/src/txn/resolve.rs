@@ -38,10 +38,11 @@ pub async fn settle(router: &Router<'_>, key: &str, lock: &Lock, deadline: Insta
     let status = ask_primary(router, lock.txn, &lock.primary, lock.expires_ms, false, deadline).await?;
     let writes = match status {
         Status::Pending => return Ok(Settled::Pending),
-        Status::Committed(w) => Some(w),
+        Status::Committed(w, ts) => Some((w, ts)),
         Status::Aborted => None,
     };
-    finish_keys(router, lock.txn, &[key.to_string()], writes.as_deref(), deadline).await?;
+    let writes = writes.as_ref().map(|(w, ts)| (w.as_slice(), *ts));
+    finish_keys(router, lock.txn, &[key.to_string()], writes, deadline).await?;
     Ok(Settled::Finished)
 }
 
@@ -69,26 +70,27 @@ pub async fn ask_primary(
 }
 
 /// Finishes `txn` on `keys`, wherever the directory routes them now:
-/// commits them with `writes` (`Some`), or rolls them back (`None`).
+/// commits them with `writes` at its commit timestamp (`Some`), or rolls
+/// them back (`None`).
 /// Keys no longer locked by `txn` are left alone, so this may be repeated.
 pub async fn finish_keys(
     router: &Router<'_>,
     txn: TxnId,
     keys: &[String],
-    writes: Option<&[PendingWrite]>,
+    writes: Option<(&[PendingWrite], crate::clock::Ts)>,
     deadline: Instant,
 ) -> Result<(), ExecError> {
     router::with_retries(router, deadline, || async move {
         for (shard, keys) in route_all(router, keys.iter().map(|k| (k.as_str(), ())), deadline).await? {
             let keys: Vec<Routed> = keys.into_iter().map(|(r, ())| r).collect();
-            let cmd = match writes {
-                Some(w) => {
+            let (cmd, at) = match writes {
+                Some((w, commit_ts)) => {
                     let mine = w.iter().filter(|w| keys.iter().any(|r| r.key == w.key)).cloned().collect();
-                    TxnCommand::Commit { txn, keys, writes: mine }
+                    (TxnCommand::Commit { txn, keys, writes: mine }, commit_ts)
                 }
-                None => TxnCommand::Rollback { txn, keys },
+                None => (TxnCommand::Rollback { txn, keys }, 0),
             };
-            router.exec_txn(shard, cmd, 0, deadline).await?;
+            router.exec_txn_at(shard, cmd, at, 0, deadline).await?;
         }
         Ok(())
     })

@@ -1,0 +1,176 @@
+//! A replica answering "the changes after this position": the one read a
+//! watch makes of a shard, locally or through the `WatchChanges` call.
+//!
+//! Any replica can answer, leader or not: it answers from its applied
+//! state, and says up to where the answer is complete (`through`) — its
+//! resolved timestamp, below which nothing can appear any more. A
+//! follower's answer is as true as the leader's, only older. The answer
+//! also carries the shard's view (owned ranges, frozen captures, lineage,
+//! trim point) at that same applied state, read under the state lock with
+//! a RocksDB snapshot, from which the watcher decides what the answer
+//! means for each piece of its key range (see [`super::plan`]).
+//!
+//! A request waits (up to `wait_ms`) when there is nothing new: it
+//! returns as soon as the resolved timestamp moves past `after`.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::changes::{self, Change, Window};
+use super::cursor::Position;
+use crate::clock::Ts;
+use crate::kv::Born;
+use crate::raft::{GroupRaft, SmState};
+use crate::rpc::ExecError;
+use crate::storage::Db;
+
+/// What a watch asks of one shard.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ChangesRequest {
+    /// Changes strictly after this position; `None`: from the replica's
+    /// resolved timestamp (a watch that starts now).
+    pub after: Option<Position>,
+    /// Up to this timestamp only (a range's changes before a split moved
+    /// it on, read from the shard it was split from).
+    pub until: Option<Ts>,
+    pub start: String,
+    pub end: Option<String>,
+    pub limit: usize,
+    /// How long to wait for something new.
+    pub wait_ms: u64,
+}
+
+/// A shard's state as a watcher needs it, at the answer's applied state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ShardView {
+    pub resolved: Ts,
+    /// The ranges the shard owns.
+    pub ranges: Vec<(String, Option<String>)>,
+    /// Frozen captures: `(start, end, freeze timestamp)`. No change to
+    /// the range is made here after its freeze; what follows it is the
+    /// split target's.
+    pub frozen: Vec<(String, Option<String>, Ts)>,
+    /// Ranges handed to another shard (a split, committed).
+    pub moved: Vec<(String, Option<String>)>,
+    pub born: Option<Born>,
+    pub trimmed_through: Ts,
+}
+
+/// The answer: the changes found, up to where they are complete, and the view.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ChangesReply {
+    pub changes: Vec<Change>,
+    /// Every change of the keys asked for after `after` and up to here is
+    /// in `changes`.
+    pub through: Position,
+    /// The position the answer starts after (the request's, or the
+    /// resolved timestamp it started at).
+    pub after: Position,
+    /// Changes after `after` were trimmed: the request cannot be answered.
+    pub compacted: bool,
+    pub view: ShardView,
+}
+
+/// Whether `[start, end)` lies within `[rs, re)`.
+pub fn within(start: &str, end: Option<&str>, rs: &str, re: Option<&str>) -> bool {
+    start >= rs
+        && match (end, re) {
+            (_, None) => true,
+            (None, Some(_)) => false,
+            (Some(e), Some(r)) => e <= r,
+        }
+}
+
+/// Whether `[a, ae)` and `[b, be)` share a key.
+pub fn overlaps(a: &str, ae: Option<&str>, b: &str, be: Option<&str>) -> bool {
+    ae.is_none_or(|e| b < e) && be.is_none_or(|e| a < e)
+}
+
+/// Answers `req` from the replica `g` once (no waiting).
+pub fn read_once(db: &Db, g: &GroupRaft, req: &ChangesRequest) -> Result<ChangesReply, ExecError> {
+    let state = g.state.read().map_err(|_| ExecError::Internal("state lock poisoned".into()))?;
+    if g.is_installing() {
+        return Err(ExecError::Unavailable("the replica is installing a snapshot".into()));
+    }
+    let SmState::Shard(s) = &*state else {
+        return Err(ExecError::Internal("not a shard".into()));
+    };
+    let snap = db.snapshot();
+    let resolved = s.resolved();
+    let view = ShardView {
+        resolved,
+        ranges: s.ranges.iter().map(|r| (r.start.clone(), r.end.clone())).collect(),
+        frozen: s
+            .captures
+            .iter()
+            .filter(|c| c.frozen_at.is_some())
+            .map(|c| (c.start.clone(), c.end.clone(), c.frozen_ts))
+            .collect(),
+        moved: s.moved.iter().map(|r| (r.start.clone(), r.end.clone())).collect(),
+        born: s.born.as_deref().cloned(),
+        trimmed_through: s.change_log.trimmed_through,
+    };
+    drop(state);
+    let after = req.after.clone().unwrap_or(Position::after_all(resolved));
+    let compacted = Position::after_all(view.trimmed_through) > after;
+    let (start, end) = (req.start.as_str(), req.end.as_deref());
+    // A range this replica has given up (moved, or frozen: it applied the
+    // freeze, so every change it had there is applied) holds all its
+    // changes already: a bounded read of it is complete to its bound.
+    let settled = view.moved.iter().any(|(s, e)| within(start, end, s, e.as_deref()))
+        || view.frozen.iter().any(|(s, e, _)| within(start, end, s, e.as_deref()));
+    let through_ts = match req.until {
+        Some(u) if settled => u,
+        Some(u) => u.min(resolved),
+        None => resolved,
+    };
+    if compacted {
+        return Ok(ChangesReply { changes: Vec::new(), through: after.clone(), after, compacted, view });
+    }
+    let w =
+        Window { after: (after.ts, after.key.as_deref()), through: through_ts, start, end, limit: req.limit.max(1) };
+    let (found, full) = changes::read(db, Some(&snap), g.group, &w).map_err(|e| ExecError::Internal(e.to_string()))?;
+    let through = match (full, found.last()) {
+        (true, Some(last)) => Position { ts: last.ts, key: Some(last.key.clone()) },
+        _ => Position::after_all(through_ts).max(after.clone()),
+    };
+    Ok(ChangesReply { changes: found, through, after, compacted, view })
+}
+
+/// Answers `req` from the replica `g`, waiting up to `req.wait_ms` for
+/// something past its position when there is nothing yet.
+pub async fn changes_since(db: &Db, g: &GroupRaft, req: &ChangesRequest) -> Result<ChangesReply, ExecError> {
+    let deadline = Instant::now() + Duration::from_millis(req.wait_ms.min(30_000));
+    let mut resolved = g.resolved.subscribe();
+    let mut req = req.clone();
+    loop {
+        resolved.mark_unchanged();
+        let reply = read_once(db, g, &req)?;
+        let moved_on = !reply.changes.is_empty() || reply.through > reply.after || reply.compacted;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if moved_on || left.is_zero() {
+            return Ok(reply);
+        }
+        // Later reads start where this one did.
+        req.after = Some(reply.after);
+        let _ = tokio::time::timeout(left, resolved.changed()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_within_and_overlapping() {
+        assert!(within("b", Some("c"), "a", None));
+        assert!(within("b", None, "a", None));
+        assert!(!within("b", None, "a", Some("z")));
+        assert!(within("b", Some("z"), "b", Some("z")));
+        assert!(!within("a", Some("c"), "b", Some("z")));
+        assert!(overlaps("a", Some("c"), "b", None));
+        assert!(!overlaps("a", Some("b"), "b", None));
+        assert!(overlaps("a", None, "x", Some("y")));
+    }
+}

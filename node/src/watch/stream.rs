@@ -1,0 +1,423 @@
+//! Serving one watch: the task that reads the pieces' shards, merges
+//! their answers ([`super::plan`]) and writes the NDJSON lines, and the
+//! queue between it and the HTTP response.
+//!
+//! - Each piece has one request in flight at a time: a long poll (up to a
+//!   second) at the shard's leader, or at the replica here when this node
+//!   leads it or knows no leader; a failed one is tried again, at another
+//!   replica, after a short pause.
+//! - A piece that lags while others have changes waiting (or while the
+//!   watch's position is more than a second old) asks its shard for a
+//!   `Close`: an idle shard's resolved timestamp moves only so.
+//! - A progress line goes out at least every second.
+//! - The lines wait in an [`Outbox`] bounded in bytes: a watcher that does
+//!   not read is cut off with an `error` line (`slow`) once it holds more
+//!   than `--watch-queue-mb`, and resumes from its last cursor.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cleave_metadata::ShardId;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use serde_json::json;
+
+use super::changes::Change;
+use super::cursor::Position;
+use super::plan::{Applied, Merge};
+use super::serve::{self, ChangesReply, ChangesRequest};
+use crate::clock;
+use crate::command::ShardCommand;
+use crate::node::Node;
+use crate::rpc::{self, ExecError};
+
+/// How long one read of a shard waits for something new.
+const POLL_MS: u64 = 1_000;
+/// At least this often a progress line.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// A piece this far behind the clock, while it holds the others up, asks
+/// its shard for a `Close`.
+const LAG_FOR_CLOSE: Duration = Duration::from_millis(100);
+/// Changes held back per piece before it stops reading ahead.
+const HELD_MAX: usize = 20_000;
+
+/// What a watch is asked for.
+#[derive(Clone, Debug)]
+pub struct WatchSpec {
+    pub start: String,
+    pub end: Option<String>,
+    /// Start right after it; `None`: from now.
+    pub cursor: Option<Position>,
+    /// Include each change's previous value.
+    pub prev: bool,
+}
+
+/// Why a watch could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("the history after this cursor was trimmed (kept: --watch-retention, --watch-retention-mb)")]
+    Compacted,
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The lines of one watch, waiting for the HTTP response to send them.
+pub struct Outbox {
+    inner: Mutex<Queue>,
+    ready: tokio::sync::Notify,
+    limit: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    lines: VecDeque<bytes::Bytes>,
+    bytes: usize,
+    /// No more lines: the watch ended (or was cut off).
+    ended: bool,
+    /// The response is gone: the client hung up.
+    dropped: bool,
+}
+
+impl Outbox {
+    pub fn new(limit: usize) -> Arc<Outbox> {
+        Arc::new(Outbox { inner: Mutex::new(Queue::default()), ready: tokio::sync::Notify::new(), limit })
+    }
+
+    /// Queues `line`; `false` once the watch is over (the reader hung up,
+    /// or held too much and was cut off).
+    fn push(&self, mut line: Vec<u8>) -> bool {
+        line.push(b'\n');
+        let mut q = self.inner.lock().expect("outbox lock");
+        if q.ended || q.dropped {
+            return false;
+        }
+        q.bytes += line.len();
+        q.lines.push_back(line.into());
+        if q.bytes > self.limit {
+            let cut = json!({"type": "error", "code": "slow",
+                "message": "the watcher read too slowly; resume from its last cursor"});
+            q.lines.push_back(format!("{cut}\n").into());
+            q.ended = true;
+            metrics::counter!("cleave_watch_slow_cutoffs_total").increment(1);
+        }
+        drop(q);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Ends the watch after what is queued.
+    fn end(&self) {
+        self.inner.lock().expect("outbox lock").ended = true;
+        self.ready.notify_one();
+    }
+
+    fn is_dropped(&self) -> bool {
+        let q = self.inner.lock().expect("outbox lock");
+        q.dropped || q.ended
+    }
+
+    /// The next line (`Some(None)`: no more will come; `None`: none yet).
+    fn pop(&self) -> Option<Option<bytes::Bytes>> {
+        let mut q = self.inner.lock().expect("outbox lock");
+        match q.lines.pop_front() {
+            Some(line) => {
+                q.bytes -= line.len().min(q.bytes);
+                Some(Some(line))
+            }
+            None if q.ended => Some(None),
+            None => None,
+        }
+    }
+
+    /// The response's body: the queued lines as they come.
+    pub fn body(self: Arc<Self>) -> impl futures::Stream<Item = Result<bytes::Bytes, std::convert::Infallible>> {
+        let guard = DropGuard(self);
+        futures::stream::unfold(guard, |guard| async move {
+            let line = loop {
+                let outbox = guard.0.clone();
+                let notified = outbox.ready.notified();
+                match outbox.pop() {
+                    Some(next) => break next,
+                    None => notified.await,
+                }
+            };
+            line.map(|l| (Ok(l), guard))
+        })
+    }
+}
+
+/// Marks the outbox dropped when the response body is (the client left).
+struct DropGuard(Arc<Outbox>);
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        self.0.inner.lock().expect("outbox lock").dropped = true;
+    }
+}
+
+/// The directory's ranges as a plan needs them.
+fn ranges(node: &Node) -> Vec<(String, Option<String>, ShardId)> {
+    node.directory().ranges.values().map(|r| (r.start.clone(), r.end.clone(), r.shard_id)).collect()
+}
+
+/// Reads `shard`'s changes: at the replica here if this node leads the
+/// shard (or knows no leader), else at the leader; `attempt` > 0 (a retry)
+/// goes round the other replicas.
+pub async fn fetch(
+    node: &Node,
+    shard: ShardId,
+    req: ChangesRequest,
+    attempt: usize,
+) -> Result<ChangesReply, ExecError> {
+    let dir = node.directory();
+    let leader = node.dir_cache().leader_hint(shard);
+    let mut candidates: Vec<u64> = leader.into_iter().collect();
+    if let Some(s) = dir.group(shard) {
+        candidates.extend(s.replicas.iter().map(|r| r.node_id).filter(|n| Some(*n) != leader));
+    }
+    let here = node.group(shard);
+    let target = match candidates.get(attempt % candidates.len().max(1)) {
+        Some(n) if *n != node.id() => Some(*n),
+        _ => None,
+    };
+    let local_first = here.is_some() && (leader.is_none_or(|l| l == node.id()) || target.is_none());
+    match (local_first, here, target) {
+        (true, Some(g), _) | (false, Some(g), None) => serve::changes_since(&node.ctx().db, &g, &req).await,
+        (_, _, Some(n)) => {
+            let addr = node
+                .dir_cache()
+                .raft_addr_of(&dir, n)
+                .ok_or(ExecError::Unavailable(format!("node {n} has no known address")))?;
+            let timeout = Duration::from_millis(req.wait_ms + 5_000);
+            node.router().call(&addr, rpc::WatchChanges { shard, req }, timeout).await
+        }
+        (_, None, None) => Err(ExecError::Unavailable(format!("no replica of shard {shard} is known"))),
+    }
+}
+
+/// Starts a watch: plans it, reads every piece once (a trimmed cursor is
+/// refused here, before any line), and leaves a task writing its lines to
+/// the returned outbox.
+pub async fn open(node: Arc<Node>, spec: WatchSpec) -> Result<Arc<Outbox>, OpenError> {
+    let deadline = Instant::now() + node.settings().write_timeout;
+    let ranges = ranges(&node);
+    // From now: the smallest resolved timestamp of the shards (every piece
+    // then reads from there).
+    let pos = match &spec.cursor {
+        Some(c) => c.clone(),
+        None => {
+            let probe = Merge::new(spec.start.clone(), spec.end.clone(), Position::after_all(0), &ranges);
+            let mut low: Option<Position> = None;
+            for p in &probe.pieces {
+                let req = ChangesRequest {
+                    after: None,
+                    until: None,
+                    start: p.start.clone(),
+                    end: p.end.clone(),
+                    limit: 1,
+                    wait_ms: 0,
+                };
+                let r = first_answer(&node, p.stages[0].shard, req, deadline).await?;
+                low = Some(low.map_or(r.after.clone(), |l| l.min(r.after)));
+            }
+            low.unwrap_or(Position::after_all(0))
+        }
+    };
+    let merge = Merge::new(spec.start.clone(), spec.end.clone(), pos, &ranges);
+    // A cursor whose history is gone is refused before the stream starts.
+    for i in 0..merge.pieces.len() {
+        let (shard, mut req) = merge.request(i, 0);
+        req.limit = 1;
+        let r = first_answer(&node, shard, req, deadline).await?;
+        if r.compacted {
+            return Err(OpenError::Compacted);
+        }
+        if r.view.born.as_ref().is_some_and(|b| merge.pos.ts < b.ts) {
+            // Its earlier changes are in another shard: checked as the
+            // watch reads them (a trimmed one ends it with an error line).
+            continue;
+        }
+    }
+    let outbox = Outbox::new(node.settings().watch.queue_bytes);
+    let out = outbox.clone();
+    tokio::spawn(async move {
+        metrics::gauge!("cleave_watchers").increment(1.0);
+        run(&node, merge, &out, spec.prev).await;
+        out.end();
+        metrics::gauge!("cleave_watchers").decrement(1.0);
+    });
+    Ok(outbox)
+}
+
+/// One answer, tried at the replicas in turn until the deadline.
+async fn first_answer(
+    node: &Node,
+    shard: ShardId,
+    req: ChangesRequest,
+    deadline: Instant,
+) -> Result<ChangesReply, OpenError> {
+    let mut attempt = 0;
+    loop {
+        match fetch(node, shard, req.clone(), attempt).await {
+            Ok(r) => return Ok(r),
+            Err(e) if Instant::now() >= deadline => return Err(OpenError::Unavailable(format!("shard {shard}: {e}"))),
+            Err(_) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20 * attempt.min(10) as u64)).await;
+            }
+        }
+    }
+}
+
+/// A line of the stream.
+fn event_line(c: &Change, prev: bool) -> Vec<u8> {
+    let cursor = Position { ts: c.ts, key: Some(c.key.clone()) }.encode();
+    let mut v = match &c.value {
+        Some(json) => json!({"type": "put", "key": c.key, "value": raw(json), "version": c.version, "cursor": cursor}),
+        None => json!({"type": "delete", "key": c.key, "version": c.version, "cursor": cursor}),
+    };
+    if prev {
+        v["prev"] = match &c.prev {
+            Some((version, json)) => json!({"value": raw(json), "version": version}),
+            None => serde_json::Value::Null,
+        };
+    }
+    serde_json::to_vec(&v).expect("a JSON value encodes")
+}
+
+/// A stored value: JSON text as the user sent it.
+fn raw(json: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(json).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(json).into()))
+}
+
+fn progress_line(pos: &Position) -> Vec<u8> {
+    serde_json::to_vec(&json!({"type": "progress", "cursor": pos.encode()})).expect("a JSON value encodes")
+}
+
+fn error_line(code: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({"type": "error", "code": code, "message": message})).expect("a JSON value encodes")
+}
+
+type Answer = (u64, usize, Result<ChangesReply, ExecError>);
+
+/// The watch's loop, until the client leaves or the watch cannot go on.
+async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
+    if !out.push(progress_line(&merge.pos)) {
+        return;
+    }
+    let mut plan = 0u64;
+    let mut busy = vec![false; merge.pieces.len()];
+    let mut failures = vec![0usize; merge.pieces.len()];
+    let mut closing: HashMap<ShardId, Instant> = HashMap::new();
+    let mut inflight: FuturesUnordered<futures::future::BoxFuture<'static, Answer>> = FuturesUnordered::new();
+    let mut last_progress = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut replans = 0u32;
+    loop {
+        for i in 0..merge.pieces.len() {
+            if busy[i] || merge.pieces[i].buffer.len() >= HELD_MAX {
+                continue;
+            }
+            busy[i] = true;
+            let (shard, req) = merge.request(i, POLL_MS);
+            let (node, attempt) = (node.clone(), failures[i]);
+            let pause = Duration::from_millis(match attempt {
+                0 => 0,
+                n => 20 * n.min(25) as u64,
+            });
+            inflight.push(Box::pin(async move {
+                tokio::time::sleep(pause).await;
+                (plan, i, fetch(&node, shard, req, attempt).await)
+            }));
+        }
+        tokio::select! {
+            Some((p, i, answer)) = inflight.next() => {
+                if p != plan {
+                    continue;
+                }
+                busy[i] = false;
+                match answer {
+                    Err(e) => {
+                        failures[i] += 1;
+                        tracing::debug!(shard = merge.pieces[i].stages[0].shard, "watch read: {e}");
+                        if failures[i].is_multiple_of(10) {
+                            // Maybe the directory moved on without telling us.
+                            merge.replan(&ranges(node));
+                            (plan, busy, failures) = (plan + 1, vec![false; merge.pieces.len()], vec![0; merge.pieces.len()]);
+                        }
+                    }
+                    Ok(reply) => {
+                        failures[i] = 0;
+                        match merge.apply(i, reply) {
+                            Applied::Ok => {}
+                            Applied::Compacted => {
+                                out.push(error_line("compacted", "the history after the watch's position was trimmed"));
+                                return;
+                            }
+                            Applied::Replan => {
+                                replans += 1;
+                                // The directory may not show the change yet:
+                                // look again in a moment.
+                                let wait = Duration::from_millis(u64::from(replans.min(20)) * 10);
+                                tokio::time::sleep(wait).await;
+                                merge.replan(&ranges(node));
+                                let n = merge.pieces.len();
+                                (plan, busy, failures) = (plan + 1, vec![false; n], vec![0; n]);
+                            }
+                        }
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                if out.is_dropped() {
+                    return;
+                }
+                ask_for_closes(node, &merge, &mut closing);
+            }
+        }
+        let ready = merge.ready();
+        if !ready.is_empty() {
+            replans = 0;
+        }
+        for c in &ready {
+            if !out.push(event_line(c, prev)) {
+                return;
+            }
+        }
+        if last_progress.elapsed() >= PROGRESS_EVERY {
+            if !out.push(progress_line(&merge.pos)) {
+                return;
+            }
+            last_progress = Instant::now();
+        }
+    }
+}
+
+/// Asks the shards of pieces that hold the watch back for a `Close`.
+fn ask_for_closes(node: &Arc<Node>, merge: &Merge, closing: &mut HashMap<ShardId, Instant>) {
+    let now_ts = node.ctx().clock.now();
+    let behind = |ts: clock::Ts| clock::wall_ms(now_ts).saturating_sub(clock::wall_ms(ts));
+    let lag = LAG_FOR_CLOSE.as_millis() as u64;
+    let waiting = merge.held() > 0 || behind(merge.pos.ts) >= PROGRESS_EVERY.as_millis() as u64;
+    if !waiting {
+        return;
+    }
+    for p in &merge.pieces {
+        let stage = &p.stages[0];
+        if stage.until.is_some() || behind(p.through.ts) < lag {
+            continue;
+        }
+        let shard = stage.shard;
+        if closing.get(&shard).is_some_and(|t| t.elapsed() < LAG_FOR_CLOSE * 2) {
+            continue;
+        }
+        closing.insert(shard, Instant::now());
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::split::steps::shard_step(&node, shard, ShardCommand::Close, 0).await {
+                tracing::debug!(shard, "closing for a watch: {e}");
+            }
+        });
+    }
+}
