@@ -90,6 +90,18 @@ impl Client {
         Ok(Client { inner: Arc::new(Inner::new(http, options, urls)) })
     }
 
+    /// Streams every change to `[req.start, req.end)` (see
+    /// [`crate::watch`]): `put`, `delete` and `progress` events, in
+    /// order, reconnecting by itself — to another node if need be — from
+    /// the last cursor. Ends with an error only when it cannot go on (a
+    /// cursor older than the history kept: `ErrorCode::Compacted`; a
+    /// refused request). Dropping the stream stops it.
+    pub fn watch(&self, req: crate::watch::WatchRequest) -> impl futures::Stream<Item = Result<crate::WatchEvent>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(crate::watch::run(self.inner.clone(), req, tx));
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
+    }
+
     /// The options this client was built with.
     pub fn options(&self) -> &ClientOptions {
         &self.inner.options

@@ -21,6 +21,8 @@
 //!   the admin ones: cluster status; splits and replica moves with their
 //!   operations (start, list, follow, cancel); leader transfers; and node
 //!   decommissioning (start, follow).
+//! - [`watch`]: [`Client::watch`], a change stream that reconnects by
+//!   itself from its last cursor.
 //!
 //! Wire types (bodies of requests and answers) are not redefined here: they
 //! are the ones in [`cleave_metadata::api`], re-exported below for
@@ -36,6 +38,7 @@ pub mod retry;
 pub mod routing;
 pub mod tls;
 mod transport;
+pub mod watch;
 
 pub use client::{Client, MAX_SCAN_LIMIT};
 pub use error::{Error, Result};
@@ -46,8 +49,10 @@ pub use routing::{Route, RoutingTable};
 pub use cleave_metadata;
 pub use cleave_metadata::api::{
     Consistency, ErrorBody, ErrorCode, ErrorDetail, Item, Liveness, NodeCondition, NodeStatus, OperationView,
-    ScanResult, ShardStatus, TxnCompare, TxnOp, TxnOpKind, TxnRequest, TxnResponse, TxnResult, WriteResult,
+    PrevValue, ScanResult, ShardStatus, TxnCompare, TxnOp, TxnOpKind, TxnRequest, TxnResponse, TxnResult, WatchEvent,
+    WriteResult,
 };
 pub use cleave_metadata::{
     Directory, NodeId, OpId, OpKind, Operation, Phase, Progress, RangeDescriptor, Replica, ShardId, META_GROUP,
 };
+pub use watch::WatchRequest;

@@ -382,3 +382,56 @@ mod tests {
         assert_eq!(serde_json::to_string(&ErrorCode::StaleRoute).unwrap(), "\"stale_route\"");
     }
 }
+
+/// One line of `GET /v1/watch` (NDJSON). Every `put` and `delete` carries
+/// the cursor that resumes the watch right after it; a `progress` line says
+/// every change up to its cursor has been sent; an `error` line ends the
+/// stream (`slow`: the watcher read too slowly and may resume from its
+/// last cursor; `compacted`: the history after its position is gone).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WatchEvent {
+    Put {
+        key: String,
+        value: serde_json::Value,
+        version: u64,
+        cursor: String,
+        /// The value replaced (asked for with `prev=true`; absent when the
+        /// key had none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prev: Option<PrevValue>,
+    },
+    Delete {
+        key: String,
+        version: u64,
+        cursor: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prev: Option<PrevValue>,
+    },
+    Progress {
+        cursor: String,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+/// A watched key's value before a change.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PrevValue {
+    pub value: serde_json::Value,
+    pub version: u64,
+}
+
+impl WatchEvent {
+    /// The cursor to resume after this line, if it has one.
+    pub fn cursor(&self) -> Option<&str> {
+        match self {
+            WatchEvent::Put { cursor, .. } | WatchEvent::Delete { cursor, .. } | WatchEvent::Progress { cursor } => {
+                Some(cursor)
+            }
+            WatchEvent::Error { .. } => None,
+        }
+    }
+}

@@ -44,7 +44,10 @@ pub struct Piece {
     pub end: Option<String>,
     /// The first is read now; each bounded one hands over to the next.
     pub stages: Vec<Stage>,
-    /// Every change of the piece up to here has been read.
+    /// The next read starts after here.
+    pub after: Position,
+    /// Every change of the piece up to here has been read (below `after`
+    /// while the shard has not reached a watch's starting point yet).
     pub through: Position,
     /// Read, not yet emitted (after the watch's position).
     pub buffer: Vec<Change>,
@@ -67,6 +70,11 @@ pub struct Merge {
     pub end: Option<String>,
     /// Everything up to here has been emitted.
     pub pos: Position,
+    /// Every piece has reached `pos` once: the watch is established. A
+    /// watch from a cursor is at once (all up to the cursor was sent
+    /// before); one from now, once every shard has caught up with the
+    /// moment it began.
+    pub established: bool,
     pub pieces: Vec<Piece>,
 }
 
@@ -75,14 +83,16 @@ pub const LIMIT: usize = 1_000;
 
 impl Merge {
     /// A watch of `[start, end)` from `pos`, over the directory's `ranges`
-    /// (`(start, end, shard)`, in key order).
+    /// (`(start, end, shard)`, in key order); `established` when `pos` is a
+    /// cursor the watch was given.
     pub fn new(
         start: String,
         end: Option<String>,
         pos: Position,
+        established: bool,
         ranges: &[(String, Option<String>, ShardId)],
     ) -> Merge {
-        let mut m = Merge { start, end, pos, pieces: Vec::new() };
+        let mut m = Merge { start, end, pos, established, pieces: Vec::new() };
         m.replan(ranges);
         m
     }
@@ -103,7 +113,10 @@ impl Merge {
                 start,
                 end,
                 stages: vec![Stage { shard: *shard, until: None }],
-                through: self.pos.clone(),
+                after: self.pos.clone(),
+                // Whatever the shard, every key is complete up to an
+                // established position.
+                through: if self.established { self.pos.clone() } else { Position::after_all(0) },
                 buffer: Vec::new(),
             });
         }
@@ -130,7 +143,7 @@ impl Merge {
         let p = &self.pieces[i];
         let stage = &p.stages[0];
         let req = ChangesRequest {
-            after: Some(p.through.clone()),
+            after: Some(p.after.clone()),
             until: stage.until,
             start: p.start.clone(),
             end: p.end.clone(),
@@ -146,14 +159,14 @@ impl Merge {
             return Applied::Compacted;
         }
         let p = &mut self.pieces[i];
-        if reply.after != p.through {
+        if reply.after != p.after {
             return Applied::Ok; // an answer to an older request: ignored
         }
         let v = &reply.view;
         let stage = p.stages[0].clone();
         // Born after the piece's position: its earlier changes are elsewhere.
         if let Some(b) = v.born.as_ref().filter(|b| within(&p.start, p.end.as_deref(), &b.start, b.end.as_deref())) {
-            if p.through.ts < b.ts && stage.until.is_none_or(|u| u > b.ts) {
+            if p.after.ts < b.ts && stage.until.is_none_or(|u| u > b.ts) {
                 p.stages.insert(0, Stage { shard: b.from, until: Some(b.ts) });
                 return Applied::Ok;
             }
@@ -169,7 +182,7 @@ impl Merge {
         if stage.until.is_none() {
             for (s, e, ts) in &v.frozen {
                 if overlaps(&p.start, p.end.as_deref(), s, e.as_deref()) {
-                    through = through.min(Position::after_all(*ts).max(p.through.clone()));
+                    through = through.min(Position::after_all(*ts));
                 }
             }
         }
@@ -178,7 +191,7 @@ impl Merge {
         if let Some(u) = stage.until {
             if p.through >= Position::after_all(u) {
                 p.stages.remove(0);
-                p.through = Position::after_all(u);
+                (p.after, p.through) = (Position::after_all(u), Position::after_all(u));
                 if p.stages.is_empty() {
                     return Applied::Replan;
                 }
@@ -196,7 +209,10 @@ impl Merge {
             }
         }
         if through > p.through {
-            p.through = through;
+            p.through = through.clone();
+        }
+        if through > p.after {
+            p.after = through;
         }
     }
 
@@ -209,6 +225,9 @@ impl Merge {
     /// past them (to [`Merge::complete`]).
     pub fn ready(&mut self) -> Vec<Change> {
         let upto = self.complete();
+        if upto >= self.pos {
+            self.established = true;
+        }
         if upto <= self.pos {
             return Vec::new();
         }
@@ -256,7 +275,7 @@ mod tests {
     }
 
     fn reply(m: &Merge, i: usize, changes: Vec<Change>, through: Position, view: ShardView) -> ChangesReply {
-        ChangesReply { changes, through, after: m.pieces[i].through.clone(), compacted: false, view }
+        ChangesReply { changes, through, after: m.pieces[i].after.clone(), compacted: false, view }
     }
 
     fn keys(cs: &[Change]) -> Vec<(Ts, &str)> {
@@ -265,7 +284,7 @@ mod tests {
 
     fn two_shards() -> Merge {
         let ranges = vec![("".to_string(), Some("m".to_string()), 1), ("m".to_string(), None, 2)];
-        Merge::new("c".into(), Some("x".into()), Position::after_all(10), &ranges)
+        Merge::new("c".into(), Some("x".into()), Position::after_all(10), true, &ranges)
     }
 
     #[test]
@@ -274,7 +293,7 @@ mod tests {
         assert!(m.covers());
         let spans: Vec<_> = m.pieces.iter().map(|p| (p.start.as_str(), p.end.as_deref(), p.stages[0].shard)).collect();
         assert_eq!(spans, vec![("c", Some("m"), 1), ("m", Some("x"), 2)]);
-        let gap = Merge::new("a".into(), None, Position::after_all(0), &[("b".into(), None, 1)]);
+        let gap = Merge::new("a".into(), None, Position::after_all(0), true, &[("b".into(), None, 1)]);
         assert!(!gap.covers(), "a directory without the range's start");
     }
 
@@ -308,7 +327,7 @@ mod tests {
 
     #[test]
     fn a_split_target_reads_its_earlier_changes_from_its_source_first() {
-        let mut m = Merge::new("a".into(), None, Position::after_all(10), &[("a".into(), None, 2)]);
+        let mut m = Merge::new("a".into(), None, Position::after_all(10), true, &[("a".into(), None, 2)]);
         let born = Born { from: 1, start: "a".into(), end: None, ts: 40 };
         let v = ShardView { born: Some(born), ..view(&[("a", None)], 50) };
         let r = reply(&m, 0, vec![change(45, "b")], Position::after_all(50), v);
@@ -346,7 +365,7 @@ mod tests {
 
     #[test]
     fn a_frozen_piece_holds_at_its_freeze_and_a_moved_one_is_planned_again() {
-        let mut m = Merge::new("a".into(), None, Position::after_all(10), &[("a".into(), None, 1)]);
+        let mut m = Merge::new("a".into(), None, Position::after_all(10), true, &[("a".into(), None, 1)]);
         let frozen = ShardView { frozen: vec![("m".into(), None, 25)], ..view(&[("a", None)], 40) };
         let r = reply(&m, 0, vec![change(20, "n"), change(30, "b")], Position::after_all(40), frozen);
         m.apply(0, r);
@@ -358,6 +377,29 @@ mod tests {
         m.replan(&[("a".into(), Some("m".into()), 1), ("m".into(), None, 2)]);
         assert!(m.covers());
         assert!(m.pieces.iter().all(|p| p.through == Position::after_all(25)), "planned again from the position");
+    }
+
+    /// A watch from now starts at the watcher's clock: a shard whose
+    /// resolved timestamp is behind it may still make changes up to it
+    /// (its leader's clock is behind), so nothing counts as established —
+    /// no progress line — before every shard is past it, and nothing from
+    /// before it is emitted.
+    #[test]
+    fn a_watch_from_now_is_established_once_every_shard_has_reached_its_start() {
+        let ranges = vec![("".to_string(), Some("m".to_string()), 1), ("m".to_string(), None, 2)];
+        let mut m = Merge::new("".into(), None, Position::after_all(100), false, &ranges);
+        assert_eq!(m.complete(), Position::after_all(0));
+        let r = reply(&m, 0, vec![], Position::after_all(120), view(&[("", Some("m"))], 120));
+        m.apply(0, r);
+        let behind = reply(&m, 1, vec![], Position::after_all(60), view(&[("m", None)], 60));
+        m.apply(1, behind);
+        assert!(m.ready().is_empty() && !m.established, "shard 2 is at 60, short of 100");
+        assert_eq!(m.request(1, 0).1.after, Some(Position::after_all(100)), "still read from the start");
+        let r =
+            reply(&m, 1, vec![change(99, "n"), change(101, "o")], Position::after_all(130), view(&[("m", None)], 130));
+        m.apply(1, r);
+        assert_eq!(keys(&m.ready()), vec![(101, "o")], "only what came after the start");
+        assert!(m.established);
     }
 
     #[test]

@@ -131,9 +131,11 @@ pub fn read_once(db: &Db, g: &GroupRaft, req: &ChangesRequest) -> Result<Changes
     let w =
         Window { after: (after.ts, after.key.as_deref()), through: through_ts, start, end, limit: req.limit.max(1) };
     let (found, full) = changes::read(db, Some(&snap), g.group, &w).map_err(|e| ExecError::Internal(e.to_string()))?;
+    // Below `after` when the replica has not reached it yet: a watch from
+    // now starts at the watcher's clock, which may be ahead of the shard's.
     let through = match (full, found.last()) {
         (true, Some(last)) => Position { ts: last.ts, key: Some(last.key.clone()) },
-        _ => Position::after_all(through_ts).max(after.clone()),
+        _ => Position::after_all(through_ts),
     };
     Ok(ChangesReply { changes: found, through, after, compacted, view })
 }

@@ -18,10 +18,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cleave_metadata::api::{PrevValue, WatchEvent};
 use cleave_metadata::ShardId;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use serde_json::json;
 
 use super::changes::Change;
 use super::cursor::Position;
@@ -95,9 +95,9 @@ impl Outbox {
         q.bytes += line.len();
         q.lines.push_back(line.into());
         if q.bytes > self.limit {
-            let cut = json!({"type": "error", "code": "slow",
-                "message": "the watcher read too slowly; resume from its last cursor"});
-            q.lines.push_back(format!("{cut}\n").into());
+            let mut cut = error_line("slow", "the watcher read too slowly; resume from its last cursor");
+            cut.push(b'\n');
+            q.lines.push_back(cut.into());
             q.ended = true;
             metrics::counter!("cleave_watch_slow_cutoffs_total").increment(1);
         }
@@ -202,41 +202,24 @@ pub async fn fetch(
 pub async fn open(node: Arc<Node>, spec: WatchSpec) -> Result<Arc<Outbox>, OpenError> {
     let deadline = Instant::now() + node.settings().write_timeout;
     let ranges = ranges(&node);
-    // From now: the smallest resolved timestamp of the shards (every piece
-    // then reads from there).
-    let pos = match &spec.cursor {
-        Some(c) => c.clone(),
-        None => {
-            let probe = Merge::new(spec.start.clone(), spec.end.clone(), Position::after_all(0), &ranges);
-            let mut low: Option<Position> = None;
-            for p in &probe.pieces {
-                let req = ChangesRequest {
-                    after: None,
-                    until: None,
-                    start: p.start.clone(),
-                    end: p.end.clone(),
-                    limit: 1,
-                    wait_ms: 0,
-                };
-                let r = first_answer(&node, p.stages[0].shard, req, deadline).await?;
-                low = Some(low.map_or(r.after.clone(), |l| l.min(r.after)));
-            }
-            low.unwrap_or(Position::after_all(0))
-        }
+    // From now: the watcher's clock. A shard behind it is asked to close
+    // (see `ask_for_closes`); the first progress line waits for every one.
+    let (pos, established) = match &spec.cursor {
+        Some(c) => (c.clone(), true),
+        None => (Position::after_all(node.ctx().clock.now()), false),
     };
-    let merge = Merge::new(spec.start.clone(), spec.end.clone(), pos, &ranges);
+    let merge = Merge::new(spec.start.clone(), spec.end.clone(), pos, established, &ranges);
     // A cursor whose history is gone is refused before the stream starts.
-    for i in 0..merge.pieces.len() {
-        let (shard, mut req) = merge.request(i, 0);
-        req.limit = 1;
-        let r = first_answer(&node, shard, req, deadline).await?;
-        if r.compacted {
-            return Err(OpenError::Compacted);
-        }
-        if r.view.born.as_ref().is_some_and(|b| merge.pos.ts < b.ts) {
-            // Its earlier changes are in another shard: checked as the
-            // watch reads them (a trimmed one ends it with an error line).
-            continue;
+    // (A piece whose earlier changes are in the shard it was split from
+    // finds out as it reads them: a trimmed one ends the stream with an
+    // error line.)
+    if established {
+        for i in 0..merge.pieces.len() {
+            let (shard, mut req) = merge.request(i, 0);
+            req.limit = 1;
+            if first_answer(&node, shard, req, deadline).await?.compacted {
+                return Err(OpenError::Compacted);
+            }
         }
     }
     let outbox = Outbox::new(node.settings().watch.queue_bytes);
@@ -273,17 +256,15 @@ async fn first_answer(
 /// A line of the stream.
 fn event_line(c: &Change, prev: bool) -> Vec<u8> {
     let cursor = Position { ts: c.ts, key: Some(c.key.clone()) }.encode();
-    let mut v = match &c.value {
-        Some(json) => json!({"type": "put", "key": c.key, "value": raw(json), "version": c.version, "cursor": cursor}),
-        None => json!({"type": "delete", "key": c.key, "version": c.version, "cursor": cursor}),
+    let prev = match (&c.prev, prev) {
+        (Some((version, json)), true) => Some(PrevValue { value: raw(json), version: *version }),
+        _ => None,
     };
-    if prev {
-        v["prev"] = match &c.prev {
-            Some((version, json)) => json!({"value": raw(json), "version": version}),
-            None => serde_json::Value::Null,
-        };
-    }
-    serde_json::to_vec(&v).expect("a JSON value encodes")
+    let (key, version) = (c.key.clone(), c.version);
+    line(&match &c.value {
+        Some(json) => WatchEvent::Put { key, value: raw(json), version, cursor, prev },
+        None => WatchEvent::Delete { key, version, cursor, prev },
+    })
 }
 
 /// A stored value: JSON text as the user sent it.
@@ -291,21 +272,23 @@ fn raw(json: &[u8]) -> serde_json::Value {
     serde_json::from_slice(json).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(json).into()))
 }
 
+fn line(e: &WatchEvent) -> Vec<u8> {
+    serde_json::to_vec(e).expect("a watch event encodes")
+}
+
 fn progress_line(pos: &Position) -> Vec<u8> {
-    serde_json::to_vec(&json!({"type": "progress", "cursor": pos.encode()})).expect("a JSON value encodes")
+    line(&WatchEvent::Progress { cursor: pos.encode() })
 }
 
 fn error_line(code: &str, message: &str) -> Vec<u8> {
-    serde_json::to_vec(&json!({"type": "error", "code": code, "message": message})).expect("a JSON value encodes")
+    line(&WatchEvent::Error { code: code.into(), message: message.into() })
 }
 
 type Answer = (u64, usize, Result<ChangesReply, ExecError>);
 
 /// The watch's loop, until the client leaves or the watch cannot go on.
 async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
-    if !out.push(progress_line(&merge.pos)) {
-        return;
-    }
+    let mut announced = false;
     let mut plan = 0u64;
     let mut busy = vec![false; merge.pieces.len()];
     let mut failures = vec![0usize; merge.pieces.len()];
@@ -385,11 +368,13 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
                 return;
             }
         }
-        if last_progress.elapsed() >= PROGRESS_EVERY {
+        // The first progress line says the watch is established; then one
+        // at least every second.
+        if merge.established && (!announced || last_progress.elapsed() >= PROGRESS_EVERY) {
             if !out.push(progress_line(&merge.pos)) {
                 return;
             }
-            last_progress = Instant::now();
+            (announced, last_progress) = (true, Instant::now());
         }
     }
 }
@@ -399,7 +384,7 @@ fn ask_for_closes(node: &Arc<Node>, merge: &Merge, closing: &mut HashMap<ShardId
     let now_ts = node.ctx().clock.now();
     let behind = |ts: clock::Ts| clock::wall_ms(now_ts).saturating_sub(clock::wall_ms(ts));
     let lag = LAG_FOR_CLOSE.as_millis() as u64;
-    let waiting = merge.held() > 0 || behind(merge.pos.ts) >= PROGRESS_EVERY.as_millis() as u64;
+    let waiting = !merge.established || merge.held() > 0 || behind(merge.pos.ts) >= PROGRESS_EVERY.as_millis() as u64;
     if !waiting {
         return;
     }

@@ -127,6 +127,17 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Stream every change to the keys starting with PREFIX (all keys: ""), one JSON object per
+    /// line, until interrupted; reconnects by itself.
+    Watch {
+        prefix: String,
+        /// Resume right after this cursor (from an earlier line) instead of starting now.
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Include each change's previous value.
+        #[arg(long)]
+        prev: bool,
+    },
     /// Run a transaction: JSON {"compare": [...], "success": [...], "failure": [...]} from FILE, or from
     /// stdin when FILE is absent or "-". Prints which branch ran and its results.
     Txn {
@@ -308,6 +319,19 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 print(out, &page, || lines(&page))
             }
+        }
+        Command::Watch { prefix, cursor, prev } => {
+            use futures::StreamExt;
+            let req = cleave_client::WatchRequest { cursor, prev, ..cleave_client::WatchRequest::prefix(&prefix) };
+            let mut events = std::pin::pin!(client.watch(req));
+            let mut stdout = std::io::stdout().lock();
+            while let Some(event) = events.next().await {
+                let event = event.context("watching")?;
+                serde_json::to_writer(&mut stdout, &event)?;
+                writeln!(stdout)?;
+                stdout.flush()?;
+            }
+            Ok(())
         }
         Command::Status => {
             let (nodes, shards, ranges) = tokio::try_join!(client.nodes(), client.shards(), client.ranges())
