@@ -288,11 +288,14 @@ type Answer = (u64, usize, Result<ChangesReply, ExecError>);
 
 /// The watch's loop, until the client leaves or the watch cannot go on.
 async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
-    let mut announced = false;
+    // A watch from a cursor is established at once: its first line says so.
+    let mut announced = merge.established;
+    if announced && !out.push(progress_line(&merge.pos)) {
+        return;
+    }
     let mut plan = 0u64;
     let mut busy = vec![false; merge.pieces.len()];
     let mut failures = vec![0usize; merge.pieces.len()];
-    let mut closing: HashMap<ShardId, Instant> = HashMap::new();
     let mut inflight: FuturesUnordered<futures::future::BoxFuture<'static, Answer>> = FuturesUnordered::new();
     let mut last_progress = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -356,7 +359,7 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
                 if out.is_dropped() {
                     return;
                 }
-                ask_for_closes(node, &merge, &mut closing);
+                ask_for_closes(node, &merge);
             }
         }
         let ready = merge.ready();
@@ -379,8 +382,13 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
     }
 }
 
+/// When each shard was last asked for a `Close` by a watch on this node:
+/// shared by all of them, so a thousand watchers of one idle shard ask as
+/// often as one.
+static CLOSING: std::sync::LazyLock<Mutex<HashMap<ShardId, Instant>>> = std::sync::LazyLock::new(Default::default);
+
 /// Asks the shards of pieces that hold the watch back for a `Close`.
-fn ask_for_closes(node: &Arc<Node>, merge: &Merge, closing: &mut HashMap<ShardId, Instant>) {
+fn ask_for_closes(node: &Arc<Node>, merge: &Merge) {
     let now_ts = node.ctx().clock.now();
     let behind = |ts: clock::Ts| clock::wall_ms(now_ts).saturating_sub(clock::wall_ms(ts));
     let lag = LAG_FOR_CLOSE.as_millis() as u64;
@@ -394,10 +402,13 @@ fn ask_for_closes(node: &Arc<Node>, merge: &Merge, closing: &mut HashMap<ShardId
             continue;
         }
         let shard = stage.shard;
-        if closing.get(&shard).is_some_and(|t| t.elapsed() < LAG_FOR_CLOSE * 2) {
-            continue;
+        {
+            let mut closing = CLOSING.lock().expect("closing lock");
+            if closing.get(&shard).is_some_and(|t| t.elapsed() < LAG_FOR_CLOSE * 2) {
+                continue;
+            }
+            closing.insert(shard, Instant::now());
         }
-        closing.insert(shard, Instant::now());
         let node = node.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::split::steps::shard_step(&node, shard, ShardCommand::Close, 0).await {
