@@ -70,6 +70,9 @@ pub struct CheckReport {
     /// The bank workload's figures, if it ran.
     #[serde(default)]
     pub bank: Option<BankReport>,
+    /// The watch checker's figures, if it ran (`watched`).
+    #[serde(default)]
+    pub watch: Option<crate::watched::WatchReport>,
     pub anomalies: Vec<Anomaly>,
     /// Checks that ran but had nothing to decide on (a workload none of
     /// whose operations completed): the history has not passed them.

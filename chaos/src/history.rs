@@ -46,11 +46,22 @@ pub enum Workload {
     /// Transfers between accounts on several shards, and transactions
     /// reading every account: every read must see the same total.
     Bank,
+    /// A watch of the whole key space through the Rust client, across
+    /// every fault: each acknowledged write seen once, in order
+    /// (`watched`). Runs no clients of its own.
+    Watch,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 6] =
-        [Workload::Register, Workload::Set, Workload::Monotonic, Workload::Scan, Workload::Client, Workload::Bank];
+    pub const ALL: [Workload; 7] = [
+        Workload::Register,
+        Workload::Set,
+        Workload::Monotonic,
+        Workload::Scan,
+        Workload::Client,
+        Workload::Bank,
+        Workload::Watch,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -60,6 +71,7 @@ impl Workload {
             Workload::Scan => "scan",
             Workload::Client => "client",
             Workload::Bank => "bank",
+            Workload::Watch => "watch",
         }
     }
 

@@ -15,7 +15,7 @@
 //! |---|---|
 //! | [`history`]: operations and outcomes | [`http`]: requests and how answers are classified |
 //! | [`linearizability`]: the Wing & Gong / Porcupine search | [`workload`]: the clients |
-//! | [`register`], [`set`], [`monotonic`], [`scan`], [`bank`]: models and checkers | [`nodes`]: node processes |
+//! | [`register`], [`set`], [`monotonic`], [`scan`], [`bank`], [`watched`]: models and checkers | [`nodes`]: node processes |
 //! | [`check`]: a whole history → anomalies | [`netns`]: namespaces and packet filters |
 //! | [`schedule`]: the seeded fault schedule | [`nemesis`]: plays the schedule |
 //! | [`summary`]: the report | [`runner`]: one run, start to verdict |
@@ -37,6 +37,7 @@ pub mod scan;
 pub mod schedule;
 pub mod set;
 pub mod summary;
+pub mod watched;
 pub mod workload;
 
 pub use error::{Error, Result};

@@ -38,8 +38,8 @@ struct Args {
     /// meta-isolate, `all` or `none`.
     #[arg(long, default_value = "kill,pause,partition,split")]
     nemesis: String,
-    /// Workloads: register, set, monotonic, scan, client, bank.
-    #[arg(long, default_value = "register,set,monotonic,scan,client,bank", value_delimiter = ',')]
+    /// Workloads: register, set, monotonic, scan, client, bank, watch.
+    #[arg(long, default_value = "register,set,monotonic,scan,client,bank,watch", value_delimiter = ',')]
     workload: Vec<String>,
     /// Use this existing cluster (HOST:PORT of node APIs, comma-separated)
     /// instead of starting one; only split/move/transfer faults then.

@@ -229,6 +229,84 @@ fn write_history(path: &PathBuf, ops: &[Op]) -> Result<()> {
 
 /// Runs the whole thing. `interrupt` turning true ends the workload early
 /// (the run is still checked).
+/// The watch of the `watch` workload: a task reading a watch of the whole
+/// key space through the Rust client, keeping the changes of this run's keys.
+struct Watcher {
+    seen: Arc<Mutex<Vec<crate::watched::Seen>>>,
+    error: Arc<Mutex<Option<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    /// Starts the watch and waits until it is established (its first
+    /// progress line): every write from then on must be seen.
+    async fn start(endpoints: &[String], cfg: &RunConfig, run_id: &str) -> Result<Watcher> {
+        use futures::StreamExt;
+        let client = workload::library_client(endpoints, cfg.op_timeout, &cfg.auth)?;
+        let (seen, error) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(None)));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let run = run_id.to_string();
+        let (s, e) = (seen.clone(), error.clone());
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            let mut events = std::pin::pin!(client.watch(cleave_client::WatchRequest::default()));
+            while let Some(event) = events.next().await {
+                let (key, version) = match event {
+                    Ok(cleave_client::WatchEvent::Put { key, version, .. })
+                    | Ok(cleave_client::WatchEvent::Delete { key, version, .. }) => (key, version),
+                    Ok(_) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                        continue;
+                    }
+                    Err(err) => {
+                        *e.lock().unwrap_or_else(|p| p.into_inner()) = Some(err.to_string());
+                        return;
+                    }
+                };
+                if key.split('/').nth(1) == Some(run.as_str()) {
+                    s.lock().unwrap_or_else(|p| p.into_inner()).push(crate::watched::Seen { key, version });
+                }
+            }
+        });
+        match tokio::time::timeout(cfg.ready_timeout, ready_rx).await {
+            Ok(Ok(())) => Ok(Watcher { seen, error, task }),
+            _ => {
+                task.abort();
+                Err(Error::Config("the watch was not established in time".into()))
+            }
+        }
+    }
+
+    /// Waits (up to `timeout`) until every acknowledged write of `ops` was
+    /// seen, then checks what was.
+    async fn finish(self, ops: &[Op], run_id: &str, timeout: Duration) -> crate::watched::WatchReport {
+        let acked = crate::watched::acknowledged(ops);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let all = {
+                let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                let got: std::collections::HashSet<(&str, u64)> =
+                    seen.iter().map(|s| (s.key.as_str(), s.version)).collect();
+                acked.iter().all(|(k, v)| got.contains(&(k.as_str(), *v)))
+            };
+            let failed = self.error.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+            if all || failed || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.task.abort();
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let written: std::collections::HashSet<&str> = ops.iter().map(|o| o.key.as_str()).collect();
+        let bank = |k: &str| workload::is_key_of(run_id, Workload::Bank, k);
+        let mut report = crate::watched::check(ops, &seen, |k| written.contains(k) || bank(k));
+        report.error = self.error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        report
+    }
+}
+
 pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result<Summary> {
     let remote = !cfg.endpoints.is_empty();
     let disruptive: Vec<&NemesisKind> = cfg.nemeses.iter().filter(|k| k.is_disruptive()).collect();
@@ -298,6 +376,10 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
         recorder: recorder.clone(),
         stop: stop_rx.clone(),
         values: Arc::new(AtomicU64::new(1)),
+    };
+    let watcher = match cfg.workloads.contains(&Workload::Watch) {
+        true => Some(Watcher::start(&endpoints, &cfg, &run_id).await?),
+        false => None,
     };
     let clients = workload::spawn_clients(
         &ctx,
@@ -372,11 +454,19 @@ pub async fn run(cfg: RunConfig, mut interrupt: watch::Receiver<bool>) -> Result
 
     // 4. History and verdict.
     let ops = recorder.snapshot();
+    let watch_report = match watcher {
+        Some(w) => Some(w.finish(&ops, &run_id, cfg.ready_timeout).await),
+        None => None,
+    };
     let history_file = cfg.dir.join("history.jsonl");
     write_history(&history_file, &ops)?;
     let max_states = cfg.max_states;
     let (ops, checks) = tokio::task::spawn_blocking(move || {
-        let checks = check_history(&ops, set_content.as_ref(), max_states);
+        let mut checks = check_history(&ops, set_content.as_ref(), max_states);
+        if let Some(w) = watch_report {
+            crate::watched::add_anomalies(&mut checks, &w);
+            checks.watch = Some(w);
+        }
         (ops, checks)
     })
     .await

@@ -446,6 +446,7 @@ pub fn spawn_clients(ctx: &Ctx, opts: WorkloadOpts) -> crate::Result<Vec<JoinHan
             Workload::Scan => opts.scan_clients + 1,
             Workload::Client => opts.library_clients,
             Workload::Bank => opts.bank_clients,
+            Workload::Watch => 0,
         };
         for i in 0..count {
             client += 1;
@@ -459,6 +460,7 @@ pub fn spawn_clients(ctx: &Ctx, opts: WorkloadOpts) -> crate::Result<Vec<JoinHan
                     Workload::Scan => insert_loop(ctx, opts, client, Workload::Scan).await,
                     Workload::Monotonic => monotonic_client(ctx, opts, client).await,
                     Workload::Bank => bank_client(ctx, opts, client).await,
+                    Workload::Watch => {}
                 }
             }));
         }
