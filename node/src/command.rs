@@ -98,9 +98,11 @@ pub enum ShardCommand {
     /// progress moves on.
     Close,
     /// Any shard: drop the change log at and below `through` (`watch`);
-    /// `bytes` is what the leader counted there (every replica holds the
-    /// same entries, so subtracts the same figure).
-    TrimChanges { through: crate::clock::Ts, bytes: u64 },
+    /// `bytes` is what the leader counted there after the trim point
+    /// `from` (every replica holds the same entries, so subtracts the same
+    /// figure). Applied only if the log was last trimmed at `from`: a trim
+    /// counted before another one applied would count bytes twice.
+    TrimChanges { from: crate::clock::Ts, through: crate::clock::Ts, bytes: u64 },
 }
 
 /// A write to one key, stamped with the route it was sent on.

@@ -291,12 +291,15 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
                     EntryPayload::Blank => CommandResponse::None,
                     EntryPayload::Normal(cmd) => {
                         let (cmd, stamp) = cmd.unstamped();
+                        // Before the entry takes its timestamp: an ingest
+                        // writes the batch so far, which a crash may leave
+                        // as the last written before the entry is replayed.
+                        self.ingest_before(&state, &mut b, last_applied.as_ref(), &mut membership, cmd)?;
                         if let SmState::Shard(s) = &mut *state {
                             b.ts = s.next_ts(stamp);
                             b.stamp = stamp;
                             b.changed = true;
                         }
-                        self.ingest_before(&state, &mut b, last_applied.as_ref(), &mut membership, cmd)?;
                         self.apply_command(&mut state, &mut b, log_id.index, cmd).inspect_err(|e| {
                             self.fail(&format!("applying entry {}", log_id.index), e);
                         })?

@@ -260,8 +260,8 @@ pub fn apply(
         }
         // The entry's timestamp is the close: taken by the state machine.
         ShardCommand::Close => Ok(Ok(index)),
-        ShardCommand::TrimChanges { through, bytes } => {
-            if *through > state.change_log.trimmed_through {
+        ShardCommand::TrimChanges { from, through, bytes } => {
+            if *from == state.change_log.trimmed_through && *through > *from {
                 crate::watch::changes::trim(db, batch, group, *through);
                 state.change_log.trimmed_through = *through;
                 state.change_log.bytes = state.change_log.bytes.saturating_sub(*bytes);

@@ -400,6 +400,7 @@ mod tests {
                 start: "",
                 end: None,
                 limit: usize::MAX,
+                bytes: usize::MAX,
             };
             let (found, _) = crate::watch::changes::read(&self.db, None, GROUP, &w).unwrap();
             found.into_iter().map(|c| (c.ts, c.key, c.version)).collect()

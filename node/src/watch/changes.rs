@@ -117,8 +117,10 @@ pub struct Window<'a> {
     /// Only keys in `[start, end)`.
     pub start: &'a str,
     pub end: Option<&'a str>,
-    /// At most this many changes.
+    /// At most this many changes, and about this many bytes (the change
+    /// that passes it is the last).
     pub limit: usize,
+    pub bytes: usize,
 }
 
 /// Reads `group`'s changes in `w`, in `(ts, key)` order, as of `snap` (or
@@ -129,7 +131,7 @@ pub fn read(
     group: u64,
     w: &Window<'_>,
 ) -> std::io::Result<(Vec<Change>, bool)> {
-    let mut out = Vec::new();
+    let (mut out, mut bytes) = (Vec::new(), 0);
     if w.after.0 >= w.through && w.after.1.is_none() {
         return Ok((out, false));
     }
@@ -158,8 +160,10 @@ pub fn read(
             continue;
         }
         let c: StoredChange = crate::codec::decode(&v)?;
-        out.push(Change { ts, key: key.to_string(), version: c.version, value: c.value, prev: c.prev });
-        if out.len() >= w.limit {
+        let change = Change { ts, key: key.to_string(), version: c.version, value: c.value, prev: c.prev };
+        bytes += change.size();
+        out.push(change);
+        if out.len() >= w.limit || bytes >= w.bytes {
             return Ok((out, true));
         }
     }

@@ -22,6 +22,7 @@
 
 pub mod changes;
 pub mod cursor;
+pub mod feed;
 pub mod plan;
 pub mod serve;
 pub mod stream;

@@ -149,6 +149,7 @@ impl Merge {
             end: p.end.clone(),
             limit: LIMIT,
             wait_ms,
+            prev: false,
         };
         (stage.shard, req)
     }
@@ -350,7 +351,8 @@ mod tests {
                     start: "a".into(),
                     end: None,
                     limit: LIMIT,
-                    wait_ms: 0
+                    wait_ms: 0,
+                    prev: false
                 }
             )
         );

@@ -39,7 +39,14 @@ pub struct ChangesRequest {
     pub limit: usize,
     /// How long to wait for something new.
     pub wait_ms: u64,
+    /// Include each change's previous value.
+    pub prev: bool,
 }
+
+/// An answer holds changes of at most about this many bytes (one change
+/// more than that at most): replies travel between nodes, and a watcher
+/// holds them until it can emit them.
+pub const REPLY_BYTES: usize = 4 << 20;
 
 /// A shard's state as a watcher needs it, at the answer's applied state.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
@@ -120,17 +127,31 @@ pub fn read_once(db: &Db, g: &GroupRaft, req: &ChangesRequest) -> Result<Changes
     // changes already: a bounded read of it is complete to its bound.
     let settled = view.moved.iter().any(|(s, e)| within(start, end, s, e.as_deref()))
         || view.frozen.iter().any(|(s, e, _)| within(start, end, s, e.as_deref()));
+    // A range frozen here changes no more after its freeze, and what
+    // follows it is the split target's: a watch of it is complete to the
+    // freeze only (and waits there, rather than read past it in a loop).
+    let frozen_at = view.frozen.iter().filter(|(s, e, _)| overlaps(start, end, s, e.as_deref())).map(|f| f.2).min();
     let through_ts = match req.until {
         Some(u) if settled => u,
         Some(u) => u.min(resolved),
-        None => resolved,
+        None => frozen_at.map_or(resolved, |f| f.min(resolved)),
     };
     if compacted {
         return Ok(ChangesReply { changes: Vec::new(), through: after.clone(), after, compacted, view });
     }
-    let w =
-        Window { after: (after.ts, after.key.as_deref()), through: through_ts, start, end, limit: req.limit.max(1) };
-    let (found, full) = changes::read(db, Some(&snap), g.group, &w).map_err(|e| ExecError::Internal(e.to_string()))?;
+    let w = Window {
+        after: (after.ts, after.key.as_deref()),
+        through: through_ts,
+        start,
+        end,
+        limit: req.limit.max(1),
+        bytes: REPLY_BYTES,
+    };
+    let (mut found, full) =
+        changes::read(db, Some(&snap), g.group, &w).map_err(|e| ExecError::Internal(e.to_string()))?;
+    if !req.prev {
+        found.iter_mut().for_each(|c| c.prev = None);
+    }
     // Below `after` when the replica has not reached it yet: a watch from
     // now starts at the watcher's clock, which may be ahead of the shard's.
     let through = match (full, found.last()) {

@@ -33,7 +33,7 @@ use crate::node::Node;
 use crate::rpc::{self, ExecError};
 
 /// How long one read of a shard waits for something new.
-const POLL_MS: u64 = 1_000;
+pub const POLL_MS: u64 = 1_000;
 /// At least this often a progress line.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// A piece this far behind the clock, while it holds the others up, asks
@@ -94,7 +94,8 @@ impl Outbox {
         }
         q.bytes += line.len();
         q.lines.push_back(line.into());
-        if q.bytes > self.limit {
+        // One line larger than the limit alone does not cut a reader off.
+        if q.bytes > self.limit && q.lines.len() > 1 {
             let mut cut = error_line("slow", "the watcher read too slowly; resume from its last cursor");
             cut.push(b'\n');
             q.lines.push_back(cut.into());
@@ -147,6 +148,24 @@ impl Outbox {
     }
 }
 
+/// A running watch task: counted, and its outbox ended however it stops
+/// (a panic included), so the response never hangs open without lines.
+struct Running(Arc<Outbox>);
+
+impl Running {
+    fn new(out: Arc<Outbox>) -> Running {
+        metrics::gauge!("cleave_watchers").increment(1.0);
+        Running(out)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.end();
+        metrics::gauge!("cleave_watchers").decrement(1.0);
+    }
+}
+
 /// Marks the outbox dropped when the response body is (the client left).
 struct DropGuard(Arc<Outbox>);
 
@@ -184,14 +203,9 @@ pub async fn fetch(
     let local_first = here.is_some() && (leader.is_none_or(|l| l == node.id()) || target.is_none());
     match (local_first, here, target) {
         (true, Some(g), _) | (false, Some(g), None) => serve::changes_since(&node.ctx().db, &g, &req).await,
-        (_, _, Some(n)) => {
-            let addr = node
-                .dir_cache()
-                .raft_addr_of(&dir, n)
-                .ok_or(ExecError::Unavailable(format!("node {n} has no known address")))?;
-            let timeout = Duration::from_millis(req.wait_ms + 5_000);
-            node.router().call(&addr, rpc::WatchChanges { shard, req }, timeout).await
-        }
+        // On the bulk lane: answers of megabytes must not queue Raft
+        // messages behind them (its timeout is well past a long poll's).
+        (_, _, Some(n)) => node.router().bulk_call(n, rpc::WatchChanges { shard, req }).await,
         (_, None, None) => Err(ExecError::Unavailable(format!("no replica of shard {shard} is known"))),
     }
 }
@@ -201,14 +215,22 @@ pub async fn fetch(
 /// the returned outbox.
 pub async fn open(node: Arc<Node>, spec: WatchSpec) -> Result<Arc<Outbox>, OpenError> {
     let deadline = Instant::now() + node.settings().write_timeout;
-    let ranges = ranges(&node);
+    let known = ranges(&node);
     // From now: the watcher's clock. A shard behind it is asked to close
     // (see `ask_for_closes`); the first progress line waits for every one.
     let (pos, established) = match &spec.cursor {
         Some(c) => (c.clone(), true),
         None => (Position::after_all(node.ctx().clock.now()), false),
     };
-    let merge = Merge::new(spec.start.clone(), spec.end.clone(), pos, established, &ranges);
+    let mut merge = Merge::new(spec.start.clone(), spec.end.clone(), pos, established, &known);
+    // A node that has just started may not know the directory yet.
+    while !merge.covers() {
+        if Instant::now() >= deadline {
+            return Err(OpenError::Unavailable("this node does not know the cluster's ranges yet".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        merge.replan(&ranges(&node));
+    }
     // A cursor whose history is gone is refused before the stream starts.
     // (A piece whose earlier changes are in the shard it was split from
     // finds out as it reads them: a trimmed one ends the stream with an
@@ -225,10 +247,8 @@ pub async fn open(node: Arc<Node>, spec: WatchSpec) -> Result<Arc<Outbox>, OpenE
     let outbox = Outbox::new(node.settings().watch.queue_bytes);
     let out = outbox.clone();
     tokio::spawn(async move {
-        metrics::gauge!("cleave_watchers").increment(1.0);
+        let _ended = Running::new(out.clone());
         run(&node, merge, &out, spec.prev).await;
-        out.end();
-        metrics::gauge!("cleave_watchers").decrement(1.0);
     });
     Ok(outbox)
 }
@@ -306,7 +326,8 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
                 continue;
             }
             busy[i] = true;
-            let (shard, req) = merge.request(i, POLL_MS);
+            let (shard, mut req) = merge.request(i, POLL_MS);
+            req.prev = prev;
             let (node, attempt) = (node.clone(), failures[i]);
             let pause = Duration::from_millis(match attempt {
                 0 => 0,
@@ -314,7 +335,7 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
             });
             inflight.push(Box::pin(async move {
                 tokio::time::sleep(pause).await;
-                (plan, i, fetch(&node, shard, req, attempt).await)
+                (plan, i, super::feed::read(&node, shard, req, attempt).await)
             }));
         }
         tokio::select! {
@@ -335,6 +356,7 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
                     }
                     Ok(reply) => {
                         failures[i] = 0;
+                        node.ctx().clock.observe(reply.through.ts);
                         match merge.apply(i, reply) {
                             Applied::Ok => {}
                             Applied::Compacted => {
@@ -359,12 +381,25 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
                 if out.is_dropped() {
                     return;
                 }
+                if !merge.covers() {
+                    merge.replan(&ranges(node));
+                    let n = merge.pieces.len();
+                    (plan, busy, failures) = (plan + 1, vec![false; n], vec![0; n]);
+                }
                 ask_for_closes(node, &merge);
             }
         }
+        let before = merge.pos.clone();
         let ready = merge.ready();
         if !ready.is_empty() {
             replans = 0;
+        }
+        // Established just now: say so before the first change.
+        if merge.established && !announced {
+            if !out.push(progress_line(&before)) {
+                return;
+            }
+            (announced, last_progress) = (true, Instant::now());
         }
         for c in &ready {
             if !out.push(event_line(c, prev)) {
@@ -409,9 +444,14 @@ fn ask_for_closes(node: &Arc<Node>, merge: &Merge) {
             }
             closing.insert(shard, Instant::now());
         }
+        // Stamped with this node's clock, which is past every watch's
+        // starting point here and every position its pieces reported (it
+        // observes them): a shard whose leader's clock is behind still
+        // closes past what any watch here waits for.
+        let at = node.ctx().clock.now();
         let node = node.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::split::steps::shard_step(&node, shard, ShardCommand::Close, 0).await {
+            if let Err(e) = crate::split::steps::shard_step_at(&node, shard, ShardCommand::Close, at, 0).await {
                 tracing::debug!(shard, "closing for a watch: {e}");
             }
         });

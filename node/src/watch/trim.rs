@@ -21,6 +21,9 @@ use crate::raft::SmState;
 
 /// How often the shards are looked at.
 const EVERY: Duration = Duration::from_secs(5);
+/// A write lock held this long is settled by the leader (its transaction's
+/// locks expire well before: `txn::coordinator`'s lock TTL is seconds).
+const STALE_LOCK: Duration = Duration::from_secs(30);
 
 /// Runs for the node's life.
 pub async fn run(node: Arc<Node>) {
@@ -37,11 +40,18 @@ pub async fn run(node: Arc<Node>) {
 }
 
 async fn trim_one(node: &Node, g: &crate::raft::GroupRaft) -> anyhow::Result<()> {
-    let (bytes, resolved) = match &*g.state.read().map_err(|_| anyhow::anyhow!("state lock poisoned"))? {
-        SmState::Shard(s) => (s.change_log.bytes, s.resolved()),
+    let (bytes, from, resolved, locks) = match &*g.state.read().map_err(|_| anyhow::anyhow!("state lock poisoned"))? {
+        SmState::Shard(s) => {
+            let locks: Vec<(String, clock::Ts)> = s.open_locks.iter().map(|(k, t)| (k.clone(), *t)).collect();
+            (s.change_log.bytes, s.change_log.trimmed_through, s.resolved(), locks)
+        }
         SmState::Meta(_) => return Ok(()),
     };
-    if bytes == 0 || !g.status().is_leader {
+    if !g.status().is_leader {
+        return Ok(());
+    }
+    settle_old_locks(node, &locks).await;
+    if bytes == 0 {
         return Ok(());
     }
     let settings = &node.settings().watch;
@@ -51,8 +61,25 @@ async fn trim_one(node: &Node, g: &crate::raft::GroupRaft) -> anyhow::Result<()>
     let point = tokio::task::spawn_blocking(move || changes::trim_point(&db, group, bytes, older_than, keep, resolved))
         .await??;
     if let Some((through, dropped)) = point {
-        crate::split::steps::shard_step(node, g.group, ShardCommand::TrimChanges { through, bytes: dropped }, 0)
-            .await?;
+        let trim = ShardCommand::TrimChanges { from, through, bytes: dropped };
+        crate::split::steps::shard_step(node, g.group, trim, 0).await?;
     }
     Ok(())
+}
+
+/// A write lock holds its shard's resolved timestamp, so every watch of
+/// the shard, and its change log's trim, until its transaction ends. One
+/// whose coordinator died ends when someone meets it: here, the leader
+/// meets those older than [`STALE_LOCK`] — reading the key settles the
+/// lock at the transaction's primary (committing or rolling back), as any
+/// reader's would.
+async fn settle_old_locks(node: &Node, locks: &[(String, clock::Ts)]) {
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    for (key, ts) in locks {
+        if clock::wall_ms(*ts) + STALE_LOCK.as_millis() as u64 <= now_ms {
+            if let Err(e) = node.router().read(key, true).await {
+                tracing::debug!("settling an old lock on {key:?}: {e}");
+            }
+        }
+    }
 }
