@@ -18,6 +18,9 @@ use crate::endpoint::with_query;
 use crate::error::{Error, Result};
 use crate::transport::Inner;
 
+/// A watch connection silent this long is given up for another.
+const SILENT: Duration = Duration::from_secs(5);
+
 /// What to watch.
 #[derive(Clone, Debug, Default)]
 pub struct WatchRequest {
@@ -98,9 +101,12 @@ async fn once(
     let mut buf: Vec<u8> = Vec::new();
     let mut progressed = false;
     loop {
-        let chunk = match resp.chunk().await {
-            Ok(Some(c)) => c,
-            Ok(None) | Err(_) => return Ended::Again { progressed },
+        // The server sends a line at least every second: a connection
+        // silent for longer is dead (a partition, a paused node) even if
+        // TCP has not noticed.
+        let chunk = match tokio::time::timeout(SILENT, resp.chunk()).await {
+            Ok(Ok(Some(c))) => c,
+            Ok(Ok(None) | Err(_)) | Err(_) => return Ended::Again { progressed },
         };
         buf.extend_from_slice(&chunk);
         while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
