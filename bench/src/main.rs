@@ -45,6 +45,7 @@ mod split;
 mod stats;
 mod target;
 mod under_writes;
+mod watch;
 mod workload;
 mod zipfian;
 
@@ -95,6 +96,22 @@ enum Scenario {
     Move(MoveCmd),
     /// Pre-split the key space into N ranges, then run a workload.
     Multi(MultiCmd),
+    /// Watch: change latency (acknowledged → received), then the workload
+    /// with 0, 1, 100, 1000 watchers open (`--watchers`).
+    Watch(WatchCmd),
+}
+
+/// Options of the `watch` scenario.
+#[derive(Args, Debug, Clone)]
+struct WatchCmd {
+    #[command(flatten)]
+    run: RunCmd,
+    /// Sequential puts whose change is timed to a watcher.
+    #[arg(long, default_value_t = 500)]
+    samples: usize,
+    /// Watcher counts to run the workload with, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,100,1000")]
+    watchers: Vec<usize>,
 }
 
 /// Options of every scenario.
@@ -256,7 +273,37 @@ async fn run(scenario: Scenario) -> Result<bool> {
         }
         Scenario::Split(cmd) => split(&cmd).await,
         Scenario::Move(cmd) => move_replica(&cmd).await,
+        Scenario::Watch(cmd) => watch_scenario(&cmd).await,
     }
+}
+
+/// The `watch` scenario (see `watch`).
+async fn watch_scenario(cmd: &WatchCmd) -> Result<bool> {
+    let c = &cmd.run.common;
+    if c.target != TargetKind::Cleavedb {
+        bail!("watch needs --target cleavedb");
+    }
+    let endpoint = c.endpoints.first().context("no --endpoints")?;
+    let client = cleave_client(c)?;
+    let (p50, p99, max) = watch::latency(&client, endpoint, cmd.samples).await?;
+    println!(
+        "watch latency (put acknowledged -> change received, {} samples): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        cmd.samples,
+        p50 as f64 / 1000.0,
+        p99 as f64 / 1000.0,
+        max as f64 / 1000.0
+    );
+    let mut clean = true;
+    for &n in &cmd.watchers {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let bytes = watch::watchers(endpoint, n, stop.clone()).await?;
+        println!("== {n} watchers of the whole key space open at {endpoint}");
+        clean &= workload(&cmd.run, None).await?;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mib = bytes.load(std::sync::atomic::Ordering::Relaxed) as f64 / (1 << 20) as f64;
+        println!("   the watchers received {mib:.1} MiB");
+    }
+    Ok(clean)
 }
 
 fn cleave_client(c: &Common) -> Result<Client> {
