@@ -285,7 +285,7 @@ async fn watch_scenario(cmd: &WatchCmd) -> Result<bool> {
     }
     let endpoint = c.endpoints.first().context("no --endpoints")?;
     let client = cleave_client(c)?;
-    let (p50, p99, max) = watch::latency(&client, endpoint, cmd.samples).await?;
+    let (p50, p99, max) = watch::latency(&client, cmd.samples).await?;
     println!(
         "watch latency (put acknowledged -> change received, {} samples): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         cmd.samples,

@@ -1,7 +1,7 @@
 //! The `watch` scenario (issue 17's figures): how long a change takes to
 //! reach a watcher, and what watchers cost the writers.
 //!
-//! 1. **Latency**: one watcher of a prefix, through the first endpoint;
+//! 1. **Latency**: one watcher of a prefix (`Client::watch`);
 //!    `--samples` puts one after the other (through the client, to the
 //!    leader); each event's arrival is timed from its put's
 //!    acknowledgement. A negative figure (the event before the answer)
@@ -38,31 +38,25 @@ fn base(endpoint: &str) -> String {
 }
 
 /// Ack → event latency over `samples` sequential puts: (p50, p99, max) in µs.
-pub async fn latency(client: &Client, endpoint: &str, samples: usize) -> Result<(u64, u64, u64)> {
-    let http = reqwest::Client::new();
-    let mut resp = open(&http, &base(endpoint), "start=wbench/&end=wbench0").await?;
+pub async fn latency(client: &Client, samples: usize) -> Result<(u64, u64, u64)> {
+    use futures::StreamExt;
     let arrived: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let seen = arrived.clone();
+    let mut events = Box::pin(client.watch(cleave_client::WatchRequest::prefix("wbench/")));
     let reader = tokio::spawn(async move {
-        let (mut buf, mut ready) = (Vec::new(), Some(ready_tx));
-        while let Ok(Some(chunk)) = resp.chunk().await {
-            let now = Instant::now();
-            buf.extend_from_slice(&chunk);
-            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=nl).collect();
-                match serde_json::from_slice::<cleave_client::WatchEvent>(&line) {
-                    Ok(cleave_client::WatchEvent::Put { value, .. }) => {
-                        if let Some(i) = value.as_u64() {
-                            seen.lock().expect("lock").insert(i, now);
-                        }
+        let mut ready = Some(ready_tx);
+        while let Some(Ok(event)) = events.next().await {
+            match event {
+                cleave_client::WatchEvent::Put { value, .. } => {
+                    if let Some(i) = value.as_u64() {
+                        seen.lock().expect("lock").insert(i, Instant::now());
                     }
-                    Ok(_) => {
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(());
-                        }
+                }
+                _ => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
                     }
-                    Err(_) => return,
                 }
             }
         }

@@ -53,8 +53,7 @@ impl Capture {
 
     /// Whether this capture and `[start, end)` share a key.
     pub fn overlaps(&self, start: &str, end: Option<&str>) -> bool {
-        let before = |a_end: Option<&str>, b_start: &str| a_end.is_some_and(|e| e <= b_start);
-        !(before(self.end.as_deref(), start) || before(end, &self.start))
+        spans_overlap(&self.start, self.end.as_deref(), start, end)
     }
 }
 
@@ -191,8 +190,25 @@ pub struct Born {
 /// How many ended operations a shard remembers one by one.
 pub const ENDED_KEPT: usize = 64;
 
-fn within(key: &str, start: &str, end: Option<&str>) -> bool {
+/// Whether `key` lies in `[start, end)` (`None`: to the end of the key space).
+pub fn within(key: &str, start: &str, end: Option<&str>) -> bool {
     key >= start && end.is_none_or(|e| key < e)
+}
+
+/// Whether `[start, end)` lies within `[rs, re)` (`None`: to the end of
+/// the key space).
+pub fn span_within(start: &str, end: Option<&str>, rs: &str, re: Option<&str>) -> bool {
+    start >= rs
+        && match (end, re) {
+            (_, None) => true,
+            (None, Some(_)) => false,
+            (Some(e), Some(r)) => e <= r,
+        }
+}
+
+/// Whether `[a, ae)` and `[b, be)` share a key.
+pub fn spans_overlap(a: &str, ae: Option<&str>, b: &str, be: Option<&str>) -> bool {
+    ae.is_none_or(|e| b < e) && be.is_none_or(|e| a < e)
 }
 
 impl ShardState {
@@ -621,6 +637,18 @@ mod tests {
         assert!(forward_key(g, 1, 9) < forward_key(g, 1, 10));
         assert!(forward_key(g, 1, u64::MAX) < forward_key(g, 2, 0));
         assert!(forward_key(g, u64::MAX, u64::MAX) < storage::group_range_end(g));
+    }
+
+    #[test]
+    fn spans_within_and_overlapping() {
+        assert!(span_within("b", Some("c"), "a", None));
+        assert!(span_within("b", None, "a", None));
+        assert!(!span_within("b", None, "a", Some("z")));
+        assert!(span_within("b", Some("z"), "b", Some("z")));
+        assert!(!span_within("a", Some("c"), "b", Some("z")));
+        assert!(spans_overlap("a", Some("c"), "b", None));
+        assert!(!spans_overlap("a", Some("b"), "b", None));
+        assert!(spans_overlap("a", None, "x", Some("y")));
     }
 
     #[test]

@@ -317,7 +317,8 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
             self.write_batch(&state, std::mem::take(&mut b), last_applied.as_ref(), membership.take())?;
             if let SmState::Shard(s) = &*state {
                 self.clock.observe(s.last_ts);
-                self.resolved.send_if_modified(|r| std::mem::replace(r, s.resolved()) != s.resolved());
+                let resolved = s.resolved();
+                self.resolved.send_if_modified(|r| std::mem::replace(r, resolved) != resolved);
             }
             Ok(())
         })?;

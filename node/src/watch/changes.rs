@@ -156,7 +156,7 @@ pub fn read(
         let Some(rest) = k.get(prefix_len - 8..) else { continue };
         let ts = Ts::from_be_bytes(rest[..8].try_into().map_err(|_| std::io::Error::other("a short change key"))?);
         let key = std::str::from_utf8(&rest[8..]).map_err(|_| std::io::Error::other("a change key is not UTF-8"))?;
-        if key < w.start || w.end.is_some_and(|e| key >= e) {
+        if !crate::kv::within(key, w.start, w.end) {
             continue;
         }
         let c: StoredChange = crate::codec::decode(&v)?;

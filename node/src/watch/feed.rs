@@ -82,6 +82,19 @@ impl Feed {
 }
 
 impl Window {
+    /// Empty, until the feed's first read.
+    fn new() -> Window {
+        Window {
+            start: Position::after_all(0),
+            through: Position::after_all(0),
+            changes: VecDeque::new(),
+            bytes: 0,
+            view: ShardView::default(),
+            ready: false,
+            last_read: Instant::now(),
+        }
+    }
+
     fn answer(&self, after: Position, req: &ChangesRequest) -> ChangesReply {
         // The window is in (ts, key) order: find the first change after
         // the position by bisection, then keep the piece's keys.
@@ -89,8 +102,7 @@ impl Window {
         let (mut changes, mut bytes) = (Vec::new(), 0);
         let mut through = self.through.clone();
         for c in self.changes.range(from..) {
-            let inside = c.key.as_str() >= req.start.as_str() && req.end.as_deref().is_none_or(|e| c.key.as_str() < e);
-            if !inside {
+            if !crate::kv::within(&c.key, &req.start, req.end.as_deref()) {
                 continue;
             }
             let mut copy = c.clone();
@@ -137,18 +149,7 @@ pub fn of(node: &Arc<Node>, shard: ShardId) -> Arc<Feed> {
     if let Some(f) = feeds.get(&shard) {
         return f.clone();
     }
-    let feed = Arc::new(Feed {
-        state: Mutex::new(Window {
-            start: Position::after_all(0),
-            through: Position::after_all(0),
-            changes: VecDeque::new(),
-            bytes: 0,
-            view: ShardView::default(),
-            ready: false,
-            last_read: Instant::now(),
-        }),
-        moved: tokio::sync::watch::Sender::new(0),
-    });
+    let feed = Arc::new(Feed { state: Mutex::new(Window::new()), moved: tokio::sync::watch::Sender::new(0) });
     feeds.insert(shard, feed.clone());
     tokio::spawn(run(node.clone(), shard, feed.clone()));
     feed
@@ -227,18 +228,6 @@ mod tests {
         Change { ts, key: key.into(), version: ts, value: Some(b"1".to_vec()), prev: None }
     }
 
-    fn window() -> Window {
-        Window {
-            start: Position::after_all(0),
-            through: Position::after_all(0),
-            changes: VecDeque::new(),
-            bytes: 0,
-            view: ShardView::default(),
-            ready: false,
-            last_read: Instant::now(),
-        }
-    }
-
     fn reply(after: Position, changes: Vec<Change>, through: u64) -> ChangesReply {
         let view = ShardView { resolved: through, ..ShardView::default() };
         ChangesReply { changes, through: Position::after_all(through), after, compacted: false, view }
@@ -251,7 +240,7 @@ mod tests {
 
     #[test]
     fn the_window_answers_a_piece_from_any_position_inside_it_and_never_moves_back() {
-        let mut w = window();
+        let mut w = Window::new();
         w.take(reply(Position::after_all(10), vec![], 10));
         w.take(reply(Position::after_all(10), vec![change(11, "a"), change(12, "m"), change(12, "x")], 20));
         // A retry at a replica behind: nothing changes.
@@ -269,7 +258,7 @@ mod tests {
 
     #[test]
     fn the_window_drops_its_oldest_changes_past_its_bounds_and_starts_later() {
-        let mut w = window();
+        let mut w = Window::new();
         w.take(reply(Position::after_all(0), vec![], 0));
         let many: Vec<Change> = (1..=(WINDOW_CHANGES as u64 + 5)).map(|ts| change(ts, "k")).collect();
         w.take(reply(Position::after_all(0), many, WINDOW_CHANGES as u64 + 5));

@@ -26,8 +26,9 @@ use cleave_metadata::ShardId;
 
 use super::changes::Change;
 use super::cursor::Position;
-use super::serve::{overlaps, within, ChangesReply, ChangesRequest};
+use super::serve::{ChangesReply, ChangesRequest};
 use crate::clock::Ts;
+use crate::kv::{span_within as within, spans_overlap as overlaps};
 
 /// Where one piece's changes come from: `shard`, up to `until` (a range's
 /// changes before a split target's birth), or for good.
@@ -204,8 +205,8 @@ impl Merge {
     fn take(&mut self, i: usize, changes: Vec<Change>, through: Position) {
         let p = &mut self.pieces[i];
         for c in changes {
-            let inside = c.key.as_str() >= p.start.as_str() && p.end.as_deref().is_none_or(|e| c.key.as_str() < e);
-            if inside && through.precedes_or_is(&c) && self.pos.precedes(c.ts, &c.key) {
+            let inside = crate::kv::within(&c.key, &p.start, p.end.as_deref());
+            if inside && !through.precedes(c.ts, &c.key) && self.pos.precedes(c.ts, &c.key) {
                 p.buffer.push(c);
             }
         }
@@ -247,13 +248,6 @@ impl Merge {
     /// Changes read and held back (a piece behind the others).
     pub fn held(&self) -> usize {
         self.pieces.iter().map(|p| p.buffer.len()).sum()
-    }
-}
-
-impl Position {
-    /// Whether change `c` is at or before this position.
-    fn precedes_or_is(&self, c: &Change) -> bool {
-        !self.precedes(c.ts, &c.key)
     }
 }
 

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::changes::{self, Change, Window};
 use super::cursor::Position;
 use crate::clock::Ts;
-use crate::kv::Born;
+use crate::kv::{span_within as within, spans_overlap as overlaps, Born};
 use crate::raft::{GroupRaft, SmState};
 use crate::rpc::ExecError;
 use crate::storage::Db;
@@ -77,21 +77,6 @@ pub struct ChangesReply {
     /// Changes after `after` were trimmed: the request cannot be answered.
     pub compacted: bool,
     pub view: ShardView,
-}
-
-/// Whether `[start, end)` lies within `[rs, re)`.
-pub fn within(start: &str, end: Option<&str>, rs: &str, re: Option<&str>) -> bool {
-    start >= rs
-        && match (end, re) {
-            (_, None) => true,
-            (None, Some(_)) => false,
-            (Some(e), Some(r)) => e <= r,
-        }
-}
-
-/// Whether `[a, ae)` and `[b, be)` share a key.
-pub fn overlaps(a: &str, ae: Option<&str>, b: &str, be: Option<&str>) -> bool {
-    ae.is_none_or(|e| b < e) && be.is_none_or(|e| a < e)
 }
 
 /// Answers `req` from the replica `g` once (no waiting).
@@ -178,22 +163,5 @@ pub async fn changes_since(db: &Db, g: &GroupRaft, req: &ChangesRequest) -> Resu
         // Later reads start where this one did.
         req.after = Some(reply.after);
         let _ = tokio::time::timeout(left, resolved.changed()).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges_within_and_overlapping() {
-        assert!(within("b", Some("c"), "a", None));
-        assert!(within("b", None, "a", None));
-        assert!(!within("b", None, "a", Some("z")));
-        assert!(within("b", Some("z"), "b", Some("z")));
-        assert!(!within("a", Some("c"), "b", Some("z")));
-        assert!(overlaps("a", Some("c"), "b", None));
-        assert!(!overlaps("a", Some("b"), "b", None));
-        assert!(overlaps("a", None, "x", Some("y")));
     }
 }

@@ -306,6 +306,27 @@ fn error_line(code: &str, message: &str) -> Vec<u8> {
 
 type Answer = (u64, usize, Result<ChangesReply, ExecError>);
 
+/// The pieces' reads: which has one in flight, how many failed in a row,
+/// and the plan they belong to (answers to an older plan are dropped).
+struct Reads {
+    plan: u64,
+    busy: Vec<bool>,
+    failures: Vec<usize>,
+}
+
+impl Reads {
+    fn new(pieces: usize) -> Reads {
+        Reads { plan: 0, busy: vec![false; pieces], failures: vec![0; pieces] }
+    }
+
+    /// Plans `merge` again from the directory here; reads start afresh.
+    fn replan(&mut self, merge: &mut Merge, node: &Node) {
+        merge.replan(&ranges(node));
+        let n = merge.pieces.len();
+        (self.plan, self.busy, self.failures) = (self.plan + 1, vec![false; n], vec![0; n]);
+    }
+}
+
 /// The watch's loop, until the client leaves or the watch cannot go on.
 async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
     // A watch from a cursor is established at once: its first line says so.
@@ -313,22 +334,20 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
     if announced && !out.push(progress_line(&merge.pos)) {
         return;
     }
-    let mut plan = 0u64;
-    let mut busy = vec![false; merge.pieces.len()];
-    let mut failures = vec![0usize; merge.pieces.len()];
+    let mut reads = Reads::new(merge.pieces.len());
     let mut inflight: FuturesUnordered<futures::future::BoxFuture<'static, Answer>> = FuturesUnordered::new();
     let mut last_progress = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let mut replans = 0u32;
     loop {
         for i in 0..merge.pieces.len() {
-            if busy[i] || merge.pieces[i].buffer.len() >= HELD_MAX {
+            if reads.busy[i] || merge.pieces[i].buffer.len() >= HELD_MAX {
                 continue;
             }
-            busy[i] = true;
+            reads.busy[i] = true;
             let (shard, mut req) = merge.request(i, POLL_MS);
             req.prev = prev;
-            let (node, attempt) = (node.clone(), failures[i]);
+            let (node, attempt, plan) = (node.clone(), reads.failures[i], reads.plan);
             let pause = Duration::from_millis(match attempt {
                 0 => 0,
                 n => 20 * n.min(25) as u64,
@@ -340,22 +359,21 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
         }
         tokio::select! {
             Some((p, i, answer)) = inflight.next() => {
-                if p != plan {
+                if p != reads.plan {
                     continue;
                 }
-                busy[i] = false;
+                reads.busy[i] = false;
                 match answer {
                     Err(e) => {
-                        failures[i] += 1;
+                        reads.failures[i] += 1;
                         tracing::debug!(shard = merge.pieces[i].stages[0].shard, "watch read: {e}");
-                        if failures[i].is_multiple_of(10) {
+                        if reads.failures[i].is_multiple_of(10) {
                             // Maybe the directory moved on without telling us.
-                            merge.replan(&ranges(node));
-                            (plan, busy, failures) = (plan + 1, vec![false; merge.pieces.len()], vec![0; merge.pieces.len()]);
+                            reads.replan(&mut merge, node);
                         }
                     }
                     Ok(reply) => {
-                        failures[i] = 0;
+                        reads.failures[i] = 0;
                         node.ctx().clock.observe(reply.through.ts);
                         match merge.apply(i, reply) {
                             Applied::Ok => {}
@@ -369,9 +387,7 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
                                 // look again in a moment.
                                 let wait = Duration::from_millis(u64::from(replans.min(20)) * 10);
                                 tokio::time::sleep(wait).await;
-                                merge.replan(&ranges(node));
-                                let n = merge.pieces.len();
-                                (plan, busy, failures) = (plan + 1, vec![false; n], vec![0; n]);
+                                reads.replan(&mut merge, node);
                             }
                         }
                     }
@@ -382,9 +398,7 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
                     return;
                 }
                 if !merge.covers() {
-                    merge.replan(&ranges(node));
-                    let n = merge.pieces.len();
-                    (plan, busy, failures) = (plan + 1, vec![false; n], vec![0; n]);
+                    reads.replan(&mut merge, node);
                 }
                 ask_for_closes(node, &merge);
             }

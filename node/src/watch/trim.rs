@@ -11,13 +11,14 @@
 //! reason. A shard with an empty log costs a look at its state.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use super::changes;
 use crate::clock;
 use crate::command::ShardCommand;
 use crate::node::Node;
 use crate::raft::SmState;
+use crate::txn::resolve::now_ms;
 
 /// How often the shards are looked at.
 const EVERY: Duration = Duration::from_secs(5);
@@ -55,7 +56,7 @@ async fn trim_one(node: &Node, g: &crate::raft::GroupRaft) -> anyhow::Result<()>
         return Ok(());
     }
     let settings = &node.settings().watch;
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now_ms = now_ms();
     let older_than = clock::from_wall_ms(now_ms.saturating_sub(settings.retention.as_millis() as u64));
     let (db, group, keep) = (node.ctx().db.clone(), g.group, settings.retention_bytes);
     let point = tokio::task::spawn_blocking(move || changes::trim_point(&db, group, bytes, older_than, keep, resolved))
@@ -74,7 +75,7 @@ async fn trim_one(node: &Node, g: &crate::raft::GroupRaft) -> anyhow::Result<()>
 /// lock at the transaction's primary (committing or rolling back), as any
 /// reader's would.
 async fn settle_old_locks(node: &Node, locks: &[(String, clock::Ts)]) {
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now_ms = now_ms();
     for (key, ts) in locks {
         if clock::wall_ms(*ts) + STALE_LOCK.as_millis() as u64 <= now_ms {
             if let Err(e) = node.router().read(key, true).await {
