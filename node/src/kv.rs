@@ -44,9 +44,19 @@ pub struct Capture {
     /// (`split::mirror`) instead of going to the forward log.
     #[serde(default)]
     pub mirror: bool,
+    /// A freeze was refused for open write locks in the range: no new write
+    /// lock is taken there (`RangeMoving`), so the ones open drain and the
+    /// next freeze gets through however busy the range's transactions.
+    #[serde(default)]
+    pub freezing: bool,
 }
 
 impl Capture {
+    /// A capture of `[start, end)` into `target` that has just begun.
+    pub fn new(op_id: OpId, start: String, end: Option<String>, target: ShardId, mirror: bool) -> Capture {
+        Capture { op_id, start, end, target, frozen_at: None, frozen_ts: 0, changes: 0, mirror, freezing: false }
+    }
+
     pub fn covers(&self, key: &str) -> bool {
         within(key, &self.start, self.end.as_deref())
     }
@@ -389,6 +399,9 @@ pub struct ApplyBatch {
     /// The entry's stamp as proposed (0: unstamped): a transaction's
     /// `Commit` is stamped with its commit timestamp, and writes at it.
     pub stamp: Ts,
+    /// Whose writes the entry's changes are (set with `ts`: the entry's,
+    /// or a transaction's; see [`crate::watch::cursor`]).
+    pub origin: crate::watch::cursor::Origin,
 }
 
 /// The current record of `key`: from this batch, else from the database.
@@ -456,7 +469,7 @@ pub fn store(
     }
     write_record(db, &mut b.write, group, key, &record, &encoded);
     if let Some(change) = crate::watch::changes::change_of(current, &record) {
-        let (k, v) = (crate::watch::changes::change_key(group, b.ts, key), change.encode());
+        let (k, v) = (crate::watch::changes::change_key(group, b.ts, b.origin, key), change.encode());
         state.change_log.bytes += (k.len() + v.len()) as u64;
         b.write.put_cf(storage::cf(db, storage::CF_DATA), k, v);
         b.changed = true;

@@ -109,16 +109,7 @@ pub fn split_source(n: usize, op: u64, target: u64) -> (tempfile::TempDir, Arc<D
         let key = format!("{}{i:04}", (b'a' + (i % 26) as u8) as char);
         put(&db, &mut s, i as u64 + 1, &key, &format!("\"{}\"", noise(&mut x, 500))).unwrap();
     }
-    s.captures.push(kv::Capture {
-        op_id: op,
-        start: "m".into(),
-        end: None,
-        target,
-        frozen_at: None,
-        frozen_ts: 0,
-        changes: 0,
-        mirror: false,
-    });
+    s.captures.push(kv::Capture::new(op, "m".into(), None, target, false));
     let meta = storage::cf(&db, storage::CF_GROUP_META);
     let state = crate::raft::SmState::Shard(s).to_json().unwrap();
     db.put_cf(meta, storage::state_key(GROUP, storage::tag::SM_STATE), state).unwrap();

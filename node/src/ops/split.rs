@@ -139,9 +139,10 @@ const FREEZE_TRIES: usize = 10;
 
 /// Freezes the source's range. A refusal because transactions hold write
 /// locks in it (their commits must land at the source, see
-/// `StepError::Locked`) finishes those that are over, as a reader meeting
-/// their locks would, and tries again; locks of transactions still running
-/// are short, so a few tries see them gone.
+/// `StepError::Locked`) also stops new write locks there (the capture is
+/// `freezing`); this finishes those that are over, as a reader meeting
+/// their locks would, and tries again. Locks of transactions still running
+/// are short and no new ones come, so a few tries see them gone.
 async fn freeze_source(node: &Node, source: u64, op_id: u64) -> Result<u64, ExecError> {
     let mut tries = 0;
     loop {

@@ -298,6 +298,7 @@ impl RaftStateMachine<TypeConfig> for GroupSm {
                         if let SmState::Shard(s) = &mut *state {
                             b.ts = s.next_ts(stamp);
                             b.stamp = stamp;
+                            b.origin = crate::watch::cursor::entry_origin(self.group);
                             b.changed = true;
                         }
                         self.apply_command(&mut state, &mut b, log_id.index, cmd).inspect_err(|e| {
@@ -629,8 +630,8 @@ mod tests {
         apply(&mut a, after()).await;
         apply(&mut b, after()).await;
         let forward = |db: &Db| {
-            let from = crate::kv::forward_key(G, OP, 0);
-            group_data(db, G).into_iter().filter(|(k, _)| *k >= from).map(|(k, _)| k).collect::<Vec<_>>()
+            let (from, to) = (crate::kv::forward_key(G, OP, 0), crate::kv::forward_key(G, OP + 1, 0));
+            group_data(db, G).into_iter().filter(|(k, _)| *k >= from && *k < to).map(|(k, _)| k).collect::<Vec<_>>()
         };
         assert_eq!(forward(&db2), vec![crate::kv::forward_key(G, OP, 6), crate::kv::forward_key(G, OP, 9)]);
         assert_eq!(forward(&db2), forward(&db));

@@ -64,16 +64,8 @@ pub fn apply(
             if let Some(c) = state.captures.iter().find(|c| c.overlaps(start, end.as_deref())) {
                 return Ok(Err(StepError::Overlaps { op_id: *op_id, running: c.op_id }));
             }
-            state.captures.push(Capture {
-                op_id: *op_id,
-                start: start.clone(),
-                end: end.clone(),
-                target: *target,
-                frozen_at: None,
-                frozen_ts: 0,
-                changes: 0,
-                mirror: matches!(cmd, ShardCommand::MirrorCapture { .. }),
-            });
+            let mirror = matches!(cmd, ShardCommand::MirrorCapture { .. });
+            state.captures.push(Capture::new(*op_id, start.clone(), end.clone(), *target, mirror));
             *changed = true;
             Ok(Ok(index))
         }
@@ -84,6 +76,8 @@ pub fn apply(
             if c.frozen_at.is_none() {
                 let locked: Vec<String> = state.open_locks.keys().filter(|k| c.covers(k)).cloned().collect();
                 if !locked.is_empty() {
+                    c.freezing = true;
+                    *changed = true;
                     return Ok(Err(StepError::Locked { op_id: *op_id, keys: locked }));
                 }
                 c.frozen_at = Some(index);
@@ -369,16 +363,7 @@ mod tests {
         // with (an orphaned X, then Y of the same range).
         let mut s = whole_shard();
         for (op, start) in [(5, "m"), (6, "p")] {
-            s.captures.push(kv::Capture {
-                op_id: op,
-                start: start.into(),
-                end: None,
-                target: 9,
-                frozen_at: None,
-                frozen_ts: 0,
-                changes: 0,
-                mirror: false,
-            });
+            s.captures.push(kv::Capture::new(op, start.into(), None, 9, false));
         }
         put(&db, &mut s, 10, "q", "1").unwrap();
         assert_eq!(forward_indexes(&db, 5), vec![10]);

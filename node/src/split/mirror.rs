@@ -893,7 +893,7 @@ mod tests {
     /// The capture of `[m, t)` for operation `OP` into `TARGET`.
     fn capture(mirror: bool) -> Capture {
         let (start, end) = ("m".into(), Some("t".into()));
-        Capture { op_id: OP, start, end, target: TARGET, frozen_at: None, frozen_ts: 0, changes: 0, mirror }
+        Capture::new(OP, start, end, TARGET, mirror)
     }
 
     fn put(key: &str, json: &str) -> KvOp {

@@ -211,6 +211,12 @@ fn apply_step(
             TxnReply::Decided(decided)
         }
         TxnCommand::Lock { txn, primary, expires_ms, keys } => {
+            // A split waits to freeze the range for its open write locks:
+            // no new one (retried until the cutover is over).
+            let freezing = |k: &str| state.captures.iter().any(|c| c.freezing && c.covers(k));
+            if keys.iter().any(|(r, write)| *write && freezing(&r.key)) {
+                return Ok(Err(KvError::RangeMoving));
+            }
             let mut recs = Vec::with_capacity(keys.len());
             for (r, _) in keys {
                 let rec = cur(b, &r.key)?;
@@ -245,6 +251,7 @@ fn apply_step(
             // The commit timestamp: this entry's, which its coordinator
             // stamped above every lock's (`TxnReply::Locked`).
             let commit_ts = b.ts;
+            b.origin = crate::watch::cursor::txn_origin(*txn);
             at.finish(state, b, keys, writes, *txn)?;
             if !writes.is_empty() {
                 // The primary, finished above, now records the outcome.
@@ -262,6 +269,7 @@ fn apply_step(
             if b.stamp > 0 {
                 b.ts = b.stamp;
             }
+            b.origin = crate::watch::cursor::txn_origin(*txn);
             at.finish(state, b, keys, writes, *txn)?;
             TxnReply::Done
         }
@@ -364,6 +372,7 @@ impl At<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::command::{ShardCommand, StepError};
     use crate::testing::{put, temp_db, whole_shard, GROUP};
     use crate::txn::plan::Op;
 
@@ -394,16 +403,19 @@ mod tests {
         }
 
         fn changes(&self) -> Vec<(Ts, String, u64)> {
+            self.read_changes().into_iter().map(|c| (c.ts, c.key.clone(), c.version)).collect()
+        }
+
+        fn read_changes(&self) -> Vec<std::sync::Arc<crate::watch::changes::Change>> {
             let w = crate::watch::changes::Window {
-                after: (0, None),
+                after: &crate::watch::cursor::Position::after_all(0),
                 through: Ts::MAX,
                 start: "",
                 end: None,
                 limit: usize::MAX,
                 bytes: usize::MAX,
             };
-            let (found, _) = crate::watch::changes::read(&self.db, None, GROUP, &w).unwrap();
-            found.into_iter().map(|c| (c.ts, c.key, c.version)).collect()
+            crate::watch::changes::read(&self.db, None, GROUP, &w).unwrap().0
         }
 
         fn put(&mut self, key: &str, json: &str) -> Result<u64, KvError> {
@@ -481,6 +493,33 @@ mod tests {
         assert_eq!(s.record("a").unwrap().version, 3);
     }
 
+    /// A split that cannot freeze its range for open write locks stops new
+    /// ones there, so a steady stream of transactions cannot hold it off:
+    /// the open ones finish, and the next freeze gets through.
+    #[test]
+    fn a_refused_freeze_lets_open_locks_drain_and_takes_no_new_one() {
+        let mut s = Shard::new();
+        s.state.captures.push(crate::kv::Capture::new(3, "m".into(), None, 9, false));
+        let Ok(TxnReply::Locked(..)) = s.run(lock(7, &[("p", true)])) else { panic!() };
+        s.index += 1;
+        let freeze = || ShardCommand::Freeze { op_id: 3 };
+        let refused = crate::testing::step(&s.db, &mut s.state, s.index, freeze());
+        assert_eq!(refused, Err(StepError::Locked { op_id: 3, keys: vec!["p".into()] }));
+        assert_eq!(s.run(lock(8, &[("q", true)])), Err(KvError::RangeMoving), "no new write lock in the range");
+        assert!(
+            matches!(s.run(lock(8, &[("a", true), ("q", false)])), Ok(TxnReply::Locked(..))),
+            "elsewhere, or to read"
+        );
+        let commit = TxnCommand::Commit { txn: 7, keys: vec![r("p")], writes: vec![w("p", 1, Some("1"))] };
+        assert_eq!(s.run(commit), Ok(TxnReply::Done), "the open one finishes");
+        s.index += 1;
+        assert_eq!(
+            crate::testing::step(&s.db, &mut s.state, s.index, freeze()),
+            Ok(s.index),
+            "and the freeze goes through"
+        );
+    }
+
     /// What a watch relies on (`watch`): a write lock holds the shard's
     /// resolved timestamp below the lock's, while other keys' writes move
     /// the shard on; the transaction's writes land at its commit timestamp
@@ -511,7 +550,10 @@ mod tests {
         assert_eq!(at("a"), Some((commit_ts, 2)), "the commit's change, at the commit timestamp");
         assert_eq!(at("b"), None, "a delete of an absent key is no change");
         assert!(changes.iter().filter(|(_, k, _)| k == "a").count() == 2, "the put and the commit; locking is none");
-        assert!(changes.windows(2).all(|w| (w[0].0, &w[0].1) < (w[1].0, &w[1].1)), "in timestamp order");
+        let read = s.read_changes();
+        assert!(read.windows(2).all(|w| w[0].order() < w[1].order()), "in (timestamp, origin, key) order");
+        let origin = s.read_changes().into_iter().rfind(|c| c.key == "a").map(|c| c.origin);
+        assert_eq!(origin, Some(crate::watch::cursor::txn_origin(7)), "the transaction's changes sort together");
         // The primary's commit point answers its entry's timestamp and
         // keeps it in the outcome, for whoever finishes the others.
         let Ok(TxnReply::Locked(_, _)) = s.run(lock(8, &[("p", true)])) else { panic!() };

@@ -5,12 +5,18 @@
 //! `kv::store` writes the entry in the same batch as the record it
 //! describes, whenever a key's version changes (a put, a delete, a
 //! transaction's write; a lock taken or released alone changes nothing a
-//! watcher sees). The key is `(group, INTERNAL, 'C', ts, user key)`: read in
-//! key order it is in timestamp order, and within one timestamp (the
-//! writes of one entry, or of one transaction) in key order — exactly the
-//! order a watch emits. A key changes at most once per timestamp (one
-//! entry writes a key once; a transaction writes each of its keys once), so
-//! the pair is unique, and `(ts, key)` is what a watch's cursor names.
+//! watcher sees). The key is `(group, INTERNAL, 'c', ts, origin, user
+//! key)`: read in key order it is in timestamp order, within one timestamp
+//! by origin (the writes of one entry, or of one transaction: see
+//! [`super::cursor`]), and within one origin in key order — exactly the
+//! order a watch emits. A key changes at most once per timestamp and
+//! origin (one entry writes a key once; a transaction writes each of its
+//! keys once), so the triple is unique, and it is what a watch's cursor
+//! names.
+//!
+//! (The first, unreleased build of the change log keyed entries by
+//! `(ts, key)` under the tag `'C'`; the tag changed with the format, so
+//! such entries are never misread, only left unread.)
 //!
 //! The log is trimmed by `ShardCommand::TrimChanges` (the leader proposes
 //! it: see [`super::trim`]), which deletes every entry at or below a
@@ -18,13 +24,17 @@
 //! asks for changes after an older cursor is told the history is gone
 //! (`compacted`), never given a silent gap.
 
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::cursor::{Origin, Position};
 use crate::clock::Ts;
 use crate::kv::INTERNAL;
 use crate::storage::{self, data_key, Db, ValueRecord};
 
-const CHANGES: u8 = b'C';
+const CHANGES: u8 = b'c';
 
 /// What the change log holds of one shard, as part of its replicated state.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
@@ -46,20 +56,57 @@ pub struct StoredChange {
     pub prev: Option<(u64, Vec<u8>)>,
 }
 
-/// A change as read back, with its timestamp and key.
+/// A change as read back, with its timestamp, origin and key. Shared
+/// ([`Arc`]) between the feed and every watch that emits it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     pub ts: Ts,
+    pub origin: Origin,
     pub key: String,
     pub version: u64,
     pub value: Option<Vec<u8>>,
     pub prev: Option<(u64, Vec<u8>)>,
+    /// Its line in a watch's stream, made once for all the watchers.
+    #[serde(skip)]
+    pub lines: Lines,
+}
+
+/// A change's stream lines, without and with its previous value, each
+/// encoded by the first watcher that emits it.
+#[derive(Clone, Default)]
+pub struct Lines([OnceLock<Bytes>; 2]);
+
+impl Lines {
+    /// The line (`prev`: with the previous value), made by `make` once.
+    pub fn get(&self, prev: bool, make: impl FnOnce() -> Bytes) -> Bytes {
+        self.0[usize::from(prev)].get_or_init(make).clone()
+    }
+}
+
+/// A cache: every two are alike.
+impl PartialEq for Lines {
+    fn eq(&self, _: &Lines) -> bool {
+        true
+    }
+}
+
+impl Eq for Lines {}
+
+impl std::fmt::Debug for Lines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lines")
+    }
 }
 
 impl Change {
+    /// Its place in the order a watch emits changes in.
+    pub fn order(&self) -> (Ts, Origin, &str) {
+        (self.ts, self.origin, &self.key)
+    }
+
     /// Bytes it holds (what a watcher's queue is bounded by).
     pub fn size(&self) -> usize {
-        64 + self.key.len() + self.value.as_ref().map_or(0, Vec::len) + self.prev.as_ref().map_or(0, |p| p.1.len())
+        80 + self.key.len() + self.value.as_ref().map_or(0, Vec::len) + self.prev.as_ref().map_or(0, |p| p.1.len())
     }
 }
 
@@ -70,9 +117,10 @@ pub fn key_at(group: u64, ts: Ts) -> Vec<u8> {
     data_key(group, &k)
 }
 
-/// The key of the change of user key `key` at `ts`.
-pub fn change_key(group: u64, ts: Ts, key: &str) -> Vec<u8> {
+/// The key of the change of user key `key` at `ts` from `origin`.
+pub fn change_key(group: u64, ts: Ts, origin: Origin, key: &str) -> Vec<u8> {
     let mut k = key_at(group, ts);
+    k.extend_from_slice(&origin.to_be_bytes());
     k.extend_from_slice(key.as_bytes());
     k
 }
@@ -109,9 +157,8 @@ impl StoredChange {
 /// Where a change log read stops.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Window<'a> {
-    /// Changes strictly after this position: `(ts, None)` is "after all of
-    /// `ts`", `(ts, Some(key))` "after `key`'s change at `ts`".
-    pub after: (Ts, Option<&'a str>),
+    /// Changes strictly after this position.
+    pub after: &'a Position,
     /// Up to and including this timestamp.
     pub through: Ts,
     /// Only keys in `[start, end)`.
@@ -123,22 +170,22 @@ pub struct Window<'a> {
     pub bytes: usize,
 }
 
-/// Reads `group`'s changes in `w`, in `(ts, key)` order, as of `snap` (or
+/// Reads `group`'s changes in `w`, in `(ts, origin, key)` order, as of `snap` (or
 /// the database now). Answers whether it stopped at the limit.
 pub fn read(
     db: &Db,
     snap: Option<&crate::kv::Snapshot<'_>>,
     group: u64,
     w: &Window<'_>,
-) -> std::io::Result<(Vec<Change>, bool)> {
+) -> std::io::Result<(Vec<Arc<Change>>, bool)> {
     let (mut out, mut bytes) = (Vec::new(), 0);
-    if w.after.0 >= w.through && w.after.1.is_none() {
+    if w.after.ts >= w.through && w.after.at.is_none() {
         return Ok((out, false));
     }
-    let from = match w.after {
-        (ts, None) => key_at(group, ts.saturating_add(1)),
-        (ts, Some(k)) => {
-            let mut from = change_key(group, ts, k);
+    let from = match &w.after.at {
+        None => key_at(group, w.after.ts.saturating_add(1)),
+        Some((origin, k)) => {
+            let mut from = change_key(group, w.after.ts, *origin, k);
             from.push(0); // strictly after `k`
             from
         }
@@ -153,21 +200,29 @@ pub fn read(
     let prefix_len = key_at(group, 0).len();
     for item in db.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward)) {
         let (k, v) = item.map_err(storage::io_err)?;
-        let Some(rest) = k.get(prefix_len - 8..) else { continue };
-        let ts = Ts::from_be_bytes(rest[..8].try_into().map_err(|_| std::io::Error::other("a short change key"))?);
-        let key = std::str::from_utf8(&rest[8..]).map_err(|_| std::io::Error::other("a change key is not UTF-8"))?;
+        let (ts, origin, key) = parse_key(&k[prefix_len - 8..])?;
         if !crate::kv::within(key, w.start, w.end) {
             continue;
         }
         let c: StoredChange = crate::codec::decode(&v)?;
-        let change = Change { ts, key: key.to_string(), version: c.version, value: c.value, prev: c.prev };
+        let (version, value, prev) = (c.version, c.value, c.prev);
+        let change = Change { ts, origin, key: key.to_string(), version, value, prev, lines: Lines::default() };
         bytes += change.size();
-        out.push(change);
+        out.push(Arc::new(change));
         if out.len() >= w.limit || bytes >= w.bytes {
             return Ok((out, true));
         }
     }
     Ok((out, false))
+}
+
+/// `(ts, origin, user key)` of a change key, from its timestamp on.
+fn parse_key(rest: &[u8]) -> std::io::Result<(Ts, Origin, &str)> {
+    let short = || std::io::Error::other("a short change key");
+    let ts = Ts::from_be_bytes(rest.get(..8).ok_or_else(short)?.try_into().map_err(|_| short())?);
+    let origin = Origin::from_be_bytes(rest.get(8..24).ok_or_else(short)?.try_into().map_err(|_| short())?);
+    let key = std::str::from_utf8(&rest[24..]).map_err(|_| std::io::Error::other("a change key is not UTF-8"))?;
+    Ok((ts, origin, key))
 }
 
 /// Iterates `group`'s change log from its oldest entry: `(ts, bytes)`.

@@ -45,7 +45,7 @@ struct Window {
     /// Every change after `start` and up to `through` is in `changes`.
     start: Position,
     through: Position,
-    changes: VecDeque<Change>,
+    changes: VecDeque<Arc<Change>>,
     bytes: usize,
     view: ShardView,
     /// Set once the first read answered.
@@ -96,23 +96,21 @@ impl Window {
     }
 
     fn answer(&self, after: Position, req: &ChangesRequest) -> ChangesReply {
-        // The window is in (ts, key) order: find the first change after
+        // The window is in (ts, origin, key) order: find the first change after
         // the position by bisection, then keep the piece's keys.
-        let from = self.changes.partition_point(|c| !after.precedes(c.ts, &c.key));
+        let from = self.changes.partition_point(|c| !after.precedes(c));
         let (mut changes, mut bytes) = (Vec::new(), 0);
         let mut through = self.through.clone();
         for c in self.changes.range(from..) {
             if !crate::kv::within(&c.key, &req.start, req.end.as_deref()) {
                 continue;
             }
-            let mut copy = c.clone();
-            if !req.prev {
-                copy.prev = None;
-            }
-            bytes += copy.size();
-            changes.push(copy);
+            // Shared, previous value and all: a watch that did not ask
+            // for it leaves it out of its lines.
+            bytes += c.size();
+            changes.push(c.clone());
             if changes.len() >= req.limit.max(1) || bytes >= super::serve::REPLY_BYTES {
-                through = Position { ts: c.ts, key: Some(c.key.clone()) };
+                through = Position::after(c);
                 break;
             }
         }
@@ -129,7 +127,7 @@ impl Window {
         if reply.through <= self.through {
             return;
         }
-        for c in reply.changes.into_iter().filter(|c| self.through.precedes(c.ts, &c.key)) {
+        for c in reply.changes.into_iter().filter(|c| self.through.precedes(c)) {
             self.bytes += c.size();
             self.changes.push_back(c);
         }
@@ -138,7 +136,7 @@ impl Window {
         while self.changes.len() > WINDOW_CHANGES || self.bytes > WINDOW_BYTES {
             let Some(c) = self.changes.pop_front() else { break };
             self.bytes -= c.size().min(self.bytes);
-            self.start = Position { ts: c.ts, key: Some(c.key) };
+            self.start = Position::after(&c);
         }
     }
 }
@@ -157,7 +155,7 @@ pub fn of(node: &Arc<Node>, shard: ShardId) -> Arc<Feed> {
 
 /// Reads the shard for the feed until nobody has read it for a while.
 async fn run(node: Arc<Node>, shard: ShardId, feed: Arc<Feed>) {
-    let mut attempt = 0usize;
+    let (mut attempt, mut stale) = (0usize, super::stream::Staleness::default());
     loop {
         let (after, idle) = {
             let w = feed.state.lock().expect("feed lock");
@@ -184,8 +182,12 @@ async fn run(node: Arc<Node>, shard: ShardId, feed: Arc<Feed>) {
                 (w.ready, w.changes, w.bytes) = (false, VecDeque::new(), 0);
             }
             Ok(reply) => {
-                attempt = 0;
                 let moved = reply.through > reply.after || !reply.changes.is_empty();
+                if stale.stuck(moved) {
+                    attempt += 1; // the next read goes to another replica
+                } else if moved {
+                    attempt = 0;
+                }
                 feed.state.lock().expect("feed lock").take(reply);
                 if moved {
                     feed.moved.send_modify(|n| *n += 1);
@@ -224,11 +226,12 @@ pub async fn read(
 mod tests {
     use super::*;
 
-    fn change(ts: u64, key: &str) -> Change {
-        Change { ts, key: key.into(), version: ts, value: Some(b"1".to_vec()), prev: None }
+    fn change(ts: u64, key: &str) -> Arc<Change> {
+        let value = Some(b"1".to_vec());
+        Arc::new(Change { ts, origin: 1, key: key.into(), version: ts, value, prev: None, lines: Default::default() })
     }
 
-    fn reply(after: Position, changes: Vec<Change>, through: u64) -> ChangesReply {
+    fn reply(after: Position, changes: Vec<Arc<Change>>, through: u64) -> ChangesReply {
         let view = ShardView { resolved: through, ..ShardView::default() };
         ChangesReply { changes, through: Position::after_all(through), after, compacted: false, view }
     }
@@ -249,20 +252,20 @@ mod tests {
         let a = w.answer(Position::after_all(10), &req(Position::after_all(10), "b", Some("y"), 10));
         let keys: Vec<_> = a.changes.iter().map(|c| (c.ts, c.key.as_str())).collect();
         assert_eq!((keys, a.through), (vec![(12, "m"), (12, "x")], Position::after_all(20)));
-        let after_m = Position { ts: 12, key: Some("m".into()) };
+        let after_m = Position::after(&change(12, "m"));
         let a = w.answer(after_m.clone(), &req(after_m, "", None, 10));
         assert_eq!(a.changes.len(), 1, "only (12, x) is after (12, m)");
         let a = w.answer(Position::after_all(0), &req(Position::after_all(0), "", None, 2));
-        assert_eq!(a.through, Position { ts: 12, key: Some("m".into()) }, "cut at the limit: complete to there");
+        assert_eq!(a.through, Position::after(&change(12, "m")), "cut at the limit: complete to there");
     }
 
     #[test]
     fn the_window_drops_its_oldest_changes_past_its_bounds_and_starts_later() {
         let mut w = Window::new();
         w.take(reply(Position::after_all(0), vec![], 0));
-        let many: Vec<Change> = (1..=(WINDOW_CHANGES as u64 + 5)).map(|ts| change(ts, "k")).collect();
+        let many: Vec<Arc<Change>> = (1..=(WINDOW_CHANGES as u64 + 5)).map(|ts| change(ts, "k")).collect();
         w.take(reply(Position::after_all(0), many, WINDOW_CHANGES as u64 + 5));
         assert_eq!(w.changes.len(), WINDOW_CHANGES);
-        assert_eq!(w.start, Position { ts: 5, key: Some("k".into()) }, "the window now starts after the 5th");
+        assert_eq!(w.start, Position::after(&change(5, "k")), "the window now starts after the 5th");
     }
 }

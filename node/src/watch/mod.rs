@@ -17,12 +17,14 @@
 //!   entries.
 //! - **Lineage.** A split's target records where its range's earlier
 //!   changes are ([`crate::kv::Born`]); a watch from an older cursor reads
-//!   them there first. A cursor ([`cursor`]) is a `(timestamp, key)`
+//!   them there first. A cursor ([`cursor`]) is a `(timestamp, origin, key)`
 //!   position, valid on every node.
 
 pub mod changes;
 pub mod cursor;
 pub mod feed;
+pub mod lines;
+pub mod outbox;
 pub mod plan;
 pub mod serve;
 pub mod stream;

@@ -4,7 +4,7 @@
 //! A watch over `[start, end)` is cut into **pieces**, one per range of the
 //! directory it overlaps. Each piece reads its shard's changes from the
 //! watch's position on ([`super::serve`]); an answer is complete up to its
-//! `through`, so the watch can emit, in `(timestamp, key)` order, every
+//! `through`, so the watch can emit, in `(timestamp, origin, key)` order, every
 //! change at or below the smallest `through` of all pieces — never a change
 //! another piece might still bring before it — and then say so in a
 //! progress line.
@@ -21,6 +21,8 @@
 //!   watch plans its pieces again from the directory, from its position.
 //!   What the pieces had read past it is read again (emitting only what is
 //!   past the position keeps that exact).
+
+use std::sync::Arc;
 
 use cleave_metadata::ShardId;
 
@@ -51,7 +53,7 @@ pub struct Piece {
     /// while the shard has not reached a watch's starting point yet).
     pub through: Position,
     /// Read, not yet emitted (after the watch's position).
-    pub buffer: Vec<Change>,
+    pub buffer: Vec<Arc<Change>>,
 }
 
 /// What an answer came to.
@@ -202,11 +204,11 @@ impl Merge {
         Applied::Ok
     }
 
-    fn take(&mut self, i: usize, changes: Vec<Change>, through: Position) {
+    fn take(&mut self, i: usize, changes: Vec<Arc<Change>>, through: Position) {
         let p = &mut self.pieces[i];
         for c in changes {
             let inside = crate::kv::within(&c.key, &p.start, p.end.as_deref());
-            if inside && !through.precedes(c.ts, &c.key) && self.pos.precedes(c.ts, &c.key) {
+            if inside && !through.precedes(&c) && self.pos.precedes(&c) {
                 p.buffer.push(c);
             }
         }
@@ -225,7 +227,7 @@ impl Merge {
 
     /// The changes that may be emitted now, in order; the position moves
     /// past them (to [`Merge::complete`]).
-    pub fn ready(&mut self) -> Vec<Change> {
+    pub fn ready(&mut self) -> Vec<Arc<Change>> {
         let upto = self.complete();
         if upto >= self.pos {
             self.established = true;
@@ -235,12 +237,11 @@ impl Merge {
         }
         let mut out = Vec::new();
         for p in &mut self.pieces {
-            let (now, later): (Vec<Change>, Vec<Change>) =
-                p.buffer.drain(..).partition(|c| !Position { ts: c.ts, key: Some(c.key.clone()) }.gt(&upto));
+            let (now, later): (Vec<_>, Vec<_>) = p.buffer.drain(..).partition(|c| !upto.precedes(c));
             out.extend(now);
             p.buffer = later;
         }
-        out.sort_by(|a, b| (a.ts, &a.key).cmp(&(b.ts, &b.key)));
+        out.sort_by(|a, b| a.order().cmp(&b.order()));
         self.pos = upto;
         out
     }
@@ -257,8 +258,13 @@ mod tests {
     use crate::kv::Born;
     use crate::watch::serve::ShardView;
 
-    fn change(ts: Ts, key: &str) -> Change {
-        Change { ts, key: key.into(), version: ts, value: Some(b"1".to_vec()), prev: None }
+    fn change(ts: Ts, key: &str) -> Arc<Change> {
+        from(ts, 1, key)
+    }
+
+    fn from(ts: Ts, origin: u128, key: &str) -> Arc<Change> {
+        let value = Some(b"1".to_vec());
+        Arc::new(Change { ts, origin, key: key.into(), version: ts, value, prev: None, lines: Default::default() })
     }
 
     fn view(ranges: &[(&str, Option<&str>)], resolved: Ts) -> ShardView {
@@ -269,11 +275,11 @@ mod tests {
         }
     }
 
-    fn reply(m: &Merge, i: usize, changes: Vec<Change>, through: Position, view: ShardView) -> ChangesReply {
+    fn reply(m: &Merge, i: usize, changes: Vec<Arc<Change>>, through: Position, view: ShardView) -> ChangesReply {
         ChangesReply { changes, through, after: m.pieces[i].after.clone(), compacted: false, view }
     }
 
-    fn keys(cs: &[Change]) -> Vec<(Ts, &str)> {
+    fn keys(cs: &[Arc<Change>]) -> Vec<(Ts, &str)> {
         cs.iter().map(|c| (c.ts, c.key.as_str())).collect()
     }
 
@@ -306,10 +312,28 @@ mod tests {
         assert_eq!(m.held(), 1, "the change at 30 waits for piece 1");
     }
 
+    /// Two transactions committed at one timestamp (two nodes' clocks
+    /// gave the same), each on both shards: each one's writes come out
+    /// together, not interleaved by key.
+    #[test]
+    fn transactions_at_one_timestamp_on_two_shards_come_out_one_after_the_other() {
+        let mut m = two_shards();
+        let (t1, t2) = (crate::watch::cursor::txn_origin(5), crate::watch::cursor::txn_origin(9));
+        let left = vec![from(12, t1, "d"), from(12, t2, "e")];
+        let r = reply(&m, 0, left, Position::after_all(20), view(&[("", Some("m"))], 20));
+        m.apply(0, r);
+        let right = vec![from(12, 2, "m"), from(12, t1, "p"), from(12, t2, "n")];
+        let r = reply(&m, 1, right, Position::after_all(20), view(&[("m", None)], 20));
+        m.apply(1, r);
+        let out: Vec<_> = m.ready().iter().map(|c| (c.origin, c.key.clone())).collect();
+        let want = [(2, "m"), (t1, "d"), (t1, "p"), (t2, "e"), (t2, "n")];
+        assert_eq!(out, want.map(|(o, k)| (o, k.to_string())));
+    }
+
     #[test]
     fn a_piece_read_up_to_a_limit_completes_only_up_to_its_last_change() {
         let mut m = two_shards();
-        let through = Position { ts: 14, key: Some("e".into()) };
+        let through = Position::after(&change(14, "e"));
         let r = reply(&m, 0, vec![change(12, "d"), change(14, "e")], through.clone(), view(&[("", Some("m"))], 20));
         m.apply(0, r);
         let r = reply(&m, 1, vec![change(14, "f"), change(14, "n")], Position::after_all(30), view(&[("m", None)], 30));

@@ -13,6 +13,7 @@
 //! A request waits (up to `wait_ms`) when there is nothing new: it
 //! returns as soon as the resolved timestamp moves past `after`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -67,7 +68,7 @@ pub struct ShardView {
 /// The answer: the changes found, up to where they are complete, and the view.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ChangesReply {
-    pub changes: Vec<Change>,
+    pub changes: Vec<Arc<Change>>,
     /// Every change of the keys asked for after `after` and up to here is
     /// in `changes`.
     pub through: Position,
@@ -124,23 +125,17 @@ pub fn read_once(db: &Db, g: &GroupRaft, req: &ChangesRequest) -> Result<Changes
     if compacted {
         return Ok(ChangesReply { changes: Vec::new(), through: after.clone(), after, compacted, view });
     }
-    let w = Window {
-        after: (after.ts, after.key.as_deref()),
-        through: through_ts,
-        start,
-        end,
-        limit: req.limit.max(1),
-        bytes: REPLY_BYTES,
-    };
+    let w = Window { after: &after, through: through_ts, start, end, limit: req.limit.max(1), bytes: REPLY_BYTES };
     let (mut found, full) =
         changes::read(db, Some(&snap), g.group, &w).map_err(|e| ExecError::Internal(e.to_string()))?;
     if !req.prev {
-        found.iter_mut().for_each(|c| c.prev = None);
+        // Not sent (a reply may cross the network); the Arcs are new here.
+        found.iter_mut().for_each(|c| Arc::make_mut(c).prev = None);
     }
     // Below `after` when the replica has not reached it yet: a watch from
     // now starts at the watcher's clock, which may be ahead of the shard's.
     let through = match (full, found.last()) {
-        (true, Some(last)) => Position { ts: last.ts, key: Some(last.key.clone()) },
+        (true, Some(last)) => Position::after(last),
         _ => Position::after_all(through_ts),
     };
     Ok(ChangesReply { changes: found, through, after, compacted, view })

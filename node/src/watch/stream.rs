@@ -1,6 +1,6 @@
 //! Serving one watch: the task that reads the pieces' shards, merges
-//! their answers ([`super::plan`]) and writes the NDJSON lines, and the
-//! queue between it and the HTTP response.
+//! their answers ([`super::plan`]) and writes the NDJSON lines
+//! ([`super::lines`]) to the watch's [`Outbox`].
 //!
 //! - Each piece has one request in flight at a time: a long poll (up to a
 //!   second) at the shard's leader, or at the replica here when this node
@@ -10,21 +10,19 @@
 //!   watch's position is more than a second old) asks its shard for a
 //!   `Close`: an idle shard's resolved timestamp moves only so.
 //! - A progress line goes out at least every second.
-//! - The lines wait in an [`Outbox`] bounded in bytes: a watcher that does
-//!   not read is cut off with an `error` line (`slow`) once it holds more
-//!   than `--watch-queue-mb`, and resumes from its last cursor.
+//! - A slow reader is cut off by its outbox, never held without bound.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cleave_metadata::api::{PrevValue, WatchEvent};
 use cleave_metadata::ShardId;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 
-use super::changes::Change;
 use super::cursor::Position;
+use super::lines::{error_line, event_line, progress_line};
+pub use super::outbox::Outbox;
 use super::plan::{Applied, Merge};
 use super::serve::{self, ChangesReply, ChangesRequest};
 use crate::clock;
@@ -62,92 +60,6 @@ pub enum OpenError {
     Unavailable(String),
 }
 
-/// The lines of one watch, waiting for the HTTP response to send them.
-pub struct Outbox {
-    inner: Mutex<Queue>,
-    ready: tokio::sync::Notify,
-    limit: usize,
-}
-
-#[derive(Default)]
-struct Queue {
-    lines: VecDeque<bytes::Bytes>,
-    bytes: usize,
-    /// No more lines: the watch ended (or was cut off).
-    ended: bool,
-    /// The response is gone: the client hung up.
-    dropped: bool,
-}
-
-impl Outbox {
-    pub fn new(limit: usize) -> Arc<Outbox> {
-        Arc::new(Outbox { inner: Mutex::new(Queue::default()), ready: tokio::sync::Notify::new(), limit })
-    }
-
-    /// Queues `line`; `false` once the watch is over (the reader hung up,
-    /// or held too much and was cut off).
-    fn push(&self, mut line: Vec<u8>) -> bool {
-        line.push(b'\n');
-        let mut q = self.inner.lock().expect("outbox lock");
-        if q.ended || q.dropped {
-            return false;
-        }
-        q.bytes += line.len();
-        q.lines.push_back(line.into());
-        // One line larger than the limit alone does not cut a reader off.
-        if q.bytes > self.limit && q.lines.len() > 1 {
-            let mut cut = error_line("slow", "the watcher read too slowly; resume from its last cursor");
-            cut.push(b'\n');
-            q.lines.push_back(cut.into());
-            q.ended = true;
-            metrics::counter!("cleave_watch_slow_cutoffs_total").increment(1);
-        }
-        drop(q);
-        self.ready.notify_one();
-        true
-    }
-
-    /// Ends the watch after what is queued.
-    fn end(&self) {
-        self.inner.lock().expect("outbox lock").ended = true;
-        self.ready.notify_one();
-    }
-
-    fn is_dropped(&self) -> bool {
-        let q = self.inner.lock().expect("outbox lock");
-        q.dropped || q.ended
-    }
-
-    /// The next line (`Some(None)`: no more will come; `None`: none yet).
-    fn pop(&self) -> Option<Option<bytes::Bytes>> {
-        let mut q = self.inner.lock().expect("outbox lock");
-        match q.lines.pop_front() {
-            Some(line) => {
-                q.bytes -= line.len().min(q.bytes);
-                Some(Some(line))
-            }
-            None if q.ended => Some(None),
-            None => None,
-        }
-    }
-
-    /// The response's body: the queued lines as they come.
-    pub fn body(self: Arc<Self>) -> impl futures::Stream<Item = Result<bytes::Bytes, std::convert::Infallible>> {
-        let guard = DropGuard(self);
-        futures::stream::unfold(guard, |guard| async move {
-            let line = loop {
-                let outbox = guard.0.clone();
-                let notified = outbox.ready.notified();
-                match outbox.pop() {
-                    Some(next) => break next,
-                    None => notified.await,
-                }
-            };
-            line.map(|l| (Ok(l), guard))
-        })
-    }
-}
-
 /// A running watch task: counted, and its outbox ended however it stops
 /// (a panic included), so the response never hangs open without lines.
 struct Running(Arc<Outbox>);
@@ -163,15 +75,6 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.0.end();
         metrics::gauge!("cleave_watchers").decrement(1.0);
-    }
-}
-
-/// Marks the outbox dropped when the response body is (the client left).
-struct DropGuard(Arc<Outbox>);
-
-impl Drop for DropGuard {
-    fn drop(&mut self) {
-        self.0.inner.lock().expect("outbox lock").dropped = true;
     }
 }
 
@@ -200,13 +103,41 @@ pub async fn fetch(
         Some(n) if *n != node.id() => Some(*n),
         _ => None,
     };
-    let local_first = here.is_some() && (leader.is_none_or(|l| l == node.id()) || target.is_none());
+    // A retry goes elsewhere even from a replica here that thinks it
+    // leads: it may be a stale leader, cut off from the others.
+    let local_first = here.is_some() && (target.is_none() || (attempt == 0 && leader.is_none_or(|l| l == node.id())));
     match (local_first, here, target) {
         (true, Some(g), _) | (false, Some(g), None) => serve::changes_since(&node.ctx().db, &g, &req).await,
         // On the bulk lane: answers of megabytes must not queue Raft
         // messages behind them (its timeout is well past a long poll's).
         (_, _, Some(n)) => node.router().bulk_call(n, rpc::WatchChanges { shard, req }).await,
         (_, None, None) => Err(ExecError::Unavailable(format!("no replica of shard {shard} is known"))),
+    }
+}
+
+/// A replica answering without moving a read on for this long (a stale
+/// leader cut off from the others, a follower far behind) is left for
+/// another: an idle watched shard is closed at least every second or so.
+const STALE: Duration = Duration::from_secs(5);
+
+/// Whether the answers to a read still move it on.
+pub struct Staleness(Instant);
+
+impl Default for Staleness {
+    fn default() -> Staleness {
+        Staleness(Instant::now())
+    }
+}
+
+impl Staleness {
+    /// Takes an answer that `moved` the read on or not; `true` when the
+    /// replica answering has stood still for [`STALE`]: ask another.
+    pub fn stuck(&mut self, moved: bool) -> bool {
+        if moved || self.0.elapsed() >= STALE {
+            self.0 = Instant::now();
+            return !moved;
+        }
+        false
     }
 }
 
@@ -273,37 +204,6 @@ async fn first_answer(
     }
 }
 
-/// A line of the stream.
-fn event_line(c: &Change, prev: bool) -> Vec<u8> {
-    let cursor = Position { ts: c.ts, key: Some(c.key.clone()) }.encode();
-    let prev = match (&c.prev, prev) {
-        (Some((version, json)), true) => Some(PrevValue { value: raw(json), version: *version }),
-        _ => None,
-    };
-    let (key, version) = (c.key.clone(), c.version);
-    line(&match &c.value {
-        Some(json) => WatchEvent::Put { key, value: raw(json), version, cursor, prev },
-        None => WatchEvent::Delete { key, version, cursor, prev },
-    })
-}
-
-/// A stored value: JSON text as the user sent it.
-fn raw(json: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(json).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(json).into()))
-}
-
-fn line(e: &WatchEvent) -> Vec<u8> {
-    serde_json::to_vec(e).expect("a watch event encodes")
-}
-
-fn progress_line(pos: &Position) -> Vec<u8> {
-    line(&WatchEvent::Progress { cursor: pos.encode() })
-}
-
-fn error_line(code: &str, message: &str) -> Vec<u8> {
-    line(&WatchEvent::Error { code: code.into(), message: message.into() })
-}
-
 type Answer = (u64, usize, Result<ChangesReply, ExecError>);
 
 /// The pieces' reads: which has one in flight, how many failed in a row,
@@ -312,18 +212,20 @@ struct Reads {
     plan: u64,
     busy: Vec<bool>,
     failures: Vec<usize>,
+    stale: Vec<Staleness>,
 }
 
 impl Reads {
     fn new(pieces: usize) -> Reads {
-        Reads { plan: 0, busy: vec![false; pieces], failures: vec![0; pieces] }
+        let stale = (0..pieces).map(|_| Staleness::default()).collect();
+        Reads { plan: 0, busy: vec![false; pieces], failures: vec![0; pieces], stale }
     }
 
     /// Plans `merge` again from the directory here; reads start afresh.
     fn replan(&mut self, merge: &mut Merge, node: &Node) {
         merge.replan(&ranges(node));
         let n = merge.pieces.len();
-        (self.plan, self.busy, self.failures) = (self.plan + 1, vec![false; n], vec![0; n]);
+        *self = Reads { plan: self.plan + 1, ..Reads::new(n) };
     }
 }
 
@@ -373,10 +275,18 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
                         }
                     }
                     Ok(reply) => {
-                        reads.failures[i] = 0;
                         node.ctx().clock.observe(reply.through.ts);
+                        let before = (merge.pieces[i].through.clone(), merge.pieces[i].stages.len());
                         match merge.apply(i, reply) {
-                            Applied::Ok => {}
+                            Applied::Ok => {
+                                let p = &merge.pieces[i];
+                                let moved = p.through > before.0 || p.stages.len() != before.1;
+                                if reads.stale[i].stuck(moved) {
+                                    reads.failures[i] += 1; // the next read goes to another replica
+                                } else if moved {
+                                    reads.failures[i] = 0;
+                                }
+                            }
                             Applied::Compacted => {
                                 out.push(error_line("compacted", "the history after the watch's position was trimmed"));
                                 return;
