@@ -234,6 +234,8 @@ fn write_history(path: &PathBuf, ops: &[Op]) -> Result<()> {
 struct Watcher {
     seen: Arc<Mutex<Vec<crate::watched::Seen>>>,
     error: Arc<Mutex<Option<String>>>,
+    /// Progress lines received.
+    progress: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -246,7 +248,8 @@ impl Watcher {
         let (seen, error) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(None)));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let run = run_id.to_string();
-        let (s, e) = (seen.clone(), error.clone());
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s, e, p) = (seen.clone(), error.clone(), progress.clone());
         let task = tokio::spawn(async move {
             let mut ready = Some(ready_tx);
             let mut events = std::pin::pin!(client.watch(cleave_client::WatchRequest::default()));
@@ -255,6 +258,7 @@ impl Watcher {
                     Ok(cleave_client::WatchEvent::Put { key, version, .. })
                     | Ok(cleave_client::WatchEvent::Delete { key, version, .. }) => (key, version),
                     Ok(_) => {
+                        p.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         if let Some(r) = ready.take() {
                             let _ = r.send(());
                         }
@@ -271,7 +275,7 @@ impl Watcher {
             }
         });
         match tokio::time::timeout(cfg.ready_timeout, ready_rx).await {
-            Ok(Ok(())) => Ok(Watcher { seen, error, task }),
+            Ok(Ok(())) => Ok(Watcher { seen, error, progress, task }),
             _ => {
                 task.abort();
                 Err(Error::Config("the watch was not established in time".into()))
@@ -280,10 +284,13 @@ impl Watcher {
     }
 
     /// Waits (up to `timeout`) until every acknowledged write of `ops` was
-    /// seen, then checks what was.
+    /// seen, and two progress lines more (so that a change sent twice
+    /// right after is seen too), then checks what was.
     async fn finish(self, ops: &[Op], run_id: &str, timeout: Duration) -> crate::watched::WatchReport {
         let acked = crate::watched::acknowledged(ops);
         let deadline = Instant::now() + timeout;
+        let progress = || self.progress.load(std::sync::atomic::Ordering::SeqCst);
+        let mut all_seen_at: Option<u64> = None;
         loop {
             let all = {
                 let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -291,8 +298,12 @@ impl Watcher {
                     seen.iter().map(|s| (s.key.as_str(), s.version)).collect();
                 acked.iter().all(|(k, v)| got.contains(&(k.as_str(), *v)))
             };
+            if all && all_seen_at.is_none() {
+                all_seen_at = Some(progress());
+            }
+            let settled = all_seen_at.is_some_and(|at| progress() >= at + 2);
             let failed = self.error.lock().unwrap_or_else(|p| p.into_inner()).is_some();
-            if all || failed || Instant::now() >= deadline {
+            if settled || failed || Instant::now() >= deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -112,7 +112,7 @@ pub struct Args {
     /// Keep at most this many MiB of change log per shard (the oldest go first) [default: 256].
     #[arg(long, env = "CLEAVE_WATCH_RETENTION_MB")]
     pub watch_retention_mb: Option<u64>,
-    /// Cut off a watcher that lets this many MiB of events queue up unread [default: 8].
+    /// Queue at most this many MiB of events for a watcher; one that takes none for 5 s while full is cut off [default: 8].
     #[arg(long, env = "CLEAVE_WATCH_QUEUE_MB")]
     pub watch_queue_mb: Option<u64>,
     /// Abandon a split whose capture (backfill, forwarding) makes no progress for this many

@@ -262,8 +262,9 @@ async fn a_cursor_older_than_the_history_kept_is_refused_with_410() {
     .await;
     let body: serde_json::Value = resumed.json().await.unwrap();
     assert_eq!(body["error"]["code"], "compacted", "{body}");
-    // A cursor that is not one, or a range that is not, is a 400.
-    for query in ["cursor=xyz", "start=b&end=a", "start=a&limit=3", "prev=maybe"] {
+    // A cursor that is not one (or one far in the future), or a range that
+    // is not, is a 400.
+    for query in ["cursor=xyz", "start=b&end=a", "start=a&limit=3", "prev=maybe", "cursor=ffffffffffffffff"] {
         let r = http.get_path(&c.api(1), &format!("/v1/watch?{query}")).await.unwrap();
         r.expect_error(400, cleave_tests::ErrorCode::BadRequest);
     }
@@ -288,8 +289,13 @@ async fn a_watcher_that_does_not_read_is_cut_off_and_a_reader_is_not() {
             read += 1;
         }
     }
-    // The idle one, read now, has the changes queued before it was cut off,
+    // The idle one's queue is full and nothing is taken from it: after a
+    // while it is cut off. Read now, it has the changes queued before,
     // then the error line, then the end.
+    wait_until(secs(30), "the idle watcher is cut off", || async {
+        c.metric(1, "cleave_watch_slow_cutoffs_total").await >= 1.0
+    })
+    .await;
     let mut last = None;
     while let Some(e) = idle.next(secs(30)).await {
         last = Some(e);

@@ -15,6 +15,10 @@ use super::{ApiError, AppState};
 use crate::watch::cursor::Position;
 use crate::watch::stream::{self, OpenError, WatchSpec};
 
+/// How far ahead of this node's clock a cursor may be (clock skew between
+/// nodes is far less: their clocks observe each other's timestamps).
+const FUTURE_MS: u64 = 60_000;
+
 pub async fn watch(
     State(s): State<AppState>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
@@ -40,6 +44,12 @@ pub async fn watch(
                 .ok_or_else(|| ApiError::bad_request(format!("cursor {c:?} is not one this cluster gave")))?,
         ),
     };
+    // A cursor far ahead of this node's clock was not given by this
+    // cluster (or is forged): the watch would wait silently for its time.
+    let now_ms = crate::clock::wall_ms(s.node.ctx().clock.now());
+    if let Some(c) = cursor.as_ref().filter(|c| crate::clock::wall_ms(c.ts) > now_ms.saturating_add(FUTURE_MS)) {
+        return Err(ApiError::bad_request(format!("cursor {} is ahead of this cluster's clock", c.encode())));
+    }
     let prev = match p.get("prev").map(String::as_str) {
         None | Some("false") => false,
         Some("true") => true,

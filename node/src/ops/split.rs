@@ -150,7 +150,11 @@ async fn freeze_source(node: &Node, source: u64, op_id: u64) -> Result<u64, Exec
             Err(ExecError::Step(StepError::Locked { keys, .. })) if tries < FREEZE_TRIES => {
                 tries += 1;
                 for key in &keys {
-                    node.router().read(key, true).await?;
+                    // A lock still held (its transaction running) answers
+                    // an error here: the next try sees whether it is gone.
+                    if let Err(e) = node.router().read(key, true).await {
+                        tracing::debug!(op_id, key, "settling a lock before the freeze: {e}");
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(5 * tries as u64)).await;
             }

@@ -593,6 +593,12 @@ impl GroupRaft {
         self.instance.is_dormant()
     }
 
+    /// Whether the replica was stopped for good (its data may be deleted
+    /// from then on: a move's source, replica GC).
+    pub fn is_stopped(&self) -> bool {
+        self.instance.is_stopped()
+    }
+
     /// Makes `members` the group's first membership. Harmless (and ignored)
     /// when the group was already initialised here or elsewhere.
     pub async fn initialize(&self, members: BTreeMap<ReplicaId, ReplicaNode>) -> anyhow::Result<()> {

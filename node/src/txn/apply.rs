@@ -345,7 +345,12 @@ impl At<'_> {
     }
 
     /// For each of `keys` still locked by `txn`: write what `writes` lists
-    /// for it (if anything) and release the lock.
+    /// for it (if anything) and release the lock. A write whose version the
+    /// key already has (or passed) is not written again, only the lock
+    /// released: the transaction committed there before, and this lock is
+    /// a late duplicate of its `Lock` (a proposal delayed on its way to the
+    /// leader, applied after the commit) — writing again would take the
+    /// key's version back, over whatever came after.
     fn finish(
         &self,
         state: &mut ShardState,
@@ -359,9 +364,10 @@ impl At<'_> {
             if !held_by(rec.as_ref(), txn) {
                 continue;
             }
+            let version = rec.as_ref().map_or(0, |r| r.version);
             let new = match writes.iter().find(|w| w.key == r.key) {
-                Some(w) => written(rec.as_ref(), w),
-                None => with_txn(rec.as_ref(), |t| t.lock = None),
+                Some(w) if w.version > version => written(rec.as_ref(), w),
+                _ => with_txn(rec.as_ref(), |t| t.lock = None),
             };
             self.store(state, b, &r.key, rec.as_ref(), new);
         }
@@ -491,6 +497,24 @@ mod tests {
         // A replayed commit after that finds no lock and no outcome: aborted, nothing written.
         assert_eq!(s.run(commit), Ok(TxnReply::Status(Status::Aborted)));
         assert_eq!(s.record("a").unwrap().version, 3);
+    }
+
+    /// A transaction's `Lock` of a secondary key, delayed and applied again
+    /// after the transaction committed there and another write followed,
+    /// locks the key anew; the commit a reader then finishes for it must
+    /// not write the key back to the transaction's older version.
+    #[test]
+    fn a_late_duplicate_lock_never_takes_a_key_back_to_an_older_version() {
+        let mut s = Shard::new();
+        let Ok(TxnReply::Locked(..)) = s.run(lock(7, &[("k", true)])) else { panic!() };
+        let commit = || TxnCommand::Commit { txn: 7, keys: vec![r("k")], writes: vec![w("k", 1, Some("1"))] };
+        assert_eq!(s.run(commit()), Ok(TxnReply::Done));
+        assert_eq!(s.put("k", "2"), Ok(2), "a later write");
+        let Ok(TxnReply::Locked(..)) = s.run(lock(7, &[("k", true)])) else { panic!("the late duplicate") };
+        assert_eq!(s.run(commit()), Ok(TxnReply::Done), "finished again by a reader");
+        let rec = s.record("k").unwrap();
+        assert_eq!((rec.version, rec.lock().is_none()), (2, true), "released, the later write kept");
+        assert_eq!(rec.json, b"2".to_vec());
     }
 
     /// A split that cannot freeze its range for open write locks stops new

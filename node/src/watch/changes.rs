@@ -104,9 +104,13 @@ impl Change {
         (self.ts, self.origin, &self.key)
     }
 
-    /// Bytes it holds (what a watcher's queue is bounded by).
+    /// Bytes it holds, its stream lines counted in (what windows and
+    /// buffers are bounded by): the key and values twice, once as read
+    /// and once in the lines made of them.
     pub fn size(&self) -> usize {
-        80 + self.key.len() + self.value.as_ref().map_or(0, Vec::len) + self.prev.as_ref().map_or(0, |p| p.1.len())
+        let payload =
+            self.key.len() + self.value.as_ref().map_or(0, Vec::len) + self.prev.as_ref().map_or(0, |p| p.1.len());
+        160 + 2 * payload
     }
 }
 

@@ -27,9 +27,20 @@ use crate::rpc::ExecError;
 
 /// A feed unread this long stops.
 const IDLE: Duration = Duration::from_secs(30);
-/// The window keeps at most this many changes, and this many bytes.
+/// The window keeps at most this many changes, and this many bytes — less
+/// when many shards are watched here: all windows together keep at most
+/// [`FEEDS_BYTES`].
 const WINDOW_CHANGES: usize = 100_000;
 const WINDOW_BYTES: usize = 64 << 20;
+const FEEDS_BYTES: usize = 256 << 20;
+/// Feeds running on this node.
+static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The bytes one window may keep now.
+fn window_bytes() -> usize {
+    let feeds = RUNNING.load(std::sync::atomic::Ordering::Relaxed).max(1);
+    WINDOW_BYTES.min(FEEDS_BYTES / feeds)
+}
 
 /// The feeds of this node.
 static FEEDS: std::sync::LazyLock<Mutex<HashMap<ShardId, Arc<Feed>>>> = std::sync::LazyLock::new(Default::default);
@@ -69,7 +80,7 @@ impl Feed {
                 if !w.ready || after < w.start {
                     return None;
                 }
-                if w.through > after || tokio::time::Instant::now() >= deadline {
+                if w.through_for(req) > after || tokio::time::Instant::now() >= deadline {
                     return Some(w.answer(after, req));
                 }
             }
@@ -95,13 +106,29 @@ impl Window {
         }
     }
 
+    /// Up to where the window is complete for `req`'s keys: not past the
+    /// freeze of a range being split that they overlap (what follows it is
+    /// the split target's), which the shard's read of the whole window
+    /// does not stop at.
+    fn through_for(&self, req: &ChangesRequest) -> Position {
+        let (start, end) = (req.start.as_str(), req.end.as_deref());
+        let frozen = self.view.frozen.iter().filter(|(s, e, _)| crate::kv::spans_overlap(start, end, s, e.as_deref()));
+        match frozen.map(|f| f.2).min() {
+            Some(f) => self.through.clone().min(Position::after_all(f)),
+            None => self.through.clone(),
+        }
+    }
+
     fn answer(&self, after: Position, req: &ChangesRequest) -> ChangesReply {
         // The window is in (ts, origin, key) order: find the first change after
         // the position by bisection, then keep the piece's keys.
         let from = self.changes.partition_point(|c| !after.precedes(c));
         let (mut changes, mut bytes) = (Vec::new(), 0);
-        let mut through = self.through.clone();
+        let mut through = self.through_for(req);
         for c in self.changes.range(from..) {
+            if through.precedes(c) {
+                break;
+            }
             if !crate::kv::within(&c.key, &req.start, req.end.as_deref()) {
                 continue;
             }
@@ -133,7 +160,7 @@ impl Window {
         }
         self.through = reply.through;
         self.view = reply.view;
-        while self.changes.len() > WINDOW_CHANGES || self.bytes > WINDOW_BYTES {
+        while self.changes.len() > WINDOW_CHANGES || self.bytes > window_bytes() {
             let Some(c) = self.changes.pop_front() else { break };
             self.bytes -= c.size().min(self.bytes);
             self.start = Position::after(&c);
@@ -149,6 +176,7 @@ pub fn of(node: &Arc<Node>, shard: ShardId) -> Arc<Feed> {
     }
     let feed = Arc::new(Feed { state: Mutex::new(Window::new()), moved: tokio::sync::watch::Sender::new(0) });
     feeds.insert(shard, feed.clone());
+    RUNNING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tokio::spawn(run(node.clone(), shard, feed.clone()));
     feed
 }
@@ -173,6 +201,7 @@ async fn run(node: Arc<Node>, shard: ShardId, feed: Arc<Feed>) {
             wait_ms: super::stream::POLL_MS,
             // Kept for the watches that ask for previous values.
             prev: true,
+            past_freezes: true,
         };
         match super::stream::fetch(&node, shard, req, attempt).await {
             Ok(reply) if reply.compacted => {
@@ -203,6 +232,7 @@ async fn run(node: Arc<Node>, shard: ShardId, feed: Arc<Feed>) {
     let mut feeds = FEEDS.lock().expect("feeds lock");
     if feeds.get(&shard).is_some_and(|f| Arc::ptr_eq(f, &feed)) {
         feeds.remove(&shard);
+        RUNNING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -238,7 +268,16 @@ mod tests {
 
     fn req(after: Position, start: &str, end: Option<&str>, limit: usize) -> ChangesRequest {
         let (start, end) = (start.into(), end.map(Into::into));
-        ChangesRequest { after: Some(after), until: None, start, end, limit, wait_ms: 0, prev: false }
+        ChangesRequest {
+            after: Some(after),
+            until: None,
+            start,
+            end,
+            limit,
+            wait_ms: 0,
+            prev: false,
+            past_freezes: false,
+        }
     }
 
     #[test]
@@ -257,6 +296,22 @@ mod tests {
         assert_eq!(a.changes.len(), 1, "only (12, x) is after (12, m)");
         let a = w.answer(Position::after_all(0), &req(Position::after_all(0), "", None, 2));
         assert_eq!(a.through, Position::after(&change(12, "m")), "cut at the limit: complete to there");
+    }
+
+    /// The shard's read of the whole window goes past a freeze; each
+    /// watch's answer stops there only if its keys overlap the frozen range.
+    #[test]
+    fn a_frozen_range_holds_back_only_the_watches_that_overlap_it() {
+        let mut w = Window::new();
+        w.take(reply(Position::after_all(10), vec![], 10));
+        let mut r = reply(Position::after_all(10), vec![change(12, "b"), change(20, "c"), change(21, "x")], 30);
+        r.view.frozen = vec![("m".into(), None, 15)];
+        w.take(r);
+        let left = w.answer(Position::after_all(10), &req(Position::after_all(10), "a", Some("m"), 10));
+        assert_eq!((left.changes.len(), left.through), (2, Position::after_all(30)), "elsewhere: complete to 30");
+        let all = w.answer(Position::after_all(10), &req(Position::after_all(10), "", None, 10));
+        let keys: Vec<_> = all.changes.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!((keys, all.through), (vec!["b"], Position::after_all(15)), "over the frozen range: to its freeze");
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub struct WatchSettings {
     pub retention: std::time::Duration,
     /// At most this many bytes of change log per shard.
     pub retention_bytes: u64,
-    /// A watcher whose unread events pass this many bytes is cut off.
+    /// Events queued for a watcher at most (see `outbox`).
     pub queue_bytes: usize,
 }
 

@@ -2,31 +2,45 @@
 //!
 //! The task pushes lines as the watch makes them; the response body takes
 //! them as fast as the client reads, many small lines at a time in one
-//! chunk. The queue is bounded in bytes (`--watch-queue-mb`): a watcher
-//! that does not read is cut off with an `error` line (`slow`) rather than
-//! held in memory without bound, and resumes from its last cursor. When
-//! the client hangs up, the body is dropped and the task sees it.
+//! chunk. The queue is bounded in bytes (`--watch-queue-mb`): a push that
+//! finds it full waits for the reader to drain it (and the watch reads no
+//! further meanwhile), so a burst or a resume from an old cursor is paced
+//! by the reader. A reader that takes nothing for the outbox's patience
+//! ([`SLOW_AFTER`]) while it is full is cut off with an `error` line
+//! (`slow`) rather than held without bound, and resumes from its last
+//! cursor. When the client hangs up, the body is dropped and the task
+//! sees it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::lines::error_line;
 
 /// Lines go to the response in chunks of at most this many bytes (or one
 /// line, when longer): one write for many small lines.
 const CHUNK: usize = 64 << 10;
+/// A full queue the reader takes nothing from for this long is cut off.
+pub const SLOW_AFTER: Duration = Duration::from_secs(5);
 
 /// The lines of one watch, waiting for the HTTP response to send them.
 pub struct Outbox {
     inner: Mutex<Queue>,
+    /// Lines were queued (or the watch ended): for the response.
     ready: tokio::sync::Notify,
+    /// Lines were taken: for a push waiting for room.
+    drained: tokio::sync::Notify,
     limit: usize,
+    patience: Duration,
 }
 
-#[derive(Default)]
 struct Queue {
     lines: VecDeque<bytes::Bytes>,
     bytes: usize,
+    /// When the reader last took lines (or the watch began).
+    taken: Instant,
     /// No more lines: the watch ended (or was cut off).
     ended: bool,
     /// The response is gone: the client hung up.
@@ -34,29 +48,49 @@ struct Queue {
 }
 
 impl Outbox {
-    pub fn new(limit: usize) -> Arc<Outbox> {
-        Arc::new(Outbox { inner: Mutex::new(Queue::default()), ready: tokio::sync::Notify::new(), limit })
+    /// An outbox of `limit` bytes whose reader is cut off after `patience`
+    /// without taking anything from it while it is full.
+    pub fn new(limit: usize, patience: Duration) -> Arc<Outbox> {
+        let q = Queue { lines: VecDeque::new(), bytes: 0, taken: Instant::now(), ended: false, dropped: false };
+        let (ready, drained) = (tokio::sync::Notify::new(), tokio::sync::Notify::new());
+        Arc::new(Outbox { inner: Mutex::new(q), ready, drained, limit, patience })
     }
 
-    /// Queues `line` (ending in a newline); `false` once the watch is over
-    /// (the reader hung up, or held too much and was cut off).
-    pub fn push(&self, line: bytes::Bytes) -> bool {
-        let mut q = self.inner.lock().expect("outbox lock");
-        if q.ended || q.dropped {
-            return false;
+    /// Queues `line` (ending in a newline), waiting for room while the
+    /// queue is full; `false` once the watch is over (the reader hung up,
+    /// or took nothing for the patience and was cut off). One line larger
+    /// than the limit goes into an empty queue.
+    pub async fn push(&self, line: bytes::Bytes) -> bool {
+        let full_since = Instant::now();
+        loop {
+            let drained = self.drained.notified();
+            let waited = {
+                let mut q = self.inner.lock().expect("outbox lock");
+                if q.ended || q.dropped {
+                    return false;
+                }
+                if q.lines.is_empty() || q.bytes + line.len() <= self.limit {
+                    q.bytes += line.len();
+                    q.lines.push_back(line);
+                    drop(q);
+                    self.ready.notify_one();
+                    return true;
+                }
+                // Full all along since, with nothing taken.
+                let waited = full_since.elapsed().min(q.taken.elapsed());
+                if waited >= self.patience {
+                    let cut = error_line("slow", "the watcher read too slowly; resume from its last cursor");
+                    q.lines.push_back(cut);
+                    q.ended = true;
+                    drop(q);
+                    metrics::counter!("cleave_watch_slow_cutoffs_total").increment(1);
+                    self.ready.notify_one();
+                    return false;
+                }
+                waited
+            };
+            let _ = tokio::time::timeout(self.patience - waited, drained).await;
         }
-        q.bytes += line.len();
-        q.lines.push_back(line);
-        // One line larger than the limit alone does not cut a reader off.
-        if q.bytes > self.limit && q.lines.len() > 1 {
-            let cut = error_line("slow", "the watcher read too slowly; resume from its last cursor");
-            q.lines.push_back(cut);
-            q.ended = true;
-            metrics::counter!("cleave_watch_slow_cutoffs_total").increment(1);
-        }
-        drop(q);
-        self.ready.notify_one();
-        true
     }
 
     /// Ends the watch after what is queued.
@@ -93,6 +127,9 @@ impl Outbox {
             chunk.freeze()
         };
         q.bytes -= taken.min(q.bytes);
+        q.taken = Instant::now();
+        drop(q);
+        self.drained.notify_one();
         Some(Some(chunk))
     }
 
@@ -119,6 +156,7 @@ struct DropGuard(Arc<Outbox>);
 impl Drop for DropGuard {
     fn drop(&mut self) {
         self.0.inner.lock().expect("outbox lock").dropped = true;
+        self.0.drained.notify_one();
     }
 }
 
@@ -132,11 +170,11 @@ mod tests {
         l.into()
     }
 
-    #[test]
-    fn queued_lines_leave_in_chunks_of_at_most_chunk_bytes_in_order() {
-        let out = Outbox::new(1 << 20);
+    #[tokio::test]
+    async fn queued_lines_leave_in_chunks_of_at_most_chunk_bytes_in_order() {
+        let out = Outbox::new(1 << 20, SLOW_AFTER);
         for i in 0..100 {
-            assert!(out.push(line(1_000 + i)));
+            assert!(out.push(line(1_000 + i)).await);
         }
         let mut chunks = Vec::new();
         while let Some(Some(c)) = out.pop() {
@@ -152,12 +190,23 @@ mod tests {
         assert_eq!(out.pop(), Some(None));
     }
 
-    #[test]
-    fn a_reader_holding_more_than_the_limit_is_cut_off_after_an_error_line() {
-        let out = Outbox::new(10_000);
-        assert!(out.push(line(20_000)), "one long line alone is let through");
-        assert!(out.push(line(10)), "the second passes the limit: queued, then the cut");
-        assert!(!out.push(line(10)), "nothing after the cut");
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_waits_for_its_reader_and_cuts_off_one_that_takes_nothing() {
+        let out = Outbox::new(10_000, Duration::from_millis(200));
+        assert!(out.push(line(20_000)).await, "one long line alone goes into an empty queue");
+        // Full: the next push waits until the reader takes something.
+        let pusher = {
+            let out = out.clone();
+            tokio::spawn(async move { out.push(line(10)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!pusher.is_finished(), "waiting for room");
+        assert_eq!(out.pop().unwrap().unwrap().len(), 20_000);
+        assert!(pusher.await.unwrap(), "queued once the reader took the long line");
+        // A reader that takes nothing while the queue is full is cut off.
+        assert!(out.push(line(9_000)).await);
+        assert!(!out.push(line(5_000)).await, "nothing taken for the patience: cut off");
+        assert!(!out.push(line(10)).await, "nothing after the cut");
         let mut all = Vec::new();
         while let Some(Some(c)) = out.pop() {
             all.extend_from_slice(&c);

@@ -54,6 +54,8 @@ pub struct Piece {
     pub through: Position,
     /// Read, not yet emitted (after the watch's position).
     pub buffer: Vec<Arc<Change>>,
+    /// Bytes of `buffer` ([`Change::size`]).
+    pub buffered: usize,
 }
 
 /// What an answer came to.
@@ -121,6 +123,7 @@ impl Merge {
                 // established position.
                 through: if self.established { self.pos.clone() } else { Position::after_all(0) },
                 buffer: Vec::new(),
+                buffered: 0,
             });
         }
     }
@@ -153,6 +156,7 @@ impl Merge {
             limit: LIMIT,
             wait_ms,
             prev: false,
+            past_freezes: false,
         };
         (stage.shard, req)
     }
@@ -209,6 +213,7 @@ impl Merge {
         for c in changes {
             let inside = crate::kv::within(&c.key, &p.start, p.end.as_deref());
             if inside && !through.precedes(&c) && self.pos.precedes(&c) {
+                p.buffered += c.size();
                 p.buffer.push(c);
             }
         }
@@ -238,6 +243,7 @@ impl Merge {
         let mut out = Vec::new();
         for p in &mut self.pieces {
             let (now, later): (Vec<_>, Vec<_>) = p.buffer.drain(..).partition(|c| !upto.precedes(c));
+            p.buffered -= now.iter().map(|c| c.size()).sum::<usize>().min(p.buffered);
             out.extend(now);
             p.buffer = later;
         }
@@ -370,7 +376,8 @@ mod tests {
                     end: None,
                     limit: LIMIT,
                     wait_ms: 0,
-                    prev: false
+                    prev: false,
+                    past_freezes: false,
                 }
             )
         );

@@ -42,6 +42,10 @@ pub struct ChangesRequest {
     pub wait_ms: u64,
     /// Include each change's previous value.
     pub prev: bool,
+    /// Complete past the freezes of ranges being split (a feed's read of
+    /// the whole shard: its watches hold each piece at its freeze).
+    #[serde(default)]
+    pub past_freezes: bool,
 }
 
 /// An answer holds changes of at most about this many bytes (one change
@@ -105,6 +109,13 @@ pub fn read_once(db: &Db, g: &GroupRaft, req: &ChangesRequest) -> Result<Changes
         trimmed_through: s.change_log.trimmed_through,
     };
     drop(state);
+    // Checked after the snapshot: a replica is stopped before its data is
+    // deleted, so one not stopped yet had all of it in the snapshot. A
+    // stopped one may have answered from an emptied change log: as if
+    // complete, with nothing in it.
+    if g.is_stopped() || g.is_failed() {
+        return Err(ExecError::Unavailable("the replica is stopped".into()));
+    }
     let after = req.after.clone().unwrap_or(Position::after_all(resolved));
     let compacted = Position::after_all(view.trimmed_through) > after;
     let (start, end) = (req.start.as_str(), req.end.as_deref());
@@ -120,6 +131,7 @@ pub fn read_once(db: &Db, g: &GroupRaft, req: &ChangesRequest) -> Result<Changes
     let through_ts = match req.until {
         Some(u) if settled => u,
         Some(u) => u.min(resolved),
+        None if req.past_freezes => resolved,
         None => frozen_at.map_or(resolved, |f| f.min(resolved)),
     };
     if compacted {

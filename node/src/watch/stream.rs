@@ -37,8 +37,11 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// A piece this far behind the clock, while it holds the others up, asks
 /// its shard for a `Close`.
 const LAG_FOR_CLOSE: Duration = Duration::from_millis(100);
-/// Changes held back per piece before it stops reading ahead.
-const HELD_MAX: usize = 20_000;
+/// How many shards back a watch's opening follows a piece's lineage.
+const LINEAGE_CHECKS: usize = 8;
+/// Bytes of changes held back per piece (read while another piece lags)
+/// before it stops reading ahead.
+const HELD_BYTES: usize = 16 << 20;
 
 /// What a watch is asked for.
 #[derive(Clone, Debug)]
@@ -162,20 +165,31 @@ pub async fn open(node: Arc<Node>, spec: WatchSpec) -> Result<Arc<Outbox>, OpenE
         tokio::time::sleep(Duration::from_millis(50)).await;
         merge.replan(&ranges(&node));
     }
-    // A cursor whose history is gone is refused before the stream starts.
-    // (A piece whose earlier changes are in the shard it was split from
-    // finds out as it reads them: a trimmed one ends the stream with an
-    // error line.)
+    // A cursor whose history is gone is refused before the stream starts:
+    // each piece reads its first change, following its lineage (a piece
+    // born of a split after the cursor reads the shard it was split from
+    // first, and so on back). The answers are the watch's own first reads.
+    // (Should the directory move meanwhile, the stream plans again and a
+    // trimmed history found later ends it with an error line.)
     if established {
-        for i in 0..merge.pieces.len() {
-            let (shard, mut req) = merge.request(i, 0);
-            req.limit = 1;
-            if first_answer(&node, shard, req, deadline).await?.compacted {
-                return Err(OpenError::Compacted);
+        'pieces: for i in 0..merge.pieces.len() {
+            for _ in 0..LINEAGE_CHECKS {
+                let (shard, mut req) = merge.request(i, 0);
+                req.limit = 1;
+                let stages = merge.pieces[i].stages.len();
+                match merge.apply(i, first_answer(&node, shard, req, deadline).await?) {
+                    Applied::Compacted => return Err(OpenError::Compacted),
+                    Applied::Ok if merge.pieces[i].stages.len() > stages => continue,
+                    Applied::Ok => continue 'pieces,
+                    Applied::Replan => {
+                        merge.replan(&ranges(&node));
+                        break 'pieces;
+                    }
+                }
             }
         }
     }
-    let outbox = Outbox::new(node.settings().watch.queue_bytes);
+    let outbox = Outbox::new(node.settings().watch.queue_bytes, super::outbox::SLOW_AFTER);
     let out = outbox.clone();
     tokio::spawn(async move {
         let _ended = Running::new(out.clone());
@@ -233,7 +247,7 @@ impl Reads {
 async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
     // A watch from a cursor is established at once: its first line says so.
     let mut announced = merge.established;
-    if announced && !out.push(progress_line(&merge.pos)) {
+    if announced && !out.push(progress_line(&merge.pos)).await {
         return;
     }
     let mut reads = Reads::new(merge.pieces.len());
@@ -243,7 +257,7 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
     let mut replans = 0u32;
     loop {
         for i in 0..merge.pieces.len() {
-            if reads.busy[i] || merge.pieces[i].buffer.len() >= HELD_MAX {
+            if reads.busy[i] || merge.pieces[i].buffered >= HELD_BYTES {
                 continue;
             }
             reads.busy[i] = true;
@@ -288,7 +302,7 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
                                 }
                             }
                             Applied::Compacted => {
-                                out.push(error_line("compacted", "the history after the watch's position was trimmed"));
+                                out.push(error_line("compacted", "the history after the watch's position was trimmed")).await;
                                 return;
                             }
                             Applied::Replan => {
@@ -320,20 +334,23 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
         }
         // Established just now: say so before the first change.
         if merge.established && !announced {
-            if !out.push(progress_line(&before)) {
+            if !out.push(progress_line(&before)).await {
                 return;
             }
             (announced, last_progress) = (true, Instant::now());
         }
         for c in &ready {
-            if !out.push(event_line(c, prev)) {
+            if !out.push(event_line(c, prev)).await {
                 return;
             }
         }
         // The first progress line says the watch is established; then one
-        // at least every second.
-        if merge.established && (!announced || last_progress.elapsed() >= PROGRESS_EVERY) {
-            if !out.push(progress_line(&merge.pos)) {
+        // at least every second, between timestamps only (a read cut at its
+        // limit can leave the position inside a transaction's writes, and a
+        // progress line is a point a consumer may take as consistent).
+        let between = merge.pos.at.is_none();
+        if merge.established && (!announced || (between && last_progress.elapsed() >= PROGRESS_EVERY)) {
+            if !out.push(progress_line(&merge.pos)).await {
                 return;
             }
             (announced, last_progress) = (true, Instant::now());

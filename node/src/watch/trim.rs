@@ -22,9 +22,10 @@ use crate::txn::resolve::now_ms;
 
 /// How often the shards are looked at.
 const EVERY: Duration = Duration::from_secs(5);
-/// A write lock held this long is settled by the leader (its transaction's
-/// locks expire well before: `txn::coordinator`'s lock TTL is seconds).
-const STALE_LOCK: Duration = Duration::from_secs(30);
+/// A write lock held this long is settled by the leader: past the lock
+/// TTL (`txn::coordinator`, 3 s) its transaction is over or expired, and
+/// a dead coordinator's lock holds back every watch of the shard.
+const STALE_LOCK: Duration = Duration::from_secs(5);
 
 /// Runs for the node's life.
 pub async fn run(node: Arc<Node>) {
