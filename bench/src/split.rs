@@ -90,6 +90,7 @@ pub fn render(r: &SplitReport) -> String {
     let op = &r.run.operation.op;
     let shards = match &op.kind {
         OpKind::Split { source, target, .. } => format!("shard {source} -> shard {target}"),
+        OpKind::Merge { left, right, .. } => format!("shard {right} -> shard {left}"),
         OpKind::Move { shard_id, .. } => format!("shard {shard_id}"),
     };
     let header = format!(

@@ -57,6 +57,12 @@ pub enum MetaCommand {
     ReportProgress { op_id: OpId, progress: Progress },
     /// The commit point of a split: the moving range now belongs to the new shard.
     CommitSplit { op_id: OpId, now_ms: u64 },
+    /// Start merging `range_id` with its right-hand neighbour. Marks both
+    /// ranges busy.
+    PlanMerge { range_id: RangeId, reason: String, now_ms: u64 },
+    /// The commit point of a merge: the two ranges are one, of the left
+    /// one's shard, at an epoch above both; the right one's shard is gone.
+    CommitMerge { op_id: OpId, now_ms: u64 },
     /// Start moving group `shard_id`'s replica on `from_node` to `to_node`
     /// (a new replica id is allocated). The group is busy until it ends.
     PlanMove { shard_id: ShardId, from_node: NodeId, to_node: NodeId, reason: String, now_ms: u64 },
@@ -107,6 +113,10 @@ pub enum MetaError {
     UnknownRange(RangeId),
     #[error("range {range_id} is busy with operation {op_id}")]
     RangeBusy { range_id: RangeId, op_id: OpId },
+    #[error("range {0} is the last range: it has no right-hand neighbour to merge with")]
+    LastRange(RangeId),
+    #[error("range {range_id} and its right-hand neighbour are both of shard {shard_id} already")]
+    OneShard { range_id: RangeId, shard_id: ShardId },
     #[error("split key {key:?} is not strictly inside range {range_id}")]
     BadSplitKey { range_id: RangeId, key: String },
     #[error("cannot place replicas: {0}")]
@@ -412,6 +422,12 @@ impl Directory {
                     | (Phase::Capturing, Phase::Frozen)
                     | (Phase::Committed, Phase::Done)
             ),
+            OpKind::Merge { .. } => matches!(
+                (from, to),
+                (Phase::Planned, Phase::Capturing)
+                    | (Phase::Capturing, Phase::Frozen)
+                    | (Phase::Committed, Phase::Done)
+            ),
             OpKind::Move { .. } => matches!(
                 (from, to),
                 (Phase::Planned, Phase::Created)
@@ -431,20 +447,32 @@ impl Directory {
         Ok(())
     }
 
-    fn commit_split(&mut self, op_id: OpId, now_ms: u64) -> Result<(), MetaError> {
-        let op = self.op_mut(op_id)?;
+    /// The kind of operation `op_id`, about to commit from phase `from`;
+    /// `None` when it has committed already (committing again changes
+    /// nothing).
+    fn committing(&self, op_id: OpId, from: Phase) -> Result<Option<OpKind>, MetaError> {
+        let op = self.ops.get(&op_id).ok_or(MetaError::UnknownOp(op_id))?;
         match op.phase {
-            Phase::Committed | Phase::Done => return Ok(()),
-            Phase::Frozen => {}
-            current => return Err(MetaError::WrongPhase { op_id, current, expected: Phase::Frozen }),
+            Phase::Committed | Phase::Done => Ok(None),
+            p if p == from => Ok(Some(op.kind.clone())),
+            current => Err(MetaError::WrongPhase { op_id, current, expected: from }),
         }
-        let OpKind::Split { range_id, split_key, target, new_range_id, target_replicas, .. } = op.kind.clone() else {
-            return Err(MetaError::WrongPhase { op_id, current: op.phase, expected: Phase::Frozen });
-        };
-        let start = self.range_start(range_id).ok_or(MetaError::UnknownRange(range_id))?;
+    }
+
+    fn mark_committed(&mut self, op_id: OpId, now_ms: u64) -> Result<(), MetaError> {
         let op = self.op_mut(op_id)?;
         op.phase = Phase::Committed;
         op.history.push((Phase::Committed, now_ms));
+        Ok(())
+    }
+
+    fn commit_split(&mut self, op_id: OpId, now_ms: u64) -> Result<(), MetaError> {
+        let Some(kind) = self.committing(op_id, Phase::Frozen)? else { return Ok(()) };
+        let OpKind::Split { range_id, split_key, target, new_range_id, target_replicas, .. } = kind else {
+            return Err(MetaError::UnknownOp(op_id));
+        };
+        let start = self.range_start(range_id).ok_or(MetaError::UnknownRange(range_id))?;
+        self.mark_committed(op_id, now_ms)?;
         let old = self.ranges.remove(&start).expect("range");
         let epoch = old.epoch + 1;
         let left = RangeDescriptor { end: Some(split_key.clone()), epoch, state: RangeState::Active, ..old.clone() };
@@ -476,14 +504,75 @@ impl Directory {
         op.phase = Phase::Aborted;
         op.error = Some(reason.to_string());
         op.history.push((Phase::Aborted, now_ms));
-        let OpKind::Split { range_id, .. } = &op.kind else { return Ok(()) };
-        let range_id = *range_id;
-        if let Some(start) = self.range_start(range_id) {
-            let r = self.ranges.get_mut(&start).expect("range");
-            if r.state == (RangeState::Busy { op_id }) {
-                r.state = RangeState::Active;
+        let busy = match &op.kind {
+            OpKind::Split { range_id, .. } => vec![*range_id],
+            OpKind::Merge { left_range, right_range, .. } => vec![*left_range, *right_range],
+            OpKind::Move { .. } => Vec::new(),
+        };
+        for range_id in busy {
+            if let Some(start) = self.range_start(range_id) {
+                let r = self.ranges.get_mut(&start).expect("range");
+                if r.state == (RangeState::Busy { op_id }) {
+                    r.state = RangeState::Active;
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Plans merging `range_id` with the range that starts where it ends.
+    fn plan_merge(&mut self, range_id: RangeId, reason: &str, now_ms: u64) -> Result<OpId, MetaError> {
+        let start = self.range_start(range_id).ok_or(MetaError::UnknownRange(range_id))?;
+        let left = self.ranges[&start].clone();
+        let right =
+            left.end.as_ref().and_then(|e| self.ranges.get(e)).cloned().ok_or(MetaError::LastRange(range_id))?;
+        for r in [&left, &right] {
+            if let RangeState::Busy { op_id } = r.state {
+                return Err(MetaError::RangeBusy { range_id: r.range_id, op_id });
+            }
+        }
+        for shard_id in [left.shard_id, right.shard_id] {
+            if let Some(op_id) = self.group_busy(shard_id) {
+                return Err(MetaError::ShardBusy { shard_id, op_id });
+            }
+        }
+        let right_replicas =
+            self.shards.get(&right.shard_id).ok_or(MetaError::UnknownShard(right.shard_id))?.replicas.clone();
+        if left.shard_id == right.shard_id {
+            return Err(MetaError::OneShard { range_id, shard_id: left.shard_id });
+        }
+        let op_id = self.next_op_id.max(1);
+        for r in [&left, &right] {
+            self.ranges.get_mut(&r.start).expect("range").state = RangeState::Busy { op_id };
+        }
+        let kind = OpKind::Merge {
+            left_range: left.range_id,
+            right_range: right.range_id,
+            left: left.shard_id,
+            right: right.shard_id,
+            right_replicas,
+            reason: reason.to_string(),
+        };
+        let created = self.new_op(kind, now_ms);
+        debug_assert_eq!(created, op_id);
+        Ok(op_id)
+    }
+
+    /// The merge's commit point: one range, of the left shard, at an epoch
+    /// above both; the right shard leaves the directory.
+    fn commit_merge(&mut self, op_id: OpId, now_ms: u64) -> Result<(), MetaError> {
+        let Some(kind) = self.committing(op_id, Phase::Frozen)? else { return Ok(()) };
+        let OpKind::Merge { left_range, right_range, right, .. } = kind else {
+            return Err(MetaError::UnknownOp(op_id));
+        };
+        let left_start = self.range_start(left_range).ok_or(MetaError::UnknownRange(left_range))?;
+        let right_start = self.range_start(right_range).ok_or(MetaError::UnknownRange(right_range))?;
+        self.mark_committed(op_id, now_ms)?;
+        let l = self.ranges.remove(&left_start).expect("range");
+        let r = self.ranges.remove(&right_start).expect("range");
+        let merged = RangeDescriptor { end: r.end, epoch: l.epoch.max(r.epoch) + 1, state: RangeState::Active, ..l };
+        self.ranges.insert(merged.start.clone(), merged);
+        self.shards.remove(&right);
         Ok(())
     }
 
@@ -537,21 +626,14 @@ impl Directory {
     }
 
     fn commit_move(&mut self, op_id: OpId, now_ms: u64) -> Result<(), MetaError> {
-        let op = self.op_mut(op_id)?;
-        match op.phase {
-            Phase::Committed | Phase::Done => return Ok(()),
-            Phase::Joint => {}
-            current => return Err(MetaError::WrongPhase { op_id, current, expected: Phase::Joint }),
-        }
-        let OpKind::Move { shard_id, from, to, .. } = op.kind.clone() else {
-            return Err(MetaError::WrongPhase { op_id, current: op.phase, expected: Phase::Joint });
+        let Some(kind) = self.committing(op_id, Phase::Joint)? else { return Ok(()) };
+        let OpKind::Move { shard_id, from, to, .. } = kind else {
+            return Err(MetaError::UnknownOp(op_id));
         };
         if self.group(shard_id).is_none() {
             return Err(MetaError::UnknownShard(shard_id));
         }
-        let op = self.op_mut(op_id)?;
-        op.phase = Phase::Committed;
-        op.history.push((Phase::Committed, now_ms));
+        self.mark_committed(op_id, now_ms)?;
         let group = if shard_id == META_GROUP { self.meta.as_mut() } else { self.shards.get_mut(&shard_id) };
         let group = group.expect("checked above");
         group.replicas.retain(|r| r.replica_id != from.replica_id);
@@ -696,6 +778,13 @@ impl Directory {
             }
             MetaCommand::CommitSplit { op_id, now_ms } => {
                 self.commit_split(*op_id, *now_ms)?;
+                MetaResponse::Done
+            }
+            MetaCommand::PlanMerge { range_id, reason, now_ms } => {
+                MetaResponse::Op(self.plan_merge(*range_id, reason, *now_ms)?)
+            }
+            MetaCommand::CommitMerge { op_id, now_ms } => {
+                self.commit_merge(*op_id, *now_ms)?;
                 MetaResponse::Done
             }
             MetaCommand::PlanMove { shard_id, from_node, to_node, reason, now_ms } => {
@@ -1205,5 +1294,107 @@ mod move_tests {
         assert_eq!(set(&mut d, 9, NodeState::Decommissioning), Err(MetaError::UnknownNode(9)));
         let rejoin = d.apply(&MetaCommand::RegisterNode { node_id: Some(4), raft_addr: "a:4".into(), api_addr: None });
         assert_eq!(rejoin, Err(MetaError::NodeRemoved(4)));
+    }
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+
+    /// Three nodes, ranges `["", m)` and `[m, ∞)` on two shards (a split done).
+    fn two_ranges() -> Directory {
+        let mut d = Directory::bootstrap(&[(1, "a:1".into()), (2, "a:2".into()), (3, "a:3".into())], 3);
+        let plan = MetaCommand::PlanSplit {
+            range_id: 1,
+            split_key: "m".into(),
+            target_nodes: vec![1, 2, 3],
+            reason: "admin".into(),
+            now_ms: 1,
+        };
+        let MetaResponse::Op(op) = d.apply(&plan).unwrap() else { panic!() };
+        for (from, to) in
+            [(Phase::Planned, Phase::Created), (Phase::Created, Phase::Capturing), (Phase::Capturing, Phase::Frozen)]
+        {
+            d.apply(&MetaCommand::AdvanceOp { op_id: op, from, to, now_ms: 2 }).unwrap();
+        }
+        d.apply(&MetaCommand::CommitSplit { op_id: op, now_ms: 3 }).unwrap();
+        d.apply(&MetaCommand::FinishOp { op_id: op, write_pause_ms: None, now_ms: 4 }).unwrap();
+        d
+    }
+
+    fn merge(d: &mut Directory, range_id: RangeId) -> Result<OpId, MetaError> {
+        match d.apply(&MetaCommand::PlanMerge { range_id, reason: "admin".into(), now_ms: 10 })? {
+            MetaResponse::Op(op) => Ok(op),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn to_frozen(d: &mut Directory, op: OpId) {
+        for (from, to) in [(Phase::Planned, Phase::Capturing), (Phase::Capturing, Phase::Frozen)] {
+            d.apply(&MetaCommand::AdvanceOp { op_id: op, from, to, now_ms: 11 }).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_merge_commits_one_range_of_the_left_shard_at_an_epoch_above_both() {
+        let mut d = two_ranges();
+        let (left, right) = (d.lookup("a").unwrap().clone(), d.lookup("m").unwrap().clone());
+        let op = merge(&mut d, left.range_id).unwrap();
+        assert!(d.ranges.values().all(|r| r.state == RangeState::Busy { op_id: op }), "both ranges busy");
+        assert_eq!(d.group_busy(right.shard_id), Some(op));
+        let refused = d.apply(&MetaCommand::CommitMerge { op_id: op, now_ms: 12 });
+        assert!(matches!(refused, Err(MetaError::WrongPhase { .. })), "not before the freeze");
+        let split_instead = MetaCommand::AdvanceOp { op_id: op, from: Phase::Planned, to: Phase::Created, now_ms: 1 };
+        assert!(d.apply(&split_instead).is_err(), "a merge has no Created phase");
+        to_frozen(&mut d, op);
+        d.apply(&MetaCommand::CommitMerge { op_id: op, now_ms: 12 }).unwrap();
+        d.check().unwrap();
+        assert_eq!(d.ranges.len(), 1);
+        let one = d.lookup("z").unwrap();
+        assert_eq!((one.range_id, one.start.as_str(), one.end.as_deref()), (left.range_id, "", None));
+        assert_eq!(
+            (one.shard_id, one.epoch, one.state.clone()),
+            (left.shard_id, left.epoch.max(right.epoch) + 1, RangeState::Active)
+        );
+        assert!(!d.shards.contains_key(&right.shard_id), "the right shard is gone from the directory");
+        let OpKind::Merge { right_replicas, .. } = &d.ops[&op].kind else { panic!() };
+        assert_eq!(right_replicas.len(), 3, "its replicas are remembered, to destroy");
+        d.apply(&MetaCommand::CommitMerge { op_id: op, now_ms: 13 }).unwrap();
+        assert_eq!(d.ranges.len(), 1, "committing again changes nothing");
+        let abort = MetaCommand::AbortOp { op_id: op, reason: "x".into(), now_ms: 14, learner_only: false };
+        assert_eq!(d.apply(&abort), Err(MetaError::AlreadyCommitted(op)));
+    }
+
+    #[test]
+    fn a_merge_is_refused_for_an_unknown_range_the_last_range_or_a_busy_one() {
+        let mut d = two_ranges();
+        let (left, right) = (d.lookup("a").unwrap().range_id, d.lookup("m").unwrap().range_id);
+        assert_eq!(merge(&mut d, 99), Err(MetaError::UnknownRange(99)));
+        assert_eq!(merge(&mut d, right), Err(MetaError::LastRange(right)));
+        let op = merge(&mut d, left).unwrap();
+        assert_eq!(merge(&mut d, left), Err(MetaError::RangeBusy { range_id: left, op_id: op }));
+        let split = MetaCommand::PlanSplit {
+            range_id: right,
+            split_key: "t".into(),
+            target_nodes: vec![1, 2, 3],
+            reason: "admin".into(),
+            now_ms: 1,
+        };
+        assert_eq!(d.apply(&split), Err(MetaError::RangeBusy { range_id: right, op_id: op }));
+    }
+
+    #[test]
+    fn an_aborted_merge_frees_both_ranges_and_can_no_longer_commit() {
+        let mut d = two_ranges();
+        let left = d.lookup("a").unwrap().range_id;
+        let op = merge(&mut d, left).unwrap();
+        to_frozen(&mut d, op);
+        let abort = MetaCommand::AbortOp { op_id: op, reason: "cancelled".into(), now_ms: 12, learner_only: false };
+        d.apply(&abort).unwrap();
+        assert!(d.ranges.values().all(|r| r.state == RangeState::Active));
+        assert!(d.apply(&MetaCommand::CommitMerge { op_id: op, now_ms: 13 }).is_err());
+        assert_eq!(d.ranges.len(), 2);
+        d.apply(&MetaCommand::MarkCleaned { op_id: op }).unwrap();
+        merge(&mut d, left).unwrap();
     }
 }

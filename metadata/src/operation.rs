@@ -1,4 +1,5 @@
-//! Long-running operations recorded in the directory: splits and replica moves.
+//! Long-running operations recorded in the directory: splits, merges and
+//! replica moves.
 //!
 //! An [`Operation`] is the durable memory of a multi-step change: every phase
 //! transition is a metadata Raft entry, so whichever node leads the metadata
@@ -10,6 +11,11 @@
 //! `Planned → Created → Capturing → Frozen → Committed → Done`, or
 //! `Aborted` from any phase before `Committed`. Commit is the point of no
 //! return: it rewrites the directory's ranges in the same entry.
+//!
+//! Phases of a merge (`docs/plans/merge.md`): `Planned → Capturing →
+//! Frozen → Committed → Done`, or `Aborted` before `Committed`: the right
+//! range's shard is captured into the left range's, frozen, verified, and
+//! the commit joins the two ranges in one entry.
 //!
 //! Phases of a replica move (learner first, then joint consensus, as in TiKV
 //! and CockroachDB): `Planned → Created → Learning → Joint → Committed → Done`.
@@ -75,6 +81,18 @@ pub enum OpKind {
         /// Why it was started: "admin", "size" or "load".
         reason: String,
     },
+    /// Range `right_range` (of shard `right`) is merged into its left-hand
+    /// neighbour `left_range` (of shard `left`): one range of `left` at a
+    /// bumped epoch, and `right`'s replicas (`right_replicas`) destroyed.
+    Merge {
+        left_range: RangeId,
+        right_range: RangeId,
+        left: ShardId,
+        right: ShardId,
+        right_replicas: Vec<Replica>,
+        /// Why it was started: "admin" or "size".
+        reason: String,
+    },
     /// Group `shard_id`'s replica `from` (on node `from.node_id`) is replaced
     /// by the new replica `to`.
     Move {
@@ -92,6 +110,7 @@ impl OpKind {
     pub fn groups(&self) -> Vec<ShardId> {
         match self {
             OpKind::Split { source, target, .. } => vec![*source, *target],
+            OpKind::Merge { left, right, .. } => vec![*left, *right],
             OpKind::Move { shard_id, .. } => vec![*shard_id],
         }
     }
@@ -103,13 +122,15 @@ impl OpKind {
                 target_replicas.iter().map(|r| (*target, r.clone())).collect()
             }
             OpKind::Move { shard_id, to, .. } => vec![(*shard_id, to.clone())],
+            OpKind::Merge { .. } => Vec::new(),
         }
     }
 
-    /// "split" or "move".
+    /// "split", "merge" or "move".
     pub fn name(&self) -> &'static str {
         match self {
             OpKind::Split { .. } => "split",
+            OpKind::Merge { .. } => "merge",
             OpKind::Move { .. } => "move",
         }
     }

@@ -63,6 +63,9 @@ pub fn describe(v: &OperationView) -> String {
             let (range, key, source, target, new_range) = split_kind(v);
             format!("split range {range} at {key:?}, shard {source} → {target} as range {new_range}")
         }
+        OpKind::Merge { left_range, right_range, left, right, reason, .. } => {
+            format!("merge of range {right_range} (shard {right}) into range {left_range} (shard {left}), {reason}")
+        }
         OpKind::Move { shard_id, from, to, reason } => format!(
             "move of shard {shard_id} from node {} (replica {}) to node {} (replica {}), {reason}",
             from.node_id, from.replica_id, to.node_id, to.replica_id

@@ -141,6 +141,9 @@ async fn drive(node: &Arc<Node>, op_id: OpId) {
         let stepped = match &op.kind {
             OpKind::Split { .. } => super::split::step(node, &op, &mut pace).await,
             OpKind::Move { .. } => super::moves::step(node, &op, &mut pace.last_report).await,
+            // Recorded by the directory (`PlanMerge`), not yet planned by
+            // any endpoint nor driven: see docs/plans/merge.md.
+            OpKind::Merge { .. } => Err(ExecError::Unavailable("merges are not driven yet".into())),
         };
         match stepped {
             Ok(true) => failures = 0,
@@ -180,6 +183,7 @@ pub(crate) async fn abort(node: &Node, op: &Operation, reason: &str, learner_onl
     meta(node, cmd).await?;
     let counter = match op.kind {
         OpKind::Split { .. } => "cleave_splits_aborted_total",
+        OpKind::Merge { .. } => "cleave_merges_aborted_total",
         OpKind::Move { .. } => "cleave_moves_aborted_total",
     };
     metrics::counter!(counter).increment(1);

@@ -26,6 +26,9 @@ pub fn ops_table(ops: &[OperationView]) -> String {
                 OpKind::Split { range_id, split_key, source, target, reason, .. } => {
                     (range_id.to_string(), quoted(split_key), format!("{source}->{target}"), reason)
                 }
+                OpKind::Merge { left_range, right_range, left, right, reason, .. } => {
+                    (format!("{right_range}->{left_range}"), "-".into(), format!("{right}->{left}"), reason)
+                }
                 OpKind::Move { shard_id, from, to, reason } => (
                     "-".into(),
                     "-".into(),
@@ -73,6 +76,17 @@ pub fn details(v: &OperationView) -> String {
                 out.push(format!("  backlog:     {} forwarded writes", op.progress.forward_backlog));
             }
             out
+        }
+        OpKind::Merge { left_range, right_range, left, right, right_replicas, reason } => {
+            let nodes: Vec<String> = right_replicas.iter().map(|r| r.node_id.to_string()).collect();
+            vec![
+                format!("operation {}: merge range {right_range} into range {left_range}", op.op_id),
+                format!("  shards:      shard {right} (nodes {}) into shard {left}", nodes.join(",")),
+                format!("  reason:      {reason}"),
+                format!("  phase:       {}", phase_label(v)),
+                format!("  copied:      {}", copied(&op.progress)),
+                format!("  write pause: {}", op.write_pause_ms.map_or("-".into(), |ms| format!("{ms}ms"))),
+            ]
         }
         OpKind::Move { shard_id, from, to, reason } => {
             let mut out = vec![
