@@ -10,11 +10,15 @@
 //! - [`range`]: range descriptors and the key-space tiling invariant.
 //! - [`directory`]: nodes, shards, ranges, id allocation and the commands that
 //!   change them (applied deterministically by every metadata replica).
-//! - [`operation`]: long-running operations (splits) and their phases.
+//! - [`operation`]: long-running operations (splits, merges, moves) and
+//!   their phases.
+//! - [`keyspace`]: hash-spread keyspaces: user keys to bucketed internal
+//!   keys and back.
 //! - [`api`]: the HTTP JSON request, response and error bodies.
 
 pub mod api;
 pub mod directory;
+pub mod keyspace;
 pub mod operation;
 pub mod range;
 
