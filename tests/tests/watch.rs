@@ -195,6 +195,14 @@ async fn a_watch_resumed_at_another_node_misses_nothing_and_repeats_nothing() {
     assert_eq!(got, expected, "writes 6 to 20, each once, in order");
     let WatchEvent::Put { value, prev, .. } = &after[14] else { panic!("{:?}", after[14]) };
     assert_eq!((value, prev), (&json!(19), &None), "the value written; no previous value unless asked");
+    // Resumed there again, asking for previous values: every change says
+    // which value it replaced, the first ones read at the opening too.
+    let mut with_prev = Lines::start(&c.api(3), &format!("start=r/&end=r0&cursor={cursor}&prev=true")).await;
+    assert!(matches!(with_prev.next(secs(10)).await, Some(WatchEvent::Progress { .. })));
+    for _ in 0..15 {
+        let WatchEvent::Put { key, version, prev, .. } = with_prev.next_change(secs(10)).await else { panic!() };
+        assert_eq!(prev.map(|p| p.version), Some(version - 1), "{key} v{version}: the value it replaced");
+    }
 }
 
 /// Transactions writing both sides of a split point, from every node at

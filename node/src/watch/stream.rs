@@ -175,7 +175,7 @@ pub async fn open(node: Arc<Node>, spec: WatchSpec) -> Result<Arc<Outbox>, OpenE
         'pieces: for i in 0..merge.pieces.len() {
             for _ in 0..LINEAGE_CHECKS {
                 let (shard, mut req) = merge.request(i, 0);
-                req.limit = 1;
+                (req.limit, req.prev) = (1, spec.prev);
                 let stages = merge.pieces[i].stages.len();
                 match merge.apply(i, first_answer(&node, shard, req, deadline).await?) {
                     Applied::Compacted => return Err(OpenError::Compacted),
@@ -247,7 +247,9 @@ impl Reads {
 async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
     // A watch from a cursor is established at once: its first line says so.
     let mut announced = merge.established;
-    if announced && !out.push(progress_line(&merge.pos)).await {
+    // The position the last progress line promised.
+    let mut promised = merge.pos.clone();
+    if announced && !out.push(progress_line(&promised)).await {
         return;
     }
     let mut reads = Reads::new(merge.pieces.len());
@@ -334,7 +336,8 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
         }
         // Established just now: say so before the first change.
         if merge.established && !announced {
-            if !out.push(progress_line(&before)).await {
+            promised = before;
+            if !out.push(progress_line(&promised)).await {
                 return;
             }
             (announced, last_progress) = (true, Instant::now());
@@ -348,9 +351,13 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
         // at least every second, between timestamps only (a read cut at its
         // limit can leave the position inside a transaction's writes, and a
         // progress line is a point a consumer may take as consistent).
-        let between = merge.pos.at.is_none();
-        if merge.established && (!announced || (between && last_progress.elapsed() >= PROGRESS_EVERY)) {
-            if !out.push(progress_line(&merge.pos)).await {
+        // Inside one, the last progress line is said again: still true,
+        // and a second never passes without a line.
+        if merge.established && last_progress.elapsed() >= PROGRESS_EVERY {
+            if merge.pos.at.is_none() {
+                promised = merge.pos.clone();
+            }
+            if !out.push(progress_line(&promised)).await {
                 return;
             }
             (announced, last_progress) = (true, Instant::now());
