@@ -57,6 +57,12 @@ pub enum MetaCommand {
     ReportProgress { op_id: OpId, progress: Progress },
     /// The commit point of a split: the moving range now belongs to the new shard.
     CommitSplit { op_id: OpId, now_ms: u64 },
+    /// Declare a hash-spread keyspace: keys under `prefix` are mapped to
+    /// their buckets from now on. Declaring the same again changes nothing.
+    DeclareKeyspace { prefix: String, buckets: u32 },
+    /// A declared keyspace's buckets are ranges of their own and nothing is
+    /// left under a plain key: the declaration is over.
+    ActivateKeyspace { prefix: String },
     /// Start merging `range_id` with its right-hand neighbour. Marks both
     /// ranges busy.
     PlanMerge { range_id: RangeId, reason: String, now_ms: u64 },
@@ -129,6 +135,10 @@ pub enum MetaError {
     AlreadyCommitted(OpId),
     #[error("no shard {0}")]
     UnknownShard(ShardId),
+    #[error("no keyspace {0:?}")]
+    UnknownKeyspace(String),
+    #[error(transparent)]
+    Keyspace(#[from] crate::keyspace::KeyspaceError),
     #[error("no node {0}")]
     UnknownNode(NodeId),
     #[error("shard {shard_id} is busy with operation {op_id}")]
@@ -162,6 +172,9 @@ pub struct Directory {
     pub ops: BTreeMap<OpId, Operation>,
     #[serde(default)]
     pub next_op_id: OpId,
+    /// Hash-spread keyspaces ([`crate::keyspace`]).
+    #[serde(default)]
+    pub keyspaces: crate::keyspace::Keyspaces,
 }
 
 impl Directory {
@@ -780,6 +793,17 @@ impl Directory {
                 self.commit_split(*op_id, *now_ms)?;
                 MetaResponse::Done
             }
+            MetaCommand::DeclareKeyspace { prefix, buckets } => {
+                self.keyspaces.check_new(prefix, *buckets)?;
+                let declared = crate::keyspace::Keyspace { buckets: *buckets, active: false };
+                self.keyspaces.0.entry(prefix.clone()).or_insert(declared);
+                MetaResponse::Done
+            }
+            MetaCommand::ActivateKeyspace { prefix } => {
+                let k = self.keyspaces.0.get_mut(prefix).ok_or_else(|| MetaError::UnknownKeyspace(prefix.clone()))?;
+                k.active = true;
+                MetaResponse::Done
+            }
             MetaCommand::PlanMerge { range_id, reason, now_ms } => {
                 MetaResponse::Op(self.plan_merge(*range_id, reason, *now_ms)?)
             }
@@ -1396,5 +1420,30 @@ mod merge_tests {
         assert_eq!(d.ranges.len(), 2);
         d.apply(&MetaCommand::MarkCleaned { op_id: op }).unwrap();
         merge(&mut d, left).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod keyspace_tests {
+    use super::*;
+    use crate::keyspace::{Keyspace, KeyspaceError};
+
+    #[test]
+    fn a_keyspace_is_declared_once_then_activated() {
+        let mut d = Directory::bootstrap(&[(1, "a:1".into())], 1);
+        let declare = |prefix: &str, buckets| MetaCommand::DeclareKeyspace { prefix: prefix.into(), buckets };
+        d.apply(&declare("ev/", 8)).unwrap();
+        assert_eq!(d.keyspaces.0["ev/"], Keyspace { buckets: 8, active: false });
+        assert!(d.keyspaces.to_internal("ev/1").unwrap() != "ev/1", "mapped from the declaration on");
+        d.apply(&declare("ev/", 8)).unwrap();
+        let other = d.apply(&declare("ev/x", 4));
+        assert!(matches!(other, Err(MetaError::Keyspace(KeyspaceError::Overlaps { .. }))), "{other:?}");
+        assert_eq!(d.apply(&declare("x/", 1)), Err(MetaError::Keyspace(KeyspaceError::BadBuckets(1))));
+        let activate = |prefix: &str| MetaCommand::ActivateKeyspace { prefix: prefix.into() };
+        assert_eq!(d.apply(&activate("nope/")), Err(MetaError::UnknownKeyspace("nope/".into())));
+        d.apply(&activate("ev/")).unwrap();
+        assert!(d.keyspaces.0["ev/"].active);
+        d.apply(&declare("ev/", 8)).unwrap();
+        assert!(d.keyspaces.0["ev/"].active, "declaring again changes nothing");
     }
 }

@@ -43,9 +43,19 @@ pub enum KeyspaceError {
     ReservedKey(String),
 }
 
-/// The declared keyspaces: prefix → number of buckets.
+/// A declared keyspace.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keyspace {
+    pub buckets: u32,
+    /// Its buckets are ranges of their own and nothing was left under a
+    /// plain key: the declaration is over. Keys are mapped from the
+    /// declaration on, active or not (see the plan's fence).
+    pub active: bool,
+}
+
+/// The declared keyspaces, by prefix.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
-pub struct Keyspaces(pub BTreeMap<String, u32>);
+pub struct Keyspaces(pub BTreeMap<String, Keyspace>);
 
 impl Keyspaces {
     /// Whether `prefix` with `buckets` may be declared beside the others
@@ -57,8 +67,8 @@ impl Keyspaces {
         if !(2..=MAX_BUCKETS).contains(&buckets) {
             return Err(KeyspaceError::BadBuckets(buckets));
         }
-        for (other, n) in &self.0 {
-            let same = other == prefix && *n == buckets;
+        for (other, k) in &self.0 {
+            let same = other == prefix && k.buckets == buckets;
             if !same && (other.starts_with(prefix) || prefix.starts_with(other.as_str())) {
                 return Err(KeyspaceError::Overlaps { prefix: prefix.to_string(), other: other.clone() });
             }
@@ -71,8 +81,8 @@ impl Keyspaces {
         // The prefixes never overlap: the greatest one at or below the key
         // is the only candidate.
         let upto = (std::ops::Bound::Unbounded, std::ops::Bound::Included(key));
-        let (prefix, n) = self.0.range::<str, _>(upto).next_back()?;
-        key.starts_with(prefix.as_str()).then_some((prefix.as_str(), *n))
+        let (prefix, k) = self.0.range::<str, _>(upto).next_back()?;
+        key.starts_with(prefix.as_str()).then_some((prefix.as_str(), k.buckets))
     }
 
     /// The internal key of user key `key` (itself when under no keyspace).
@@ -154,8 +164,8 @@ mod tests {
 
     fn spaces() -> Keyspaces {
         let mut k = Keyspaces::default();
-        k.0.insert("ev/".into(), 8);
-        k.0.insert("log/".into(), 2);
+        k.0.insert("ev/".into(), Keyspace { buckets: 8, active: true });
+        k.0.insert("log/".into(), Keyspace { buckets: 2, active: false });
         k
     }
 

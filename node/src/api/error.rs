@@ -50,14 +50,16 @@ impl From<ExecError> for ApiError {
                 | MetaError::ShardBusy { .. }
                 | MetaError::AlreadyCommitted(_)
                 | MetaError::WrongPhase { .. }
-                | MetaError::NodeExists(_),
+                | MetaError::NodeExists(_)
+                | MetaError::Keyspace(cleave_metadata::keyspace::KeyspaceError::Overlaps { .. }),
             )
             | ExecError::Refused(_) => ApiError::new(ErrorCode::VersionConflict, msg),
             ExecError::Meta(
                 MetaError::UnknownRange(_)
                 | MetaError::UnknownOp(_)
                 | MetaError::UnknownShard(_)
-                | MetaError::UnknownNode(_),
+                | MetaError::UnknownNode(_)
+                | MetaError::UnknownKeyspace(_),
             ) => ApiError::new(ErrorCode::NotFound, msg),
             ExecError::BadRequest(_) => ApiError::new(ErrorCode::BadRequest, msg),
             ExecError::Meta(MetaError::BadPlacement(_)) => ApiError::new(ErrorCode::Unavailable, msg),

@@ -56,6 +56,8 @@ pub fn header(d: &Directory) -> Directory {
         next_replica_id: d.next_replica_id,
         ops: BTreeMap::new(),
         next_op_id: d.next_op_id,
+        // Few and small: kept in the header.
+        keyspaces: d.keyspaces.clone(),
     }
 }
 
