@@ -10,7 +10,8 @@
 //!   watch's position is more than a second old) asks its shard for a
 //!   `Close`: an idle shard's resolved timestamp moves only so.
 //! - A progress line goes out at least every second.
-//! - A slow reader is cut off by its outbox, never held without bound.
+//! - The watch reads no faster than its reader takes lines: its outbox
+//!   waits when full, and cuts off a reader that takes nothing for 5 s.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
