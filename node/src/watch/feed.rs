@@ -33,12 +33,11 @@ const IDLE: Duration = Duration::from_secs(30);
 const WINDOW_CHANGES: usize = 100_000;
 const WINDOW_BYTES: usize = 64 << 20;
 const FEEDS_BYTES: usize = 256 << 20;
-/// Feeds running on this node.
-static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// The bytes one window may keep now.
+/// The bytes one window may keep now. (Called under a window's lock: the
+/// feeds' lock is taken inside a window's, never the other way round.)
 fn window_bytes() -> usize {
-    let feeds = RUNNING.load(std::sync::atomic::Ordering::Relaxed).max(1);
+    let feeds = FEEDS.lock().expect("feeds lock").len().max(1);
     WINDOW_BYTES.min(FEEDS_BYTES / feeds)
 }
 
@@ -111,9 +110,7 @@ impl Window {
     /// the split target's), which the shard's read of the whole window
     /// does not stop at.
     fn through_for(&self, req: &ChangesRequest) -> Position {
-        let (start, end) = (req.start.as_str(), req.end.as_deref());
-        let frozen = self.view.frozen.iter().filter(|(s, e, _)| crate::kv::spans_overlap(start, end, s, e.as_deref()));
-        match frozen.map(|f| f.2).min() {
+        match self.view.freeze_over(&req.start, req.end.as_deref()) {
             Some(f) => self.through.clone().min(Position::after_all(f)),
             None => self.through.clone(),
         }
@@ -160,7 +157,8 @@ impl Window {
         }
         self.through = reply.through;
         self.view = reply.view;
-        while self.changes.len() > WINDOW_CHANGES || self.bytes > window_bytes() {
+        let bound = window_bytes();
+        while self.changes.len() > WINDOW_CHANGES || self.bytes > bound {
             let Some(c) = self.changes.pop_front() else { break };
             self.bytes -= c.size().min(self.bytes);
             self.start = Position::after(&c);
@@ -176,7 +174,6 @@ pub fn of(node: &Arc<Node>, shard: ShardId) -> Arc<Feed> {
     }
     let feed = Arc::new(Feed { state: Mutex::new(Window::new()), moved: tokio::sync::watch::Sender::new(0) });
     feeds.insert(shard, feed.clone());
-    RUNNING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tokio::spawn(run(node.clone(), shard, feed.clone()));
     feed
 }
@@ -212,11 +209,7 @@ async fn run(node: Arc<Node>, shard: ShardId, feed: Arc<Feed>) {
             }
             Ok(reply) => {
                 let moved = reply.through > reply.after || !reply.changes.is_empty();
-                if stale.stuck(moved) {
-                    attempt += 1; // the next read goes to another replica
-                } else if moved {
-                    attempt = 0;
-                }
+                attempt = stale.next_attempt(moved, attempt);
                 feed.state.lock().expect("feed lock").take(reply);
                 if moved {
                     feed.moved.send_modify(|n| *n += 1);
@@ -232,7 +225,6 @@ async fn run(node: Arc<Node>, shard: ShardId, feed: Arc<Feed>) {
     let mut feeds = FEEDS.lock().expect("feeds lock");
     if feeds.get(&shard).is_some_and(|f| Arc::ptr_eq(f, &feed)) {
         feeds.remove(&shard);
-        RUNNING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -187,12 +187,8 @@ impl Merge {
             return Applied::Replan;
         }
         let mut through = reply.through;
-        if stage.until.is_none() {
-            for (s, e, ts) in &v.frozen {
-                if overlaps(&p.start, p.end.as_deref(), s, e.as_deref()) {
-                    through = through.min(Position::after_all(*ts));
-                }
-            }
+        if let Some(f) = v.freeze_over(&p.start, p.end.as_deref()).filter(|_| stage.until.is_none()) {
+            through = through.min(Position::after_all(f));
         }
         self.take(i, reply.changes, through);
         let p = &mut self.pieces[i];

@@ -69,6 +69,14 @@ pub struct ShardView {
     pub trimmed_through: Ts,
 }
 
+impl ShardView {
+    /// The earliest freeze of a range being split that `[start, end)`
+    /// overlaps: changes of those keys past it are the split target's.
+    pub fn freeze_over(&self, start: &str, end: Option<&str>) -> Option<Ts> {
+        self.frozen.iter().filter(|(s, e, _)| overlaps(start, end, s, e.as_deref())).map(|f| f.2).min()
+    }
+}
+
 /// The answer: the changes found, up to where they are complete, and the view.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ChangesReply {
@@ -127,7 +135,7 @@ pub fn read_once(db: &Db, g: &GroupRaft, req: &ChangesRequest) -> Result<Changes
     // A range frozen here changes no more after its freeze, and what
     // follows it is the split target's: a watch of it is complete to the
     // freeze only (and waits there, rather than read past it in a loop).
-    let frozen_at = view.frozen.iter().filter(|(s, e, _)| overlaps(start, end, s, e.as_deref())).map(|f| f.2).min();
+    let frozen_at = view.freeze_over(start, end);
     let through_ts = match req.until {
         Some(u) if settled => u,
         Some(u) => u.min(resolved),

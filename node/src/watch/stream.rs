@@ -134,14 +134,20 @@ impl Default for Staleness {
 }
 
 impl Staleness {
-    /// Takes an answer that `moved` the read on or not; `true` when the
-    /// replica answering has stood still for [`STALE`]: ask another.
-    pub fn stuck(&mut self, moved: bool) -> bool {
-        if moved || self.0.elapsed() >= STALE {
+    /// The attempt number of the next read (which picks its replica, see
+    /// [`fetch`]), after an answer at `attempt` that `moved` the read on or
+    /// not: back to the first choice once it moves, the next replica once
+    /// it has stood still for [`STALE`].
+    pub fn next_attempt(&mut self, moved: bool, attempt: usize) -> usize {
+        if moved {
             self.0 = Instant::now();
-            return !moved;
+            0
+        } else if self.0.elapsed() >= STALE {
+            self.0 = Instant::now();
+            attempt + 1
+        } else {
+            attempt
         }
-        false
     }
 }
 
@@ -298,11 +304,7 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
                             Applied::Ok => {
                                 let p = &merge.pieces[i];
                                 let moved = p.through > before.0 || p.stages.len() != before.1;
-                                if reads.stale[i].stuck(moved) {
-                                    reads.failures[i] += 1; // the next read goes to another replica
-                                } else if moved {
-                                    reads.failures[i] = 0;
-                                }
+                                reads.failures[i] = reads.stale[i].next_attempt(moved, reads.failures[i]);
                             }
                             Applied::Compacted => {
                                 out.push(error_line("compacted", "the history after the watch's position was trimmed")).await;
