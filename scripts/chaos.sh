@@ -32,7 +32,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cleavedb/target}"
 cargo build --release --bins
 bin="$CARGO_TARGET_DIR/release/cleave-chaos"
 
-nemesis="${CHAOS_NEMESIS:-kill,pause,partition,split,move,transfer,split-cancel,meta-isolate}"
+nemesis="${CHAOS_NEMESIS:-kill,pause,partition,split,move,transfer,split-cancel,meta-isolate,merge}"
 if [[ "$(id -u)" != 0 ]]; then
     for cut in partition split-cancel meta-isolate; do
         if [[ ",$nemesis," == *",$cut,"* ]]; then

@@ -42,6 +42,14 @@ pub struct ReplicaInfo {
     pub node_id: u64,
 }
 
+/// `GET /admin/ranges` (the fields used).
+#[derive(Deserialize, Debug, Clone)]
+pub struct RangeInfo {
+    pub range_id: u64,
+    pub start: String,
+    pub end: Option<String>,
+}
+
 /// `GET /admin/nodes` (the fields used).
 #[derive(Deserialize, Debug, Clone)]
 pub struct NodeInfo {
@@ -380,6 +388,10 @@ impl Api {
 
     pub async fn shards(&self, base: &str) -> Result<Vec<ShardInfo>> {
         self.admin_get(base, "/admin/shards").await
+    }
+
+    pub async fn ranges(&self, base: &str) -> Result<Vec<RangeInfo>> {
+        self.admin_get(base, "/admin/ranges").await
     }
 
     pub async fn nodes(&self, base: &str) -> Result<Vec<NodeInfo>> {

@@ -190,6 +190,7 @@ impl Nemesis {
             Action::Split { key } => self.admin(NemesisKind::Split, "/admin/split", json!({ "key": key })).await,
             Action::Move { pick } => self.move_replica(*pick).await,
             Action::Transfer { pick } => self.transfer(*pick).await,
+            Action::Merge { pick } => self.merge(*pick).await,
             Action::SplitCancel { key, frozen, wait_ms } => self.split_cancel(key, *frozen, *wait_ms).await,
             Action::MetaIsolate => self.meta_isolate().await,
             Action::Restart { target } => self.restart(target).await,
@@ -334,6 +335,27 @@ impl Nemesis {
         let to = free[((pick >> 16) % free.len() as u64) as usize];
         let body = json!({ "shard_id": shard.shard_id, "from_node": from, "to_node": to });
         self.admin(NemesisKind::Move, "/admin/move", body).await
+    }
+
+    async fn merge(&mut self, pick: u64) -> Applied {
+        let mut ranges = None;
+        for base in self.live_endpoints() {
+            if let Ok(r) = self.api.ranges(&base).await {
+                ranges = Some(r);
+                break;
+            }
+        }
+        let Some(mut ranges) = ranges else { return Applied::Skipped("no ranges".into()) };
+        ranges.retain(|r| r.end.is_some());
+        if ranges.is_empty() {
+            return Applied::Skipped("one range: nothing to merge".into());
+        }
+        let range = &ranges[(pick % ranges.len() as u64) as usize];
+        let what = format!("range {} [{:?}, {:?})", range.range_id, range.start, range.end);
+        match self.admin(NemesisKind::Merge, "/admin/merge", json!({ "range_id": range.range_id })).await {
+            Applied::Done { count, what: answer } => Applied::Done { count, what: format!("{what}: {answer}") },
+            skipped => skipped,
+        }
     }
 
     async fn transfer(&mut self, pick: u64) -> Applied {

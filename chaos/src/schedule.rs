@@ -54,10 +54,12 @@ pub enum NemesisKind {
     /// (it still reaches every other node and the clients), and kill and
     /// restart a node while it lasts.
     MetaIsolate,
+    /// `POST /admin/merge`: merge a random range with its right neighbour.
+    Merge,
 }
 
 impl NemesisKind {
-    pub const ALL: [NemesisKind; 8] = [
+    pub const ALL: [NemesisKind; 9] = [
         NemesisKind::Kill,
         NemesisKind::Pause,
         NemesisKind::Partition,
@@ -66,6 +68,7 @@ impl NemesisKind {
         NemesisKind::Transfer,
         NemesisKind::SplitCancel,
         NemesisKind::MetaIsolate,
+        NemesisKind::Merge,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +81,7 @@ impl NemesisKind {
             NemesisKind::Transfer => "transfer",
             NemesisKind::SplitCancel => "split-cancel",
             NemesisKind::MetaIsolate => "meta-isolate",
+            NemesisKind::Merge => "merge",
         }
     }
 
@@ -170,6 +174,11 @@ pub enum Action {
     Transfer {
         pick: u64,
     },
+    /// Merge a range (chosen by `pick` among those with a right neighbour)
+    /// with its right neighbour.
+    Merge {
+        pick: u64,
+    },
     /// Split at `key`; once the split is `frozen` (else capturing), cut the
     /// metadata leader from the source shard's leader, wait `wait_ms`, and
     /// cancel the split. The cut lasts until the next heal.
@@ -198,6 +207,7 @@ impl Action {
             Action::Split { .. } => NemesisKind::Split,
             Action::Move { .. } => NemesisKind::Move,
             Action::Transfer { .. } => NemesisKind::Transfer,
+            Action::Merge { .. } => NemesisKind::Merge,
             Action::SplitCancel { .. } => NemesisKind::SplitCancel,
             Action::MetaIsolate | Action::Restart { .. } => NemesisKind::MetaIsolate,
             Action::Heal => return None,
@@ -216,6 +226,7 @@ impl fmt::Display for Action {
             Action::Split { key } => write!(f, "split at {key:?}"),
             Action::Move { pick } => write!(f, "move replica #{pick}"),
             Action::Transfer { pick } => write!(f, "transfer leadership #{pick}"),
+            Action::Merge { pick } => write!(f, "merge range #{pick} with its right neighbour"),
             Action::SplitCancel { key, frozen, wait_ms } => write!(
                 f,
                 "split at {key:?}, cut the metadata leader from the source leader once {}, cancel after {wait_ms} ms",
@@ -339,6 +350,7 @@ pub fn generate(seed: u64, kinds: &[NemesisKind], opts: &ScheduleOpts) -> Vec<Ev
             let action = match admin[rng.random_range(0..admin.len())] {
                 NemesisKind::Split => Action::Split { key: split_key(&mut rng) },
                 NemesisKind::Move => Action::Move { pick: rng.random() },
+                NemesisKind::Merge => Action::Merge { pick: rng.random() },
                 _ => Action::Transfer { pick: rng.random() },
             };
             events.push(Event { at_ms: t, action });
@@ -409,7 +421,7 @@ mod tests {
     #[test]
     fn parses_kind_lists() {
         assert_eq!(parse_kinds("split,kill,kill").unwrap(), vec![NemesisKind::Kill, NemesisKind::Split]);
-        assert_eq!(parse_kinds("all").unwrap().len(), 8);
+        assert_eq!(parse_kinds("all").unwrap().len(), 9);
         assert_eq!(
             parse_kinds("meta-isolate,split-cancel").unwrap(),
             vec![NemesisKind::SplitCancel, NemesisKind::MetaIsolate]

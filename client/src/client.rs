@@ -22,9 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cleave_metadata::api::{
-    Consistency, Item, MoveRequest, NodeCondition, NodeStatus, OperationStarted, OperationView, PutBody, ScanResult,
-    ShardStatus, SplitRequest, TransferLeaderRequest, TransferLeaderResponse, TxnOpKind, TxnRequest, TxnResponse,
-    WriteResult,
+    Consistency, Item, MergeRequest, MoveRequest, NodeCondition, NodeStatus, OperationStarted, OperationView, PutBody,
+    ScanResult, ShardStatus, SplitRequest, TransferLeaderRequest, TransferLeaderResponse, TxnOpKind, TxnRequest,
+    TxnResponse, WriteResult,
 };
 use cleave_metadata::{Directory, NodeId, OpId, RangeDescriptor, RangeId, ShardId};
 use reqwest::Method;
@@ -278,6 +278,13 @@ impl Client {
     /// 409 if the range is busy.
     pub async fn split_range(&self, range_id: RangeId) -> Result<OpId> {
         self.start_split(SplitRequest { key: None, range_id: Some(range_id) }).await
+    }
+
+    /// Starts merging range `range_id` with its right-hand neighbour (one
+    /// range of `range_id`'s shard at a bumped epoch). Returns the
+    /// operation's id; follow it with [`Client::operation`].
+    pub async fn merge_range(&self, range_id: RangeId) -> Result<OpId> {
+        self.start_operation("/admin/merge", json_body(&MergeRequest { range_id: Some(range_id) })?).await
     }
 
     async fn start_split(&self, req: SplitRequest) -> Result<OpId> {

@@ -279,6 +279,14 @@ pub struct SplitRequest {
     pub range_id: Option<u64>,
 }
 
+/// `POST /admin/merge` body: merge range `range_id` with its right-hand
+/// neighbour.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MergeRequest {
+    #[serde(default)]
+    pub range_id: Option<u64>,
+}
+
 /// `POST /admin/move` body: replace `shard_id`'s replica on `from_node` with
 /// a new one on `to_node` (shard 0 is the metadata group).
 #[derive(Serialize, Deserialize, Debug, Clone)]

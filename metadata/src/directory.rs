@@ -68,7 +68,7 @@ pub enum MetaCommand {
     PlanMerge { range_id: RangeId, reason: String, now_ms: u64 },
     /// The commit point of a merge: the two ranges are one, of the left
     /// one's shard, at an epoch above both; the right one's shard is gone.
-    CommitMerge { op_id: OpId, now_ms: u64 },
+    CommitMerge { op_id: OpId, now_ms: u64, frozen_ts: u64 },
     /// Start moving group `shard_id`'s replica on `from_node` to `to_node`
     /// (a new replica id is allocated). The group is busy until it ends.
     PlanMove { shard_id: ShardId, from_node: NodeId, to_node: NodeId, reason: String, now_ms: u64 },
@@ -303,6 +303,14 @@ impl Directory {
                 .filter(|op| op.phase != Phase::Aborted)
                 .flat_map(|op| op.kind.new_replicas())
                 .any(|(g, r)| g == group && r.node_id == node)
+            // A merge's right shard leaves `shards` at the commit, but its
+            // replicas are needed until the cutover is over.
+            || self.active_ops().any(|op| match &op.kind {
+                OpKind::Merge { right, right_replicas, .. } => {
+                    *right == group && right_replicas.iter().any(|r| r.node_id == node)
+                }
+                _ => false,
+            })
     }
 
     /// Nodes for the `count` replicas of a new group: active nodes that are
@@ -435,9 +443,11 @@ impl Directory {
                     | (Phase::Capturing, Phase::Frozen)
                     | (Phase::Committed, Phase::Done)
             ),
+            // `Created`: the left shard is ready to absorb the right range.
             OpKind::Merge { .. } => matches!(
                 (from, to),
-                (Phase::Planned, Phase::Capturing)
+                (Phase::Planned, Phase::Created)
+                    | (Phase::Created, Phase::Capturing)
                     | (Phase::Capturing, Phase::Frozen)
                     | (Phase::Committed, Phase::Done)
             ),
@@ -565,6 +575,7 @@ impl Directory {
             right: right.shard_id,
             right_replicas,
             reason: reason.to_string(),
+            frozen_ts: 0,
         };
         let created = self.new_op(kind, now_ms);
         debug_assert_eq!(created, op_id);
@@ -573,7 +584,7 @@ impl Directory {
 
     /// The merge's commit point: one range, of the left shard, at an epoch
     /// above both; the right shard leaves the directory.
-    fn commit_merge(&mut self, op_id: OpId, now_ms: u64) -> Result<(), MetaError> {
+    fn commit_merge(&mut self, op_id: OpId, now_ms: u64, frozen_ts: u64) -> Result<(), MetaError> {
         let Some(kind) = self.committing(op_id, Phase::Frozen)? else { return Ok(()) };
         let OpKind::Merge { left_range, right_range, right, .. } = kind else {
             return Err(MetaError::UnknownOp(op_id));
@@ -581,6 +592,9 @@ impl Directory {
         let left_start = self.range_start(left_range).ok_or(MetaError::UnknownRange(left_range))?;
         let right_start = self.range_start(right_range).ok_or(MetaError::UnknownRange(right_range))?;
         self.mark_committed(op_id, now_ms)?;
+        if let Some(OpKind::Merge { frozen_ts: f, .. }) = self.ops.get_mut(&op_id).map(|o| &mut o.kind) {
+            *f = frozen_ts;
+        }
         let l = self.ranges.remove(&left_start).expect("range");
         let r = self.ranges.remove(&right_start).expect("range");
         let merged = RangeDescriptor { end: r.end, epoch: l.epoch.max(r.epoch) + 1, state: RangeState::Active, ..l };
@@ -807,8 +821,8 @@ impl Directory {
             MetaCommand::PlanMerge { range_id, reason, now_ms } => {
                 MetaResponse::Op(self.plan_merge(*range_id, reason, *now_ms)?)
             }
-            MetaCommand::CommitMerge { op_id, now_ms } => {
-                self.commit_merge(*op_id, *now_ms)?;
+            MetaCommand::CommitMerge { op_id, now_ms, frozen_ts } => {
+                self.commit_merge(*op_id, *now_ms, *frozen_ts)?;
                 MetaResponse::Done
             }
             MetaCommand::PlanMove { shard_id, from_node, to_node, reason, now_ms } => {
@@ -1354,7 +1368,9 @@ mod merge_tests {
     }
 
     fn to_frozen(d: &mut Directory, op: OpId) {
-        for (from, to) in [(Phase::Planned, Phase::Capturing), (Phase::Capturing, Phase::Frozen)] {
+        for (from, to) in
+            [(Phase::Planned, Phase::Created), (Phase::Created, Phase::Capturing), (Phase::Capturing, Phase::Frozen)]
+        {
             d.apply(&MetaCommand::AdvanceOp { op_id: op, from, to, now_ms: 11 }).unwrap();
         }
     }
@@ -1366,13 +1382,14 @@ mod merge_tests {
         let op = merge(&mut d, left.range_id).unwrap();
         assert!(d.ranges.values().all(|r| r.state == RangeState::Busy { op_id: op }), "both ranges busy");
         assert_eq!(d.group_busy(right.shard_id), Some(op));
-        let refused = d.apply(&MetaCommand::CommitMerge { op_id: op, now_ms: 12 });
+        let refused = d.apply(&MetaCommand::CommitMerge { op_id: op, now_ms: 12, frozen_ts: 7 });
         assert!(matches!(refused, Err(MetaError::WrongPhase { .. })), "not before the freeze");
-        let split_instead = MetaCommand::AdvanceOp { op_id: op, from: Phase::Planned, to: Phase::Created, now_ms: 1 };
-        assert!(d.apply(&split_instead).is_err(), "a merge has no Created phase");
+        let skip = MetaCommand::AdvanceOp { op_id: op, from: Phase::Planned, to: Phase::Capturing, now_ms: 1 };
+        assert!(d.apply(&skip).is_err(), "a merge captures only once the left shard is ready to absorb");
         to_frozen(&mut d, op);
-        d.apply(&MetaCommand::CommitMerge { op_id: op, now_ms: 12 }).unwrap();
+        d.apply(&MetaCommand::CommitMerge { op_id: op, now_ms: 12, frozen_ts: 7 }).unwrap();
         d.check().unwrap();
+        assert!(d.expects_replica(1, right.shard_id), "the right shard's replicas are kept until the cutover");
         assert_eq!(d.ranges.len(), 1);
         let one = d.lookup("z").unwrap();
         assert_eq!((one.range_id, one.start.as_str(), one.end.as_deref()), (left.range_id, "", None));
@@ -1381,9 +1398,10 @@ mod merge_tests {
             (left.shard_id, left.epoch.max(right.epoch) + 1, RangeState::Active)
         );
         assert!(!d.shards.contains_key(&right.shard_id), "the right shard is gone from the directory");
-        let OpKind::Merge { right_replicas, .. } = &d.ops[&op].kind else { panic!() };
+        let OpKind::Merge { right_replicas, frozen_ts, .. } = &d.ops[&op].kind else { panic!() };
         assert_eq!(right_replicas.len(), 3, "its replicas are remembered, to destroy");
-        d.apply(&MetaCommand::CommitMerge { op_id: op, now_ms: 13 }).unwrap();
+        assert_eq!(*frozen_ts, 7, "the right shard's freeze is kept for the cutover");
+        d.apply(&MetaCommand::CommitMerge { op_id: op, now_ms: 13, frozen_ts: 7 }).unwrap();
         assert_eq!(d.ranges.len(), 1, "committing again changes nothing");
         let abort = MetaCommand::AbortOp { op_id: op, reason: "x".into(), now_ms: 14, learner_only: false };
         assert_eq!(d.apply(&abort), Err(MetaError::AlreadyCommitted(op)));
@@ -1416,7 +1434,7 @@ mod merge_tests {
         let abort = MetaCommand::AbortOp { op_id: op, reason: "cancelled".into(), now_ms: 12, learner_only: false };
         d.apply(&abort).unwrap();
         assert!(d.ranges.values().all(|r| r.state == RangeState::Active));
-        assert!(d.apply(&MetaCommand::CommitMerge { op_id: op, now_ms: 13 }).is_err());
+        assert!(d.apply(&MetaCommand::CommitMerge { op_id: op, now_ms: 13, frozen_ts: 7 }).is_err());
         assert_eq!(d.ranges.len(), 2);
         d.apply(&MetaCommand::MarkCleaned { op_id: op }).unwrap();
         merge(&mut d, left).unwrap();

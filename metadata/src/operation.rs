@@ -12,10 +12,12 @@
 //! `Aborted` from any phase before `Committed`. Commit is the point of no
 //! return: it rewrites the directory's ranges in the same entry.
 //!
-//! Phases of a merge (`docs/plans/merge.md`): `Planned → Capturing →
-//! Frozen → Committed → Done`, or `Aborted` before `Committed`: the right
-//! range's shard is captured into the left range's, frozen, verified, and
-//! the commit joins the two ranges in one entry.
+//! Phases of a merge (`docs/plans/merge.md`): the split's, run backwards
+//! into a shard that already exists: `Planned → Created` (the left shard
+//! is ready to absorb the right range) `→ Capturing → Frozen → Committed →
+//! Done`, or `Aborted` before `Committed`: the right range's shard is
+//! captured into the left range's, frozen, verified, and the commit joins
+//! the two ranges in one entry.
 //!
 //! Phases of a replica move (learner first, then joint consensus, as in TiKV
 //! and CockroachDB): `Planned → Created → Learning → Joint → Committed → Done`.
@@ -92,6 +94,11 @@ pub enum OpKind {
         right_replicas: Vec<Replica>,
         /// Why it was started: "admin" or "size".
         reason: String,
+        /// The timestamp of the right shard's freeze, recorded at commit:
+        /// the merged range's changes up to it went with the right shard
+        /// (what the left one is told when it absorbs the range).
+        #[serde(default)]
+        frozen_ts: u64,
     },
     /// Group `shard_id`'s replica `from` (on node `from.node_id`) is replaced
     /// by the new replica `to`.

@@ -103,6 +103,21 @@ pub enum ShardCommand {
     /// figure). Applied only if the log was last trimmed at `from`: a trim
     /// counted before another one applied would count bytes twice.
     TrimChanges { from: crate::clock::Ts, through: crate::clock::Ts, bytes: u64 },
+    /// Target of a merge, a shard serving its own ranges: receive
+    /// `[start, end)` from `source` beside them (`incoming`, as a split's
+    /// target receives), serving none of it until [`ShardCommand::Absorb`].
+    BeginAbsorb { op_id: OpId, start: String, end: Option<String>, source: ShardId },
+    /// Target of a merge, after commit: own `ranges` (its own range joined
+    /// with the absorbed one). The absorbed range's changes at or below
+    /// `since` (the source's freeze) are in the source's change log, not
+    /// here (`watch`: a watch behind it is told its history is compacted).
+    Absorb { op_id: OpId, ranges: Vec<RangeDescriptor>, since: crate::clock::Ts },
+    /// Target of an aborted merge: drop what was received.
+    DropAbsorbed { op_id: OpId },
+    /// Source of a merge, after commit: own nothing more; `merged` is the
+    /// range that took ours (what a stale route is told), then the group
+    /// is destroyed.
+    Subsumed { op_id: OpId, merged: RangeDescriptor },
 }
 
 /// A write to one key, stamped with the route it was sent on.
@@ -186,6 +201,9 @@ pub enum StepError {
     /// kept (`watch`). The driver resolves them and freezes again.
     #[error("operation {op_id}: keys of the range are locked by transactions: {keys:?}")]
     Locked { op_id: OpId, keys: Vec<String> },
+    /// A merge's target asked to absorb a range it already owns a part of.
+    #[error("range [{start:?}, {end:?}) overlaps a range this shard owns")]
+    Owned { start: String, end: Option<String> },
 }
 
 /// The result of applying one entry.

@@ -96,6 +96,20 @@ pub struct Args {
     /// Most splits running at once [default: 2].
     #[arg(long, env = "CLEAVE_MAX_SPLITS")]
     pub max_splits: Option<usize>,
+    /// Merge two neighbouring ranges automatically once their shards hold fewer than this many
+    /// bytes together (0: never merge) [default: 16777216].
+    #[arg(long, env = "CLEAVE_MERGE_SIZE")]
+    pub merge_size: Option<u64>,
+    /// ...and serve fewer than this many requests per second together [default: a tenth of
+    /// --split-qps].
+    #[arg(long, env = "CLEAVE_MERGE_QPS")]
+    pub merge_qps: Option<f64>,
+    /// No automatic merge of a range a split created less than this many seconds ago [default: 300].
+    #[arg(long, env = "CLEAVE_MERGE_COOLDOWN")]
+    pub merge_cooldown: Option<u64>,
+    /// Most merges running at once [default: 1].
+    #[arg(long, env = "CLEAVE_MAX_MERGES")]
+    pub max_merges: Option<usize>,
     /// Most a split's backfill copies per second, in MiB (0: no limit) [default: 128]. The copy
     /// shares the node with client traffic; this keeps its share bounded.
     #[arg(long, env = "CLEAVE_SPLIT_BACKFILL_RATE")]
@@ -175,6 +189,7 @@ pub struct Resolved {
     pub listen_api: String,
     pub listen_raft: String,
     pub split: crate::balance::auto_split::SplitPolicy,
+    pub merge: crate::balance::auto_merge::MergePolicy,
     pub balance: crate::balance::replicas::BalancePolicy,
     pub fault_hold: Option<String>,
     pub fault_api: bool,
@@ -292,6 +307,12 @@ impl Args {
                 split_qps_window: Duration::from_secs(self.split_qps_window.unwrap_or(10)),
                 cooldown: Duration::from_secs(self.split_cooldown.unwrap_or(60)),
                 max_splits: self.max_splits.unwrap_or(2),
+            },
+            merge: crate::balance::auto_merge::MergePolicy {
+                merge_size: self.merge_size.unwrap_or(16 << 20),
+                merge_qps: self.merge_qps.unwrap_or(self.split_qps.unwrap_or(2500.0) / 10.0),
+                cooldown: Duration::from_secs(self.merge_cooldown.unwrap_or(300)),
+                max_merges: self.max_merges.unwrap_or(1),
             },
             balance: crate::balance::replicas::BalancePolicy {
                 node_dead_after: Duration::from_secs(self.node_dead_after.unwrap_or(300)),

@@ -185,6 +185,20 @@ pub struct ShardState {
     /// What this shard's change log holds (`watch::changes`).
     #[serde(default)]
     pub change_log: crate::watch::changes::ChangeLogState,
+    /// Ranges this shard took by merges whose earlier changes are not in
+    /// its change log (`watch`), until the log is trimmed past them.
+    #[serde(default)]
+    pub absorbed: Vec<Absorbed>,
+}
+
+/// A merged-in range's history: its changes at or below `since` (the
+/// merge source's freeze) were in the source's change log, which went with
+/// the source. A watch positioned before `since` there cannot be answered.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Absorbed {
+    pub start: String,
+    pub end: Option<String>,
+    pub since: Ts,
 }
 
 /// A split's target's lineage: the changes of `[start, end)` at or below

@@ -20,6 +20,7 @@ pub mod ledger;
 pub mod model;
 pub mod ops;
 pub mod wait;
+pub mod watching;
 
 pub use cluster::{free_ports, Cluster, ClusterOpts, ExtraNode, NodeHandle};
 pub use http::{Http, Resp};

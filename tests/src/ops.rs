@@ -15,6 +15,21 @@ use crate::{
 // Split admin helpers
 // ---------------------------------------------------------------------------
 
+/// Whose leader a kill test kills while a split or merge is held in a phase.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Victim {
+    /// The shard that gives the range up (a split's source, a merge's right shard).
+    Source,
+    /// The shard that takes it (a split's new shard, before it exists a node
+    /// meant to host a replica; a merge's left shard).
+    Target,
+    /// The metadata group, which drives the operation.
+    Meta,
+}
+
+/// The phases a split or merge can be held in before it is done.
+pub const PHASES: [Phase; 5] = [Phase::Planned, Phase::Created, Phase::Capturing, Phase::Frozen, Phase::Committed];
+
 /// Posts `body` to admin endpoint `path` through node `via`, retrying
 /// transient answers, and returns the first definite answer.
 pub async fn admin_post(c: &Cluster, via: NodeId, path: &str, body: &Value) -> crate::Resp {
@@ -189,13 +204,7 @@ pub async fn assert_split_outcome(c: &Cluster, v: &OperationView, before: &Range
             let mut want = target_replicas.clone();
             want.sort();
             assert_eq!(got, want, "replicas of the new shard {target}");
-            // Freeze to commit is bounded by the 5 s freeze deadline (the
-            // driver checks it just before it commits). The write pause runs
-            // on to the activation, past any hold of `committed`.
-            let pause = v.op.write_pause_ms.unwrap_or_else(|| panic!("no write_pause_ms reported: {}", describe(v)));
-            let frozen = v.phase_durations_ms.iter().find(|(p, _)| *p == Phase::Frozen).map_or(0, |(_, ms)| *ms);
-            assert!(frozen <= 5_500, "committed after {frozen} ms frozen, past the freeze deadline: {}", describe(v));
-            assert!(pause >= frozen, "write pause {pause} ms shorter than the freeze: {}", describe(v));
+            assert_pause(v);
         }
         Phase::Aborted => {
             assert!(v.op.cleaned, "{}", describe(v));
@@ -206,6 +215,62 @@ pub async fn assert_split_outcome(c: &Cluster, v: &OperationView, before: &Range
                 shards.iter().all(|s| s.shard_id != target),
                 "aborted split left shard {target} in /admin/shards: {shards:?}"
             );
+        }
+        p => panic!("operation not ended: {p:?}"),
+    }
+}
+
+/// Checks the write pause a split or merge reported: frozen to commit is
+/// bounded by the 5 s freeze deadline (the driver checks it just before it
+/// commits); the pause runs on to the cutover, past any hold of `committed`.
+fn assert_pause(v: &OperationView) {
+    let pause = v.op.write_pause_ms.unwrap_or_else(|| panic!("no write_pause_ms reported: {}", describe(v)));
+    let frozen = v.phase_durations_ms.iter().find(|(p, _)| *p == Phase::Frozen).map_or(0, |(_, ms)| *ms);
+    assert!(frozen <= 5_500, "committed after {frozen} ms frozen, past the freeze deadline: {}", describe(v));
+    assert!(pause >= frozen, "write pause {pause} ms shorter than the freeze: {}", describe(v));
+}
+
+/// Starts a merge of range `range_id` with its right neighbour through node
+/// `via`; returns the operation id.
+pub async fn start_merge(c: &Cluster, via: NodeId, range_id: u64) -> u64 {
+    start_op(c, via, "/admin/merge", serde_json::json!({ "range_id": range_id })).await
+}
+
+/// Asserts the directory shows the outcome of merge `v` of `left` and
+/// `right` (the two ranges as they were just before it): done, one range
+/// of the left shard covering both at an epoch above both, the right shard
+/// gone; aborted, both ranges as they were.
+pub async fn assert_merge_outcome(c: &Cluster, v: &OperationView, left: &RangeDescriptor, right: &RangeDescriptor) {
+    let OpKind::Merge { left_range, right_range, left: ls, right: rs_id, .. } = &v.op.kind else {
+        panic!("not a merge: {}", describe(v))
+    };
+    assert_eq!(
+        (*left_range, *right_range, *ls, *rs_id),
+        (left.range_id, right.range_id, left.shard_id, right.shard_id)
+    );
+    let rs = ranges(c).await;
+    let shards = shards(c).await;
+    match v.op.phase {
+        Phase::Done => {
+            let merged = rs.iter().find(|r| r.range_id == left.range_id).expect("merged range");
+            let want = RangeDescriptor {
+                end: right.end.clone(),
+                epoch: left.epoch.max(right.epoch) + 1,
+                state: RangeState::Active,
+                ..left.clone()
+            };
+            assert_eq!(merged, &want, "range after {}", describe(v));
+            assert!(rs.iter().all(|r| r.range_id != right.range_id), "merged range {} still listed", right.range_id);
+            assert!(shards.iter().all(|s| s.shard_id != right.shard_id), "shard {} still listed", right.shard_id);
+            assert_pause(v);
+        }
+        Phase::Aborted => {
+            assert!(v.op.cleaned, "{}", describe(v));
+            for before in [left, right] {
+                let now = rs.iter().find(|r| r.range_id == before.range_id).expect("range still there");
+                assert_eq!(now, before, "an aborted merge changed a range: {}", describe(v));
+            }
+            assert!(shards.iter().any(|s| s.shard_id == right.shard_id), "an aborted merge removed the right shard");
         }
         p => panic!("operation not ended: {p:?}"),
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use cleave_tests::ledger::{preload, verify_ledger, verify_scan, Ledger, Load};
 use cleave_tests::ops::{
     assert_split_outcome, describe, groups_per_node, metric_sum, range_of, ranges, shards, split_kind, start_split,
-    try_op, wait_all_shards_led, wait_done, wait_ended, wait_phase,
+    try_op, wait_all_shards_led, wait_done, wait_ended, wait_phase, Victim, PHASES,
 };
 use cleave_tests::{
     secs, value_of, wait_for, wait_until, Cluster, ClusterOpts, ErrorCode, Expected, Liveness, Model, NodeId, OpKind,
@@ -160,19 +160,6 @@ async fn split_under_load(fill: Fill) {
 // ---------------------------------------------------------------------------
 // 2. Kills at every phase
 // ---------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-/// Whose leader is killed.
-enum Victim {
-    /// The shard being split.
-    Source,
-    /// The new shard (before it exists: a node meant to host a replica).
-    Target,
-    /// The metadata group, which drives the split.
-    Meta,
-}
-
-const PHASES: [Phase; 5] = [Phase::Planned, Phase::Created, Phase::Capturing, Phase::Frozen, Phase::Committed];
 
 /// One cluster; five splits in a row (at "b", "c", "d", "e", "f", each on the
 /// range the previous one created, or left), the victim killed while the

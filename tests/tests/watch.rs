@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use cleave_client::{Client, WatchEvent, WatchRequest};
 use cleave_tests::ops::{start_split, wait_done};
+use cleave_tests::watching::Watching;
 use cleave_tests::{secs, wait_for, wait_until, Cluster, ClusterOpts, Http};
-use futures::StreamExt;
 use serde_json::json;
 
 /// A raw watch connection, read line by line.
@@ -75,22 +75,7 @@ async fn every_acknowledged_write_arrives_once_and_in_order_through_two_splits_a
     // Watching through node 3, which is killed below: the stream moves on
     // to another node by itself.
     let client = Client::new([c.api(3), c.api(1), c.api(2)]).expect("client");
-    let seen: Arc<Mutex<Vec<WatchEvent>>> = Arc::default();
-    let established = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (seen, established) = (seen.clone(), established.clone());
-        let mut events = Box::pin(client.watch(WatchRequest::prefix("w/")));
-        tokio::spawn(async move {
-            while let Some(e) = events.next().await {
-                let e = e.expect("the watch goes on");
-                if matches!(e, WatchEvent::Progress { .. }) {
-                    established.store(true, Ordering::SeqCst);
-                }
-                seen.lock().unwrap().push(e);
-            }
-        })
-    };
-    wait_until(secs(20), "the watch is established", || async { established.load(Ordering::SeqCst) }).await;
+    let Watching { seen, task: watcher } = Watching::start(&client, WatchRequest::prefix("w/")).await;
 
     // Writers: puts and deletes of 60 keys through every node; what was
     // acknowledged, and what was tried (an unanswered write may or may

@@ -77,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/ranges", get(admin::ranges))
         .route("/admin/directory", get(admin::directory))
         .route("/admin/split", post(ops::split))
+        .route("/admin/merge", post(ops::merge))
         .route("/admin/move", post(moves::start_move))
         .route("/admin/transfer-leader", post(moves::transfer_leader))
         .route("/admin/nodes/{id}/decommission", post(moves::decommission))

@@ -1,10 +1,10 @@
-//! `/admin/split` and `/admin/operations…` handlers.
+//! `/admin/split`, `/admin/merge` and `/admin/operations…` handlers.
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::Json;
-use cleave_metadata::api::{ErrorCode, OperationStarted, OperationView, SplitRequest};
+use cleave_metadata::api::{ErrorCode, MergeRequest, OperationStarted, OperationView, SplitRequest};
 use cleave_metadata::{MetaCommand, MAX_KEY_BYTES};
 
 use super::{ApiError, AppState};
@@ -25,6 +25,17 @@ pub async fn split(
         _ => {}
     }
     let op = crate::ops::split::start(&s.node, req.range_id, req.key, "admin".into(), 0).await?;
+    Ok(Json(OperationStarted { operation_id: op }))
+}
+
+pub async fn merge(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<OperationStarted>, ApiError> {
+    let body = body.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+    let req: MergeRequest = super::json_object(&body, r#"{"range_id": n}"#)?;
+    let range_id = req.range_id.ok_or_else(|| ApiError::bad_request("give \"range_id\": the left range of the two"))?;
+    let op = crate::ops::merge::start(&s.node, range_id, "admin".into(), 0).await?;
     Ok(Json(OperationStarted { operation_id: op }))
 }
 

@@ -9,6 +9,9 @@
 //! - [`auto_split`]: every second it gathers each shard's size and how
 //!   long it has been hot, asks [`super::auto_split::plan`] which ranges to
 //!   split, and starts those splits.
+//! - [`auto_merge`]: every few seconds it gathers each shard's size and
+//!   request rate, asks [`super::auto_merge::plan`] which neighbours to
+//!   merge, and starts those merges.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +20,7 @@ use std::time::Instant;
 
 use cleave_metadata::{MetaCommand, NodeState};
 
+use super::auto_merge::{plan as plan_merges, MergePolicy, ShardFigures};
 use super::auto_split::{plan as plan_splits, ShardLoad, SplitPolicy};
 use super::replicas::{missing_on, plan, Action, BalancePolicy, Missing, NodeHealth};
 use crate::node::Node;
@@ -132,3 +136,38 @@ pub async fn auto_split(node: Arc<Node>, policy: SplitPolicy) {
         }
     }
 }
+
+/// Runs the automatic merge planner while this node leads the metadata group.
+pub async fn auto_merge(node: Arc<Node>, policy: MergePolicy) {
+    if policy.merge_size == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(MERGE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // A new metadata leader waits for a round of heartbeats first: a
+        // shard it has no figures for is never merged.
+        if !node.meta_leader().confirmed().await || !node.meta_leader().tracker().settled() {
+            continue;
+        }
+        let dir = node.directory();
+        let figures: HashMap<u64, ShardFigures> = dir
+            .shards
+            .keys()
+            .filter_map(|shard| {
+                let r = node.meta_leader().tracker().leader_report(*shard)?;
+                Some((*shard, ShardFigures { size_bytes: r.size_bytes?, qps: r.qps }))
+            })
+            .collect();
+        for range_id in plan_merges(&dir, &figures, &policy, crate::ops::now_ms()) {
+            match crate::ops::merge::start(&node, range_id, "size".into(), 0).await {
+                Ok(op) => tracing::info!(range = range_id, op, "automatic merge started"),
+                Err(e) => tracing::debug!(range = range_id, "automatic merge not started: {e}"),
+            }
+        }
+    }
+}
+
+/// How often the merge planner looks (merges are never urgent).
+const MERGE_TICK: Duration = Duration::from_secs(5);

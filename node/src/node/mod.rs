@@ -312,6 +312,9 @@ impl Node {
             }
             NodeRequest::MedianKey(req) => NodeReply::MedianKey(crate::split::steps::median_key(self, req).await?),
             NodeRequest::Ping(rpc::Ping { .. }) => NodeReply::Ping(rpc::Pong { failed: self.groups.failed() }),
+            NodeRequest::StartMerge(rpc::StartMerge { range_id, reason, hops }) => {
+                NodeReply::StartMerge(crate::ops::merge::start(self, range_id, reason, hops).await?)
+            }
             NodeRequest::StartSplit(rpc::StartSplit { range_id, key, reason, hops }) => {
                 NodeReply::StartSplit(crate::ops::split::start(self, range_id, key, reason, hops).await?)
             }

@@ -2,7 +2,8 @@
 //! every operation in the named phases for at least that many milliseconds
 //! (from when it entered the phase, as recorded in the directory, so the
 //! hold survives a change of metadata leader). Tests use it to kill nodes
-//! at a chosen phase. Besides phase names, `enter_joint=MS` holds a move
+//! at a chosen phase; `merge.frozen=500` (`KIND.PHASE`, kind `split`,
+//! `merge` or `move`) holds only that kind's operations. Besides phase names, `enter_joint=MS` holds a move
 //! in `Joint` *before* its joint configuration is entered (a hold of
 //! `joint` holds it inside the joint configuration). `txn_locked=MS` holds
 //! a multi-shard transaction this node coordinates once every lock is
@@ -29,9 +30,14 @@ pub fn parse(spec: &str) -> anyhow::Result<Vec<(String, u64)>> {
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (name, ms) = part.split_once('=').ok_or_else(|| anyhow::anyhow!("{part:?} is not PHASE=MS"))?;
         let name = name.trim();
+        let phase = match name.split_once('.') {
+            Some((kind, phase)) if ["split", "merge", "move"].contains(&kind) => phase,
+            Some((kind, _)) => anyhow::bail!("unknown operation kind {kind:?}"),
+            None => name,
+        };
         if !EXTRA_HOLDS.contains(&name) {
-            serde_json::from_value::<Phase>(serde_json::Value::String(name.into()))
-                .map_err(|_| anyhow::anyhow!("unknown phase {name:?}"))?;
+            serde_json::from_value::<Phase>(serde_json::Value::String(phase.into()))
+                .map_err(|_| anyhow::anyhow!("unknown phase {phase:?}"))?;
         }
         holds.push((name.to_string(), ms.trim().parse()?));
     }
@@ -60,10 +66,11 @@ pub async fn hold_txn(name: &'static str) {
     }
 }
 
-/// The hold of a phase.
-pub fn hold_ms(phase: Phase) -> u64 {
+/// The hold of a phase for an operation of kind `kind` ("split", "merge"
+/// or "move"): its own (`KIND.PHASE`) or every operation's (`PHASE`).
+pub fn hold_ms(kind: &str, phase: Phase) -> u64 {
     match serde_json::to_value(phase) {
-        Ok(serde_json::Value::String(name)) => hold_named_ms(&name),
+        Ok(serde_json::Value::String(name)) => hold_named_ms(&name).max(hold_named_ms(&format!("{kind}.{name}"))),
         _ => 0,
     }
 }
@@ -77,6 +84,9 @@ mod tests {
         assert_eq!(parse("capturing=2000, frozen=5").unwrap(), vec![("capturing".into(), 2000), ("frozen".into(), 5)]);
         assert_eq!(parse("enter_joint=10").unwrap(), vec![("enter_joint".into(), 10)]);
         assert!(parse("nonsense=1").is_err(), "an unknown phase is refused");
+        assert_eq!(parse("merge.frozen=7").unwrap(), vec![("merge.frozen".into(), 7)]);
+        assert!(parse("merge.nonsense=1").is_err());
+        assert!(parse("nonsense.frozen=1").is_err(), "an unknown kind is refused");
         assert!(parse("frozen").is_err(), "a hold needs a duration");
         assert!(parse("frozen=abc").is_err());
         assert!(parse("").unwrap().is_empty());

@@ -1,5 +1,5 @@
 //! Operations: the long-running changes of the cluster's layout — range
-//! splits and replica moves — carried out by the metadata leader.
+//! splits, merges and replica moves — carried out by the metadata leader.
 //!
 //! Every operation is a record in the directory (`cleave_metadata::Operation`)
 //! with a phase. The metadata leader's [`supervisor`] runs one task per
@@ -12,13 +12,16 @@
 //! What to do next is decided by pure planners, apart from the I/O that
 //! carries it out:
 //! - [`split_plan`] / [`split`]: a live split (create the new shard, begin
-//!   capture, freeze, verify, commit, cut over; or abort and clean up).
+//!   capture, freeze, verify, commit, cut over; or abort and clean up),
+//!   and with [`merge`] a range merge (the same, run backwards into the
+//!   left neighbour's shard).
 //! - [`move_plan`] / [`moves`]: a replica move (learner, joint consensus,
 //!   commit; or revert).
 //! - [`faults`]: the `--fault-hold` points tests use to hold an operation in
 //!   a phase.
 
 pub mod faults;
+pub mod merge;
 pub mod move_plan;
 pub mod moves;
 pub mod split;

@@ -83,7 +83,7 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, last_progress: &mut I
     let in_phase_ms = now_ms().saturating_sub(op.entered(op.phase).unwrap_or(0));
     // A test hold of `joint` keeps the group *in* its joint configuration
     // (it holds the flattening, not the entering).
-    let hold = hold_ms(op.phase);
+    let hold = hold_ms(op.kind.name(), op.phase);
     let held = hold > 0 && in_phase_ms < hold;
     if held && op.phase != Phase::Joint {
         return Ok(false);

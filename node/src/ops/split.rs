@@ -23,14 +23,18 @@ use crate::split::steps;
 
 /// Does the work of a split's current phase. `Ok(true)`: it moved on;
 /// `Ok(false)`: nothing to do yet.
+/// Also drives a merge (`super::merge`): a split run backwards, from the
+/// right range's shard (source) into the left one's (target).
 pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> Result<bool, ExecError> {
-    let OpKind::Split { source, target, .. } = &op.kind else {
-        return Err(ExecError::Internal("not a split".into()));
+    let (source, target, merge) = match &op.kind {
+        OpKind::Split { source, target, .. } => (source, target, false),
+        OpKind::Merge { right, left, .. } => (right, left, true),
+        OpKind::Move { .. } => return Err(ExecError::Internal("not a split".into())),
     };
     pace.enter(op.phase);
     let mut obs = Observed {
         now_ms: now_ms(),
-        hold_ms: hold_ms(op.phase),
+        hold_ms: hold_ms(op.kind.name(), op.phase),
         since_report: pace.last_report.elapsed(),
         stalled_for: pace.moved_at.elapsed(),
         stall_limit: node.settings().split_stall,
@@ -78,6 +82,7 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
                 figures = Some((status.keys, status.bytes));
                 obs.target = Some(i);
             }
+            Step::CreateTarget if merge => return super::merge::begin_absorb(node, op).await,
             Step::CreateTarget => return create_target(node, op).await,
             Step::BeginCapture => return begin_capture(node, op).await,
             Step::Capture { report, freeze } => {
@@ -106,29 +111,41 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
                 // this node's clock past every change the source made to the
                 // range, so the target's activation, stamped from it, comes
                 // after them all (`watch`: the target's changes follow).
-                let (committed, closed) = tokio::join!(
-                    meta(node, MetaCommand::CommitSplit { op_id: op.op_id, now_ms: now_ms() }),
-                    steps::shard_step(node, *source, ShardCommand::Close, 0)
-                );
+                let frozen_ts = obs.source.as_ref().map_or(0, |s| s.frozen_ts);
+                let commit = match merge {
+                    true => super::merge::commit(op, frozen_ts),
+                    false => MetaCommand::CommitSplit { op_id: op.op_id, now_ms: now_ms() },
+                };
+                let (committed, closed) =
+                    tokio::join!(meta(node, commit), steps::shard_step(node, *source, ShardCommand::Close, 0));
                 committed?;
                 closed?;
-                metrics::counter!("cleave_splits_committed_total").increment(1);
+                if !merge {
+                    metrics::counter!("cleave_splits_committed_total").increment(1);
+                }
                 // A test's hold of `Committed` (`--fault-hold`): cut over
                 // in the next step, once it has passed.
-                if hold_ms(Phase::Committed) > 0 {
+                if hold_ms(op.kind.name(), Phase::Committed) > 0 {
                     return Ok(true);
                 }
                 // Writes are still paused: cut over at once, with the
                 // figures just observed (the planner commits only after
                 // seeing a target that applied the whole forward log).
+                if merge {
+                    return super::merge::cutover(node, op, frozen_ts).await;
+                }
                 return cutover(node, op, figures).await;
             }
             Step::Cutover => {
                 // Resumed: this node's clock may not have seen the source's
                 // last changes yet (see `Step::Commit`).
                 steps::shard_step(node, *source, ShardCommand::Close, 0).await?;
+                if let OpKind::Merge { frozen_ts, .. } = &op.kind {
+                    return super::merge::cutover(node, op, *frozen_ts).await;
+                }
                 return cutover(node, op, None).await;
             }
+            Step::Cleanup if merge => return super::merge::cleanup(node, op).await,
             Step::Cleanup => return cleanup(node, op).await,
         }
     }
@@ -236,13 +253,18 @@ async fn create_target(node: &Node, op: &Operation) -> Result<bool, ExecError> {
 }
 
 /// `Created`: the source begins capturing writes to the moving range.
+/// For a merge: the right range, the left shard (which absorbs it).
 async fn begin_capture(node: &Node, op: &Operation) -> Result<bool, ExecError> {
-    let OpKind::Split { range_id, split_key, source, target, .. } = &op.kind else {
-        return Err(ExecError::Internal("not a split".into()));
+    let (source, target, (start, end)) = match &op.kind {
+        OpKind::Split { range_id, split_key, source, target, .. } => {
+            let dir = node.directory();
+            let range = dir.range(*range_id).ok_or(ExecError::Internal(format!("range {range_id} vanished")))?;
+            (source, target, (split_key.clone(), range.end.clone()))
+        }
+        OpKind::Merge { right, left, .. } => (right, left, super::merge::moving_range(node, op)?),
+        OpKind::Move { .. } => return Err(ExecError::Internal("not a split".into())),
     };
-    let dir = node.directory();
-    let range = dir.range(*range_id).ok_or(ExecError::Internal(format!("range {range_id} vanished")))?;
-    let (op_id, start, end, target) = (op.op_id, split_key.clone(), range.end.clone(), *target);
+    let (op_id, target) = (op.op_id, *target);
     // As the target's replicas were created: filled beside the source or not.
     let status = steps::incoming_status(node, target, 0).await?;
     let cmd = match status.incoming.filter(|i| i.op_id == op_id).map(|i| i.mirror_of) {

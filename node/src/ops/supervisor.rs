@@ -139,11 +139,8 @@ async fn drive(node: &Arc<Node>, op_id: OpId) {
             return;
         }
         let stepped = match &op.kind {
-            OpKind::Split { .. } => super::split::step(node, &op, &mut pace).await,
+            OpKind::Split { .. } | OpKind::Merge { .. } => super::split::step(node, &op, &mut pace).await,
             OpKind::Move { .. } => super::moves::step(node, &op, &mut pace.last_report).await,
-            // Recorded by the directory (`PlanMerge`), not yet planned by
-            // any endpoint nor driven: see docs/plans/merge.md.
-            OpKind::Merge { .. } => Err(ExecError::Unavailable("merges are not driven yet".into())),
         };
         match stepped {
             Ok(true) => failures = 0,

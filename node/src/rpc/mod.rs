@@ -165,6 +165,9 @@ node_calls! {
     /// A shard's changes after a position, from the replica on the called
     /// node, waiting for some up to `req.wait_ms` (`watch::serve`).
     WatchChanges { shard: ShardId, req: crate::watch::serve::ChangesRequest } -> crate::watch::serve::ChangesReply;
+    /// Ask the metadata leader to merge range `range_id` with its
+    /// right-hand neighbour; answers the operation's id.
+    StartMerge { range_id: u64, reason: String, hops: u8 } -> OpId;
 }
 
 /// The answer to a [`Ping`]: the groups whose replica on the answering node
@@ -237,6 +240,9 @@ pub struct ForwardStatus {
     /// The source's content digest of the range, once frozen and complete.
     pub digest: Option<u64>,
     pub frozen_at: Option<u64>,
+    /// The freeze entry's timestamp (0 until frozen): a merge's target
+    /// takes the range's history from there on (`kv::Absorbed`).
+    pub frozen_ts: crate::clock::Ts,
     /// The target's copies disagree (a mirrored split): give it up.
     pub mismatch: Option<String>,
 }

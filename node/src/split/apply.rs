@@ -19,6 +19,16 @@ fn drop_forward_log(db: &Db, group: u64, op: u64, batch: &mut rocksdb::WriteBatc
     batch.delete_range_cf(cf, kv::forward_key(group, op, 0), kv::forward_key(group, op.wrapping_add(1), 0));
 }
 
+/// Deletes the user data of `group` in `[start, end)`.
+fn delete_span(db: &Db, group: u64, start: &str, end: Option<&str>, batch: &mut rocksdb::WriteBatch) {
+    let cf = storage::cf(db, storage::CF_DATA);
+    let end = match end {
+        Some(e) => data_key(group, e.as_bytes()),
+        None => kv::user_data_end(group),
+    };
+    batch.delete_range_cf(cf, data_key(group, start.as_bytes()), end);
+}
+
 /// The backfill files an entry asks this replica to ingest before it is
 /// applied: `(op, attempt, files)` of a `BackfillFiles` the replica is
 /// waiting for (an entry of an earlier attempt, after the backfill was
@@ -97,12 +107,7 @@ pub fn apply(
             if state.moved.iter().any(|m| m.range_id == moved.range_id && m.epoch == moved.epoch) {
                 return Ok(Ok(index));
             }
-            let cf = storage::cf(db, storage::CF_DATA);
-            let end = match &moved.end {
-                Some(e) => data_key(group, e.as_bytes()),
-                None => kv::user_data_end(group),
-            };
-            batch.delete_range_cf(cf, data_key(group, moved.start.as_bytes()), end);
+            delete_span(db, group, &moved.start, moved.end.as_deref(), batch);
             overlay.retain(|k, _| !moved.contains(k));
             drop_forward_log(db, group, *op_id, batch);
             state.captures.retain(|c| c.op_id != *op_id);
@@ -259,8 +264,76 @@ pub fn apply(
                 crate::watch::changes::trim(db, batch, group, *through);
                 state.change_log.trimmed_through = *through;
                 state.change_log.bytes = state.change_log.bytes.saturating_sub(*bytes);
+                // A watch behind an absorption is now behind the trim too.
+                state.absorbed.retain(|a| a.since > *through);
                 *changed = true;
             }
+            Ok(Ok(index))
+        }
+        ShardCommand::BeginAbsorb { op_id, start, end, source } => {
+            match &state.incoming {
+                Some(i) if i.op_id == *op_id => return Ok(Ok(index)),
+                Some(i) => return Ok(Err(StepError::Overlaps { op_id: *op_id, running: i.op_id })),
+                None => {}
+            }
+            if state.has_ended(*op_id) {
+                return Ok(Err(StepError::Ended { op_id: *op_id }));
+            }
+            if state.ranges.iter().any(|r| r.overlaps(start, end.as_deref())) {
+                return Ok(Err(StepError::Owned { start: start.clone(), end: end.clone() }));
+            }
+            let incoming =
+                kv::Incoming { source: Some(*source), ..kv::Incoming::new(*op_id, start.clone(), end.clone()) };
+            state.incoming = Some(incoming);
+            *changed = true;
+            Ok(Ok(index))
+        }
+        ShardCommand::Absorb { op_id, ranges, since } => {
+            match state.incoming.take() {
+                Some(inc) if inc.op_id == *op_id => {
+                    state.absorbed.push(kv::Absorbed { start: inc.start, end: inc.end, since: *since });
+                    state.ranges = ranges.clone();
+                    state.end_op(*op_id);
+                    *changed = true;
+                }
+                other => {
+                    state.incoming = other;
+                    if !state.has_ended(*op_id) {
+                        return Ok(Err(StepError::NotReceiving { op_id: *op_id }));
+                    }
+                }
+            }
+            Ok(Ok(index))
+        }
+        ShardCommand::DropAbsorbed { op_id } => {
+            if let Some(inc) = state.incoming.take_if(|i| i.op_id == *op_id) {
+                delete_span(db, group, &inc.start, inc.end.as_deref(), batch);
+                overlay.retain(|k, _| !kv::within(k, &inc.start, inc.end.as_deref()));
+                stats.add(StatsDelta { keys: -(inc.live.0 as i64), bytes: -(inc.live.1 as i64) });
+            }
+            state.end_op(*op_id);
+            *changed = true;
+            Ok(Ok(index))
+        }
+        ShardCommand::Subsumed { op_id, merged } => {
+            if state.moved.iter().any(|m| m.range_id == merged.range_id && m.epoch == merged.epoch) {
+                return Ok(Ok(index));
+            }
+            for r in state
+                .ranges
+                .iter()
+                .filter(|r| kv::span_within(&r.start, r.end.as_deref(), &merged.start, merged.end.as_deref()))
+            {
+                delete_span(db, group, &r.start, r.end.as_deref(), batch);
+            }
+            overlay.retain(|k, _| !merged.contains(k));
+            drop_forward_log(db, group, *op_id, batch);
+            state.captures.retain(|c| c.op_id != *op_id);
+            state.end_op(*op_id);
+            state.ranges.retain(|r| !kv::span_within(&r.start, r.end.as_deref(), &merged.start, merged.end.as_deref()));
+            state.moved.retain(|m| !kv::span_within(&m.start, m.end.as_deref(), &merged.start, merged.end.as_deref()));
+            state.moved.push(merged.clone());
+            *changed = true;
             Ok(Ok(index))
         }
     }

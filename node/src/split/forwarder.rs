@@ -214,6 +214,7 @@ async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<Forward
             st.last_seq = last_seq;
             st.shipped = shipped;
             st.frozen_at = cap_now.frozen_at;
+            st.frozen_ts = cap_now.frozen_ts;
             // The digest of the data this source holds in the range (not the
             // forward log's account of it): what the target must match.
             st.digest = complete.then_some(capture_base.wrapping_add(cap_now.changes));
@@ -312,9 +313,16 @@ async fn backfill(
     dir: &std::path::Path,
     status: &Mutex<ForwardStatus>,
 ) -> Result<(sst::Written, Vec<sst::SstFile>), ExecError> {
-    let replicas = match node.directory().ops.get(&cap.op_id).map(|o| &o.kind) {
-        Some(OpKind::Split { target_replicas, .. }) => target_replicas.clone(),
-        _ => return Err(ExecError::Unavailable(format!("operation {} is not in the directory here", cap.op_id))),
+    let directory = node.directory();
+    let replicas = match directory.ops.get(&cap.op_id).map(|o| &o.kind) {
+        Some(OpKind::Split { target_replicas, .. }) => Some(target_replicas.clone()),
+        // A merge's target is the left shard, whose replicas stay put while
+        // it runs (the shard is busy).
+        Some(OpKind::Merge { left, .. }) => directory.shards.get(left).map(|s| s.replicas.clone()),
+        _ => None,
+    };
+    let Some(replicas) = replicas else {
+        return Err(ExecError::Unavailable(format!("operation {} is not in the directory here", cap.op_id)));
     };
     let db = node.ctx().db.clone();
     status.lock().unwrap().bytes_total = range_size_estimate(&db, group, cap);

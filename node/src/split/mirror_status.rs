@@ -91,6 +91,7 @@ fn fold(reports: &[Option<MirrorReport>], frozen_at: Option<u64>, estimate: u64)
         drained: true,
         digest: None,
         frozen_at,
+        frozen_ts: 0,
         mismatch: None,
     };
     st.keys_total = st.keys_copied;

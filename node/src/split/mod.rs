@@ -18,6 +18,12 @@
 //!   destroying replicas).
 //!
 //! When to split on its own is decided by `balance::auto_split`.
+//!
+//! A range merge (`ops::merge`) runs the same machinery backwards: the
+//! right range's shard captures its whole range into the left one's, which
+//! receives it beside its own ranges (`BeginAbsorb`) and takes it over at
+//! the cutover (`Absorb`), while the right shard is `Subsumed` and then
+//! deleted.
 
 pub mod apply;
 pub mod digest;
@@ -28,3 +34,6 @@ pub mod receive;
 pub mod split_key;
 pub mod sst;
 pub mod steps;
+
+#[cfg(test)]
+mod merge_tests;

@@ -160,6 +160,17 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Merge range RANGE_ID with its right-hand neighbour into one range of RANGE_ID's shard.
+    ///
+    /// Follows the merge with a progress bar until it is done or aborted, then prints its phase durations
+    /// and how long writes to the merged keys were paused. Exits with 7 if the merge was aborted.
+    Merge {
+        /// The left range of the two.
+        range_id: u64,
+        /// Print the operation id and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Move shard SHARD's replica from node FROM to node TO (shard 0 is the metadata group).
     ///
     /// The new replica catches up as a learner, then joint consensus swaps it in and the old one is
@@ -354,6 +365,10 @@ async fn run(cli: Cli) -> Result<()> {
             .context("cannot start the split")?;
             run_operation(&client, out, "split", id, no_wait).await
         }
+        Command::Merge { range_id, no_wait } => {
+            let id = client.merge_range(range_id).await.context("cannot start the merge")?;
+            run_operation(&client, out, "merge", id, no_wait).await
+        }
         Command::Move { shard, from_node, to_node, no_wait } => {
             let id = client.move_replica(shard, from_node, to_node).await.context("cannot start the move")?;
             run_operation(&client, out, "move", id, no_wait).await
@@ -499,6 +514,12 @@ mod tests {
         assert!(matches!(
             parse(&["cleave", "split", "--range", "3", "--no-wait"]),
             Ok(Command::Split { key: None, range: Some(3), no_wait: true })
+        ));
+        assert!(matches!(parse(&["cleave", "merge", "4"]), Ok(Command::Merge { range_id: 4, no_wait: false })));
+        assert!(parse(&["cleave", "merge"]).is_err(), "the range is required");
+        assert!(matches!(
+            parse(&["cleave", "merge", "4", "--no-wait"]),
+            Ok(Command::Merge { range_id: 4, no_wait: true })
         ));
         assert!(parse(&["cleave", "split"]).is_err(), "a key or --range is required");
         assert!(parse(&["cleave", "split", "k", "--range", "3"]).is_err(), "not both");

@@ -3,8 +3,8 @@
 //! one-line-per-operation table, the detailed view with phase durations (and
 //! a split's write pause), and the short progress message.
 //!
-//! A split walks `planned → created → capturing → frozen → committed → done`,
-//! a move `planned → created → learning → joint → committed → done`; either
+//! A split (and a merge) walks `planned → created → capturing → frozen →
+//! committed → done`, a move `planned → created → learning → joint → committed → done`; either
 //! may end `aborted` before it commits (a move before `joint`). The server
 //! reports how long each phase took and how far the copy got: for a split,
 //! the keys backfilled into the new shard and the forwarded writes not yet
@@ -77,7 +77,7 @@ pub fn details(v: &OperationView) -> String {
             }
             out
         }
-        OpKind::Merge { left_range, right_range, left, right, right_replicas, reason } => {
+        OpKind::Merge { left_range, right_range, left, right, right_replicas, reason, .. } => {
             let nodes: Vec<String> = right_replicas.iter().map(|r| r.node_id.to_string()).collect();
             vec![
                 format!("operation {}: merge range {right_range} into range {left_range}", op.op_id),
@@ -134,7 +134,7 @@ pub fn progress_message(v: &OperationView) -> String {
     let p = &v.op.progress;
     let mut notes = Vec::new();
     match (v.op.phase, &v.op.kind) {
-        (Phase::Capturing, OpKind::Split { .. }) if p.keys_total > 0 => {
+        (Phase::Capturing, OpKind::Split { .. } | OpKind::Merge { .. }) if p.keys_total > 0 => {
             notes.push(format!("{}/{} keys", p.keys_copied, p.keys_total));
             if p.forward_backlog > 0 {
                 notes.push(format!("backlog {}", p.forward_backlog));
