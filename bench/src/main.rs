@@ -149,7 +149,8 @@ struct Common {
 /// The workload options.
 #[derive(Args, Debug, Clone)]
 struct WorkloadArgs {
-    /// a: 50% read/50% update; b: 95/5; c: read only; write: updates only; scan: --scan-len keys from a random key.
+    /// a: 50% read/50% update; b: 95/5; c: read only; write: updates only; scan: --scan-len keys from a random key;
+    /// sequential: inserts of new keys in increasing order.
     #[arg(long, value_enum, default_value_t = Workload::A)]
     workload: Workload,
     /// Which keys requests pick.
@@ -173,6 +174,10 @@ struct WorkloadArgs {
     /// CleaveDB: read from the receiving replica instead of linearizably.
     #[arg(long)]
     stale: bool,
+    /// CleaveDB: first declare the benchmark's keys (prefix "user") a hash-spread keyspace of
+    /// this many buckets (2-256), so sequential keys spread over that many shards.
+    #[arg(long)]
+    hash_buckets: Option<u32>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -327,6 +332,10 @@ async fn workload(cmd: &RunCmd, presplit: Option<u64>) -> Result<bool> {
     });
     if let Some(client) = target.cleave() {
         client.health().await.context("the cluster does not answer")?;
+        if let Some(n) = w.hash_buckets {
+            let k = client.declare_keyspace("user", n).await.context("declaring the keyspace \"user\"")?;
+            eprintln!("keyspace \"user\": {} hash buckets, active: {}", k.hash_buckets, k.active);
+        }
         if let Some(n) = presplit {
             multi::presplit(client, w.keys, n, Duration::from_millis(100)).await?;
         }
@@ -341,7 +350,7 @@ async fn workload(cmd: &RunCmd, presplit: Option<u64>) -> Result<bool> {
         "target": c.target, "endpoints": c.endpoints, "workload": w.workload, "distribution": w.distribution,
         "keys": w.keys, "value_size": c.value_size, "scan_len": w.scan_len, "concurrency": c.concurrency,
         "rate": c.rate, "duration_s": w.duration.as_secs_f64(), "warmup_s": w.warmup.as_secs_f64(),
-        "ranges": presplit, "stale_reads": w.stale,
+        "ranges": presplit, "stale_reads": w.stale, "hash_buckets": w.hash_buckets,
     });
     let job = Arc::new(Job {
         workload: w.workload,
@@ -351,6 +360,7 @@ async fn workload(cmd: &RunCmd, presplit: Option<u64>) -> Result<bool> {
         concurrency: c.concurrency,
         rate: c.rate,
         keep_completions: false,
+        next_new_key: std::sync::atomic::AtomicU64::new(w.keys),
     });
     let clock = Arc::new(Clock::new(w.warmup, Some(w.duration)));
     let live = Arc::new(Live::default());

@@ -36,6 +36,9 @@ pub struct Job {
     pub rate: Option<f64>,
     /// Keep every successful write's completion (for pause analysis).
     pub keep_completions: bool,
+    /// The number of the next key a `sequential` insert writes (past the
+    /// loaded keys, shared by every worker).
+    pub next_new_key: AtomicU64,
 }
 
 /// The run's time line: start, end of warmup, end.
@@ -119,7 +122,10 @@ async fn worker(w: usize, target: &Target, job: &Job, clock: &Clock, live: &Live
             }
         };
         let op = job.workload.pick(rng.random());
-        let key = keys::key(job.chooser.next(&mut rng));
+        let key = match job.workload {
+            Workload::Sequential => keys::key(job.next_new_key.fetch_add(1, Ordering::Relaxed)),
+            _ => keys::key(job.chooser.next(&mut rng)),
+        };
         let result = match op {
             OpType::Read => target.get(&key).await.map(|found| (!found, false)),
             OpType::Update => target.put(&key, job.values.pick(&mut rng)).await.map(|_| (false, false)),

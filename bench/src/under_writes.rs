@@ -189,6 +189,7 @@ impl Load {
             concurrency: s.concurrency,
             rate: s.rate,
             keep_completions: true,
+            next_new_key: std::sync::atomic::AtomicU64::new(self.keys),
         });
         let clock = Arc::new(Clock::new(Duration::ZERO, None));
         let start_unix_ms = unix_ms();

@@ -5,6 +5,9 @@
 //! tagging), C read-only (a cache). `write` is updates only, and `scan`
 //! reads `--scan-len` consecutive keys from a random start (YCSB E without
 //! its inserts). An update overwrites an existing key with a new value.
+//! `sequential` inserts new keys in increasing order (timestamps,
+//! auto-increment ids: every write lands at the end of the key space,
+//! which splitting cannot spread; a hash-spread keyspace can).
 //! `txn` is two-key transfers (CleaveDB only): a read-only transaction of
 //! two keys, then one that moves 1 from one to the other if neither
 //! changed in between — one shard or two, as the keys fall.
@@ -55,6 +58,8 @@ pub enum Workload {
     Scan,
     /// Two-key transfers through transactions (CleaveDB only).
     Txn,
+    /// Inserts of new keys in increasing order.
+    Sequential,
 }
 
 impl Workload {
@@ -64,7 +69,7 @@ impl Workload {
             Workload::A => 0.5,
             Workload::B => 0.95,
             Workload::C => 1.0,
-            Workload::Write | Workload::Scan | Workload::Txn => 0.0,
+            Workload::Write | Workload::Scan | Workload::Txn | Workload::Sequential => 0.0,
         }
     }
 
@@ -99,6 +104,7 @@ mod tests {
         assert_eq!(mix(Workload::Write), [0, 1000, 0, 0]);
         assert_eq!(mix(Workload::Scan), [0, 0, 1000, 0]);
         assert_eq!(mix(Workload::Txn), [0, 0, 0, 1000]);
+        assert_eq!(mix(Workload::Sequential), [0, 1000, 0, 0], "inserts are writes");
         assert_eq!(OpType::ALL.map(OpType::name), ["read", "update", "scan", "txn"]);
     }
 }

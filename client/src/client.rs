@@ -22,9 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cleave_metadata::api::{
-    Consistency, Item, MergeRequest, MoveRequest, NodeCondition, NodeStatus, OperationStarted, OperationView, PutBody,
-    ScanResult, ShardStatus, SplitRequest, TransferLeaderRequest, TransferLeaderResponse, TxnOpKind, TxnRequest,
-    TxnResponse, WriteResult,
+    Consistency, Item, KeyspaceRequest, KeyspaceView, MergeRequest, MoveRequest, NodeCondition, NodeStatus,
+    OperationStarted, OperationView, PutBody, ScanResult, ShardStatus, SplitRequest, TransferLeaderRequest,
+    TransferLeaderResponse, TxnOpKind, TxnRequest, TxnResponse, WriteResult,
 };
 use cleave_metadata::{Directory, NodeId, OpId, RangeDescriptor, RangeId, ShardId};
 use reqwest::Method;
@@ -314,6 +314,19 @@ impl Client {
         // Not replayed after "no answer": a second operation could start.
         let started: OperationStarted = self.admin_post(path.to_owned(), Some(body), RequestKind::Conditional).await?;
         Ok(started.operation_id)
+    }
+
+    /// Declares a hash-spread keyspace: keys under `prefix` are spread over
+    /// `hash_buckets` (2–256) buckets, each its own range and shard, while
+    /// every request keeps using plain keys. Returns once the keyspace is
+    /// active (the buckets are split off). Declaring the same again is
+    /// harmless; a prefix holding data or overlapping another keyspace is
+    /// refused with [`Error::Api`] 409.
+    pub async fn declare_keyspace(&self, prefix: &str, hash_buckets: u32) -> Result<KeyspaceView> {
+        let body = json_body(&KeyspaceRequest { hash_buckets: Some(hash_buckets) })?;
+        let path = format!("/admin/keyspaces/{}", crate::endpoint::encode(prefix));
+        let call = Call::admin(Method::PUT, path, Some(body), RequestKind::Idempotent).with_final_timeout();
+        decode(&self.inner.execute(&call).await?)
     }
 
     /// Makes the replica of shard `shard_id` on node `to_node` its leader

@@ -48,9 +48,9 @@ pub use routing::{Route, RoutingTable};
 
 pub use cleave_metadata;
 pub use cleave_metadata::api::{
-    Consistency, ErrorBody, ErrorCode, ErrorDetail, Item, Liveness, NodeCondition, NodeStatus, OperationView,
-    PrevValue, ScanResult, ShardStatus, TxnCompare, TxnOp, TxnOpKind, TxnRequest, TxnResponse, TxnResult, WatchEvent,
-    WriteResult,
+    Consistency, ErrorBody, ErrorCode, ErrorDetail, Item, KeyspaceView, Liveness, NodeCondition, NodeStatus,
+    OperationView, PrevValue, ScanResult, ShardStatus, TxnCompare, TxnOp, TxnOpKind, TxnRequest, TxnResponse,
+    TxnResult, WatchEvent, WriteResult,
 };
 pub use cleave_metadata::{
     Directory, NodeId, OpId, OpKind, Operation, Phase, Progress, RangeDescriptor, Replica, ShardId, META_GROUP,

@@ -287,6 +287,24 @@ pub struct MergeRequest {
     pub range_id: Option<u64>,
 }
 
+/// `PUT /admin/keyspaces/{prefix}` body: spread the keys under the prefix
+/// over `hash_buckets` buckets (2–256).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct KeyspaceRequest {
+    #[serde(default)]
+    pub hash_buckets: Option<u32>,
+}
+
+/// A hash-spread keyspace, as `GET /admin/keyspaces` lists it (and
+/// `PUT /admin/keyspaces/{prefix}` answers once it is active).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct KeyspaceView {
+    pub prefix: String,
+    pub hash_buckets: u32,
+    /// Its buckets are ranges of their own: the declaration is over.
+    pub active: bool,
+}
+
 /// `POST /admin/move` body: replace `shard_id`'s replica on `from_node` with
 /// a new one on `to_node` (shard 0 is the metadata group).
 #[derive(Serialize, Deserialize, Debug, Clone)]

@@ -123,6 +123,10 @@ pub enum MetaError {
     LastRange(RangeId),
     #[error("range {range_id} and its right-hand neighbour are both of shard {shard_id} already")]
     OneShard { range_id: RangeId, shard_id: ShardId },
+    /// A merge that would join two buckets of a hash-spread keyspace (or a
+    /// bucket and keys outside it), or a range that shares its shard.
+    #[error("range {range_id} cannot merge with its right-hand neighbour: {why}")]
+    BadMerge { range_id: RangeId, why: String },
     #[error("split key {key:?} is not strictly inside range {range_id}")]
     BadSplitKey { range_id: RangeId, key: String },
     #[error("cannot place replicas: {0}")]
@@ -277,11 +281,16 @@ impl Directory {
     }
 
     /// The replicas of a group, including a shard still being created by a
-    /// running split (not yet in `shards`) and a running move's new replica.
+    /// running split (not yet in `shards`), a running move's new replica and
+    /// a merge's right shard until the merge is over.
     pub fn group_replicas(&self, id: ShardId) -> Option<Vec<Replica>> {
         let mut out = self.group(id).map(|g| g.replicas.clone());
-        for op in self.ops.values().filter(|op| !op.phase.is_terminal()) {
-            for (group, r) in op.kind.new_replicas() {
+        // A merge's right shard stays routable after the merge, for as long
+        // as the operation is remembered: watches behind the merge read its
+        // change log while it lives (it is deleted shortly after).
+        let merged = |op: &&Operation| matches!(op.kind, OpKind::Merge { .. }) && op.phase == Phase::Done;
+        for op in self.ops.values().filter(|op| !op.phase.is_terminal() || merged(op)) {
+            for (group, r) in op.kind.needed_replicas() {
                 if group == id {
                     let v = out.get_or_insert_with(Vec::new);
                     if !v.contains(&r) {
@@ -301,16 +310,8 @@ impl Directory {
             || self
                 .active_ops()
                 .filter(|op| op.phase != Phase::Aborted)
-                .flat_map(|op| op.kind.new_replicas())
+                .flat_map(|op| op.kind.needed_replicas())
                 .any(|(g, r)| g == group && r.node_id == node)
-            // A merge's right shard leaves `shards` at the commit, but its
-            // replicas are needed until the cutover is over.
-            || self.active_ops().any(|op| match &op.kind {
-                OpKind::Merge { right, right_replicas, .. } => {
-                    *right == group && right_replicas.iter().any(|r| r.node_id == node)
-                }
-                _ => false,
-            })
     }
 
     /// Nodes for the `count` replicas of a new group: active nodes that are
@@ -564,6 +565,16 @@ impl Directory {
         if left.shard_id == right.shard_id {
             return Err(MetaError::OneShard { range_id, shard_id: left.shard_id });
         }
+        if let Some(prefix) = self.keyspaces.bound_at(&left.start, &right.start) {
+            let why = format!("{:?} is a bucket boundary of keyspace {prefix:?}", right.start);
+            return Err(MetaError::BadMerge { range_id, why });
+        }
+        for r in [&left, &right] {
+            if self.ranges.values().filter(|o| o.shard_id == r.shard_id).count() != 1 {
+                let why = format!("shard {} holds other ranges besides range {}", r.shard_id, r.range_id);
+                return Err(MetaError::BadMerge { range_id, why });
+            }
+        }
         let op_id = self.next_op_id.max(1);
         for r in [&left, &right] {
             self.ranges.get_mut(&r.start).expect("range").state = RangeState::Busy { op_id };
@@ -576,6 +587,7 @@ impl Directory {
             right_replicas,
             reason: reason.to_string(),
             frozen_ts: 0,
+            merged: None,
         };
         let created = self.new_op(kind, now_ms);
         debug_assert_eq!(created, op_id);
@@ -592,13 +604,13 @@ impl Directory {
         let left_start = self.range_start(left_range).ok_or(MetaError::UnknownRange(left_range))?;
         let right_start = self.range_start(right_range).ok_or(MetaError::UnknownRange(right_range))?;
         self.mark_committed(op_id, now_ms)?;
-        if let Some(OpKind::Merge { frozen_ts: f, .. }) = self.ops.get_mut(&op_id).map(|o| &mut o.kind) {
-            *f = frozen_ts;
-        }
         let l = self.ranges.remove(&left_start).expect("range");
         let r = self.ranges.remove(&right_start).expect("range");
-        let merged = RangeDescriptor { end: r.end, epoch: l.epoch.max(r.epoch) + 1, state: RangeState::Active, ..l };
-        self.ranges.insert(merged.start.clone(), merged);
+        let joined = RangeDescriptor { end: r.end, epoch: l.epoch.max(r.epoch) + 1, state: RangeState::Active, ..l };
+        if let Some(OpKind::Merge { frozen_ts: f, merged, .. }) = self.ops.get_mut(&op_id).map(|o| &mut o.kind) {
+            (*f, *merged) = (frozen_ts, Some(joined.clone()));
+        }
+        self.ranges.insert(joined.start.clone(), joined);
         self.shards.remove(&right);
         Ok(())
     }
@@ -1401,6 +1413,8 @@ mod merge_tests {
         let OpKind::Merge { right_replicas, frozen_ts, .. } = &d.ops[&op].kind else { panic!() };
         assert_eq!(right_replicas.len(), 3, "its replicas are remembered, to destroy");
         assert_eq!(*frozen_ts, 7, "the right shard's freeze is kept for the cutover");
+        let OpKind::Merge { merged, .. } = &d.ops[&op].kind else { panic!() };
+        assert_eq!(merged.as_ref(), Some(one), "the merged range is kept for the cutover");
         d.apply(&MetaCommand::CommitMerge { op_id: op, now_ms: 13, frozen_ts: 7 }).unwrap();
         assert_eq!(d.ranges.len(), 1, "committing again changes nothing");
         let abort = MetaCommand::AbortOp { op_id: op, reason: "x".into(), now_ms: 14, learner_only: false };
@@ -1423,6 +1437,20 @@ mod merge_tests {
             now_ms: 1,
         };
         assert_eq!(d.apply(&split), Err(MetaError::RangeBusy { range_id: right, op_id: op }));
+    }
+
+    #[test]
+    fn a_merge_across_a_keyspace_boundary_is_refused() {
+        let mut d = two_ranges();
+        let left = d.lookup("a").unwrap().range_id;
+        d.apply(&MetaCommand::DeclareKeyspace { prefix: "m".into(), buckets: 2 }).unwrap();
+        match merge(&mut d, left) {
+            Err(MetaError::BadMerge { range_id, why }) => {
+                assert!(range_id == left && why.contains("keyspace"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(d.ranges.values().all(|r| r.state == RangeState::Active), "nothing marked busy");
     }
 
     #[test]

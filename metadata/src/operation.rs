@@ -31,7 +31,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::range::Replica;
+use crate::range::{RangeDescriptor, Replica};
 use crate::{RangeId, ShardId};
 
 pub type OpId = u64;
@@ -99,6 +99,10 @@ pub enum OpKind {
         /// (what the left one is told when it absorbs the range).
         #[serde(default)]
         frozen_ts: u64,
+        /// The merged range, recorded at commit: what the cutover hands the
+        /// two shards (never read from a directory that may lag behind it).
+        #[serde(default)]
+        merged: Option<RangeDescriptor>,
     },
     /// Group `shard_id`'s replica `from` (on node `from.node_id`) is replaced
     /// by the new replica `to`.
@@ -130,6 +134,17 @@ impl OpKind {
             }
             OpKind::Move { shard_id, to, .. } => vec![(*shard_id, to.clone())],
             OpKind::Merge { .. } => Vec::new(),
+        }
+    }
+
+    /// The replicas the operation needs besides those the directory's
+    /// shards list: the ones it creates ([`OpKind::new_replicas`]) and a
+    /// merge's right shard, which leaves `shards` at the commit but is
+    /// needed (and routed to) until the cutover is over.
+    pub fn needed_replicas(&self) -> Vec<(ShardId, Replica)> {
+        match self {
+            OpKind::Merge { right, right_replicas, .. } => right_replicas.iter().map(|r| (*right, r.clone())).collect(),
+            _ => self.new_replicas(),
         }
     }
 

@@ -191,14 +191,15 @@ pub struct ShardState {
     pub absorbed: Vec<Absorbed>,
 }
 
-/// A merged-in range's history: its changes at or below `since` (the
-/// merge source's freeze) were in the source's change log, which went with
-/// the source. A watch positioned before `since` there cannot be answered.
+/// A merged-in range's lineage: its changes at or below `since` (the
+/// merge source's freeze) are in shard `from`'s change log (kept a while
+/// after the merge for the watches that are behind it; `watch::plan`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Absorbed {
     pub start: String,
     pub end: Option<String>,
     pub since: Ts,
+    pub from: ShardId,
 }
 
 /// A split's target's lineage: the changes of `[start, end)` at or below

@@ -20,13 +20,15 @@
 //!   deadline, and serving it there.
 //! - [`leader`]: the metadata leader's duties — confirmed leadership,
 //!   heartbeats and liveness, cluster views.
-//! - [`ops`]: the operations supervisor: live splits and replica moves,
-//!   each decided by a pure planner and carried out step by step.
+//! - [`ops`]: the operations supervisor: live splits, merges and replica
+//!   moves, each decided by a pure planner and carried out step by step.
+//! - [`keyspace`]: hash-spread keyspaces — declaring one, and the data
+//!   API's mapping of user keys to bucketed internal keys.
 //! - [`split`]: the shards' side of a split (forwarder, apply steps,
 //!   digest, calls to a shard's leader).
 //! - [`moves`]: membership steps at a group's leader, leader transfers,
 //!   decommissioning, replica garbage collection.
-//! - [`balance`]: the automatic split planner and the replica balancer
+//! - [`balance`]: the automatic split and merge planners and the replica balancer
 //!   (pure) and the loops that feed them.
 //! - [`api`], [`metrics`]: HTTP handlers and Prometheus metrics.
 //! - [`security`]: bearer tokens and roles for the API, the cluster secret
@@ -45,6 +47,7 @@ pub mod command;
 pub mod config;
 #[cfg(test)]
 mod golden;
+pub mod keyspace;
 pub mod kv;
 pub mod leader;
 pub mod metrics;

@@ -16,7 +16,7 @@ use std::time::Instant;
 use cleave_client::{Client, WatchEvent, WatchRequest};
 use cleave_tests::ledger::{preload, value_for, verify_ledger, verify_scan, Ledger, Load};
 use cleave_tests::ops::{
-    admin_post, assert_merge_outcome, describe, groups_per_node, metric_sum, range_of, ranges, start_merge,
+    admin_post, assert_merge_outcome, describe, groups_per_node, metric_sum, range_of, ranges, shards, start_merge,
     start_split, try_op, wait_all_shards_led, wait_done, wait_ended, wait_phase, Victim, PHASES,
 };
 use cleave_tests::watching::Watching;
@@ -54,10 +54,11 @@ async fn merge_under_load_keeps_every_acknowledged_write_and_every_watched_chang
     let (left, right) = (before[0].clone(), before[1].clone());
     let groups_before = groups_per_node(&c).await;
 
-    // A watch of the right range from before the merge: it must go on
-    // through it, missing nothing.
+    // A watch of the whole key space (both ranges) from before the merge:
+    // it must go on through it, missing nothing.
     let client = Client::new(c.apis()).expect("client");
-    let Watching { seen, task: watcher } = Watching::start(&client, WatchRequest::prefix("w/")).await;
+    let everything = WatchRequest { start: String::new(), end: None, ..WatchRequest::default() };
+    let Watching { seen, task: watcher } = Watching::start(&client, everything).await;
     // Writers of watched keys ("w/..", in the right range; each key has
     // one writer), acknowledged (key, version) kept. The values are the
     // ledger's, so the scanners and the final checks take them in too.
@@ -296,6 +297,12 @@ async fn cancel_before_commit_leaves_both_ranges_and_the_data() {
     for id in c.ids() {
         verify_ledger(&c, &ledger, id).await;
     }
+    // The left shard dropped what it had received: its figures are its own
+    // 100 keys again (the load rewrites keys, it adds none).
+    wait_until(secs(20), "the left shard to count its own keys only", || async {
+        shards(&c).await.iter().any(|s| s.shard_id == left.shard_id && s.keys == Some(100))
+    })
+    .await;
     // The left shard kept nothing of the right range: a merge afterwards
     // counts the right range's keys once.
     let id = start_merge(&c, 1, left.range_id).await;

@@ -80,10 +80,11 @@ pub async fn put(
     if value.len() > max {
         return Err(ApiError::too_large(format!("value is {} bytes of JSON; the limit is {max}", value.len())));
     }
+    let internal = crate::keyspace::internal(&s.node, &key)?;
     let version = s
         .node
         .router()
-        .write(KvOp::Put { key: key.clone(), value: value.to_string(), if_version: req.if_version })
+        .write(KvOp::Put { key: internal, value: value.to_string(), if_version: req.if_version })
         .await?;
     Ok(Json(WriteResult { key, version }))
 }
@@ -102,7 +103,8 @@ pub async fn get(
             return Err(ApiError::bad_request(format!("unknown consistency {other:?}: use linearizable or stale")))
         }
     };
-    match s.node.router().read(&key, consistency == Consistency::Linearizable).await? {
+    let internal = crate::keyspace::internal(&s.node, &key)?;
+    match s.node.router().read(&internal, consistency == Consistency::Linearizable).await? {
         Some((version, json)) => Ok(Json(Item { key, value: raw(json)?, version }).into_response()),
         None => Err(ApiError::new(ErrorCode::NotFound, format!("key {key:?} not found"))),
     }
@@ -116,7 +118,8 @@ pub async fn delete(
     let key = key_of(path)?;
     let p = params(query)?;
     let if_version = parse_u64(&p, "if_version")?;
-    let version = s.node.router().write(KvOp::Delete { key: key.clone(), if_version }).await?;
+    let internal = crate::keyspace::internal(&s.node, &key)?;
+    let version = s.node.router().write(KvOp::Delete { key: internal, if_version }).await?;
     Ok(Json(WriteResult { key, version }))
 }
 
@@ -143,7 +146,8 @@ pub async fn scan(State(s): State<AppState>, query: Params) -> Result<Json<ScanR
     if end.as_ref().is_some_and(|e| *e < start) {
         return Err(ApiError::bad_request("end must not be before start"));
     }
-    let (items, more) = s.node.router().scan(&start, end.as_deref(), limit).await?;
+    // Keys under a hash-spread keyspace come from its buckets, merged.
+    let (items, more) = crate::keyspace::scan(&s.node, &start, end.as_deref(), limit).await?;
     let next = if more { items.last().map(|(k, _, _)| format!("{k}\u{0}")) } else { None };
     let items = items
         .into_iter()

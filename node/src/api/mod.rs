@@ -9,6 +9,7 @@
 mod admin;
 mod error;
 pub mod https;
+mod keyspaces;
 mod kv;
 mod moves;
 mod ops;
@@ -78,6 +79,8 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/directory", get(admin::directory))
         .route("/admin/split", post(ops::split))
         .route("/admin/merge", post(ops::merge))
+        .route("/admin/keyspaces", get(keyspaces::list))
+        .route("/admin/keyspaces/{*prefix}", axum::routing::put(keyspaces::declare))
         .route("/admin/move", post(moves::start_move))
         .route("/admin/transfer-leader", post(moves::transfer_leader))
         .route("/admin/nodes/{id}/decommission", post(moves::decommission))

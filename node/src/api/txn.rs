@@ -20,10 +20,16 @@ pub async fn txn(
 ) -> Result<Json<TxnResponse>, ApiError> {
     let body = body.map_err(body_error)?;
     let req: TxnRequest = super::json_object(&body, SHAPE)?;
-    let txn = plan::validate(req, s.node.settings().max_value_bytes).map_err(|e| match e {
+    let mut txn = plan::validate(req, s.node.settings().max_value_bytes).map_err(|e| match e {
         Invalid::Bad(m) => ApiError::bad_request(m),
         Invalid::TooLarge(m) => ApiError::too_large(m),
     })?;
+    // Keys under a hash-spread keyspace go to their buckets (and come back
+    // as the user wrote them, below).
+    let spaces = s.node.directory().keyspaces.clone();
+    for key in txn.keys_mut() {
+        *key = spaces.to_internal(key).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
     // In a task of its own: a client that hangs up must not cut the
     // coordinator off between its commit and the finishing of the other
     // shards (their locks would wait for someone to meet them).
@@ -39,14 +45,17 @@ pub async fn txn(
         .results
         .into_iter()
         .map(|o| {
+            let user = |key: String| spaces.to_user(&key);
             Ok(match o {
                 Outcome::Written { key, version } => {
-                    TxnResult { key, value: None, version: Some(version), found: None }
+                    TxnResult { key: user(key), value: None, version: Some(version), found: None }
                 }
                 Outcome::Got { key, version, value } => {
-                    TxnResult { key, value: Some(raw(value)?), version: Some(version), found: None }
+                    TxnResult { key: user(key), value: Some(raw(value)?), version: Some(version), found: None }
                 }
-                Outcome::Missing { key } => TxnResult { key, value: None, version: None, found: Some(false) },
+                Outcome::Missing { key } => {
+                    TxnResult { key: user(key), value: None, version: None, found: Some(false) }
+                }
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;

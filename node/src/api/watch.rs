@@ -55,7 +55,11 @@ pub async fn watch(
         Some("true") => true,
         Some(other) => return Err(ApiError::bad_request(format!("prev must be true or false, got {other:?}"))),
     };
-    let outbox = stream::open(s.node.clone(), WatchSpec { start, end, cursor, prev }).await.map_err(|e| match e {
+    // Keys under a hash-spread keyspace: read the whole keyspace, keep the
+    // user's keys.
+    let (start, end, keys) = crate::keyspace::watch_span(&s.node.directory().keyspaces, &start, end.as_deref());
+    let spec = WatchSpec { start, end, cursor, prev, keys };
+    let outbox = stream::open(s.node.clone(), spec).await.map_err(|e| match e {
         OpenError::Compacted => ApiError::new(ErrorCode::Compacted, e.to_string()),
         OpenError::Unavailable(m) => ApiError::new(ErrorCode::Unavailable, m),
     })?;

@@ -25,8 +25,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cleave_metadata::keyspace::bucket_bounds;
-use cleave_metadata::{Directory, OpKind, Phase, RangeDescriptor, RangeId, RangeState};
+use cleave_metadata::{Directory, NodeId, OpKind, Phase, RangeDescriptor, RangeId, RangeState, ShardId};
 
 /// Thresholds for automatic merges.
 #[derive(Clone, Debug)]
@@ -47,8 +46,18 @@ pub struct ShardFigures {
     pub qps: f64,
 }
 
-/// The left ranges of the pairs to merge now.
-pub fn plan(dir: &Directory, figures: &HashMap<u64, ShardFigures>, policy: &MergePolicy, now_ms: u64) -> Vec<RangeId> {
+/// The left ranges of the pairs to merge now. `live`: the nodes heard
+/// from recently (a merge copies to every replica of the left shard and
+/// needs the right one's quorum: a pair with a replica on a node that is
+/// down would stall, abort and be tried again, keeping both shards busy
+/// and the healer out).
+pub fn plan(
+    dir: &Directory,
+    figures: &HashMap<u64, ShardFigures>,
+    policy: &MergePolicy,
+    now_ms: u64,
+    live: &[NodeId],
+) -> Vec<RangeId> {
     if policy.merge_size == 0 {
         return Vec::new();
     }
@@ -64,6 +73,12 @@ pub fn plan(dir: &Directory, figures: &HashMap<u64, ShardFigures>, policy: &Merg
         }
         let (l, r) = (pair[0], pair[1]);
         if taken.contains(&l.range_id) || !mergeable(dir, l, r, policy, now_ms) {
+            continue;
+        }
+        let all_live = |shard: ShardId| {
+            dir.shards.get(&shard).is_some_and(|s| s.replicas.iter().all(|x| live.contains(&x.node_id)))
+        };
+        if !all_live(l.shard_id) || !all_live(r.shard_id) {
             continue;
         }
         let (Some(fl), Some(fr)) = (figures.get(&l.shard_id), figures.get(&r.shard_id)) else { continue };
@@ -84,20 +99,10 @@ fn mergeable(dir: &Directory, l: &RangeDescriptor, r: &RangeDescriptor, policy: 
         && l.shard_id != r.shard_id
         && [l, r].iter().all(|x| x.state == RangeState::Active && alone(x))
         && [l, r].iter().all(|x| !recently_split(dir, x.range_id, policy.cooldown, now_ms))
+        && !recently_failed(dir, l.range_id, policy.cooldown, now_ms)
         && dir.group_busy(l.shard_id).is_none()
         && dir.group_busy(r.shard_id).is_none()
-        && !keyspace_bound(dir, &l.start, &r.start)
-}
-
-/// Whether `right_start` (the boundary between a range starting at
-/// `left_start` and the next) is one a hash-spread keyspace keeps: its
-/// prefix, a bucket's bound, or its end.
-fn keyspace_bound(dir: &Directory, left_start: &str, right_start: &str) -> bool {
-    dir.keyspaces.0.iter().any(|(prefix, k)| {
-        right_start == prefix
-            || bucket_bounds(prefix, k.buckets).iter().any(|b| b == right_start)
-            || (left_start.starts_with(prefix.as_str()) && !right_start.starts_with(prefix.as_str()))
-    })
+        && dir.keyspaces.bound_at(&l.start, &r.start).is_none()
 }
 
 /// Whether a split that created or cut `range` finished within `cooldown`
@@ -108,6 +113,15 @@ fn recently_split(dir: &Directory, range: RangeId, cooldown: Duration, now_ms: u
         (*range_id == range || *new_range_id == range)
             && op.entered(Phase::Done).is_none_or(|t| now_ms.saturating_sub(t) < cooldown.as_millis() as u64)
             && op.phase != Phase::Aborted
+    })
+}
+
+/// Whether a merge of `left` with its neighbour was abandoned within
+/// `cooldown`: tried again only after it (what failed may fail again).
+fn recently_failed(dir: &Directory, left: RangeId, cooldown: Duration, now_ms: u64) -> bool {
+    dir.ops.values().any(|op| {
+        matches!(&op.kind, OpKind::Merge { left_range, .. } if *left_range == left)
+            && op.entered(Phase::Aborted).is_some_and(|t| now_ms.saturating_sub(t) < cooldown.as_millis() as u64)
     })
 }
 
@@ -152,20 +166,39 @@ mod tests {
     }
 
     const LATER: u64 = 100_000;
+    const LIVE: [NodeId; 3] = [1, 2, 3];
 
     #[test]
     fn merges_small_idle_neighbours_once_their_split_cooled_down() {
         let d = three();
         let first = d.lookup("a").unwrap().range_id;
-        assert!(plan(&d, &figures(&d, 10, 1.0), &policy(), 30_000).is_empty(), "within the split's cooldown");
-        assert_eq!(plan(&d, &figures(&d, 10, 1.0), &policy(), LATER), vec![first], "one slot: the first pair");
+        assert!(plan(&d, &figures(&d, 10, 1.0), &policy(), 30_000, &LIVE).is_empty(), "within the split's cooldown");
+        assert_eq!(plan(&d, &figures(&d, 10, 1.0), &policy(), LATER, &LIVE), vec![first], "one slot: the first pair");
         let two = MergePolicy { max_merges: 2, ..policy() };
-        assert_eq!(plan(&d, &figures(&d, 10, 1.0), &two, LATER).len(), 1, "a range merges once per round");
-        assert!(plan(&d, &figures(&d, 500, 1.0), &policy(), LATER).is_empty(), "together too large");
-        assert!(plan(&d, &figures(&d, 10, 30.0), &policy(), LATER).is_empty(), "together too busy");
+        assert_eq!(plan(&d, &figures(&d, 10, 1.0), &two, LATER, &LIVE).len(), 1, "a range merges once per round");
+        assert!(plan(&d, &figures(&d, 500, 1.0), &policy(), LATER, &LIVE).is_empty(), "together too large");
+        assert!(plan(&d, &figures(&d, 10, 30.0), &policy(), LATER, &LIVE).is_empty(), "together too busy");
         let off = MergePolicy { merge_size: 0, ..policy() };
-        assert!(plan(&d, &figures(&d, 0, 0.0), &off, LATER).is_empty(), "--merge-size 0: never");
-        assert!(plan(&d, &HashMap::new(), &policy(), LATER).is_empty(), "no figures, no merge");
+        assert!(plan(&d, &figures(&d, 0, 0.0), &off, LATER, &LIVE).is_empty(), "--merge-size 0: never");
+        assert!(plan(&d, &HashMap::new(), &policy(), LATER, &LIVE).is_empty(), "no figures, no merge");
+    }
+
+    #[test]
+    fn a_pair_with_a_replica_on_a_node_that_is_down_or_a_merge_just_abandoned_waits() {
+        let mut d = three();
+        let first = d.lookup("a").unwrap().range_id;
+        assert!(plan(&d, &figures(&d, 10, 1.0), &policy(), LATER, &[1, 2]).is_empty(), "node 3 is down");
+        let MetaResponse::Op(op) =
+            d.apply(&MetaCommand::PlanMerge { range_id: first, reason: "size".into(), now_ms: LATER }).unwrap()
+        else {
+            panic!()
+        };
+        let abort = MetaCommand::AbortOp { op_id: op, reason: "x".into(), now_ms: LATER, learner_only: false };
+        d.apply(&abort).unwrap();
+        d.apply(&MetaCommand::MarkCleaned { op_id: op }).unwrap();
+        let wants = plan(&d, &figures(&d, 10, 1.0), &policy(), LATER + 1_000, &LIVE);
+        assert!(!wants.contains(&first), "the pair just abandoned waits out the cooldown: {wants:?}");
+        assert_eq!(plan(&d, &figures(&d, 10, 1.0), &policy(), LATER + 61_000, &LIVE), vec![first]);
     }
 
     #[test]
@@ -173,20 +206,21 @@ mod tests {
         let mut d = three();
         let first = d.lookup("a").unwrap().range_id;
         d.apply(&MetaCommand::PlanMerge { range_id: first, reason: "admin".into(), now_ms: LATER }).unwrap();
-        assert!(plan(&d, &figures(&d, 10, 1.0), &policy(), LATER).is_empty(), "the one slot is taken");
+        assert!(plan(&d, &figures(&d, 10, 1.0), &policy(), LATER, &LIVE).is_empty(), "the one slot is taken");
         let two = MergePolicy { max_merges: 2, ..policy() };
-        assert!(plan(&d, &figures(&d, 10, 1.0), &two, LATER).is_empty(), "the other pair shares a busy range");
+        assert!(plan(&d, &figures(&d, 10, 1.0), &two, LATER, &LIVE).is_empty(), "the other pair shares a busy range");
     }
 
     #[test]
     fn keyspace_buckets_are_never_merged_into_each_other() {
+        use cleave_metadata::keyspace::bucket_bounds;
         let mut d = three();
         let bounds = bucket_bounds("g", 2);
         d.keyspaces.0.insert("g".into(), cleave_metadata::keyspace::Keyspace { buckets: 2, active: true });
         for (l, r) in [("a", "g"), ("g", &bounds[0]), (&bounds[0], &bounds[1]), (&bounds[2], "h")] {
-            assert!(keyspace_bound(&d, l, r), "{l:?} | {r:?} is the keyspace's");
+            assert_eq!(d.keyspaces.bound_at(l, r), Some("g"), "{l:?} | {r:?} is the keyspace's");
         }
-        assert!(!keyspace_bound(&d, "p", "q"));
-        assert!(!keyspace_bound(&d, "gx", "gy"), "within a bucket's keys");
+        assert_eq!(d.keyspaces.bound_at("p", "q"), None);
+        assert_eq!(d.keyspaces.bound_at("gx", "gy"), None, "within a bucket's keys");
     }
 }

@@ -160,7 +160,8 @@ pub async fn auto_merge(node: Arc<Node>, policy: MergePolicy) {
                 Some((*shard, ShardFigures { size_bytes: r.size_bytes?, qps: r.qps }))
             })
             .collect();
-        for range_id in plan_merges(&dir, &figures, &policy, crate::ops::now_ms()) {
+        let live = node.meta_leader().tracker().live_nodes();
+        for range_id in plan_merges(&dir, &figures, &policy, crate::ops::now_ms(), &live) {
             match crate::ops::merge::start(&node, range_id, "size".into(), 0).await {
                 Ok(op) => tracing::info!(range = range_id, op, "automatic merge started"),
                 Err(e) => tracing::debug!(range = range_id, "automatic merge not started: {e}"),

@@ -312,6 +312,9 @@ impl Node {
             }
             NodeRequest::MedianKey(req) => NodeReply::MedianKey(crate::split::steps::median_key(self, req).await?),
             NodeRequest::Ping(rpc::Ping { .. }) => NodeReply::Ping(rpc::Pong { failed: self.groups.failed() }),
+            NodeRequest::DeclareKeyspace(rpc::DeclareKeyspace { prefix, buckets, hops }) => {
+                NodeReply::DeclareKeyspace(crate::keyspace::declare(self, prefix, buckets, hops).await?)
+            }
             NodeRequest::StartMerge(rpc::StartMerge { range_id, reason, hops }) => {
                 NodeReply::StartMerge(crate::ops::merge::start(self, range_id, reason, hops).await?)
             }

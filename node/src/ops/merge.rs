@@ -67,20 +67,33 @@ pub(super) fn commit(op: &Operation, frozen_ts: u64) -> MetaCommand {
 /// joined one; then the source's replicas are deleted.
 /// `since`: the source's freeze timestamp (as the commit recorded it).
 pub(super) async fn cutover(node: &Node, op: &Operation, since: u64) -> Result<bool, ExecError> {
-    let OpKind::Merge { left_range, left, right, right_replicas, .. } = &op.kind else {
+    let OpKind::Merge { left, right, right_replicas, .. } = &op.kind else {
         return Err(ExecError::Internal("not a merge".into()));
     };
-    let merged =
-        node.directory().range(*left_range).cloned().ok_or(ExecError::Internal("merged range missing".into()))?;
+    // As the commit recorded it, never this node's directory: a driver
+    // whose commit was forwarded to a new metadata leader may not have
+    // applied it yet, and would find the left range as it was.
+    let merged = committed_range(node, op)?;
     let subsumed = ShardCommand::Subsumed { op_id: op.op_id, merged: merged.clone() };
     let absorb = ShardCommand::Absorb { op_id: op.op_id, ranges: vec![merged], since };
-    // Stamped after every change the source made (the caller closed it
-    // first), as a split target's activation is.
+    // Stamped after every change the source made to the range (none after
+    // its freeze), as a split target's activation is.
+    node.ctx().clock.observe(since);
     let at = node.ctx().clock.now();
-    let (done, active) =
-        tokio::join!(steps::shard_step(node, *right, subsumed, 0), steps::shard_step_at(node, *left, absorb, at, 0));
-    done?;
+    // Both at once, one consensus round. The source's step is a courtesy
+    // (stale routes learn the merged range at once, and its data goes
+    // early): frozen, it already refuses the range's writes and
+    // linearizable reads, and its replicas go once the merge is done. So
+    // a source that lost its quorum after the commit cannot hold the merge
+    // (and the left shard) up.
+    let subsume = tokio::time::timeout(SUBSUME_WAIT, steps::shard_step(node, *right, subsumed, 0));
+    let (done, active) = tokio::join!(subsume, steps::shard_step_at(node, *left, absorb, at, 0));
     active?;
+    match done {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(op = op.op_id, shard = right, "merge source not told it was subsumed: {e}"),
+        Err(_) => tracing::warn!(op = op.op_id, shard = right, "merge source not told it was subsumed in time"),
+    }
     let pause = op.entered(Phase::Frozen).map(|f| now_ms().saturating_sub(f));
     if let Some(p) = pause {
         metrics::histogram!("cleave_merge_write_pause_seconds").record(p as f64 / 1000.0);
@@ -88,15 +101,37 @@ pub(super) async fn cutover(node: &Node, op: &Operation, since: u64) -> Result<b
     meta(node, MetaCommand::FinishOp { op_id: op.op_id, write_pause_ms: pause, now_ms: now_ms() }).await?;
     metrics::counter!("cleave_merges_committed_total").increment(1);
     node.meta_leader().refresh_directory().await;
-    // After the merge is done: a replica not destroyed now (its node
-    // down, this leader gone) is one the directory no longer lists, which
-    // its node deletes on its own (`moves::gc`).
+    // After the merge is done, and a grace for the watches behind it (they
+    // read the source's changes up to its freeze: `watch::plan`). A replica
+    // not destroyed here (its node down, this leader gone) is one the
+    // directory no longer lists, which its node deletes on its own
+    // (`moves::gc`, after a grace as long).
+    tokio::time::sleep(SOURCE_GRACE).await;
     for r in right_replicas {
         if let Err(e) = steps::destroy_replica_at(node, r.node_id, *right, r.replica_id).await {
             tracing::info!(op = op.op_id, group = right, node = r.node_id, "merged shard's replica left to gc: {e}");
         }
     }
     Ok(true)
+}
+
+/// How long the merged source outlives the merge.
+const SOURCE_GRACE: std::time::Duration = crate::moves::gc::GRACE;
+
+/// How long the cutover tries to tell the source it was subsumed.
+const SUBSUME_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The merged range as the commit recorded it: from `op`, or from this
+/// node's directory once it has applied the commit (a driver that committed
+/// through another metadata leader waits for it).
+fn committed_range(node: &Node, op: &Operation) -> Result<RangeDescriptor, ExecError> {
+    let recorded = |o: &Operation| match &o.kind {
+        OpKind::Merge { merged: Some(m), .. } => Some(m.clone()),
+        _ => None,
+    };
+    recorded(op)
+        .or_else(|| node.directory().ops.get(&op.op_id).and_then(recorded))
+        .ok_or_else(|| ExecError::Unavailable("the merge's commit has not reached this node yet".into()))
 }
 
 /// `Aborted`: the capture ends and the target drops what it received.

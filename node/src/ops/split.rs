@@ -112,12 +112,23 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
                 // range, so the target's activation, stamped from it, comes
                 // after them all (`watch`: the target's changes follow).
                 let frozen_ts = obs.source.as_ref().map_or(0, |s| s.frozen_ts);
+                if merge && frozen_ts == 0 {
+                    // (The planner commits only once the source reported
+                    // its freeze, which carries it.)
+                    return Err(ExecError::Unavailable("the source's freeze timestamp is not known yet".into()));
+                }
                 let commit = match merge {
                     true => super::merge::commit(op, frozen_ts),
                     false => MetaCommand::CommitSplit { op_id: op.op_id, now_ms: now_ms() },
                 };
-                let (committed, closed) =
-                    tokio::join!(meta(node, commit), steps::shard_step(node, *source, ShardCommand::Close, 0));
+                // (A merge's cutover needs no close: see `merge::cutover`.)
+                let close = async {
+                    match merge {
+                        true => Ok(0),
+                        false => steps::shard_step(node, *source, ShardCommand::Close, 0).await,
+                    }
+                };
+                let (committed, closed) = tokio::join!(meta(node, commit), close);
                 committed?;
                 closed?;
                 if !merge {
@@ -137,12 +148,12 @@ pub(super) async fn step(node: &Arc<Node>, op: &Operation, pace: &mut Pace) -> R
                 return cutover(node, op, figures).await;
             }
             Step::Cutover => {
-                // Resumed: this node's clock may not have seen the source's
-                // last changes yet (see `Step::Commit`).
-                steps::shard_step(node, *source, ShardCommand::Close, 0).await?;
                 if let OpKind::Merge { frozen_ts, .. } = &op.kind {
                     return super::merge::cutover(node, op, *frozen_ts).await;
                 }
+                // Resumed: this node's clock may not have seen the source's
+                // last changes yet (see `Step::Commit`).
+                steps::shard_step(node, *source, ShardCommand::Close, 0).await?;
                 return cutover(node, op, None).await;
             }
             Step::Cleanup if merge => return super::merge::cleanup(node, op).await,

@@ -152,8 +152,18 @@ impl GroupSm {
         cmd: &Command,
     ) -> io::Result<()> {
         let (Command::Shard(step), SmState::Shard(s)) = (cmd, state) else { return Ok(()) };
-        if matches!(step, ShardCommand::Activate { .. }) {
-            // Files a late chunk staged after the ingest: nothing needs them.
+        let ends_receiving = match step {
+            ShardCommand::Activate { .. } => true,
+            // Only the merge being received (a late duplicate of an older
+            // one must not take a newer one's files).
+            ShardCommand::Absorb { op_id, .. } | ShardCommand::DropAbsorbed { op_id } => {
+                s.incoming.as_ref().is_some_and(|i| i.op_id == *op_id)
+            }
+            _ => false,
+        };
+        if ends_receiving {
+            // Files a late chunk staged after the ingest, or the attempts
+            // of a merge given up: nothing needs them.
             crate::split::receive::remove_staged(&self.snapshot_root, self.group);
         }
         let Some((op, attempt, files)) = crate::split::apply::backfill_files_to_ingest(s, step) else {

@@ -168,6 +168,9 @@ node_calls! {
     /// Ask the metadata leader to merge range `range_id` with its
     /// right-hand neighbour; answers the operation's id.
     StartMerge { range_id: u64, reason: String, hops: u8 } -> OpId;
+    /// Ask the metadata leader to declare a hash-spread keyspace; answers
+    /// once it is active (`keyspace::declare`).
+    DeclareKeyspace { prefix: String, buckets: u32, hops: u8 } -> cleave_metadata::keyspace::Keyspace;
 }
 
 /// The answer to a [`Ping`]: the groups whose replica on the answering node

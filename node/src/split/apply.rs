@@ -289,10 +289,25 @@ pub fn apply(
             Ok(Ok(index))
         }
         ShardCommand::Absorb { op_id, ranges, since } => {
+            // The new ranges must hold the shard's own and the absorbed one:
+            // an absorb built from an older directory would drop them.
+            let covered =
+                |s: &str, e: Option<&str>| ranges.iter().any(|r| kv::span_within(s, e, &r.start, r.end.as_deref()));
             match state.incoming.take() {
                 Some(inc) if inc.op_id == *op_id => {
-                    state.absorbed.push(kv::Absorbed { start: inc.start, end: inc.end, since: *since });
+                    let own = state.ranges.iter().all(|r| covered(&r.start, r.end.as_deref()));
+                    if !own || !covered(&inc.start, inc.end.as_deref()) {
+                        let (start, end) = (inc.start.clone(), inc.end.clone());
+                        state.incoming = Some(inc);
+                        return Ok(Err(StepError::NotOwned { start, end }));
+                    }
+                    // What it handed away earlier within the absorbed range
+                    // is its own again.
+                    state.moved.retain(|m| !covered(&m.start, m.end.as_deref()));
+                    let from = inc.source.unwrap_or_default();
+                    state.absorbed.push(kv::Absorbed { start: inc.start, end: inc.end, since: *since, from });
                     state.ranges = ranges.clone();
+                    state.ranges.sort_by(|a, b| a.start.cmp(&b.start));
                     state.end_op(*op_id);
                     *changed = true;
                 }
@@ -318,6 +333,16 @@ pub fn apply(
         ShardCommand::Subsumed { op_id, merged } => {
             if state.moved.iter().any(|m| m.range_id == merged.range_id && m.epoch == merged.epoch) {
                 return Ok(Ok(index));
+            }
+            // The merged range must hold what this shard captured for the
+            // merge: one built from an older directory would unfreeze the
+            // range and give nothing up.
+            let inside = |s: &str, e: Option<&str>| kv::span_within(s, e, &merged.start, merged.end.as_deref());
+            match state.captures.iter().find(|c| c.op_id == *op_id) {
+                Some(c) if inside(&c.start, c.end.as_deref()) => {}
+                Some(c) => return Ok(Err(StepError::NotOwned { start: c.start.clone(), end: c.end.clone() })),
+                None if state.has_ended(*op_id) => return Ok(Ok(index)),
+                None => return Ok(Err(StepError::NoCapture { op_id: *op_id })),
             }
             for r in state
                 .ranges

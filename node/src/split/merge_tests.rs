@@ -40,7 +40,7 @@ fn the_left_shard_absorbs_beside_its_own_range_and_serves_it_only_once_absorbed(
     assert_eq!(step(&db, &mut s, 7, absorb.clone()), Ok(7));
     assert!(s.incoming.is_none());
     assert_eq!(s.ranges, vec![merged]);
-    assert_eq!(s.absorbed, vec![Absorbed { start: "m".into(), end: None, since: 40 }]);
+    assert_eq!(s.absorbed, vec![Absorbed { start: "m".into(), end: None, since: 40, from: 9 }]);
     assert!(s.check_route("n", 1, 2).is_ok(), "the merged range serves the absorbed keys");
     assert!(s.check_route("a", 1, 1).is_err(), "the old epoch is a stale route");
     assert_eq!(step(&db, &mut s, 8, absorb), Ok(8), "a resent absorb changes nothing");
@@ -87,4 +87,28 @@ fn a_subsumed_source_owns_nothing_and_sends_stale_routes_to_the_merged_range() {
     assert_eq!(s.check_route("n", 1, 1).unwrap_err(), KvError::WrongRange { ranges: vec![merged] });
     assert_eq!(step(&db, &mut s, 5, subsumed), Ok(5), "a resent step changes nothing");
     assert_eq!(s.moved.len(), 1);
+}
+
+/// A cutover built from a directory that had not applied the commit yet
+/// names the left range as it was: both shards refuse it, rather than
+/// unfreeze the right range (which would take writes the merge then drops)
+/// or leave the absorbed keys unserved.
+#[test]
+fn a_cutover_naming_the_ranges_as_they_were_is_refused_by_both_shards() {
+    let (_d, db) = temp_db();
+    let mut l = left();
+    assert_eq!(step(&db, &mut l, 1, begin(5)), Ok(1));
+    let stale = range(1, "", Some("m"), 1);
+    let absorb = ShardCommand::Absorb { op_id: 5, ranges: vec![stale.clone()], since: 40 };
+    assert_eq!(step(&db, &mut l, 2, absorb), Err(StepError::NotOwned { start: "m".into(), end: None }));
+    assert!(l.incoming.is_some(), "still absorbing");
+
+    let mut r = ShardState { ranges: vec![range(2, "m", None, 1)], ..Default::default() };
+    let capture = ShardCommand::BeginCapture { op_id: 5, start: "m".into(), end: None, target: 1 };
+    assert_eq!(step(&db, &mut r, 1, capture), Ok(1));
+    assert_eq!(step(&db, &mut r, 2, ShardCommand::Freeze { op_id: 5 }), Ok(2));
+    let subsumed = ShardCommand::Subsumed { op_id: 5, merged: stale };
+    assert_eq!(step(&db, &mut r, 3, subsumed), Err(StepError::NotOwned { start: "m".into(), end: None }));
+    assert!(r.captures[0].frozen_at.is_some(), "still frozen");
+    assert_eq!(r.ranges.len(), 1);
 }

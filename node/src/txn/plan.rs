@@ -34,6 +34,12 @@ pub enum Op {
 }
 
 impl Op {
+    pub fn key_mut(&mut self) -> &mut String {
+        match self {
+            Op::Put { key, .. } | Op::Get { key } | Op::Delete { key } => key,
+        }
+    }
+
     pub fn key(&self) -> &str {
         match self {
             Op::Put { key, .. } | Op::Get { key } | Op::Delete { key } => key,
@@ -52,6 +58,15 @@ pub struct Txn {
     pub compare: Vec<(String, u64)>,
     pub success: Vec<Op>,
     pub failure: Vec<Op>,
+}
+
+impl Txn {
+    /// Every key the transaction names, to change in place (the data API
+    /// maps keys under a hash-spread keyspace to their bucketed form).
+    pub fn keys_mut(&mut self) -> impl Iterator<Item = &mut String> {
+        let compared = self.compare.iter_mut().map(|(k, _)| k);
+        compared.chain(self.success.iter_mut().chain(self.failure.iter_mut()).map(Op::key_mut))
+    }
 }
 
 /// Why a request is not a transaction we run.

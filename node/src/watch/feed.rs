@@ -117,18 +117,6 @@ impl Window {
     }
 
     fn answer(&self, after: Position, req: &ChangesRequest) -> ChangesReply {
-        // A range merged in after the position: its changes before the
-        // merge went with the source (`ShardView::absorbed_over`).
-        let absorbed = self.view.absorbed_over(&req.start, req.end.as_deref());
-        if absorbed.is_some_and(|a| Position::after_all(a) > after) {
-            return ChangesReply {
-                changes: Vec::new(),
-                through: after.clone(),
-                after,
-                compacted: true,
-                view: self.view.clone(),
-            };
-        }
         // The window is in (ts, origin, key) order: find the first change after
         // the position by bisection, then keep the piece's keys.
         let from = self.changes.partition_point(|c| !after.precedes(c));

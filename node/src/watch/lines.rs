@@ -10,14 +10,16 @@ use super::cursor::Position;
 
 /// A change's line of the stream (with its previous value if `prev`):
 /// made by the first watch that emits the change, shared by the others.
-pub fn event_line(c: &Change, prev: bool) -> bytes::Bytes {
+/// `key` is the change's key as the user knows it (its bucket taken out,
+/// under a hash-spread keyspace: the same for every watch).
+pub fn event_line(c: &Change, prev: bool, key: &str) -> bytes::Bytes {
     c.lines.get(prev, || {
         let cursor = Position::after(c).encode();
         let prev = match (&c.prev, prev) {
             (Some((version, json)), true) => Some(PrevValue { value: raw(json), version: *version }),
             _ => None,
         };
-        let (key, version) = (c.key.clone(), c.version);
+        let (key, version) = (key.to_string(), c.version);
         line(&match &c.value {
             Some(json) => WatchEvent::Put { key, value: raw(json), version, cursor, prev },
             None => WatchEvent::Delete { key, version, cursor, prev },

@@ -17,6 +17,12 @@
 //! - **Frozen** (a split is cutting the range over): nothing more changes
 //!   there, and what comes after the freeze is the target's: the piece
 //!   holds at the freeze until the split ends.
+//! - **Absorbed later** (a merge's left shard, [`crate::kv::Absorbed`]):
+//!   the range's changes up to the merge source's freeze are in the source
+//!   (kept a little while after the merge for this). A piece within the
+//!   absorbed range gets a stage reading the source up to the freeze; one
+//!   that spans more than it is first cut at its bounds (the watch plans
+//!   again with the cut).
 //! - **Not owned** (the split committed, or the route was stale): the
 //!   watch plans its pieces again from the directory, from its position.
 //!   What the pieces had read past it is read again (emitting only what is
@@ -81,6 +87,9 @@ pub struct Merge {
     /// moment it began.
     pub established: bool,
     pub pieces: Vec<Piece>,
+    /// Where pieces are cut besides the directory's range bounds: the
+    /// bounds of ranges merged in, whose pieces read another lineage.
+    pub cuts: std::collections::BTreeSet<String>,
 }
 
 /// Changes read per request.
@@ -97,7 +106,7 @@ impl Merge {
         established: bool,
         ranges: &[(String, Option<String>, ShardId)],
     ) -> Merge {
-        let mut m = Merge { start, end, pos, established, pieces: Vec::new() };
+        let mut m = Merge { start, end, pos, established, pieces: Vec::new(), cuts: Default::default() };
         m.replan(ranges);
         m
     }
@@ -114,17 +123,29 @@ impl Merge {
                 (None, e) | (e, None) => e.clone(),
                 (Some(a), Some(b)) => Some(a.clone().min(b.clone())),
             };
-            self.pieces.push(Piece {
-                start,
-                end,
-                stages: vec![Stage { shard: *shard, until: None }],
-                after: self.pos.clone(),
-                // Whatever the shard, every key is complete up to an
-                // established position.
-                through: if self.established { self.pos.clone() } else { Position::after_all(0) },
-                buffer: Vec::new(),
-                buffered: 0,
-            });
+            // Cut at the bounds of ranges merged in that lie inside.
+            let inside: Vec<String> = self
+                .cuts
+                .iter()
+                .filter(|c| c.as_str() > start.as_str() && end.as_ref().is_none_or(|e| c.as_str() < e.as_str()))
+                .cloned()
+                .collect();
+            let mut from = start;
+            for to in inside.into_iter().map(Some).chain([end]) {
+                self.pieces.push(Piece {
+                    start: from,
+                    end: to.clone(),
+                    stages: vec![Stage { shard: *shard, until: None }],
+                    after: self.pos.clone(),
+                    // Whatever the shard, every key is complete up to an
+                    // established position.
+                    through: if self.established { self.pos.clone() } else { Position::after_all(0) },
+                    buffer: Vec::new(),
+                    buffered: 0,
+                });
+                let Some(next) = to else { break };
+                from = next;
+            }
         }
     }
 
@@ -178,6 +199,21 @@ impl Merge {
                 p.stages.insert(0, Stage { shard: b.from, until: Some(b.ts) });
                 return Applied::Ok;
             }
+        }
+        // Merged in after the piece's position: the changes before the
+        // merge are in the merge's source (up to its freeze).
+        let behind = |since: Ts| p.after < Position::after_all(since) && stage.until.is_none_or(|u| u > since);
+        let absorbed =
+            v.absorbed.iter().find(|a| overlaps(&p.start, p.end.as_deref(), &a.0, a.1.as_deref()) && behind(a.2));
+        if let Some((s, e, since, from)) = absorbed {
+            if within(&p.start, p.end.as_deref(), s, e.as_deref()) {
+                p.stages.insert(0, Stage { shard: *from, until: Some(*since) });
+                return Applied::Ok;
+            }
+            let (s, e) = (s.clone(), e.clone());
+            self.cuts.insert(s);
+            self.cuts.extend(e);
+            return Applied::Replan;
         }
         let owned = v.ranges.iter().any(|(s, e)| within(&p.start, p.end.as_deref(), s, e.as_deref()));
         if stage.until.is_none() && !owned {
@@ -344,6 +380,41 @@ mod tests {
         assert_eq!(m.pos, through, "(14, n) is after (14, e): not yet");
         let (_, req) = m.request(0, 0);
         assert_eq!(req.after, Some(through));
+    }
+
+    /// A watch of `["a", ∞)` behind a merge of `["m", ∞)` (shard 2) into
+    /// shard 1: the piece is cut at the absorbed range, whose part reads
+    /// shard 2 up to its freeze (40) first, then shard 1.
+    #[test]
+    fn a_range_merged_in_reads_its_earlier_changes_from_the_merged_shard_first() {
+        let mut m = Merge::new("a".into(), None, Position::after_all(10), true, &[("a".into(), None, 1)]);
+        let left = ShardView { absorbed: vec![("m".into(), None, 40, 2)], ..view(&[("a", None)], 50) };
+        let r = reply(&m, 0, vec![change(45, "b")], Position::after_all(50), left.clone());
+        assert_eq!(m.apply(0, r), Applied::Replan, "the piece spans more than the absorbed range");
+        m.replan(&[("a".into(), None, 1)]);
+        let spans: Vec<_> = m.pieces.iter().map(|p| (p.start.as_str(), p.end.as_deref())).collect();
+        assert_eq!(spans, vec![("a", Some("m")), ("m", None)]);
+        // The left part is the left shard's all along.
+        let r = reply(&m, 0, vec![change(45, "b")], Position::after_all(50), left.clone());
+        assert_eq!(m.apply(0, r), Applied::Ok);
+        // The absorbed part: the merged shard first, up to its freeze.
+        let r = reply(&m, 1, vec![change(45, "n")], Position::after_all(50), left.clone());
+        assert_eq!(m.apply(1, r), Applied::Ok);
+        assert_eq!(m.request(1, 0).0, 2);
+        assert_eq!(m.request(1, 0).1.until, Some(40));
+        let source = ShardView { moved: vec![("a".into(), None)], ..view(&[], 60) };
+        let r = reply(&m, 1, vec![change(30, "p")], Position::after_all(40), source);
+        assert_eq!(m.apply(1, r), Applied::Ok);
+        assert_eq!(m.request(1, 0).0, 1, "then the left shard, from the freeze");
+        let r = reply(&m, 1, vec![change(45, "n")], Position::after_all(50), left);
+        assert_eq!(m.apply(1, r), Applied::Ok);
+        assert_eq!(keys(&m.ready()), vec![(30, "p"), (45, "b"), (45, "n")]);
+        // A watch that read the merged shard up to its freeze goes on.
+        let mut at_freeze = Merge::new("m".into(), None, Position::after_all(40), true, &[("a".into(), None, 1)]);
+        let left = ShardView { absorbed: vec![("m".into(), None, 40, 2)], ..view(&[("a", None)], 50) };
+        let r = reply(&at_freeze, 0, vec![change(45, "n")], Position::after_all(50), left);
+        assert_eq!(at_freeze.apply(0, r), Applied::Ok);
+        assert_eq!(keys(&at_freeze.ready()), vec![(45, "n")]);
     }
 
     #[test]

@@ -67,9 +67,10 @@ pub struct ShardView {
     pub moved: Vec<(String, Option<String>)>,
     pub born: Option<Born>,
     pub trimmed_through: Ts,
-    /// Ranges merged in, with the merge source's freeze: their changes at
-    /// or below it went with the source (`kv::Absorbed`).
-    pub absorbed: Vec<(String, Option<String>, Ts)>,
+    /// Ranges merged in: `(start, end, the source's freeze, the source)`;
+    /// their changes at or below the freeze are in the source
+    /// (`kv::Absorbed`).
+    pub absorbed: Vec<(String, Option<String>, Ts, cleave_metadata::ShardId)>,
 }
 
 impl ShardView {
@@ -77,14 +78,6 @@ impl ShardView {
     /// overlaps: changes of those keys past it are the split target's.
     pub fn freeze_over(&self, start: &str, end: Option<&str>) -> Option<Ts> {
         self.frozen.iter().filter(|(s, e, _)| overlaps(start, end, s, e.as_deref())).map(|f| f.2).min()
-    }
-
-    /// The latest merge-source freeze of a range merged in that
-    /// `[start, end)` overlaps: that range's changes at or below it are not
-    /// here (a watch positioned before it has lost them: compacted). A
-    /// watch that read the source up to its freeze stands exactly there.
-    pub fn absorbed_over(&self, start: &str, end: Option<&str>) -> Option<Ts> {
-        self.absorbed.iter().filter(|(s, e, _)| overlaps(start, end, s, e.as_deref())).map(|a| a.2).max()
     }
 }
 
@@ -126,7 +119,7 @@ pub fn read_once(db: &Db, g: &GroupRaft, req: &ChangesRequest) -> Result<Changes
         moved: s.moved.iter().map(|r| (r.start.clone(), r.end.clone())).collect(),
         born: s.born.as_deref().cloned(),
         trimmed_through: s.change_log.trimmed_through,
-        absorbed: s.absorbed.iter().map(|a| (a.start.clone(), a.end.clone(), a.since)).collect(),
+        absorbed: s.absorbed.iter().map(|a| (a.start.clone(), a.end.clone(), a.since, a.from)).collect(),
     };
     drop(state);
     // Checked after the snapshot: a replica is stopped before its data is
@@ -138,11 +131,7 @@ pub fn read_once(db: &Db, g: &GroupRaft, req: &ChangesRequest) -> Result<Changes
     }
     let after = req.after.clone().unwrap_or(Position::after_all(resolved));
     let (start, end) = (req.start.as_str(), req.end.as_deref());
-    // Before the trim point, or (for a watch's keys; a feed reads the whole
-    // log and asks this per watch) before the merge source's freeze of a
-    // range merged in: the history is not here.
-    let absorbed = if req.past_freezes { None } else { view.absorbed_over(start, end) };
-    let compacted = Position::after_all(view.trimmed_through.max(absorbed.unwrap_or(0))) > after;
+    let compacted = Position::after_all(view.trimmed_through) > after;
     // A range this replica has given up (moved, or frozen: it applied the
     // freeze, so every change it had there is applied) holds all its
     // changes already: a bounded read of it is complete to its bound.

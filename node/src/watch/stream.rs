@@ -43,6 +43,9 @@ const LINEAGE_CHECKS: usize = 8;
 /// Bytes of changes held back per piece (read while another piece lags)
 /// before it stops reading ahead.
 const HELD_BYTES: usize = 16 << 20;
+/// Failed reads in a row of a lineage stage before the watch ends with
+/// `compacted` (about 6 s with the growing pause between reads).
+const LINEAGE_GIVE_UP: usize = 25;
 
 /// What a watch is asked for.
 #[derive(Clone, Debug)]
@@ -53,6 +56,10 @@ pub struct WatchSpec {
     pub cursor: Option<Position>,
     /// Include each change's previous value.
     pub prev: bool,
+    /// The user keys watched, when `[start, end)` was widened to whole
+    /// hash-spread keyspaces (`keyspace::watch_span`): a change's key is
+    /// mapped back to the user's and kept only if it lies here.
+    pub keys: Option<(String, Option<String>)>,
 }
 
 /// Why a watch could not start.
@@ -200,7 +207,7 @@ pub async fn open(node: Arc<Node>, spec: WatchSpec) -> Result<Arc<Outbox>, OpenE
     let out = outbox.clone();
     tokio::spawn(async move {
         let _ended = Running::new(out.clone());
-        run(&node, merge, &out, spec.prev).await;
+        run(&node, merge, &out, spec.prev, spec.keys).await;
     });
     Ok(outbox)
 }
@@ -251,7 +258,7 @@ impl Reads {
 }
 
 /// The watch's loop, until the client leaves or the watch cannot go on.
-async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
+async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool, keys: Option<(String, Option<String>)>) {
     // A watch from a cursor is established at once: its first line says so.
     let mut announced = merge.established;
     // The position the last progress line promised.
@@ -292,6 +299,13 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
                     Err(e) => {
                         reads.failures[i] += 1;
                         tracing::debug!(shard = merge.pieces[i].stages[0].shard, "watch read: {e}");
+                        // A stage of the piece's lineage that does not answer
+                        // for long: a merge's source, deleted after its grace.
+                        if merge.pieces[i].stages[0].until.is_some() && reads.failures[i] >= LINEAGE_GIVE_UP {
+                            let why = "the history before the watch's position went with a merged shard";
+                            out.push(error_line("compacted", why)).await;
+                            return;
+                        }
                         if reads.failures[i].is_multiple_of(10) {
                             // Maybe the directory moved on without telling us.
                             reads.replan(&mut merge, node);
@@ -345,8 +359,11 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool) {
             }
             (announced, last_progress) = (true, Instant::now());
         }
+        let spaces = node.directory().keyspaces.clone();
         for c in &ready {
-            if !out.push(event_line(c, prev)).await {
+            let user = spaces.to_user(&c.key);
+            let wanted = keys.as_ref().is_none_or(|(s, e)| crate::kv::within(&user, s, e.as_deref()));
+            if wanted && !out.push(event_line(c, prev, &user)).await {
                 return;
             }
         }
