@@ -12,6 +12,8 @@
 # Env (defaults):
 #   CARGO_TARGET_DIR=~/.cache/cleavedb/target   binaries from `cargo build --release --bins`
 #   CLEAVE_NODE_BIN, CLEAVE_BENCH_BIN            override the binaries
+#   SPLIT_SCENARIO=split  or merge: fill, split at the median (not measured), then
+#                         measure the merge of the two halves under the same writes
 #   SPLIT_FILL_MB=256     data in the range before the split
 #   SPLIT_PORT_BASE=28400 node N: API on BASE+N, RPC on BASE+50+N
 #   SPLIT_DATA            data dir [a new /tmp/cleave-split.XXXXXX]; logs nodeN.log stay there
@@ -79,5 +81,5 @@ if [[ "$perf" == 1 ]]; then
 fi
 
 read -r -a bench_extra <<<"${SPLIT_BENCH_ARGS:-}"
-"$bench_bin" split --endpoints "$endpoints" --fill-mb "$fill_mb" --value-size 1024 \
+"$bench_bin" "${SPLIT_SCENARIO:-split}" --endpoints "$endpoints" --fill-mb "$fill_mb" --value-size 1024 \
     --before 10s --after 10s -c 16 "${bench_extra[@]}"

@@ -92,6 +92,9 @@ enum Scenario {
     Run(RunCmd),
     /// Split a loaded range under continuous writes and measure the pause writers see.
     Split(SplitCmd),
+    /// Fill a range, split it, then merge the halves back under continuous writes and measure
+    /// the merge.
+    Merge(SplitCmd),
     /// Move a loaded shard's replica to another node under continuous writes.
     Move(MoveCmd),
     /// Pre-split the key space into N ranges, then run a workload.
@@ -276,7 +279,8 @@ async fn run(scenario: Scenario) -> Result<bool> {
             }
             workload(&cmd.run, Some(cmd.ranges)).await
         }
-        Scenario::Split(cmd) => split(&cmd).await,
+        Scenario::Split(cmd) => split(&cmd, false).await,
+        Scenario::Merge(cmd) => split(&cmd, true).await,
         Scenario::Move(cmd) => move_replica(&cmd).await,
         Scenario::Watch(cmd) => watch_scenario(&cmd).await,
     }
@@ -420,14 +424,19 @@ fn output<T: serde::Serialize>(c: &Common, text: &str, report: &T) -> Result<()>
 }
 
 /// The `split` scenario.
-async fn split(cmd: &SplitCmd) -> Result<bool> {
+/// The `split` scenario, or (`merge`) the `merge` one.
+async fn split(cmd: &SplitCmd, merge: bool) -> Result<bool> {
     let c = &cmd.common;
+    let name = if merge { "merge" } else { "split" };
     if c.target != TargetKind::Cleavedb {
-        bail!("split needs --target cleavedb");
+        bail!("{name} needs --target cleavedb");
     }
     let settings = under_writes_settings(c, &cmd.load, cmd.split_timeout);
-    let config = under_writes::config("split", &c.endpoints, &settings, json!({}));
-    let report = split::run(cleave_client(c)?, &settings, config).await?;
+    let config = under_writes::config(name, &c.endpoints, &settings, json!({}));
+    let report = match merge {
+        true => split::run_merge(cleave_client(c)?, &settings, config).await?,
+        false => split::run(cleave_client(c)?, &settings, config).await?,
+    };
     output(c, &split::render(&report), &report)?;
     Ok(report.ok())
 }

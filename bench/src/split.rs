@@ -52,17 +52,51 @@ pub async fn run(client: Client, s: &Settings, config: serde_json::Value) -> Res
     let OpKind::Split { split_key, .. } = &view.op.kind else {
         bail!("operation {} is a {}, not a split", view.op.op_id, view.op.kind.name());
     };
+    let split_key = split_key.clone();
+    Ok(report(&client, range_id, split_key, run).await)
+}
+
+/// The report of `run`, an operation on range `range_id` at `split_key`.
+async fn report(client: &Client, range_id: u64, split_key: String, run: OpRun) -> SplitReport {
+    let view = &run.operation;
     let p = &view.op.progress;
-    Ok(SplitReport {
+    SplitReport {
         range_id,
-        split_key: split_key.clone(),
+        split_key,
         server_write_pause_ms: view.op.write_pause_ms,
         backfill_bytes: p.bytes_copied,
         backfill_keys: p.keys_copied,
         backfill_mib_per_s: backfill_rate(view),
         ranges_after: client.ranges().await.unwrap_or_default(),
         run,
-    })
+    }
+}
+
+/// The `merge` scenario: fill the range, split it at its median (not
+/// measured), then merge the two halves back under writes and measure
+/// that. The report is the split's, for the merge (`split_key` is the
+/// boundary the merge takes away).
+pub async fn run_merge(client: Client, s: &Settings, config: serde_json::Value) -> Result<SplitReport> {
+    client.health().await.context("the cluster does not answer")?;
+    let load = Load::new(&client, s);
+    let range = load.home_range(&client).await?;
+    load.fill(&client, s, &range).await?;
+    let split = client.split_range(range.range_id).await.context("splitting the range before the merge")?;
+    let deadline = std::time::Instant::now() + s.op_timeout;
+    let split_key = loop {
+        let v = client.operation(split).await?;
+        match (&v.op.phase, &v.op.kind) {
+            (Phase::Done, OpKind::Split { split_key, .. }) => break split_key.clone(),
+            (Phase::Aborted, _) => bail!("the split before the merge was abandoned: {:?}", v.op.error),
+            _ if std::time::Instant::now() > deadline => bail!("the split before the merge did not finish"),
+            _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    };
+    let range_id = range.range_id;
+    let run = load
+        .measure(&client, s, config, "merge", async { Ok(client.merge_range(range_id).await?) }, phase_note)
+        .await?;
+    Ok(report(&client, range_id, split_key, run).await)
 }
 
 /// The phase and, while copying, the share copied.
@@ -94,7 +128,8 @@ pub fn render(r: &SplitReport) -> String {
         OpKind::Move { shard_id, .. } => format!("shard {shard_id}"),
     };
     let header = format!(
-        "split op {} of range {} at {:?} ({shards}): {}",
+        "{} op {} of range {} at {:?} ({shards}): {}",
+        op.kind.name(),
         op.op_id,
         r.range_id,
         r.split_key,
@@ -108,7 +143,7 @@ pub fn render(r: &SplitReport) -> String {
             r.backfill_mib_per_s.map(|m| format!(" at {m:.1} MiB/s (over the capturing phase)")).unwrap_or_default()
         ),
         format!(
-            "  server pause:  {} (freeze to activation, as the split driver measured it)",
+            "  server pause:  {} (freeze to cutover, as the operation's driver measured it)",
             r.server_write_pause_ms.map_or("-".into(), |ms| format!("{ms}ms"))
         ),
     ];
@@ -127,7 +162,7 @@ pub fn render(r: &SplitReport) -> String {
         .collect();
     let trailer: Vec<String> =
         (!ranges.is_empty()).then(|| format!("ranges after:  {}", ranges.join("  "))).into_iter().collect();
-    under_writes::render(&r.run, "split", header, &details, &trailer)
+    under_writes::render(&r.run, op.kind.name(), header, &details, &trailer)
 }
 
 #[cfg(test)]

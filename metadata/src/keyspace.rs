@@ -114,16 +114,14 @@ impl Keyspaces {
 }
 
 impl Keyspaces {
-    /// The keyspace whose boundary `right_start` is, when it is the first
-    /// key of a range that starts at `left_start`'s right neighbour: the
-    /// keyspace's prefix, a bucket's bound, or (the left range lying under
-    /// the prefix, the right one not) its end. Merging across it would put
-    /// two buckets (or a bucket and plain keys) in one range.
-    pub fn bound_at(&self, left_start: &str, right_start: &str) -> Option<&str> {
+    /// The keyspace whose boundary `right_start` (the first key of a
+    /// range, whose left neighbour starts at `_left_start`) is: its prefix
+    /// or a bucket's bound (the last bound is the end of its buckets).
+    /// Merging across it would put two buckets (or a bucket and keys
+    /// outside them) in one range.
+    pub fn bound_at(&self, _left_start: &str, right_start: &str) -> Option<&str> {
         self.0.iter().find_map(|(prefix, k)| {
-            let bound = right_start == prefix
-                || bucket_bounds(prefix, k.buckets).iter().any(|b| b == right_start)
-                || (left_start.starts_with(prefix.as_str()) && !right_start.starts_with(prefix.as_str()));
+            let bound = right_start == prefix || bucket_bounds(prefix, k.buckets).iter().any(|b| b == right_start);
             bound.then_some(prefix.as_str())
         })
     }

@@ -18,15 +18,18 @@
 //! retried with the mapping; (3) a plain key that such a write left under
 //! the prefix before the splits (in the two guard spans, below the first
 //! bucket and above the last) is moved to its internal key; (4) the
-//! keyspace is marked active. Every step is idempotent: declaring again
-//! after a failure finishes the job.
+//! keyspace is marked active. (2)–(4) run in a task of their own on the
+//! metadata leader, and a new metadata leader finishes a declaration left
+//! unfinished ([`finish_declarations`]); every step is idempotent.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cleave_metadata::keyspace::{bucket_bounds, bucket_span, Keyspace, Keyspaces};
 use cleave_metadata::{MetaCommand, MetaError, Phase, RangeState};
 
-use crate::command::KvOp;
+use crate::command::{KvError, KvOp};
 use crate::node::Node;
 use crate::rpc::{self, ExecError};
 
@@ -124,9 +127,12 @@ pub async fn scan(
 }
 
 /// Up to `limit` items of keyspace `prefix` (`n` buckets) with user keys in
-/// `[start, end)`: up to `limit` from each bucket, merged by user key, the
-/// first `limit` kept. That is exact: a bucket that had more holds nothing
-/// below its last item read, and `limit` items at or below it were read.
+/// `[start, end)`, in user key order, and whether there may be more. Each
+/// bucket is read for a share of the page (so a page of a 256-bucket
+/// keyspace reads about twice the page, not 256 pages); what is kept stops
+/// at the smallest last key of the buckets that had more, below which
+/// every bucket's keys were read, so nothing is skipped (a page may come
+/// out shorter than `limit`, and `next` goes on from it).
 async fn scan_buckets(
     node: &Node,
     spaces: &Keyspaces,
@@ -136,20 +142,36 @@ async fn scan_buckets(
     end: Option<&str>,
     limit: usize,
 ) -> Result<(Vec<ScanItem>, bool), ExecError> {
+    let share = bucket_share(limit, n);
     let reads = (0..n)
         .filter_map(|b| bucket_span(prefix, b, start, end))
-        .map(|(from, to)| async move { node.router().scan(&from, Some(&to), limit).await });
+        .map(|(from, to)| async move { node.router().scan(&from, Some(&to), share).await });
     let mut all = Vec::new();
-    let mut more = false;
+    // The smallest last user key of the buckets that had more.
+    let mut cutoff: Option<String> = None;
     for r in futures::future::join_all(reads).await {
-        let (items, m) = r?;
-        more |= m;
-        all.extend(items.into_iter().map(|(k, v, j)| (spaces.to_user(&k), v, j)));
+        let (items, more) = r?;
+        let items: Vec<ScanItem> = items.into_iter().map(|(k, v, j)| (spaces.to_user(&k), v, j)).collect();
+        if more {
+            if let Some(last) = items.last() {
+                cutoff = Some(cutoff.map_or(last.0.clone(), |c| c.min(last.0.clone())));
+            }
+        }
+        all.extend(items);
     }
     all.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut more = cutoff.is_some();
+    if let Some(c) = &cutoff {
+        all.retain(|i| i.0 <= *c);
+    }
     more |= all.len() > limit;
     all.truncate(limit);
     Ok((all, more))
+}
+
+/// How many items each of `n` buckets is read for, for a page of `limit`.
+fn bucket_share(limit: usize, n: u32) -> usize {
+    (2 * limit / n.max(1) as usize + 1).clamp(1, limit.max(1))
 }
 
 /// What a watch of user keys `[start, end)` reads: the range widened to
@@ -171,16 +193,19 @@ pub fn watch_span(spaces: &Keyspaces, start: &str, end: Option<&str>) -> (String
 }
 
 /// How long a declaration may take, splits included.
-const DECLARE_TIMEOUT: Duration = Duration::from_secs(120);
+pub const DECLARE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Declares keyspace `prefix` with `buckets` buckets, as metadata leader
-/// (forwarding there if needed); answers once it is active.
+/// (forwarding there if needed): checks and records it, and wakes
+/// [`finish_declarations`], which does the rest in a task of its own (a
+/// client that hangs up, or a forwarded call's deadline, must not cut it
+/// short). Answers the keyspace as recorded (`active` once the rest is
+/// done; the caller waits for it).
 pub async fn declare(node: &Node, prefix: String, buckets: u32, hops: u8) -> Result<Keyspace, ExecError> {
     if !node.meta_leader().is_leader() {
         let req = |hops| rpc::DeclareKeyspace { prefix: prefix.clone(), buckets, hops };
         return node.meta_leader().forward_to_leader(hops, req).await;
     }
-    let deadline = Instant::now() + DECLARE_TIMEOUT;
     let known = node.directory().keyspaces.0.get(&prefix).copied();
     match known {
         Some(k) if k.active && k.buckets == buckets => return Ok(k),
@@ -191,38 +216,88 @@ pub async fn declare(node: &Node, prefix: String, buckets: u32, hops: u8) -> Res
                 .keyspaces
                 .check_new(&prefix, buckets)
                 .map_err(|e| ExecError::Meta(MetaError::Keyspace(e)))?;
-            if let Some(k) = plain_keys(node, &prefix, 1).await?.first() {
+            let (found, _) = node.router().scan(&prefix, prefix_end(&prefix).as_deref(), 1).await?;
+            if let Some(k) = found.first() {
                 return Err(ExecError::Refused(format!(
-                    "keys already exist under {prefix:?} (for one {k:?}): a keyspace is declared over a prefix \
-                     that holds no data"
+                    "keys already exist under {prefix:?} (for one {:?}): a keyspace is declared over a prefix \
+                     that holds no data",
+                    k.0
                 )));
             }
             node.router().propose_meta(MetaCommand::DeclareKeyspace { prefix: prefix.clone(), buckets }, 0).await?;
         }
     }
-    for bound in bucket_bounds(&prefix, buckets) {
-        split_at(node, &bound, deadline).await?;
-    }
-    move_strays(node, &prefix).await?;
-    node.router().propose_meta(MetaCommand::ActivateKeyspace { prefix: prefix.clone() }, 0).await?;
-    Ok(Keyspace { buckets, active: true })
+    WAKE.notify_one();
+    Ok(Keyspace { buckets, active: false })
 }
 
-/// Keys under `prefix` that are not in a bucket (plain keys), at most `limit`.
-async fn plain_keys(node: &Node, prefix: &str, limit: usize) -> Result<Vec<ScanItem>, ExecError> {
-    let router = node.router();
-    let mut out = Vec::new();
-    // The two guard spans: below the first bucket, from the last one's end.
-    let bounds = bucket_bounds(prefix, cleave_metadata::keyspace::MAX_BUCKETS);
-    let (first, last) = (bounds[0].clone(), bounds[bounds.len() - 1].clone());
-    for (s, e) in [(prefix.to_string(), Some(first)), (last, prefix_end(prefix))] {
-        let (items, _) = router.scan(&s, e.as_deref(), limit).await?;
-        out.extend(items);
-        if out.len() >= limit {
-            break;
+/// Wakes [`finish_declarations`] at once after a declaration.
+static WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// The declarations being finished on this node.
+static FINISHING: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// Runs [`finish`] for `prefix` in a task, unless one runs already.
+fn start_finishing(node: &Arc<Node>, prefix: String, buckets: u32) {
+    if !FINISHING.lock().expect("finishing lock").insert(prefix.clone()) {
+        return;
+    }
+    let node = node.clone();
+    tokio::spawn(async move {
+        if let Err(e) = finish(&node, &prefix, buckets).await {
+            tracing::warn!(prefix, "keyspace declaration not finished yet: {e}");
+        }
+        FINISHING.lock().expect("finishing lock").remove(&prefix);
+    });
+}
+
+/// The rest of a declaration: the splits at every bucket bound (the
+/// fence), the strays moved, the keyspace marked active.
+async fn finish(node: &Node, prefix: &str, buckets: u32) -> Result<(), ExecError> {
+    let deadline = Instant::now() + DECLARE_TIMEOUT;
+    for bound in bucket_bounds(prefix, buckets) {
+        split_at(node, &bound, deadline).await?;
+    }
+    move_strays(node, prefix, buckets).await?;
+    node.router().propose_meta(MetaCommand::ActivateKeyspace { prefix: prefix.to_string() }, 0).await?;
+    tracing::info!(prefix, buckets, "keyspace active");
+    Ok(())
+}
+
+/// While this node leads the metadata group: finishes every declaration
+/// not finished yet — just made ([`declare`] wakes it), or left by a
+/// metadata leader that stopped, or cut short by a failure (looked at
+/// every few seconds).
+pub async fn finish_declarations(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = WAKE.notified() => {}
+        }
+        if !node.meta_leader().confirmed().await {
+            continue;
+        }
+        let pending: Vec<(String, u32)> = node
+            .directory()
+            .keyspaces
+            .0
+            .iter()
+            .filter(|(_, k)| !k.active)
+            .map(|(p, k)| (p.clone(), k.buckets))
+            .collect();
+        for (prefix, buckets) in pending {
+            start_finishing(&node, prefix, buckets);
         }
     }
-    Ok(out)
+}
+
+/// The spans under keyspace `prefix` (`n` buckets) that no bucket covers:
+/// below the first bucket, and from the end of the last on.
+fn guard_spans(prefix: &str, n: u32) -> [Span; 2] {
+    let bounds = bucket_bounds(prefix, n);
+    [(prefix.to_string(), Some(bounds[0].clone())), (bounds[n as usize].clone(), prefix_end(prefix))]
 }
 
 /// Splits the range holding `key` at `key`, unless a range already starts
@@ -280,25 +355,44 @@ async fn wait_ended(node: &Node, op: u64, deadline: Instant) {
 }
 
 /// Moves each plain key left under `prefix` (written by a router that did
-/// not know the keyspace yet, before the splits fenced it out) to its
-/// internal key: written there first, then deleted if unchanged. A crash in
-/// between leaves both; declaring again moves it again.
-async fn move_strays(node: &Node, prefix: &str) -> Result<(), ExecError> {
+/// not know the keyspace yet, before the splits fenced it out; none can
+/// come after them, so one pass does) to its internal key: written there
+/// only if absent (a write through a router that knew the keyspace wins:
+/// the two were concurrent), then deleted if unchanged. A crash in between
+/// leaves both; declaring again moves it again. A stray that cannot be
+/// mapped (a bucket marker after the prefix) is left where it is.
+async fn move_strays(node: &Node, prefix: &str, n: u32) -> Result<(), ExecError> {
     let router = node.router();
-    loop {
-        let strays = plain_keys(node, prefix, 100).await?;
-        if strays.is_empty() {
-            return Ok(());
-        }
-        for (key, version, json) in strays {
-            let to = internal(node, &key)?;
-            router.write(KvOp::Put { key: to, value: json, if_version: None }).await?;
-            match router.write(KvOp::Delete { key: key.clone(), if_version: Some(version) }).await {
-                Ok(_) | Err(ExecError::Kv(crate::command::KvError::VersionConflict { .. })) => {}
-                Err(e) => return Err(e),
+    for (start, end) in guard_spans(prefix, n) {
+        let mut from = start;
+        loop {
+            let (strays, more) = router.scan(&from, end.as_deref(), 100).await?;
+            for (key, version, json) in &strays {
+                let to = match internal(node, key) {
+                    Ok(to) => to,
+                    Err(e) => {
+                        tracing::warn!(key, "keyspace {prefix:?}: a stray key that cannot be moved: {e}");
+                        continue;
+                    }
+                };
+                let put = KvOp::Put { key: to, value: json.clone(), if_version: Some(0) };
+                match router.write(put).await {
+                    Ok(_) | Err(ExecError::Kv(KvError::VersionConflict { .. })) => {}
+                    Err(e) => return Err(e),
+                }
+                let delete = KvOp::Delete { key: key.clone(), if_version: Some(*version) };
+                match router.write(delete).await {
+                    Ok(_) | Err(ExecError::Kv(KvError::VersionConflict { .. } | KvError::NotFound)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            match strays.last() {
+                Some((last, _, _)) if more => from = format!("{last}\u{0}"),
+                _ => break,
             }
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -348,6 +442,14 @@ mod tests {
         assert_eq!(keep, Some(("ev/b".into(), Some("ev/d".into()))));
         let (from, to, _) = watch_span(&s, "a", None);
         assert_eq!((from.as_str(), to), ("a", None));
+    }
+
+    #[test]
+    fn each_bucket_is_read_for_a_share_of_the_page() {
+        assert_eq!(bucket_share(1000, 256), 8);
+        assert_eq!(bucket_share(1000, 2), 1000, "never more than the page");
+        assert_eq!(bucket_share(1, 256), 1, "never less than one");
+        assert_eq!(bucket_share(100, 8), 26);
     }
 
     #[test]

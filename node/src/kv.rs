@@ -199,6 +199,7 @@ pub struct Absorbed {
     pub start: String,
     pub end: Option<String>,
     pub since: Ts,
+    #[serde(default)]
     pub from: ShardId,
 }
 

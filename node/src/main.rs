@@ -106,6 +106,7 @@ async fn run(cfg: cleave_node::config::Resolved) -> anyhow::Result<()> {
     tokio::spawn(ops::supervisor::run(node.clone()));
     tokio::spawn(balance::run::auto_split(node.clone(), cfg.split.clone()));
     tokio::spawn(balance::run::auto_merge(node.clone(), cfg.merge.clone()));
+    tokio::spawn(cleave_node::keyspace::finish_declarations(node.clone()));
     tokio::spawn(balance::run::replicas(node.clone(), cfg.balance.clone()));
     tokio::spawn(cleave_node::watch::trim::run(node.clone()));
     tracing::info!(node = node.id(), api = %cfg.listen_api, raft = %cfg.listen_raft, "serving");

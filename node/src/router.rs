@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cleave_metadata::{NodeId, ShardId, META_GROUP};
+use cleave_metadata::{Directory, NodeId, ShardId, META_GROUP};
 
 use crate::command::{Command, CommandResponse, KvCommand, KvError, KvOp};
 use crate::kv;
@@ -348,6 +348,18 @@ impl<'a> Router<'a> {
 
     /// Writes one key through its shard's leader. Returns the new version.
     pub async fn write(&self, op: KvOp) -> Result<u64, ExecError> {
+        self.write_keyed(op, false).await
+    }
+
+    /// A write of a user's key: mapped to its stored key (`keyspace`: under
+    /// a hash-spread keyspace, its bucket's) on every attempt, by the
+    /// directory the attempt is routed by — a write refused for a stale
+    /// route is mapped again with the directory that refusal brought.
+    pub async fn write_user(&self, op: KvOp) -> Result<u64, ExecError> {
+        self.write_keyed(op, true).await
+    }
+
+    async fn write_keyed(&self, op: KvOp, map: bool) -> Result<u64, ExecError> {
         let deadline = Instant::now() + self.node.settings().write_timeout;
         let key = match &op {
             KvOp::Put { key, .. } | KvOp::Delete { key, .. } => key.clone(),
@@ -362,12 +374,17 @@ impl<'a> Router<'a> {
                 *shard_label_ref = r.shard_id;
             }
             with_retries(self, deadline, move || {
-                let op = op_ref.clone();
-                let range = self.node.directory().lookup(key_ref).cloned();
+                let dir = self.node.directory();
+                let stored = stored_key(&dir, key_ref, map);
                 async move {
-                    let range = match range {
+                    let stored = stored?;
+                    let op = match op_ref.clone() {
+                        KvOp::Put { value, if_version, .. } => KvOp::Put { key: stored.clone(), value, if_version },
+                        KvOp::Delete { if_version, .. } => KvOp::Delete { key: stored.clone(), if_version },
+                    };
+                    let range = match dir.lookup(&stored).cloned() {
                         Some(r) => r,
-                        None => self.route(key_ref, deadline).await?,
+                        None => self.route(&stored, deadline).await?,
                     };
                     let cmd = KvCommand { range_id: range.range_id, epoch: range.epoch, op };
                     self.exec_write(range.shard_id, cmd, 0, deadline).await
@@ -381,6 +398,15 @@ impl<'a> Router<'a> {
 
     /// Reads one key. `linearizable` reads go through the shard leader.
     pub async fn read(&self, key: &str, linearizable: bool) -> Result<Option<(u64, String)>, ExecError> {
+        self.read_keyed(key, linearizable, false).await
+    }
+
+    /// Reads one user's key (mapped as [`Router::write_user`] maps it).
+    pub async fn read_user(&self, key: &str, linearizable: bool) -> Result<Option<(u64, String)>, ExecError> {
+        self.read_keyed(key, linearizable, true).await
+    }
+
+    async fn read_keyed(&self, key: &str, linearizable: bool, map: bool) -> Result<Option<(u64, String)>, ExecError> {
         let deadline = Instant::now() + self.node.settings().write_timeout;
         let started = Instant::now();
         let mut shard_label = 0;
@@ -391,13 +417,15 @@ impl<'a> Router<'a> {
                 *shard_label_ref = r.shard_id;
             }
             with_retries(self, deadline, move || {
-                let range = self.node.directory().lookup(key).cloned();
+                let dir = self.node.directory();
+                let stored = stored_key(&dir, key, map);
                 async move {
-                    let range = match range {
+                    let stored = stored?;
+                    let range = match dir.lookup(&stored).cloned() {
                         Some(r) => r,
-                        None => self.route(key, deadline).await?,
+                        None => self.route(&stored, deadline).await?,
                     };
-                    self.exec_read(range.shard_id, key, linearizable, 0, deadline).await
+                    self.exec_read(range.shard_id, &stored, linearizable, 0, deadline).await
                 }
             })
         })
@@ -747,6 +775,15 @@ impl<'a> Router<'a> {
             Err(leader) => leader,
         };
         self.forward(META_GROUP, hops, leader, deadline, |hops| rpc::MetaPropose { cmd: cmd.clone(), hops }).await
+    }
+}
+
+/// The key `key` is stored under: its bucket's (`map`, under a hash-spread
+/// keyspace of `dir`), else itself.
+fn stored_key(dir: &Directory, key: &str, map: bool) -> Result<String, ExecError> {
+    match map {
+        true => dir.keyspaces.to_internal(key).map_err(|e| ExecError::Meta(cleave_metadata::MetaError::Keyspace(e))),
+        false => Ok(key.to_string()),
     }
 }
 

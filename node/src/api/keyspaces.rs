@@ -5,7 +5,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::Json;
-use cleave_metadata::api::{KeyspaceRequest, KeyspaceView};
+use cleave_metadata::api::{ErrorCode, KeyspaceRequest, KeyspaceView};
 use cleave_metadata::keyspace::MAX_BUCKETS;
 
 use super::{ApiError, AppState};
@@ -25,7 +25,24 @@ pub async fn declare(
         return Err(ApiError::bad_request(format!("give \"hash_buckets\": 2 to {MAX_BUCKETS}")));
     };
     let k = crate::keyspace::declare(&s.node, prefix.clone(), n, 0).await?;
-    Ok(Json(KeyspaceView { prefix, hash_buckets: k.buckets, active: k.active }))
+    if k.active {
+        return Ok(Json(KeyspaceView { prefix, hash_buckets: k.buckets, active: true }));
+    }
+    // Answer once its buckets are ranges of their own.
+    let deadline = std::time::Instant::now() + crate::keyspace::DECLARE_TIMEOUT;
+    loop {
+        let dir = s.node.meta_leader().cluster_view(0).await?.directory;
+        if dir.keyspaces.0.get(&prefix).is_some_and(|k| k.active) {
+            return Ok(Json(KeyspaceView { prefix, hash_buckets: n, active: true }));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(ApiError::new(
+                ErrorCode::Timeout,
+                format!("keyspace {prefix:?} is declared and not active yet: ask again to see it finish"),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 pub async fn list(State(s): State<AppState>) -> Result<Json<Vec<KeyspaceView>>, ApiError> {

@@ -80,12 +80,8 @@ pub async fn put(
     if value.len() > max {
         return Err(ApiError::too_large(format!("value is {} bytes of JSON; the limit is {max}", value.len())));
     }
-    let internal = crate::keyspace::internal(&s.node, &key)?;
-    let version = s
-        .node
-        .router()
-        .write(KvOp::Put { key: internal, value: value.to_string(), if_version: req.if_version })
-        .await?;
+    let put = KvOp::Put { key: key.clone(), value: value.to_string(), if_version: req.if_version };
+    let version = s.node.router().write_user(put).await?;
     Ok(Json(WriteResult { key, version }))
 }
 
@@ -103,8 +99,7 @@ pub async fn get(
             return Err(ApiError::bad_request(format!("unknown consistency {other:?}: use linearizable or stale")))
         }
     };
-    let internal = crate::keyspace::internal(&s.node, &key)?;
-    match s.node.router().read(&internal, consistency == Consistency::Linearizable).await? {
+    match s.node.router().read_user(&key, consistency == Consistency::Linearizable).await? {
         Some((version, json)) => Ok(Json(Item { key, value: raw(json)?, version }).into_response()),
         None => Err(ApiError::new(ErrorCode::NotFound, format!("key {key:?} not found"))),
     }
@@ -118,8 +113,7 @@ pub async fn delete(
     let key = key_of(path)?;
     let p = params(query)?;
     let if_version = parse_u64(&p, "if_version")?;
-    let internal = crate::keyspace::internal(&s.node, &key)?;
-    let version = s.node.router().write(KvOp::Delete { key: internal, if_version }).await?;
+    let version = s.node.router().write_user(KvOp::Delete { key: key.clone(), if_version }).await?;
     Ok(Json(WriteResult { key, version }))
 }
 

@@ -217,9 +217,10 @@ mod tests {
         let mut d = three();
         let bounds = bucket_bounds("g", 2);
         d.keyspaces.0.insert("g".into(), cleave_metadata::keyspace::Keyspace { buckets: 2, active: true });
-        for (l, r) in [("a", "g"), ("g", &bounds[0]), (&bounds[0], &bounds[1]), (&bounds[2], "h")] {
+        for (l, r) in [("a", "g"), ("g", &bounds[0]), (&bounds[0], &bounds[1]), (&bounds[1], &bounds[2])] {
             assert_eq!(d.keyspaces.bound_at(l, r), Some("g"), "{l:?} | {r:?} is the keyspace's");
         }
+        assert_eq!(d.keyspaces.bound_at(&bounds[2], "h"), None, "above the buckets: plain keys again");
         assert_eq!(d.keyspaces.bound_at("p", "q"), None);
         assert_eq!(d.keyspaces.bound_at("gx", "gy"), None, "within a bucket's keys");
     }

@@ -104,7 +104,11 @@ pub fn apply(
             Ok(Ok(index))
         }
         ShardCommand::SplitDone { op_id, left, moved, moved_keys, moved_bytes } => {
-            if state.moved.iter().any(|m| m.range_id == moved.range_id && m.epoch == moved.epoch) {
+            // Applied already: the moved range is remembered, and the
+            // operation has ended here (a merge taking the range back
+            // forgets the first, never the second).
+            let done = state.moved.iter().any(|m| m.range_id == moved.range_id && m.epoch == moved.epoch);
+            if done || state.has_ended(*op_id) {
                 return Ok(Ok(index));
             }
             delete_span(db, group, &moved.start, moved.end.as_deref(), batch);

@@ -126,13 +126,22 @@ pub fn current_capture(node: &Node, group: u64, op: OpId) -> Option<Capture> {
 /// split of the range (captures may not overlap). An ended operation never
 /// runs again, so any directory that shows it ended is proof enough.
 /// Answers whether it ended it.
+///
+/// The capture of a merge that committed (its source missed `Subsumed`,
+/// say it had lost its quorum then) is not ended but completed: the range
+/// is given up to the merged one, never served again here.
 pub async fn end_orphan(node: &Node, group: u64, cap: &Capture) -> Result<bool, ExecError> {
-    if node.directory().ops.get(&cap.op_id).is_some_and(|o| o.phase.is_terminal()) {
-        tracing::warn!(group, op = cap.op_id, "ending the capture of an operation that has ended");
-        steps::shard_step(node, group, ShardCommand::EndCapture { op_id: cap.op_id }, 0).await?;
-        return Ok(true);
-    }
-    Ok(false)
+    let dir = node.directory();
+    let Some(op) = dir.ops.get(&cap.op_id).filter(|o| o.phase.is_terminal()) else { return Ok(false) };
+    let step = match &op.kind {
+        cleave_metadata::OpKind::Merge { merged: Some(merged), .. } if op.phase == cleave_metadata::Phase::Done => {
+            ShardCommand::Subsumed { op_id: cap.op_id, merged: merged.clone() }
+        }
+        _ => ShardCommand::EndCapture { op_id: cap.op_id },
+    };
+    tracing::warn!(group, op = cap.op_id, "ending the capture of an operation that has ended");
+    steps::shard_step(node, group, step, 0).await?;
+    Ok(true)
 }
 
 async fn run(node: &Arc<Node>, group: u64, cap: &Capture, status: &Mutex<ForwardStatus>) -> Result<(), ExecError> {

@@ -106,8 +106,12 @@ pub async fn fetch(
     let dir = node.directory();
     let leader = node.dir_cache().leader_hint(shard);
     let mut candidates: Vec<u64> = leader.into_iter().collect();
-    if let Some(s) = dir.group(shard) {
-        candidates.extend(s.replicas.iter().map(|r| r.node_id).filter(|n| Some(*n) != leader));
+    // (`group_replicas`: a merge's source, no longer a shard of the
+    // directory, is still read for the watches behind the merge.)
+    for r in dir.group_replicas(shard).unwrap_or_default() {
+        if Some(r.node_id) != leader && !candidates.contains(&r.node_id) {
+            candidates.push(r.node_id);
+        }
     }
     let here = node.group(shard);
     let target = match candidates.get(attempt % candidates.len().max(1)) {
@@ -241,19 +245,22 @@ struct Reads {
     busy: Vec<bool>,
     failures: Vec<usize>,
     stale: Vec<Staleness>,
+    /// Failed reads in a row of a merged-away shard's lineage stage, over
+    /// plans (each plan finds the stage again).
+    lineage_failures: usize,
 }
 
 impl Reads {
     fn new(pieces: usize) -> Reads {
         let stale = (0..pieces).map(|_| Staleness::default()).collect();
-        Reads { plan: 0, busy: vec![false; pieces], failures: vec![0; pieces], stale }
+        Reads { plan: 0, busy: vec![false; pieces], failures: vec![0; pieces], stale, lineage_failures: 0 }
     }
 
     /// Plans `merge` again from the directory here; reads start afresh.
     fn replan(&mut self, merge: &mut Merge, node: &Node) {
         merge.replan(&ranges(node));
         let n = merge.pieces.len();
-        *self = Reads { plan: self.plan + 1, ..Reads::new(n) };
+        *self = Reads { plan: self.plan + 1, lineage_failures: self.lineage_failures, ..Reads::new(n) };
     }
 }
 
@@ -299,12 +306,18 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool, keys:
                     Err(e) => {
                         reads.failures[i] += 1;
                         tracing::debug!(shard = merge.pieces[i].stages[0].shard, "watch read: {e}");
-                        // A stage of the piece's lineage that does not answer
-                        // for long: a merge's source, deleted after its grace.
-                        if merge.pieces[i].stages[0].until.is_some() && reads.failures[i] >= LINEAGE_GIVE_UP {
-                            let why = "the history before the watch's position went with a merged shard";
-                            out.push(error_line("compacted", why)).await;
-                            return;
+                        // A lineage stage of a shard merged away (no longer
+                        // a shard of the directory) that does not answer
+                        // for long: deleted after its grace, its history
+                        // with it.
+                        let stage = &merge.pieces[i].stages[0];
+                        if stage.until.is_some() && !node.directory().shards.contains_key(&stage.shard) {
+                            reads.lineage_failures += 1;
+                            if reads.lineage_failures >= LINEAGE_GIVE_UP {
+                                let why = "the history before the watch's position went with a merged shard";
+                                out.push(error_line("compacted", why)).await;
+                                return;
+                            }
                         }
                         if reads.failures[i].is_multiple_of(10) {
                             // Maybe the directory moved on without telling us.
@@ -312,6 +325,9 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool, keys:
                         }
                     }
                     Ok(reply) => {
+                        if merge.pieces[i].stages[0].until.is_some() {
+                            reads.lineage_failures = 0;
+                        }
                         node.ctx().clock.observe(reply.through.ts);
                         let before = (merge.pieces[i].through.clone(), merge.pieces[i].stages.len());
                         match merge.apply(i, reply) {
@@ -361,6 +377,11 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool, keys:
         }
         let spaces = node.directory().keyspaces.clone();
         for c in &ready {
+            // A plain key under a keyspace is a stray its declaration moves
+            // into a bucket (written, then deleted here): not a user's change.
+            if spaces.of(&c.key).is_some() && spaces.to_user(&c.key) == c.key {
+                continue;
+            }
             let user = spaces.to_user(&c.key);
             let wanted = keys.as_ref().is_none_or(|(s, e)| crate::kv::within(&user, s, e.as_deref()));
             if wanted && !out.push(event_line(c, prev, &user)).await {
