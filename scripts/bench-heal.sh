@@ -156,7 +156,7 @@ since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1
 # 1. The cluster.
 read -r -a extra <<<"${HEAL_NODE_ARGS:-}"
 for i in $(seq 1 "$nodes"); do mkdir -p "$data/node$i"; done
-start_nodes "$node_bin" "$nodes" "$host" "$base" "$data/node" --node-dead-after "$dead_after" --max-splits 0 "${extra[@]}"
+start_nodes "$node_bin" "$nodes" "$host" "$base" "$data/node" --node-dead-after "$dead_after" --max-splits 0 --merge-size 0 "${extra[@]}"
 endpoints="$(api 1),$(api 2),$(api 3),$(api 4)"
 echo "cluster: 4 nodes up on $endpoints (pids ${pids[*]}), --node-dead-after $dead_after --max-splits 0, data $data"
 

@@ -3,7 +3,7 @@
 # split figures" (issue 14).
 #
 # Starts a fresh 3-node cluster on 127.0.0.1 with --max-splits 0 --balance
-# false, then runs
+# false --merge-size 0, then runs
 #   cleave-bench split --fill-mb $SPLIT_FILL_MB --value-size 1024
 #                      --before 10s --after 10s -c 16
 # (preload, writes before, the split of the loaded range, writes during and
@@ -60,9 +60,9 @@ trap 'exit 143' TERM
 
 read -r -a extra <<<"${SPLIT_NODE_ARGS:-}"
 for i in $(seq 1 "$nodes"); do rm -rf "$data/node$i"; done
-start_nodes "$node_bin" "$nodes" "$host" "$base" "$data/node" --max-splits 0 --balance false "${extra[@]}"
+start_nodes "$node_bin" "$nodes" "$host" "$base" "$data/node" --max-splits 0 --balance false --merge-size 0 "${extra[@]}"
 endpoints="$(api 1),$(api 2),$(api 3)"
-echo "cluster: 3 nodes up on $endpoints, --max-splits 0 --balance false ${extra[*]}"
+echo "cluster: 3 nodes up on $endpoints, --max-splits 0 --balance false --merge-size 0 ${extra[*]}"
 
 if [[ "$perf" == 1 ]]; then
     need_tools bench-split perf

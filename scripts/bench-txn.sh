@@ -45,7 +45,7 @@ start_cluster() { # NAME
     stop_cluster
     local i
     for i in 1 2 3; do rm -rf "$data/$1-node$i"; done
-    start_nodes "$node_bin" 3 "$host" "$base" "$data/$1-node" --max-splits 0 --balance false
+    start_nodes "$node_bin" 3 "$host" "$base" "$data/$1-node" --max-splits 0 --balance false --merge-size 0
 }
 
 summary=()

@@ -92,7 +92,7 @@ for i in 1 2 3; do
     mkdir -p "$data/node$i"
     "$node_bin" --id "$i" --data-dir "$data/node$i" \
         --listen-api "$host:$((api_base + i))" --listen-raft "$host:$((raft_base + i))" \
-        --initial-cluster "$initial" --max-splits 0 ${BENCH_NODE_ARGS:-} </dev/null >"$data/node$i.log" 2>&1 &
+        --initial-cluster "$initial" --max-splits 0 --merge-size 0 ${BENCH_NODE_ARGS:-} </dev/null >"$data/node$i.log" 2>&1 &
     pids+=($!)
 done
 for i in 1 2 3; do
