@@ -178,3 +178,33 @@ async fn bad_declarations_and_reserved_keys_are_refused_with_a_message() {
     let listed = c.http.get_path(&c.api(1), "/admin/keyspaces").await.unwrap();
     assert_eq!(listed.value(), json!([{ "prefix": "ev/", "hash_buckets": 4, "active": true }]));
 }
+
+/// A watch opened before a declaration over its keys ends with an error
+/// line, so that it is resumed over the keyspace; the Rust client resumes
+/// it by itself and sees writes to the keys in their buckets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_opened_before_a_declaration_over_its_keys_follows_them_into_the_buckets() {
+    let c = Cluster::start(3, opts()).await;
+    let client = Client::new(c.apis()).expect("client");
+    // Part of the prefix: its keys' bucketed forms lie outside the span.
+    let w = Watching::start(&client, WatchRequest::prefix("ev/1")).await;
+    let r = declare(&c, 1, "ev/", json!({ "hash_buckets": 4 })).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    for k in ["ev/1a", "ev/2", "ev/1b", "ev/1c", "ev/3"] {
+        c.put_ok(2, k, &json!("after")).await;
+    }
+    wait_until(secs(30), "the watch to see the writes made after the declaration", || async {
+        let seen = w.seen.lock().unwrap();
+        let keys: BTreeSet<&str> = seen
+            .iter()
+            .filter_map(|e| match e {
+                WatchEvent::Put { key, .. } => Some(key.as_str()),
+                _ => None,
+            })
+            .collect();
+        keys == BTreeSet::from(["ev/1a", "ev/1b", "ev/1c"])
+    })
+    .await;
+    assert!(!w.task.is_finished(), "the watch goes on");
+    w.task.abort();
+}

@@ -273,6 +273,12 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool, keys:
     if announced && !out.push(progress_line(&promised)).await {
         return;
     }
+    // The user keys watched, and the keyspaces known when the watch was
+    // planned: one declared over them later puts their changes under keys
+    // this watch does not read (their buckets), so it ends, and is resumed
+    // from its cursor over the keyspace (the Rust client does so itself).
+    let watched = keys.clone().unwrap_or_else(|| (merge.start.clone(), merge.end.clone()));
+    let mut known_spaces = node.directory().keyspaces.0.len();
     let mut reads = Reads::new(merge.pieces.len());
     let mut inflight: FuturesUnordered<futures::future::BoxFuture<'static, Answer>> = FuturesUnordered::new();
     let mut last_progress = Instant::now();
@@ -376,6 +382,15 @@ async fn run(node: &Arc<Node>, mut merge: Merge, out: &Outbox, prev: bool, keys:
             (announced, last_progress) = (true, Instant::now());
         }
         let spaces = node.directory().keyspaces.clone();
+        if spaces.0.len() != known_spaces {
+            known_spaces = spaces.0.len();
+            let (from, to, _) = crate::keyspace::watch_span(&spaces, &watched.0, watched.1.as_deref());
+            if (from, to) != (merge.start.clone(), merge.end.clone()) {
+                let why = "a hash-spread keyspace was declared over the watched keys: resume from the last cursor";
+                out.push(error_line("keyspace", why)).await;
+                return;
+            }
+        }
         for c in &ready {
             // A plain key under a keyspace is a stray its declaration moves
             // into a bucket (written, then deleted here): not a user's change.
