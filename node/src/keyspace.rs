@@ -43,14 +43,9 @@ pub type Span = (String, Option<String>);
 /// buckets)` it lies under (`None`: plain keys).
 type Part<'a> = (String, Option<String>, Option<(&'a str, u32)>);
 
-/// The internal key of user key `key` under the directory this node has.
-pub fn internal(node: &Node, key: &str) -> Result<String, ExecError> {
-    node.directory().keyspaces.to_internal(key).map_err(|e| ExecError::Meta(MetaError::Keyspace(e)))
-}
-
-/// The user key of internal key `key`.
-pub fn user(node: &Node, key: &str) -> String {
-    node.directory().keyspaces.to_user(key)
+/// The internal key of user key `key` under the keyspaces of `dir`.
+pub fn internal(dir: &cleave_metadata::Directory, key: &str) -> Result<String, ExecError> {
+    dir.keyspaces.to_internal(key).map_err(|e| ExecError::Meta(MetaError::Keyspace(e)))
 }
 
 /// The first key after every key that starts with `prefix` (`None`: the
@@ -368,7 +363,7 @@ async fn move_strays(node: &Node, prefix: &str, n: u32) -> Result<(), ExecError>
         loop {
             let (strays, more) = router.scan(&from, end.as_deref(), 100).await?;
             for (key, version, json) in &strays {
-                let to = match internal(node, key) {
+                let to = match internal(&node.directory(), key) {
                     Ok(to) => to,
                     Err(e) => {
                         tracing::warn!(key, "keyspace {prefix:?}: a stray key that cannot be moved: {e}");

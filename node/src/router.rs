@@ -782,7 +782,7 @@ impl<'a> Router<'a> {
 /// keyspace of `dir`), else itself.
 fn stored_key(dir: &Directory, key: &str, map: bool) -> Result<String, ExecError> {
     match map {
-        true => dir.keyspaces.to_internal(key).map_err(|e| ExecError::Meta(cleave_metadata::MetaError::Keyspace(e))),
+        true => crate::keyspace::internal(dir, key),
         false => Ok(key.to_string()),
     }
 }
